@@ -92,43 +92,54 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise Q4KError(f"{source}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
-        def need(key):
+        def number(full, kind):
+            value = meta[full]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+                raise Q4KError(f"{source}: metadata key {full!r} = {str(value)[:40]} is not {'an integer' if kind is int else 'a number'}")
+            return kind(value)
+
+        def need(key, kind=int):
             full = f"{arch}.{key}"
             if full not in meta:
                 raise Q4KError(f"{source}: missing metadata key {full!r}")
-            return meta[full]
+            return number(full, kind)
 
-        def get(key, default):
-            return meta.get(f"{arch}.{key}", default)
+        def get(key, default, kind=int):
+            full = f"{arch}.{key}"
+            return number(full, kind) if full in meta else default
+
+        def token_id(key):
+            return number(key, int) if meta.get(key) is not None else None
 
         names = set(tensor_names)
-        d_model = int(need("embedding_length"))
-        n_heads = int(need("attention.head_count"))
-        n_kv = int(get("attention.head_count_kv", n_heads))
-        head_dim = int(get("attention.key_length", d_model // n_heads if n_heads else 0))
-        n_layers = int(need("block_count"))
-        vocab = meta.get(f"{arch}.vocab_size")
+        d_model = need("embedding_length")
+        n_heads = need("attention.head_count")
+        n_kv = get("attention.head_count_kv", n_heads)
+        head_dim = get("attention.key_length", d_model // n_heads if n_heads else 0)
+        n_layers = need("block_count")
+        d_ff = need("feed_forward_length")
+        vocab = get("vocab_size", None)
         if vocab is None:
-            tokens = meta.get("tokenizer.ggml.tokens")
-            vocab = tokens if isinstance(tokens, int) else (len(tokens) if tokens is not None else None)
+            vocab = _array_length(meta.get("tokenizer.ggml.tokens"))
         if vocab is None:
             raise Q4KError(f"{source}: cannot tell the vocabulary size (no {arch}.vocab_size, no tokenizer.ggml.tokens)")
         for name, value in (("block_count", n_layers), ("embedding_length", d_model), ("head_count", n_heads),
-                            ("head_count_kv", n_kv), ("key_length", head_dim), ("vocab", int(vocab))):
+                            ("head_count_kv", n_kv), ("key_length", head_dim), ("feed_forward_length", d_ff),
+                            ("vocab", vocab)):
             if not (0 < value < 10_000_000):
                 raise Q4KError(f"{source}: implausible {arch}.{name} = {value}")
         if n_heads % n_kv:
             raise Q4KError(f"{source}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
         cfg = cls(
             architecture=arch, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv,
-            head_dim=head_dim, d_ff=int(need("feed_forward_length")), vocab_size=int(vocab),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_base=float(get("rope.freq_base", 10000.0)),
-            context_length=int(get("context_length", 2048)),
+            head_dim=head_dim, d_ff=d_ff, vocab_size=vocab,
+            norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6, float),
+            rope_base=get("rope.freq_base", 10000.0, float),
+            context_length=get("context_length", 2048),
             tied_output=("output.weight" not in names) if names else True,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
+            eos_token_id=token_id("tokenizer.ggml.eos_token_id"),
+            pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
         )
         if arch == "llama":
             cfg.rope_style, cfg.act = "norm", "silu"
@@ -143,8 +154,49 @@ class ModelConfig:
             cfg.attn_scale = 1.0 / math.sqrt(head_dim)
             window = get("attention.sliding_window", None)
             if window:
-                cfg.sliding_window = int(window)
-                # llama.cpp: every 6th layer is global, the other five use the sliding window
-                cfg.swa_layers = [i for i in range(n_layers) if (i + 1) % 6 != 0]
-                cfg.rope_base_swa = 10000.0
+                cfg.sliding_window = window
+                cfg.swa_layers = _swa_layers(meta.get(f"{arch}.attention.sliding_window_pattern"), n_layers)
+                cfg.rope_base_swa = get("rope.freq_base_swa", 10000.0, float)
         return cfg
+
+    # -- the tensors a model of this config has ------------------------------------------------
+    def tensor_shapes(self) -> dict:
+        """GGUF tensor name -> logical shape (rows = output features), in llama.cpp's file order."""
+        D, Q, KV, F, Dh = self.d_model, self.q_dim, self.kv_dim, self.d_ff, self.head_dim
+        shapes = {"token_embd.weight": (self.vocab_size, D)}
+        for i in range(self.n_layers):
+            b = {"attn_norm.weight": (D,), "attn_q.weight": (Q, D), "attn_k.weight": (KV, D), "attn_v.weight": (KV, D)}
+            if self.qkv_bias:
+                b.update({"attn_q.bias": (Q,), "attn_k.bias": (KV,), "attn_v.bias": (KV,)})
+            if self.qk_norm:
+                b.update({"attn_q_norm.weight": (Dh,), "attn_k_norm.weight": (Dh,)})
+            b["attn_output.weight"] = (D, Q)
+            if self.post_norms:
+                b["post_attention_norm.weight"] = (D,)
+            b.update({"ffn_norm.weight": (D,), "ffn_gate.weight": (F, D), "ffn_up.weight": (F, D),
+                      "ffn_down.weight": (D, F)})
+            if self.post_norms:
+                b["post_ffw_norm.weight"] = (D,)
+            shapes.update({f"blk.{i}.{n}": s for n, s in b.items()})
+        shapes["output_norm.weight"] = (D,)
+        if not self.tied_output:
+            shapes["output.weight"] = (self.vocab_size, D)
+        return shapes
+
+
+def _swa_layers(pattern, n_layers) -> list:
+    """Sliding-window layers from {arch}.attention.sliding_window_pattern: one bool per layer,
+    or a period p (every p-th layer global). Absent: llama.cpp's gemma3 default, p = 6."""
+    if isinstance(pattern, list) and len(pattern) == n_layers:
+        return [i for i, slides in enumerate(pattern) if slides]
+    period = pattern if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0 else 6
+    return [i for i in range(n_layers) if (i + 1) % period != 0]
+
+
+def _array_length(value):
+    """Length of a metadata array given as a list, as its length, or as a manifest's {"array_len": n}."""
+    if isinstance(value, dict):
+        value = value.get("array_len")
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,0 +1,114 @@
+"""Small device helpers shared by every kernel, each with a path the Numba simulator can run.
+
+    SIMULATOR          True when NUMBA_ENABLE_CUDASIM=1 (no GPU: kernels run as Python threads)
+    f32_from_bits(u)   uint32 bit pattern -> float32 (no conversion, a reinterpretation)
+    f32_bits(f)        float32 -> its uint32 bit pattern
+    u32_at(w32, off)   the 4 bytes at an EVEN byte offset of a buffer seen as uint32 words
+    warp_sum(v)        sum of v over the 32 lanes of a warp (shuffles; GPU only)
+
+Quant blocks are 2-byte aligned only (Q6_K 210 B, Q8_0 34 B, Q5_0 22 B), so a field may start
+at byte 2 of a word: ``u32_at`` then joins the two words it straddles.
+
+Integer arithmetic is kept in uint32 (``U(...)``) and arrays are indexed with unsigned values:
+Numba widens integer operations to 64 bits (two instructions each on the GPU) and guards signed
+indices against negative values; a buffer is at most 4 GiB (weights.device_views checks).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import config, cuda
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+U = np.uint32
+F = np.float32
+
+if SIMULATOR:
+
+    @cuda.jit(device=True)
+    def f32_from_bits(u):
+        return U(u).view(F)
+
+    @cuda.jit(device=True)
+    def f32_bits(f):
+        return F(f).view(U)
+
+    @cuda.jit(device=True)
+    def warp_sum(v):  # never called in the simulator: kernels reduce through shared memory there
+        raise NotImplementedError("warp shuffles are not simulated")
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def f32_from_bits(u):
+        return libdevice.int_as_float(np.int32(u))
+
+    @cuda.jit(device=True, inline=True)
+    def f32_bits(f):
+        return U(libdevice.float_as_int(f))
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sum(v):
+        for off in (16, 8, 4, 2, 1):
+            v += cuda.shfl_down_sync(0xFFFFFFFF, v, off)
+        return v
+
+
+@cuda.jit(device=True, inline=True)
+def u32_at(w32, off):
+    """Bytes [off, off+4) of the buffer, little-endian; ``off`` even."""
+    i = U(off >> 2)  # unsigned indices: Numba adds no negative-index wraparound for them
+    if off & 2:
+        return U(w32[i] >> U(16)) | U(w32[i + U(1)] << U(16))
+    return w32[i]
+
+
+@cuda.jit(device=True, inline=True)
+def byte_at(w32, off):
+    """The byte at any offset, as uint32."""
+    return U(w32[U(off >> 2)] >> U(8 * (off & 3))) & U(0xFF)
+
+
+@cuda.jit(device=True, inline=True)
+def f16_at(w16, off):
+    """The IEEE half at an even byte offset, as float32 (``w16`` is the buffer seen as float16)."""
+    return F(w16[U(off >> 1)])
+
+
+@cuda.jit(device=True, inline=True)
+def unit_float(field, width):
+    """1 + field / 2**width as float32, exactly, for an unsigned ``field`` of ``width`` bits.
+
+    Built from bits (0x3F800000 is 1.0f; the field becomes the top of the mantissa), which is
+    two integer operations instead of a slow int->float conversion. Decoders fold the "1 +"
+    into their per-block offset:  a*q + b == (a*2**width) * unit_float(q) + (b - a*2**width).
+    """
+    return f32_from_bits(U(0x3F800000) | U(field << U(23 - width)))
+
+
+if not SIMULATOR:
+    # CuPy arrays carry their stream in __cuda_array_interface__; by default Numba synchronizes
+    # that stream at every launch, which would serialise host and GPU. We launch on CuPy's
+    # current stream (``launch`` below), so the ordering holds without it.
+    cuda.config.CUDA_ARRAY_INTERFACE_SYNC = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_stream(ptr: int):
+    return cuda.external_stream(ptr)
+
+
+def launch(kernel, grid, block, *args):
+    """kernel[grid, block](*args) on CuPy's current stream (the simulator has no streams)."""
+    if SIMULATOR:
+        kernel[grid, block](*args)
+        return
+    import cupy
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    if ptr == 0:
+        kernel[grid, block](*args)
+    else:
+        kernel[grid, block, _numba_stream(ptr)](*args)

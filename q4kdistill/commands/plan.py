@@ -1,0 +1,59 @@
+"""`q4kdistill plan`: will a run fit? GPU bytes predicted from the teacher's header alone."""
+from __future__ import annotations
+
+NAME = "plan"
+HELP = "predict the GPU memory of a teacher forward and a distillation step from the file header"
+
+
+def add_student_arguments(p) -> None:
+    """--student / --student-params / --chunk-tokens / --no-checkpoint (shared with reproduce-memory)."""
+    p.add_argument("--student", metavar="SPEC", default=None,
+                   help="'layers=4' (teacher widths), 'layers=0,9,18,27', or "
+                        "'d_model=896,n_layers=24,d_ff=4864,n_heads=14,n_kv_heads=2[,tied=1]'")
+    p.add_argument("--student-params", type=float, metavar="N", default=None,
+                   help="a qwen2-like student of about N parameters with the teacher's vocabulary (e.g. 0.5e9)")
+    p.add_argument("--chunk-tokens", type=int, default=None, metavar="C",
+                   help="tokens per [C, vocab] logits chunk (teacher head and loss)")
+    p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                   help="keep every block's activations instead of recomputing them in the backward")
+
+
+def student_spec(args):
+    """The student spec string from --student / --student-params."""
+    from ..errors import Q4KError
+
+    if args.student and args.student_params:
+        raise Q4KError("give --student or --student-params, not both")
+    return f"params={args.student_params}" if args.student_params else (args.student or "layers=4")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--teacher", required=True, metavar="FILE|MANIFEST",
+                   help="teacher GGUF (a truncated one is fine: only the header is read), APR, or manifest JSON")
+    p.add_argument("--batch", type=int, default=1, metavar="B")
+    p.add_argument("--seq", type=int, default=512, metavar="T")
+    p.add_argument("--teacher-backend", default="native", choices=("native", "dequant-f32", "dequant-bf16"))
+    add_student_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    from .. import planner
+
+    kwargs = {} if args.chunk_tokens is None else {"chunk_tokens": args.chunk_tokens}
+    plan = planner.make_plan(args.teacher, args.batch, args.seq, student_spec(args), checkpoint=args.checkpoint,
+                             teacher_backend=args.teacher_backend, **kwargs)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+        return 0
+    s = plan.student["config"]
+    print(f"teacher {plan.teacher['source']} ({plan.teacher['architecture']}, {plan.teacher['tensor_count']} tensors, "
+          f"{plan.teacher['total_tensor_bytes']:,} bytes)")
+    print(f"student {plan.student['n_params']:,} params: d_model {s['d_model']}, {s['n_layers']} layers, "
+          f"d_ff {s['d_ff']}, {s['n_heads']}/{s['n_kv_heads']} heads")
+    print(f"batch {plan.batch} x seq {plan.seq}, chunk {plan.chunk_tokens} tokens, "
+          f"checkpointing {'on' if plan.checkpoint else 'off'}\n")
+    print(plan.table())
+    return 0
