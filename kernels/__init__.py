@@ -1,5 +1,23 @@
 """Numba CUDA kernels that decode GGUF quant blocks inside matrix products, and their registry.
 
 No model knowledge lives here: only quant formats, matrix shapes and launch parameters.
+
+    matmul(x, w_raw, qtype, n_out, variant=None)   x @ W.T, float32 [M, n_out]
+    dequantize_to(w_raw, qtype, n_out, out_dtype)  W decoded: float32 / float16 / bfloat16 bits
+    embedding_rows(w_raw, qtype, ids)              only rows `ids` decoded, float32
+    variants(qtype=None), get(name), register(Variant(...)), choose(qtype, M, N, K)
+    bench.run(...)                                 benchmark table (see bench.py)
+
+Files, in reading order: decode.py (block layouts, decode8 per type), gemv.py, gemm.py,
+dequant.py (the kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy), registry.py,
+builtin.py, dispatch.py, autotune.py, bench.py. README.md says how to add a variant.
 """
 from q4kdistill import backend as _backend  # noqa: F401  (switches on the simulator on CPU before numba loads)
+
+from . import builtin as _builtin  # noqa: F401  (registers the shipped variants)
+from .dispatch import choose, dequantize_to, embedding_rows, matmul, reload_table
+from .registry import Variant, get, register, variants
+from .scratch import release_scratch, scratch_bytes
+
+__all__ = ["matmul", "dequantize_to", "embedding_rows", "variants", "get", "register", "Variant",
+           "choose", "reload_table", "scratch_bytes", "release_scratch"]

@@ -9,9 +9,9 @@
 Quant blocks are 2-byte aligned only (Q6_K 210 B, Q8_0 34 B, Q5_0 22 B), so a field may start
 at byte 2 of a word: ``u32_at`` then joins the two words it straddles.
 
-Integer arithmetic is kept in uint32 (``U(...)``) and arrays are indexed with unsigned values:
-Numba widens integer operations to 64 bits (two instructions each on the GPU) and guards signed
-indices against negative values; a buffer is at most 4 GiB (weights.device_views checks).
+Types, kept explicit because Numba widens mixed integer arithmetic (and uint64 op int64 gives
+float64): bit fields are uint32 (``U``), indices and byte offsets uint64 (``I``: unsigned, so
+Numba adds no negative-index wraparound to each load), and every literal mixed with them is cast.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import numpy as np
 from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
-U = np.uint32
+U = np.uint32   # data words and bit fields
+I = np.uint64   # indices and byte offsets
 F = np.float32
 
 if SIMULATOR:
@@ -59,22 +60,22 @@ else:
 @cuda.jit(device=True, inline=True)
 def u32_at(w32, off):
     """Bytes [off, off+4) of the buffer, little-endian; ``off`` even."""
-    i = U(off >> 2)  # unsigned indices: Numba adds no negative-index wraparound for them
-    if off & 2:
-        return U(w32[i] >> U(16)) | U(w32[i + U(1)] << U(16))
+    i = off >> I(2)
+    if off & I(2):
+        return U(w32[i] >> U(16)) | U(w32[i + I(1)] << U(16))
     return w32[i]
 
 
 @cuda.jit(device=True, inline=True)
 def byte_at(w32, off):
     """The byte at any offset, as uint32."""
-    return U(w32[U(off >> 2)] >> U(8 * (off & 3))) & U(0xFF)
+    return U(w32[off >> I(2)] >> U(I(8) * (off & I(3)))) & U(0xFF)
 
 
 @cuda.jit(device=True, inline=True)
 def f16_at(w16, off):
     """The IEEE half at an even byte offset, as float32 (``w16`` is the buffer seen as float16)."""
-    return F(w16[U(off >> 1)])
+    return F(w16[off >> I(1)])
 
 
 @cuda.jit(device=True, inline=True)

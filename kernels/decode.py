@@ -7,6 +7,7 @@ and specialised per type:
         w32, w16  the weight buffer seen as uint32 words and as float16 halves (same bytes)
         row_off   byte offset of the row (rows are `row_bytes` apart, row_bytes % 4 == 0)
         k8        which 8 consecutive weights of the row: weights 8*k8 .. 8*k8+7
+        (row_off and k8 are uint64: see _device.py)
 
 Each decoder turns quants into floats with `unit_float` (1 + q/2**bits from bit patterns) and one
 FMA, w = A*unit + C, with A and C computed per 8 weights from the block's scales.
@@ -17,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gguf
+import numpy as np
 from numba import cuda
 
-from ._device import F, U, byte_at, f16_at, u32_at, unit_float
+from ._device import F, I, U, byte_at, f16_at, u32_at, unit_float
 
 
 @cuda.jit(device=True, inline=True)
@@ -47,35 +49,29 @@ def _fma8(lo, hi, width, A, C):
 #   weight = d*sc*q - dmin*m
 @cuda.jit(device=True, inline=True)
 def q4_k_scale_min(s0, s1, s2, s):
-    """(scale, min) of sub-block s from the three scale words (bytes 4..7, 8..11, 12..15)."""
-    t = U(8 * (s & 3))
-    if s < 4:
+    """(scale, min) of sub-block s (0..7) from the three scale words (bytes 4..7, 8..11, 12..15)."""
+    t = U(I(8) * (s & I(3)))
+    if s < I(4):
         return (s0 >> t) & U(63), (s1 >> t) & U(63)
     lo = s2 >> t
-    return ((lo & U(15)) | (((s0 >> t) >> U(6)) & U(3)) << U(4),
-            ((lo >> U(4)) & U(15)) | (((s1 >> t) >> U(6)) & U(3)) << U(4))
+    return ((lo & U(15)) | ((((s0 >> t) >> U(6)) & U(3)) << U(4)),
+            ((lo >> U(4)) & U(15)) | ((((s1 >> t) >> U(6)) & U(3)) << U(4)))
 
 
 @cuda.jit(device=True, inline=True)
 def q4_k_decode8(w32, w16, row_off, k8):
-    o = row_off + (k8 >> 5) * 144            # super-block, 16-byte aligned
-    g = k8 & 31                              # 8-weight group in the super-block
-    s = g >> 2                               # sub-block 0..7
-    wo = U(o >> 2)
-    sc, m = q4_k_scale_min(w32[wo + U(1)], w32[wo + U(2)], w32[wo + U(3)], s)
-    a = f16_at(w16, o) * F(U(sc))
-    b = f16_at(w16, o + 2) * F(U(m))
-    q = U(wo + 4 + 8 * (s >> 1) + 2 * (g & 3))   # qs words of chunk s//2, bytes 8*(g%4)..+7
-    shift = U(4 * (s & 1))
+    o = row_off + (k8 >> I(5)) * I(144)      # super-block, 16-byte aligned
+    g = k8 & I(31)                           # 8-weight group in the super-block
+    s = g >> I(2)                            # sub-block 0..7
+    wo = o >> I(2)
+    sc, m = q4_k_scale_min(w32[wo + I(1)], w32[wo + I(2)], w32[wo + I(3)], s)
+    a = f16_at(w16, o) * F(sc)
+    b = f16_at(w16, o + I(2)) * F(m)
+    q = wo + I(4) + I(8) * (s >> I(1)) + I(2) * (g & I(3))   # qs words: chunk s//2, bytes 8*(g%4)..
+    shift = U(I(4) * (s & I(1)))
     lo = (w32[q] >> shift) & U(0x0F0F0F0F)
-    hi = (w32[q + U(1)] >> shift) & U(0x0F0F0F0F)
+    hi = (w32[q + I(1)] >> shift) & U(0x0F0F0F0F)
     return _fma8(lo, hi, 4, F(16) * a, -(F(16) * a + b))
-
-
-@cuda.jit(device=True, inline=True)
-def _int8_float(b):
-    """A byte (held in a uint32) read as a signed int8, as float32."""
-    return F(int(b ^ U(0x80)) - 128)
 
 
 # --- Q6_K: 256 weights in 210 bytes -----------------------------------------------------------
@@ -87,32 +83,40 @@ def _int8_float(b):
 #     w[128n+l+96] = ql[64n+l+32] >> 4 | (qh[32n+l] >> 6 & 3) << 4,  scale sc[8n + l/16 + 6]
 #   weight = d * sc * (q - 32)
 @cuda.jit(device=True, inline=True)
+def _int8_float(b):
+    """A byte (held in a uint32) read as a signed int8, as float32."""
+    return F(np.int32(b ^ U(0x80)) - np.int32(128))
+
+
+@cuda.jit(device=True, inline=True)
 def q6_k_decode8(w32, w16, row_off, k8):
-    o = row_off + (k8 >> 5) * 210            # super-block, 2-byte aligned
-    i0 = 8 * (k8 & 31)                       # first weight in the super-block
-    n = i0 >> 7                              # half
-    qd = (i0 >> 5) & 3                       # quarter of the half: which of the 4 lines above
-    l0 = i0 & 31
-    qlo = o + 64 * n + 32 * (qd & 1) + l0
-    qho = o + 128 + 32 * n + l0
-    nib = U(4 * (qd >> 1))
-    hsh = U(2 * qd)
-    lo = ((u32_at(w32, qlo) >> nib) & U(0x0F0F0F0F)) | (((u32_at(w32, qho) >> hsh) & U(0x03030303)) << U(4))
-    hi = ((u32_at(w32, qlo + 4) >> nib) & U(0x0F0F0F0F)) | (((u32_at(w32, qho + 4) >> hsh) & U(0x03030303)) << U(4))
-    sc = _int8_float(byte_at(w32, o + 192 + 8 * n + (l0 >> 4) + 2 * qd))
-    a = f16_at(w16, o + 208) * F(sc)
+    o = row_off + (k8 >> I(5)) * I(210)      # super-block, 2-byte aligned
+    i0 = I(8) * (k8 & I(31))                 # first of the 8 weights in the super-block
+    n = i0 >> I(7)                           # half
+    qd = (i0 >> I(5)) & I(3)                 # which of the 4 lines above
+    l0 = i0 & I(31)
+    qlo = o + I(64) * n + I(32) * (qd & I(1)) + l0
+    qho = o + I(128) + I(32) * n + l0
+    nib = U(I(4) * (qd >> I(1)))
+    hsh = U(I(2) * qd)
+    lo = (((u32_at(w32, qlo) >> nib) & U(0x0F0F0F0F))
+          | (((u32_at(w32, qho) >> hsh) & U(0x03030303)) << U(4)))
+    hi = (((u32_at(w32, qlo + I(4)) >> nib) & U(0x0F0F0F0F))
+          | (((u32_at(w32, qho + I(4)) >> hsh) & U(0x03030303)) << U(4)))
+    sc = _int8_float(byte_at(w32, o + I(192) + I(8) * n + (l0 >> I(4)) + I(2) * qd))
+    a = f16_at(w16, o + I(208)) * sc
     return _fma8(lo, hi, 6, F(64) * a, F(-96) * a)
 
 
 # --- Q8_0: 32 weights in 34 bytes: d (f16), then 32 int8 quants; weight = d*q ------------------
 @cuda.jit(device=True, inline=True)
 def q8_0_decode8(w32, w16, row_off, k8):
-    o = row_off + (k8 >> 2) * 34
-    qo = o + 2 + 8 * (k8 & 3)
+    o = row_off + (k8 >> I(2)) * I(34)
+    qo = o + I(2) + I(8) * (k8 & I(3))
     d = f16_at(w16, o)
-    # q ^ 0x80 == q + 128 as an unsigned byte, so d*q == 256d * (1 + u/256) - 384d
+    # u = q ^ 0x80 is q + 128 as an unsigned byte, so d*q == 256d * (1 + u/256) - 384d
     lo = u32_at(w32, qo) ^ U(0x80808080)
-    hi = u32_at(w32, qo + 4) ^ U(0x80808080)
+    hi = u32_at(w32, qo + I(4)) ^ U(0x80808080)
     return _fma8(lo, hi, 8, F(256) * d, F(-384) * d)
 
 
@@ -128,15 +132,15 @@ def _spread4(bits):
 
 @cuda.jit(device=True, inline=True)
 def q5_0_decode8(w32, w16, row_off, k8):
-    o = row_off + (k8 >> 2) * 22
-    g = k8 & 3
-    half = g >> 1                            # 0: low nibbles (weights 0..15), 1: high (16..31)
-    j0 = 8 * (g & 1)
+    o = row_off + (k8 >> I(2)) * I(22)
+    g = k8 & I(3)
+    half = g >> I(1)                         # 0: low nibbles (weights 0..15), 1: high (16..31)
+    j0 = I(8) * (g & I(1))
     d = f16_at(w16, o)
-    h = u32_at(w32, o + 2) >> U(j0 + 16 * half)
-    nib = U(4 * half)
-    lo = ((u32_at(w32, o + 6 + j0) >> nib) & U(0x0F0F0F0F)) | _spread4(h)
-    hi = ((u32_at(w32, o + 10 + j0) >> nib) & U(0x0F0F0F0F)) | _spread4(h >> U(4))
+    h = u32_at(w32, o + I(2)) >> U(j0 + I(16) * half)
+    nib = U(I(4) * half)
+    lo = ((u32_at(w32, o + I(6) + j0) >> nib) & U(0x0F0F0F0F)) | _spread4(h)
+    hi = ((u32_at(w32, o + I(10) + j0) >> nib) & U(0x0F0F0F0F)) | _spread4(h >> U(4))
     return _fma8(lo, hi, 5, F(32) * d, F(-48) * d)
 
 

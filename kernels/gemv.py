@@ -1,6 +1,6 @@
 """Fused GEMV / skinny GEMM for M = 1..16 rows of activations: out = x @ W.T, W decoded in registers.
 
-    x   [M, K] float32        out [M, N] float32        W [N, K] as raw quant blocks
+    x   [M, K] float32 (passed flat)   out [M, N] float32   W [N, K] as raw quant blocks
 
 Each thread block owns ROWS output rows and walks all of K; WARPS warps share the walk:
 
@@ -22,7 +22,7 @@ import functools
 
 from numba import cuda
 
-from ._device import F, SIMULATOR, U, launch, warp_sum
+from ._device import F, I, SIMULATOR, launch, warp_sum
 from .decode import FORMATS
 from .weights import device_views
 
@@ -51,21 +51,21 @@ def gemv_kernel(qtype: str, rows: int, warps: int, m_tile: int):
     RED = (warps, NACC) if SHUFFLE else (THREADS, NACC)   # partial sums to add up at the end
 
     @cuda.jit
-    def kernel(x, w32, w16, row_bytes, n_out, out):
+    def kernel(x, K, w32, w16, row_bytes, n_out, out):   # x: [M*K] flat
         tid = cuda.threadIdx.x
         row0 = cuda.blockIdx.x * R
-        M = x.shape[0]
+        M = x.shape[0] // K
         acc = cuda.local.array(NACC, F)                # acc[r*MT + m]: out[m, row0 + r]
         for i in range(NACC):
             acc[i] = F(0)
         xv = cuda.local.array(NX, F)               # xv[8m + t] = x[m, 8*k8 + t]
-        for k8 in range(tid, x.shape[1] >> 3, THREADS):
+        for k8 in range(tid, K >> 3, THREADS):
             for m in range(MT):
-                mm = min(m, M - 1)
+                xm = I(min(m, M - 1) * K + 8 * k8)
                 for t in range(8):
-                    xv[8 * m + t] = x[U(mm), U(8 * k8 + t)]
+                    xv[8 * m + t] = x[xm + I(t)]
             for r in range(R):
-                w = decode8(w32, w16, min(row0 + r, n_out - 1) * row_bytes, k8)
+                w = decode8(w32, w16, I(min(row0 + r, n_out - 1) * row_bytes), I(k8))
                 for m in range(MT):
                     acc[r * MT + m] = _dot8(w, xv, 8 * m, acc[r * MT + m])
 
@@ -98,5 +98,5 @@ def gemv(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] = x @ W.T for M <= 16 (x float32 C-contiguous)."""
     w32, w16, stride = device_views(w_raw)
     kernel = gemv_kernel(qtype, rows, warps, m_tile(x.shape[0]))
-    launch(kernel, (n_out + rows - 1) // rows, 32 * warps, x, w32, w16, stride, n_out, out)
+    launch(kernel, (n_out + rows - 1) // rows, 32 * warps, x.reshape(-1), x.shape[1], w32, w16, stride, n_out, out)
     return out

@@ -60,8 +60,6 @@ def device_views(w_raw):
     pays per call: pre-pad such weights when loading them).
     """
     n, nbytes = w_raw.shape
-    if n * ((nbytes + 3) // 4 * 4) >= 1 << 32:
-        raise Q4KError(f"a {n} x {nbytes}-byte weight is over 4 GiB; kernels index it with 32 bits: split it by rows")
     stride = nbytes
     if nbytes % 4 or _address(w_raw) % 4 or not w_raw.flags.c_contiguous:
         stride = (nbytes + 3) // 4 * 4

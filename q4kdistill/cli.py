@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("q4kdistill: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `q4kdistill inspect X | head`
+        sys.stderr.close()
+        return 0
     except MemoryError as exc:
         print(f"q4kdistill: error: out of host memory ({exc})", file=sys.stderr)
         return 2

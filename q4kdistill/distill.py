@@ -45,6 +45,7 @@ class DistillConfig:
     data: str = ""                        # text file/folder, .bin/.npy shards, or "demo" (stdlib corpus)
     out: str = "out"                      # run directory: checkpoint.npz, metrics.jsonl
     student_layers: list | None = None    # teacher blocks copied into the student (None: 4 spread out)
+    student_init: str | None = None       # or: a GGUF whose weights start the student (another model)
     steps: int = 200
     batch: int = 4                        # B sequences ...
     seq: int = 64                         # ... of T tokens each
@@ -132,22 +133,67 @@ def load_teacher(cfg: DistillConfig, log):
     return Teacher.load(cfg.teacher, backend=cfg.teacher_backend, log=log)
 
 
+TOKEN_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "q4kdistill", "tokens")
+
+
+def load_data(cfg: DistillConfig, teacher, log):
+    """-> (tokenizer, train, held-out TokenDatasets, data identity). Text goes through the teacher's
+    own tokenizer; "demo" is Python's standard library (held-out modules kept apart)."""
+    from .data.corpus import demo_corpus, load_datasets
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(cfg.teacher) if cfg.teacher.lower().endswith(".gguf") else None
+    paths, held = demo_corpus() if cfg.data == "demo" else (cfg.data, None)
+    train, heldout = load_datasets(paths, cfg.seq, tokenizer, held_out=cfg.heldout, held_out_paths=held,
+                                   seed=cfg.seed, cache_dir=TOKEN_CACHE)
+    if heldout is None:
+        raise Q4KError("no held-out data to evaluate on: give --heldout above 0 (a share of the files)")
+    log(f"data: {train.n_tokens:,} training tokens ({len(train)} sequences of {cfg.seq}), "
+        f"{heldout.n_tokens:,} held out")
+    return tokenizer, train, heldout, {"train": train.fingerprint, "heldout": heldout.fingerprint}
+
+
+def heldout_batches(cfg: DistillConfig, heldout) -> list:
+    """The same first ``eval_batches`` held-out batches at every evaluation."""
+    return list(heldout.in_order(cfg.batch, limit=cfg.batch * cfg.eval_batches))
+
+
 def build_student(cfg: DistillConfig, teacher):
-    """Blocks ``cfg.student_layers`` of the teacher (its widths, embedding and head)."""
+    """Blocks ``cfg.student_layers`` of the teacher (its widths, embedding and head), or the
+    weights of another model file (``cfg.student_init``, e.g. a smaller model of the family)."""
     from .student import Student
 
-    layers = cfg.student_layers if cfg.student_layers else spread_layers(teacher.config.n_layers, 4)
-    return Student.from_teacher(teacher, layers, checkpoint=cfg.checkpoint_activations,
-                                chunk_tokens=cfg.chunk_tokens)
+    kw = dict(checkpoint=cfg.checkpoint_activations, chunk_tokens=cfg.chunk_tokens)
+    if not cfg.student_init:
+        layers = cfg.student_layers or spread_layers(teacher.config.n_layers, 4)
+        return Student.from_teacher(teacher, layers, **kw)
+    from .export import read_student
+
+    config, params = read_student(cfg.student_init)
+    student = Student(config, **kw)
+    missing = sorted(set(student.params) - set(params))
+    if missing:
+        raise Q4KError(f"{cfg.student_init}: cannot initialise a student from it, missing {', '.join(missing[:3])}")
+    for name, view in student.params.items():
+        view[...] = student.xp.asarray(params[name])
+    return student
 
 
-def check_vocab(cfg: DistillConfig, teacher, tokenizer, student) -> None:
-    """Teacher logits, student logits and token ids must share one vocabulary."""
-    teacher.check_vocab(student.config.vocab_size, truncate=cfg.truncate_vocab)
-    if tokenizer.vocab_size > student.config.vocab_size and not cfg.truncate_vocab:
-        raise Q4KError(f"vocabulary mismatch: the tokenizer has {tokenizer.vocab_size} tokens, the model "
-                       f"{student.config.vocab_size}; pass --truncate-vocab to train on the first "
-                       f"{student.config.vocab_size} ids only")
+def check_vocab(cfg: DistillConfig, teacher, student) -> None:
+    """Teacher and student logits must cover one vocabulary (or the teacher's is cut to the student's)."""
+    n_student, n_teacher = student.config.vocab_size, teacher.vocab_size
+    if n_student > n_teacher:
+        raise Q4KError(f"vocabulary mismatch: the student has {n_student} tokens, more than the teacher's "
+                       f"{n_teacher}; only a teacher's vocabulary can be truncated (--truncate-vocab)")
+    teacher.check_vocab(n_student, truncate=cfg.truncate_vocab)
+
+
+def check_data_vocab(datasets, vocab_size: int) -> None:
+    """Every token id of the data must be a row of the student's embedding."""
+    top = max(int(d.sequences.max()) for d in datasets)
+    if top >= vocab_size:
+        raise Q4KError(f"the data holds token id {top}, outside the student's vocabulary of {vocab_size} "
+                       "(data tokenized for another model, or a vocabulary truncated below the data's ids)")
 
 
 def file_identity(path, head_bytes=1 << 22) -> dict:
@@ -319,7 +365,7 @@ class StopOnInterrupt:
 # -- checkpoints -----------------------------------------------------------------------------
 
 def save_checkpoint(run, step, evals) -> str:
-    state = {"params": run.student.params, "optimizer": run.opt.state_dict(), "data": run.train.state_dict(),
+    state = {"params": run.student.params, "optimizer": run.opt.state_dict(), "data": run.sampler.state_dict(),
              "rng": run.rng.bit_generator.state, "evals": evals}
     config = {"distill": run.cfg.to_dict(), "student": run.student.config.to_dict()}
     return checkpoint.save(run.cfg.out, step=step, state=state, config=config, fingerprint=run.fingerprint)
@@ -334,7 +380,7 @@ def restore_checkpoint(run):
     optim_cfg = run.opt.cfg                               # this run's schedule (--steps may have grown)
     run.opt.load_state_dict(ck.state["optimizer"])
     run.opt.cfg = optim_cfg
-    run.train.load_state_dict(ck.state["data"])
+    run.sampler.load_state_dict(ck.state["data"])
     run.rng.bit_generator.state = ck.state["rng"]
     return ck.step, ck.state["evals"]
 
@@ -350,8 +396,9 @@ class Run:
     cfg: DistillConfig
     teacher: object
     tokenizer: object
-    train: object                 # token dataset: batches(...), state_dict(), load_state_dict()
+    train: object                 # TokenDataset
     heldout: object
+    sampler: object               # train.batches(B, seed): endless [B, T] batches with state_dict()
     student: object
     opt: object
     loss_cfg: object
@@ -364,8 +411,10 @@ def setup(cfg: DistillConfig, log) -> Run:
     teacher = load_teacher(cfg, log)
     tokenizer, train, heldout, data_id = load_data(cfg, teacher, log)
     student = build_student(cfg, teacher)
-    check_vocab(cfg, teacher, tokenizer, student)
-    run = Run(cfg, teacher, tokenizer, train, heldout, student, make_optimizer(cfg, student),
+    check_vocab(cfg, teacher, student)
+    check_data_vocab((train, heldout), student.config.vocab_size)
+    run = Run(cfg, teacher, tokenizer, train, heldout, train.batches(cfg.batch, seed=cfg.seed), student,
+              make_optimizer(cfg, student),
               make_loss_config(cfg), np.random.default_rng(cfg.seed), {})
     run.fingerprint = fingerprint(cfg, teacher, student, data_id)
     run.eval_batches = heldout_batches(cfg, heldout)
@@ -392,7 +441,8 @@ def train_step(run: Run, batches) -> dict:
     """One optimizer step; returns its metrics record. Nothing changes if the loss is not finite."""
     t0 = time.perf_counter()
     ids = next(batches)                                                   # [B, T]
-    loss, _, parts = run.student.loss_and_grads(ids, run.teacher.logits_fn(ids), run.loss_cfg)
+    teacher = None if run.loss_cfg.alpha == 1.0 else run.teacher.logits_fn(ids)   # CE only: no teacher
+    loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg)
     grad_norm = run.opt.grad_norm()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return {"loss": loss, "grad_norm": grad_norm, "finite": False}
@@ -407,12 +457,12 @@ def train(run: Run, step: int, evals: dict, progress: bool, log) -> dict:
 
     cfg = run.cfg
     metrics, peak = MetricsLog(cfg.out, resume_step=step), PeakMemory()
-    batches = run.train.batches(cfg.batch, seed=cfg.seed)
     saved_at = step if checkpoint.exists(cfg.out) else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     with StopOnInterrupt(bar.write) as interrupt:
         while step < cfg.steps and not interrupt.requested:
-            record = train_step(run, batches)
+            with np.errstate(over="ignore", invalid="ignore"):      # a non-finite loss is reported below
+                record = train_step(run, run.sampler)
             if not record.pop("finite"):
                 raise_non_finite(cfg, step + 1, record["loss"], record["grad_norm"], saved_at)
             step += 1

@@ -18,10 +18,10 @@ does (tests compare the two on real and synthetic files).
 """
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGUFValueType as VT
@@ -47,7 +47,7 @@ _U64 = struct.Struct("<Q")
 _MIN_ITEM = {VT.STRING: 8, VT.ARRAY: 12, **{vt: dt.itemsize for vt, dt in _SCALAR.items()}}
 
 
-@dataclass
+@dataclasses.dataclass
 class GGUFHeader:
     version: int
     metadata: dict          # key -> python value (summarised as in a manifest if asked)
@@ -100,7 +100,7 @@ def parse_header(buf, path, summarize: bool = False) -> GGUFHeader:
     data_offset = -(-cur.pos // alignment) * alignment
     if data_offset > len(buf):
         raise FileFormatError(path, f"data section starts at byte {data_offset}, past the end of the file ({len(buf)} bytes)")
-    tensors = {name: _shift(info, data_offset) for name, info in tensors.items()}
+    tensors = {name: dataclasses.replace(info, offset=info.offset + data_offset) for name, info in tensors.items()}
     return GGUFHeader(version, metadata, tensors, alignment, data_offset, len(buf))
 
 
@@ -109,10 +109,6 @@ def _alignment(metadata, path) -> int:
     if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise FileFormatError(path, f"general.alignment {alignment!r} is not a power of two")
     return alignment
-
-
-def _shift(info, data_offset):
-    return type(info)(info.name, info.qtype, info.shape, info.shape_ggml, info.nbytes, info.offset + data_offset)
 
 
 class _Cursor:

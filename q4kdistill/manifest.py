@@ -32,8 +32,9 @@ STRING_LIMIT = 256      # metadata strings longer than this are summarised as {"
 MAX_DIMS = 4            # GGML_MAX_DIMS
 MAX_ELEMENTS = 1 << 40  # one tensor of more elements than this is a lying header
 
-# Non-quantized GGML types and the numpy dtype their data is viewed as (BF16 as raw uint16).
-FLOAT_DTYPES = {
+# GGML types stored one element at a time (not in blocks) -> the numpy dtype their data is
+# viewed as (BF16 as raw uint16 bits).
+ELEMENT_DTYPES = {
     gguf.GGMLQuantizationType.F32: np.float32,
     gguf.GGMLQuantizationType.F16: np.float16,
     gguf.GGMLQuantizationType.BF16: np.uint16,
@@ -64,7 +65,7 @@ class TensorInfo:
 
     @property
     def quantized(self) -> bool:
-        return self.qtype not in FLOAT_DTYPES
+        return self.qtype not in ELEMENT_DTYPES
 
     @property
     def data_shape(self) -> tuple:
@@ -76,7 +77,7 @@ class TensorInfo:
 
     @property
     def dtype(self):
-        return FLOAT_DTYPES.get(self.qtype, np.uint8)
+        return ELEMENT_DTYPES.get(self.qtype, np.uint8)
 
     def manifest_entry(self) -> dict:
         return {"name": self.name, "shape_ggml": list(self.shape_ggml), "type": self.type_name, "nbytes": self.nbytes}
@@ -220,4 +221,4 @@ def random_tensor(info: TensorInfo, seed: int = 0) -> np.ndarray:
 def _float_as(values: np.ndarray, qtype) -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.BF16:   # truncate float32 to its top 16 bits
         return (values.view(np.uint32) >> 16).astype(np.uint16)
-    return values.astype(FLOAT_DTYPES[qtype])
+    return values.astype(ELEMENT_DTYPES[qtype])

@@ -94,38 +94,82 @@ def _sizes(cfg: ModelConfig, B: int, T: int) -> dict:
                 rope=8 * T * cfg.head_dim * len({cfg.layer_rope_base(i) for i in range(cfg.n_layers)}))
 
 
-def linear_transient(t, backend: str) -> int:
-    """Bytes a teacher_forward.linear with weight ``t`` holds besides its output:
-    dequant-bf16 upcasts the matrix (astype uint32, then << 16: two [n] uint32 at once);
-    dequant-f32 has none; native: kernels.matmul decodes inside the product."""
-    # TODO(lead): add kernels.matmul's decode scratch here once kernels/ lands (0 for fused kernels)
-    return 2 * F32 * t.n_elements if backend == "dequant-bf16" else 0
+def _head(info: TeacherInfo):
+    return info.tensors["token_embd.weight" if info.config.tied_output else "output.weight"]
 
 
-def teacher_trunk_stages(info: TeacherInfo, B: int, T: int, backend: str) -> dict:
-    """Stages of hidden_states(): one block's attention (at the softmax's exp) and FFN (at the
-    GLU's tanh, and at ffn_down with its weight upcast)."""
-    s, cfg = _sizes(info.config, B, T), info.config
-    ffn = info.tensors.get("blk.0.ffn_down.weight")
-    mask = B * T * T                                                   # visible-key mask, bool
-    return {
-        "attention": dict(residual_and_normed=2 * s["ND"], q_and_grouped_q=2 * s["NQ"], k_and_v=2 * s["NKV"],
-                          scores_masked_shifted_probs=4 * s["S"], mask=mask, rope_tables=s["rope"]),
-        "ffn": dict(residual_and_normed=2 * s["ND"], gate_up_and_two_act_temps=4 * s["NF"], rope_tables=s["rope"]),
-        "ffn_down": dict(residual_and_normed=2 * s["ND"], gate_up_glu=3 * s["NF"], rope_tables=s["rope"],
-                         weight_upcast=linear_transient(ffn, backend) if ffn else 0),
+def _matmul_variant(t, M: int):
+    """The kernels.matmul variant a GPU would run for weight ``t`` at M activation rows."""
+    import kernels
+
+    N, K = t.shape
+    return kernels.get(kernels.choose(t.type_name, M, N, K, on_gpu=True))
+
+
+def _decodes_to_scratch(variant) -> bool:
+    from kernels.scratch import dequant_matmul
+
+    return variant.fn is dequant_matmul
+
+
+def decode_scratch(info: TeacherInfo, m_trunk: int, m_head: int) -> int:
+    """kernels.scratch: the decode-then-cuBLAS variants keep one reusable buffer per dtype, grown
+    to the largest matrix they decoded and held until kernels.release_scratch() (from the first
+    forward on, this is the LM head when it takes that path)."""
+    import numpy as np
+
+    used = [(t, m_trunk) for n, t in info.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    used.append((_head(info), m_head))
+    sizes = {}
+    for t, M in used:
+        v = _matmul_variant(t, M) if t.quantized else None
+        if v is not None and _decodes_to_scratch(v):
+            dtype = v.params.get("dtype", "float16")
+            sizes[dtype] = max(sizes.get(dtype, 0), t.n_elements * np.dtype(dtype).itemsize)
+    return sum(sizes.values())
+
+
+def linear_bytes(t, backend: str, M: int, out_bytes: int) -> int:
+    """Bytes teacher_forward.linear holds at its fullest besides its input and the decode scratch,
+    for weight ``t``, M activation rows and an output of ``out_bytes``:
+      dequant-bf16  the matrix upcast (astype uint32, then << 16: two uint32 copies at once,
+                    then the float32 one during the product)
+      dequant-f32   the output only
+      native        the output, the fp16 copy of x [M, K] (decode-then-cuBLAS), and the padded
+                    copy kernels.weights.device_views makes of rows not a multiple of 4 bytes"""
+    N, K = t.shape
+    if backend == "dequant-bf16" and t.quantized:
+        return max(2 * F32 * N * K, F32 * N * K + out_bytes)
+    if backend != "native" or not t.quantized:
+        return out_bytes
+    row = t.nbytes // N
+    pad = N * (-(-row // 4) * 4) if row % 4 else 0
+    x16 = 2 * M * K if _decodes_to_scratch(_matmul_variant(t, M)) else 0
+    return out_bytes + x16 + pad
+
+
+def teacher_stages(info: TeacherInfo, B: int, T: int, head_chunk: int | None, backend: str) -> dict:
+    """Stages of hidden_states() -- one block's attention (at the softmax's exp), FFN (at the
+    GLU's tanh) and ffn_down's product -- and, when ``head_chunk`` is given, of iter_logits (the
+    final hidden [N, D], the chunk the caller's loop variable still holds, the head's product).
+    Every stage holds the decode scratch too (native)."""
+    s, N = _sizes(info.config, B, T), B * T
+    down = info.tensors.get("blk.0.ffn_down.weight")
+    C = min(head_chunk or N, N)
+    U = C * info.config.vocab_size * F32
+    common = dict(residual_and_normed=2 * s["ND"], rope_tables=s["rope"],
+                  decode_scratch=decode_scratch(info, N, C) if backend == "native" else 0)
+    stages = {
+        "attention": dict(common, q_and_grouped_q=2 * s["NQ"], k_and_v=2 * s["NKV"],
+                          scores_masked_shifted_probs=4 * s["S"], causal_mask=T * T),
+        "ffn": dict(common, gate_up_and_two_act_temps=4 * s["NF"]),
+        "ffn_down": dict(common, gate_up_glu=3 * s["NF"],
+                         product=linear_bytes(down, backend, N, s["ND"]) if down else s["ND"]),
     }
-
-
-def teacher_head_stage(info: TeacherInfo, n_tokens: int, chunk: int, backend: str) -> dict:
-    """iter_logits: the final hidden [N, D], the chunk the caller still holds and the one being
-    made, with the LM head's transient."""
-    cfg = info.config
-    head = info.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
-    C = min(chunk, n_tokens)
-    chunks_alive = 2 if n_tokens > C else 1
-    return dict(final_hidden=n_tokens * cfg.d_model * F32, logits_chunks=chunks_alive * C * cfg.vocab_size * F32,
-                weight_upcast=linear_transient(head, backend))
+    if head_chunk:
+        stages["head"] = dict(decode_scratch=common["decode_scratch"], final_hidden=s["ND"],
+                              previous_chunk=U if N > C else 0, product=linear_bytes(_head(info), backend, C, U))
+    return stages
 
 
 # -- the student (student.py, losses.py, optim.py) -------------------------------------------------
@@ -177,25 +221,28 @@ def student_config(teacher: ModelConfig, spec: dict) -> ModelConfig:
 
 
 def config_with_params(teacher: ModelConfig, n_params: float) -> ModelConfig:
-    """A qwen2-0.5B-like student of about ``n_params`` parameters with the teacher's vocabulary.
+    """A qwen2-like student of about ``n_params`` parameters with the teacher's vocabulary.
 
     Shape rule, from Qwen2-0.5B (d 896, 24 layers, d_ff 4864, 14 heads of 64, 2 kv heads, tied):
-    head_dim 64, n_layers = round(d / 37.3), d_ff = 5.43 d rounded to 64, kv heads = the largest
-    divisor of the heads up to heads / 7; d runs over multiples of 64 and the closest count wins.
+    head_dim 64, d_ff = 5.43 d rounded to 64, kv heads = the largest divisor of the heads up to
+    heads / 7. For each width d (multiples of 64) the layer count that best hits ``n_params``
+    is taken; among widths within 5 % of the count, the one closest to Qwen2-0.5B's depth/width
+    ratio wins (0.5e9 gives Qwen2-0.5B's shape).
     """
     if not 1e6 <= n_params <= 1e12:
         raise Q4KError(f"--student-params {n_params:g}: expected a count between 1e6 and 1e12")
-    best = None
+    candidates = []
     for d in range(64, 16385, 64):
         heads = d // 64
         kv = max(k for k in range(1, heads + 1) if heads % k == 0 and k <= max(1, round(heads / 7)))
-        cfg = teacher.replace(d_model=d, n_layers=max(1, round(d / 37.3)), d_ff=64 * round(5.43 * d / 64),
-                              n_heads=heads, n_kv_heads=kv, head_dim=64, tied_output=True,
-                              swa_layers=[], sliding_window=None)
-        err = abs(count_params(cfg) - n_params)
-        if best is None or err < best[0]:
-            best = (err, cfg)
-    return best[1]
+        cfg = teacher.replace(d_model=d, n_layers=1, d_ff=64 * round(5.43 * d / 64), n_heads=heads, n_kv_heads=kv,
+                              head_dim=64, tied_output=True, swa_layers=[], sliding_window=None)
+        one, per_layer = count_params(cfg), count_params(cfg.replace(n_layers=2)) - count_params(cfg)
+        layers = max(1, round((n_params - one) / per_layer) + 1)
+        error = abs(one + (layers - 1) * per_layer - n_params) / n_params
+        aspect = abs(math.log(layers / d * 896 / 24))
+        candidates.append((error > 0.05, aspect if error <= 0.05 else error, cfg.replace(n_layers=layers)))
+    return min(candidates, key=lambda c: c[:2])[2]
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -224,7 +271,7 @@ def student_block_stages(cfg: ModelConfig, B: int, T: int) -> dict:
     cache = sum(block_cache_bytes(cfg, B, T).values())
     return {
         # attention_forward at the exp: scores, masked, shifted, probs; the cache is not complete yet
-        "block forward (attention)": 2 * s["ND"] + 3 * s["NQ"] + 2 * s["NKV"] + 4 * s["S"] + B * T * T,
+        "block forward (attention)": 2 * s["ND"] + 2 * s["NQ"] + 2 * s["NKV"] + 4 * s["S"] + T * T,
         # glu at the tanh: cache (less the glu output) + rotated q + attn out + two act temps
         "block forward (ffn)": cache + s["NQ"] + s["ND"] + s["NF"],
         # glu_backward: dm, act, act', dy*up, dgate besides the cache
@@ -352,9 +399,11 @@ def _add_teacher_rows(plan: Plan, info: TeacherInfo) -> None:
     for b in BACKENDS:
         plan.add(f"teacher load peak ({b})", teacher_load_peak(info.tensors.values(), b),
                  "resident so far + the tensor being uploaded and decoded", measured=True)
+    scratch = teacher_stages(info, B, T, plan.teacher_chunk_tokens, "native")["head"]["decode_scratch"]
+    plan.add("teacher decode scratch (native)", scratch, "kernels' reusable decode buffer, kept after the forward "
+             "(the largest matrix a decode-then-cuBLAS product decoded)", measured=True)
     for b in BACKENDS:
-        stages = teacher_trunk_stages(info, B, T, b)
-        stages["head"] = teacher_head_stage(info, B * T, plan.teacher_chunk_tokens, b)
+        stages = teacher_stages(info, B, T, plan.teacher_chunk_tokens, b)
         name = max(stages, key=lambda k: sum(stages[k].values()))
         work = plan.add(f"teacher forward working set ({b})", sum(stages[name].values()), _stage_text(name, stages[name]))
         plan.add(f"teacher forward peak ({b})", resident[b] + work,
@@ -372,7 +421,9 @@ def _add_step_rows(plan: Plan, info: TeacherInfo, cfg: ModelConfig, n_params: in
     base = plan.row(f"teacher resident ({b})").predicted_bytes + params + grads + adam
     plan.add("student state", params + grads + adam, "params + grads + AdamW m and v")
 
-    trunk = teacher_trunk_stages(info, B, T, b)
+    trunk = teacher_stages(info, B, T, plan.chunk_tokens, b)       # the head runs inside the loss (below)
+    trunk.pop("head")
+    scratch = trunk["ffn"]["decode_scratch"]                          # held from the teacher's first product on
     name = max(trunk, key=lambda k: sum(trunk[k].values()))
     plan.add("distill: teacher trunk peak", base + sum(trunk[name].values()),
              f"teacher + student state + teacher {_stage_text(name, trunk[name])}", measured=True)
@@ -385,7 +436,7 @@ def _add_step_rows(plan: Plan, info: TeacherInfo, cfg: ModelConfig, n_params: in
              "each block's input [N, D] + one block's cache, recomputed in the backward")
     plan.add("student activations (checkpointing off)", cfg.n_layers * cache + s["ND"],
              "every block's cache: " + ", ".join(block_cache_bytes(cfg, B, T)))
-    C = plan.chunk_tokens
+    C = min(plan.chunk_tokens, N)
     n_chunks = -(-N // C)
     loss = plan.add("loss chunk working set", head_chunk_bytes(C, V, cfg.d_model, n_chunks),
                     f"losses.chunk_loss on [{C}, {V}] logits: 10.25 (+1 from the 2nd chunk) x [C, V] float32, "
@@ -399,9 +450,10 @@ def _add_step_rows(plan: Plan, info: TeacherInfo, cfg: ModelConfig, n_params: in
         bwd = kept + 3 * s["ND"] + block - cache
     head = kept + 3 * s["ND"] + loss          # + final hidden, its norm input, dh
     work, where = max((fwd, "block forward"), (head, "LM head + loss chunk"), (bwd, "block backward"))
-    fb = plan.add("distill: student forward/backward peak", base + teacher_hidden + work,
-                  f"teacher + student state + teacher hidden [N, D] + activations + {where}", measured=True)
-    opt = plan.add("distill: optimizer step peak", base, "teacher + student state (the fused AdamW kernel "
-                   "updates in place)", measured=True)
+    fb = plan.add("distill: student forward/backward peak", base + scratch + teacher_hidden + work,
+                  f"teacher + student state + decode scratch + teacher hidden [N, D] + activations + {where}",
+                  measured=True)
+    opt = plan.add("distill: optimizer step peak", base + scratch, "teacher + student state + decode scratch "
+                   "(the fused AdamW kernel updates in place)", measured=True)
     plan.add("distill step peak", max(plan.row("distill: teacher trunk peak").predicted_bytes, fb, opt),
              "the largest of the three phases above", measured=True)

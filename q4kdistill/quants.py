@@ -29,22 +29,24 @@ QK_K = 256                      # weights per K-quant super-block
 _CHUNK_WEIGHTS = 1 << 18        # weights decoded/encoded per step (temporaries stay in cache)
 _RANDOM_CHUNK_BYTES = 4 << 20   # random_blocks works in pieces that stay in cache
 _F32 = np.float32
+_TYPE_NUMBERS = {int(t) for t in GGMLQuantizationType}
 
 
 # ----------------------------------------------------------------------------- type helpers
 
 def qtype(x) -> GGMLQuantizationType:
     """A GGMLQuantizationType from the enum itself, its name ("Q4_K", "q4_k") or its number."""
+    supported = ", ".join(t.name for t in QTYPES)
     if isinstance(x, GGMLQuantizationType):
         q = x
     elif isinstance(x, str) and x.upper() in GGMLQuantizationType.__members__:
         q = GGMLQuantizationType[x.upper()]
-    elif isinstance(x, (int, np.integer)) and not isinstance(x, bool) and int(x) in GGMLQuantizationType._value2member_map_:
+    elif isinstance(x, (int, np.integer)) and not isinstance(x, bool) and int(x) in _TYPE_NUMBERS:
         q = GGMLQuantizationType(int(x))
     else:
-        raise Q4KError(f"unknown quant type {x!r} (supported: {', '.join(t.name for t in QTYPES)})")
+        raise Q4KError(f"unknown quant type {x!r} (supported: {supported})")
     if q not in _CODECS:
-        raise Q4KError(f"quant type {q.name} is not supported (supported: {', '.join(t.name for t in QTYPES)})")
+        raise Q4KError(f"quant type {q.name} is not supported (supported: {supported})")
     return q
 
 
@@ -514,7 +516,8 @@ def dequantize(data, qtype, shape=None) -> np.ndarray:
             raise Q4KError(f"{q.name} data of {raw.size} bytes does not hold shape {shape} ({rb} bytes a row)")
     else:
         if raw.ndim == 0 or raw.shape[-1] % codec.type_size:
-            raise Q4KError(f"{q.name} rows must be whole blocks of {codec.type_size} bytes, got data of shape {raw.shape}")
+            raise Q4KError(f"{q.name} rows must be whole blocks of {codec.type_size} bytes, "
+                           f"got data of shape {raw.shape}")
         shape = raw.shape[:-1] + (raw.shape[-1] // codec.type_size * codec.block_size,)
     blocks = raw.reshape(-1, codec.type_size)                            # [n_blocks, type_size]
     out = np.empty((blocks.shape[0], codec.block_size), _F32)

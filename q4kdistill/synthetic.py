@@ -113,7 +113,8 @@ def _spm_tokenizer(arch, vocab_size) -> dict:
     """SentencePiece style (tokenizer.ggml.model = "llama"): specials, 256 byte tokens, pieces."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if arch == "gemma3" else ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    pieces = ["\u2581"] + list("abcdefghijklmnopqrstuvwxyz") + ["\u2581" + w for w in _WORDS]
+    prefixes = [("\u2581" + w)[:k] for w in _WORDS for k in range(2, len(w) + 2)]   # SPM merges reach words
+    pieces = list(dict.fromkeys(["\u2581", *"abcdefghijklmnopqrstuvwxyz", *prefixes]))
     n_pieces = vocab_size - len(specials) - len(byte_tokens)
     if n_pieces < 1:
         raise Q4KError(f"vocab_size {vocab_size} is too small for the synthetic tokenizer "
@@ -186,8 +187,8 @@ def _bytes_to_unicode() -> list:
 def write_gguf(path, config: ModelConfig, qtypes=None, seed: int = 0, tokenizer=None) -> str:
     """Write a complete GGUF of ``config`` with random weights; returns the path.
 
-    qtypes: {tensor name | role ("attn_q", "token_embd", "output", ...) | "*": type}, merged
-            over DEFAULT_QTYPES. tokenizer: tokenizer.* metadata (e.g. a real teacher's) with
+    qtypes: {tensor name | role ("attn_q", "token_embd", "output", ...) | "*": type}; what it
+            does not settle comes from DEFAULT_QTYPES ({"*": "F32"} makes a dense file). tokenizer: tokenizer.* metadata (e.g. a real teacher's) with
             exactly config.vocab_size tokens; default: default_tokenizer(arch, vocab)."""
     tokenizer = tokenizer if tokenizer is not None else default_tokenizer(config.architecture, config.vocab_size)
     tokens = tokenizer.get("tokenizer.ggml.tokens")
@@ -197,7 +198,7 @@ def write_gguf(path, config: ModelConfig, qtypes=None, seed: int = 0, tokenizer=
     meta = metadata(config, tokenizer)
     back = ModelConfig.from_metadata(meta, shapes, source=str(path))
     _check_same(back, config, [f.name for f in dataclasses.fields(ModelConfig)])
-    types = {name: _tensor_type(name, shape, {**DEFAULT_QTYPES, **(qtypes or {})}) for name, shape in shapes.items()}
+    types = {name: _tensor_type(name, shape, qtypes or {}) for name, shape in shapes.items()}
     meta["general.file_type"] = int(gguf.LlamaFileType[FILE_TYPES.get(_main_type(types), "GUESSED")])
     meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
 
@@ -217,10 +218,14 @@ def write_gguf(path, config: ModelConfig, qtypes=None, seed: int = 0, tokenizer=
 
 
 def _tensor_type(name, shape, qtypes) -> T:
+    """name, then role, then "*" in ``qtypes``; then role, then "*" in DEFAULT_QTYPES."""
     if len(shape) == 1:
         return T.F32
     role = name.split(".")[-2]
-    q = quants.qtype(qtypes.get(name, qtypes.get(role, qtypes["*"])))
+    for table, key in ((qtypes, name), (qtypes, role), (qtypes, "*"), (DEFAULT_QTYPES, role), (DEFAULT_QTYPES, "*")):
+        if key in table:
+            q = quants.qtype(table[key])
+            break
     if shape[-1] % quants.block_size(q):
         raise Q4KError(f"{name}: rows of {shape[-1]} values are not whole {q.name} blocks of {quants.block_size(q)}")
     return q

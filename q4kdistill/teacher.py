@@ -192,21 +192,24 @@ def decode_weight(w: Weight, backend_name: str) -> Weight:
     """The matrix ``w`` as the backend keeps it (native/dense: unchanged; dequant-*: decoded)."""
     if backend_name in ("auto", "native", "dense") or len(w.shape) == 1:
         return w
-    f32 = weight_to_f32(w)
-    if backend_name == "dequant-f32":
-        return Weight(f32, QT.F32, w.shape)
-    if backend_name == "dequant-f16":
-        return Weight(f32.astype(array_module(f32).float16), QT.F16, w.shape)
-    return Weight(teacher_forward.f32_to_bf16(f32), QT.BF16, w.shape)
+    qtype, dtype = {"dequant-f32": (QT.F32, "float32"), "dequant-f16": (QT.F16, "float16"),
+                    "dequant-bf16": (QT.BF16, "bfloat16")}[backend_name]
+    if w.quantized:
+        import kernels
+
+        return Weight(kernels.dequantize_to(w.data, w.qtype, w.shape[0], dtype), qtype, w.shape)
+    f32 = teacher_forward.dense_f32(w)
+    data = teacher_forward.f32_to_bf16(f32) if qtype == QT.BF16 else f32.astype(dtype)
+    return Weight(data, qtype, w.shape)
 
 
 def weight_to_f32(w: Weight):
-    """Any Weight -> float32 array of its logical shape (quantized: decoded on its device)."""
+    """Any Weight -> a new float32 array of its logical shape (quantized: decoded on its device)."""
     if not w.quantized:
         return teacher_forward.dense_f32(w).copy()
     import kernels
 
-    return kernels.dequantize_to(w.data, w.qtype, w.shape[0], array_module(w.data).float32)
+    return kernels.dequantize_to(w.data, w.qtype, w.shape[0], "float32")
 
 
 def _open(source):

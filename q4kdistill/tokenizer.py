@@ -19,6 +19,7 @@ pair with the best key (highest score / lowest rank; ties -> leftmost). Words ar
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import mmap
 import struct
@@ -32,8 +33,20 @@ SPACE = "\u2581"  # SentencePiece's visible space
 _CACHE_WORDS = 1 << 20  # words whose ids are remembered (then the cache starts over)
 _SPM_PIECES = regex.compile(f"[^{SPACE}]+|{SPACE}[^{SPACE}]*")  # text before the first SPACE, then SPACE...
 
-# llama.cpp token types (tokenizer.ggml.token_type)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# llama.cpp token attributes (llama_token_attr bits); tokenizer.ggml.token_type 0..6 maps onto them.
+UNDEFINED, UNKNOWN, UNUSED, NORMAL, CONTROL, USER_DEFINED, BYTE = 0, 1, 2, 4, 8, 16, 32
+_TYPE_ATTR = [UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE]
+
+# Texts llama.cpp makes control tokens whatever the file says (its end-of-generation and
+# fill-in-the-middle guesses in llama_vocab::impl::load). So "</s>", user-defined in gemma-3, is
+# not cut out of plain text, and turns special with parse_special=True even where it is normal.
+_CONTROL_TEXTS = frozenset("""
+    <|eot_id|> <|im_end|> <|end|> <|return|> <|call|> <|flush|> <|calls|> <end_of_turn> <|endoftext|>
+    </s> <|eom_id|> <EOT> _<EOT> [EOT] [EOS] <|end_of_text|> <end_of_utterance> <eos> <turn|>
+    <|tool_response> <|fim_prefix|> <fim-prefix> <fim_prefix> <PRE> <|code_prefix|> <|prefix|>
+    <|fim_suffix|> <fim-suffix> <fim_suffix> <SUF> <|code_suffix|> <|suffix|> <|fim_middle|>
+    <fim-middle> <fim_middle> <MID> <|code_middle|> <|middle|> <|fim_pad|> <fim-pad> <fim_pad> <PAD>
+    [PAD] <|fim_repo|> <|repo_name|> <fim-repo> <REPO> <reponame> <|file_sep|>""".split())
 
 
 # -- GGUF metadata (header only, so truncated files work too) ---------------------------------
@@ -194,17 +207,20 @@ class Tokenizer:
         self.model = model
         # llama.cpp renames empty tokens, and the last of equal texts wins in its text -> id map
         self.tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        self.token_types = [int(t) for t in token_types]
         self._id = {t: i for i, t in enumerate(self.tokens)}
+        self.attrs = [_TYPE_ATTR[int(t)] if 0 <= int(t) < len(_TYPE_ATTR) else UNDEFINED for t in token_types]
+        for text in _CONTROL_TEXTS & self._id.keys():
+            self.attrs[self._id[text]] |= CONTROL
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos = (model == "llama") if add_bos is None else bool(add_bos)
         self.add_eos = bool(add_eos)
         self.add_space_prefix = (model == "llama") if add_space_prefix is None else bool(add_space_prefix)
-        by_length = sorted((i for i, t in enumerate(self.token_types) if t in (CONTROL, USER_DEFINED, UNKNOWN)),
+        by_length = sorted((i for i, a in enumerate(self.attrs) if a & (CONTROL | USER_DEFINED | UNKNOWN)),
                            key=lambda i: -len(self.tokens[i].encode("utf-8", "surrogateescape")))
         self._special_all = [(self.tokens[i], i) for i in by_length]
-        self._special_user = [(self.tokens[i], i) for i in by_length if self.token_types[i] == USER_DEFINED]
+        self._special_user = [(self.tokens[i], i) for i in by_length if not self.attrs[i] & (CONTROL | UNKNOWN)]
         self._cache = {}
+        self._fingerprint = None
         if model == "llama":
             self._init_spm(scores)
         else:
@@ -215,8 +231,9 @@ class Tokenizer:
     def from_gguf(cls, path_or_metadata) -> "Tokenizer":
         """From a GGUF path (header only is read) or an already-read metadata dict."""
         md = path_or_metadata if isinstance(path_or_metadata, dict) else read_gguf_metadata(path_or_metadata)
-        if "tokenizer.ggml.tokens" not in md or "tokenizer.ggml.model" not in md:
-            raise Q4KError(f"{_where(path_or_metadata)} carries no tokenizer (tokenizer.ggml.* metadata)")
+        if not isinstance(md.get("tokenizer.ggml.tokens"), (list, np.ndarray)) or "tokenizer.ggml.model" not in md:
+            raise Q4KError(f"{_where(path_or_metadata)} carries no tokenizer (the tokenizer.ggml.* arrays); "
+                           "give the teacher's GGUF file")
 
         def opt_int(key):
             return int(md[key]) if key in md else None
@@ -224,7 +241,7 @@ class Tokenizer:
         return cls(
             model=str(md["tokenizer.ggml.model"]),
             tokens=list(md["tokenizer.ggml.tokens"]),
-            token_types=md.get("tokenizer.ggml.token_type", [NORMAL] * len(md["tokenizer.ggml.tokens"])),
+            token_types=md.get("tokenizer.ggml.token_type", [1] * len(md["tokenizer.ggml.tokens"])),
             scores=md.get("tokenizer.ggml.scores"),
             merges=md.get("tokenizer.ggml.merges"),
             pre=str(md.get("tokenizer.ggml.pre", "default")),
@@ -267,6 +284,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the ids (for caches of tokenised data)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(repr((self.model, getattr(self, "pre", None), self.bos_id, self.eos_id,
+                                     self.add_bos, self.add_eos, self.add_space_prefix)).encode())
+            h.update("\0".join(self.tokens).encode("utf-8", "surrogateescape"))
+            h.update(np.asarray(self.attrs, np.uint32).tobytes())
+            h.update("\0".join(self._merge_table).encode("utf-8", "surrogateescape"))  # scored texts / merges
+            h.update(np.asarray(list(self._merge_table.values()), np.float64).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
     def encode(self, text: str, add_bos=None, parse_special=False, add_eos=None) -> list:
         """Text -> token ids. add_bos/add_eos None -> the file's add_bos_token/add_eos_token."""
         if not isinstance(text, str):
@@ -296,18 +326,18 @@ class Tokenizer:
         """The bytes one token stands for (llama.cpp's token_to_piece)."""
         if not 0 <= tid < len(self.tokens):
             raise Q4KError(f"token id {tid} is outside the vocabulary (size {len(self.tokens)})")
-        text, ttype = self.tokens[tid], self.token_types[tid]
-        if ttype == USER_DEFINED or (special and ttype in (CONTROL, UNKNOWN, UNUSED)):
-            return text.encode("utf-8", "surrogateescape")
-        if ttype in (CONTROL, UNUSED):
+        text, attr = self.tokens[tid], self.attrs[tid]
+        if attr & CONTROL and not special:
             return b""
-        if ttype == UNKNOWN:
-            return "\u2585".encode()
-        if ttype == BYTE:
-            return bytes([int(text[3:5], 16)])
-        if self.model == "llama":
+        if attr & (USER_DEFINED | ((CONTROL | UNKNOWN) if special else 0)):
+            return text.encode("utf-8", "surrogateescape")
+        if attr & NORMAL and self.model == "llama":
             return text.replace(SPACE, " ").encode("utf-8", "surrogateescape")
-        return bytes(_BYTE_DECODE.get(c, ord("?")) for c in text)
+        if attr & NORMAL:
+            return bytes(_BYTE_DECODE.get(c, ord("?")) for c in text)
+        if attr & BYTE:
+            return bytes([int(text[3:5], 16)])
+        return b""  # unused, and unknown unless special
 
     # -- 1. special tokens ----------------------------------------------------------------------
     def _partition(self, text, parse_special):

@@ -12,6 +12,11 @@ from q4kdistill import memory
 
 # -- stand-ins for CuPy's pool and numba-cuda's driver module (the plugin logic, no GPU) ---------
 
+class Block:
+    def __init__(self, ptr, size):
+        self.ptr, self.size = ptr, size
+
+
 class FakePool:
     """CuPy's pool as the counter sees it: 512-byte blocks, freed when the last pointer goes."""
 
@@ -22,7 +27,7 @@ class FakePool:
     def malloc(self, size):
         size = -(-size // 512) * 512
         self.ptr += max(size, 512)
-        mem = SimpleNamespace(ptr=self.ptr if size else 0, size=size)
+        mem = Block(self.ptr if size else 0, size)
         self.used += size
         weakref.finalize(mem, self._free, size)
         return mem

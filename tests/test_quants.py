@@ -13,7 +13,7 @@ T = gguf.GGMLQuantizationType
 ALL = ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0", "F16", "BF16", "F32"]
 BLOCKY = ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0"]
 
-# relative RMSE of dequantize(quantize(x)) on N(0, 1), measured 2025-06 with this code
+# relative RMSE of dequantize(quantize(x)) on N(0, 1), measured 2026-11-26 with this code
 # (llama.cpp's reference quantizers give the same bytes): Q4_K 0.0713, Q6_K 0.0178,
 # Q8_0 0.0054, Q5_0 0.0427, Q4_0 0.0860, F16 0.00018, BF16 0.0017
 REL_RMSE_BOUND = {"Q4_K": 0.075, "Q6_K": 0.019, "Q8_0": 0.0058, "Q5_0": 0.045, "Q4_0": 0.09,
@@ -24,35 +24,33 @@ def bits(a):
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
-@pytest.fixture(scope="module")
-def gemma(gemma_path):
-    return gguf.GGUFReader(gemma_path)
+def gguf_tensors(path):
+    """{name: (info, data)} with data as gguf's GGUFReader gives it (uint8 [rows, row_bytes] or
+    typed floats), memory-mapped. Our header reader: GGUFReader spends 8-20 s on gemma's
+    262,144-token vocabulary before it lists a tensor."""
+    from q4kdistill.gguf_file import read_header
+
+    return {name: (info, np.memmap(path, info.dtype, "r", info.offset, info.data_shape))
+            for name, info in read_header(path, summarize=True).tensors.items()}
 
 
 # -- decoding: bit-exact against gguf-py on every tensor of the real file ---------------------
 
-def test_dequantize_bit_exact_vs_gguf_on_every_gemma_tensor(gemma):
+def test_dequantize_bit_exact_vs_gguf_on_every_gemma_tensor(gemma_path):
     rng = np.random.default_rng(0)
     seen = set()
-    for t in gemma.tensors:
-        data = t.data
-        if t.name == "token_embd.weight":      # 262144 x 640 Q8_0: first, last and 3000 random rows
-            rows = np.unique(np.r_[0, data.shape[0] - 1, rng.integers(0, data.shape[0], 3000)])
-            data = data[rows]
-        ours = q4kdistill.dequantize(data, t.tensor_type)
-        ref = gguf.quants.dequantize(np.asarray(data), t.tensor_type)
-        assert ours.dtype == np.float32 and ours.shape == ref.shape, t.name
-        assert np.array_equal(bits(ours), bits(ref)), f"{t.name} ({t.tensor_type.name}) differs from gguf-py"
-        seen.add(t.tensor_type.name)
+    for name, (info, data) in gguf_tensors(gemma_path).items():
+        if name == "token_embd.weight":      # 262144 x 640 Q8_0: first, last and 3000 random rows
+            data = data[np.unique(np.r_[0, len(data) - 1, rng.integers(0, len(data), 3000)])]
+        ours = q4kdistill.dequantize(data, info.qtype)
+        ref = gguf.quants.dequantize(np.asarray(data), info.qtype)
+        assert ours.dtype == np.float32 and ours.shape == ref.shape, name
+        assert np.array_equal(bits(ours), bits(ref)), f"{name} ({info.type_name}) differs from gguf-py"
+        seen.add(info.type_name)
+        if info.quantized:                   # the same bytes as one flat buffer plus a shape
+            flat = quants.dequantize(np.asarray(data).reshape(-1), info.qtype, shape=ours.shape)
+            assert np.array_equal(bits(flat), bits(ours)), name
     assert seen == {"F32", "Q4_K", "Q6_K", "Q8_0", "Q5_0"}
-
-
-def test_dequantize_takes_flat_buffers_with_a_shape(gemma):
-    t = next(t for t in gemma.tensors if t.tensor_type == T.Q4_K)
-    rows, cols = int(t.shape[1]), int(t.shape[0])
-    flat = np.asarray(t.data).reshape(-1)
-    assert np.array_equal(bits(quants.dequantize(flat, "Q4_K", shape=(rows, cols))),
-                          bits(quants.dequantize(t.data, T.Q4_K)))
 
 
 def test_q4_k_layout_by_hand():
@@ -110,7 +108,7 @@ def test_special_blocks_round_trip():
         y = quants.dequantize(quants.quantize(rows, name), name)
         assert np.array_equal(y[0], rows[0]), name
         assert np.allclose(y[1:3], rows[1:3], atol=1e-3 * 3.0), name
-        assert np.sqrt(np.mean((y[3] - rows[3]) ** 2)) < 0.1 * rows[3].std(), name
+        assert np.sqrt(np.mean((y[3] - rows[3]) ** 2)) < 0.15 * np.sqrt(np.mean(rows[3] ** 2)), name
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q4_0", "F16", "BF16"])

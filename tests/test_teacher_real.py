@@ -4,6 +4,7 @@
                              cosine >= 0.9999, top-1 agreement >= 99.5 %
   llama.cpp                  quantizes activations to 8 bits inside its Q4_K products, so it
                              is looser: mean cosine >= 0.998, every position >= 0.99, top-1 >= 93 %
+                             (run with an F32 K/V cache, so that those 8 bits are all it changes)
 
 Our teacher runs the four texts as ONE right-padded batch (so the padding mask is exercised on
 the real model); the references run each text alone. The measured numbers are in docs/parity.md.
@@ -84,7 +85,11 @@ def hf_logits(gemma_path, token_ids):
 @pytest.fixture(scope="module")
 def llama_cpp_logits(gemma_path, token_ids):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(gemma_path, logits_all=True, n_ctx=512, n_batch=512, verbose=False)
+    # F32 K/V cache (type 0) and no flash attention: then the only approximation left in the
+    # reference is its 8-bit activations (with the default F16 cache the worst position of the
+    # numbers text drops from 0.992 to 0.981 for transformers and for us alike)
+    llm = llama_cpp.Llama(gemma_path, logits_all=True, n_ctx=512, n_batch=512, verbose=False,
+                          type_k=0, type_v=0, flash_attn=False)
     out = {}
     for k, ids in token_ids.items():
         llm.reset()

@@ -16,6 +16,7 @@ HELPS = {
     "data": "text file or folder, .bin (uint32) / .npy token shards, or 'demo' (Python's own sources and docs)",
     "out": "run directory: checkpoint.npz and metrics.jsonl (default ./out)",
     "student_layers": "teacher blocks copied into the student, e.g. 0,3,6,9 (default: 4 spread out)",
+    "student_init": "start the student from this GGUF instead (e.g. a smaller model of the family)",
     "steps": "optimizer steps", "batch": "sequences per step (B)", "seq": "tokens per sequence (T)",
     "lr": "peak learning rate", "warmup": "linear warm-up steps", "min_lr_ratio": "cosine ends at lr x this",
     "weight_decay": "AdamW weight decay (matrices only)", "clip": "global gradient-norm clip (0: off)",
@@ -33,12 +34,15 @@ HELPS = {
 
 
 def _flag_type(f):
+    """argparse type of a DistillConfig field, from its annotation ("int | None" -> int)."""
     if f.name == "student_layers":
         from ..distill import parse_layers
 
         return parse_layers
-    kind = type(f.default) if f.default is not None else int
-    return {bool: None, float: float, int: int, str: str}[kind]
+    for name, kind in (("float", float), ("int", int), ("str", str)):
+        if str(f.type).startswith(name):
+            return kind
+    raise TypeError(f"no flag type for DistillConfig.{f.name}: {f.type}")
 
 
 def add_config_arguments(p) -> None:

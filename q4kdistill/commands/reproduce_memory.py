@@ -141,7 +141,7 @@ class _Experiment:
 
         memory.install()
         self.meter = memory.MemoryMeter()
-        self.model = source if isinstance(source, ModelFile) else ModelFile.open(source, header_only=True)
+        self.model = source if isinstance(source, ModelFile) else ModelFile.open(source)   # a truncated file fails here
         self.info = planner.open_teacher(self.model)
         self.log = log
         self.measured = {}

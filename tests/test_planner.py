@@ -1,0 +1,96 @@
+"""Memory planner: resident bytes from the real 7B header, the same plan from the truncated file,
+student specs, and the `plan` command's JSON."""
+import json
+
+import numpy as np
+import pytest
+
+from q4kdistill import cli, planner
+from q4kdistill.errors import Q4KError
+from q4kdistill.student import Student
+
+B7_TENSORS, B7_BYTES = 339, 4_677_120_000
+
+
+def _elements(info, vectors):
+    return sum(t.n_elements for t in info.tensors.values() if (len(t.shape) == 1) == vectors)
+
+
+def test_resident_bytes_of_the_7b_manifest(manifest_7b_path):
+    info = planner.open_teacher(manifest_7b_path)
+    assert (len(info.tensors), info.total_tensor_bytes) == (B7_TENSORS, B7_BYTES)
+    assert all(t.type_name == "F32" for t in info.tensors.values() if len(t.shape) == 1)
+    resident = planner.teacher_resident(info.tensors.values())
+    assert resident["native"] == B7_BYTES                     # the blocks as stored, nothing else
+    assert resident["dequant-f32"] == 4 * info.n_elements == 30_462_466_048
+    # teacher.decode_weight keeps vectors (norms, biases) in float32 on every backend
+    assert resident["dequant-bf16"] == 2 * _elements(info, False) + 4 * _elements(info, True)
+    plan = planner.make_plan(info, 1, 512, "params=0.5e9")
+    assert plan.teacher_resident_bytes == resident
+    assert plan.teacher_forward_peak_bytes == resident["native"] + plan.row("teacher forward working set (native)").predicted_bytes
+    assert 4.9e9 < plan.teacher_forward_peak_bytes < 5.5e9
+
+
+def test_truncated_file_gives_the_manifest_plan(deepseek_chunk_path, manifest_7b_path):
+    kw = dict(student="params=0.5e9", chunk_tokens=256)
+    from_chunk = planner.make_plan(deepseek_chunk_path, 8, 512, **kw).to_json()
+    from_manifest = planner.make_plan(manifest_7b_path, 8, 512, **kw).to_json()
+    assert from_chunk["teacher"].pop("source") != from_manifest["teacher"].pop("source")
+    assert from_chunk == from_manifest
+    assert from_chunk["teacher"]["total_tensor_bytes"] == B7_BYTES
+
+
+def test_distill_step_plan_adds_up(manifest_7b_path):
+    plan = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=256)
+    n = plan.student["n_params"]
+    assert abs(n - 0.5e9) < 0.02e9
+    assert plan.row("student state").predicted_bytes == 16 * n          # params, grads, m, v in float32
+    step = plan.distill_step_peak_bytes
+    assert step == max(plan.row(r).predicted_bytes for r in
+                       ("distill: teacher trunk peak", "distill: student forward/backward peak", "distill: optimizer step peak"))
+    assert plan.row("distill: optimizer step peak").predicted_bytes == B7_BYTES + 16 * n
+    no_ckpt = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=256, checkpoint=False)
+    assert no_ckpt.distill_step_peak_bytes > step + 5e9                  # 24 blocks of caches at 8x512
+    bigger_chunks = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=1024)
+    assert bigger_chunks.row("loss chunk working set").predicted_bytes == int(11.25 * 1024 * 152064 * 4)
+
+
+def test_student_specs(manifest_7b_path):
+    teacher = planner.open_teacher(manifest_7b_path).config
+    parse = planner.parse_student_spec
+    assert parse("layers=4") == {"layers": [4]}
+    assert parse("layers=0,9,18,27") == {"layers": [0, 9, 18, 27]}
+    assert planner.student_config(teacher, parse("layers=0,9,18,27")).n_layers == 4
+    cfg = planner.student_config(teacher, parse("d_model=1024,n_layers=6,d_ff=2816,n_heads=16,n_kv_heads=4,tied=1"))
+    assert (cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.head_dim, cfg.tied_output) == (1024, 6, 2816, 64, True)
+    assert cfg.vocab_size == teacher.vocab_size and cfg.architecture == "qwen2"
+    for target in (0.1e9, 0.5e9, 1.5e9):
+        cfg = planner.student_config(teacher, parse(f"params={target}"))
+        assert abs(planner.count_params(cfg) / target - 1) < 0.1
+        assert cfg.n_heads % cfg.n_kv_heads == 0 and cfg.d_model == cfg.n_heads * cfg.head_dim
+    small = planner.student_config(teacher, parse("d_model=64,n_layers=2,d_ff=96,n_heads=4,n_kv_heads=2"))
+    assert planner.count_params(small) == Student(small, xp=np).n_params
+    for bad in ("width=3", "layers=x", "d_model=64,,oops", "n_heads=6,n_kv_heads=4"):
+        with pytest.raises(Q4KError):
+            planner.student_config(teacher, parse(bad))
+
+
+def test_plan_command_json(manifest_7b_path, capsys):
+    assert cli.main(["plan", "--teacher", manifest_7b_path, "--batch", "8", "--seq", "512",
+                     "--student-params", "0.5e9", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["teacher_resident_bytes"]) == {"native", "dequant-f32", "dequant-bf16"}
+    assert out["teacher_resident_bytes"]["native"] == B7_BYTES
+    assert out["teacher_forward_peak_bytes"] > B7_BYTES and out["distill_step_peak_bytes"] > out["teacher_forward_peak_bytes"]
+    assert all({"name", "predicted_bytes"} <= set(r) for r in out["rows"])
+    assert cli.main(["plan", "--teacher", manifest_7b_path, "--student", "layers=4"]) == 0
+    assert "teacher resident (native)" in capsys.readouterr().out
+    assert cli.main(["plan", "--teacher", manifest_7b_path, "--student", "bogus=1"]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err
+
+
+def test_plan_of_the_real_gemma_file(gemma_path):
+    plan = planner.make_plan(gemma_path, 2, 128, "layers=0,5,11,17")
+    info = planner.open_teacher(gemma_path)
+    assert plan.teacher_resident_bytes["native"] == sum(planner.kept_bytes(t, "native") for t in info.tensors.values())
+    assert plan.student["config"]["tied_output"] and plan.student["config"]["vocab_size"] == 262144

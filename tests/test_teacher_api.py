@@ -1,0 +1,178 @@
+"""The Teacher's API on tiny synthetic models: loading (GGUF, APR, manifest), backends and their
+resident bytes, chunked logits, vocabulary checks, errors, and that the native path never
+decodes (and keeps) a whole weight matrix."""
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from q4kdistill import apr, quants, synthetic
+from q4kdistill.errors import Q4KError
+from q4kdistill.model_file import ModelFile
+from q4kdistill.teacher import Teacher
+
+QTYPES = {"token_embd": "Q8_0", "attn_k": "Q5_0", "attn_output": "F16", "ffn_gate": "BF16"}
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    cfg = synthetic.tiny_config("qwen2", vocab_size=389)                 # an odd vocabulary
+    return synthetic.write_gguf(tmp_path_factory.mktemp("api") / "tiny.gguf", cfg, qtypes=QTYPES, seed=11)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_path):
+    return Teacher.load(tiny_path, device="cpu", log=None)
+
+
+@pytest.fixture
+def ids(teacher):
+    return np.random.default_rng().integers(0, teacher.vocab_size, (2, 13))   # fresh every test
+
+
+# -- loading and resident bytes -----------------------------------------------------------
+
+def test_load_logs_and_keeps_every_tensor_as_stored(tiny_path):
+    lines = []
+    teacher = Teacher.load(tiny_path, device="cpu", log=lines.append)
+    mf = ModelFile.open(tiny_path)
+    assert teacher.backend == "native"
+    assert len(lines) == 1 and "uploaded" in lines[0] and "MB, kept quantized" in lines[0]
+    assert teacher.resident_bytes == mf.total_tensor_bytes                # <= 1.02x with room to spare
+    for name, info in mf.tensors.items():
+        w = teacher.weights[name]
+        assert w.qtype == info.qtype and w.shape == info.shape
+        assert np.array_equal(np.asarray(w.data), mf.tensor_data(name))  # the file's bytes, not a decode
+
+
+def test_auto_picks_dense_for_a_float_file(tmp_path):
+    cfg = synthetic.tiny_config("llama")
+    path = synthetic.write_gguf(tmp_path / "f.gguf", cfg, qtypes={"*": "F16", "output": "F32"}, seed=1)
+    lines = []
+    dense = Teacher.load(path, device="cpu", log=lines.append)
+    assert dense.backend == "dense" and "dense" in lines[0]
+    assert dense.resident_bytes == ModelFile.open(path).total_tensor_bytes
+    ids = np.random.default_rng(0).integers(0, dense.vocab_size, (1, 7))
+    f32 = Teacher.load(path, backend="dequant-f32", device="cpu", log=None)
+    np.testing.assert_allclose(dense.logits_for_batch(ids), f32.logits_for_batch(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, bytes_per_weight, tol", [("dequant-f32", 4, 1e-5), ("dequant-f16", 2, 3e-3),
+                                                         ("dequant-bf16", 2, 3e-2)])
+def test_dequant_backends(tiny_path, teacher, ids, name, bytes_per_weight, tol):
+    mf = ModelFile.open(tiny_path)
+    other = Teacher.load(tiny_path, backend=name, device="cpu", log=None)
+    matrices = sum(t.n_elements for t in mf.tensors.values() if len(t.shape) == 2)
+    vectors = sum(t.nbytes for t in mf.tensors.values() if len(t.shape) == 1)
+    assert other.resident_bytes == bytes_per_weight * matrices + vectors
+    assert all(not w.quantized for w in other.weights.values())
+    want = teacher.logits_for_batch(ids)
+    got = other.logits_for_batch(ids)
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    np.testing.assert_array_equal(teacher.with_backend(name).logits_for_batch(ids), got)
+
+
+def test_manifest_and_apr_load_the_same_way(tiny_path, teacher, ids, tmp_path):
+    apr_path = tmp_path / "tiny.apr"
+    apr.write(ModelFile.open(tiny_path), apr_path)
+    from_apr = Teacher.load(str(apr_path), device="cpu", log=None)
+    np.testing.assert_array_equal(from_apr.logits_for_batch(ids), teacher.logits_for_batch(ids))
+
+    manifest_path = tmp_path / "tiny.manifest.json"
+    manifest_path.write_text(json.dumps(ModelFile.open(tiny_path).to_manifest()))
+    lines = []
+    random_teacher = Teacher.load(str(manifest_path), device="cpu", log=lines.append)
+    assert "kept quantized" in lines[0]
+    assert random_teacher.resident_bytes == teacher.resident_bytes
+    logits = random_teacher.logits_for_batch(ids)
+    assert np.isfinite(logits).all() and not np.allclose(logits, teacher.logits_for_batch(ids))
+
+
+def test_incomplete_model_is_one_clear_error(tiny_path):
+    mf = ModelFile.open(tiny_path)
+    del mf.tensors["blk.1.ffn_up.weight"]
+    with pytest.raises(Q4KError, match="missing 1 tensors.*blk.1.ffn_up.weight"):
+        Teacher.load(mf, device="cpu", log=None)
+    with pytest.raises(Q4KError, match="unknown teacher backend"):
+        Teacher.load(tiny_path, backend="int4", device="cpu", log=None)
+
+
+# -- outputs -------------------------------------------------------------------------------
+
+def test_chunked_logits_equal_the_full_batch(teacher, ids):
+    full = teacher.logits_for_batch(ids)                                 # [B, T, V]
+    flat = full.reshape(-1, teacher.vocab_size)
+    chunks = list(teacher.iter_logits(ids, chunk_tokens=5))
+    assert [(a, b) for a, b, _ in chunks] == [(s, min(s + 5, 26)) for s in range(0, 26, 5)]
+    np.testing.assert_allclose(np.concatenate([c for _, _, c in chunks]), flat, rtol=1e-6, atol=1e-6)
+    fn = teacher.logits_fn(ids)
+    np.testing.assert_allclose(fn(11, 17), flat[11:17], rtol=1e-6, atol=1e-6)
+    h = teacher.hidden_states(ids)
+    assert h.shape == (2, 13, teacher.config.d_model) and h.dtype == np.float32
+
+
+def test_weight_f32_decodes_one_tensor(tiny_path, teacher):
+    mf = ModelFile.open(tiny_path)
+    for name in ("token_embd.weight", "blk.0.attn_output.weight", "blk.1.ffn_gate.weight", "output_norm.weight"):
+        got = teacher.weight_f32(name)
+        assert got.dtype == np.float32 and got.shape == mf.tensors[name].shape
+        np.testing.assert_array_equal(got, quants.dequantize(mf.tensor_data(name), mf.tensors[name].qtype))
+    with pytest.raises(Q4KError, match="no tensor 'nope'"):
+        teacher.weight_f32("nope")
+
+
+def test_vocab_check_and_truncation(tiny_path, ids):
+    teacher = Teacher.load(tiny_path, device="cpu", log=None)
+    full = teacher.logits_for_batch(ids)
+    assert teacher.check_vocab(389) == 389
+    with pytest.raises(Q4KError, match=r"teacher has 389 tokens.*has 256"):
+        teacher.check_vocab(256)
+    assert teacher.check_vocab(256, truncate=True) == 256 == teacher.vocab_size
+    cut = teacher.logits_for_batch(ids)
+    assert cut.shape == (2, 13, 256)
+    np.testing.assert_allclose(cut, full[..., :256], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, mask, message", [
+    (np.arange(5), None, "integer array \\[batch, tokens\\]"),
+    (np.zeros((1, 3), np.float32), None, "integer array"),
+    (np.array([[1, 389]]), None, "token id 389 is outside the teacher's vocabulary \\(0..388\\)"),
+    (np.array([[1, -1]]), None, "token id -1"),
+    (np.array([[1, 2]]), np.ones((1, 3), bool), "attention_mask has shape \\(1, 3\\)"),
+])
+def test_bad_inputs_are_clear_errors(teacher, bad, mask, message):
+    with pytest.raises(Q4KError, match=message):
+        teacher.logits_for_batch(bad, mask)
+
+
+def test_bad_chunk_size(teacher, ids):
+    with pytest.raises(Q4KError, match="chunk_tokens must be >= 1"):
+        next(teacher.iter_logits(ids, chunk_tokens=0))
+
+
+# -- the native path never decodes a whole matrix ------------------------------------------
+
+def test_native_forward_never_holds_a_decoded_matrix(tmp_path, monkeypatch):
+    """The tied 32k-token table (Q8_0: 8.9 MB as blocks, 33.5 MB decoded) is the biggest matrix.
+    With the kernels' NumPy slabs cut to 1 MB, a forward of 4 tokens must peak far below the
+    table's decoded size (so nothing in the teacher decodes it whole), and keep nothing decoded."""
+    import kernels.cpu
+
+    monkeypatch.setattr(kernels.cpu, "SLAB_BYTES", 1 << 20)
+    cfg = synthetic.tiny_config("llama", vocab_size=32768, tied_output=True)
+    path = synthetic.write_gguf(tmp_path / "wide.gguf", cfg, qtypes={"token_embd": "Q8_0"}, seed=3)
+    teacher = Teacher.load(path, device="cpu", log=None)
+    resident = teacher.resident_bytes
+    decoded_table = 4 * cfg.vocab_size * cfg.d_model
+    ids = np.array([[5, 300, 20000, 32767]])
+    tracemalloc.start()
+    try:
+        logits = teacher.logits_for_batch(ids)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert logits.shape == (1, 4, 32768)
+    assert peak < decoded_table / 4, f"forward peaked at {peak / 1e6:.1f} MB (the decoded table is {decoded_table / 1e6:.1f} MB)"
+    assert teacher.resident_bytes == resident
+    assert all(w.data.dtype == np.uint8 for w in teacher.weights.values() if w.quantized)
