@@ -112,7 +112,9 @@ def numba_plugin_class(drv, alloc, mem_info):
             self._ids = itertools.count()   # keys, not pointers: zero-size buffers share ptr 0
 
         def initialize(self):
-            pass                            # CuPy's pool needs no set-up
+            # as Numba's own manager does: size the queue of pending host (pinned/mapped) frees;
+            # CuPy's pool needs no set-up
+            self.deallocations.memory_capacity = self.get_memory_info().total
 
         def memalloc(self, size):
             buf = alloc(size)

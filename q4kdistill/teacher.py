@@ -111,7 +111,7 @@ class Teacher:
                            f"{min(other_size, self.vocab_size)} ids (truncate=True, --truncate-vocab)")
         if other_size < 1:
             raise Q4KError(f"cannot truncate the teacher's vocabulary to {other_size} tokens")
-        self._head = self._head.first_rows(min(other_size, self.vocab_size))
+        self._head = self._head.rows(0, min(other_size, self.vocab_size))
         return self.vocab_size
 
     def hidden_states(self, input_ids, attention_mask=None):
@@ -123,11 +123,11 @@ class Teacher:
         """Run the trunk once; return fn(start, stop) -> float32 [stop-start, V], the logits of
         tokens start..stop-1 of the B*T positions flattened row-major (token b*T + t)."""
         h = self._flat_hidden(input_ids, attention_mask)       # [B*T, D]
-        return lambda start, stop: teacher_forward.linear(h[start:stop], self._head)
+        return lambda start, stop: teacher_forward.lm_head(h[start:stop], self._head)
 
     def logits_for_batch(self, input_ids, attention_mask=None):
         """float32 [B, T, V]: the logits of every position."""
-        return teacher_forward.linear(self.hidden_states(input_ids, attention_mask), self._head)
+        return teacher_forward.lm_head(self.hidden_states(input_ids, attention_mask), self._head)
 
     def iter_logits(self, input_ids, attention_mask=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
         """Yield (start, stop, float32 [stop-start, V]) over the flattened B*T tokens, so that
@@ -138,7 +138,7 @@ class Teacher:
         h = self._flat_hidden(input_ids, attention_mask)       # [B*T, D]
         for start in range(0, h.shape[0], chunk):
             stop = min(start + chunk, h.shape[0])
-            yield start, stop, teacher_forward.linear(h[start:stop], self._head)
+            yield start, stop, teacher_forward.lm_head(h[start:stop], self._head)
 
     def weight_f32(self, name: str):
         """Tensor ``name`` decoded to float32 of its logical shape (a new array; for student init)."""

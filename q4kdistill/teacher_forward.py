@@ -5,7 +5,7 @@
         x += post_attn_norm( attn_output( attention( rope(qk_norm(q)), rope(qk_norm(k)), v ) ) )
         x += post_ffw_norm( ffn_down( act(ffn_gate(h)) * ffn_up(h) ) ),  h = ffn_norm(x)
     h = output_norm(x)                                            [B, T, D]
-    logits = h @ head.T                                           [B*T, V]  (in chunks)
+    logits = h @ head.T                                           [B*T, V]  (token chunks x vocab slabs)
 
 Weights stay as the file stores them (``Weight``). Every linear layer goes through ``linear``,
 which hands quantized weights to ``kernels.matmul`` (x [M, K] @ W.T, decoding blocks inside
@@ -24,6 +24,9 @@ from .backend import array_module
 from .ops import attention_forward, embedding_forward, glu_forward, rmsnorm_forward, rope_forward, rope_tables
 
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+# LM head rows per product. A kernel that decodes its weight into a scratch buffer would
+# otherwise need the whole [V, D] head at once (the 7B's 152064 x 3584 head: 1.1 GB in fp16).
+HEAD_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,10 @@ class Weight:
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
-    def first_rows(self, n: int) -> "Weight":
-        """The first n rows (a view: block rows are whole rows of bytes)."""
-        return Weight(self.data[:n], self.qtype, (n,) + tuple(self.shape[1:]))
+    def rows(self, start: int, stop: int) -> "Weight":
+        """Rows start..stop-1 (a view: a quantized row is a whole row of bytes)."""
+        stop = min(stop, self.shape[0])
+        return Weight(self.data[start:stop], self.qtype, (stop - start,) + tuple(self.shape[1:]))
 
 
 def bf16_to_f32(bits):
@@ -94,6 +98,19 @@ def linear(x, w: Weight, bias: Weight | None = None):
     if bias is not None:
         y += bias.data
     return y.reshape(x.shape[:-1] + (n_out,))
+
+
+def lm_head(h, w: Weight):
+    """h [..., D] -> float32 logits [..., V], the vocabulary HEAD_ROWS rows at a time."""
+    xp = array_module(h)
+    V = w.shape[0]
+    if V <= HEAD_ROWS:
+        return linear(h, w)
+    h2 = h.reshape(-1, h.shape[-1])                          # [M, D]
+    out = xp.empty((h2.shape[0], V), dtype=xp.float32)       # [M, V]
+    for r0 in range(0, V, HEAD_ROWS):
+        out[:, r0:r0 + HEAD_ROWS] = linear(h2, w.rows(r0, r0 + HEAD_ROWS))
+    return out.reshape(h.shape[:-1] + (V,))
 
 
 def embed(w: Weight, ids):

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import mmap
-import struct
 
 import numpy as np
 import regex
 
-from .errors import FileFormatError, Q4KError
+from .errors import Q4KError
+from .gguf_file import read_header
 
 SPACE = "\u2581"  # SentencePiece's visible space
 _CACHE_WORDS = 1 << 20  # words whose ids are remembered (then the cache starts over)
@@ -47,66 +46,6 @@ _CONTROL_TEXTS = frozenset("""
     <|fim_suffix|> <fim-suffix> <fim_suffix> <SUF> <|code_suffix|> <|suffix|> <|fim_middle|>
     <fim-middle> <fim_middle> <MID> <|code_middle|> <|middle|> <|fim_pad|> <fim-pad> <fim_pad> <PAD>
     [PAD] <|fim_repo|> <|repo_name|> <fim-repo> <REPO> <reponame> <|file_sep|>""".split())
-
-
-# -- GGUF metadata (header only, so truncated files work too) ---------------------------------
-
-# TODO(lead): replace with q4kdistill.gguf_file's header-only metadata reader once it lands.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_metadata(path) -> dict:
-    """GGUF key/value metadata -> {key: value}; numeric arrays as NumPy, string arrays as lists."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise FileFormatError(path, "not a GGUF file (bad magic)")
-            return _read_kv(buf, path)
-    except (OSError, ValueError) as exc:  # mmap of an empty file raises ValueError
-        raise FileFormatError(path, f"cannot read the GGUF header ({exc})") from None
-
-
-def _read_kv(buf, path) -> dict:
-    pos = 24  # magic u32, version u32, n_tensors u64, n_kv u64
-
-    def take(fmt):
-        nonlocal pos
-        vals = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return vals[0] if len(vals) == 1 else vals
-
-    def string():
-        nonlocal pos
-        n = take("<Q")
-        pos += n
-        return buf[pos - n:pos].decode("utf-8", errors="surrogateescape")
-
-    def value(vtype):
-        nonlocal pos
-        if vtype == _STRING:
-            return string()
-        if vtype == _ARRAY:
-            etype, n = take("<IQ")
-            if etype in _SCALARS and etype != 7:
-                arr = np.frombuffer(buf, _SCALARS[etype], n, pos).copy()
-                pos += arr.nbytes
-                return arr
-            return [value(etype) for _ in range(n)]
-        if vtype not in _SCALARS:
-            raise FileFormatError(path, f"unknown metadata value type {vtype}")
-        return take(_SCALARS[vtype])
-
-    md = {}
-    try:
-        (n_kv,) = struct.unpack_from("<Q", buf, 16)
-        for _ in range(n_kv):
-            key = string()
-            md[key] = value(take("<I"))
-    except (struct.error, ValueError):
-        raise FileFormatError(path, "the metadata ends early (truncated header)") from None
-    return md
 
 
 # -- pre-tokenizers of byte-level BPE (llm_tokenizer_bpe) ----------------------------------------
@@ -230,7 +169,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path_or_metadata) -> "Tokenizer":
         """From a GGUF path (header only is read) or an already-read metadata dict."""
-        md = path_or_metadata if isinstance(path_or_metadata, dict) else read_gguf_metadata(path_or_metadata)
+        md = path_or_metadata if isinstance(path_or_metadata, dict) else _read_metadata(path_or_metadata)
         if not isinstance(md.get("tokenizer.ggml.tokens"), (list, np.ndarray)) or "tokenizer.ggml.model" not in md:
             raise Q4KError(f"{_where(path_or_metadata)} carries no tokenizer (the tokenizer.ggml.* arrays); "
                            "give the teacher's GGUF file")
@@ -427,6 +366,14 @@ class Tokenizer:
             else:  # as llama.cpp: single-byte tokens for what it can find, the rest is dropped
                 ids += [self._id[c] for c in sym if c < "\x80" and c in self._id]
         return ids
+
+
+def _read_metadata(path) -> dict:
+    """The GGUF header's metadata (header only: the truncated 7B chunk works too)."""
+    try:
+        return read_header(path).metadata
+    except OSError as exc:
+        raise Q4KError(f"cannot read the teacher file {path}: {exc.strerror or exc}") from None
 
 
 def _where(path_or_metadata):

@@ -87,8 +87,8 @@ def test_vocabulary_mismatch(teacher, corpus, tmp_path, capsys):
     assert "outside the student's vocabulary of 360" in error_line(capsys)
     letters = tmp_path / "letters"
     letters.mkdir()
-    for i in range(6):                                                    # single letters: ids below 300
-        (letters / f"{i}.txt").write_text(" ".join("abcdefghijklmnopqrstuvwxyz"[(i + j) % 26] for j in range(300)))
+    for i in range(6):                                     # digits: byte tokens and "\u2581", ids below 300
+        (letters / f"{i}.txt").write_text(" ".join(str(i * j) for j in range(300)))
     run = args(teacher, str(letters), tmp_path / "run2", "--student-init", small, "--truncate-vocab", steps=2)
     assert cli.main(run) == 0
     assert checkpoint.load(tmp_path / "run2").config["student"]["vocab_size"] == 360

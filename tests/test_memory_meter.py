@@ -45,6 +45,7 @@ class FakePool:
 class FakeHostOnly:
     def __init__(self, *args, context=None, **kwargs):
         self.context = context
+        self.deallocations = SimpleNamespace(memory_capacity=None)
         self.reset_calls = 0
 
     def reset(self):
@@ -79,6 +80,7 @@ def test_numba_plugin_allocates_from_the_counting_pool():
     mm = plugin(context=ctx)
     assert mm.interface_version == 1
     mm.initialize()
+    assert mm.deallocations.memory_capacity == 99
     a = mm.memalloc(1000)                         # rounded to 1024 by the pool
     b = mm.memalloc(3000)                         # 3072
     z1, z2 = mm.memalloc(0), mm.memalloc(0)       # zero-size buffers share pointer 0: both kept

@@ -112,6 +112,16 @@ def test_chunked_logits_equal_the_full_batch(teacher, ids):
     assert h.shape == (2, 13, teacher.config.d_model) and h.dtype == np.float32
 
 
+def test_head_in_vocabulary_slabs_equals_one_product(teacher, ids, monkeypatch):
+    from q4kdistill import teacher_forward
+
+    whole = teacher.logits_for_batch(ids)
+    monkeypatch.setattr(teacher_forward, "HEAD_ROWS", 100)               # 389 rows -> 4 slabs, the last short
+    sliced = teacher.logits_for_batch(ids)
+    np.testing.assert_allclose(sliced, whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(teacher.logits_fn(ids)(3, 9), whole.reshape(-1, 389)[3:9], rtol=1e-6, atol=1e-6)
+
+
 def test_weight_f32_decodes_one_tensor(tiny_path, teacher):
     mf = ModelFile.open(tiny_path)
     for name in ("token_embd.weight", "blk.0.attn_output.weight", "blk.1.ffn_gate.weight", "output_norm.weight"):

@@ -5,17 +5,23 @@ NAME = "plan"
 HELP = "predict the GPU memory of a teacher forward and a distillation step from the file header"
 
 
-def add_student_arguments(p) -> None:
-    """--student / --student-params / --chunk-tokens / --no-checkpoint (shared with reproduce-memory)."""
+def add_student_arguments(p, checkpoint: bool) -> None:
+    """--student / --student-params / --chunk-tokens / --checkpoint-activations (shared with
+    reproduce-memory; ``checkpoint`` is the default)."""
+    import argparse
+
+    from ..distill import DistillConfig
+
     p.add_argument("--student", metavar="SPEC", default=None,
-                   help="'layers=4' (teacher widths), 'layers=0,9,18,27', or "
+                   help="'layers=4' (teacher widths; the default), 'layers=0,9,18,27', or "
                         "'d_model=896,n_layers=24,d_ff=4864,n_heads=14,n_kv_heads=2[,tied=1]'")
     p.add_argument("--student-params", type=float, metavar="N", default=None,
                    help="a qwen2-like student of about N parameters with the teacher's vocabulary (e.g. 0.5e9)")
-    p.add_argument("--chunk-tokens", type=int, default=None, metavar="C",
-                   help="tokens per [C, vocab] logits chunk (teacher head and loss)")
-    p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
-                   help="keep every block's activations instead of recomputing them in the backward")
+    p.add_argument("--chunk-tokens", type=int, default=DistillConfig.chunk_tokens, metavar="C",
+                   help="tokens per [C, vocab] logits chunk of the LM head and loss (default: distill's, %(default)s)")
+    p.add_argument("--checkpoint-activations", dest="checkpoint", action=argparse.BooleanOptionalAction,
+                   default=checkpoint, help="recompute each block's activations in the backward instead of "
+                                            "keeping them (default: %(default)s)")
 
 
 def student_spec(args):
@@ -33,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1, metavar="B")
     p.add_argument("--seq", type=int, default=512, metavar="T")
     p.add_argument("--teacher-backend", default="native", choices=("native", "dequant-f32", "dequant-bf16"))
-    add_student_arguments(p)
+    add_student_arguments(p, checkpoint=False)         # distill's defaults
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -42,9 +48,8 @@ def run(args) -> int:
 
     from .. import planner
 
-    kwargs = {} if args.chunk_tokens is None else {"chunk_tokens": args.chunk_tokens}
-    plan = planner.make_plan(args.teacher, args.batch, args.seq, student_spec(args), checkpoint=args.checkpoint,
-                             teacher_backend=args.teacher_backend, **kwargs)
+    plan = planner.make_plan(args.teacher, args.batch, args.seq, student_spec(args), chunk_tokens=args.chunk_tokens,
+                             checkpoint=args.checkpoint, teacher_backend=args.teacher_backend)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
         return 0

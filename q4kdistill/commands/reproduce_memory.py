@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, metavar="B", help="teacher forward batch (default 1)")
     p.add_argument("--seq", type=int, metavar="T", help="tokens per sequence (default 512)")
     p.add_argument("--step-batch", type=int, metavar="B", help="distillation step batch (default 8)")
-    add_student_arguments(p)
+    add_student_arguments(p, checkpoint=True)
     p.add_argument("--backends", default="native,dequant-f32,dequant-bf16",
                    help="teacher backends to measure, comma-separated (the step runs with native)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
@@ -152,6 +152,8 @@ class _Experiment:
         becomes the outcome of the rows not measured yet."""
         import traceback
 
+        import kernels
+
         from .. import memory
 
         try:
@@ -164,6 +166,7 @@ class _Experiment:
             if status == "error":
                 traceback.print_exc()
         finally:
+            kernels.release_scratch()       # the decode scratch outlives the teacher otherwise
             memory.release_cached()
 
     def teacher(self, b, fwd_plan, step_plan) -> None:
@@ -186,6 +189,8 @@ class _Experiment:
         with self.meter.phase(f"forward ({b}, {fwd_plan.batch}x{fwd_plan.seq})") as fwd:
             _consume(teacher.iter_logits(ids, chunk_tokens=fwd_plan.teacher_chunk_tokens))
         self.measured[f"teacher forward peak ({b})"] = fwd.peak_bytes - base
+        if b == "native":
+            self.measured["teacher decode scratch (native)"] = fwd.end_bytes - load.end_bytes
         self.log(f"  {b}: resident {(load.end_bytes - base) / 1e9:.3f} GB, forward peak {(fwd.peak_bytes - base) / 1e9:.3f} GB")
         if step_plan is not None:
             self.step(teacher, step_plan, base)

@@ -1,0 +1,54 @@
+"""Autotune: benchmark the variants on this GPU and write the dispatch table (see dispatch.py).
+
+For each quant type and M bucket (M <= 1, 8, 16, 64, 512, any), the variant with the smallest
+sum over shapes of time / best time at that shape wins. The table keeps other GPUs' entries.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .bench import BASELINE
+
+BUCKETS = (1, 8, 16, 64, 512, None)
+
+
+def _bucket(M: int):
+    return next(b for b in BUCKETS if b is None or M <= b)
+
+
+def entries_from_rows(rows, max_rel_err=2e-3) -> dict:
+    """{qtype: [{"m_max": b, "variant": name, "score": s}, ...]} from bench rows."""
+    from .registry import get
+
+    best = {}
+    for r in rows:
+        if r["variant"] == BASELINE:
+            continue
+        key = (r["qtype"], r["K"], r["N"], r["M"])
+        best[key] = min(best.get(key, float("inf")), r["time_us"])
+    score = defaultdict(lambda: defaultdict(float))          # (qtype, bucket) -> variant -> score
+    count = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        if r["variant"] == BASELINE or get(r["variant"]).rel_err > max_rel_err:
+            continue
+        qb = (r["qtype"], _bucket(r["M"]))
+        score[qb][r["variant"]] += r["time_us"] / best[(r["qtype"], r["K"], r["N"], r["M"])]
+        count[qb][r["variant"]] += 1
+    table = defaultdict(list)
+    for (q, b), s in sorted(score.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0)):
+        full = max(count[(q, b)].values())                    # only variants measured at every shape
+        name = min((v for v in s if count[(q, b)][v] == full), key=lambda v: s[v])
+        table[q].append({"m_max": b, "variant": name, "score": round(s[name] / full, 3)})
+    return dict(table)
+
+
+def write_table(path, gpu: str, entries: dict, meta: dict) -> dict:
+    p = Path(path)
+    table = json.loads(p.read_text()) if p.exists() else {}
+    table.setdefault("format", 1)
+    table.setdefault("gpus", {})[gpu] = {**entries, "_meta": meta}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(table, indent=1) + "\n")
+    return table

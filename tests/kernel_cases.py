@@ -1,0 +1,43 @@
+"""Shared inputs and checks for tests/test_kernels_*.py (CPU simulator and GPU)."""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.decode import FORMATS
+from q4kdistill import quants
+
+QTYPES = ("Q4_K", "Q6_K", "Q8_0", "Q5_0")
+
+
+def real_tensors(path) -> dict:
+    """{qtype: raw uint8 [rows, row_bytes]} - the first tensor of each type in the gemma-3 file."""
+    import gguf
+
+    found = {}
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type.name in QTYPES and t.tensor_type.name not in found:
+            found[t.tensor_type.name] = np.asarray(t.data)
+    return found
+
+
+def sample_rows(raw, qtype, n_rows, n_blocks, rng):
+    """n_rows random rows of a real tensor, a random window of n_blocks blocks: uint8 [n_rows, bytes]."""
+    f = FORMATS[qtype]
+    rows = rng.choice(raw.shape[0], n_rows, replace=False)
+    start = int(rng.integers(0, raw.shape[1] // f.block_bytes - n_blocks + 1))
+    return np.ascontiguousarray(raw[rows, start * f.block_bytes:(start + n_blocks) * f.block_bytes])
+
+
+def reference(x, w_raw, qtype):
+    """x @ W.T in float64, W decoded by the reference codec."""
+    return np.asarray(x, np.float64) @ quants.dequantize(w_raw, qtype).astype(np.float64).T
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all(), "non-finite output: an element was not written"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def bf16_to_f32(bits):
+    return (np.asarray(bits, np.uint32) << 16).view(np.float32)
