@@ -12,9 +12,20 @@ Files, in reading order: decode.py (block layouts, decode8 per type), gemv.py, g
 dequant.py (the kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy), registry.py,
 builtin.py, dispatch.py, autotune.py, bench.py. README.md says how to add a variant.
 """
-from q4kdistill import backend as _backend  # noqa: F401  (switches on the simulator on CPU before numba loads)
+import os as _os
+import sys as _sys
 
-from . import builtin as _builtin  # noqa: F401  (registers the shipped variants)
+from q4kdistill import backend as _backend  # switches on the simulator on CPU before numba loads
+
+# TODO(lead): move into q4kdistill/backend.py. Its check `"numba" in sys.modules` misses under
+# pytest: pyproject's filterwarnings imports numba.core.errors (and so numba's config) before
+# conftest runs. numba.cuda picks the simulator when it is first imported, from that config.
+if "numba.cuda" not in _sys.modules and _backend.device() == "cpu" and _os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    _os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba.core.config" in _sys.modules:
+        _sys.modules["numba.core.config"].reload_config()
+
+from . import builtin as _builtin  # noqa: F401,E402  (registers the shipped variants)
 from .dispatch import choose, dequantize_to, embedding_rows, matmul, reload_table
 from .registry import Variant, get, register, variants
 from .scratch import release_scratch, scratch_bytes

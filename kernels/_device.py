@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import config, cuda
+from numba import cuda
 
-SIMULATOR = bool(config.ENABLE_CUDASIM)
+SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
 U = np.uint32   # data words and bit fields
 I = np.uint64   # indices and byte offsets
 F = np.float32

@@ -138,7 +138,7 @@ def linear_bytes(t, backend: str, M: int, out_bytes: int) -> int:
       native        the output, the fp16 copy of x [M, K] (decode-then-cuBLAS), and the padded
                     copy kernels.weights.device_views makes of rows not a multiple of 4 bytes"""
     N, K = t.shape
-    if backend == "dequant-bf16" and t.quantized:
+    if backend == "dequant-bf16":
         return max(2 * F32 * N * K, F32 * N * K + out_bytes)
     if backend != "native" or not t.quantized:
         return out_bytes

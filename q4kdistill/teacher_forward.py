@@ -83,7 +83,8 @@ def linear(x, w: Weight, bias: Weight | None = None):
     """x [..., K] @ W.T (+ b) -> float32 [..., N]; x is flattened to [M, K] for the product.
 
     quantized  kernels.matmul on the stored blocks
-    F16 (GPU)  cuBLAS in fp16 (the dense-fp16 baseline); on NumPy upcast to float32
+    F16 (GPU)  cuBLAS GemmEx, fp16 operands, FP32 accumulate and output (the dense-fp16 baseline;
+               the same GEMM the kernels' decode-to-scratch variant runs); on NumPy upcast to float32
     F32, BF16  float32 product (BF16 upcast one matrix at a time)
     """
     xp = array_module(x)
@@ -92,7 +93,10 @@ def linear(x, w: Weight, bias: Weight | None = None):
     if w.quantized:
         y = kernels.matmul(x2, w.data, w.qtype, n_out)
     elif w.qtype == QT.F16 and xp.__name__ == "cupy":
-        y = (x2.astype(xp.float16) @ w.data.T).astype(xp.float32)
+        # TODO(lead): use a public kernels name for this GEMM once kernels exports one
+        from kernels.scratch import _gemm_f16_f32
+
+        y = _gemm_f16_f32(x2.astype(xp.float16), w.data, xp.empty((x2.shape[0], n_out), dtype=xp.float32))
     else:
         y = x2 @ dense_f32(w).T
     if bias is not None:
@@ -104,7 +108,7 @@ def lm_head(h, w: Weight):
     """h [..., D] -> float32 logits [..., V], the vocabulary HEAD_ROWS rows at a time."""
     xp = array_module(h)
     V = w.shape[0]
-    if V <= HEAD_ROWS:
+    if not w.quantized or V <= HEAD_ROWS:
         return linear(h, w)
     h2 = h.reshape(-1, h.shape[-1])                          # [M, D]
     out = xp.empty((h2.shape[0], V), dtype=xp.float32)       # [M, V]

@@ -11,12 +11,13 @@ QTYPES = ("Q4_K", "Q6_K", "Q8_0", "Q5_0")
 
 def real_tensors(path) -> dict:
     """{qtype: raw uint8 [rows, row_bytes]} - the first tensor of each type in the gemma-3 file."""
-    import gguf
+    from q4kdistill.model_file import ModelFile
 
+    mf = ModelFile.open(path)
     found = {}
-    for t in gguf.GGUFReader(path).tensors:
-        if t.tensor_type.name in QTYPES and t.tensor_type.name not in found:
-            found[t.tensor_type.name] = np.asarray(t.data)
+    for name, info in mf.tensors.items():
+        if info.type_name in QTYPES and info.type_name not in found:
+            found[info.type_name] = np.asarray(mf.tensor_data(name))
     return found
 
 

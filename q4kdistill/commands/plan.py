@@ -13,7 +13,7 @@ def add_student_arguments(p, checkpoint: bool) -> None:
     from ..distill import DistillConfig
 
     p.add_argument("--student", metavar="SPEC", default=None,
-                   help="'layers=4' (teacher widths; the default), 'layers=0,9,18,27', or "
+                   help="'layers=4' (teacher widths), 'layers=0,9,18,27', or "
                         "'d_model=896,n_layers=24,d_ff=4864,n_heads=14,n_kv_heads=2[,tied=1]'")
     p.add_argument("--student-params", type=float, metavar="N", default=None,
                    help="a qwen2-like student of about N parameters with the teacher's vocabulary (e.g. 0.5e9)")
