@@ -128,8 +128,11 @@ def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0):
                     v = registry.get(name)
                     if not v.supports(q, M, True):
                         continue
-                    n_in = len(xs) * len(ws)
-                    t = timer(lambda i: v(xs[i % len(xs)], ws[i % len(ws)], q, N, out), n_in)
+                    try:
+                        t = timer(lambda i: v(xs[i % len(xs)], ws[i % len(ws)], q, N, out), len(xs) * len(ws))
+                    except Exception as exc:   # one broken variant must not end a whole run
+                        log(f"# {name} {q} {K}x{N} M={M}: {type(exc).__name__}: {exc}")
+                        continue
                     rows.append(_row(q, K, N, M, name, t, w0.nbytes, copy_bw, t_ref))
                 log(format_rows([r for r in rows if (r["qtype"], r["K"], r["N"], r["M"]) == (q, K, N, M)]))
             del ws, w16s

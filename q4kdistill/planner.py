@@ -246,16 +246,7 @@ def config_with_params(teacher: ModelConfig, n_params: float) -> ModelConfig:
 
 
 def count_params(cfg: ModelConfig) -> int:
-    from .student import param_shapes
-
-    return sum(math.prod(s) for s in param_shapes(cfg).values())
-
-
-def student_chunk(cfg: ModelConfig, n_tokens: int, chunk_tokens: int | None) -> int:
-    """Tokens per LM-head/loss chunk, as Student._chunk picks them."""
-    from .student import LOGITS_BUDGET
-
-    return chunk_tokens or max(1, min(n_tokens, LOGITS_BUDGET // cfg.vocab_size))
+    return sum(math.prod(s) for s in cfg.tensor_shapes().values())
 
 
 def block_cache_bytes(cfg: ModelConfig, B: int, T: int) -> dict:
@@ -363,6 +354,7 @@ def make_plan(teacher, batch: int, seq: int, student: str | dict | None = None, 
               checkpoint: bool = True, teacher_backend: str = "native") -> Plan:
     """The plan for a teacher (path, manifest dict, ModelFile or TeacherInfo) and a student spec
     (see parse_student_spec; default 'layers=4'). chunk_tokens None: the student's own choice."""
+    from .student import chunk_size
     from .teacher import DEFAULT_CHUNK_TOKENS
 
     if min(batch, seq, chunk_tokens or 1, teacher_chunk_tokens or 1) < 1:
@@ -377,7 +369,7 @@ def make_plan(teacher, batch: int, seq: int, student: str | dict | None = None, 
                          "tensor_count": len(info.tensors), "total_tensor_bytes": info.total_tensor_bytes,
                          "n_elements": info.n_elements},
                 student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec},
-                batch=batch, seq=seq, chunk_tokens=student_chunk(scfg, batch * seq, chunk_tokens),
+                batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
                 teacher_backend=teacher_backend)
     _add_teacher_rows(plan, info)

@@ -39,33 +39,9 @@ from .params import FlatBuffer
 LOGITS_BUDGET = 2 ** 26   # default chunk: about this many logits (256 tokens at V = 262,144)
 
 
-def param_shapes(cfg: ModelConfig) -> dict:
-    """GGUF tensor name -> logical shape (rows = output features), in GGUF order."""
-    D, Q, KV, F, Dh = cfg.d_model, cfg.q_dim, cfg.kv_dim, cfg.d_ff, cfg.head_dim
-    shapes = {"token_embd.weight": (cfg.vocab_size, D)}
-    for i in range(cfg.n_layers):
-        b = {"attn_norm.weight": (D,), "attn_q.weight": (Q, D), "attn_k.weight": (KV, D), "attn_v.weight": (KV, D)}
-        if cfg.qkv_bias:
-            b.update({"attn_q.bias": (Q,), "attn_k.bias": (KV,), "attn_v.bias": (KV,)})
-        if cfg.qk_norm:
-            b.update({"attn_q_norm.weight": (Dh,), "attn_k_norm.weight": (Dh,)})
-        b["attn_output.weight"] = (D, Q)
-        if cfg.post_norms:
-            b["post_attention_norm.weight"] = (D,)
-        b.update({"ffn_norm.weight": (D,), "ffn_gate.weight": (F, D), "ffn_up.weight": (F, D),
-                  "ffn_down.weight": (D, F)})
-        if cfg.post_norms:
-            b["post_ffw_norm.weight"] = (D,)
-        shapes.update({f"blk.{i}.{n}": s for n, s in b.items()})
-    shapes["output_norm.weight"] = (D,)
-    if not cfg.tied_output:
-        shapes["output.weight"] = (cfg.vocab_size, D)
-    return shapes
-
-
-def _accumulate(grads, name, g):
-    if g is not None:
-        grads[name] += g
+def chunk_size(vocab_size: int, n_tokens: int, chunk_tokens: int | None = None) -> int:
+    """Tokens per LM-head/loss chunk: ``chunk_tokens``, else about LOGITS_BUDGET logits."""
+    return chunk_tokens or max(1, min(n_tokens, LOGITS_BUDGET // vocab_size))
 
 
 class _Batch:
@@ -80,80 +56,81 @@ class _Batch:
 
 
 # -- one block ---------------------------------------------------------------------------------
+# The cache of a block holds each norm's and linear's cache under its tensor's stem
+# ("ffn_down" for blk.N.ffn_down.weight), so the backward finds both by one name.
+
+def _norm(x, p, c, stem, eps):
+    y, c[stem] = rmsnorm_forward(x, p[f"{stem}.weight"], eps)
+    return y
+
+
+def _norm_backward(dy, c, g, stem):
+    """-> dx; adds the weight's grad into ``g``."""
+    dx, dw = rmsnorm_backward(dy, c[stem])
+    g[f"{stem}.weight"] += dw
+    return dx
+
+
+def _linear(x, p, c, stem):
+    y, c[stem] = linear_forward(x, p[f"{stem}.weight"], p.get(f"{stem}.bias"))
+    return y
+
+
+def _linear_backward(dy, c, g, stem):
+    """-> dx; adds the weight's (and the bias's, where there is one) grad into ``g``."""
+    dx, dw, db = linear_backward(dy, c[stem])
+    g[f"{stem}.weight"] += dw
+    if db is not None:
+        g[f"{stem}.bias"] += db
+    return dx
+
+
 def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     """x [B, T, D] -> (x [B, T, D], cache). ``p``: this block's params by short name."""
     B, T, D = x.shape
     eps, c = cfg.norm_eps, {}
-    h, c["attn_norm"] = rmsnorm_forward(x, p["attn_norm.weight"], eps)
-    qkv = []
-    for n, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
-        y, c[n] = linear_forward(h, p[f"attn_{n}.weight"], p.get(f"attn_{n}.bias"))
-        qkv.append(y.reshape(B, T, heads, cfg.head_dim))
-    q, k, v = qkv
+    h = _norm(x, p, c, "attn_norm", eps)
+    q, k, v = (_linear(h, p, c, f"attn_{n}").reshape(B, T, heads, cfg.head_dim)
+               for n, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)))
     if cfg.qk_norm:
-        q, c["q_norm"] = rmsnorm_forward(q, p["attn_q_norm.weight"], eps)
-        k, c["k_norm"] = rmsnorm_forward(k, p["attn_k_norm.weight"], eps)
+        q, k = _norm(q, p, c, "attn_q_norm", eps), _norm(k, p, c, "attn_k_norm", eps)
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
     q, k = rope_forward(q, cos, sin, cfg.rope_style), rope_forward(k, cos, sin, cfg.rope_style)
     o, c["attn"] = attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale)
-    a, c["o"] = linear_forward(o.reshape(B, T, cfg.q_dim), p["attn_output.weight"])
+    a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output")
     if cfg.post_norms:
-        a, c["post_attn"] = rmsnorm_forward(a, p["post_attention_norm.weight"], eps)
+        a = _norm(a, p, c, "post_attention_norm", eps)
     x = x + a
-    h, c["ffn_norm"] = rmsnorm_forward(x, p["ffn_norm.weight"], eps)
-    gate, c["gate"] = linear_forward(h, p["ffn_gate.weight"])
-    up, c["up"] = linear_forward(h, p["ffn_up.weight"])
-    m, c["glu"] = glu_forward(gate, up, cfg.act)
-    f, c["down"] = linear_forward(m, p["ffn_down.weight"])
+    h = _norm(x, p, c, "ffn_norm", eps)
+    m, c["glu"] = glu_forward(_linear(h, p, c, "ffn_gate"), _linear(h, p, c, "ffn_up"), cfg.act)
+    f = _linear(m, p, c, "ffn_down")
     if cfg.post_norms:
-        f, c["post_ffn"] = rmsnorm_forward(f, p["post_ffw_norm.weight"], eps)
+        f = _norm(f, p, c, "post_ffw_norm", eps)
     return x + f, c
 
 
 def _ffn_backward(cfg, dx, c, g):
     """The FFN half: residual grad dx [B, T, D] -> its share through ffn_norm."""
-    df = dx
-    if cfg.post_norms:
-        df, dw = rmsnorm_backward(df, c["post_ffn"])
-        _accumulate(g, "post_ffw_norm.weight", dw)
-    dm, dw, _ = linear_backward(df, c["down"])
-    _accumulate(g, "ffn_down.weight", dw)
-    dgate, dup = glu_backward(dm, c["glu"])
-    dh, dw, _ = linear_backward(dgate, c["gate"])
-    _accumulate(g, "ffn_gate.weight", dw)
-    dh2, dw, _ = linear_backward(dup, c["up"])
-    _accumulate(g, "ffn_up.weight", dw)
-    dxn, dw = rmsnorm_backward(dh + dh2, c["ffn_norm"])
-    _accumulate(g, "ffn_norm.weight", dw)
-    return dxn
+    df = _norm_backward(dx, c, g, "post_ffw_norm") if cfg.post_norms else dx
+    dgate, dup = glu_backward(_linear_backward(df, c, g, "ffn_down"), c["glu"])
+    dh = _linear_backward(dgate, c, g, "ffn_gate") + _linear_backward(dup, c, g, "ffn_up")
+    return _norm_backward(dh, c, g, "ffn_norm")
 
 
 def _attn_backward(cfg, layer, dx, c, g, batch):
     """The attention half: residual grad dx [B, T, D] -> its share through attn_norm."""
     B, T, D = dx.shape
-    da = dx
-    if cfg.post_norms:
-        da, dw = rmsnorm_backward(da, c["post_attn"])
-        _accumulate(g, "post_attention_norm.weight", dw)
-    do, dw, _ = linear_backward(da, c["o"])
-    _accumulate(g, "attn_output.weight", dw)
+    da = _norm_backward(dx, c, g, "post_attention_norm") if cfg.post_norms else dx
+    do = _linear_backward(da, c, g, "attn_output")
     dq, dk, dv = attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), c["attn"])
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
     dq, dk = rope_backward(dq, cos, sin, cfg.rope_style), rope_backward(dk, cos, sin, cfg.rope_style)
     if cfg.qk_norm:
-        dq, dw = rmsnorm_backward(dq, c["q_norm"])
-        _accumulate(g, "attn_q_norm.weight", dw)
-        dk, dw = rmsnorm_backward(dk, c["k_norm"])
-        _accumulate(g, "attn_k_norm.weight", dw)
+        dq, dk = _norm_backward(dq, c, g, "attn_q_norm"), _norm_backward(dk, c, g, "attn_k_norm")
     dh = 0
     for n, d in (("q", dq), ("k", dk), ("v", dv)):
-        dhn, dw, db = linear_backward(d.reshape(B, T, -1), c[n])
-        _accumulate(g, f"attn_{n}.weight", dw)
-        _accumulate(g, f"attn_{n}.bias", db)
-        dh = dh + dhn
-    dxn, dw = rmsnorm_backward(dh, c["attn_norm"])
-    _accumulate(g, "attn_norm.weight", dw)
-    return dxn
+        dh = dh + _linear_backward(d.reshape(B, T, -1), c, g, f"attn_{n}")
+    return _norm_backward(dh, c, g, "attn_norm")
 
 
 def block_backward(cfg: ModelConfig, layer: int, dx, cache, g: dict, batch: _Batch):
@@ -171,7 +148,7 @@ class Student:
         self.xp = xp or backend.xp()
         self.checkpoint = checkpoint
         self.chunk_tokens = chunk_tokens
-        self.param_buffer = FlatBuffer(param_shapes(config), self.xp, dtype)
+        self.param_buffer = FlatBuffer(config.tensor_shapes(), self.xp, dtype)
         self.grad_buffer = self.param_buffer.zeros_like()
         self.params = self.param_buffer.views      # name -> view of the flat params
         self.grads = self.grad_buffer.views        # name -> view of the flat grads
@@ -228,7 +205,7 @@ class Student:
         return src["token_embd.weight" if self.config.tied_output else "output.weight"]
 
     def _chunk(self, n_tokens: int) -> int:
-        return self.chunk_tokens or max(1, min(n_tokens, LOGITS_BUDGET // self.config.vocab_size))
+        return chunk_size(self.config.vocab_size, n_tokens, self.chunk_tokens)
 
     # -- forward -------------------------------------------------------------------------------
     def _trunk(self, ids, attention_mask, keep):

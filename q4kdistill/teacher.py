@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 
+import kernels
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
@@ -195,8 +196,6 @@ def decode_weight(w: Weight, backend_name: str) -> Weight:
     qtype, dtype = {"dequant-f32": (QT.F32, "float32"), "dequant-f16": (QT.F16, "float16"),
                     "dequant-bf16": (QT.BF16, "bfloat16")}[backend_name]
     if w.quantized:
-        import kernels
-
         return Weight(kernels.dequantize_to(w.data, w.qtype, w.shape[0], dtype), qtype, w.shape)
     f32 = teacher_forward.dense_f32(w)
     data = teacher_forward.f32_to_bf16(f32) if qtype == QT.BF16 else f32.astype(dtype)
@@ -207,8 +206,6 @@ def weight_to_f32(w: Weight):
     """Any Weight -> a new float32 array of its logical shape (quantized: decoded on its device)."""
     if not w.quantized:
         return teacher_forward.dense_f32(w).copy()
-    import kernels
-
     return kernels.dequantize_to(w.data, w.qtype, w.shape[0], "float32")
 
 

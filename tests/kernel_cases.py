@@ -42,3 +42,11 @@ def rel_err(out, ref) -> float:
 
 def bf16_to_f32(bits):
     return (np.asarray(bits, np.uint32) << 16).view(np.float32)
+
+
+def real_block_matrix(raw, qtype, N, K, rng):
+    """uint8 [N, row_bytes] of blocks drawn at random from a real tensor: real data, any shape."""
+    f = FORMATS[qtype]
+    pool = raw.reshape(-1, f.block_bytes)                         # [n_blocks, block_bytes]
+    pick = rng.integers(0, pool.shape[0], N * (K // f.block_weights))
+    return np.ascontiguousarray(pool[pick].reshape(N, -1))

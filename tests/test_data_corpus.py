@@ -105,7 +105,8 @@ def test_shard_ids_outside_the_vocabulary_are_refused(tmp_path):
 
 def random_stream(rng, n_docs):
     """Documents of random lengths, each BOS + ids >= 3."""
-    return np.concatenate([[BOS, *rng.integers(3, 256, int(rng.integers(0, 40)))] for _ in range(n_docs)]).astype(np.uint32)
+    docs = [[BOS, *rng.integers(3, 256, int(rng.integers(0, 40)))] for _ in range(n_docs)]
+    return np.concatenate(docs).astype(np.uint32)
 
 
 def test_packing_starts_every_sequence_with_bos_and_keeps_every_token(rng):

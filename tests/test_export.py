@@ -136,19 +136,45 @@ def test_tokenizer_of_a_file_without_one_is_refused(tmp_path):
         export.tokenizer_fields(path, V)
 
 
-@pytest.mark.slow
-def test_student_of_the_real_gemma_teacher_runs_in_llama_cpp(gemma_path, tmp_path):
-    """Blocks 0 and 5 of gemma-3-270m (a sliding and a global layer), 262k vocabulary, F16 and Q4_K."""
-    from q4kdistill.teacher import Teacher
+TEXT = ("The quick brown fox jumps over the lazy dog. def main(args):\n    return sum(x * 2 for x in args)\n"
+        "In 1969, 3 astronauts flew to the Moon; \u6771\u4eac\u306f\u65e5\u672c\u306e\u9996\u90fd\u3067\u3059\u3002 Emojis \U0001f389 too!")
 
-    student = Student.from_teacher(Teacher.load(gemma_path, log=None), [0, 5])
-    tokenizer = export.tokenizer_fields(gemma_path, student.config.vocab_size)
-    ids = [2, 818, 5279, 529, 7001, 563, 496, 1401, 236764, 532, 1091, 8426, 236761, 107, 2094, 563]
-    for kind, mean_min, worst_min in (("f16", 0.9999, 0.9999), ("q4_k", 0.998, 0.99)):
+
+@pytest.mark.slow
+def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_path):
+    """Blocks 0, 5, 11, 17 of gemma-3-270m (sliding and global layers, 262k vocabulary).
+
+    F32: per position >= 0.9999. F16: llama.cpp also rounds the *activations* to f16 in its
+    f16 products, so the bar is 0.9995 per position (measured 0.99988). Q4_K: llama.cpp rounds
+    activations to 8 bits inside quantized products, so we hold the export to what llama.cpp
+    achieves on the original Q4_K_M file: the whole teacher re-exported through our quantizer
+    must agree with our forward as well as the original file does (measured: mean 0.99886 /
+    worst 0.98919 vs 0.99884 / 0.98857 for the original).
+    """
+    from q4kdistill.teacher import Teacher
+    from q4kdistill.tokenizer import Tokenizer
+
+    teacher = Teacher.load(gemma_path, log=None)
+    tokenizer = export.tokenizer_fields(gemma_path, teacher.vocab_size)
+    ids = Tokenizer.from_gguf(gemma_path).encode(TEXT)
+    student = Student.from_teacher(teacher, [0, 5, 11, 17])
+    for kind, worst_min in (("f32", 0.9999), ("f16", 0.9995)):
         path = tmp_path / f"gemma-student-{kind}.gguf"
-        types = export.write_student(path, student.config, student.params, kind, tokenizer)
+        export.write_student(path, student.config, student.params, kind, tokenizer)
         ref, llm = llama_cpp_logits(path, ids)
         cos = cosines(ref, our_logits(path, ids))
-        assert cos.mean() >= mean_min and cos.min() >= worst_min, (kind, cos.mean(), cos.min(), types)
-    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q4_K"   # 640 % 256
+        assert cos.min() >= worst_min and cos.mean() >= 0.9999, (kind, cos.mean(), cos.min())
+        path.unlink()
     assert llm.create_completion("The capital of France is", max_tokens=3)["usage"]["completion_tokens"] >= 1
+
+    original_ref, _ = llama_cpp_logits(gemma_path, ids)
+    original = cosines(original_ref, teacher.logits_for_batch(np.array([ids]))[0].astype(np.float64))
+    whole = Student.from_teacher(teacher, range(teacher.config.n_layers))
+    path = tmp_path / "gemma-q4_k.gguf"
+    types = export.write_student(path, whole.config, whole.params, "q4_k", tokenizer)
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q4_K"   # 640 % 256
+    assert types["token_embd.weight"] == "Q6_K"
+    ref, _ = llama_cpp_logits(path, ids)
+    cos = cosines(ref, our_logits(path, ids))
+    assert cos.mean() >= 0.998 and cos.mean() >= original.mean() - 5e-4, (cos.mean(), original.mean())
+    assert cos.min() >= original.min() - 5e-3, (cos.min(), original.min())

@@ -5,7 +5,7 @@ import pytest
 from q4kdistill.errors import Q4KError
 from q4kdistill.losses import LossConfig
 from q4kdistill.optim import AdamW, OptimConfig
-from q4kdistill.student import Student, param_shapes
+from q4kdistill.student import Student
 from test_student_grad import batch, randomize, tiny_config
 
 
@@ -26,7 +26,7 @@ class FakeTeacher:
 def test_names_shapes_and_init():
     cfg = tiny_config("gemma3", tied_output=False)
     s = Student.from_config(cfg, seed=3, xp=np)
-    assert list(s.params) == list(param_shapes(cfg))
+    assert list(s.params) == list(cfg.tensor_shapes())
     assert s.params["blk.1.attn_q.weight"].shape == (cfg.q_dim, cfg.d_model)
     assert s.params["blk.0.attn_k_norm.weight"].shape == (cfg.head_dim,)
     assert s.params["output.weight"].shape == (cfg.vocab_size, cfg.d_model)

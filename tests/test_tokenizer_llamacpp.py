@@ -25,7 +25,8 @@ TEXTS = [
     "Ünïcödé àccénts: naïve façade Straße; cafe\u0301 (combining)", "3.14159 1,000,000 42nd 0x1F 2024-01-01 12345678",
     "emoji 😀👍🏽 👩‍👩‍👧 🇫🇷 ❤️ 🚀🚀🚀", "中文字符和标点。，！日本語のテキスト 한국어", "Привет, мир! مرحبا بالعالم ½ Ⅻ ﬁ",
     "<table><tr><td>x</td></tr></table> <b>bold</b>", "<start_of_turn>user\nhi<end_of_turn>", "<bos><eos></s><unk>",
-    "<think>hmm</think> <|endoftext|> <|fim_prefix|>x<|fim_suffix|>", "I'm you're they'll we've He'd SHE'S",
+    "<think>hmm</think> <|endoftext|> <|fim_prefix|>x<|fim_suffix|>",
+    "I'm you're they'll we've He'd SHE'S",
     "\u2581\u2581 literal sentencepiece spaces", "nbsp\u00a0ideographic\u3000em\u2003space", "\x00\x01\x7f ctrl", "x" * 300,
 ]
 

@@ -86,7 +86,6 @@ def tiny_manifest() -> dict:
 
     from .. import manifest
     from ..config import ModelConfig
-    from ..student import param_shapes
 
     cfg = ModelConfig("qwen2", n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=512,
                       vocab_size=1024, qkv_bias=True, tied_output=False)
@@ -96,7 +95,7 @@ def tiny_manifest() -> dict:
             "tokenizer.ggml.tokens": {"array_len": cfg.vocab_size}}
     qtype = {2: QT.Q4_K, 1: QT.F32}
     tensors = [manifest.tensor_info("<tiny>", name, QT.Q6_K if name == "output.weight" else qtype[len(shape)],
-                                    shape[::-1]) for name, shape in param_shapes(cfg).items()]
+                                    shape[::-1]) for name, shape in cfg.tensor_shapes().items()]
     return manifest.to_dict(meta, tensors, "tiny synthetic qwen2 teacher (reproduce-memory --tiny)")
 
 
