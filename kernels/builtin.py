@@ -4,6 +4,7 @@ from __future__ import annotations
 from .cpu import matmul_slabs
 from .gemm import gemm
 from .gemv import gemv
+from .gemv_chunk import gemv_chunk
 from .registry import ALL_QTYPES, Variant, register
 from .scratch import dequant_matmul
 
@@ -15,6 +16,13 @@ def _gemv(rows, warps, m_max=16):
         description=f"fused GEMV, {warps} warps split K for {rows} weight row(s); decode in registers, shuffle reduce")
 
 
+def _chunk(rows, warps, m_max=16):
+    return Variant(
+        name=f"gemv_chunk_r{rows}w{warps}", qtypes=("Q4_K", "Q6_K"), fn=gemv_chunk, m_max=m_max,
+        params={"rows": rows, "warps": warps},
+        description=f"fused GEMV for K-quants: a thread decodes 64-weight chunks of {rows} row(s) (header once), 16-byte loads")
+
+
 def _gemm(bm, bn, tm, tn):
     return Variant(
         name=f"gemm_tile_{bm}x{bn}", qtypes=ALL_QTYPES, fn=gemm,
@@ -24,6 +32,7 @@ def _gemm(bm, bn, tm, tn):
 
 BUILTIN = [
     _gemv(1, 4), _gemv(2, 4), _gemv(4, 4, m_max=8), _gemv(2, 8),
+    _chunk(1, 4), _chunk(2, 4), _chunk(4, 4, m_max=8),
     _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
             params={"dtype": "float16"}, rel_err=2e-3,

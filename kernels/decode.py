@@ -25,16 +25,18 @@ from ._device import F, I, U, byte_at, f16_at, u32_at, unit_float
 
 
 @cuda.jit(device=True, inline=True)
+def fma4(v, width, A, C):
+    """Four weights A * (1 + f/2**width) + C from a word of four `width`-bit fields f, one per byte."""
+    return (cuda.fma(A, unit_float(v & U(0xFF), width), C),
+            cuda.fma(A, unit_float((v >> U(8)) & U(0xFF), width), C),
+            cuda.fma(A, unit_float((v >> U(16)) & U(0xFF), width), C),
+            cuda.fma(A, unit_float(v >> U(24), width), C))
+
+
+@cuda.jit(device=True, inline=True)
 def _fma8(lo, hi, width, A, C):
     """Eight weights from two words of four `width`-bit fields (one field per byte)."""
-    return (cuda.fma(A, unit_float(lo & U(0xFF), width), C),
-            cuda.fma(A, unit_float((lo >> U(8)) & U(0xFF), width), C),
-            cuda.fma(A, unit_float((lo >> U(16)) & U(0xFF), width), C),
-            cuda.fma(A, unit_float(lo >> U(24), width), C),
-            cuda.fma(A, unit_float(hi & U(0xFF), width), C),
-            cuda.fma(A, unit_float((hi >> U(8)) & U(0xFF), width), C),
-            cuda.fma(A, unit_float((hi >> U(16)) & U(0xFF), width), C),
-            cuda.fma(A, unit_float(hi >> U(24), width), C))
+    return fma4(lo, width, A, C) + fma4(hi, width, A, C)
 
 
 # --- Q4_K: 256 weights in 144 bytes ------------------------------------------------------------

@@ -48,12 +48,12 @@ def columns(w_raw, qtype, n_out: int) -> int:
     return w_raw.shape[1] // f.block_bytes * f.block_weights
 
 
-def _address(a) -> int:
+def address(a) -> int:
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
-def device_views(w_raw):
-    """(w32, w16, row_bytes): flat uint32 and float16 views of the rows, rows 4-byte aligned.
+def device_views(w_raw, align=4):
+    """(w32, w16, row_bytes): flat uint32 and float16 views of the rows, rows `align`-byte aligned.
 
     Rows whose length is not a multiple of 4 bytes (an odd number of Q6_K/Q8_0/Q5_0 blocks), or
     an unaligned / non-contiguous array, are copied once into a padded buffer (a cost the caller
@@ -61,8 +61,8 @@ def device_views(w_raw):
     """
     n, nbytes = w_raw.shape
     stride = nbytes
-    if nbytes % 4 or _address(w_raw) % 4 or not w_raw.flags.c_contiguous:
-        stride = (nbytes + 3) // 4 * 4
+    if nbytes % align or address(w_raw) % align or not w_raw.flags.c_contiguous:
+        stride = (nbytes + align - 1) // align * align
         xp = array_module(w_raw)
         padded = xp.zeros((n, stride), dtype=np.uint8)
         padded[:, :nbytes] = w_raw

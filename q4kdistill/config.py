@@ -161,7 +161,10 @@ class ModelConfig:
 
     # -- the tensors a model of this config has ------------------------------------------------
     def tensor_shapes(self) -> dict:
-        """GGUF tensor name -> logical shape (rows = output features), in llama.cpp's file order."""
+        """GGUF tensor name -> logical shape (rows = output features), in llama.cpp's file order.
+
+        The one table of a model's tensors: synthetic files, the student's parameters (whose
+        flat buffer puts the matrices first, see params.py) and the planner's counts use it."""
         D, Q, KV, F, Dh = self.d_model, self.q_dim, self.kv_dim, self.d_ff, self.head_dim
         shapes = {"token_embd.weight": (self.vocab_size, D)}
         for i in range(self.n_layers):

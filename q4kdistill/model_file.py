@@ -95,6 +95,10 @@ class ModelFile:
     def total_tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def n_elements(self) -> int:
+        return sum(t.n_elements for t in self.tensors.values())
+
     def dtype_histogram(self) -> dict:
         """{type name: {"count": tensors, "bytes": their bytes}}, most bytes first."""
         hist = {}
@@ -103,11 +107,6 @@ class ModelFile:
             entry["count"] += 1
             entry["bytes"] += t.nbytes
         return dict(sorted(hist.items(), key=lambda kv: -kv[1]["bytes"]))
-
-    def predicted_gpu_bytes(self) -> dict:
-        """Resident teacher weights: kept as stored (native), or every tensor decoded to F32 / BF16."""
-        n = sum(t.n_elements for t in self.tensors.values())
-        return {"native": self.total_tensor_bytes, "f32": 4 * n, "bf16": 2 * n}
 
     def to_manifest(self) -> dict:
         return manifest.to_dict(self.metadata, self.tensors.values(), self.source, self.version)

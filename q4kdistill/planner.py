@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig
 from .errors import Q4KError
+
+if TYPE_CHECKING:
+    from .model_file import ModelFile
 
 F32 = 4
 BACKENDS = ("native", "dequant-f32", "dequant-bf16")
@@ -28,27 +32,12 @@ BACKENDS = ("native", "dequant-f32", "dequant-bf16")
 
 # -- the teacher file --------------------------------------------------------------------------
 
-@dataclass
-class TeacherInfo:
-    source: str
-    config: ModelConfig
-    tensors: dict               # name -> manifest.TensorInfo, in file order (the order Teacher.load uploads)
-
-    @property
-    def total_tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    @property
-    def n_elements(self) -> int:
-        return sum(t.n_elements for t in self.tensors.values())
-
-
-def open_teacher(source) -> TeacherInfo:
-    """Header only: a GGUF (a truncated one too), an APR file, a manifest JSON or dict."""
+def open_teacher(source) -> ModelFile:
+    """Header only: a GGUF (a truncated one too), an APR file, a manifest JSON or dict; a
+    ModelFile is taken as it is."""
     from .model_file import ModelFile
 
-    mf = source if isinstance(source, ModelFile) else ModelFile.open(source, header_only=True)
-    return TeacherInfo(mf.path, mf.config, dict(mf.tensors))
+    return source if isinstance(source, ModelFile) else ModelFile.open(source, header_only=True)
 
 
 # -- the teacher's weights: resident and while loading (teacher.py: upload, decode_weight) --------
@@ -62,6 +51,7 @@ def kept_bytes(t, backend: str) -> int:
 
 
 def teacher_resident(tensors) -> dict:
+    """{backend: bytes Teacher.load keeps} for each of BACKENDS (inspect reports these too)."""
     tensors = list(tensors)
     return {b: sum(kept_bytes(t, b) for t in tensors) for b in BACKENDS}
 
@@ -94,7 +84,7 @@ def _sizes(cfg: ModelConfig, B: int, T: int) -> dict:
                 rope=8 * T * cfg.head_dim * len({cfg.layer_rope_base(i) for i in range(cfg.n_layers)}))
 
 
-def _head(info: TeacherInfo):
+def _head(info: ModelFile):
     return info.tensors["token_embd.weight" if info.config.tied_output else "output.weight"]
 
 
@@ -112,7 +102,7 @@ def _decodes_to_scratch(variant) -> bool:
     return variant.fn is dequant_matmul
 
 
-def decode_scratch(info: TeacherInfo, m_trunk: int, m_head: int) -> int:
+def decode_scratch(info: ModelFile, m_trunk: int, m_head: int) -> int:
     """kernels.scratch: the decode-then-cuBLAS variants keep one reusable buffer per dtype, grown
     to the largest matrix they decoded and held until kernels.release_scratch() (from the first
     forward on, this is the LM head when it takes that path)."""
@@ -148,7 +138,7 @@ def linear_bytes(t, backend: str, M: int, out_bytes: int) -> int:
     return out_bytes + x16 + pad
 
 
-def teacher_stages(info: TeacherInfo, B: int, T: int, head_chunk: int | None, backend: str) -> dict:
+def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int | None, backend: str) -> dict:
     """Stages of hidden_states() -- one block's attention (at the softmax's exp), FFN (at the
     GLU's tanh) and ffn_down's product -- and, when ``head_chunk`` is given, of iter_logits (the
     final hidden [N, D], the chunk the caller's loop variable still holds, the head's product).
@@ -352,7 +342,7 @@ class Plan:
 def make_plan(teacher, batch: int, seq: int, student: str | dict | None = None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
               checkpoint: bool = True, teacher_backend: str = "native") -> Plan:
-    """The plan for a teacher (path, manifest dict, ModelFile or TeacherInfo) and a student spec
+    """The plan for a teacher (path, manifest dict or ModelFile) and a student spec
     (see parse_student_spec; default 'layers=4'). chunk_tokens None: the student's own choice."""
     from .student import chunk_size
     from .teacher import DEFAULT_CHUNK_TOKENS
@@ -361,11 +351,11 @@ def make_plan(teacher, batch: int, seq: int, student: str | dict | None = None, 
         raise Q4KError(f"batch, seq and chunk tokens must be >= 1 (got {batch}, {seq}, {chunk_tokens})")
     if teacher_backend not in BACKENDS:
         raise Q4KError(f"teacher backend {teacher_backend!r}: expected one of {', '.join(BACKENDS)}")
-    info = teacher if isinstance(teacher, TeacherInfo) else open_teacher(teacher)
+    info = open_teacher(teacher)
     spec = parse_student_spec(student or "layers=4") if not isinstance(student, dict) else dict(student)
     scfg = student_config(info.config, spec)
     n_params = count_params(scfg)
-    plan = Plan(teacher={"source": info.source, "architecture": info.config.architecture,
+    plan = Plan(teacher={"source": info.path, "architecture": info.config.architecture,
                          "tensor_count": len(info.tensors), "total_tensor_bytes": info.total_tensor_bytes,
                          "n_elements": info.n_elements},
                 student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec},
@@ -381,7 +371,7 @@ def _stage_text(name, bufs) -> str:
     return f"stage '{name}': " + ", ".join(k for k, v in bufs.items() if v)
 
 
-def _add_teacher_rows(plan: Plan, info: TeacherInfo) -> None:
+def _add_teacher_rows(plan: Plan, info: ModelFile) -> None:
     B, T = plan.batch, plan.seq
     resident = teacher_resident(info.tensors.values())
     counts = {"native": "every matrix as stored (quantized blocks) + vectors as float32",
@@ -403,7 +393,7 @@ def _add_teacher_rows(plan: Plan, info: TeacherInfo) -> None:
                  measured=True)
 
 
-def _add_step_rows(plan: Plan, info: TeacherInfo, cfg: ModelConfig, n_params: int) -> None:
+def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int) -> None:
     """Teacher trunk (logits_fn), then loss_and_grads, then AdamW.step (as distill.py runs them)."""
     B, T, b = plan.batch, plan.seq, plan.teacher_backend
     s, N, V = _sizes(cfg, B, T), B * T, cfg.vocab_size

@@ -96,6 +96,12 @@ def _nearest_int(x) -> np.ndarray:
     return np.rint(x)
 
 
+def _reciprocal(d) -> np.ndarray:
+    """The C's ``id = d ? 1.0f/d : 0.0f``, elementwise in float32."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, _F32(0), _F32(1) / d)
+
+
 def _seq_sum(a) -> np.ndarray:
     """Sum [k, m] -> [m] over the first axis, one row after the other like the C loops.
 
@@ -214,8 +220,7 @@ class Q8_0(Codec, qtype=GGMLQuantizationType.Q8_0):
     @classmethod
     def encode_blocks(cls, x):
         d = np.abs(x).max(axis=-1, keepdims=True) / _F32(127)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, _F32(0), _F32(1) / d)
+        inv = _reciprocal(d)
         v = (x * inv).astype(np.float64)                    # exact; roundf = half away from 0
         qs = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)
         return np.concatenate([_fp16_bits(d), qs.view(np.uint8)], axis=-1)
@@ -240,8 +245,7 @@ class Q4_0(Codec, qtype=GGMLQuantizationType.Q4_0):
         half = 1 << (cls.bits - 1)
         imax = np.abs(x).argmax(axis=-1)[:, None]
         d = np.take_along_axis(x, imax, axis=-1) / _F32(-half)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, _F32(0), _F32(1) / d)
+        inv = _reciprocal(d)
         q = np.minimum(np.trunc(x * inv + _F32(half + 0.5)), 2 * half - 1).astype(np.uint8)
         return np.concatenate([_fp16_bits(d), cls._pack(q)], axis=-1)
 

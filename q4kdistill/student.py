@@ -16,7 +16,8 @@ Layouts (from ModelConfig), per block, with GGUF tensor names (blk.N. omitted):
 around them: x0 = token_embd[ids] * embed_scale, logits = rmsnorm(x, output_norm) @ W.T with
 W = output.weight, or token_embd.weight when tied.
 
-Parameters, grads: float32 (float64 in gradient checks) views of one flat buffer each (params.py).
+Parameters, grads: float32 (float64 in gradient checks) views of one flat buffer each (params.py),
+named and shaped by ModelConfig.tensor_shapes.
 Memory: ``checkpoint=True`` keeps only each block's input and recomputes the block in the
 backward; the LM head, the loss and their backward run over ``chunk_tokens`` tokens at a time,
 so [chunk, V] is the largest logits buffer.

@@ -203,13 +203,20 @@ def write_gguf(path, config: ModelConfig, qtypes=None, seed: int = 0, tokenizer=
     meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
 
     rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(os.fspath(path), config.architecture)
+    tensors = ((name, quants.quantize(_random_weight(name, shape, rng), types[name]), types[name])   # uint8 [..., row_bytes]
+               for name, shape in shapes.items())
+    return write_file(path, meta, tensors)
+
+
+def write_file(path, meta: dict, tensors) -> str:
+    """Write a GGUF of ``meta`` (key -> python value, typed by _value_type; general.architecture
+    is required) and ``tensors``: (name, array) or (name, raw blocks, qtype), in file order."""
+    writer = gguf.GGUFWriter(os.fspath(path), meta["general.architecture"])
     for key, value in meta.items():
         if key != "general.architecture":           # GGUFWriter writes that one itself
             writer.add_key_value(key, value, *_value_type(value))
-    for name, shape in shapes.items():
-        data = quants.quantize(_random_weight(name, shape, rng), types[name])   # uint8 [..., row_bytes]
-        writer.add_tensor(name, data, raw_dtype=types[name])
+    for name, data, *qtype in tensors:
+        writer.add_tensor(name, data, raw_dtype=qtype[0] if qtype else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,6 +1,6 @@
 """The frozen teacher: a GGUF/APR/manifest model whose weights stay as the file stores them.
 
-    teacher = Teacher.load("gemma-3-270m-q4_k_m.gguf")     # "uploaded 253 MB, kept quantized"
+    teacher = Teacher.load("gemma-3-270m-q4_k_m.gguf")     # "uploaded 247 MB, kept quantized"
     logits = teacher.logits_for_batch(ids, mask)            # [B, T, V] float32, every position
     for start, stop, chunk in teacher.iter_logits(ids, mask, chunk_tokens=1024):
         ...                                                 # [stop-start, V] over the B*T tokens
@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import teacher_forward
-from .backend import array_module, device as process_device, on_gpu, synchronize
+from .backend import device as process_device, on_gpu, synchronize
 from .errors import Q4KError
 from .teacher_forward import Weight
 

@@ -143,11 +143,12 @@ def run(source, batch, seq, repeats, peak_seq) -> dict:
 def table(r) -> str:
     ok = lambda good: "ok" if good else "MISSED"          # noqa: E731
     gb = lambda n: f"{n / 1e9:.3f} GB"                     # noqa: E731
+    prefill = f"prefill {r['batch']}x{r['seq']}"
     rows = [
         ("device", r["device"], ""),
         ("teacher", f"{r['architecture']} from {os.path.basename(r['source'])}", ""),
-        (f"prefill {r['batch']}x{r['seq']} native", f"{r['native_s'] * 1e3:.1f} ms, {r['tokens_per_s_native']:,.0f} tok/s", ""),
-        (f"prefill {r['batch']}x{r['seq']} dense fp16", f"{r['dense_f16_s'] * 1e3:.1f} ms, {r['tokens_per_s_dense_f16']:,.0f} tok/s", ""),
+        (f"{prefill} native", f"{r['native_s'] * 1e3:.1f} ms, {r['tokens_per_s_native']:,.0f} tok/s", ""),
+        (f"{prefill} dense fp16", f"{r['dense_f16_s'] * 1e3:.1f} ms, {r['tokens_per_s_dense_f16']:,.0f} tok/s", ""),
         ("native / dense fp16", f"{r['ratio']:.3f}x", f"<= {RATIO_TARGET}: {ok(r['ratio'] <= RATIO_TARGET)}"),
         ("time in matmuls (native)", f"{100 * r['matmul_share_native']:.1f} %", "rest: norms, rope, attention, glu"),
         ("time in matmuls (dense fp16)", f"{100 * r['matmul_share_dense_f16']:.1f} %", ""),

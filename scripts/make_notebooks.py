@@ -300,6 +300,7 @@ KERNEL_VARIANTS = [
         from numba import cuda
 
         import kernels
+        from kernels import bench
         from kernels.decode import FORMATS
         from kernels.weights import device_views
         from q4kdistill import quants
@@ -447,8 +448,8 @@ KERNEL_VARIANTS = [
 
         if SIZE == "gpu":
             SHAPES, MS = [(3584, 3584), (3584, 18944), (18944, 3584)], [1, 8, 16, 512]
-            rows = kernels.bench.run(shapes=SHAPES, ms=MS, qtypes=["Q4_K"])
-            kernels.bench.print_table(rows)
+            rows = bench.run(shapes=SHAPES, ms=MS, qtypes=["Q4_K"])
+            bench.print_table(rows)
         else:
             SHAPES, MS = [(256, 16)], [1, 4]
             rows = simulator_rows(SHAPES[0], MS, [n for n in kernels.variants("Q4_K") if kernels.get(n).device != "gpu"])
@@ -505,7 +506,7 @@ KERNEL_VARIANTS = [
         names = sorted({r["variant"] for r in rows})
         colors = dict(zip(names, plt.cm.tab10(np.linspace(0, 1, max(len(names), 2)))))
         for r in rows:
-            intensity = 2 * r["M"] * r["N"] * r["K"] / (r["GBps"] * 1e9 * r["time_us"] * 1e-6)
+            intensity = r["TFLOPs"] * 1e3 / r["GBps"]          # FLOP per weight byte = 2*M*256/144 for Q4_K
             ax.scatter(intensity, r["TFLOPs"], color=colors[r["variant"]], s=25,
                        marker="*" if r["variant"] == "nb_row_per_thread" else "o")
         for name in names:
@@ -693,7 +694,7 @@ DISTILL = [
             RUN = dict(student_layers=[0, 4, 8, 12, 17], steps=60, batch=4, seq=128, lr=2e-4, warmup=6,
                        eval_batches=4, chunk_tokens=256)
         else:
-            RUN = dict(student_layers=[0, 17], steps=4, batch=2, seq=32, lr=1e-4, warmup=1,
+            RUN = dict(student_layers=[0, 17], steps=3, batch=2, seq=32, lr=1e-4, warmup=1,
                        eval_batches=1, chunk_tokens=64)
         RUN.update(eval_every=RUN["steps"], save_every=RUN["steps"], seed=0)
         print(RUN)

@@ -4,7 +4,6 @@ import struct
 import subprocess
 import sys
 
-import gguf
 import numpy as np
 import pytest
 
@@ -29,7 +28,8 @@ def test_inspect_truncated_7b_json(deepseek_chunk_path, manifest_7b_path):
     assert out["bytes_by_type"] == {"Q4_K": 3_427_909_632, "Q6_K": 1_247_877_120, "F32": 1_333_248}
     assert out["total_tensor_bytes"] == 4_677_120_000
     n = 7_615_616_512                                    # elements of all 339 tensors
-    assert out["predicted_gpu_bytes"] == {"native": 4_677_120_000, "f32": 4 * n, "bf16": 2 * n}
+    vec = 333_312                                        # of its 141 F32 norms and biases (kept as F32)
+    assert out["predicted_gpu_bytes"] == {"native": 4_677_120_000, "f32": 4 * n, "bf16": 2 * n + 2 * vec}
     assert out["config"]["n_layers"] == 28 and "truncated: tensor" in out["truncated"]
     from_manifest = json.loads(cli("inspect", manifest_7b_path, "--json").stdout)
     assert {k: v for k, v in from_manifest.items() if k not in ("file", "kind", "truncated")} == \
@@ -62,15 +62,7 @@ def test_convert_to_apr_and_manifest(tiny, deepseek_chunk_path, manifest_7b_path
 # -- bad input ---------------------------------------------------------------------------
 
 def _gguf(path, arch, kv, tensors=(("w", np.ones(32, np.float32)),)):
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, value in kv.items():
-        w.add_key_value(key, value, *synthetic._value_type(value))
-    for name, data in tensors:
-        w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    synthetic.write_file(path, {"general.architecture": arch, **kv}, tensors)
     return path
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from q4kdistill import apr, gguf_file, quants, synthetic
+from q4kdistill import apr, gguf_file, planner, quants, synthetic
 from q4kdistill.errors import FileFormatError, Q4KError
 from q4kdistill.model_file import ModelFile
 
@@ -74,21 +74,26 @@ def mutate(data: bytes, muts, cut) -> bytes:
 def exercise(path):
     """Everything a user of the file can do to it."""
     mf = ModelFile.open(path)
-    mf.dtype_histogram(), mf.predicted_gpu_bytes(), mf.to_manifest()
+    mf.dtype_histogram(), planner.teacher_resident(mf.tensors.values()), mf.to_manifest()
     for name in mf.tensors:
         mf.tensor_data(name)
     mf.config
 
 
-def run_bounded(fn):
-    tracemalloc.start()
-    try:
-        fn()
-    except Q4KError:
-        pass
-    finally:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+def exercise_bytes(raw: bytes, name: str):
+    """``raw`` written to a file ``name``, then exercised: Q4KError or nothing, and a bounded peak."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(raw)
+        tracemalloc.start()
+        try:
+            exercise(path)
+        except Q4KError:
+            pass
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
     assert peak < PEAK_BYTES, f"{peak} bytes allocated"
 
 
@@ -106,11 +111,7 @@ def test_gguf_header_fuzz(data):
         except FileFormatError:
             continue
         assert all(t.offset >= h.data_offset and t.nbytes > 0 for t in h.tensors.values())
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "fuzz.gguf")
-        with open(path, "wb") as f:
-            f.write(bad)
-        run_bounded(lambda: exercise(path))
+    exercise_bytes(bad, "fuzz.gguf")
 
 
 @FUZZ
@@ -130,8 +131,4 @@ def test_apr_header_fuzz(data, fix_crc):
         apr.parse_header(bad, "fuzz.apr")
     except FileFormatError:
         pass
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "fuzz.apr")
-        with open(path, "wb") as f:
-            f.write(bad)
-        run_bounded(lambda: exercise(path))
+    exercise_bytes(bad, "fuzz.apr")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from q4kdistill import gguf_file, manifest, synthetic
+from q4kdistill.commands import inspect
 from q4kdistill.errors import FileFormatError
 from q4kdistill.model_file import ModelFile
 
@@ -109,8 +110,11 @@ def test_histogram_and_predicted_bytes(tiny_files):
         infos = [t for t in mf.tensors.values() if t.type_name == name]
         assert h == {"count": len(infos), "bytes": sum(t.nbytes for t in infos)}
     assert sum(h["count"] for h in hist.values()) == len(mf.tensors)
-    n = sum(int(np.prod(s)) for s in mf.config.tensor_shapes().values())
-    assert mf.predicted_gpu_bytes() == {"native": mf.total_tensor_bytes, "f32": 4 * n, "bf16": 2 * n}
+    shapes = mf.config.tensor_shapes().values()
+    n = sum(int(np.prod(s)) for s in shapes)
+    vec = sum(int(np.prod(s)) for s in shapes if len(s) == 1)   # norms and biases: F32 here, kept as F32
+    assert inspect.summary(mf)["predicted_gpu_bytes"] == \
+           {"native": mf.total_tensor_bytes, "f32": 4 * n, "bf16": 2 * n + 2 * vec}
     assert list(hist.values())[0]["bytes"] == max(h["bytes"] for h in hist.values())
 
 

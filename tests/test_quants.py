@@ -9,6 +9,8 @@ import q4kdistill
 from q4kdistill import quants
 from q4kdistill.errors import Q4KError
 
+from _helpers_quants import gguf_tensors
+
 T = gguf.GGMLQuantizationType
 ALL = ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0", "F16", "BF16", "F32"]
 BLOCKY = ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0"]
@@ -22,16 +24,6 @@ REL_RMSE_BOUND = {"Q4_K": 0.075, "Q6_K": 0.019, "Q8_0": 0.0058, "Q5_0": 0.045, "
 
 def bits(a):
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-
-
-def gguf_tensors(path):
-    """{name: (info, data)} with data as gguf's GGUFReader gives it (uint8 [rows, row_bytes] or
-    typed floats), memory-mapped. Our header reader: GGUFReader spends 8-20 s on gemma's
-    262,144-token vocabulary before it lists a tensor."""
-    from q4kdistill.gguf_file import read_header
-
-    return {name: (info, np.memmap(path, info.dtype, "r", info.offset, info.data_shape))
-            for name, info in read_header(path, summarize=True).tensors.items()}
 
 
 # -- decoding: bit-exact against gguf-py on every tensor of the real file ---------------------

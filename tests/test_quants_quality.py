@@ -17,7 +17,9 @@ import gguf
 import numpy as np
 import pytest
 
-from q4kdistill import quants
+from q4kdistill import quants, synthetic
+
+from _helpers_quants import gguf_tensors
 
 llama_cpp = pytest.importorskip("llama_cpp")
 T = gguf.GGMLQuantizationType
@@ -79,29 +81,16 @@ def test_rmse_on_gaussian_within_5_percent_of_llama_cpp(name, ggml_quantize):
 def _write_llama_f32(path, tensors):
     """A one-layer llama GGUF with float32 tensors {name: array}: enough for llama_model_quantize."""
     d_model, d_ff = tensors["blk.0.ffn_gate.weight"].shape[::-1]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(128)
-    w.add_embedding_length(d_model)
-    w.add_block_count(1)
-    w.add_feed_forward_length(d_ff)
-    w.add_head_count(4)
-    w.add_head_count_kv(4)
-    w.add_rope_dimension_count(d_model // 4)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(tensors["token_embd.weight"].shape[0])
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    for name, a in tensors.items():
-        w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    meta = {"general.architecture": "llama", "llama.context_length": 128, "llama.embedding_length": d_model,
+            "llama.block_count": 1, "llama.feed_forward_length": d_ff, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 4, "llama.rope.dimension_count": d_model // 4,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": tensors["token_embd.weight"].shape[0],
+            "general.file_type": int(gguf.LlamaFileType.ALL_F32)}
+    synthetic.write_file(path, meta, tensors.items())
 
 
 def test_q4_k_m_file_from_llama_model_quantize(tmp_path, gemma_path):
     """Gaussian and real (dequantized gemma-3) weights through llama.cpp's whole-file Q4_K_M."""
-    from test_quants import gguf_tensors
-
     real = {name: quants.dequantize(data, info.qtype).reshape(-1)
             for name, (info, data) in gguf_tensors(gemma_path).items() if name.startswith("blk.0.")}
     rng = np.random.default_rng(2)

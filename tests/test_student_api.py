@@ -6,7 +6,7 @@ from q4kdistill.errors import Q4KError
 from q4kdistill.losses import LossConfig
 from q4kdistill.optim import AdamW, OptimConfig
 from q4kdistill.student import Student
-from test_student_grad import batch, randomize, tiny_config
+from _helpers_student import batch, randomize, tiny_config
 
 
 class FakeTeacher:

@@ -5,7 +5,7 @@ import pytest
 from q4kdistill.losses import LossConfig
 from q4kdistill.ops.gradcheck import rel_error
 from q4kdistill.student import Student
-from test_student_grad import tiny_config
+from _helpers_student import tiny_config
 
 
 @pytest.mark.gpu

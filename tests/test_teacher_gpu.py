@@ -11,7 +11,7 @@ import pytest
 from q4kdistill import backend
 from q4kdistill.teacher import Teacher
 from test_teacher_forward import FAMILIES, write_family
-from test_teacher_real import cosine_rows
+from test_teacher_real import TEXTS, cosine_rows
 
 pytestmark = pytest.mark.gpu
 
@@ -55,13 +55,21 @@ def test_gpu_dequant_backends(backend_name, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_real_gemma_matches_numpy(gemma_path):
+    """The four texts of test_teacher_real as one padded batch (M = 480 > 16: fp16 operands)."""
+    from q4kdistill.tokenizer import Tokenizer
+
     cpu, gpu = both(gemma_path)
-    assert gpu.resident_bytes == cpu.resident_bytes
-    ids, mask = padded(cpu.vocab_size, 2, 96, seed=1)
+    assert gpu.resident_bytes == cpu.resident_bytes == sum(w.nbytes for w in cpu.weights.values())
+    tok = Tokenizer.from_gguf(gemma_path)
+    rows = [tok.encode(text) for text in TEXTS.values()]
+    T = max(map(len, rows))
+    ids = np.array([r + [0] * (T - len(r)) for r in rows])
+    mask = np.array([[t < len(r) for t in range(T)] for r in rows])
     want = cpu.logits_for_batch(ids, mask)[mask]
     got = backend.to_host(gpu.logits_for_batch(ids, mask))[mask]
     cos = cosine_rows(got, want)
-    assert cos.min() >= 0.999 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.97
+    assert cos.min() >= 0.995 and cos.mean() >= 0.9995, (cos.min(), cos.mean())
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
 
 @pytest.mark.slow

@@ -32,14 +32,18 @@ def run(args) -> int:
 
 
 def summary(mf, truncated=None) -> dict:
+    from ..planner import teacher_resident
+
     hist = mf.dtype_histogram()
+    resident = teacher_resident(mf.tensors.values())
     return {
         "file": mf.path, "kind": mf.kind, "architecture": mf.architecture, "config": mf.config.to_dict(),
         "tensor_count": len(mf.tensors),
         "bytes_by_type": {t: h["bytes"] for t, h in hist.items()},
         "count_by_type": {t: h["count"] for t, h in hist.items()},
         "total_tensor_bytes": mf.total_tensor_bytes,
-        "predicted_gpu_bytes": mf.predicted_gpu_bytes(),
+        "predicted_gpu_bytes": {"native": resident["native"], "f32": resident["dequant-f32"],
+                                "bf16": resident["dequant-bf16"]},
         "truncated": truncated,
     }
 
@@ -60,7 +64,7 @@ def table(r: dict) -> str:
     ]
     for t, b in r["bytes_by_type"].items():
         lines.append(f"{t:<8}{r['count_by_type'][t]:>7}{b:>17,}{100 * b / max(total, 1):>7.1f}%")
-    lines += ["", "predicted GPU bytes of the resident teacher weights"]
+    lines += ["", "predicted GPU bytes of the resident teacher weights (norms and biases kept as F32)"]
     labels = {"native": "kept as stored (native)", "f32": "dequantized to F32", "bf16": "dequantized to BF16"}
     for key, label in labels.items():
         b = r["predicted_gpu_bytes"][key]

@@ -110,10 +110,10 @@ def reproduce(source, batch=1, seq=512, step_batch=8, student="params=0.5e9", ch
     from ..distill import DistillConfig
 
     exp = _Experiment(source, log)
-    fwd_plan = planner.make_plan(exp.info, batch, seq, student, chunk_tokens=chunk_tokens, checkpoint=checkpoint)
-    step_plan = planner.make_plan(exp.info, step_batch, seq, student, checkpoint=checkpoint,
+    fwd_plan = planner.make_plan(exp.model, batch, seq, student, chunk_tokens=chunk_tokens, checkpoint=checkpoint)
+    step_plan = planner.make_plan(exp.model, step_batch, seq, student, checkpoint=checkpoint,
                                   chunk_tokens=chunk_tokens or DistillConfig.chunk_tokens)
-    log(f"reproduce-memory on {backend.gpu_name()} ({exp.meter.counter.name}): teacher {exp.info.source}, "
+    log(f"reproduce-memory on {backend.gpu_name()} ({exp.meter.counter.name}): teacher {exp.model.path}, "
         f"student {step_plan.student['n_params']:,} params")
     for b in backends:
         exp.section(b, fwd_plan, step_plan if b == "native" else None)
@@ -123,7 +123,7 @@ def reproduce(source, batch=1, seq=512, step_batch=8, student="params=0.5e9", ch
               "chunk_tokens": step_plan.chunk_tokens, "checkpoint": checkpoint,
               "rows": exp.compare(fwd_plan, step_plan), "phases": [r.to_dict() for r in exp.meter.records],
               "plans": {"forward": fwd_plan.to_json(), "step": step_plan.to_json()}}
-    report["claims"] = check_claims(report, exp.info)
+    report["claims"] = check_claims(report, exp.model)
     return report
 
 
@@ -135,13 +135,12 @@ class _Experiment:
                    "optimizer step": "distill: optimizer step peak", "distill step": "distill step peak"}
 
     def __init__(self, source, log):
-        from .. import memory, planner
+        from .. import memory
         from ..model_file import ModelFile
 
         memory.install()
         self.meter = memory.MemoryMeter()
         self.model = source if isinstance(source, ModelFile) else ModelFile.open(source)   # a truncated file fails here
-        self.info = planner.open_teacher(self.model)
         self.log = log
         self.measured = {}
         self.outcome = {}               # backend -> {"status": "skipped" | "oom" | "error", "note": ...}
@@ -179,7 +178,7 @@ class _Experiment:
             self.outcome[b] = {"status": "skipped", "note": f"needs {need / 1e9:.1f} GB, {free[0] / 1e9:.1f} GB free"}
             self.log(f"  {b}: skipped ({self.outcome[b]['note']})")
             return
-        ids = _random_ids(self.info.config.vocab_size, fwd_plan.batch, fwd_plan.seq)
+        ids = _random_ids(self.model.config.vocab_size, fwd_plan.batch, fwd_plan.seq)
         base = self.meter.current_bytes()
         with self.meter.phase(f"load ({b})") as load:
             teacher = Teacher.load(self.model, backend=b, log=None)
