@@ -4,7 +4,6 @@
     f32_from_bits(u)   uint32 bit pattern -> float32 (no conversion, a reinterpretation)
     f32_bits(f)        float32 -> its uint32 bit pattern
     u32_at(w32, off)   the 4 bytes at an EVEN byte offset of a buffer seen as uint32 words
-    load16(w32, off)   the 16 bytes at an even offset, as 4 words (branch-free)
     warp_sum(v)        sum of v over the 32 lanes of a warp (shuffles; GPU only)
 
 Quant blocks are 2-byte aligned only (Q6_K 210 B, Q8_0 34 B, Q5_0 22 B), so a field may start
@@ -40,10 +39,6 @@ if SIMULATOR:
     def warp_sum(v):  # never called in the simulator: kernels reduce through shared memory there
         raise NotImplementedError("warp shuffles are not simulated")
 
-    @cuda.jit(device=True)
-    def fshr(lo, hi, s):
-        return U(((int(hi) << 32 | int(lo)) >> int(s)) & 0xFFFFFFFF)
-
 else:
     from numba.cuda import libdevice
 
@@ -54,11 +49,6 @@ else:
     @cuda.jit(device=True, inline=True)
     def f32_bits(f):
         return U(libdevice.float_as_int(f))
-
-    @cuda.jit(device=True, inline=True)
-    def fshr(lo, hi, s):
-        """Bits s..s+31 of the 64-bit hi:lo (s < 32): one funnel-shift instruction."""
-        return U(libdevice.funnelshift_r(lo, hi, s))
 
     @cuda.jit(device=True, inline=True)
     def warp_sum(v):
@@ -74,16 +64,6 @@ def u32_at(w32, off):
     if off & I(2):
         return U(w32[i] >> U(16)) | U(w32[i + I(1)] << U(16))
     return w32[i]
-
-
-@cuda.jit(device=True, inline=True)
-def load16(w32, off):
-    """Bytes [off, off+16) as 4 words, ``off`` even: 5 aligned loads joined by funnel shifts,
-    no branch (lanes of a warp may disagree on alignment). Reads the word after the field too."""
-    i = off >> I(2)
-    s = U(I(8) * (off & I(2)))
-    w0, w1, w2, w3, w4 = w32[i], w32[i + I(1)], w32[i + I(2)], w32[i + I(3)], w32[i + I(4)]
-    return fshr(w0, w1, s), fshr(w1, w2, s), fshr(w2, w3, s), fshr(w3, w4, s)
 
 
 @cuda.jit(device=True, inline=True)

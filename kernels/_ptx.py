@@ -7,6 +7,8 @@ stand-ins of the same meaning for the simulator.
     half2(lo, hi)       two float32 -> one uint32 holding two fp16 (cvt.rn.f16x2.f32; lo in bits 0..15)
     dp4a(a, b, c)       c + sum of the four signed-byte products of a and b (dp4a.s32.s32)
     f16lo(u), f16hi(u)  the fp16 in bits 0..15 / 16..31 of a uint32, as float32 (cvt.f32.f16)
+    fshr(lo, hi, s)     bits s..s+31 of the 64-bit hi:lo, s < 32 (shf.r.wrap)
+    load16(w32, off)    16 bytes at an even byte offset, as 4 words, without a branch
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from numba import cuda, types
 from numba.cuda import cgutils
 from numba.cuda.extending import intrinsic
 
-from ._device import SIMULATOR
+from ._device import SIMULATOR, I, U
 
 
 def _pointer(context, builder, aryty, ary, idx):
@@ -79,6 +81,18 @@ def _dp4a(typingctx, a, b, c):
     return sig, codegen
 
 
+@intrinsic
+def _fshr(typingctx, lo, hi, s):
+    sig = types.uint32(types.uint32, types.uint32, types.uint32)
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        asm = ir.InlineAsm(ir.FunctionType(i32, [i32, i32, i32]), "shf.r.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r")
+        return builder.call(asm, list(args))
+
+    return sig, codegen
+
+
 def _f16_half(upper):
     @intrinsic
     def impl(typingctx, u):
@@ -116,6 +130,10 @@ if SIMULATOR:
         return np.int32(c + int((sa * sb).sum()))
 
     @cuda.jit(device=True)
+    def fshr(lo, hi, s):
+        return np.uint32(((int(hi) << 32 | int(lo)) >> int(s)) & 0xFFFFFFFF)
+
+    @cuda.jit(device=True)
     def f16lo(u):
         return np.float32(np.uint16(u & np.uint32(0xFFFF)).view(np.float16))
 
@@ -124,5 +142,15 @@ if SIMULATOR:
         return np.float32(np.uint16(u >> np.uint32(16)).view(np.float16))
 
 else:
-    ld4, st4, half2, dp4a = _ld4, _st4, _half2, _dp4a
+    ld4, st4, half2, dp4a, fshr = _ld4, _st4, _half2, _dp4a, _fshr
     f16lo, f16hi = _f16_half(False), _f16_half(True)
+
+
+@cuda.jit(device=True, inline=True)
+def load16(w32, off):
+    """Bytes [off, off+16) as 4 words, ``off`` even: 5 aligned loads joined by funnel shifts,
+    no branch (lanes of a warp may disagree on alignment). Reads up to 3 bytes past the field."""
+    i = off >> I(2)
+    s = U(I(8) * (off & I(2)))
+    w0, w1, w2, w3, w4 = w32[i], w32[i + I(1)], w32[i + I(2)], w32[i + I(3)], w32[i + I(4)]
+    return fshr(w0, w1, s), fshr(w1, w2, s), fshr(w2, w3, s), fshr(w3, w4, s)

@@ -22,8 +22,8 @@ import functools
 
 from numba import cuda
 
-from ._device import F, I, SIMULATOR, U, launch, load16, warp_sum
-from ._ptx import f16hi, f16lo, ld4
+from ._device import F, I, SIMULATOR, U, launch, warp_sum
+from ._ptx import f16hi, f16lo, ld4, load16
 from .decode import fma4, q4_k_scale_min
 from .gemv import _dot8, m_tile
 from .weights import address, device_views
