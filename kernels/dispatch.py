@@ -6,7 +6,9 @@ Variant choice for (qtype, M, N, K, GPU model), first match wins:
   3. the tuning table for this GPU: ``$Q4KDISTILL_TUNING``, else the user's table written by
      ``q4kdistill autotune`` (~/.cache/q4kdistill/kernels_tuning.json), else the one shipped in
      kernels/tuning/default.json; entries per qtype, in order: {"m_max": 16 or null, "variant": name};
-  4. built-in default: M <= 16 -> "gemv_warp_r2w4", else "dequant_f16_cublas".
+  4. built-in default (what the H200 table says, for GPUs without an entry): M = 1 ->
+     "gemv_chunk_r4w4" (Q4_K/Q6_K) or "gemv_warp_r2w4" (Q8_0/Q5_0); M <= 8 -> "gemv_warp_r4w4";
+     larger M -> "dequant_f16_cublas".
 """
 from __future__ import annotations
 
@@ -26,7 +28,13 @@ from .weights import columns, qtype_name
 
 SHIPPED_TABLE = Path(__file__).with_name("tuning") / "default.json"
 USER_TABLE = Path(os.path.expanduser("~/.cache/q4kdistill/kernels_tuning.json"))
-DEFAULT_GEMV, DEFAULT_LARGE = "gemv_warp_r2w4", "dequant_f16_cublas"
+DEFAULT_LARGE = "dequant_f16_cublas"
+
+
+def builtin_choice(qtype: str, M: int) -> str:
+    if M == 1:
+        return "gemv_chunk_r4w4" if qtype in ("Q4_K", "Q6_K") else "gemv_warp_r2w4"
+    return "gemv_warp_r4w4" if M <= 8 else DEFAULT_LARGE
 
 
 def table_path() -> Path:
@@ -63,7 +71,7 @@ def _choose(qtype: str, M: int, N: int, K: int, gpu: str) -> str:
                     return e["variant"]
             except Q4KError:   # a table naming a variant this version lacks: fall through
                 continue
-    return DEFAULT_GEMV if M <= 16 else DEFAULT_LARGE
+    return builtin_choice(qtype, M)
 
 
 def choose(qtype, M: int, N: int, K: int, on_gpu: bool | None = None) -> str:

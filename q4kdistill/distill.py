@@ -6,7 +6,7 @@ Reads top to bottom, like nanoGPT's train.py:
     summary = distill(cfg)                     # or distill(cfg, resume=True)
 
     setup     teacher (stays quantized) -> its tokenizer -> train / held-out token data
-              -> student (blocks copied from the teacher, or a config) -> AdamW
+              -> student (blocks copied from the teacher, or another model file) -> AdamW
               -> checkpoint (resume) or a fresh start
     each step ids [B, T] -> teacher logits, chunk by chunk -> KD (+ CE) loss -> hand-written
               student backward -> finite? -> AdamW (clip, warm-up + cosine)
@@ -136,7 +136,7 @@ def load_teacher(cfg: DistillConfig, log):
 TOKEN_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "q4kdistill", "tokens")
 
 
-def load_data(cfg: DistillConfig, teacher, log):
+def load_data(cfg: DistillConfig, log):
     """-> (tokenizer, train, held-out TokenDatasets, data identity). Text goes through the teacher's
     own tokenizer; "demo" is Python's standard library (held-out modules kept apart)."""
     from .data.corpus import demo_corpus, load_datasets
@@ -366,13 +366,15 @@ class StopOnInterrupt:
 
 def save_checkpoint(run, step, evals) -> str:
     state = {"params": run.student.params, "optimizer": run.opt.state_dict(), "data": run.sampler.state_dict(),
-             "rng": run.rng.bit_generator.state, "evals": evals}
+             "evals": evals}
     config = {"distill": run.cfg.to_dict(), "student": run.student.config.to_dict()}
     return checkpoint.save(run.cfg.out, step=step, state=state, config=config, fingerprint=run.fingerprint)
 
 
 def restore_checkpoint(run):
-    """OUT/checkpoint.npz -> the student, optimizer, sampler and rng; returns (step, evals)."""
+    """OUT/checkpoint.npz -> the student, optimizer and data sampler; returns (step, evals).
+
+    The sampler's (seed, position) is all the randomness a run has: no dropout, no sampling."""
     ck = checkpoint.load(run.cfg.out)
     checkpoint.check_fingerprint(ck, run.fingerprint)
     for name, view in run.student.params.items():
@@ -381,7 +383,6 @@ def restore_checkpoint(run):
     run.opt.load_state_dict(ck.state["optimizer"])
     run.opt.cfg = optim_cfg
     run.sampler.load_state_dict(ck.state["data"])
-    run.rng.bit_generator.state = ck.state["rng"]
     return ck.step, ck.state["evals"]
 
 
@@ -402,39 +403,38 @@ class Run:
     student: object
     opt: object
     loss_cfg: object
-    rng: np.random.Generator      # the run's own randomness (saved and restored with the rest)
     fingerprint: dict
     eval_batches: list = field(default_factory=list)
+    step: int = 0                 # optimizer steps taken
 
 
 def setup(cfg: DistillConfig, log) -> Run:
     teacher = load_teacher(cfg, log)
-    tokenizer, train, heldout, data_id = load_data(cfg, teacher, log)
+    tokenizer, train, heldout, data_id = load_data(cfg, log)
     student = build_student(cfg, teacher)
     check_vocab(cfg, teacher, student)
     check_data_vocab((train, heldout), student.config.vocab_size)
     run = Run(cfg, teacher, tokenizer, train, heldout, train.batches(cfg.batch, seed=cfg.seed), student,
-              make_optimizer(cfg, student),
-              make_loss_config(cfg), np.random.default_rng(cfg.seed), {})
+              make_optimizer(cfg, student), make_loss_config(cfg), {})
     run.fingerprint = fingerprint(cfg, teacher, student, data_id)
     run.eval_batches = heldout_batches(cfg, heldout)
     return run
 
 
-def start(run: Run, resume: bool, log):
-    """-> (step, evals): from the checkpoint, or 0 and the evaluation of the untrained student."""
+def start(run: Run, resume: bool, log) -> dict:
+    """Sets run.step (from the checkpoint, or 0) -> evals so far (step 0: the untrained student)."""
     cfg = run.cfg
     os.makedirs(cfg.out, exist_ok=True)
     if resume:
-        step, evals = restore_checkpoint(run)
-        log(f"resumed from {checkpoint.checkpoint_path(cfg.out)} at step {step}")
-        return step, evals
+        run.step, evals = restore_checkpoint(run)
+        log(f"resumed from {checkpoint.checkpoint_path(cfg.out)} at step {run.step}")
+        return evals
     if checkpoint.exists(cfg.out):
         raise Q4KError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose a new --out")
     evals = {"0": evaluate(run.student, run.teacher, run.eval_batches)}
     MetricsLog(cfg.out, resume_step=None).write({"step": 0, "eval": evals["0"]})
     log(f"step 0: held-out {eval_line(evals['0'])}")
-    return 0, evals
+    return evals
 
 
 def train_step(run: Run, batches) -> dict:
@@ -452,20 +452,21 @@ def train_step(run: Run, batches) -> dict:
             "tokens_per_s": ids.size / seconds, "seconds": seconds, "finite": True}
 
 
-def train(run: Run, step: int, evals: dict, progress: bool, log) -> dict:
+def train(run: Run, evals: dict, progress: bool) -> dict:
+    """Steps run.step+1 .. cfg.steps, with logging, evaluation and checkpoints."""
     from tqdm.auto import tqdm
 
     cfg = run.cfg
-    metrics, peak = MetricsLog(cfg.out, resume_step=step), PeakMemory()
-    saved_at = step if checkpoint.exists(cfg.out) else None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    metrics, peak = MetricsLog(cfg.out, resume_step=run.step), PeakMemory()
+    saved_at = run.step if checkpoint.exists(cfg.out) else None
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True)
     with StopOnInterrupt(bar.write) as interrupt:
-        while step < cfg.steps and not interrupt.requested:
+        while run.step < cfg.steps and not interrupt.requested:
             with np.errstate(over="ignore", invalid="ignore"):      # a non-finite loss is reported below
                 record = train_step(run, run.sampler)
             if not record.pop("finite"):
-                raise_non_finite(cfg, step + 1, record["loss"], record["grad_norm"], saved_at)
-            step += 1
+                raise_non_finite(cfg, run.step + 1, record["loss"], record["grad_norm"], saved_at)
+            run.step = step = run.step + 1
             record = {"step": step, **record, "peak_gpu_bytes": peak.take()}
             metrics.write(record)
             bar.set_postfix_str(progress_line(record), refresh=False)
@@ -478,8 +479,8 @@ def train(run: Run, step: int, evals: dict, progress: bool, log) -> dict:
                 save_checkpoint(run, step, evals)
                 saved_at = step
     bar.close()
-    return {"step": step, "evals": evals, "checkpoint": checkpoint.checkpoint_path(cfg.out),
-            "interrupted": step < cfg.steps, "student": run.student}
+    return {"step": run.step, "evals": evals, "checkpoint": checkpoint.checkpoint_path(cfg.out),
+            "interrupted": run.step < cfg.steps, "student": run.student}
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
@@ -487,18 +488,18 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
 
     -> {"step", "evals": {step: evaluate(...)}, "checkpoint", "interrupted", "student"}"""
     cfg = cfg.validated()
-    step = 0
+    run = None
     try:
         run = setup(cfg, log)
-        step, evals = start(run, resume, log)
+        evals = start(run, resume, log)
         log(f"student: {run.student.config.n_layers} blocks, {run.student.n_params:,} params; "
-            f"steps {step}..{cfg.steps} of {cfg.batch} x {cfg.seq} tokens; loss {cfg.loss}, alpha {cfg.alpha}")
-        return train(run, step, evals, progress, log)
+            f"steps {run.step}..{cfg.steps} of {cfg.batch} x {cfg.seq} tokens; loss {cfg.loss}, alpha {cfg.alpha}")
+        return train(run, evals, progress)
     except Q4KError:
         raise
     except Exception as exc:
         if is_out_of_memory(exc):
-            raise out_of_memory_error(cfg, step, exc) from None
+            raise out_of_memory_error(cfg, run.step if run else 0, exc) from None
         raise
 
 

@@ -4,6 +4,8 @@ Here (CPU), once:   python3 scripts/gpu_kernels.py prepare        -> .gpu_data/g
 There (GPU):        python3 scripts/gpu_kernels.py run OUT [--quick] [--no-tests] [bench options]
     writes OUT/env.txt, OUT/pytest.log, OUT/bench.json, OUT/bench.csv, OUT/tuning.json and
     prints the benchmark table last.
+                    python3 scripts/gpu_kernels.py probe OUT     host time per call, spin check
+Here again:         python3 scripts/gpu_kernels.py report bench.csv   -> markdown for docs/perf.md
 """
 from __future__ import annotations
 
@@ -76,9 +78,81 @@ def bench(out, args):
     kb.print_table(rows)
 
 
+def probe(out):
+    """Host time per call (no sync), device time with a longer spin, and one ncu profile."""
+    import cupy as cp
+    import numpy as np
+
+    import kernels
+    from kernels import bench as kb
+    from q4kdistill.quants import random_blocks
+
+    rng = np.random.default_rng(0)
+    K, N = 3584, 18944
+    w = cp.asarray(random_blocks("Q4_K", N, K, rng))
+    for M in (1, 8):
+        x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32))
+        o = cp.empty((M, N), cp.float32)
+        for name in ("gemv_dp4a_r1w4", "gemv_dp4a_r4w4", "gemv_chunk_r4w4", "gemv_warp_r4w4"):
+            if M > kernels.get(name).m_max:
+                continue
+            v = kernels.get(name)
+            v(x, w, "Q4_K", N, o)
+            cp.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            for _ in range(50):
+                v(x, w, "Q4_K", N, o)
+            host = (time.perf_counter() - t0) / 50
+            cp.cuda.Device().synchronize()
+            dev = {s: kb.Timer(cp, spin_us=s)(lambda i: v(x, w, "Q4_K", N, o), 1) for s in (300, 2000)}
+            print(f"{name} M={M}: host {host * 1e6:.0f} us/call; device {dev[300] * 1e6:.1f} us (spin 300) "
+                  f"{dev[2000] * 1e6:.1f} us (spin 2000), L2-warm", flush=True)
+
+
+def report(path):
+    """Markdown roofline + results tables (docs/perf.md) from a bench.json or bench.csv."""
+    import csv
+
+    rows = json.load(open(path)) if path.endswith(".json") else list(csv.DictReader(open(path)))
+    for r in rows:
+        for k in ("K", "N", "M"):
+            r[k] = int(r[k])
+        for k in ("time_us", "GBps", "pct_copy_bw", "TFLOPs", "vs_cublas_fp16", "copy_GBps"):
+            r[k] = float(r[k])
+    from kernels.registry import get
+
+    copy_bw = rows[0]["copy_GBps"]
+    print(f"Card: {rows[0]['gpu']}, {rows[0]['date']}; copy bandwidth {copy_bw:.0f} GB/s (read + write).\n")
+    print("| K x N | M | Q4_K MB | fp16 MB | GFLOP | Q4_K floor us | fp16 floor us | cuBLAS fp16 us |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["variant"] != "cublas_fp16" or r["qtype"] != "Q4_K":
+            continue
+        K, N, M = r["K"], r["N"], r["M"]
+        q4 = N * K * 144 / 256 + 4 * M * (K + N)
+        f16 = 2 * N * K + 2 * M * K + 2 * M * N
+        gf = 2 * M * N * K / 1e9
+        print(f"| {K}x{N} | {M} | {q4 / 1e6:.1f} | {f16 / 1e6:.1f} | {gf:.1f} | {q4 / copy_bw / 1e3:.1f} | "
+              f"{max(f16 / copy_bw / 1e3, gf / 800e3 * 1e6):.1f} | {r['time_us']:.1f} |")
+    for q in sorted({r["qtype"] for r in rows}):
+        print(f"\n{q}: best exact variant (rel. err <= 2e-3) and best of all, per shape and M\n")
+        print("| K x N | M | cuBLAS fp16 us | best exact | us | % copy | x cuBLAS | best any | us | % copy | x cuBLAS |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        keys = sorted({(r["K"], r["N"], r["M"]) for r in rows if r["qtype"] == q}, key=lambda k: (k[0], k[1], k[2]))
+        for key in keys:
+            rs = [r for r in rows if r["qtype"] == q and (r["K"], r["N"], r["M"]) == key]
+            base = next(r for r in rs if r["variant"] == "cublas_fp16")
+            cand = [r for r in rs if r["variant"] != "cublas_fp16"]
+            ex = min((r for r in cand if get(r["variant"]).rel_err <= 2e-3), key=lambda r: r["time_us"])
+            an = min(cand, key=lambda r: r["time_us"])
+            print(f"| {key[0]}x{key[1]} | {key[2]} | {base['time_us']:.1f} | {ex['variant']} | {ex['time_us']:.1f} | "
+                  f"{ex['pct_copy_bw']:.0f} | {ex['vs_cublas_fp16']:.2f} | {an['variant']} | {an['time_us']:.1f} | "
+                  f"{an['pct_copy_bw']:.0f} | {an['vs_cublas_fp16']:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["prepare", "run"])
+    p.add_argument("mode", choices=["prepare", "run", "probe", "report"])
     p.add_argument("out", nargs="?", default=os.environ.get("OUT", "/tmp/gpu_out"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-tests", action="store_true")
@@ -89,7 +163,11 @@ def main():
     args = p.parse_args()
     if args.mode == "prepare":
         return prepare()
+    if args.mode == "report":
+        return report(args.out)
     os.makedirs(args.out, exist_ok=True)
+    if args.mode == "probe":
+        return probe(args.out)
     environment(args.out)
     if not args.no_tests:
         tests(args.out)

@@ -723,15 +723,17 @@ DISTILL = [
             return [r for r in records if "loss" in r]
 
         fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
-        for name, run in runs.items():
+        for (name, run), color in zip(runs.items(), ("C0", "C1")):
             recs = step_records(run)
             steps = [r["step"] for r in recs]
             assert all(np.isfinite(r["loss"]) for r in recs)
-            ax[0].plot(steps, [r["ce"] for r in recs], "o-", label=f"{name}: next-token CE")
+            ax[0].plot(steps, [r["ce"] for r in recs], "o-", color=color, label=f"{name}: next-token CE")
             if name == "KD":
-                ax[1].plot(steps, [r["kd"] for r in recs], "o-", label="KD run: KL(teacher || student)")
+                ax[1].plot(steps, [r["kd"] for r in recs], "o-", color=color, label="KD: training KL(teacher || student)")
+            evals = sorted((int(k), e["teacher_kl"]) for k, e in run["evals"].items())
+            ax[1].plot(*zip(*evals), "s--", color=color, label=f"{name}: held-out teacher-KL")
         ax[0].set(xlabel="step", ylabel="nats / token", title="training loss: cross-entropy part")
-        ax[1].set(xlabel="step", ylabel="nats / token", title="training loss: KD part")
+        ax[1].set(xlabel="step", ylabel="nats / token", title="KL to the teacher")
         for a in ax:
             a.legend(fontsize=8)
         fig.tight_layout()
@@ -748,10 +750,10 @@ DISTILL = [
         first, last = "0", str(RUN["steps"])
         print(f"{'':14s} {'teacher-KL':>10s} {'top-1 agree':>12s} {'student ppl':>12s}")
         print(f"{'init':14s} {runs['KD']['evals'][first]['teacher_kl']:10.4f} "
-              f"{runs['KD']['evals'][first]['top1_agreement']:12.1%} {runs['KD']['evals'][first]['student_ppl']:12.1f}")
+              f"{runs['KD']['evals'][first]['top1_agreement']:12.1%} {runs['KD']['evals'][first]['student_ppl']:12.4g}")
         for name, run in runs.items():
             e = run["evals"][last]
-            print(f"{name + ' @' + last:14s} {e['teacher_kl']:10.4f} {e['top1_agreement']:12.1%} {e['student_ppl']:12.1f}")
+            print(f"{name + ' @' + last:14s} {e['teacher_kl']:10.4f} {e['top1_agreement']:12.1%} {e['student_ppl']:12.4g}")
         assert runs["KD"]["evals"][first] == runs["CE only"]["evals"][first], "both runs start from the same student"
         if SIZE == "gpu":
             assert runs["KD"]["evals"][last]["teacher_kl"] < runs["CE only"]["evals"][last]["teacher_kl"], \\

@@ -135,3 +135,12 @@ def test_export_command_runs_in_llama_cpp(teacher, corpus, tmp_path, capsys):
     cos = (ref * ours).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1)
     assert cos.min() >= 0.9999
     assert cli.main(["export", "--checkpoint", str(run), "--out", str(out), "--type", "q2_k"]) == 2
+
+
+def test_demo_runs_and_reports(tmp_path, capsys):
+    """The demo command end to end (synthetic Q4_K teacher, Python's stdlib corpus), cut to 2 steps."""
+    assert cli.main(["demo", "--synthetic", "--steps", "2", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "step 0" in out and "step 2" in out and "top-1 agreement" in out
+    ck = checkpoint.load(tmp_path / "demo")
+    assert ck.step == 2 and ck.config["distill"]["data"] == "demo" and ck.config["student"]["n_layers"] == 2

@@ -158,8 +158,9 @@ def test_tuning_table_drives_choice(tmp_path, monkeypatch):
         pick = lambda M, gpu="Fake GPU": dispatch._choose("Q4_K", M, 4096, 4096, gpu)
         assert [pick(1), pick(8), pick(64), pick(4096)] == [
             "gemv_warp_r1w4", "gemm_tile_64x64", "gemm_tile_64x64", "dequant_f32_cublas"]   # a missing name falls through
-        assert pick(1, "Other GPU") == dispatch.DEFAULT_GEMV and pick(65, "Other GPU") == dispatch.DEFAULT_LARGE
-        assert dispatch._choose("Q6_K", 1, 8, 8, "Fake GPU") == dispatch.DEFAULT_GEMV
+        assert [pick(1, "Other GPU"), pick(5, "Other GPU"), pick(9, "Other GPU")] == [
+            "gemv_chunk_r4w4", "gemv_warp_r4w4", dispatch.DEFAULT_LARGE]
+        assert dispatch._choose("Q8_0", 1, 8, 8, "Fake GPU") == "gemv_warp_r2w4"
     finally:
         monkeypatch.delenv("Q4KDISTILL_TUNING")
         dispatch.reload_table()

@@ -60,6 +60,13 @@ def test_notebook_is_stripped_and_generated(path):
         f"{path.name} differs from scripts/make_notebooks.py: run `python scripts/make_notebooks.py`"
 
 
+def test_a_failing_cell_fails_the_run(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellExecutionError
+
+    with pytest.raises(CellExecutionError, match="Q4KDISTILL_NB_SIZE must be"):
+        _execute(NOTEBOOKS[0], "tiny", tmp_path, monkeypatch, CPU_TIMEOUT_S)   # the parameter cell refuses it
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
