@@ -135,7 +135,7 @@ def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0):
                         continue
                     rows.append(_row(q, K, N, M, name, t, w0.nbytes, copy_bw, t_ref))
                 log(format_rows([r for r in rows if (r["qtype"], r["K"], r["N"], r["M"]) == (q, K, N, M)]))
-            del ws, w16s
+            ws = w16s = None                      # drop this shape's copies before the next one
             cp.get_default_memory_pool().free_all_blocks()
     for r in rows:
         r.update(gpu=gpu, copy_GBps=copy_bw, date=time.strftime("%Y-%m-%d"))
