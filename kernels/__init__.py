@@ -8,22 +8,11 @@ No model knowledge lives here: only quant formats, matrix shapes and launch para
     variants(qtype=None), get(name), register(Variant(...)), choose(qtype, M, N, K)
     bench.run(...)                                 benchmark table (see bench.py)
 
-Files, in reading order: decode.py (block layouts, decode8 per type), gemv.py, gemm.py,
-dequant.py (the kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy), registry.py,
-builtin.py, dispatch.py, autotune.py, bench.py. README.md says how to add a variant.
+Files, in reading order: decode.py (block layouts, decode8 per type), gemv.py, gemv_chunk.py,
+gemv_dp4a.py, gemm.py, dequant.py (the kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy),
+registry.py, builtin.py, dispatch.py, autotune.py, bench.py. README.md says how to add a variant.
 """
-import os as _os
-import sys as _sys
-
-from q4kdistill import backend as _backend  # switches on the simulator on CPU before numba loads
-
-# TODO(lead): move into q4kdistill/backend.py. Its check `"numba" in sys.modules` misses under
-# pytest: pyproject's filterwarnings imports numba.core.errors (and so numba's config) before
-# conftest runs. numba.cuda picks the simulator when it is first imported, from that config.
-if "numba.cuda" not in _sys.modules and _backend.device() == "cpu" and _os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    _os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    if "numba.core.config" in _sys.modules:
-        _sys.modules["numba.core.config"].reload_config()
+from q4kdistill import backend as _backend  # noqa: F401  (switches on the simulator on CPU before numba.cuda loads)
 
 from . import builtin as _builtin  # noqa: F401,E402  (registers the shipped variants)
 from .dispatch import choose, dequantize_to, embedding_rows, matmul, reload_table

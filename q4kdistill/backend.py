@@ -111,12 +111,18 @@ def gpu_name() -> str:
 
 
 def _enable_simulator_if_cpu() -> None:
-    # numba reads NUMBA_ENABLE_CUDASIM when numba.core.config is first imported.
-    if "numba" in sys.modules:
+    """Switch Numba's CUDA simulator on when we run on the CPU.
+
+    numba.cuda picks the simulator when it is first imported, from numba's config. numba.core
+    itself may already be loaded (pytest's filterwarnings imports numba.core.errors before any
+    conftest), so set the variable and make numba re-read its config if it has one already."""
+    if "numba.cuda" in sys.modules or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return
     forced = os.environ.get(_ENV, "").strip().lower()
     if forced == "cpu" or (forced == "" and not _cuda_usable()):
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+        if "numba.core.config" in sys.modules:
+            sys.modules["numba.core.config"].reload_config()
 
 
 _enable_simulator_if_cpu()

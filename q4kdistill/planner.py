@@ -7,9 +7,10 @@
     plan.rows                        every number with what it counts (docs/memory.md has the table)
 
 A *stage* is a point of the code where the most buffers are alive at once: the buffers are
-listed below with their shapes, as teacher.py / teacher_forward.py / student.py / losses.py /
-optim.py allocate them on CuPy (which, unlike NumPy, never elides a temporary). A working set
-is its largest stage. Pool rounding (512-byte blocks) is below 0.1 % and left out.
+listed below with their shapes, as teacher.py / teacher_forward.py / kernels / student.py /
+losses.py / optim.py allocate them on CuPy (which, unlike NumPy, never elides a temporary and
+copies a non-contiguous operand of a batched matmul). A working set is its largest stage.
+Pool rounding (512-byte blocks) is below 0.1 % and left out.
 
 Shapes: N = B*T tokens, D d_model, Q = heads*head_dim, KV = kv_heads*head_dim, F d_ff, V vocab,
 S = one float32 [B, heads, T, T] score tensor, U = one float32 [C, V] logits chunk.
@@ -40,7 +41,7 @@ def open_teacher(source) -> ModelFile:
     return source if isinstance(source, ModelFile) else ModelFile.open(source, header_only=True)
 
 
-# -- the teacher's weights: resident and while loading (teacher.py: upload, decode_weight) --------
+# -- the teacher's weights: resident and while loading (teacher.upload, teacher.decode_weight) -----
 
 def kept_bytes(t, backend: str) -> int:
     """Bytes Teacher.load keeps for tensor ``t``: vectors (norms, biases) always as float32;
@@ -56,26 +57,114 @@ def teacher_resident(tensors) -> dict:
     return {b: sum(kept_bytes(t, b) for t in tensors) for b in BACKENDS}
 
 
-def decode_transient(t, backend: str) -> int:
-    """Bytes alive besides the kept result while decode_weight turns matrix ``t`` into its form:
-    the uploaded blocks; for bf16 also the float32 decode and f32_to_bf16's three uint32
-    temporaries alive at once ((n + 0x7FFF), (n >> 16), (... & 1))."""
-    if len(t.shape) == 1 or backend == "native":
-        return 0
+def row_padding(rows: int, row_bytes: int) -> int:
+    """kernels.weights.device_views copies rows whose length is not a multiple of 4 bytes into a
+    padded buffer for every kernel call (odd numbers of Q6_K / Q8_0 / Q5_0 blocks)."""
+    return rows * -(-row_bytes // 4) * 4 if row_bytes % 4 else 0
+
+
+def load_bytes(t, backend: str) -> int:
+    """Bytes alive for tensor ``t`` at the fullest moment of its Teacher.load step, its kept
+    result included:
+      native, vectors   what is kept (uploaded as stored; vectors converted on the host)
+      quantized matrix  the uploaded blocks (and their padded copy) + kernels.dequantize_to's
+                        result, decoded straight to float32 / bfloat16 bits
+      float matrix      the uploaded tensor + dense_f32's float32 copy (none for F32; BF16's
+                        upcast holds 8 bytes/element at its fullest) + astype's float32 result,
+                        or f32_to_bf16's three uint32 temporaries alive at once (12 bytes/element)"""
+    if backend == "native" or len(t.shape) == 1:
+        return kept_bytes(t, backend)
     n = t.n_elements
-    return t.nbytes + (0 if backend == "dequant-f32" else F32 * n + 3 * F32 * n)
+    if t.quantized:
+        return t.nbytes + row_padding(t.shape[0], t.nbytes // t.shape[0]) + kept_bytes(t, backend)
+    return t.nbytes + (0 if t.type_name == "F32" else F32 * n) + (F32 * n if backend == "dequant-f32" else 3 * F32 * n)
 
 
 def teacher_load_peak(tensors, backend: str) -> int:
     """Peak while Teacher.load uploads and decodes tensor after tensor in file order."""
     peak = kept = 0
     for t in tensors:
+        peak = max(peak, kept + load_bytes(t, backend))
         kept += kept_bytes(t, backend)
-        peak = max(peak, kept + decode_transient(t, backend))
-    return peak
+    return max(peak, kept)
 
 
-# -- the teacher's forward (teacher_forward.hidden_states, Teacher.iter_logits / logits_fn) ---------
+# -- one product (teacher_forward.linear / lm_head -> kernels.matmul) -----------------------------
+
+def _variant(type_name: str, M: int, N: int, K: int):
+    """The kernels.matmul variant a GPU would run (this card's tuning table, else the default)."""
+    import kernels
+
+    return kernels.get(kernels.choose(type_name, M, N, K, on_gpu=True))
+
+
+def _scratch_dtype(variant) -> str | None:
+    """The dtype of the kernels.scratch buffer this variant decodes its weight into, or None."""
+    from kernels.scratch import dequant_matmul
+
+    return variant.params.get("dtype", "float16") if variant.fn is dequant_matmul else None
+
+
+class Matrix:
+    """A weight as the teacher holds it: rows x K, in ``kind`` (a quant type name, F32, F16, BF16)."""
+
+    def __init__(self, t, backend: str, rows: int | None = None):
+        self.rows, self.K = (rows or t.shape[0]), t.shape[1]
+        self.kind = t.type_name if backend == "native" else {"dequant-f32": "F32", "dequant-bf16": "BF16"}[backend]
+        self.quantized = backend == "native" and t.quantized
+        self.row_bytes = t.nbytes // t.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.rows * self.K
+
+    def scratch(self, M: int) -> tuple:
+        """(dtype, bytes) of the decode scratch a product at M rows needs, or (None, 0)."""
+        import numpy as np
+
+        dtype = _scratch_dtype(_variant(self.kind, M, self.rows, self.K)) if self.quantized else None
+        return (dtype, self.n * np.dtype(dtype).itemsize) if dtype else (None, 0)
+
+    def linear(self, M: int, out_bytes: int, replaced_scratch: int = 0) -> int:
+        """Bytes of one teacher_forward.linear at its fullest, its output included (not x, not the
+        decode scratch), at M activation rows:
+          quantized  the output + the largest of: the scratch buffer being replaced when this
+                     product grows it (kernels.scratch.scratch keeps the old one bound while it
+                     allocates the new one), the padded copy kernels.weights.device_views makes of
+                     rows not a multiple of 4 bytes (alive while the kernel reads or decodes the
+                     weight), and x in fp16 [M, K] (decode-to-fp16-scratch variants, during GemmEx)
+          F32        the output
+          F16        the output + x in fp16 (cuBLAS GemmEx)
+          BF16       bf16_to_f32: astype(uint32) and << 16 alive at once (8 bytes/element), then
+                     the float32 matrix (4) and the output"""
+        if self.kind == "BF16":
+            return max(2 * F32 * self.n, F32 * self.n + out_bytes)
+        if not self.quantized:
+            return out_bytes + (2 * M * self.K if self.kind == "F16" else 0)
+        x16 = 2 * M * self.K if self.scratch(M)[0] == "float16" else 0
+        return out_bytes + max(replaced_scratch, x16, row_padding(self.rows, self.row_bytes))
+
+
+def decode_scratch(uses) -> int:
+    """kernels.scratch keeps one buffer per dtype, grown to the largest matrix a decode-to-scratch
+    variant decoded and held until kernels.release_scratch(). uses: [(Matrix, M)]."""
+    sizes = {}
+    for m, M in uses:
+        dtype, nbytes = m.scratch(M)
+        if dtype:
+            sizes[dtype] = max(sizes.get(dtype, 0), nbytes)
+    return sum(sizes.values())
+
+
+# -- the teacher's forward (teacher_forward.hidden_states, lm_head; Teacher.iter_logits / logits_fn) --
+
+# Temporaries of ops.glu's activation, in [N, F] float32 units, counted from glu.py's expressions:
+#   forward   besides gate and up       silu: 0.5*x and tanh(..), then s and x*s: 2
+#                                       gelu_tanh: t, 0.5*x, 1+t and their product: 4
+#   backward  besides the cache and dm  silu: s, a, then (1-s), x*(1-s), 1+.., s*(..) two at a time: 4
+#                                       gelu_tanh: t, y, 0.5*(1+t) and the long product's two operands + result: 6
+ACT_TEMPS = {"silu": (2, 4), "gelu_tanh": (4, 6)}
+
 
 def _sizes(cfg: ModelConfig, B: int, T: int) -> dict:
     N = B * T
@@ -88,87 +177,104 @@ def _head(info: ModelFile):
     return info.tensors["token_embd.weight" if info.config.tied_output else "output.weight"]
 
 
-def _matmul_variant(t, M: int):
-    """The kernels.matmul variant a GPU would run for weight ``t`` at M activation rows."""
-    import kernels
+def head_matrix(info: ModelFile, backend: str) -> Matrix:
+    """The weight one lm_head product multiplies: a HEAD_ROWS-row slab of a quantized head, else all of it."""
+    from .teacher_forward import HEAD_ROWS
 
-    N, K = t.shape
-    return kernels.get(kernels.choose(t.type_name, M, N, K, on_gpu=True))
-
-
-def _decodes_to_scratch(variant) -> bool:
-    from kernels.scratch import dequant_matmul
-
-    return variant.fn is dequant_matmul
+    t = _head(info)
+    whole = Matrix(t, backend)
+    return Matrix(t, backend, rows=HEAD_ROWS) if whole.quantized and whole.rows > HEAD_ROWS else whole
 
 
-def decode_scratch(info: ModelFile, m_trunk: int, m_head: int) -> int:
-    """kernels.scratch: the decode-then-cuBLAS variants keep one reusable buffer per dtype, grown
-    to the largest matrix they decoded and held until kernels.release_scratch() (from the first
-    forward on, this is the LM head when it takes that path)."""
-    import numpy as np
-
-    used = [(t, m_trunk) for n, t in info.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
-    used.append((_head(info), m_head))
-    sizes = {}
-    for t, M in used:
-        v = _matmul_variant(t, M) if t.quantized else None
-        if v is not None and _decodes_to_scratch(v):
-            dtype = v.params.get("dtype", "float16")
-            sizes[dtype] = max(sizes.get(dtype, 0), t.n_elements * np.dtype(dtype).itemsize)
-    return sum(sizes.values())
+def lm_head_bytes(info: ModelFile, backend: str, n: int, replaced_scratch: int = 0) -> dict:
+    """teacher_forward.lm_head for n tokens at its fullest, besides h and the decode scratch: a
+    quantized head above HEAD_ROWS rows fills an [n, V] output slab by slab (one slab's product
+    and its x_fp16 at a time); any other head is one linear(). replaced_scratch: the trunk's
+    scratch buffer, when the head's product grows it (the first forward)."""
+    V, w = _head(info).shape[0], head_matrix(info, backend)
+    if w.rows == V:
+        return dict(logits=w.linear(n, n * V * F32, replaced_scratch))
+    return dict(logits=n * V * F32, slab_product=w.linear(n, n * w.rows * F32, replaced_scratch))
 
 
-def linear_bytes(t, backend: str, M: int, out_bytes: int) -> int:
-    """Bytes teacher_forward.linear holds at its fullest besides its input and the decode scratch,
-    for weight ``t``, M activation rows and an output of ``out_bytes``:
-      dequant-bf16  the matrix upcast (astype uint32, then << 16: two uint32 copies at once,
-                    then the float32 one during the product)
-      dequant-f32   the output only
-      native        the output, the fp16 copy of x [M, K] (decode-then-cuBLAS), and the padded
-                    copy kernels.weights.device_views makes of rows not a multiple of 4 bytes"""
-    N, K = t.shape
-    if backend == "dequant-bf16":
-        return max(2 * F32 * N * K, F32 * N * K + out_bytes)
-    if backend != "native" or not t.quantized:
-        return out_bytes
-    row = t.nbytes // N
-    pad = N * (-(-row // 4) * 4) if row % 4 else 0
-    x16 = 2 * M * K if _decodes_to_scratch(_matmul_variant(t, M)) else 0
-    return out_bytes + x16 + pad
+def teacher_scratch(info: ModelFile, backend: str, N: int, C: int) -> tuple:
+    """(after the blocks, after the head too): the decode scratch a forward at N tokens with
+    head chunks of C tokens leaves behind (native only)."""
+    if backend != "native":
+        return 0, 0
+    trunk = [(Matrix(t, backend), N) for n, t in info.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    return decode_scratch(trunk), decode_scratch(trunk + [(head_matrix(info, backend), min(C, N))])
 
 
-def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int | None, backend: str) -> dict:
-    """Stages of hidden_states() -- one block's attention (at the softmax's exp), FFN (at the
-    GLU's tanh) and ffn_down's product -- and, when ``head_chunk`` is given, of iter_logits (the
-    final hidden [N, D], the chunk the caller's loop variable still holds, the head's product).
-    Every stage holds the decode scratch too (native)."""
-    s, N = _sizes(info.config, B, T), B * T
-    down = info.tensors.get("blk.0.ffn_down.weight")
-    C = min(head_chunk or N, N)
-    U = C * info.config.vocab_size * F32
-    common = dict(residual_and_normed=2 * s["ND"], rope_tables=s["rope"],
-                  decode_scratch=decode_scratch(info, N, C) if backend == "native" else 0)
-    stages = {
+def _chunks(N: int, C: int) -> list:
+    """(tokens of a chunk, tokens of the chunk before it) for the first chunk and, when there are
+    more, for the fullest later one (a middle chunk, or the last)."""
+    first = [(min(C, N), 0)]
+    if N <= C:
+        return first
+    return first + [(C if N > 2 * C else N - C, C)]
+
+
+def teacher_trunk_stages(info: ModelFile, B: int, T: int, backend: str, scratch: int) -> dict:
+    """hidden_states at its fullest moments in a block; each holds the decode scratch and rope tables:
+      attention    attention_forward at the exp: x, h, roped q, k, v, grouped q, scores, masked,
+                   shifted, probs, the causal mask
+      attn_output  its product: x, h, roped q, k, v, o, and the grouped q and probs that the
+                   dropped attention cache (bound to `_`) still holds
+      ffn          the GLU's activation: x, h, gate, up and the activation's temporaries
+      ffn_down     its product: x, h, gate, up and the GLU output (the cache bound to `_` keeps
+                   gate and up)"""
+    cfg, s = info.config, _sizes(info.config, B, T)
+    N, act_temps = s["N"], ACT_TEMPS[cfg.act][0]
+    w = {n: Matrix(info.tensors[f"blk.0.{n}.weight"], backend) for n in ("attn_output", "ffn_down")}
+    common = dict(decode_scratch=scratch, rope_tables=s["rope"], x_and_normed=2 * s["ND"])
+    return {
         "attention": dict(common, q_and_grouped_q=2 * s["NQ"], k_and_v=2 * s["NKV"],
                           scores_masked_shifted_probs=4 * s["S"], causal_mask=T * T),
-        "ffn": dict(common, gate_up_and_two_act_temps=4 * s["NF"]),
-        "ffn_down": dict(common, gate_up_glu=3 * s["NF"],
-                         product=linear_bytes(down, backend, N, s["ND"]) if down else s["ND"]),
+        "attn_output": dict(common, q_grouped_q_and_o=3 * s["NQ"], k_and_v=2 * s["NKV"], probs=s["S"],
+                            product=w["attn_output"].linear(N, s["ND"])),
+        "ffn": dict(common, gate_and_up=2 * s["NF"], act_temps=act_temps * s["NF"]),
+        "ffn_down": dict(common, gate_up_and_glu=3 * s["NF"], product=w["ffn_down"].linear(N, s["ND"])),
     }
-    if head_chunk:
-        stages["head"] = dict(decode_scratch=common["decode_scratch"], final_hidden=s["ND"],
-                              previous_chunk=U if N > C else 0, product=linear_bytes(_head(info), backend, C, U))
-    return stages
+
+
+def teacher_head_stages(info: ModelFile, B: int, T: int, backend: str, C: int, scratch: tuple) -> dict:
+    """Teacher.iter_logits: the decode scratch, the final hidden [N, D], the chunk the caller's
+    loop variable still holds (from the second chunk on) and lm_head for the current chunk.
+    scratch: (after the blocks, after the head) of a first forward; the first chunk's product
+    grows the buffer when the head's matrix is the largest."""
+    ND, V = B * T * info.config.d_model * F32, _head(info).shape[0]
+    trunk, full = scratch
+    return {f"head ({n} tokens{f' after {p}' if p else ''})":
+            dict(decode_scratch=full, final_hidden=ND, previous_chunk=p * V * F32,
+                 **lm_head_bytes(info, backend, n, trunk if full > trunk and not p else 0))
+            for n, p in _chunks(B * T, C)}
+
+
+def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: str) -> dict:
+    """Every stage of a first teacher forward (Teacher.iter_logits at B x T, head chunks of ``head_chunk``)."""
+    scratch = teacher_scratch(info, backend, B * T, head_chunk)
+    return {**teacher_trunk_stages(info, B, T, backend, scratch[0]),
+            **teacher_head_stages(info, B, T, backend, head_chunk, scratch)}
 
 
 # -- the student (student.py, losses.py, optim.py) -------------------------------------------------
 
 STUDENT_KEYS = ("layers", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim", "tied", "params")
+WIDTHS = ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim")
 
 
-def parse_student_spec(spec: str | None) -> dict:
-    """'layers=4' | 'layers=0,9,18,27' | 'd_model=896,n_layers=24,...' | 'params=0.5e9' -> dict."""
+def parse_student_spec(spec) -> dict:
+    """A student spec -> dict:
+      'layers=5' | 'layers=0,9,18,27'   the teacher blocks copied (Student.from_teacher; distill's
+                                        --student-layers): always block numbers, never a count
+      'n_layers=4[,d_model=896,...]'    the teacher's widths, with these replaced
+      'params=0.5e9'                    a qwen2-like student of about that many parameters
+    A list of block numbers stands for 'layers=...'; a dict is taken as parsed."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    if isinstance(spec, (list, tuple)):
+        return {"layers": [int(i) for i in spec]}
     out, key = {}, None
     for item in (spec or "").split(","):
         if "=" in item:
@@ -192,15 +298,19 @@ def student_config(teacher: ModelConfig, spec: dict) -> ModelConfig:
     if "params" in spec:
         return config_with_params(teacher, spec["params"])
     cfg = teacher
-    if "layers" in spec:                    # blocks taken from the teacher (Student.from_teacher)
+    if "layers" in spec:                    # as Student.from_teacher(teacher, layers) builds it
         layers = spec["layers"]
-        cfg = cfg.replace(n_layers=layers[0] if len(layers) == 1 else len(layers))
-    widths = {k: spec[k] for k in ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim") if k in spec}
-    if widths:
+        if "n_layers" in spec:
+            raise Q4KError("student: give layers= (teacher blocks) or n_layers= (a count), not both")
+        if not layers or any(not 0 <= i < teacher.n_layers for i in layers):
+            raise Q4KError(f"student layers {layers}: need teacher block numbers in 0..{teacher.n_layers - 1}")
+        cfg = cfg.replace(n_layers=len(layers), swa_layers=[i for i, t in enumerate(layers) if t in teacher.swa_layers])
+    widths = {k: spec[k] for k in WIDTHS if k in spec}
+    if widths.keys() & {"d_model", "n_heads"}:
         n_heads = widths.get("n_heads", cfg.n_heads)
         widths.setdefault("head_dim", widths.get("d_model", cfg.d_model) // n_heads)
         widths.setdefault("n_kv_heads", math.gcd(cfg.n_kv_heads, n_heads))
-        cfg = cfg.replace(**widths)
+    cfg = cfg.replace(**widths)
     if "tied" in spec:
         cfg = cfg.replace(tied_output=bool(spec["tied"]))
     if min(cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) < 1:
@@ -240,40 +350,82 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def block_cache_bytes(cfg: ModelConfig, B: int, T: int) -> dict:
-    """What block_forward's cache keeps for the backward."""
+    """What block_forward's cache keeps for the backward (the block's input x included)."""
     s = _sizes(cfg, B, T)
     return dict(input_normed_mid_normed2=4 * s["ND"], grouped_q_and_attn_out=2 * s["NQ"], k_and_v=2 * s["NKV"],
-                probs=s["S"], gate_up_glu=3 * s["NF"])
+                probs=s["S"], gate_up_glu=3 * s["NF"],
+                prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
+                prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
 
 
-def student_block_stages(cfg: ModelConfig, B: int, T: int) -> dict:
-    """One block's forward and backward on top of its own cache (see block_cache_bytes)."""
-    s = _sizes(cfg, B, T)
-    cache = sum(block_cache_bytes(cfg, B, T).values())
+def block_forward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
+    """block_forward at its fullest moments, the block's input x included:
+      attention  attention_forward at the exp: x, h, roped q, k, v, grouped q, scores, masked,
+                 shifted, probs, the causal mask (+ the q/k norms' inputs)
+      ffn        the GLU's activation: the attention half's cache, the roped q and attention output
+                 (locals still bound), x2, h2, gate, up and the activation's temporaries
+      end        x + f: the whole cache, the roped q, a, f and the new x"""
+    s, cache = _sizes(cfg, B, T), block_cache_bytes(cfg, B, T)
+    ND, NQ, NKV, NF, S = (s[k] for k in ("ND", "NQ", "NKV", "NF", "S"))
+    attn_cache = 2 * ND + 2 * NQ + 2 * NKV + S + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
     return {
-        # attention_forward at the exp: scores, masked, shifted, probs; the cache is not complete yet
-        "block forward (attention)": 2 * s["ND"] + 2 * s["NQ"] + 2 * s["NKV"] + 4 * s["S"] + T * T,
-        # glu at the tanh: cache (less the glu output) + rotated q + attn out + two act temps
-        "block forward (ffn)": cache + s["NQ"] + s["ND"] + s["NF"],
-        # glu_backward: dm, act, act', dy*up, dgate besides the cache
-        "block backward (ffn)": cache + 2 * s["ND"] + 5 * s["NF"],
-        # attention_backward: dp, (dp - sum), ds besides the probs, and the grouped grads
-        "block backward (attention)": cache + 2 * s["ND"] + 3 * s["S"] + 3 * s["NQ"] + 2 * s["NKV"],
+        "attention": dict(input_and_normed=2 * ND, roped_q_k_and_v=NQ + 2 * NKV, grouped_q=NQ,
+                          scores_masked_shifted_probs=4 * S, causal_mask=T * T, prenorm_q_k=cache["prenorm_q_k"]),
+        "ffn": dict(attention_cache=attn_cache, roped_q_and_attn_out=NQ + ND, mid_and_normed2=2 * ND,
+                    gate_and_up=2 * NF, act_temps=ACT_TEMPS[cfg.act][0] * NF),
+        "end": dict(cache=sum(cache.values()), roped_q_attn_out_ffn_out_and_new_x=NQ + 3 * ND),
     }
 
 
-def loss_chunk_bytes(n: int, V: int, n_chunks: int) -> int:
-    """losses.chunk_loss (kind kl, T = 1) at its fullest: student and teacher logits, the CE
-    grads (dce and ds), both log-softmaxes, q, p, and _plogp_diff's mask (bool), difference and
-    where-result = 10.25 U; from the second chunk on the previous chunk's ds is still held."""
-    U = n * V * F32
-    return int((10.25 + (1 if n_chunks > 1 else 0)) * U)
+def block_backward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
+    """block_backward at its fullest moments, besides the block's cache and the incoming grad dx:
+      ffn        glu_backward: (the post-FFN norm's grad,) d(GLU output) and the activation-grad temporaries
+      attention  attention_backward at ds^T @ qg: dx after the FFN half (+ the post-attention norm's
+                 grad), do, its grouped copy, dq, dv, the new dk, dp, ds and CuPy's contiguous copy of
+                 ds^T (a batched matmul copies a non-contiguous operand)"""
+    s = _sizes(cfg, B, T)
+    post = s["ND"] if cfg.post_norms else 0
+    return {
+        "ffn": dict(post_norm_grad=post, glu_out_grad=s["NF"], act_grad_temps=ACT_TEMPS[cfg.act][1] * s["NF"]),
+        "attention": dict(mid_grad=s["ND"], post_norm_grad=post, do_grouped_do_dq=3 * s["NQ"], dv_dk=2 * s["NKV"],
+                          dp_ds_and_ds_t_copy=3 * s["S"]),
+    }
 
 
-def head_chunk_bytes(n: int, V: int, D: int, n_chunks: int) -> int:
-    """Student._head_backward per chunk: the loss at its fullest, or linear_backward's moment
-    (logits, d logits, dx [n, D] and the head's full-size dW [V, D] before it is added)."""
-    return max(loss_chunk_bytes(n, V, n_chunks), 2 * n * V * F32 + V * D * F32 + n * D * F32)
+def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head) -> dict:
+    """Student._head_backward, chunk by chunk (U(n) = n x V float32; teacher_head(n): the
+    teacher's lm_head buffers for n tokens):
+      loss       losses.chunk_loss (kind kl, alpha 0): s, t, ds, both log-softmaxes, q, p and
+                 _plogp_diff's mask (bool), difference and where-result: 9.25 U
+      teacher    s and the teacher's lm_head for the chunk
+      new s      linear_forward makes s while the previous chunk's s is still bound
+      backward   linear_backward: s, ds, dx [n, D] and the head's dW [V, D]
+    From the second chunk on, the previous chunk's ds (until chunk_loss returns) and dW (until
+    linear_backward returns) are still bound."""
+    V, D = cfg.vocab_size, cfg.d_model
+    W = V * D * F32
+    stages = {}
+    for n, p in _chunks(N, C):
+        U, later = n * V * F32, (f" after {p}" if p else "")
+        held = dict(previous_ds=p * V * F32, previous_dW=W if p else 0)
+        stages[f"loss ({n} tokens{later})"] = dict(held, logits_and_teacher=2 * U, ds=U, log_softmaxes=2 * U,
+                                                   q_and_p=2 * U, mask_difference_where=int(2.25 * U))
+        stages[f"teacher head ({n} tokens{later})"] = dict(held, logits=U, **{f"teacher_{k}": v for k, v in teacher_head(n).items()})
+        if p:
+            stages[f"new logits ({n} tokens{later})"] = dict(held, previous_logits=p * V * F32, logits=U)
+        stages[f"head backward ({n} tokens{later})"] = dict(previous_dW=held["previous_dW"], logits_and_ds=2 * U,
+                                                            dx=n * D * F32, dW=W)
+    return stages
+
+
+def _largest(stages: dict) -> tuple:
+    """(name, buffers) of the stage holding the most bytes."""
+    name = max(stages, key=lambda k: sum(stages[k].values()))
+    return name, stages[name]
+
+
+def _stage_text(name, bufs) -> str:
+    return f"stage '{name}': " + ", ".join(k for k, v in bufs.items() if v)
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -339,11 +491,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(teacher, batch: int, seq: int, student: str | dict | None = None, *,
+def make_plan(teacher, batch: int, seq: int, student=None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
               checkpoint: bool = True, teacher_backend: str = "native") -> Plan:
-    """The plan for a teacher (path, manifest dict or ModelFile) and a student spec
-    (see parse_student_spec; default 'layers=4'). chunk_tokens None: the student's own choice."""
+    """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
+    dict (see parse_student_spec), or a list of teacher block numbers such as distill's
+    student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
+    ('n_layers=4', as distill's default student). chunk_tokens None: the student's own choice."""
     from .student import chunk_size
     from .teacher import DEFAULT_CHUNK_TOKENS
 
@@ -352,7 +506,7 @@ def make_plan(teacher, batch: int, seq: int, student: str | dict | None = None, 
     if teacher_backend not in BACKENDS:
         raise Q4KError(f"teacher backend {teacher_backend!r}: expected one of {', '.join(BACKENDS)}")
     info = open_teacher(teacher)
-    spec = parse_student_spec(student or "layers=4") if not isinstance(student, dict) else dict(student)
+    spec = parse_student_spec("n_layers=4" if student is None else student)
     scfg = student_config(info.config, spec)
     n_params = count_params(scfg)
     plan = Plan(teacher={"source": info.path, "architecture": info.config.architecture,
@@ -367,12 +521,8 @@ def make_plan(teacher, batch: int, seq: int, student: str | dict | None = None, 
     return plan
 
 
-def _stage_text(name, bufs) -> str:
-    return f"stage '{name}': " + ", ".join(k for k, v in bufs.items() if v)
-
-
 def _add_teacher_rows(plan: Plan, info: ModelFile) -> None:
-    B, T = plan.batch, plan.seq
+    B, T, C = plan.batch, plan.seq, plan.teacher_chunk_tokens
     resident = teacher_resident(info.tensors.values())
     counts = {"native": "every matrix as stored (quantized blocks) + vectors as float32",
               "dequant-f32": "4 bytes x every element", "dequant-bf16": "2 bytes x matrix elements + 4 x vector elements"}
@@ -380,60 +530,62 @@ def _add_teacher_rows(plan: Plan, info: ModelFile) -> None:
         plan.add(f"teacher resident ({b})", resident[b], counts[b], measured=True)
     for b in BACKENDS:
         plan.add(f"teacher load peak ({b})", teacher_load_peak(info.tensors.values(), b),
-                 "resident so far + the tensor being uploaded and decoded", measured=True)
-    scratch = teacher_stages(info, B, T, plan.teacher_chunk_tokens, "native")["head"]["decode_scratch"]
-    plan.add("teacher decode scratch (native)", scratch, "kernels' reusable decode buffer, kept after the forward "
-             "(the largest matrix a decode-then-cuBLAS product decoded)", measured=True)
+                 "resident so far + the tensor being loaded" + ("" if b == "native" else
+                 ": its uploaded blocks and its decoded result (kernels.dequantize_to)"), measured=True)
+    slab = head_matrix(info, "native").rows
+    plan.add("teacher decode scratch (native)", teacher_scratch(info, "native", B * T, C)[1],
+             "kernels' reusable decode buffers, kept after the forward: the largest matrix a decode-to-scratch "
+             f"product decoded (the LM head {f'in slabs of {slab} rows' if slab < _head(info).shape[0] else 'whole'})",
+             measured=True)
     for b in BACKENDS:
-        stages = teacher_stages(info, B, T, plan.teacher_chunk_tokens, b)
-        name = max(stages, key=lambda k: sum(stages[k].values()))
-        work = plan.add(f"teacher forward working set ({b})", sum(stages[name].values()), _stage_text(name, stages[name]))
+        name, bufs = _largest(teacher_stages(info, B, T, C, b))
+        work = plan.add(f"teacher forward working set ({b})", sum(bufs.values()), _stage_text(name, bufs))
         plan.add(f"teacher forward peak ({b})", resident[b] + work,
-                 f"resident + working set: iter_logits at {B}x{T}, chunks of {plan.teacher_chunk_tokens} tokens",
-                 measured=True)
+                 f"resident + working set: iter_logits at {B}x{T}, chunks of {C} tokens", measured=True)
 
 
 def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int) -> None:
-    """Teacher trunk (logits_fn), then loss_and_grads, then AdamW.step (as distill.py runs them)."""
-    B, T, b = plan.batch, plan.seq, plan.teacher_backend
-    s, N, V = _sizes(cfg, B, T), B * T, cfg.vocab_size
+    """Teacher trunk (logits_fn), then loss_and_grads, then AdamW.step, as reproduce-memory runs
+    them (distill.train_step also keeps the teacher's hidden [N, D] through AdamW.step)."""
+    B, T, b, L = plan.batch, plan.seq, plan.teacher_backend, cfg.n_layers
+    s, N = _sizes(cfg, B, T), B * T
+    ND = s["ND"]
     params = plan.add("student params", F32 * n_params, f"{n_params:,} float32 parameters (one flat buffer)")
     grads = plan.add("student grads", F32 * n_params, "the flat float32 grad buffer")
     adam = plan.add("AdamW m and v", 2 * F32 * n_params, "two float32 moments per parameter")
     base = plan.row(f"teacher resident ({b})").predicted_bytes + params + grads + adam
     plan.add("student state", params + grads + adam, "params + grads + AdamW m and v")
 
-    trunk = teacher_stages(info, B, T, plan.chunk_tokens, b)       # the head runs inside the loss (below)
-    trunk.pop("head")
-    scratch = trunk["ffn"]["decode_scratch"]                          # held from the teacher's first product on
-    name = max(trunk, key=lambda k: sum(trunk[k].values()))
-    plan.add("distill: teacher trunk peak", base + sum(trunk[name].values()),
-             f"teacher + student state + teacher {_stage_text(name, trunk[name])}", measured=True)
-    teacher_hidden = N * info.config.d_model * F32                    # logits_fn keeps h [N, D_teacher]
+    scratch = teacher_scratch(info, b, N, plan.chunk_tokens)[1]      # the head's slabs run inside the loss
+    name, bufs = _largest(teacher_trunk_stages(info, B, T, b, scratch))
+    plan.add("distill: teacher trunk peak", base + sum(bufs.values()),
+             f"teacher + student state + teacher {_stage_text(name, bufs)}", measured=True)
 
     cache = sum(block_cache_bytes(cfg, B, T).values())
-    inputs = (cfg.n_layers + 1) * s["ND"]                             # each block's input + the last output
-    kept = inputs if plan.checkpoint else cfg.n_layers * cache + s["ND"]
-    plan.add("student activations (checkpointing on)", inputs + cache,
-             "each block's input [N, D] + one block's cache, recomputed in the backward")
-    plan.add("student activations (checkpointing off)", cfg.n_layers * cache + s["ND"],
-             "every block's cache: " + ", ".join(block_cache_bytes(cfg, B, T)))
-    C = min(plan.chunk_tokens, N)
-    n_chunks = -(-N // C)
-    loss = plan.add("loss chunk working set", head_chunk_bytes(C, V, cfg.d_model, n_chunks),
-                    f"losses.chunk_loss on [{C}, {V}] logits: 10.25 (+1 from the 2nd chunk) x [C, V] float32, "
-                    f"or the head's backward (logits, d logits, dW [V, D])")
-    block = max(student_block_stages(cfg, B, T).values())            # includes the block's own cache
-    if plan.checkpoint:
-        fwd = inputs + cache + block          # saved inputs, the previous block's cache (still bound), this block
-        bwd = inputs + 3 * s["ND"] + block    # inputs left, final hidden, dh, dx + the recomputed block
+    plan.add("student activations (checkpointing on)", (L + 1) * ND + cache,
+             "each block's input [N, D] + the final norm's input + one block's cache, recomputed in the backward")
+    plan.add("student activations (checkpointing off)", L * cache + ND,
+             "every block's cache (" + ", ".join(k for k, v in block_cache_bytes(cfg, B, T).items() if v)
+             + ") + the final norm's input")
+    loss_name, loss = _largest(loss_stages(cfg, N, plan.chunk_tokens, lambda n: lm_head_bytes(info, b, n)))
+    loss = plan.add("loss chunk working set", sum(loss.values()),
+                    f"Student._head_backward over chunks of {plan.chunk_tokens} tokens: {_stage_text(loss_name, loss)}")
+    (fwd_name, fwd), (bwd_name, bwd) = (_largest(f(cfg, B, T)) for f in (block_forward_stages, block_backward_stages))
+    fwd, bwd = sum(fwd.values()), sum(bwd.values())
+    if plan.checkpoint:     # saved: each block's input; then the final norm's input, h and dh; dx in the backward
+        moments = {f"block forward ({fwd_name}; earlier inputs, the previous block's cache)":
+                   (L - 1) * ND + (cache - ND if L > 1 else 0) + fwd,
+                   "LM head + loss (inputs, final norm's input, h, dh)": (L + 3) * ND + loss,
+                   f"block recompute ({fwd_name}; inputs, h, dh, dx)": (L + 3) * ND + fwd,
+                   f"block backward ({bwd_name}; inputs, h, dh, dx, the recomputed cache)": (L + 3) * ND + cache + bwd}
     else:
-        fwd = (cfg.n_layers - 1) * cache + s["ND"] + block
-        bwd = kept + 3 * s["ND"] + block - cache
-    head = kept + 3 * s["ND"] + loss          # + final hidden, its norm input, dh
-    work, where = max((fwd, "block forward"), (head, "LM head + loss chunk"), (bwd, "block backward"))
-    fb = plan.add("distill: student forward/backward peak", base + scratch + teacher_hidden + work,
-                  f"teacher + student state + decode scratch + teacher hidden [N, D] + activations + {where}",
+        moments = {f"block forward ({fwd_name}; earlier caches)": (L - 1) * cache + fwd,
+                   "LM head + loss (caches, final norm's input, h, dh)": L * cache + 3 * ND + loss,
+                   f"block backward ({bwd_name}; caches, h, dh, dx)": L * cache + 4 * ND + bwd}
+    where = max(moments, key=moments.get)
+    held = scratch + N * info.config.d_model * F32 + s["rope"]        # + logits_fn's hidden [N, D_teacher]
+    fb = plan.add("distill: student forward/backward peak", base + held + moments[where],
+                  f"teacher + student state + decode scratch + teacher hidden [N, D] + rope tables + {where}",
                   measured=True)
     opt = plan.add("distill: optimizer step peak", base + scratch, "teacher + student state + decode scratch "
                    "(the fused AdamW kernel updates in place)", measured=True)

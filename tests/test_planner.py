@@ -27,13 +27,23 @@ def test_resident_bytes_of_the_7b_manifest(manifest_7b_path):
     assert resident["dequant-bf16"] == 2 * _elements(info, False) + 4 * _elements(info, True)
     plan = planner.make_plan(info, 1, 512, "params=0.5e9")
     assert plan.teacher_resident_bytes == resident
-    # at 1x512 the peak is the LM head: hidden [512, 3584], logits [512, 152064], and (when the
-    # head goes through decode-then-cuBLAS) its fp16 scratch [152064, 3584] and x in fp16
+    # the decode scratch holds the largest fp16 matrix the blocks decode, ffn_gate/up/down [18944, 3584]
+    # (the LM head [152064, 3584] goes through it in slabs of HEAD_ROWS = 16384 rows)
     scratch = plan.row("teacher decode scratch (native)").predicted_bytes
-    assert scratch in (0, 2 * 152064 * 3584)
-    head = 4 * 512 * 3584 + 4 * 512 * 152064 + (2 * 512 * 3584 if scratch else 0)
+    assert scratch in (0, 2 * 18944 * 3584)
+    # at 1x512 the peak is the LM head: hidden [512, 3584], logits [512, 152064], one slab's
+    # product [512, 16384] and (decode-then-cuBLAS) x in fp16 [512, 3584]
+    head = 4 * 512 * 3584 + 4 * 512 * 152064 + 4 * 512 * 16384 + (2 * 512 * 3584 if scratch else 0)
     assert plan.teacher_forward_peak_bytes == B7_BYTES + scratch + head
     assert plan.row("teacher forward peak (dequant-f32)").predicted_bytes == resident["dequant-f32"] + 4 * 512 * (3584 + 152064)
+    # bf16 upcasts the whole head to float32 for its one product: astype(uint32) and << 16 at once
+    assert plan.row("teacher forward peak (dequant-bf16)").predicted_bytes == resident["dequant-bf16"] + 4 * 512 * 3584 + 8 * 152064 * 3584
+    # loading decodes straight to the kept dtype, so the peak is at the file's last matrix: all that
+    # is kept + its uploaded blocks
+    last = info.tensors["blk.27.ffn_up.weight"]
+    assert list(info.tensors)[-1] == last.name
+    for b in ("dequant-f32", "dequant-bf16"):
+        assert plan.row(f"teacher load peak ({b})").predicted_bytes == resident[b] + last.nbytes
 
 
 def test_truncated_file_gives_the_manifest_plan(deepseek_chunk_path, manifest_7b_path):
@@ -57,16 +67,22 @@ def test_distill_step_plan_adds_up(manifest_7b_path):
     assert plan.row("distill: optimizer step peak").predicted_bytes == B7_BYTES + 16 * n + scratch
     no_ckpt = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=256, checkpoint=False)
     assert no_ckpt.distill_step_peak_bytes > step + 5e9                  # 24 blocks of caches at 8x512
+    # from the second chunk on, chunk_loss (9.25 U) runs beside the previous chunk's ds (U) and head dW [V, D]
     bigger_chunks = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=1024)
-    assert bigger_chunks.row("loss chunk working set").predicted_bytes == int(11.25 * 1024 * 152064 * 4)
+    U, d_student = 1024 * 152064 * 4, plan.student["config"]["d_model"]
+    assert bigger_chunks.row("loss chunk working set").predicted_bytes == int(10.25 * U) + 4 * 152064 * d_student
 
 
 def test_student_specs(manifest_7b_path):
     teacher = planner.open_teacher(manifest_7b_path).config
     parse = planner.parse_student_spec
-    assert parse("layers=4") == {"layers": [4]}
+    assert parse("layers=4") == {"layers": [4]} == parse([4])
     assert parse("layers=0,9,18,27") == {"layers": [0, 9, 18, 27]}
     assert planner.student_config(teacher, parse("layers=0,9,18,27")).n_layers == 4
+    # layers= always names teacher blocks (distill --student-layers 5: one block, teacher block 5)
+    assert planner.student_config(teacher, parse("layers=5")).n_layers == 1
+    four = planner.student_config(teacher, parse("n_layers=4"))
+    assert (four.n_layers, four.head_dim, four.n_kv_heads) == (4, teacher.head_dim, teacher.n_kv_heads)
     cfg = planner.student_config(teacher, parse("d_model=1024,n_layers=6,d_ff=2816,n_heads=16,n_kv_heads=4,tied=1"))
     assert (cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.head_dim, cfg.tied_output) == (1024, 6, 2816, 64, True)
     assert cfg.vocab_size == teacher.vocab_size and cfg.architecture == "qwen2"
@@ -76,7 +92,7 @@ def test_student_specs(manifest_7b_path):
         assert cfg.n_heads % cfg.n_kv_heads == 0 and cfg.d_model == cfg.n_heads * cfg.head_dim
     small = planner.student_config(teacher, parse("d_model=64,n_layers=2,d_ff=96,n_heads=4,n_kv_heads=2"))
     assert planner.count_params(small) == Student(small, xp=np).n_params
-    for bad in ("width=3", "layers=x", "d_model=64,,oops", "n_heads=6,n_kv_heads=4"):
+    for bad in ("width=3", "layers=x", "d_model=64,,oops", "n_heads=6,n_kv_heads=4", "layers=28", "layers=1,n_layers=2", []):
         with pytest.raises(Q4KError):
             planner.student_config(teacher, parse(bad))
 
@@ -100,3 +116,13 @@ def test_plan_of_the_real_gemma_file(gemma_path):
     info = planner.open_teacher(gemma_path)
     assert plan.teacher_resident_bytes["native"] == sum(planner.kept_bytes(t, "native") for t in info.tensors.values())
     assert plan.student["config"]["tied_output"] and plan.student["config"]["vocab_size"] == 262144
+
+
+def test_distill_student_layers_reach_the_planner_as_blocks(manifest_7b_path):
+    """distill's student_layers (a list) and the 'layers=' spec name teacher blocks, never a count."""
+    one = planner.make_plan(manifest_7b_path, 1, 64, [5])
+    assert one.student["config"]["n_layers"] == 1 and one.student["spec"] == {"layers": [5]}
+    assert planner.make_plan(manifest_7b_path, 1, 64, "layers=5").student == one.student
+    assert planner.make_plan(manifest_7b_path, 1, 64, "n_layers=5").student["config"]["n_layers"] == 5
+    default = planner.make_plan(manifest_7b_path, 1, 64)
+    assert default.student["n_params"] == planner.make_plan(manifest_7b_path, 1, 64, [0, 9, 18, 27]).student["n_params"]

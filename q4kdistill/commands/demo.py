@@ -14,8 +14,8 @@ HELP = "a few minutes of distillation on the CPU (faster on a GPU) from the buil
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "q4kdistill")
 # (steps, batch, seq, lr) of the two demos: a 262k vocabulary makes every real step costly on the CPU
-REAL = dict(student_layers=[0, 6, 11, 17], steps=30, batch=2, seq=64, lr=1e-4, warmup=3, eval_every=15,
-            eval_batches=2, save_every=15, chunk_tokens=64)
+REAL = dict(student_layers=[0, 6, 11, 17], steps=20, batch=2, seq=64, lr=2e-4, warmup=2, eval_every=10,
+            eval_batches=2, save_every=10, chunk_tokens=128)
 SYNTHETIC = dict(student_layers=[0, 3], steps=60, batch=4, seq=32, lr=3e-3, warmup=5, eval_every=20,
                  eval_batches=2, save_every=20)
 

@@ -13,7 +13,8 @@ def add_student_arguments(p, checkpoint: bool) -> None:
     from ..distill import DistillConfig
 
     p.add_argument("--student", metavar="SPEC", default=None,
-                   help="'layers=4' (teacher widths), 'layers=0,9,18,27', or "
+                   help="'layers=0,9,18,27' (teacher blocks, as distill's --student-layers: 'layers=5' is the one "
+                        "block 5), 'n_layers=4' (that many blocks of the teacher's widths; the default), or "
                         "'d_model=896,n_layers=24,d_ff=4864,n_heads=14,n_kv_heads=2[,tied=1]'")
     p.add_argument("--student-params", type=float, metavar="N", default=None,
                    help="a qwen2-like student of about N parameters with the teacher's vocabulary (e.g. 0.5e9)")
@@ -30,7 +31,7 @@ def student_spec(args):
 
     if args.student and args.student_params:
         raise Q4KError("give --student or --student-params, not both")
-    return f"params={args.student_params}" if args.student_params else (args.student or "layers=4")
+    return f"params={args.student_params}" if args.student_params else (args.student or "n_layers=4")
 
 
 def add_arguments(p) -> None:

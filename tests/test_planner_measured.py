@@ -1,0 +1,141 @@
+"""The planner against measured bytes, on the CPU.
+
+reproduce-memory's own experiment (load, forward, two distillation steps per backend) runs with
+NumPy stand-ins for the GPU kernels that allocate exactly what the GPU code allocates -- the
+decode scratch (kernels.scratch), x in fp16, the padded copy of odd-length rows, dequantize_to's
+result, nothing for the fused AdamW update -- and tracemalloc counts every byte. The rest is the
+package's own code. Every array stays under NumPy's 256 KiB temporary-elision threshold, so NumPy
+allocates what CuPy allocates, except the contiguous copies CuPy makes of non-contiguous batched
+matmul operands (the planner counts those; NumPy measures up to one such copy less).
+The allowance covers Python objects, which tracemalloc counts too.
+"""
+import dataclasses
+import gc
+
+import kernels
+import numpy as np
+import pytest
+from kernels import dispatch, registry, weights
+from kernels.scratch import dequant_matmul, scratch
+
+from q4kdistill import planner, synthetic, teacher_forward
+from q4kdistill.commands import reproduce_memory as rm
+from q4kdistill.model_file import ModelFile
+from q4kdistill.optim import AdamW
+
+SLACK_BYTES = 32_000        # Python objects next to the arrays
+SLACK = 0.015
+
+
+def _scratch_product(x, w_raw, qtype, n_out, out, dtype="float16"):
+    """dequant_f16_cublas's buffers: the scratch, then the padded rows while decoding, then x in fp16."""
+    scratch(np, n_out * x.shape[1], dtype)
+    weights.device_views(w_raw)
+    if dtype == "float16":
+        x.astype(np.float16)
+    out.fill(0)
+    return out
+
+
+def _fused_product(x, w_raw, qtype, n_out, out, **params):
+    """A fused GEMV/GEMM kernel's buffers: the padded rows while it runs."""
+    weights.device_views(w_raw)
+    out.fill(0)
+    return out
+
+
+def _dequantize_to(w_raw, qtype, n_out, out_dtype, out=None):
+    views = weights.device_views(w_raw)            # alive while the result is allocated
+    out = np.zeros((n_out, weights.columns(w_raw, qtype, n_out)), np.uint16 if out_dtype == "bfloat16" else out_dtype)
+    del views
+    return out
+
+
+def _embedding_rows(w_raw, qtype, ids):
+    ids = np.asarray(ids).reshape(-1).astype(np.int64)
+    views = weights.device_views(w_raw)
+    out = np.zeros((ids.size, weights.columns(w_raw, qtype, w_raw.shape[0])), np.float32)
+    del views
+    return out
+
+
+@pytest.fixture
+def gpu_allocations(monkeypatch):
+    """-> measure(model, **plan_args): the plans, then the experiment under GPU-like allocations."""
+
+    def measure(model, batch, seq, step_batch, student, chunk_tokens, checkpoint):
+        kw = dict(chunk_tokens=chunk_tokens, checkpoint=checkpoint)
+        fwd, step = (planner.make_plan(model, b, seq, student, **kw) for b in (batch, step_batch))
+        real_choose = dispatch.choose
+        monkeypatch.setattr(dispatch, "choose", lambda q, M, N, K, on_gpu=None: real_choose(q, M, N, K, on_gpu=True))
+        for name, v in list(registry._REGISTRY.items()):
+            fn = _scratch_product if v.fn is dequant_matmul else _fused_product
+            monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(v, fn=fn))
+        monkeypatch.setattr(kernels, "dequantize_to", _dequantize_to)
+        monkeypatch.setattr(kernels, "embedding_rows", _embedding_rows)
+        monkeypatch.setattr(AdamW, "_update", lambda self, *args: None)
+        data = {name: model.tensor_data(name) for name in model.tensors}
+        monkeypatch.setattr(model, "tensor_data", lambda name: data[name].copy())     # the upload's copy
+        kernels.release_scratch()
+        gc.collect()
+        exp = rm._Experiment(model, log=lambda line: None)
+        for b in planner.BACKENDS:
+            exp.section(b, fwd, step if b == "native" else None)
+        assert not exp.outcome, exp.outcome
+        return exp.compare(fwd, step), fwd, step
+
+    yield measure
+    kernels.release_scratch()
+
+
+def _check(rows):
+    assert len(rows) == 14
+    for r in rows:
+        assert abs(r["measured_bytes"] - r["predicted_bytes"]) <= SLACK * r["predicted_bytes"] + SLACK_BYTES, r
+
+
+def _counts(plan, row):
+    return plan.row(row).counts
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_tiny_teacher_every_row(gpu_allocations, checkpoint):
+    """reproduce-memory --tiny's teacher and student; two loss chunks (the previous ds and dW still bound)."""
+    rows, fwd, step = gpu_allocations(ModelFile.open(rm.tiny_manifest()), 1, 32, 1, rm.TINY["student"], 16, checkpoint)
+    _check(rows)
+    assert "LM head + loss" in _counts(step, "distill: student forward/backward peak")
+    assert "after 16" in _counts(step, "loss chunk working set")
+
+
+@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (attention"), (False, "block backward (attention")])
+def test_attention_dominated_student(gpu_allocations, tmp_path, checkpoint, where):
+    """8 heads at T = 88 and a small vocabulary: the scores [B, H, T, T] outweigh the rest."""
+    path = synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2"), qtypes={"*": "Q4_K", "output": "Q6_K"})
+    student = "d_model=64,n_layers=3,d_ff=128,n_heads=8,n_kv_heads=2"
+    rows, fwd, step = gpu_allocations(ModelFile.open(path), 1, 88, 1, student, 24, checkpoint)
+    _check(rows)
+    assert where in _counts(step, "distill: student forward/backward peak")
+    assert "stage 'attention'" in _counts(fwd, "teacher forward working set (native)")
+
+
+def test_lm_head_in_slabs(gpu_allocations, monkeypatch, tmp_path):
+    """A Q6_K head of 2048 rows multiplied 768 rows at a time: the first forward grows the scratch
+    from the blocks' size to a slab's (old and new buffer at once), odd-length rows are padded per
+    product, and the step's last chunk of 8 tokens takes the fused GEMV."""
+    monkeypatch.setattr(teacher_forward, "HEAD_ROWS", 768)
+    path = synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2", vocab_size=2048),
+                                qtypes={"*": "Q4_K", "output": "Q6_K"})
+    rows, fwd, step = gpu_allocations(ModelFile.open(path), 1, 32, 1, "layers=1", 24, True)
+    _check(rows)
+    assert "slab_product" in _counts(fwd, "teacher forward working set (native)")
+    assert fwd.row("teacher decode scratch (native)").predicted_bytes == 2 * 768 * 256
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_gemma3_teacher_and_student(gpu_allocations, tmp_path, checkpoint):
+    """q/k norms, post norms, GeGLU-tanh, sliding windows, a tied Q8_0 head."""
+    path = synthetic.write_gguf(tmp_path / "g.gguf", synthetic.tiny_config("gemma3"), qtypes={"*": "Q8_0"})
+    rows, fwd, step = gpu_allocations(ModelFile.open(path), 1, 60, 1, "layers=0,1", 16, checkpoint)
+    _check(rows)
+    assert "stage 'ffn'" in _counts(fwd, "teacher forward working set (native)")
+    assert "(ffn" in _counts(step, "distill: student forward/backward peak")
