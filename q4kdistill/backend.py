@@ -99,8 +99,10 @@ def synchronize() -> None:
         cupy.cuda.get_current_stream().synchronize()
 
 
+@functools.lru_cache(maxsize=None)
 def gpu_name() -> str:
-    """The card's name ("NVIDIA H100 80GB HBM3"), or "cpu"."""
+    """The card's name ("NVIDIA H100 80GB HBM3"), or "cpu". Cached: getDeviceProperties costs ~1 ms,
+    and kernel dispatch asks for the name on every product."""
     if not on_gpu():
         return "cpu"
     import cupy
