@@ -509,7 +509,7 @@ def summary_table(evals: dict) -> str:
     a, b = evals[steps[0]], evals[steps[-1]]
     rows = [("teacher-KL (nats/token, lower is better)", "teacher_kl", "{:.4f}"),
             ("top-1 agreement with the teacher", "top1_agreement", "{:.1%}"),
-            ("student perplexity", "student_ppl", "{:.2f}")]
+            ("student perplexity", "student_ppl", "{:.4g}")]
     head = f"{'held-out, ' + str(a['tokens']) + ' tokens':<42} {'step ' + steps[0]:>12} {'step ' + steps[-1]:>12}"
     lines = [head, "-" * len(head)]
     lines += [f"{label:<42} {fmt.format(a[key]):>12} {fmt.format(b[key]):>12}" for label, key, fmt in rows]

@@ -71,8 +71,7 @@ def test_resume_after_ctrl_c_is_bit_identical(teacher, corpus, tmp_path, monkeyp
         assert np.array_equal(value, b.state["params"][name]), name
     for key in ("m", "v"):
         assert np.array_equal(a.state["optimizer"][key], b.state["optimizer"][key])
-    assert a.state["data"] == b.state["data"] or json.dumps(a.state["data"], default=str) == json.dumps(
-        b.state["data"], default=str)
+    assert a.state["data"] == b.state["data"]                             # the sampler's position
     assert losses(straight) == losses(parts) and len(losses(parts)) == 6
     assert a.state["evals"] == b.state["evals"]
     start = json.loads(open(straight / "metrics.jsonl").readline())

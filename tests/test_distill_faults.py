@@ -1,10 +1,8 @@
 """Faults a user can cause end in one clear line and exit status 2, never a traceback."""
-import json
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from q4kdistill import checkpoint, cli, synthetic
 from q4kdistill.student import Student
