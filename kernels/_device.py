@@ -113,3 +113,35 @@ def launch(kernel, grid, block, *args):
         kernel[grid, block](*args)
     else:
         kernel[grid, block, _numba_stream(ptr)](*args)
+
+
+@functools.lru_cache(maxsize=None)
+def warp_rows_store(rows: int, m_tile: int, warps: int):
+    """Device function store(acc, tid, lane, row0, M, n_out, out) for kernels where one warp owns
+    `rows` output rows: lane partials acc[r*m_tile + m] are summed over the warp and written to
+    out[m, row0 + r]. Warp shuffles on the GPU; the simulator has none, so there the warp's partials
+    go through shared memory and lane i sums partial i."""
+    MT, NACC, THREADS = m_tile, rows * m_tile, 32 * warps
+
+    if not SIMULATOR:
+        @cuda.jit(device=True, inline=True)
+        def store(acc, tid, lane, row0, M, n_out, out):
+            for i in range(NACC):
+                v = warp_sum(acc[i])
+                if lane == 0 and row0 + i // MT < n_out and i % MT < M:
+                    out[i % MT, row0 + i // MT] = v
+        return store
+
+    @cuda.jit(device=True)
+    def store(acc, tid, lane, row0, M, n_out, out):
+        red = cuda.shared.array((THREADS, NACC), F)
+        for i in range(NACC):
+            red[tid, i] = acc[i]
+        cuda.syncthreads()  # all partials of the block are in `red`
+        if lane < NACC:
+            s = F(0)
+            for t in range(32):
+                s += red[tid - lane + t, lane]
+            if row0 + lane // MT < n_out and lane % MT < M:
+                out[lane % MT, row0 + lane // MT] = s
+    return store

@@ -18,7 +18,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from ._device import F, I, SIMULATOR, U, launch, warp_sum
+from ._device import F, I, U, launch, warp_rows_store
 from ._ptx import dp4a, f16hi, f16lo, ld4, st4
 from .decode import q4_k_scale_min
 from .gemv import m_tile
@@ -111,10 +111,9 @@ def _chunk(R, MT):
 @functools.lru_cache(maxsize=None)
 def dp4a_kernel(rows: int, warps: int, m_tile: int):
     chunk = _chunk(rows, m_tile)
-    R, MT, THREADS = rows, m_tile, 32 * warps
+    R, MT = rows, m_tile
     NACC = R * MT
-    SHUFFLE = not SIMULATOR
-    RED = (1, 1) if SHUFFLE else (THREADS, NACC)
+    store = warp_rows_store(rows, m_tile, warps)
 
     @cuda.jit
     def kernel(xq, xd, xs, K, w32, row_bytes, n_out, out):
@@ -127,22 +126,7 @@ def dp4a_kernel(rows: int, warps: int, m_tile: int):
             acc[i] = F(0)
         for c in range(lane, K >> 6, 32):
             chunk(xq, xd, xs, K, M, w32, row_bytes, n_out, row0, c, acc)
-        if SHUFFLE:
-            for i in range(NACC):
-                v = warp_sum(acc[i])
-                if lane == 0 and row0 + i // MT < n_out and i % MT < M:
-                    out[i % MT, row0 + i // MT] = v
-        else:
-            red = cuda.shared.array(RED, F)
-            for i in range(NACC):
-                red[tid, i] = acc[i]
-            cuda.syncthreads()  # all partials of the block are in `red`
-            if lane < NACC:
-                s = F(0)
-                for t in range(32):
-                    s += red[tid - lane + t, lane]
-                if row0 + lane // MT < n_out and lane % MT < M:
-                    out[lane % MT, row0 + lane // MT] = s
+        store(acc, tid, lane, row0, M, n_out, out)
 
     return kernel
 

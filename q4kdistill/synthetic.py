@@ -141,7 +141,9 @@ def _spm_tokenizer(arch, vocab_size) -> dict:
 def _bpe_tokenizer(vocab_size) -> dict:
     """GPT-2 byte-level BPE (tokenizer.ggml.model = "gpt2", pre = "qwen2"): the 256 byte
     characters, merges that build common words, specials at the end."""
-    alphabet = _bytes_to_unicode()
+    from .tokenizer import bytes_to_unicode
+
+    alphabet = bytes_to_unicode()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     n_normal = vocab_size - len(specials)
     if n_normal < 256:
@@ -167,19 +169,6 @@ def _bpe_tokenizer(vocab_size) -> dict:
         "tokenizer.ggml.bos_token_id": eot, "tokenizer.ggml.eos_token_id": eot,
         "tokenizer.ggml.padding_token_id": eot, "tokenizer.ggml.add_bos_token": False,
     }
-
-
-def _bytes_to_unicode() -> list:
-    """GPT-2's printable character for each byte 0..255."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
 
 
 # -- writing ---------------------------------------------------------------------------

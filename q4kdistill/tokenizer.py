@@ -76,7 +76,7 @@ _PRE_ALIASES = {"gpt-2": "gpt2", "phi-2": "gpt2", "llama-bpe": "llama3", "llama-
                 "falcon3": "llama3", "pixtral": "llama3", "deepseek-r1-qwen": "qwen2", "megrez": "qwen2"}
 
 
-def _bytes_to_unicode() -> list:
+def bytes_to_unicode() -> list:
     """GPT-2's byte -> printable character table (the 188 printable bytes map to themselves)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     table, extra = {}, 0
@@ -89,7 +89,7 @@ def _bytes_to_unicode() -> list:
     return [table[b] for b in range(256)]
 
 
-_BYTE_CHARS = _bytes_to_unicode()
+_BYTE_CHARS = bytes_to_unicode()
 _BYTE_ENCODE = {b: ord(c) for b, c in enumerate(_BYTE_CHARS)}   # for bytes.decode("latin-1").translate
 _BYTE_DECODE = {c: b for b, c in enumerate(_BYTE_CHARS)}
 
