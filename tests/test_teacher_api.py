@@ -105,9 +105,9 @@ def test_chunked_logits_equal_the_full_batch(teacher, ids):
     flat = full.reshape(-1, teacher.vocab_size)
     chunks = list(teacher.iter_logits(ids, chunk_tokens=5))
     assert [(a, b) for a, b, _ in chunks] == [(s, min(s + 5, 26)) for s in range(0, 26, 5)]
-    np.testing.assert_allclose(np.concatenate([c for _, _, c in chunks]), flat, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([c for _, _, c in chunks]), flat, rtol=1e-5, atol=1e-5)  # other GEMM shapes, other rounding
     fn = teacher.logits_fn(ids)
-    np.testing.assert_allclose(fn(11, 17), flat[11:17], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fn(11, 17), flat[11:17], rtol=1e-5, atol=1e-5)
     h = teacher.hidden_states(ids)
     assert h.shape == (2, 13, teacher.config.d_model) and h.dtype == np.float32
 
@@ -118,8 +118,8 @@ def test_head_in_vocabulary_slabs_equals_one_product(teacher, ids, monkeypatch):
     whole = teacher.logits_for_batch(ids)
     monkeypatch.setattr(teacher_forward, "HEAD_ROWS", 100)               # 389 rows -> 4 slabs, the last short
     sliced = teacher.logits_for_batch(ids)
-    np.testing.assert_allclose(sliced, whole, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(teacher.logits_fn(ids)(3, 9), whole.reshape(-1, 389)[3:9], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(teacher.logits_fn(ids)(3, 9), whole.reshape(-1, 389)[3:9], rtol=1e-5, atol=1e-5)
 
 
 def test_weight_f32_decodes_one_tensor(tiny_path, teacher):
@@ -163,26 +163,36 @@ def test_bad_chunk_size(teacher, ids):
 
 # -- the native path never decodes a whole matrix ------------------------------------------
 
-def test_native_forward_never_holds_a_decoded_matrix(tmp_path, monkeypatch):
-    """The tied 32k-token table (Q8_0: 8.9 MB as blocks, 33.5 MB decoded) is the biggest matrix.
-    With the kernels' NumPy slabs cut to 1 MB, a forward of 4 tokens must peak far below the
-    table's decoded size (so nothing in the teacher decodes it whole), and keep nothing decoded."""
+def _forward_peak_bytes(path):
+    """In a fresh process (no other test's threads allocating while tracemalloc watches): the
+    host-memory peak of a 4-token forward, with the kernels' NumPy slabs cut to 1 MB."""
     import kernels.cpu
 
-    monkeypatch.setattr(kernels.cpu, "SLAB_BYTES", 1 << 20)
-    cfg = synthetic.tiny_config("llama", vocab_size=32768, tied_output=True)
-    path = synthetic.write_gguf(tmp_path / "wide.gguf", cfg, qtypes={"token_embd": "Q8_0"}, seed=3)
+    kernels.cpu.SLAB_BYTES = 1 << 20
     teacher = Teacher.load(path, device="cpu", log=None)
     resident = teacher.resident_bytes
-    decoded_table = 4 * cfg.vocab_size * cfg.d_model
-    ids = np.array([[5, 300, 20000, 32767]])
     tracemalloc.start()
     try:
-        logits = teacher.logits_for_batch(ids)
+        logits = teacher.logits_for_batch(np.array([[5, 300, 20000, 32767]]))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert logits.shape == (1, 4, 32768)
+    kept_blocks = all(w.data.dtype == np.uint8 for w in teacher.weights.values() if w.quantized)
+    return logits.shape, peak, teacher.resident_bytes == resident, kept_blocks
+
+
+def test_native_forward_never_holds_a_decoded_matrix(tmp_path):
+    """The tied 32k-token table (Q8_0: 8.9 MB as blocks, 33.5 MB decoded) is the biggest matrix.
+    A forward of 4 tokens must peak far below the table's decoded size (so nothing in the teacher
+    decodes it whole), and keep nothing decoded."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cfg = synthetic.tiny_config("llama", vocab_size=32768, tied_output=True)
+    path = synthetic.write_gguf(tmp_path / "wide.gguf", cfg, qtypes={"token_embd": "Q8_0"}, seed=3)
+    decoded_table = 4 * cfg.vocab_size * cfg.d_model
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shape, peak, same_resident, kept_blocks = pool.submit(_forward_peak_bytes, str(path)).result()
+    assert shape == (1, 4, 32768)
     assert peak < decoded_table / 4, f"forward peaked at {peak / 1e6:.1f} MB (the decoded table is {decoded_table / 1e6:.1f} MB)"
-    assert teacher.resident_bytes == resident
-    assert all(w.data.dtype == np.uint8 for w in teacher.weights.values() if w.quantized)
+    assert same_resident and kept_blocks
