@@ -56,7 +56,10 @@ def teacher_files(tmp_path_factory):
 
 
 def llama_cpp_logits(path, ids):
-    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=128, n_threads=2)
+    # F32 K/V cache: llama.cpp's default F16 cache rounds K and V to 11 bits, which moves its logits
+    # by more than the export does (docs/parity.md measured the same for the teacher).
+    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=128, n_threads=2,
+                          type_k=0, type_v=0, flash_attn=False)
     llm.eval([int(i) for i in ids])
     return np.array(llm.scores[:len(ids)], dtype=np.float64), llm
 
@@ -144,12 +147,10 @@ TEXT = ("The quick brown fox jumps over the lazy dog. def main(args):\n    retur
 def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_path):
     """Blocks 0, 5, 11, 17 of gemma-3-270m (sliding and global layers, 262k vocabulary).
 
-    F32: per position >= 0.9999. F16: llama.cpp also rounds the *activations* to f16 in its
-    f16 products, so the bar is 0.9995 per position (measured 0.99988). Q4_K: llama.cpp rounds
-    activations to 8 bits inside quantized products, so we hold the export to what llama.cpp
-    achieves on the original Q4_K_M file: the whole teacher re-exported through our quantizer
-    must agree with our forward as well as the original file does (measured: mean 0.99886 /
-    worst 0.98919 vs 0.99884 / 0.98857 for the original).
+    F32 and F16 exports: per position >= 0.9999 (measured worst 0.999996 / 0.99997). Q4_K, the
+    whole teacher re-exported through our quantizer: llama.cpp rounds activations to 8 bits inside
+    quantized products, so the bar is the teacher-parity one: mean >= 0.998, every position >= 0.99
+    (measured 0.99889 / 0.99181).
     """
     from q4kdistill.teacher import Teacher
     from q4kdistill.tokenizer import Tokenizer
@@ -158,7 +159,7 @@ def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_pat
     tokenizer = export.tokenizer_fields(gemma_path, teacher.vocab_size)
     ids = Tokenizer.from_gguf(gemma_path).encode(TEXT)
     student = Student.from_teacher(teacher, [0, 5, 11, 17])
-    for kind, worst_min in (("f32", 0.9999), ("f16", 0.9995)):
+    for kind, worst_min in (("f32", 0.9999), ("f16", 0.9999)):
         path = tmp_path / f"gemma-student-{kind}.gguf"
         export.write_student(path, student.config, student.params, kind, tokenizer)
         ref, llm = llama_cpp_logits(path, ids)
@@ -167,8 +168,6 @@ def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_pat
         path.unlink()
     assert llm.create_completion("The capital of France is", max_tokens=3)["usage"]["completion_tokens"] >= 1
 
-    original_ref, _ = llama_cpp_logits(gemma_path, ids)
-    original = cosines(original_ref, teacher.logits_for_batch(np.array([ids]))[0].astype(np.float64))
     whole = Student.from_teacher(teacher, range(teacher.config.n_layers))
     path = tmp_path / "gemma-q4_k.gguf"
     types = export.write_student(path, whole.config, whole.params, "q4_k", tokenizer)
@@ -176,5 +175,4 @@ def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_pat
     assert types["token_embd.weight"] == "Q8_0"                  # the LM head: Q6_K, rows of 640 -> Q8_0
     ref, _ = llama_cpp_logits(path, ids)
     cos = cosines(ref, our_logits(path, ids))
-    assert cos.mean() >= 0.998 and cos.mean() >= original.mean() - 5e-4, (cos.mean(), original.mean())
-    assert cos.min() >= original.min() - 5e-3, (cos.min(), original.min())
+    assert cos.mean() >= 0.998 and cos.min() >= 0.99, (cos.mean(), cos.min())
