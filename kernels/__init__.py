@@ -17,7 +17,7 @@ from q4kdistill import backend as _backend  # noqa: F401  (switches on the simul
 from . import builtin as _builtin  # noqa: F401,E402  (registers the shipped variants)
 from .dispatch import choose, dequantize_to, embedding_rows, matmul, reload_table
 from .registry import Variant, get, register, variants
-from .scratch import release_scratch, scratch_bytes
+from .scratch import gemm_f16_f32, release_scratch, scratch_bytes
 
 __all__ = ["matmul", "dequantize_to", "embedding_rows", "variants", "get", "register", "Variant",
-           "choose", "reload_table", "scratch_bytes", "release_scratch"]
+           "choose", "reload_table", "scratch_bytes", "release_scratch", "gemm_f16_f32"]

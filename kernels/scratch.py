@@ -36,7 +36,7 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
-def _gemm_f16_f32(x16, w16, out):
+def gemm_f16_f32(x16, w16, out):
     """out [M, N] float32 = x16 [M, K] @ w16 [N, K].T, fp16 operands, FP32 accumulate and output."""
     import cupy
     from cupy_backends.cuda.libs import cublas
@@ -65,4 +65,4 @@ def dequant_matmul(x, w_raw, qtype, n_out, out, dtype="float16"):
     if xp is np:   # the simulator's stand-in for cuBLAS: same fp16 operands, float32 product
         out[:] = x.astype(np.float16).astype(np.float32) @ w.astype(np.float32).T
         return out
-    return _gemm_f16_f32(x.astype(np.float16), w, out)
+    return gemm_f16_f32(x.astype(np.float16), w, out)

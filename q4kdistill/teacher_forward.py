@@ -93,10 +93,7 @@ def linear(x, w: Weight, bias: Weight | None = None):
     if w.quantized:
         y = kernels.matmul(x2, w.data, w.qtype, n_out)
     elif w.qtype == QT.F16 and xp.__name__ == "cupy":
-        # TODO(lead): use a public kernels name for this GEMM once kernels exports one
-        from kernels.scratch import _gemm_f16_f32
-
-        y = _gemm_f16_f32(x2.astype(xp.float16), w.data, xp.empty((x2.shape[0], n_out), dtype=xp.float32))
+        y = kernels.gemm_f16_f32(x2.astype(xp.float16), w.data, xp.empty((x2.shape[0], n_out), dtype=xp.float32))
     else:
         y = x2 @ dense_f32(w).T
     if bias is not None:

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 
 import kernels
-from kernels.scratch import _gemm_f16_f32
 from q4kdistill.data import MANIFEST_7B
 from q4kdistill.teacher import Teacher
 
@@ -45,7 +44,7 @@ def main(M=4096):
         out = cupy.empty((M, N), cupy.float32)
         r = dict(native=timed(lambda: kernels.matmul(x, w.data, w.qtype, N)),
                  decode=timed(lambda: kernels.dequantize_to(w.data, w.qtype, N, "float16")),
-                 gemmex=timed(lambda: _gemm_f16_f32(x16, w16, out)),
+                 gemmex=timed(lambda: kernels.gemm_f16_f32(x16, w16, out)),
                  f16=timed(lambda: cupy.matmul(x16, w16.T)))
         for k in tot:
             tot[k] += r[k]
