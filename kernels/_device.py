@@ -21,6 +21,10 @@ import numpy as np
 from numba import cuda
 
 SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
+if not SIMULATOR:   # numba.cuda is loaded now: make sure its config took the no-sync default
+    from q4kdistill.backend import no_array_interface_sync
+
+    no_array_interface_sync()
 U = np.uint32   # data words and bit fields
 I = np.uint64   # indices and byte offsets
 F = np.float32

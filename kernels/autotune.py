@@ -23,6 +23,7 @@ def entries_from_rows(rows, max_rel_err=2e-3) -> dict:
     from .registry import get
 
     best = {}
+    rows = [r for r in rows if "[" not in r["variant"]]     # "[x16]" rows: fp16 activations, not a dispatch choice
     for r in rows:
         if r["variant"] == BASELINE:
             continue

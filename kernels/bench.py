@@ -96,8 +96,12 @@ def _row(qtype, K, N, M, variant, t, wbytes, copy_bw, t_ref):
             "vs_cublas_fp16": (t_ref / t) if t_ref else 1.0}
 
 
-def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0):
-    """Benchmark rows (list of dicts, see the module doc). variants: names (default: all GPU ones)."""
+def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0, also_x16=False):
+    """Benchmark rows (list of dicts, see the module doc). variants: names (default: all GPU ones).
+
+    also_x16: variants that accept float16 activations (the decode + cuBLAS paths) are timed a
+    second time with x already in fp16, as the cuBLAS baseline gets it; those rows are named
+    "<variant>[x16]"."""
     import cupy as cp
 
     from q4kdistill.quants import random_blocks
@@ -134,6 +138,9 @@ def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0):
                         log(f"# {name} {q} {K}x{N} M={M}: {type(exc).__name__}: {exc}")
                         continue
                     rows.append(_row(q, K, N, M, name, t, w0.nbytes, copy_bw, t_ref))
+                    if also_x16 and getattr(v.fn, "accepts_f16", False):
+                        t = timer(lambda i: v(x16s[i % len(xs)], ws[i % len(ws)], q, N, out), len(xs) * len(ws))
+                        rows.append(_row(q, K, N, M, name + "[x16]", t, w0.nbytes, copy_bw, t_ref))
                 log(format_rows([r for r in rows if (r["qtype"], r["K"], r["N"], r["M"]) == (q, K, N, M)]))
             ws = w16s = None                      # drop this shape's copies before the next one
             cp.get_default_memory_pool().free_all_blocks()

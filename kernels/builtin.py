@@ -6,6 +6,7 @@ from .gemm import gemm
 from .gemv import gemv
 from .gemv_chunk import gemv_chunk
 from .gemv_dp4a import gemv_dp4a
+from .linked import dequant_linked_cublas, gemv_f32_linked, gemv_mma_linked, gemv_q8_linked
 from .registry import ALL_QTYPES, Variant, register
 from .scratch import dequant_matmul
 
@@ -31,6 +32,27 @@ def _dp4a(rows, warps, m_max=16):
         description=f"Q4_K GEMV on int8 activations (q8 per 32) with dp4a, 64-weight chunks of {rows} row(s)")
 
 
+def _linked(rows, warps):
+    return Variant(
+        name=f"gemv_q8_linked_r{rows}w{warps}", qtypes=("Q4_K", "Q6_K"), fn=gemv_q8_linked, m_max=16, rel_err=2e-2,
+        device="gpu", simulated=False, params={"rows": rows, "warps": warps},
+        description=f"linked CUDA C: int8 x (q8 per 32) and dp4a; a block of {warps} warps owns {rows} row(s), 16-byte loads")
+
+
+def _mma(warps):
+    return Variant(
+        name=f"gemv_mma_linked_w{warps}", qtypes=("Q4_K",), fn=gemv_mma_linked, m_max=16, rel_err=2e-2,
+        device="gpu", simulated=False, params={"warps": warps},
+        description=f"linked CUDA C: int8 x, int8 tensor cores (mma m16n8k32) per sub-block; {warps} warps split K of 16 rows")
+
+
+def _f32(rows, warps):
+    return Variant(
+        name=f"gemv_f32_linked_r{rows}w{warps}", qtypes=("Q4_K",), fn=gemv_f32_linked, m_max=4, device="gpu",
+        simulated=False, params={"rows": rows, "warps": warps},
+        description=f"linked CUDA C: float32 x as is (exact), one kernel; {warps} warps split K of {rows} row(s)")
+
+
 def _gemm(bm, bn, tm, tn):
     return Variant(
         name=f"gemm_tile_{bm}x{bn}", qtypes=ALL_QTYPES, fn=gemm,
@@ -42,10 +64,20 @@ BUILTIN = [
     _gemv(1, 4), _gemv(2, 4), _gemv(4, 4, m_max=8), _gemv(2, 8),
     _chunk(1, 4), _chunk(2, 4), _chunk(4, 4, m_max=8),
     _dp4a(1, 4), _dp4a(2, 4), _dp4a(4, 4, m_max=8),
+    _linked(1, 4), _linked(2, 4), _linked(4, 4), _linked(2, 2), _linked(4, 2), _mma(1), _mma(2), _mma(4),
+    _f32(1, 4), _f32(2, 4), _f32(2, 2), _f32(4, 4),
     _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
             params={"dtype": "float16"}, rel_err=2e-3,
             description="decode into one reusable fp16 scratch, then cuBLAS GemmEx (fp16 in, FP32 accumulate/out)"),
+    Variant(name="dequant_linked_cublas", qtypes=("Q4_K", "Q6_K"), fn=dequant_linked_cublas, device="gpu",
+            rel_err=2e-3, simulated=False, description="linked CUDA C decode into the fp16 scratch, then cuBLAS GemmEx (FP32 out)"),
+    Variant(name="dequant_linked_overlap4", qtypes=("Q4_K", "Q6_K"), fn=dequant_linked_cublas, device="gpu",
+            params={"chunks": 4}, rel_err=2e-3, simulated=False,
+            description="linked CUDA C decode of 4 row blocks on a side stream, each GemmEx'd as soon as it is decoded"),
+    Variant(name="dequant_linked_cublas16", qtypes=("Q4_K", "Q6_K"), fn=dequant_linked_cublas, device="gpu",
+            params={"out16": True}, rel_err=2e-3, simulated=False,
+            description="linked CUDA C decode into the fp16 scratch, then CuPy's fp16 matmul cast to FP32"),
     Variant(name="dequant_f32_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
             params={"dtype": "float32"},
             description="decode into one reusable fp32 scratch, then cuBLAS SGEMM"),

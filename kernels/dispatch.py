@@ -67,11 +67,33 @@ def _choose(qtype: str, M: int, N: int, K: int, gpu: str) -> str:
     for e in entries:
         if (e.get("m_max") is None or M <= e["m_max"]) and (e.get("n_min") is None or N >= e["n_min"]):
             try:
-                if get(e["variant"]).supports(qtype, M, True):
-                    return e["variant"]
+                v = get(e["variant"])
             except Q4KError:   # a table naming a variant this version lacks: fall through
                 continue
+            if v.supports(qtype, M, True) and (v.simulated or linked_available()):
+                return e["variant"]
     return builtin_choice(qtype, M)
+
+
+@functools.lru_cache(maxsize=None)
+def linked_available() -> bool:
+    """Whether the linked CUDA C variants compile here (NVRTC through numba-cuda's NVIDIA bindings).
+    Checked once by compiling and running the smallest of them; if not, the table's linked entries
+    are skipped with one warning and the Numba-only variants are used."""
+    try:
+        import cupy
+
+        from .linked import quantize_q8
+
+        quantize_q8(cupy.zeros((1, 32), dtype=np.float32))
+        cupy.cuda.get_current_stream().synchronize()
+        return True
+    except Exception as exc:   # NVRTC missing or too old: any failure means "not here"
+        import warnings
+
+        warnings.warn(f"linked CUDA C kernels are unavailable ({type(exc).__name__}: {exc}); "
+                      "kernels.matmul uses the Numba-only variants", stacklevel=2)
+        return False
 
 
 def choose(qtype, M: int, N: int, K: int, on_gpu: bool | None = None) -> str:
@@ -85,8 +107,10 @@ def choose(qtype, M: int, N: int, K: int, on_gpu: bool | None = None) -> str:
 def matmul(x, w_raw, qtype, n_out, variant=None, out=None):
     """x @ W.T as float32 [M, n_out]; W [n_out, K] is what w_raw (uint8 [n_out, row_bytes]) encodes.
 
-    x: [M, K] float32 or float16, same array module as w_raw. variant: a registered name to
-    force one (else chosen per sizes and GPU). out: optional float32 [M, n_out] to write into.
+    x: [M, K] float32 or float16, same array module as w_raw (fp16 x goes as is to variants that
+    take it -- the decode + cuBLAS paths -- and is widened to float32 for the others). variant: a
+    registered name to force one (else chosen per sizes and GPU). out: optional float32
+    [M, n_out] to write into.
     """
     q = qtype_name(qtype)
     K = columns(w_raw, q, n_out)
@@ -95,7 +119,6 @@ def matmul(x, w_raw, qtype, n_out, variant=None, out=None):
         raise Q4KError("matmul: x and w_raw must both be NumPy or both CuPy arrays")
     if x.ndim != 2 or x.shape[1] != K:
         raise Q4KError(f"matmul: x must be [M, {K}] for this {q} weight, got {tuple(x.shape)}")
-    x = xp.ascontiguousarray(x, dtype=np.float32)
     M = x.shape[0]
     if out is None:
         out = xp.empty((M, n_out), dtype=np.float32)
@@ -108,6 +131,8 @@ def matmul(x, w_raw, qtype, n_out, variant=None, out=None):
     if not (q in v.qtypes and M >= v.m_min and (v.m_max is None or M <= v.m_max)):
         raise Q4KError(f"kernel variant {name} does not take {q} with M={M} "
                        f"(types {', '.join(v.qtypes)}, M {v.m_min}..{v.m_max or 'any'})")
+    keep16 = x.dtype == np.float16 and getattr(v.fn, "accepts_f16", False)
+    x = xp.ascontiguousarray(x, dtype=np.float16 if keep16 else np.float32)
     return v(x, w_raw, q, n_out, out)
 
 

@@ -31,6 +31,7 @@ class Variant:
     device: str = "any"           # "any" (GPU, or the simulator on CPU), "gpu" or "cpu"
     params: dict = field(default_factory=dict)   # launch / tuning parameters passed to fn
     rel_err: float = 1e-5         # bound on ||out - ref|| / ||ref|| that the tests hold it to
+    simulated: bool = True        # False for variants that link CUDA C: the Numba simulator cannot run them
 
     def supports(self, qtype: str, M: int, on_gpu: bool) -> bool:
         if qtype not in self.qtypes or M < self.m_min or (self.m_max is not None and M > self.m_max):

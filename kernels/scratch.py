@@ -36,20 +36,25 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
-def gemm_f16_f32(x16, w16, out):
-    """out [M, N] float32 = x16 [M, K] @ w16 [N, K].T, fp16 operands, FP32 accumulate and output."""
+def gemm_f16_f32(x16, w16, out, ldc=None):
+    """out [M, N] float32 = x16 [M, K] @ w16 [N, K].T, fp16 operands, FP32 accumulate and output.
+
+    ldc: row stride of out in elements (default N); with it, out may be a column block of a wider
+    row-major matrix (its data pointer at the block's first column)."""
     import cupy
     from cupy_backends.cuda.libs import cublas
 
     M, K = x16.shape
     N = w16.shape[0]
+    ldc = N if ldc is None else ldc
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
     handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)   # run where the caller's stream is
     # column-major view: out^T [N, M] = W [N, K] @ x^T [K, M]
     cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, N, M, K,
                   one.ctypes.data, w16.data.ptr, cupy.cuda.runtime.CUDA_R_16F, K,
                   x16.data.ptr, cupy.cuda.runtime.CUDA_R_16F, K,
-                  zero.ctypes.data, out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, N,
+                  zero.ctypes.data, out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, ldc,
                   cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
     return out
 

@@ -18,6 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)   # kernels/ and q4kdistill/ from this checkout
 ROWS = os.path.join(ROOT, ".gpu_data", "gemma_rows.npz")
 QUICK = {"shapes": [(3584, 18944), (3584, 152064)], "ms": [1, 8, 512]}
 
@@ -52,12 +53,13 @@ def environment(out):
     print("\n".join(lines), flush=True)
 
 
-def tests(out) -> int:
+def tests(out, select=None) -> int:
     env = dict(os.environ, Q4KDISTILL_KERNEL_ROWS=ROWS)
     t0 = time.time()
+    extra = ["-k", select] if select else []
     with open(os.path.join(out, "pytest.log"), "w") as log:
         rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                             "tests/test_kernels_gpu.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                             "tests/test_kernels_gpu.py", *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     tail = open(os.path.join(out, "pytest.log")).read().splitlines()[-15:]
     print("\n".join(tail), f"\npytest -m gpu: rc={rc} in {time.time() - t0:.0f}s", flush=True)
     return rc
@@ -67,7 +69,8 @@ def bench(out, args):
     from kernels import autotune, bench as kb
 
     opts = QUICK if args.quick else {"shapes": None, "ms": None}
-    rows = kb.run(shapes=opts["shapes"], ms=args.m or opts["ms"], variants=args.variants, qtypes=args.qtypes,
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else opts["shapes"]
+    rows = kb.run(shapes=shapes, ms=args.m or opts["ms"], variants=args.variants, qtypes=args.qtypes, also_x16=args.x16,
                   log=lambda s: print(s, flush=True))
     kb.write_json(rows, os.path.join(out, "bench.json"))
     kb.write_csv(rows, os.path.join(out, "bench.csv"))
@@ -122,7 +125,9 @@ def report(path):
     from kernels.registry import get
 
     copy_bw = rows[0]["copy_GBps"]
-    print(f"Card: {rows[0]['gpu']}, {rows[0]['date']}; copy bandwidth {copy_bw:.0f} GB/s (read + write).\n")
+    fp16_rate = max(r["TFLOPs"] for r in rows if r["variant"] == "cublas_fp16") * 1e3   # GFLOP/s
+    print(f"Card: {rows[0]['gpu']}, {rows[0]['date']}; copy bandwidth {copy_bw:.0f} GB/s (read + write); "
+          f"best cuBLAS fp16 rate in the run {fp16_rate / 1e3:.0f} TFLOP/s.\n")
     print("| K x N | M | Q4_K MB | fp16 MB | GFLOP | Q4_K floor us | fp16 floor us | cuBLAS fp16 us |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -133,7 +138,7 @@ def report(path):
         f16 = 2 * N * K + 2 * M * K + 2 * M * N
         gf = 2 * M * N * K / 1e9
         print(f"| {K}x{N} | {M} | {q4 / 1e6:.1f} | {f16 / 1e6:.1f} | {gf:.1f} | {q4 / copy_bw / 1e3:.1f} | "
-              f"{max(f16 / copy_bw / 1e3, gf / 800e3 * 1e6):.1f} | {r['time_us']:.1f} |")
+              f"{max(f16 / copy_bw / 1e3, gf / fp16_rate * 1e6):.1f} | {r['time_us']:.1f} |")
     for q in sorted({r["qtype"] for r in rows}):
         print(f"\n{q}: best exact variant (rel. err <= 2e-3) and best of all, per shape and M\n")
         print("| K x N | M | cuBLAS fp16 us | best exact | us | % copy | x cuBLAS | best any | us | % copy | x cuBLAS |")
@@ -143,7 +148,7 @@ def report(path):
             rs = [r for r in rows if r["qtype"] == q and (r["K"], r["N"], r["M"]) == key]
             base = next(r for r in rs if r["variant"] == "cublas_fp16")
             cand = [r for r in rs if r["variant"] != "cublas_fp16"]
-            ex = min((r for r in cand if get(r["variant"]).rel_err <= 2e-3), key=lambda r: r["time_us"])
+            ex = min((r for r in cand if get(r["variant"].split("[")[0]).rel_err <= 2e-3), key=lambda r: r["time_us"])
             an = min(cand, key=lambda r: r["time_us"])
             print(f"| {key[0]}x{key[1]} | {key[2]} | {base['time_us']:.1f} | {ex['variant']} | {ex['time_us']:.1f} | "
                   f"{ex['pct_copy_bw']:.0f} | {ex['vs_cublas_fp16']:.2f} | {an['variant']} | {an['time_us']:.1f} | "
@@ -160,6 +165,9 @@ def main():
     p.add_argument("--m", nargs="+", type=int)
     p.add_argument("--qtypes", nargs="+")
     p.add_argument("--variants", nargs="+")
+    p.add_argument("--shapes", nargs="+", help="KxN, e.g. 3584x18944")
+    p.add_argument("--x16", action="store_true", help="also time the decode + cuBLAS paths on fp16 activations")
+    p.add_argument("-k", dest="select", help="pytest -k expression for the GPU tests")
     args = p.parse_args()
     if args.mode == "prepare":
         return prepare()
@@ -170,7 +178,7 @@ def main():
         return probe(args.out)
     environment(args.out)
     if not args.no_tests:
-        tests(args.out)
+        tests(args.out, args.select)
     if not args.no_bench:
         bench(args.out, args)
 

@@ -465,9 +465,10 @@ KERNEL_VARIANTS = [
         A weight-streaming kernel reads `N*K*144/256` bytes of Q4_K and does `2*M*N*K` FLOPs, so
         its arithmetic intensity is `2*M*256/144 ≈ 3.6*M` FLOP per weight byte. Below the ridge
         point it is bound by memory bandwidth (the copy bandwidth measured in the same run), above
-        it by the FP32 FMA rate (our kernels: numba-cuda exposes no tensor cores) or the fp16
-        tensor-core rate (cuBLAS on the dequantized weights). Both compute ceilings are measured
-        here with a large SGEMM / HGEMM.
+        it by the FP32 FMA rate (the Numba-only kernels: numba-cuda exposes no tensor cores), the
+        int8 tensor-core rate (the linked CUDA C variant `gemv_mma_linked_*`, GPU only) or the fp16
+        tensor-core rate (cuBLAS on the dequantized weights). The FP32 and fp16 ceilings are
+        measured here with a large SGEMM / HGEMM.
     """),
     code("""
         def matmul_tflops(dtype, n):

@@ -42,7 +42,7 @@ def _cases():
         v = kernels.get(name)
         if v.device == "cpu":
             continue
-        ms = (1, 5, 16) if v.m_max == 16 else (1, 3, 8) if v.m_max else (1, 37, 300)
+        ms = (1, 5, 16) if v.m_max == 16 else (1, 3, v.m_max) if v.m_max else (1, 37, 300)
         for q in QTYPES:
             if q in v.qtypes:
                 yield name, q, ms
@@ -104,3 +104,23 @@ def test_scratch_is_one_matrix():
     assert kernels.scratch_bytes() == 300 * 2048 * 2             # the largest matrix, once
     kernels.release_scratch()
     assert kernels.scratch_bytes() == 0
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_linked_decode_f16_on_gpu(pool, qtype):
+    """The linked C decode: FP32 math then one rounding to fp16, so within half an fp16 ulp of the
+    float64 decode plus a few FP32 ulps (checked on every element, output poisoned first)."""
+    import cupy as cp
+
+    from kernels.linked import decode_f16_linked
+
+    rng = np.random.default_rng(11 + QTYPES.index(qtype))
+    for n, K in ((517, K_OF[qtype]), (3, 256)):
+        w = weight(pool, qtype, rng, n=n, K=K)
+        out = cp.full((n, K), np.nan, dtype=cp.float16)
+        got = decode_f16_linked(cp.asarray(w), qtype, K, out).get().astype(np.float64)
+        ref = quants.dequantize(w, qtype).astype(np.float64)
+        assert np.isfinite(got).all()
+        assert np.all(np.abs(got - ref) <= 2.0**-11 * np.abs(ref) * 1.01 + 2.0**-24 + 1e-6 * np.abs(ref).max())
+        same = np.mean(got == ref.astype(np.float32).astype(np.float16))
+        assert same > 0.999, same                       # almost all equal the correctly rounded value

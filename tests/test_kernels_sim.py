@@ -15,7 +15,7 @@ from q4kdistill.errors import Q4KError
 # Q6_K/Q8_0/Q5_0 blocks makes rows that are not whole uint32 words (the padding path), and
 # Q8_0/Q5_0 blocks at odd positions start 2 bytes into a word.
 SHAPES = [("Q4_K", 1), ("Q4_K", 2), ("Q6_K", 2), ("Q6_K", 1), ("Q8_0", 4), ("Q8_0", 3), ("Q5_0", 2), ("Q5_0", 5)]
-SIM_VARIANTS = [n for n in kernels.variants() if kernels.get(n).device != "cpu"]
+SIM_VARIANTS = [n for n in kernels.variants() if kernels.get(n).device != "cpu" and kernels.get(n).simulated]
 
 
 @pytest.fixture(scope="module")

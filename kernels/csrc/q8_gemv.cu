@@ -1,0 +1,615 @@
+// Linked CUDA C device functions for the "linked" kernel variants (kernels/linked.py).
+//
+// numba-cuda exposes neither 16-byte vector loads with the non-coherent cache hint nor dp4a as
+// first-class operations, and it computes every index in 64 bits. These functions are the inner
+// bodies of Numba kernels: kernels/linked.py declares them with cuda.declare_device(..., abi="c"),
+// appends one template instantiation per (M, R, NW) to this source, and NVRTC compiles it when the
+// Numba wrapper kernel is first launched. No headers: NVRTC's built-ins cover __ldg, __dp4a,
+// __vsub4, __funnelshift_r, __shfl_xor_sync; fp16 <-> fp32 goes through inline PTX.
+//
+//   q8_quantize        x float32 [M*K] -> xq (int8, 4 per word) and xds (d, d*sum q) per 32 values
+//   q4k_gemv<M,R,NW>   out[m, row] = sum_k x[m,k] W[row,k] for Q4_K rows, x as q8 (llama.cpp's q8_1 idea)
+//   q6k_gemv<M,R,NW>   the same for Q6_K rows (210-byte blocks, 2-byte aligned)
+//   q4k_f32<M,R,NW>    Q4_K rows x float32 x, exact FP32, one kernel (no x quantization)
+//   q4k_decode_f16     raw Q4_K rows -> fp16 [n, K]   (decode-to-scratch for cuBLAS)
+//   q6k_decode_f16     raw Q6_K rows -> fp16 [n, K]
+//   f32_to_f16         x float32 -> fp16 at copy speed (CuPy's astype reached ~1.2 TB/s)
+//   q4k_mma<NT,NW>     Q4_K x int8 activations on the int8 tensor cores, M = 1..8 NT
+//
+// Work split of the GEMVs: a thread block owns R consecutive weight rows; its NW warps walk the
+// row's "items" (32 weights each: 8 per 256-weight super-block) with a stride of NW*32, so a warp
+// reads 4 super-blocks' quants as contiguous 16-byte pieces. The R*M partial sums are reduced
+// through shared memory at the end. All integer index arithmetic is 32-bit except row offsets.
+
+#pragma nv_diag_suppress 177   // each instantiation uses only some of the helpers below
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+static __device__ __forceinline__ float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+static __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));   // first source -> upper half
+    return r;
+}
+
+static __device__ __forceinline__ uint4 ldg16(const void* p) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+static __device__ __forceinline__ void st16(void* p, u32 a, u32 b, u32 c, u32 d) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(a, b, c, d);
+}
+
+// 8 bytes at a 2-byte aligned address, as two words (three aligned loads, two funnel shifts)
+static __device__ __forceinline__ uint2 ld8_a2(const u8* p) {
+    const size_t a = reinterpret_cast<size_t>(p);
+    const u32* q = reinterpret_cast<const u32*>(a & ~size_t(3));
+    const u32 sh = u32(a & 3) * 8;
+    const u32 w0 = __ldg(q), w1 = __ldg(q + 1), w2 = sh ? __ldg(q + 2) : 0u;   // no read past the block
+    return make_uint2(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh));
+}
+
+// float(n) for 0 <= n < 2^23 without the quarter-rate I2F: 2^23 + n is exact as a float
+static __device__ __forceinline__ float small_int_to_float(u32 n) {
+    return __int_as_float(0x4B000000u | n) - 8388608.0f;
+}
+
+// float(c) for |c| < 2^22, also without I2F: 1.5 * 2^23 + c is exact as a float
+static __device__ __forceinline__ float int_to_float(int c) {
+    return __int_as_float(0x4B400000 + c) - 12582912.0f;
+}
+
+// byte k (0..3) of a word, as a float: one PRMT builds 2^23 + byte (k folds to a constant in
+// unrolled loops)
+static __device__ __forceinline__ float byte_to_float(u32 word, int k) {
+    return __int_as_float(__byte_perm(word, 0x4B000000u, 0x7540u | u32(k))) - 8388608.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Returns 0 (the C ABI of cuda.declare_device wants a value). Activations to 8 bits per 32 values: d = max|x| / 127, q = round(x / d), ds = (d, d * sum q).
+// 8 threads per 32 values, one float4 each.
+extern "C" __device__ int q8_quantize(const float* __restrict__ x, u32* __restrict__ xq,
+                                       float2* __restrict__ xds, int nblocks) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = t >> 3;
+    const bool live = b < nblocks;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (live) v = __ldg(reinterpret_cast<const float4*>(x) + t);
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    #pragma unroll
+    for (int off = 1; off < 8; off <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float d = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const int q0 = __float2int_rn(v.x * inv), q1 = __float2int_rn(v.y * inv);
+    const int q2 = __float2int_rn(v.z * inv), q3 = __float2int_rn(v.w * inv);
+    const u32 word = (u32(q0) & 0xFF) | ((u32(q1) & 0xFF) << 8) | ((u32(q2) & 0xFF) << 16) | (u32(q3) << 24);
+    int s = q0 + q1 + q2 + q3;
+    #pragma unroll
+    for (int off = 1; off < 8; off <<= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (live) {
+        xq[t] = word;
+        if ((t & 7) == 0) xds[b] = make_float2(d, d * float(s));
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block-wide reduction of R*M partial sums and the store of out[m, row0 + r].
+template <int M, int R, int NW>
+static __device__ __forceinline__ void reduce_store(float (&acc)[R][M], float* __restrict__ out,
+                                                    int row0, int n_out) {
+    __shared__ float red[R * M][NW * 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    #pragma unroll
+    for (int r = 0; r < R; ++r)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) red[r * M + m][tid] = acc[r][m];
+    __syncthreads();
+    for (int v = warp; v < R * M; v += NW) {
+        float s = 0.0f;
+        #pragma unroll
+        for (int k = 0; k < NW; ++k) s += red[v][lane + 32 * k];
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        const int r = v / M, m = v % M;
+        if (lane == 0 && row0 + r < n_out) out[size_t(m) * n_out + row0 + r] = s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K: 144-byte super-block = d, dmin (fp16) | 12 bytes of 6-bit scales/mins | 128 bytes of
+// nibbles. Byte 32j + i holds weight 64j + i (low nibble, sub-block 2j) and 64j + 32 + i (high
+// nibble, sub-block 2j + 1). Item p (0..7) of a super-block: j = p / 2, h = p % 2 -> the 16 quant
+// bytes 32j + 16h .. +16, i.e. weights 64j + 16h + [0, 16) and 64j + 32 + 16h + [0, 16).
+static __device__ __forceinline__ void q4k_scale_min(uint4 hd, int j, float& D0, float& M0,
+                                                     float& D1, float& M1) {
+    // sub-blocks s = 2j, 2j+1 (get_scale_min_k4 in llama.cpp's terms)
+    const u32 sh = 16u * u32(j & 1);
+    u32 sc0, m0, sc1, m1;
+    if (j < 2) {
+        sc0 = (hd.y >> sh) & 63u;         sc1 = (hd.y >> (sh + 8)) & 63u;
+        m0 = (hd.z >> sh) & 63u;          m1 = (hd.z >> (sh + 8)) & 63u;
+    } else {
+        const u32 a = hd.w >> sh, b = hd.y >> sh, c = hd.z >> sh;
+        sc0 = (a & 15u) | (((b >> 6) & 3u) << 4);          m0 = ((a >> 4) & 15u) | (((c >> 6) & 3u) << 4);
+        sc1 = ((a >> 8) & 15u) | (((b >> 14) & 3u) << 4);  m1 = ((a >> 12) & 15u) | (((c >> 14) & 3u) << 4);
+    }
+    const float d = half_to_float(u16(hd.x & 0xFFFF)), dmin = half_to_float(u16(hd.x >> 16));
+    D0 = d * float(sc0); M0 = dmin * float(m0); D1 = d * float(sc1); M1 = dmin * float(m1);
+}
+
+// All 8 six-bit scales and mins of a Q4_K super-block at once, one per byte:
+// sc[0..3] = sc_lo, sc[4..7] = sc_hi, m[0..3] = m_lo, m[4..7] = m_hi (same packing as above).
+struct Q4Scales { u32 sc_lo, sc_hi, m_lo, m_hi; float d, dmin; };
+static __device__ __forceinline__ Q4Scales q4k_scales(uint4 hd) {
+    Q4Scales o;
+    o.sc_lo = hd.y & 0x3F3F3F3Fu;
+    o.m_lo = hd.z & 0x3F3F3F3Fu;
+    o.sc_hi = (hd.w & 0x0F0F0F0Fu) | ((hd.y >> 2) & 0x30303030u);
+    o.m_hi = ((hd.w >> 4) & 0x0F0F0F0Fu) | ((hd.z >> 2) & 0x30303030u);
+    o.d = half_to_float(u16(hd.x & 0xFFFF));
+    o.dmin = half_to_float(u16(hd.x >> 16));
+    return o;
+}
+
+// D = d * sc and Dm = dmin * m of sub-block s (0..7)
+static __device__ __forceinline__ void q4k_sub(const Q4Scales& q, int s, float& D, float& Dm) {
+    D = q.d * byte_to_float(s < 4 ? q.sc_lo : q.sc_hi, s & 3);
+    Dm = q.dmin * byte_to_float(s < 4 ? q.m_lo : q.m_hi, s & 3);
+}
+
+template <int M, int R, int NW>
+static __device__ __forceinline__ void q4k_gemv(const u8* __restrict__ w, int row_bytes, int n_out, int K,
+                                                const u32* __restrict__ xq, const float2* __restrict__ xds,
+                                                float* __restrict__ out) {
+    const int row0 = blockIdx.x * R;
+    const int nitems = K >> 5, kw = K >> 2, kb = K >> 5;
+    float acc[R][M];
+    #pragma unroll
+    for (int r = 0; r < R; ++r)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+
+    for (int it = threadIdx.x; it < nitems; it += NW * 32) {
+        const int sb = it >> 3, p = it & 7, j = p >> 1, h = p & 1;
+        u32 q[R][4];
+        float D0[R], M0[R], D1[R], M1[R];
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const u8* blk = w + size_t(min(row0 + r, n_out - 1)) * row_bytes + sb * 144;
+            const uint4 hd = ldg16(blk);
+            const uint4 qq = ldg16(blk + 16 + 32 * j + 16 * h);
+            q[r][0] = qq.x; q[r][1] = qq.y; q[r][2] = qq.z; q[r][3] = qq.w;
+            q4k_scale_min(hd, j, D0[r], M0[r], D1[r], M1[r]);
+        }
+        const int xw = 64 * sb + 16 * j + 4 * h;      // word of x position 256 sb + 64 j + 16 h
+        const int xb = 8 * sb + 2 * j;                // q8 blocks 2j (low nibbles) and 2j+1 (high)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const uint4 a = ldg16(xq + m * kw + xw);
+            const uint4 b = ldg16(xq + m * kw + xw + 8);
+            const float2 ds0 = __ldg(xds + m * kb + xb), ds1 = __ldg(xds + m * kb + xb + 1);
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                int i0 = __dp4a(int(q[r][0] & 0x0F0F0F0Fu), int(a.x), 0);
+                i0 = __dp4a(int(q[r][1] & 0x0F0F0F0Fu), int(a.y), i0);
+                i0 = __dp4a(int(q[r][2] & 0x0F0F0F0Fu), int(a.z), i0);
+                i0 = __dp4a(int(q[r][3] & 0x0F0F0F0Fu), int(a.w), i0);
+                int i1 = __dp4a(int((q[r][0] >> 4) & 0x0F0F0F0Fu), int(b.x), 0);
+                i1 = __dp4a(int((q[r][1] >> 4) & 0x0F0F0F0Fu), int(b.y), i1);
+                i1 = __dp4a(int((q[r][2] >> 4) & 0x0F0F0F0Fu), int(b.z), i1);
+                i1 = __dp4a(int((q[r][3] >> 4) & 0x0F0F0F0Fu), int(b.w), i1);
+                float v = D0[r] * ds0.x * float(i0) + D1[r] * ds1.x * float(i1);
+                if (h == 0) v -= M0[r] * ds0.y + M1[r] * ds1.y;   // the min term once per sub-block
+                acc[r][m] += v;
+            }
+        }
+    }
+    reduce_store<M, R, NW>(acc, out, row0, n_out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q6_K: 210-byte super-block = ql[128] | qh[64] | scales[16] (int8) | d (fp16). For half n (0, 1)
+// and l in 0..31, with QL = ql + 64n, QH = qh + 32n, S = scales + 8n, base = 128n:
+//   w[base + l]      = d * S[l/16 + 0] * ((QL[l] & 15)      | ((QH[l] >> 0) & 3) << 4) - 32)
+//   w[base + l + 32] = d * S[l/16 + 2] * ((QL[l + 32] & 15) | ((QH[l] >> 2) & 3) << 4) - 32)
+//   w[base + l + 64] = d * S[l/16 + 4] * ((QL[l] >> 4)      | ((QH[l] >> 4) & 3) << 4) - 32)
+//   w[base + l + 96] = d * S[l/16 + 6] * ((QL[l + 32] >> 4) | ((QH[l] >> 6) & 3) << 4) - 32)
+// Item p (0..7): n = p / 4, l = 8 (p % 4) .. +8 -> 32 weights in four runs of 8 (k = 0..3).
+struct Q6Item {
+    u32 v[4][2];     // (q - 32) as int8, run k, two words of 4
+    float dk[4];     // d * scale of run k
+};
+
+static __device__ __forceinline__ void q6k_item(const u8* blk, int n, int l, Q6Item& o) {
+    const uint2 qa = ld8_a2(blk + 64 * n + l);           // runs 0 (low nibbles) and 2 (high)
+    const uint2 qb = ld8_a2(blk + 64 * n + 32 + l);      // runs 1 and 3
+    const uint2 qh = ld8_a2(blk + 128 + 32 * n + l);
+    const uint2 sc = ld8_a2(blk + 192 + 8 * n);          // S[0..7]
+    const float d = half_to_float(__ldg(reinterpret_cast<const u16*>(blk + 208)));
+    const u32 is = u32(l >> 4) * 8;                      // bit offset of S[l/16] in sc.x
+    const u32 A[2] = {qa.x, qa.y}, B[2] = {qb.x, qb.y}, H[2] = {qh.x, qh.y};
+    #pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        o.v[0][i] = __vsub4((A[i] & 0x0F0F0F0Fu) | ((H[i] & 0x03030303u) << 4), 0x20202020u);
+        o.v[1][i] = __vsub4((B[i] & 0x0F0F0F0Fu) | (((H[i] >> 2) & 0x03030303u) << 4), 0x20202020u);
+        o.v[2][i] = __vsub4(((A[i] >> 4) & 0x0F0F0F0Fu) | (((H[i] >> 4) & 0x03030303u) << 4), 0x20202020u);
+        o.v[3][i] = __vsub4(((B[i] >> 4) & 0x0F0F0F0Fu) | (((H[i] >> 6) & 0x03030303u) << 4), 0x20202020u);
+    }
+    // S[l/16 + 2k]: k = 0, 1 in sc.x, k = 2, 3 in sc.y (byte l/16 and l/16 + 2 of each word)
+    o.dk[0] = d * float(int(sc.x << (24 - is)) >> 24);
+    o.dk[1] = d * float(int(sc.x << (8 - is)) >> 24);
+    o.dk[2] = d * float(int(sc.y << (24 - is)) >> 24);
+    o.dk[3] = d * float(int(sc.y << (8 - is)) >> 24);
+}
+
+template <int M, int R, int NW>
+static __device__ __forceinline__ void q6k_gemv(const u8* __restrict__ w, int row_bytes, int n_out, int K,
+                                                const u32* __restrict__ xq, const float2* __restrict__ xds,
+                                                float* __restrict__ out) {
+    const int row0 = blockIdx.x * R;
+    const int nitems = K >> 5, kw = K >> 2, kb = K >> 5;
+    float acc[R][M];
+    #pragma unroll
+    for (int r = 0; r < R; ++r)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+
+    for (int it = threadIdx.x; it < nitems; it += NW * 32) {
+        const int sb = it >> 3, p = it & 7, n = p >> 2, l = 8 * (p & 3);
+        Q6Item wi[R];
+        #pragma unroll
+        for (int r = 0; r < R; ++r)
+            q6k_item(w + size_t(min(row0 + r, n_out - 1)) * row_bytes + sb * 210, n, l, wi[r]);
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                // run k: positions 256 sb + 128 n + 32 k + l .. +8, in q8 block 8 sb + 4 n + k
+                const uint2 a = __ldg(reinterpret_cast<const uint2*>(xq + m * kw + 64 * sb + 32 * n + 8 * k + (l >> 2)));
+                const float dx = __ldg(reinterpret_cast<const float*>(xds + m * kb + 8 * sb + 4 * n + k));
+                #pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const int s = __dp4a(int(wi[r].v[k][1]), int(a.y), __dp4a(int(wi[r].v[k][0]), int(a.x), 0));
+                    acc[r][m] += wi[r].dk[k] * dx * float(s);
+                }
+            }
+        }
+    }
+    reduce_store<M, R, NW>(acc, out, row0, n_out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K x float32 activations, exact FP32 (no quantization of x, one kernel), M = 1..4.
+// Same work split as q4k_gemv: item = 16 quant bytes = 16 weights of sub-block 2j + 16 of 2j+1.
+// Per weight: nibble -> float through 2^23 + n (LOP3 + FADD, no I2F), one FFMA with x. The min
+// term uses the item's own partial sum of x, so the two items of a sub-block add up exactly.
+template <int M, int R, int NW>
+static __device__ __forceinline__ void q4k_f32(const u8* __restrict__ w, int row_bytes, int n_out, int K,
+                                               const float* __restrict__ x, float* __restrict__ out) {
+    const int row0 = blockIdx.x * R;
+    const int nitems = K >> 5;
+    float acc[R][M];
+    #pragma unroll
+    for (int r = 0; r < R; ++r)
+        #pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+
+    for (int it = threadIdx.x; it < nitems; it += NW * 32) {
+        const int sb = it >> 3, p = it & 7, j = p >> 1, h = p & 1;
+        u32 q[R][4];
+        float D0[R], M0[R], D1[R], M1[R];
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const u8* blk = w + size_t(min(row0 + r, n_out - 1)) * row_bytes + sb * 144;
+            const uint4 hd = ldg16(blk);
+            const uint4 qq = ldg16(blk + 16 + 32 * j + 16 * h);
+            q[r][0] = qq.x; q[r][1] = qq.y; q[r][2] = qq.z; q[r][3] = qq.w;
+            q4k_scale_min(hd, j, D0[r], M0[r], D1[r], M1[r]);
+        }
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const float4* xa = reinterpret_cast<const float4*>(x + size_t(m) * K + 256 * sb + 64 * j + 16 * h);
+            float a[16], b[16];                 // x under the low nibbles (sub-block 2j), high (2j+1)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float4 u = __ldg(xa + i), v = __ldg(xa + 8 + i);
+                a[4 * i] = u.x; a[4 * i + 1] = u.y; a[4 * i + 2] = u.z; a[4 * i + 3] = u.w;
+                b[4 * i] = v.x; b[4 * i + 1] = v.y; b[4 * i + 2] = v.z; b[4 * i + 3] = v.w;
+            }
+            float sa = 0.0f, sbx = 0.0f;
+            #pragma unroll
+            for (int i = 0; i < 16; ++i) { sa += a[i]; sbx += b[i]; }
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                float s0 = 0.0f, s1 = 0.0f;
+                #pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const u32 byte = q[r][i] >> (8 * e);
+                        s0 = fmaf(a[4 * i + e], small_int_to_float(byte & 15u), s0);
+                        s1 = fmaf(b[4 * i + e], small_int_to_float((byte >> 4) & 15u), s1);
+                    }
+                acc[r][m] += (D0[r] * s0 - M0[r] * sa) + (D1[r] * s1 - M1[r] * sbx);
+            }
+        }
+    }
+    reduce_store<M, R, NW>(acc, out, row0, n_out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode to fp16: one thread per 8 consecutive weights (one 16-byte store), so a warp writes
+// 512 contiguous bytes; grid = (rows, ceil(K / 8 / blockDim)). out is [n, K] halves seen as
+// uint32 words. FP32 math, one rounding to fp16. Return 0 (Numba's C ABI).
+extern "C" __device__ int q4k_decode_f16(const u8* __restrict__ w, int row_bytes, int n_rows, int K,
+                                         u32* __restrict__ out) {
+    const int oct = blockIdx.y * blockDim.x + threadIdx.x;   // weights 8 oct .. 8 oct + 7
+    const int row = blockIdx.x;
+    if (8 * oct >= K || row >= n_rows) return 0;
+    const int sb = oct >> 5, tt = oct & 31;
+    const int j = tt >> 3, hi = (tt >> 2) & 1, u = tt & 3;   // position 64 j + 32 hi + 8 u
+    const u8* blk = w + size_t(row) * row_bytes + sb * 144;
+    const uint4 hd = ldg16(blk);
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(blk + 16 + 32 * j + 8 * u));
+    float D0, M0, D1, M1;
+    q4k_scale_min(hd, j, D0, M0, D1, M1);
+    const float D = hi ? D1 : D0, Mn = hi ? M1 : M0;
+    const u32 sh = 4 * hi;
+    const u32 a = q.x >> sh, b = q.y >> sh;
+    u32 h[4];
+    #pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const u32 v = i ? b : a;
+        h[2 * i] = pack_half2(D * small_int_to_float(v & 15u) - Mn, D * small_int_to_float((v >> 8) & 15u) - Mn);
+        h[2 * i + 1] = pack_half2(D * small_int_to_float((v >> 16) & 15u) - Mn, D * small_int_to_float((v >> 24) & 15u) - Mn);
+    }
+    st16(out + (size_t(row) * K + 8 * size_t(oct)) / 2, h[0], h[1], h[2], h[3]);
+    return 0;
+}
+
+extern "C" __device__ int q6k_decode_f16(const u8* __restrict__ w, int row_bytes, int n_rows, int K,
+                                         u32* __restrict__ out) {
+    const int oct = blockIdx.y * blockDim.x + threadIdx.x;
+    const int row = blockIdx.x;
+    if (8 * oct >= K || row >= n_rows) return 0;
+    const int sb = oct >> 5, tt = oct & 31;
+    const int n = tt >> 4, k = (tt >> 2) & 3, l = 8 * (tt & 3);   // position 128 n + 32 k + l
+    const u8* blk = w + size_t(row) * row_bytes + sb * 210;
+    const uint2 ql = ld8_a2(blk + 64 * n + 32 * (k & 1) + l);     // runs 0, 2 use QL[l], runs 1, 3 QL[l + 32]
+    const uint2 qh = ld8_a2(blk + 128 + 32 * n + l);
+    const float d = half_to_float(__ldg(reinterpret_cast<const u16*>(blk + 208)));
+    const float dk = d * float(reinterpret_cast<const signed char*>(blk)[192 + 8 * n + (l >> 4) + 2 * k]);
+    const u32 shl = 4 * (k >> 1), shh = 2 * k;
+    u32 h[4];
+    #pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const u32 L = (i ? ql.y : ql.x) >> shl, H = (i ? qh.y : qh.x) >> shh;
+        float f[4];
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const u32 qv = ((L >> (8 * e)) & 15u) | (((H >> (8 * e)) & 3u) << 4);
+            f[e] = dk * (small_int_to_float(qv) - 32.0f);
+        }
+        h[2 * i] = pack_half2(f[0], f[1]);
+        h[2 * i + 1] = pack_half2(f[2], f[3]);
+    }
+    st16(out + (size_t(row) * K + 8 * size_t(oct)) / 2, h[0], h[1], h[2], h[3]);
+    return 0;
+}
+
+// x float32 -> fp16, 8 values per thread (two 16-byte loads, one 16-byte store); n % 8 == 0.
+extern "C" __device__ int f32_to_f16(const float* __restrict__ x, u32* __restrict__ out, int n8) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return 0;
+    const float4 a = __ldg(reinterpret_cast<const float4*>(x) + 2 * size_t(i));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(x) + 2 * size_t(i) + 1);
+    st16(out + 4 * size_t(i), pack_half2(a.x, a.y), pack_half2(a.z, a.w), pack_half2(b.x, b.y), pack_half2(b.z, b.w));
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K x int8 activations on the tensor cores, M = 1..8*NT: mma.sync m16n8k32 (s8 x s8 -> s32),
+// one mma per (16 weight rows, 32-weight sub-block, 8 activation rows). A warp owns 16 rows; the
+// NW warps of a block split the super-blocks of K and are reduced through shared memory.
+//
+// Fragments (PTX ISA, m16n8k32 .s8): lane = 4 g + t. A regs: {row g, k 4t..4t+3}, {row g+8, same},
+// {row g, k 16+4t..}, {row g+8, k 16+4t..}; B regs: {k 4t.., col g}, {k 16+4t.., col g};
+// C: {row g, col 2t}, {row g, col 2t+1}, {row g+8, col 2t}, {row g+8, col 2t+1}.
+// The sum over k is order-free, so k is permuted to suit 8-byte loads: mma k = 4t+i is weight
+// 8t+i of the sub-block, k = 16+4t+i is weight 8t+4+i -- for W and x alike. Lane t thus reads
+// quant bytes 32j + 8t .. +8 (one 8-byte load per row: low nibbles = sub-block 2j, high = 2j+1)
+// and x words 8s + 2t, 8s + 2t + 1 of q8 block s.
+static __device__ __forceinline__ void mma_s8(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%10, %10, %10, %10};"
+                 : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
+}
+
+// x for the tensor-core kernel, quantized like q8_quantize but stored in fragment order so that
+// a warp's B-fragment load is 256 contiguous bytes and its scale load 64: for n-tile nt (activation
+// rows 8 nt .. 8 nt + 7, zero beyond M) and q8 block s (K / 32 of them), lane 4 g + t holds
+//   xf[(nt * nsub + s) * 32 + lane] = x[8 nt + g][32 s + 8 t .. + 8] as 8 int8 (uint2)
+//   dsf[(nt * nsub + s) * 8 + g]    = (d, d * sum q) of that 32-block (float2)
+// One thread per lane entry; the 4 lanes of a block reduce max and sum with shuffles. `zero`
+// (n_zero floats) is cleared on the way: the split-K GEMV below accumulates into it atomically.
+extern "C" __device__ int q8_quantize_frag(const float* __restrict__ x, int M, int K, int NT,
+                                           uint2* __restrict__ xf, float2* __restrict__ dsf,
+                                           float* __restrict__ zero, int n_zero) {
+    const int nsub = K >> 5;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;       // entry (nt, s, lane)
+    for (int i = e; i < n_zero; i += gridDim.x * blockDim.x) zero[i] = 0.0f;   // split-K output
+    const bool live = e < NT * nsub * 32;
+    const int lane = e & 31, g = lane >> 2, t = lane & 3;
+    const int ns = e >> 5, s = ns % nsub, nt = ns / nsub;
+    const int m = 8 * nt + g;
+    float v[8];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    if (live && m < M) {
+        const float4* p = reinterpret_cast<const float4*>(x + size_t(m) * K + 32 * s + 8 * t);
+        const float4 a = __ldg(p), b = __ldg(p + 1);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+    float amax = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    u32 word[2] = {0u, 0u};
+    int sum = 0;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int q = __float2int_rn(v[i] * inv);
+        sum += q;
+        word[i >> 2] |= (u32(q) & 0xFFu) << (8 * (i & 3));
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (live) {
+        xf[e] = make_uint2(word[0], word[1]);
+        if (t == 0) dsf[ns * 8 + g] = make_float2(d, d * float(sum));
+    }
+    return 0;
+}
+
+static __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    u32 saddr;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(saddr) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(saddr), "l"(gmem) : "memory");
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// Each warp streams its 16 rows' super-blocks, and the x fragments under them, through a ring of
+// shared-memory slots with cp.async (loads in flight hold no registers and the x loads leave the
+// critical path). Slot = W: 16 rows x 160 bytes (144 used; the padding keeps the fragment reads
+// free of bank conflicts) | xf: NT x 8 sub-blocks x 256 B | ds: NT x 8 x 64 B. As many slots as
+// 40 KB of shared memory per block allow, at most 4 and at least 2.
+// Split-K: blockIdx.y of gridDim.y takes every gridDim.y-th group of NW super-blocks and adds its
+// sums into out atomically (out zeroed beforehand); gridDim.y == 1 stores plainly.
+constexpr int MMA_ROW = 160;
+
+template <int NT, int NW>
+static __device__ __forceinline__ void q4k_mma(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
+                                               const uint2* __restrict__ xf, const float2* __restrict__ dsf,
+                                               float* __restrict__ out) {
+    constexpr int W_BYTES = 16 * MMA_ROW, X_BYTES = NT * 8 * 256, SLOT = W_BYTES + X_BYTES + NT * 8 * 64;
+    constexpr int FIT = 40960 / (NW * SLOT), STAGES = FIT > 4 ? 4 : FIT;
+    static_assert(STAGES >= 2, "too many warps for this many activation tiles");
+    __shared__ __align__(16) u8 ring[NW][STAGES][SLOT];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    const int nsb = K >> 8, nsub = K >> 5;
+    const int first = blockIdx.y * NW + warp, step = NW * gridDim.y;
+    const int mine = nsb > first ? (nsb - first + step - 1) / step : 0;    // super-blocks first, first + step, ...
+
+    // this lane's W pieces (piece c = lane + 32 k of 16 rows x 9): offsets fixed per lane, set up once
+    constexpr int PIECES = (16 * 9 + 31) / 32;
+    size_t src_off[PIECES];
+    int dst_off[PIECES];
+    #pragma unroll
+    for (int k = 0; k < PIECES; ++k) {
+        const int c = min(lane + 32 * k, 16 * 9 - 1), r = c / 9, piece = c - 9 * r;
+        src_off[k] = size_t(min(row0 + r, n_out - 1)) * row_bytes + 16 * piece;
+        dst_off[k] = r * MMA_ROW + 16 * piece;
+    }
+    auto fetch = [&](int i) {                                               // the i-th of this warp's super-blocks
+        if (i < mine) {
+            const int sb = first + i * step;
+            u8* slot = ring[warp][i % STAGES];
+            const u8* wsb = w + sb * 144;
+            #pragma unroll
+            for (int k = 0; k < PIECES; ++k)
+                if (lane + 32 * k < 16 * 9) cp_async16(slot + dst_off[k], wsb + src_off[k]);
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const u8* xs = reinterpret_cast<const u8*>(xf + (nt * nsub + 8 * sb) * 32);
+                const u8* ds = reinterpret_cast<const u8*>(dsf + (nt * nsub + 8 * sb) * 8);
+                #pragma unroll
+                for (int k = 0; k < 4; ++k) cp_async16(slot + W_BYTES + nt * 2048 + 16 * (lane + 32 * k), xs + 16 * (lane + 32 * k));
+                cp_async16(slot + W_BYTES + X_BYTES + nt * 512 + 16 * lane, ds + 16 * lane);
+            }
+        }
+        cp_async_commit();                                                  // (possibly empty) group per step
+    };
+
+    float acc[NT][4];
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+    #pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) fetch(i);
+    for (int i = 0; i < mine; ++i) {
+        cp_async_wait<STAGES - 2>();                                        // step i has landed
+        __syncwarp();                                                       // ... for every lane; slot i-1 is free
+        fetch(i + STAGES - 1);                                              // refill slot (i - 1) % STAGES
+        const u8* slot = ring[warp][i % STAGES];
+        const uint4 hA = *reinterpret_cast<const uint4*>(slot + g * MMA_ROW);
+        const uint4 hB = *reinterpret_cast<const uint4*>(slot + (g + 8) * MMA_ROW);
+        uint2 qa[4], qb[4];
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            qa[j] = *reinterpret_cast<const uint2*>(slot + g * MMA_ROW + 16 + 32 * j + 8 * t);
+            qb[j] = *reinterpret_cast<const uint2*>(slot + (g + 8) * MMA_ROW + 16 + 32 * j + 8 * t);
+        }
+        const Q4Scales sA = q4k_scales(hA), sB = q4k_scales(hB);
+        #pragma unroll
+        for (int sub = 0; sub < 8; ++sub) {                  // sub-block: low nibbles of chunk sub/2, or high
+            const int j = sub >> 1;
+            const u32 sh = 4 * (sub & 1), lo = 0x0F0F0F0Fu;
+            const u32 a0 = (qa[j].x >> sh) & lo, a2 = (qa[j].y >> sh) & lo;
+            const u32 a1 = (qb[j].x >> sh) & lo, a3 = (qb[j].y >> sh) & lo;
+            float DA, MA, DB, MB;
+            q4k_sub(sA, sub, DA, MA);
+            q4k_sub(sB, sub, DB, MB);
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const uint2 b = *reinterpret_cast<const uint2*>(slot + W_BYTES + nt * 2048 + sub * 256 + 8 * lane);
+                const float4 dd = *reinterpret_cast<const float4*>(slot + W_BYTES + X_BYTES + nt * 512 + sub * 64 + 16 * t);
+                int c[4];
+                mma_s8(c, a0, a1, a2, a3, b.x, b.y);
+                acc[nt][0] = fmaf(DA * dd.x, int_to_float(c[0]), fmaf(-MA, dd.y, acc[nt][0]));
+                acc[nt][1] = fmaf(DA * dd.z, int_to_float(c[1]), fmaf(-MA, dd.w, acc[nt][1]));
+                acc[nt][2] = fmaf(DB * dd.x, int_to_float(c[2]), fmaf(-MB, dd.y, acc[nt][2]));
+                acc[nt][3] = fmaf(DB * dd.z, int_to_float(c[3]), fmaf(-MB, dd.w, acc[nt][3]));
+            }
+        }
+    }
+    cp_async_wait<0>();
+    // reduce the NW warps' fragments, then lane (g, t) of warp 0 stores rows g, g+8, columns 2t, 2t+1
+    __shared__ float red[NW][NT * 4][32];
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][nt * 4 + i][lane] = acc[nt][i];
+    __syncthreads();
+    if (warp == 0) {
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float s = 0.0f;
+                #pragma unroll
+                for (int k = 0; k < NW; ++k) s += red[k][nt * 4 + i][lane];
+                const int row = row0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
+                if (row < n_out && m < M) {
+                    if (gridDim.y > 1) atomicAdd(out + size_t(m) * n_out + row, s);
+                    else out[size_t(m) * n_out + row] = s;
+                }
+            }
+    }
+}
