@@ -39,11 +39,12 @@ def _linked(rows, warps):
         description=f"linked CUDA C: int8 x (q8 per 32) and dp4a; a block of {warps} warps owns {rows} row(s), 16-byte loads")
 
 
-def _mma(warps):
+def _mma(warps, stages=4):
     return Variant(
-        name=f"gemv_mma_linked_w{warps}", qtypes=("Q4_K",), fn=gemv_mma_linked, m_max=16, rel_err=2e-2,
-        device="gpu", simulated=False, params={"warps": warps},
-        description=f"linked CUDA C: int8 x, int8 tensor cores (mma m16n8k32) per sub-block; {warps} warps split K of 16 rows")
+        name=f"gemv_mma_linked_w{warps}" + (f"s{stages}" if stages != 4 else ""), qtypes=("Q4_K",), fn=gemv_mma_linked,
+        m_max=16, rel_err=2e-2, device="gpu", simulated=False, params={"warps": warps, "stages": stages},
+        description=f"linked CUDA C: int8 x, int8 tensor cores (mma m16n8k32) per sub-block; {warps} warps split K "
+                    f"of 16 rows, a {stages}-slot cp.async ring")
 
 
 def _f32(rows, warps):

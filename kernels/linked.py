@@ -135,11 +135,12 @@ def f32_kernel(M: int, rows: int, warps: int):
 
 
 @functools.lru_cache(maxsize=None)
-def mma_kernel(n_tiles: int, warps: int):
-    """The Numba kernel for q4k_mma<n_tiles, warps>: grid = ceil(n_out / 16) blocks of 32*warps."""
-    name = f"q4k_mma_t{n_tiles}_w{warps}"
+def mma_kernel(n_tiles: int, warps: int, stages: int = 4):
+    """The Numba kernel for q4k_mma<n_tiles, warps, stages>: grid = (ceil(n_out / 16), split) blocks of 32*warps."""
+    name = f"q4k_mma_t{n_tiles}_w{warps}_s{stages}"
     extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const uint2* xf, '
-             f'const float2* dsf, float* out) {{ q4k_mma<{n_tiles}, {warps}>(w, rb, n, K, M, xf, dsf, out); return 0; }}\n')
+             f'const float2* dsf, float* out) {{ q4k_mma<{n_tiles}, {warps}, {stages}>(w, rb, n, K, M, xf, dsf, out); '
+             f'return 0; }}\n')
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _PTR),
                              link=[source_with(extra)], abi="c")
 
@@ -279,7 +280,7 @@ def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     return out
 
 
-def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4):
+def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4):
     """out[:] ~= x @ W.T for Q4_K rows, M <= 16, x rounded to int8 per 32 values; int8 mma.sync.
     Short, wide matrices are split along K over blocks that add into out atomically (so the
     last bits of such results vary from run to run)."""
@@ -295,7 +296,7 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4):
         warps = min(warps, 2)                  # 40 KB of ring: 2 slots of 2 warps for 16 activation rows
     split = mma_split(n_out, K, warps)
     xf, dsf = quantize_q8_fragments(x, n_tiles, zero=out if split > 1 else None)
-    launch(mma_kernel(n_tiles, warps), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1), w_raw.shape[1],
+    launch(mma_kernel(n_tiles, warps, stages), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1), w_raw.shape[1],
            n_out, K, M, xf, dsf, out)
     return out
 

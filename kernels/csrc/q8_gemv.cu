@@ -14,7 +14,7 @@
 //   q4k_decode_f16     raw Q4_K rows -> fp16 [n, K]   (decode-to-scratch for cuBLAS)
 //   q6k_decode_f16     raw Q6_K rows -> fp16 [n, K]
 //   f32_to_f16         x float32 -> fp16 at copy speed (CuPy's astype reached ~1.2 TB/s)
-//   q4k_mma<NT,NW>     Q4_K x int8 activations on the int8 tensor cores, M = 1..8 NT
+//   q4k_mma<NT,NW,S>   Q4_K x int8 activations on the int8 tensor cores, M = 1..8 NT
 //
 // Work split of the GEMVs: a thread block owns R consecutive weight rows; its NW warps walk the
 // row's "items" (32 weights each: 8 per 256-weight super-block) with a stride of NW*32, so a warp
@@ -494,18 +494,18 @@ static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.
 // Each warp streams its 16 rows' super-blocks, and the x fragments under them, through a ring of
 // shared-memory slots with cp.async (loads in flight hold no registers and the x loads leave the
 // critical path). Slot = W: 16 rows x 160 bytes (144 used; the padding keeps the fragment reads
-// free of bank conflicts) | xf: NT x 8 sub-blocks x 256 B | ds: NT x 8 x 64 B. As many slots as
-// 40 KB of shared memory per block allow, at most 4 and at least 2.
+// free of bank conflicts) | xf: NT x 8 sub-blocks x 256 B | ds: NT x 8 x 64 B. STAGES_WANTED slots,
+// or as many as 40 KB of shared memory per block allow if fewer; at least 2.
 // Split-K: blockIdx.y of gridDim.y takes every gridDim.y-th group of NW super-blocks and adds its
 // sums into out atomically (out zeroed beforehand); gridDim.y == 1 stores plainly.
 constexpr int MMA_ROW = 160;
 
-template <int NT, int NW>
+template <int NT, int NW, int STAGES_WANTED = 4>
 static __device__ __forceinline__ void q4k_mma(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
                                                const uint2* __restrict__ xf, const float2* __restrict__ dsf,
                                                float* __restrict__ out) {
     constexpr int W_BYTES = 16 * MMA_ROW, X_BYTES = NT * 8 * 256, SLOT = W_BYTES + X_BYTES + NT * 8 * 64;
-    constexpr int FIT = 40960 / (NW * SLOT), STAGES = FIT > 4 ? 4 : FIT;
+    constexpr int FIT = 40960 / (NW * SLOT), STAGES = FIT > STAGES_WANTED ? STAGES_WANTED : FIT;
     static_assert(STAGES >= 2, "too many warps for this many activation tiles");
     __shared__ __align__(16) u8 ring[NW][STAGES][SLOT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes K x N (default: the 7B teacher's five)")
     p.add_argument("--m", nargs="+", type=int, metavar="M", help="activation rows (default: 1 8 16 64 512 4096)")
     p.add_argument("--variants", nargs="+", metavar="NAME", help="variants to time (default: all GPU variants)")
+    p.add_argument("--x16", action="store_true",
+                   help="also time the decode + cuBLAS paths on fp16 activations, as cuBLAS gets them (rows '<name>[x16]')")
 
 
 def parse_shapes(items):
@@ -44,7 +46,7 @@ def run(args) -> int:
     from kernels import bench
 
     rows = bench.run(shapes=parse_shapes(args.shapes), ms=args.m, variants=args.variants,
-                     qtypes=args.qtypes, log=lambda s: print(s, file=sys.stderr))
+                     qtypes=args.qtypes, log=lambda s: print(s, file=sys.stderr), also_x16=args.x16)
     bench.print_table(rows)
     if args.json == "-":
         print(json.dumps(rows, indent=1))
