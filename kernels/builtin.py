@@ -41,10 +41,10 @@ def _linked(rows, warps):
 
 def _mma(warps, stages=4):
     return Variant(
-        name=f"gemv_mma_linked_w{warps}" + (f"s{stages}" if stages != 4 else ""), qtypes=("Q4_K",), fn=gemv_mma_linked,
+        name=f"gemv_mma_linked_w{warps}" + (f"s{stages}" if stages != 4 else ""), qtypes=("Q4_K", "Q6_K"), fn=gemv_mma_linked,
         m_max=16, rel_err=2e-2, device="gpu", simulated=False, params={"warps": warps, "stages": stages},
-        description=f"linked CUDA C: int8 x, int8 tensor cores (mma m16n8k32) per sub-block; {warps} warps split K "
-                    f"of 16 rows, a {stages}-slot cp.async ring")
+        description=f"linked CUDA C: int8 x, int8 tensor cores (mma per sub-block); {warps} warps split K of 16 rows "
+                    f"(Q4_K: a {stages}-slot cp.async ring)")
 
 
 def _f32(rows, warps):

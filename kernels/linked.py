@@ -12,7 +12,7 @@ float64 reference as every variant (tests/test_kernels_gpu.py); the CPU suite ch
 source, the registry entries and the error for a CPU call are in order.
 
     gemv_q8_linked(x, w_raw, qtype, n_out, out, rows, warps)   Q4_K / Q6_K, M = 1..16, int8 x, dp4a
-    gemv_mma_linked(x, w_raw, qtype, n_out, out, warps)        Q4_K, M = 1..16, int8 x, tensor cores
+    gemv_mma_linked(x, w_raw, qtype, n_out, out, warps)        Q4_K / Q6_K, M = 1..16, int8 x, tensor cores
     gemv_f32_linked(x, w_raw, qtype, n_out, out, rows, warps)  Q4_K, M = 1..4, float32 x, exact, one kernel
     decode_f16_linked(w_raw, qtype, K, out16)                  Q4_K / Q6_K -> fp16 [n, K]
     dequant_linked_cublas(x, w_raw, qtype, n_out, out)         decode_f16_linked + cuBLAS
@@ -181,6 +181,23 @@ def to_f16(x):
 
 
 @functools.lru_cache(maxsize=None)
+def mma6_kernel(n_tiles: int, warps: int):
+    """The Numba kernel for q6k_mma<n_tiles, warps>: grid = (ceil(n_out / 16), split) blocks of 32*warps."""
+    name = f"q6k_mma_t{n_tiles}_w{warps}"
+    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u32* xq, '
+             f'const float2* xds, float* out) {{ q6k_mma<{n_tiles}, {warps}>(w, rb, n, K, M, xq, xds, out); return 0; }}\n')
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _PTR),
+                             link=[source_with(extra)], abi="c")
+
+    @cuda.jit
+    def kernel(w, row_bytes, n_out, K, M, xq, xds, out):
+        fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(xq), data_ptr(xds),
+           data_ptr(out))
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
 def _decode_kernel(qtype: str):
     fn = cuda.declare_device(f"{TEMPLATES[qtype]}_decode_f16", types.int32(_PTR, _I32, _I32, _I32, _PTR),
                              link=[source_with()], abi="c")
@@ -281,17 +298,24 @@ def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
 
 
 def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4):
-    """out[:] ~= x @ W.T for Q4_K rows, M <= 16, x rounded to int8 per 32 values; int8 mma.sync.
+    """out[:] ~= x @ W.T for Q4_K or Q6_K rows, M <= 16, x rounded to int8 per 32 values; int8 mma.sync
+    (m16n8k32 per Q4_K sub-block of 32, m16n8k16 per Q6_K sub-block of 16).
     Short, wide matrices are split along K over blocks that add into out atomically (so the
     last bits of such results vary from run to run)."""
     _require_gpu("gemv_mma_linked")
     q, K = _check(w_raw, qtype, n_out)
-    if q != "Q4_K":
-        raise Q4KError(f"gemv_mma_linked decodes Q4_K, not {q}")
     M = x.shape[0]
     if not 1 <= M <= 16:
         raise Q4KError(f"gemv_mma_linked takes 1..16 activation rows, got {M}")
     n_tiles = 1 if M <= 8 else 2
+    if q == "Q6_K":                            # plain q8 x, W read straight from global memory (no ring)
+        split = mma_split(n_out, K, warps)
+        xq, xds = quantize_q8(x)
+        if split > 1:
+            out.fill(0)
+        launch(mma6_kernel(n_tiles, warps), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1),
+               w_raw.shape[1], n_out, K, M, xq, xds, out)
+        return out
     if n_tiles == 2:
         warps = min(warps, 2)                  # 40 KB of ring: 2 slots of 2 warps for 16 activation rows
     split = mma_split(n_out, K, warps)

@@ -28,6 +28,7 @@ def test_source_has_every_declared_function():
     for tmpl in linked.TEMPLATES.values():
         assert f"{tmpl}_gemv(" in text
     assert "q4k_mma(" in text and "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in text
+    assert "q6k_mma(" in text and "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in text
     assert "#include" not in text                     # NVRTC gets no extra include path
 
 

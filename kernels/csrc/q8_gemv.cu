@@ -14,6 +14,7 @@
 //   q4k_decode_f16     raw Q4_K rows -> fp16 [n, K]   (decode-to-scratch for cuBLAS)
 //   q6k_decode_f16     raw Q6_K rows -> fp16 [n, K]
 //   f32_to_f16         x float32 -> fp16 at copy speed (CuPy's astype reached ~1.2 TB/s)
+//   q6k_mma<NT,NW>     Q6_K x int8 activations on the int8 tensor cores (m16n8k16), M = 1..8 NT
 //   q4k_mma<NT,NW,S>   Q4_K x int8 activations on the int8 tensor cores, M = 1..8 NT
 //
 // Work split of the GEMVs: a thread block owns R consecutive weight rows; its NW warps walk the
@@ -434,6 +435,35 @@ static __device__ __forceinline__ void mma_s8(int (&c)[4], u32 a0, u32 a1, u32 a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
 }
 
+// Sum the NW warps' C fragments through shared memory; lane (g, t) of warp 0 stores rows g, g+8,
+// columns 2t, 2t+1 of the 16 x 8 NT tile (atomically when the grid splits K over blockIdx.y).
+template <int NT, int NW>
+static __device__ __forceinline__ void mma_reduce_store(float (&acc)[NT][4], float* __restrict__ out, int row0,
+                                                        int n_out, int M) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    __shared__ float red[NW][NT * 4][32];
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][nt * 4 + i][lane] = acc[nt][i];
+    __syncthreads();
+    if (warp == 0) {
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float v = 0.0f;
+                #pragma unroll
+                for (int k = 0; k < NW; ++k) v += red[k][nt * 4 + i][lane];
+                const int row = row0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
+                if (row < n_out && m < M) {
+                    if (gridDim.y > 1) atomicAdd(out + size_t(m) * n_out + row, v);
+                    else out[size_t(m) * n_out + row] = v;
+                }
+            }
+    }
+}
+
 // x for the tensor-core kernel, quantized like q8_quantize but stored in fragment order so that
 // a warp's B-fragment load is 256 contiguous bytes and its scale load 64: for n-tile nt (activation
 // rows 8 nt .. 8 nt + 7, zero beyond M) and q8 block s (K / 32 of them), lane 4 g + t holds
@@ -590,26 +620,108 @@ static __device__ __forceinline__ void q4k_mma(const u8* __restrict__ w, int row
         }
     }
     cp_async_wait<0>();
-    // reduce the NW warps' fragments, then lane (g, t) of warp 0 stores rows g, g+8, columns 2t, 2t+1
-    __shared__ float red[NW][NT * 4][32];
+    mma_reduce_store<NT, NW>(acc, out, row0, n_out, M);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q6_K x int8 activations on the tensor cores, M = 1..8*NT: mma.sync m16n8k16 (s8 x s8 -> s32), one
+// mma per (16 weight rows, 16-weight sub-block with its own scale, 8 activation rows). Q6_K blocks
+// are 210 bytes (2-byte aligned), so W is read with 4-byte loads joined by funnel shifts (no ring).
+// Fragments (m16n8k16 .s8): A regs {row g, k 4t..4t+3}, {row g+8, same}; B {k 4t.., col g}; C as
+// m16n8k32. Sub-block (n, k, h) = weights 128 n + 32 k + 16 h .. +16 of the super-block, scale
+// S[8 n + 2 k + h]; lane t takes its weights 4t..4t+3: QL bytes 64 n + 32 (k & 1) + 16 h + 4t (nibble
+// k >> 1) and QH bytes 128 + 32 n + 16 h + 4t (bits 2k, 2k+1). x is the plain q8 layout of
+// q8_quantize (its 4 int8 at the same positions are one word), its scale that of q8 block 8 sb + 4 n + k.
+static __device__ __forceinline__ void mma_s8_k16(int (&c)[4], u32 a0, u32 a1, u32 b0) {
+    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %7, %7, %7};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+}
+
+// 4 bytes at a 2-byte aligned address
+static __device__ __forceinline__ u32 ld4_a2(const u8* p) {
+    const size_t a = reinterpret_cast<size_t>(p);
+    const u32* q = reinterpret_cast<const u32*>(a & ~size_t(3));
+    const u32 sh = u32(a & 3) * 8;
+    return __funnelshift_r(__ldg(q), sh ? __ldg(q + 1) : 0u, sh);
+}
+
+template <int NT, int NW>
+static __device__ __forceinline__ void q6k_mma(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
+                                               const u32* __restrict__ xq, const float2* __restrict__ xds,
+                                               float* __restrict__ out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    const int nsb = K >> 8, kw = K >> 2, kb = K >> 5;
+    const int first = blockIdx.y * NW + warp, step = NW * gridDim.y;
+    const u8* wA = w + size_t(min(row0 + g, n_out - 1)) * row_bytes;
+    const u8* wB = w + size_t(min(row0 + g + 8, n_out - 1)) * row_bytes;
+    int xrow[NT], dc0[NT], dc1[NT];                     // B column g; C columns 2t, 2t+1 (clamped to M - 1)
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        xrow[nt] = min(8 * nt + g, M - 1) * kw;
+        dc0[nt] = min(8 * nt + 2 * t, M - 1) * kb;
+        dc1[nt] = min(8 * nt + 2 * t + 1, M - 1) * kb;
+    }
+    float acc[NT][4];
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
         #pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp][nt * 4 + i][lane] = acc[nt][i];
-    __syncthreads();
-    if (warp == 0) {
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+    for (int sb = first; sb < nsb; sb += step) {
+        const u8* bA = wA + sb * 210;
+        const u8* bB = wB + sb * 210;
+        u32 qlA[8], qlB[8], qhA[4], qhB[4], scA[4], scB[4];
         #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int i = 0; i < 8; ++i) {                       // i = 4 n + 2 (k & 1) + h
+            const int off = 64 * (i >> 2) + 32 * ((i >> 1) & 1) + 16 * (i & 1) + 4 * t;
+            qlA[i] = ld4_a2(bA + off);
+            qlB[i] = ld4_a2(bB + off);
+        }
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {                       // i = 2 n + h
+            const int off = 128 + 32 * (i >> 1) + 16 * (i & 1) + 4 * t;
+            qhA[i] = ld4_a2(bA + off);
+            qhB[i] = ld4_a2(bB + off);
+            scA[i] = ld4_a2(bA + 192 + 4 * i);
+            scB[i] = ld4_a2(bB + 192 + 4 * i);
+        }
+        const float dA = half_to_float(__ldg(reinterpret_cast<const u16*>(bA + 208)));
+        const float dB = half_to_float(__ldg(reinterpret_cast<const u16*>(bB + 208)));
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
             #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                float s = 0.0f;
+            for (int k = 0; k < 4; ++k) {
+                const int blk = 8 * sb + 4 * n + k;
+                float dx0[NT], dx1[NT];
                 #pragma unroll
-                for (int k = 0; k < NW; ++k) s += red[k][nt * 4 + i][lane];
-                const int row = row0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
-                if (row < n_out && m < M) {
-                    if (gridDim.y > 1) atomicAdd(out + size_t(m) * n_out + row, s);
-                    else out[size_t(m) * n_out + row] = s;
+                for (int nt = 0; nt < NT; ++nt) {
+                    dx0[nt] = __ldg(xds + dc0[nt] + blk).x;
+                    dx1[nt] = __ldg(xds + dc1[nt] + blk).x;
+                }
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int qi = 4 * n + 2 * (k & 1) + h, hi = 2 * n + h, sub = 8 * n + 2 * k + h;
+                    const u32 lsh = 4 * (k >> 1), hsh = 2 * k;
+                    const u32 a0 = __vsub4(((qlA[qi] >> lsh) & 0x0F0F0F0Fu) | (((qhA[hi] >> hsh) & 0x03030303u) << 4), 0x20202020u);
+                    const u32 a1 = __vsub4(((qlB[qi] >> lsh) & 0x0F0F0F0Fu) | (((qhB[hi] >> hsh) & 0x03030303u) << 4), 0x20202020u);
+                    const int bs = 8 * (sub & 3);
+                    const float sA = dA * int_to_float(int(scA[sub >> 2] << (24 - bs)) >> 24);
+                    const float sB = dB * int_to_float(int(scB[sub >> 2] << (24 - bs)) >> 24);
+                    #pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const u32 b = __ldg(xq + xrow[nt] + 64 * sb + 32 * n + 8 * k + 4 * h + t);
+                        int c[4];
+                        mma_s8_k16(c, a0, a1, b);
+                        acc[nt][0] = fmaf(sA * dx0[nt], int_to_float(c[0]), acc[nt][0]);
+                        acc[nt][1] = fmaf(sA * dx1[nt], int_to_float(c[1]), acc[nt][1]);
+                        acc[nt][2] = fmaf(sB * dx0[nt], int_to_float(c[2]), acc[nt][2]);
+                        acc[nt][3] = fmaf(sB * dx1[nt], int_to_float(c[3]), acc[nt][3]);
+                    }
                 }
             }
     }
+    mma_reduce_store<NT, NW>(acc, out, row0, n_out, M);
 }
