@@ -80,11 +80,12 @@ _PTR, _I32 = types.voidptr, types.int32
 
 @functools.lru_cache(maxsize=None)
 def _quantize_kernel():
-    fn = cuda.declare_device("q8_quantize", types.int32(_PTR, _PTR, _PTR, _I32), link=[source_with()], abi="c")
+    fn = cuda.declare_device("q8_quantize", types.int32(_PTR, _PTR, _PTR, _I32, _PTR, _I32), link=[source_with()],
+                             abi="c")
 
     @cuda.jit
-    def kernel(x, xq, xds, nblocks):
-        fn(data_ptr(x), data_ptr(xq), data_ptr(xds), np.int32(nblocks))
+    def kernel(x, xq, xds, nblocks, zero, n_zero):
+        fn(data_ptr(x), data_ptr(xq), data_ptr(xds), np.int32(nblocks), data_ptr(zero), np.int32(n_zero))
 
     return kernel
 
@@ -135,12 +136,15 @@ def f32_kernel(M: int, rows: int, warps: int):
 
 
 @functools.lru_cache(maxsize=None)
-def mma_kernel(n_tiles: int, warps: int, stages: int = 4):
-    """The Numba kernel for q4k_mma<n_tiles, warps, stages>: grid = (ceil(n_out / 16), split) blocks of 32*warps."""
-    name = f"q4k_mma_t{n_tiles}_w{warps}_s{stages}"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const uint2* xf, '
-             f'const float2* dsf, float* out) {{ q4k_mma<{n_tiles}, {warps}, {stages}>(w, rb, n, K, M, xf, dsf, out); '
-             f'return 0; }}\n')
+def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4):
+    """The Numba kernel for q4k_mma<n_tiles, warps, stages> (x in fragment order) or q6k_mma<n_tiles,
+    warps> (plain q8 x): grid = (ceil(n_out / 16), split) blocks of 32*warps."""
+    if qtype == "Q4_K":
+        name, call, xt = f"q4k_mma_t{n_tiles}_w{warps}_s{stages}", f"q4k_mma<{n_tiles}, {warps}, {stages}>", "uint2"
+    else:
+        name, call, xt = f"q6k_mma_t{n_tiles}_w{warps}", f"q6k_mma<{n_tiles}, {warps}>", "u32"
+    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const {xt}* xq, '
+             f'const float2* xds, float* out) {{ {call}(w, rb, n, K, M, xq, xds, out); return 0; }}\n')
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _PTR),
                              link=[source_with(extra)], abi="c")
 
@@ -181,23 +185,6 @@ def to_f16(x):
 
 
 @functools.lru_cache(maxsize=None)
-def mma6_kernel(n_tiles: int, warps: int):
-    """The Numba kernel for q6k_mma<n_tiles, warps>: grid = (ceil(n_out / 16), split) blocks of 32*warps."""
-    name = f"q6k_mma_t{n_tiles}_w{warps}"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u32* xq, '
-             f'const float2* xds, float* out) {{ q6k_mma<{n_tiles}, {warps}>(w, rb, n, K, M, xq, xds, out); return 0; }}\n')
-    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _PTR),
-                             link=[source_with(extra)], abi="c")
-
-    @cuda.jit
-    def kernel(w, row_bytes, n_out, K, M, xq, xds, out):
-        fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(xq), data_ptr(xds),
-           data_ptr(out))
-
-    return kernel
-
-
-@functools.lru_cache(maxsize=None)
 def _decode_kernel(qtype: str):
     fn = cuda.declare_device(f"{TEMPLATES[qtype]}_decode_f16", types.int32(_PTR, _I32, _I32, _I32, _PTR),
                              link=[source_with()], abi="c")
@@ -207,6 +194,14 @@ def _decode_kernel(qtype: str):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_rows), np.int32(K), data_ptr(out))
 
     return kernel
+
+
+def _f32_aligned(x):
+    """x as a C-contiguous float32 CuPy array starting 16-byte aligned (copied only if it is not)."""
+    import cupy
+
+    x = cupy.ascontiguousarray(x, dtype=np.float32)
+    return x.copy() if address(x) % 16 else x
 
 
 def _check(w_raw, qtype, n_out):
@@ -223,18 +218,19 @@ def _check(w_raw, qtype, n_out):
     return q, K
 
 
-def quantize_q8(x):
-    """(xq uint32 [M*K/4], xds float32 [M*K/32, 2]) for x float32 [M, K]: int8 per 32 values, (d, d*sum q)."""
+def quantize_q8(x, zero=None):
+    """(xq uint32 [M*K/4], xds float32 [M*K/32, 2]) for x float32 [M, K]: int8 per 32 values, (d, d*sum q).
+    `zero`, a float32 array, is set to 0 by the same kernel (for the split-K GEMVs)."""
     import cupy
 
-    x = cupy.ascontiguousarray(x, dtype=np.float32)
-    if address(x) % 16:
-        x = x.copy()
+    x = _f32_aligned(x)
     nblocks = x.size // 32
     xq = cupy.empty(x.size // 4, dtype=np.uint32)
     xds = cupy.empty((nblocks, 2), dtype=np.float32)
     threads = 8 * nblocks
-    launch(_quantize_kernel(), (threads + QUANT_THREADS - 1) // QUANT_THREADS, QUANT_THREADS, x.reshape(-1), xq, xds, nblocks)
+    z = zero.reshape(-1) if zero is not None else xds.reshape(-1)
+    launch(_quantize_kernel(), (threads + QUANT_THREADS - 1) // QUANT_THREADS, QUANT_THREADS, x.reshape(-1), xq, xds,
+           nblocks, z, z.size if zero is not None else 0)
     return xq, xds
 
 
@@ -244,9 +240,7 @@ def quantize_q8_fragments(x, n_tiles, zero=None):
     array, is set to 0 by the same kernel (the split-K GEMV accumulates into it)."""
     import cupy
 
-    x = cupy.ascontiguousarray(x, dtype=np.float32)
-    if address(x) % 16:
-        x = x.copy()
+    x = _f32_aligned(x)
     M, K = x.shape
     entries = n_tiles * (K // 32) * 32
     xf = cupy.empty(2 * entries, dtype=np.uint32)
@@ -281,17 +275,13 @@ def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
 def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] = x @ W.T for Q4_K rows, M <= 4, float32 x used as is (FP32-exact), one kernel."""
     _require_gpu("gemv_f32_linked")
-    import cupy
-
     q, K = _check(w_raw, qtype, n_out)
     if q != "Q4_K":
         raise Q4KError(f"gemv_f32_linked decodes Q4_K, not {q}")
     M = x.shape[0]
     if not 1 <= M <= 4:
         raise Q4KError(f"gemv_f32_linked takes 1..4 activation rows, got {M}")
-    x = cupy.ascontiguousarray(x, dtype=np.float32)
-    if address(x) % 16:
-        x = x.copy()
+    x = _f32_aligned(x)
     launch(f32_kernel(M, rows, warps), (n_out + rows - 1) // rows, 32 * warps, w_raw.reshape(-1), w_raw.shape[1],
            n_out, K, x.reshape(-1), out)
     return out
@@ -310,18 +300,16 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4):
     n_tiles = 1 if M <= 8 else 2
     if q == "Q6_K":                            # plain q8 x, W read straight from global memory (no ring)
         split = mma_split(n_out, K, warps)
-        xq, xds = quantize_q8(x)
-        if split > 1:
-            out.fill(0)
-        launch(mma6_kernel(n_tiles, warps), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1),
+        xq, xds = quantize_q8(x, zero=out if split > 1 else None)
+        launch(mma_kernel(q, n_tiles, warps), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1),
                w_raw.shape[1], n_out, K, M, xq, xds, out)
         return out
     if n_tiles == 2:
         warps = min(warps, 2)                  # 40 KB of ring: 2 slots of 2 warps for 16 activation rows
     split = mma_split(n_out, K, warps)
     xf, dsf = quantize_q8_fragments(x, n_tiles, zero=out if split > 1 else None)
-    launch(mma_kernel(n_tiles, warps, stages), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1), w_raw.shape[1],
-           n_out, K, M, xf, dsf, out)
+    launch(mma_kernel(q, n_tiles, warps, stages), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1),
+           w_raw.shape[1], n_out, K, M, xf, dsf, out)
     return out
 
 

@@ -73,12 +73,24 @@ static __device__ __forceinline__ float byte_to_float(u32 word, int k) {
     return __int_as_float(__byte_perm(word, 0x4B000000u, 0x7540u | u32(k))) - 8388608.0f;
 }
 
+template <int A, int B>
+static __device__ __forceinline__ void zero(float (&a)[A][B]) {
+    #pragma unroll
+    for (int i = 0; i < A; ++i)
+        #pragma unroll
+        for (int k = 0; k < B; ++k) a[i][k] = 0.0f;
+}
+
 // ---------------------------------------------------------------------------------------------
-// Returns 0 (the C ABI of cuda.declare_device wants a value). Activations to 8 bits per 32 values: d = max|x| / 127, q = round(x / d), ds = (d, d * sum q).
-// 8 threads per 32 values, one float4 each.
+// Every extern "C" function returns 0 (the C ABI of cuda.declare_device wants a value).
+// Activations to 8 bits per 32 values: d = max|x| / 127, q = round(x / d), ds = (d, d * sum q).
+// 8 threads per 32 values, one float4 each. `zero` (n_zero floats) is cleared on the way, for the
+// split-K tensor-core GEMVs that accumulate into it atomically (as q8_quantize_frag below).
 extern "C" __device__ int q8_quantize(const float* __restrict__ x, u32* __restrict__ xq,
-                                       float2* __restrict__ xds, int nblocks) {
+                                       float2* __restrict__ xds, int nblocks,
+                                       float* __restrict__ zero, int n_zero) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int i = t; i < n_zero; i += gridDim.x * blockDim.x) zero[i] = 0.0f;   // split-K output
     const int b = t >> 3;
     const bool live = b < nblocks;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -129,25 +141,10 @@ static __device__ __forceinline__ void reduce_store(float (&acc)[R][M], float* _
 // nibbles. Byte 32j + i holds weight 64j + i (low nibble, sub-block 2j) and 64j + 32 + i (high
 // nibble, sub-block 2j + 1). Item p (0..7) of a super-block: j = p / 2, h = p % 2 -> the 16 quant
 // bytes 32j + 16h .. +16, i.e. weights 64j + 16h + [0, 16) and 64j + 32 + 16h + [0, 16).
-static __device__ __forceinline__ void q4k_scale_min(uint4 hd, int j, float& D0, float& M0,
-                                                     float& D1, float& M1) {
-    // sub-blocks s = 2j, 2j+1 (get_scale_min_k4 in llama.cpp's terms)
-    const u32 sh = 16u * u32(j & 1);
-    u32 sc0, m0, sc1, m1;
-    if (j < 2) {
-        sc0 = (hd.y >> sh) & 63u;         sc1 = (hd.y >> (sh + 8)) & 63u;
-        m0 = (hd.z >> sh) & 63u;          m1 = (hd.z >> (sh + 8)) & 63u;
-    } else {
-        const u32 a = hd.w >> sh, b = hd.y >> sh, c = hd.z >> sh;
-        sc0 = (a & 15u) | (((b >> 6) & 3u) << 4);          m0 = ((a >> 4) & 15u) | (((c >> 6) & 3u) << 4);
-        sc1 = ((a >> 8) & 15u) | (((b >> 14) & 3u) << 4);  m1 = ((a >> 12) & 15u) | (((c >> 14) & 3u) << 4);
-    }
-    const float d = half_to_float(u16(hd.x & 0xFFFF)), dmin = half_to_float(u16(hd.x >> 16));
-    D0 = d * float(sc0); M0 = dmin * float(m0); D1 = d * float(sc1); M1 = dmin * float(m1);
-}
-
-// All 8 six-bit scales and mins of a Q4_K super-block at once, one per byte:
-// sc[0..3] = sc_lo, sc[4..7] = sc_hi, m[0..3] = m_lo, m[4..7] = m_hi (same packing as above).
+// The 12 scale bytes q[0..11] hold 8 six-bit (scale, min) pairs (llama.cpp's get_scale_min_k4):
+// s < 4: sc = q[s] & 63, m = q[s+4] & 63; s >= 4: sc = (q[s+4] & 15) | (q[s-4] >> 6) << 4,
+// m = (q[s+4] >> 4) | (q[s] >> 6) << 4. q4k_scales unpacks all 8 pairs at once, one per byte:
+// sc[0..3] = sc_lo, sc[4..7] = sc_hi, m[0..3] = m_lo, m[4..7] = m_hi.
 struct Q4Scales { u32 sc_lo, sc_hi, m_lo, m_hi; float d, dmin; };
 static __device__ __forceinline__ Q4Scales q4k_scales(uint4 hd) {
     Q4Scales o;
@@ -166,6 +163,28 @@ static __device__ __forceinline__ void q4k_sub(const Q4Scales& q, int s, float& 
     Dm = q.dmin * byte_to_float(s < 4 ? q.m_lo : q.m_hi, s & 3);
 }
 
+// One Q4_K "item" of R rows: the 16 quant bytes 32j + 16h .. +16 of super-block sb (16 weights of
+// sub-block 2j in the low nibbles, 16 of 2j+1 in the high) and the scales of those sub-blocks.
+template <int R>
+struct Q4Item {
+    u32 q[R][4];
+    float D0[R], M0[R], D1[R], M1[R];
+};
+
+template <int R>
+static __device__ __forceinline__ void q4k_load_item(const u8* __restrict__ w, int row_bytes, int n_out, int row0,
+                                                     int sb, int j, int h, Q4Item<R>& o) {
+    #pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const u8* blk = w + size_t(min(row0 + r, n_out - 1)) * row_bytes + sb * 144;
+        const uint4 qq = ldg16(blk + 16 + 32 * j + 16 * h);
+        o.q[r][0] = qq.x; o.q[r][1] = qq.y; o.q[r][2] = qq.z; o.q[r][3] = qq.w;
+        const Q4Scales sc = q4k_scales(ldg16(blk));
+        q4k_sub(sc, 2 * j, o.D0[r], o.M0[r]);
+        q4k_sub(sc, 2 * j + 1, o.D1[r], o.M1[r]);
+    }
+}
+
 template <int M, int R, int NW>
 static __device__ __forceinline__ void q4k_gemv(const u8* __restrict__ w, int row_bytes, int n_out, int K,
                                                 const u32* __restrict__ xq, const float2* __restrict__ xds,
@@ -173,23 +192,12 @@ static __device__ __forceinline__ void q4k_gemv(const u8* __restrict__ w, int ro
     const int row0 = blockIdx.x * R;
     const int nitems = K >> 5, kw = K >> 2, kb = K >> 5;
     float acc[R][M];
-    #pragma unroll
-    for (int r = 0; r < R; ++r)
-        #pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+    zero(acc);
 
     for (int it = threadIdx.x; it < nitems; it += NW * 32) {
         const int sb = it >> 3, p = it & 7, j = p >> 1, h = p & 1;
-        u32 q[R][4];
-        float D0[R], M0[R], D1[R], M1[R];
-        #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const u8* blk = w + size_t(min(row0 + r, n_out - 1)) * row_bytes + sb * 144;
-            const uint4 hd = ldg16(blk);
-            const uint4 qq = ldg16(blk + 16 + 32 * j + 16 * h);
-            q[r][0] = qq.x; q[r][1] = qq.y; q[r][2] = qq.z; q[r][3] = qq.w;
-            q4k_scale_min(hd, j, D0[r], M0[r], D1[r], M1[r]);
-        }
+        Q4Item<R> wi;
+        q4k_load_item<R>(w, row_bytes, n_out, row0, sb, j, h, wi);
         const int xw = 64 * sb + 16 * j + 4 * h;      // word of x position 256 sb + 64 j + 16 h
         const int xb = 8 * sb + 2 * j;                // q8 blocks 2j (low nibbles) and 2j+1 (high)
         #pragma unroll
@@ -199,16 +207,16 @@ static __device__ __forceinline__ void q4k_gemv(const u8* __restrict__ w, int ro
             const float2 ds0 = __ldg(xds + m * kb + xb), ds1 = __ldg(xds + m * kb + xb + 1);
             #pragma unroll
             for (int r = 0; r < R; ++r) {
-                int i0 = __dp4a(int(q[r][0] & 0x0F0F0F0Fu), int(a.x), 0);
-                i0 = __dp4a(int(q[r][1] & 0x0F0F0F0Fu), int(a.y), i0);
-                i0 = __dp4a(int(q[r][2] & 0x0F0F0F0Fu), int(a.z), i0);
-                i0 = __dp4a(int(q[r][3] & 0x0F0F0F0Fu), int(a.w), i0);
-                int i1 = __dp4a(int((q[r][0] >> 4) & 0x0F0F0F0Fu), int(b.x), 0);
-                i1 = __dp4a(int((q[r][1] >> 4) & 0x0F0F0F0Fu), int(b.y), i1);
-                i1 = __dp4a(int((q[r][2] >> 4) & 0x0F0F0F0Fu), int(b.z), i1);
-                i1 = __dp4a(int((q[r][3] >> 4) & 0x0F0F0F0Fu), int(b.w), i1);
-                float v = D0[r] * ds0.x * float(i0) + D1[r] * ds1.x * float(i1);
-                if (h == 0) v -= M0[r] * ds0.y + M1[r] * ds1.y;   // the min term once per sub-block
+                int i0 = __dp4a(int(wi.q[r][0] & 0x0F0F0F0Fu), int(a.x), 0);
+                i0 = __dp4a(int(wi.q[r][1] & 0x0F0F0F0Fu), int(a.y), i0);
+                i0 = __dp4a(int(wi.q[r][2] & 0x0F0F0F0Fu), int(a.z), i0);
+                i0 = __dp4a(int(wi.q[r][3] & 0x0F0F0F0Fu), int(a.w), i0);
+                int i1 = __dp4a(int((wi.q[r][0] >> 4) & 0x0F0F0F0Fu), int(b.x), 0);
+                i1 = __dp4a(int((wi.q[r][1] >> 4) & 0x0F0F0F0Fu), int(b.y), i1);
+                i1 = __dp4a(int((wi.q[r][2] >> 4) & 0x0F0F0F0Fu), int(b.z), i1);
+                i1 = __dp4a(int((wi.q[r][3] >> 4) & 0x0F0F0F0Fu), int(b.w), i1);
+                float v = wi.D0[r] * ds0.x * float(i0) + wi.D1[r] * ds1.x * float(i1);
+                if (h == 0) v -= wi.M0[r] * ds0.y + wi.M1[r] * ds1.y;   // the min term once per sub-block
                 acc[r][m] += v;
             }
         }
@@ -258,10 +266,7 @@ static __device__ __forceinline__ void q6k_gemv(const u8* __restrict__ w, int ro
     const int row0 = blockIdx.x * R;
     const int nitems = K >> 5, kw = K >> 2, kb = K >> 5;
     float acc[R][M];
-    #pragma unroll
-    for (int r = 0; r < R; ++r)
-        #pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+    zero(acc);
 
     for (int it = threadIdx.x; it < nitems; it += NW * 32) {
         const int sb = it >> 3, p = it & 7, n = p >> 2, l = 8 * (p & 3);
@@ -298,23 +303,12 @@ static __device__ __forceinline__ void q4k_f32(const u8* __restrict__ w, int row
     const int row0 = blockIdx.x * R;
     const int nitems = K >> 5;
     float acc[R][M];
-    #pragma unroll
-    for (int r = 0; r < R; ++r)
-        #pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+    zero(acc);
 
     for (int it = threadIdx.x; it < nitems; it += NW * 32) {
         const int sb = it >> 3, p = it & 7, j = p >> 1, h = p & 1;
-        u32 q[R][4];
-        float D0[R], M0[R], D1[R], M1[R];
-        #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const u8* blk = w + size_t(min(row0 + r, n_out - 1)) * row_bytes + sb * 144;
-            const uint4 hd = ldg16(blk);
-            const uint4 qq = ldg16(blk + 16 + 32 * j + 16 * h);
-            q[r][0] = qq.x; q[r][1] = qq.y; q[r][2] = qq.z; q[r][3] = qq.w;
-            q4k_scale_min(hd, j, D0[r], M0[r], D1[r], M1[r]);
-        }
+        Q4Item<R> wi;
+        q4k_load_item<R>(w, row_bytes, n_out, row0, sb, j, h, wi);
         #pragma unroll
         for (int m = 0; m < M; ++m) {
             const float4* xa = reinterpret_cast<const float4*>(x + size_t(m) * K + 256 * sb + 64 * j + 16 * h);
@@ -335,11 +329,11 @@ static __device__ __forceinline__ void q4k_f32(const u8* __restrict__ w, int row
                 for (int i = 0; i < 4; ++i)
                     #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const u32 byte = q[r][i] >> (8 * e);
+                        const u32 byte = wi.q[r][i] >> (8 * e);
                         s0 = fmaf(a[4 * i + e], small_int_to_float(byte & 15u), s0);
                         s1 = fmaf(b[4 * i + e], small_int_to_float((byte >> 4) & 15u), s1);
                     }
-                acc[r][m] += (D0[r] * s0 - M0[r] * sa) + (D1[r] * s1 - M1[r] * sbx);
+                acc[r][m] += (wi.D0[r] * s0 - wi.M0[r] * sa) + (wi.D1[r] * s1 - wi.M1[r] * sbx);
             }
         }
     }
@@ -360,9 +354,8 @@ extern "C" __device__ int q4k_decode_f16(const u8* __restrict__ w, int row_bytes
     const u8* blk = w + size_t(row) * row_bytes + sb * 144;
     const uint4 hd = ldg16(blk);
     const uint2 q = __ldg(reinterpret_cast<const uint2*>(blk + 16 + 32 * j + 8 * u));
-    float D0, M0, D1, M1;
-    q4k_scale_min(hd, j, D0, M0, D1, M1);
-    const float D = hi ? D1 : D0, Mn = hi ? M1 : M0;
+    float D, Mn;
+    q4k_sub(q4k_scales(hd), 2 * j + hi, D, Mn);
     const u32 sh = 4 * hi;
     const u32 a = q.x >> sh, b = q.y >> sh;
     u32 h[4];
@@ -576,10 +569,7 @@ static __device__ __forceinline__ void q4k_mma(const u8* __restrict__ w, int row
     };
 
     float acc[NT][4];
-    #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    zero(acc);
 
     #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) fetch(i);
@@ -665,10 +655,7 @@ static __device__ __forceinline__ void q6k_mma(const u8* __restrict__ w, int row
         dc1[nt] = min(8 * nt + 2 * t + 1, M - 1) * kb;
     }
     float acc[NT][4];
-    #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    zero(acc);
 
     for (int sb = first; sb < nsb; sb += step) {
         const u8* bA = wA + sb * 210;
