@@ -40,7 +40,11 @@ extern "C" __global__ void spin(long long ns) {
 
 
 class Timer:
-    """Median device time of fn(i) over rotating inputs, host overhead hidden behind a spin."""
+    """Median device time of fn(i) over rotating inputs, host overhead hidden behind a spin.
+
+    The spin must outlast the host's enqueue of one call, else the GPU idles between the start event
+    and the first kernel and host time is counted: it is at least spin_us and at least 3x the
+    slowest enqueue seen in three untimed calls (two Numba launches cost ~250 us of host time)."""
 
     def __init__(self, cp, spin_us=300.0, budget_s=0.25, reps=(3, 30)):
         self.cp = cp
@@ -57,10 +61,18 @@ class Timer:
         fn(1 % n_inputs)
         cp.cuda.get_current_stream().synchronize()
         est = time.perf_counter() - t0 - first
+        enqueue = 0.0
+        for i in range(3):                             # host time of a call, GPU kept busy meanwhile
+            self.spin((1,), (1,), (self.spin_ns,))
+            t1 = time.perf_counter()
+            fn(i % n_inputs)
+            enqueue = max(enqueue, time.perf_counter() - t1)
+            cp.cuda.get_current_stream().synchronize()
+        spin_ns = np.int64(max(int(self.spin_ns), int(3e9 * enqueue)))
         reps = int(min(self.reps[1], max(self.reps[0], self.budget_s / max(est, 1e-6))))
         events = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(reps)]
         for r, (a, b) in enumerate(events):
-            self.spin((1,), (1,), (self.spin_ns,))
+            self.spin((1,), (1,), (spin_ns,))
             a.record()
             fn((r + 2) % n_inputs)
             b.record()
