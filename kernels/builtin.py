@@ -6,7 +6,7 @@ from .gemm import gemm
 from .gemv import gemv
 from .gemv_chunk import gemv_chunk
 from .gemv_dp4a import gemv_dp4a
-from .linked import dequant_linked_cublas, gemv_f32_linked, gemv_mma_linked, gemv_q8_linked
+from .linked import dequant_linked_cublas, gemv_f32_linked, gemv_mma_linked, gemv_mma_rows_linked, gemv_q8_linked
 from .registry import ALL_QTYPES, Variant, register
 from .scratch import dequant_matmul
 
@@ -47,6 +47,23 @@ def _mma(warps, stages=4):
                     f"(Q4_K: a {stages}-slot cp.async ring)")
 
 
+def _mma_k8(warps):
+    return Variant(
+        name=f"gemv_mma_k8_linked_w{warps}", qtypes=("Q4_K",), fn=gemv_mma_linked, m_max=16, rel_err=2e-2,
+        device="gpu", simulated=False, params={"warps": warps, "x256": True},
+        description=f"as gemv_mma_linked_w{warps}, x scaled per 256 (llama.cpp's Q8_K): sub-block scales applied "
+                    f"in integers, FP32 once per super-block")
+
+
+def _mma_rows(warps):
+    # kept as a measured alternative (docs/perf.md, log step 19): a quarter of the x traffic, not faster
+    return Variant(
+        name=f"gemv_mma_rows_linked_w{warps}", qtypes=("Q4_K",), fn=gemv_mma_rows_linked, m_max=16 if warps <= 4 else 8,
+        rel_err=2e-2, device="gpu", simulated=False, params={"warps": warps},
+        description=f"linked CUDA C: int8 x, int8 tensor cores; a block of {warps} warps owns {16 * warps} rows and "
+                    f"shares one x slot of its cp.async ring")
+
+
 def _f32(rows, warps):
     return Variant(
         name=f"gemv_f32_linked_r{rows}w{warps}", qtypes=("Q4_K",), fn=gemv_f32_linked, m_max=4, device="gpu",
@@ -66,6 +83,7 @@ BUILTIN = [
     _chunk(1, 4), _chunk(2, 4), _chunk(4, 4, m_max=8),
     _dp4a(1, 4), _dp4a(2, 4), _dp4a(4, 4, m_max=8),
     _linked(1, 4), _linked(2, 4), _linked(4, 4), _linked(2, 2), _linked(4, 2), _mma(1), _mma(2), _mma(4),
+    _mma_k8(2), _mma_k8(4), _mma_rows(4),
     _f32(1, 4), _f32(2, 4), _f32(2, 2), _f32(4, 4),
     _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",

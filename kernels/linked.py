@@ -13,6 +13,7 @@ source, the registry entries and the error for a CPU call are in order.
 
     gemv_q8_linked(x, w_raw, qtype, n_out, out, rows, warps)   Q4_K / Q6_K, M = 1..16, int8 x, dp4a
     gemv_mma_linked(x, w_raw, qtype, n_out, out, warps)        Q4_K / Q6_K, M = 1..16, int8 x, tensor cores
+    gemv_mma_rows_linked(x, w_raw, qtype, n_out, out, warps)   Q4_K, the same, warps split rows (x shared)
     gemv_f32_linked(x, w_raw, qtype, n_out, out, rows, warps)  Q4_K, M = 1..4, float32 x, exact, one kernel
     decode_f16_linked(w_raw, qtype, K, out16)                  Q4_K / Q6_K -> fp16 [n, K]
     dequant_linked_cublas(x, w_raw, qtype, n_out, out)         decode_f16_linked + cuBLAS
@@ -104,6 +105,19 @@ def _quantize_frag_kernel():
 
 
 @functools.lru_cache(maxsize=None)
+def _quantize_k_frag_kernel():
+    fn = cuda.declare_device("q8k_quantize_frag", types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32),
+                             link=[source_with()], abi="c")
+
+    @cuda.jit
+    def kernel(x, M, K, n_tiles, xf, dsf, zero, n_zero):
+        fn(data_ptr(x), np.int32(M), np.int32(K), np.int32(n_tiles), data_ptr(xf), data_ptr(dsf), data_ptr(zero),
+           np.int32(n_zero))
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
 def gemv_kernel(qtype: str, M: int, rows: int, warps: int):
     """The Numba kernel for q{4,6}k_gemv<M, rows, warps>: grid = ceil(n_out / rows) blocks of 32*warps."""
     tmpl = TEMPLATES[qtype]
@@ -136,11 +150,15 @@ def f32_kernel(M: int, rows: int, warps: int):
 
 
 @functools.lru_cache(maxsize=None)
-def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4):
-    """The Numba kernel for q4k_mma<n_tiles, warps, stages> (x in fragment order) or q6k_mma<n_tiles,
-    warps> (plain q8 x): grid = (ceil(n_out / 16), split) blocks of 32*warps."""
+def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool = False, x256: bool = False):
+    """The Numba kernel for q4k_mma<n_tiles, warps, stages, x256> (x in fragment order; rows=True:
+    q4k_mma_rows, warps split rows; x256: x scaled per 256, see quantize_q8_fragments) or
+    q6k_mma<n_tiles, warps> (plain q8 x): grid = (ceil(n_out / 16), split) blocks of 32*warps
+    (rows=True: ceil(n_out / (16*warps)))."""
     if qtype == "Q4_K":
-        name, call, xt = f"q4k_mma_t{n_tiles}_w{warps}_s{stages}", f"q4k_mma<{n_tiles}, {warps}, {stages}>", "uint2"
+        tmpl = "q4k_mma_rows" if rows else "q4k_mma"
+        name = f"{tmpl}_t{n_tiles}_w{warps}_s{stages}" + ("_xk" if x256 else "")
+        call, xt = f"{tmpl}<{n_tiles}, {warps}, {stages}, {'true' if x256 else 'false'}>", "uint2"
     else:
         name, call, xt = f"q6k_mma_t{n_tiles}_w{warps}", f"q6k_mma<{n_tiles}, {warps}>", "u32"
     extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const {xt}* xq, '
@@ -234,10 +252,12 @@ def quantize_q8(x, zero=None):
     return xq, xds
 
 
-def quantize_q8_fragments(x, n_tiles, zero=None):
+def quantize_q8_fragments(x, n_tiles, zero=None, per256=False):
     """x float32 [M, K] -> (xf uint32 [n_tiles*K/32*64], dsf float32 [n_tiles*K/32*8*2]): q8 per 32 values
     in the mma B-fragment order of csrc/q8_gemv.cu (rows beyond M are zeros). `zero`, a float32
-    array, is set to 0 by the same kernel (the split-K GEMV accumulates into it)."""
+    array, is set to 0 by the same kernel (the split-K GEMV accumulates into it).
+    per256: one scale per 256 values (llama.cpp's Q8_K) and integer sums per 32 in dsf
+    (csrc q8k_quantize_frag), for the kernels built with x256=True."""
     import cupy
 
     x = _f32_aligned(x)
@@ -246,6 +266,10 @@ def quantize_q8_fragments(x, n_tiles, zero=None):
     xf = cupy.empty(2 * entries, dtype=np.uint32)
     dsf = cupy.empty(2 * n_tiles * (K // 32) * 8, dtype=np.float32)
     z = zero.reshape(-1) if zero is not None else dsf
+    if per256:                                 # same threads; a warp = one (tile, super-block, column)
+        launch(_quantize_k_frag_kernel(), (entries + QUANT_THREADS - 1) // QUANT_THREADS, QUANT_THREADS, x.reshape(-1),
+               M, K, n_tiles, xf, dsf.view(np.uint32), z, z.size if zero is not None else 0)
+        return xf, dsf
     launch(_quantize_frag_kernel(), (entries + QUANT_THREADS - 1) // QUANT_THREADS, QUANT_THREADS, x.reshape(-1), M, K,
            n_tiles, xf, dsf, z, z.size if zero is not None else 0)
     return xf, dsf
@@ -257,6 +281,14 @@ def mma_split(n_out: int, K: int, warps: int) -> int:
     tiles, nsb = (n_out + 15) // 16, K // 256
     want = -(-2112 // (tiles * warps))
     return max(1, min(want, nsb // (2 * warps)))
+
+
+def mma_rows_split(n_out: int, K: int, warps: int, resident: int = 4) -> int:
+    """Blocks along K for q4k_mma_rows: about `resident` blocks per SM (132 SMs) when there are few
+    row blocks, each block keeping at least 2 super-blocks."""
+    blocks, nsb = -(-n_out // (16 * warps)), K // 256
+    want = -(-132 * resident // blocks)
+    return max(1, min(want, nsb // 2))
 
 
 def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
@@ -287,17 +319,20 @@ def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     return out
 
 
-def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4):
+def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     """out[:] ~= x @ W.T for Q4_K or Q6_K rows, M <= 16, x rounded to int8 per 32 values; int8 mma.sync
     (m16n8k32 per Q4_K sub-block of 32, m16n8k16 per Q6_K sub-block of 16).
     Short, wide matrices are split along K over blocks that add into out atomically (so the
-    last bits of such results vary from run to run)."""
+    last bits of such results vary from run to run). x256 (Q4_K): x scaled per 256 values instead of
+    32 (llama.cpp's Q8_K), so the sub-block scales apply in integers (fewer instructions, coarser x)."""
     _require_gpu("gemv_mma_linked")
     q, K = _check(w_raw, qtype, n_out)
     M = x.shape[0]
     if not 1 <= M <= 16:
         raise Q4KError(f"gemv_mma_linked takes 1..16 activation rows, got {M}")
     n_tiles = 1 if M <= 8 else 2
+    if q == "Q6_K" and x256:
+        raise Q4KError("gemv_mma_linked: x256 is for Q4_K")
     if q == "Q6_K":                            # plain q8 x, W read straight from global memory (no ring)
         split = mma_split(n_out, K, warps)
         xq, xds = quantize_q8(x, zero=out if split > 1 else None)
@@ -307,9 +342,30 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4):
     if n_tiles == 2:
         warps = min(warps, 2)                  # 40 KB of ring: 2 slots of 2 warps for 16 activation rows
     split = mma_split(n_out, K, warps)
-    xf, dsf = quantize_q8_fragments(x, n_tiles, zero=out if split > 1 else None)
-    launch(mma_kernel(q, n_tiles, warps, stages), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1),
-           w_raw.shape[1], n_out, K, M, xf, dsf, out)
+    xf, dsf = quantize_q8_fragments(x, n_tiles, zero=out if split > 1 else None, per256=x256)
+    launch(mma_kernel(q, n_tiles, warps, stages, x256=x256), ((n_out + 15) // 16, split), 32 * warps,
+           w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, xf, dsf, out)
+    return out
+
+
+def gemv_mma_rows_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, split=None, x256=False):
+    """As gemv_mma_linked for Q4_K, with the block's warps splitting rows instead of K: 16*warps rows
+    per block, one x slot per block in the cp.async ring (a quarter of the x traffic at 4 warps).
+    `split` (blocks along K, atomic adds) defaults to mma_rows_split."""
+    _require_gpu("gemv_mma_rows_linked")
+    q, K = _check(w_raw, qtype, n_out)
+    if q != "Q4_K":
+        raise Q4KError(f"gemv_mma_rows_linked decodes Q4_K, not {q}")
+    M = x.shape[0]
+    if not 1 <= M <= 16:
+        raise Q4KError(f"gemv_mma_rows_linked takes 1..16 activation rows, got {M}")
+    n_tiles = 1 if M <= 8 else 2
+    if n_tiles * warps > 8:
+        raise Q4KError(f"gemv_mma_rows_linked: {warps} warps fit the 48 KB ring for M <= 8 only, got M = {M}")
+    split = split or mma_rows_split(n_out, K, warps)
+    xf, dsf = quantize_q8_fragments(x, n_tiles, zero=out if split > 1 else None, per256=x256)
+    launch(mma_kernel(q, n_tiles, warps, stages, rows=True, x256=x256), (-(-n_out // (16 * warps)), split), 32 * warps,
+           w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, xf, dsf, out)
     return out
 
 

@@ -4,6 +4,7 @@
         python3 scripts/ncu_targets.py gemv_mma_linked_w8:8 gemv_q8_linked_r2w2:1
 
 Each argument is variant:M. Every variant runs twice; profile the second launch of each kernel.
+--n N picks the output size (default 18944; 152064 = the LM head).
 """
 import sys
 
@@ -18,6 +19,8 @@ def main(args):
 
     rng = np.random.default_rng(0)
     K, N = 3584, 18944
+    if args and args[0] == "--n":
+        N, args = int(args[1]), args[2:]
     w = cp.asarray(random_blocks("Q4_K", N, K, rng))
     for spec in args:
         name, M = spec.split(":")

@@ -44,14 +44,20 @@ def main():
             out = cp.empty((M, N), cp.float32)
             xq, xds = linked.quantize_q8(x)
             t_q = timer(lambda i: linked.quantize_q8(x), 1)
-            k_mma = linked.mma_kernel(1, 4)
+            k_mma = linked.mma_kernel("Q4_K", 1, 4)
             k_dp = linked.gemv_kernel("Q4_K", M, 2, 2)
-            t_mma = timer(lambda i: launch(k_mma, (N + 15) // 16, 128, ws[i % len(ws)].reshape(-1), w.shape[1], N, K, M, xq, xds, out), len(ws))
+            xf, dsf = linked.quantize_q8_fragments(x, 1)
+            t_qf = timer(lambda i: linked.quantize_q8_fragments(x, 1), 1)
+            k_rows = linked.mma_kernel("Q4_K", 1, 4, 4, rows=True)
+            # no split along K (plain stores): the short wide 18944x3584 under-fills the GPU here
+            t_mma = timer(lambda i: launch(k_mma, ((N + 15) // 16, 1), 128, ws[i % len(ws)].reshape(-1), w.shape[1], N, K, M, xf, dsf, out), len(ws))
+            t_rows = timer(lambda i: launch(k_rows, ((N + 63) // 64, 1), 128, ws[i % len(ws)].reshape(-1), w.shape[1], N, K, M, xf, dsf, out), len(ws))
             t_dp = timer(lambda i: launch(k_dp, (N + 1) // 2, 64, ws[i % len(ws)].reshape(-1), w.shape[1], N, K, xq, xds, out), len(ws))
             mb = w.nbytes / 1e6
-            print(f"M={M} {tag:11} quantize {t_q * 1e6:6.1f} us | mma_w4 alone {t_mma * 1e6:6.1f} us "
-                  f"({100 * mb / t_mma / 1e3 / copy_bw * 1e0:.0f}% copy) | dp4a_r2w2 alone {t_dp * 1e6:6.1f} us "
-                  f"({100 * mb / t_dp / 1e3 / copy_bw:.0f}% copy)")
+            pct = lambda t: 100 * mb / t / 1e3 / copy_bw
+            print(f"M={M} {tag:11} quantize {t_q * 1e6:5.1f} us, fragments {t_qf * 1e6:5.1f} us | alone, no split: "
+                  f"mma_w4 {t_mma * 1e6:6.1f} us ({pct(t_mma):.0f}%) | mma_rows_w4 {t_rows * 1e6:6.1f} us ({pct(t_rows):.0f}%) "
+                  f"| dp4a_r2w2 {t_dp * 1e6:6.1f} us ({pct(t_dp):.0f}% copy)")
         w16 = cp.empty((N, K), cp.float16)
         t_dold = timer(lambda i: dequant.decode_rows(ws[i % len(ws)], "Q4_K", K, "float16", w16), len(ws))
         t_dnew = timer(lambda i: linked.decode_f16_linked(ws[i % len(ws)], "Q4_K", K, w16), len(ws))

@@ -23,13 +23,21 @@ def test_linked_variants_registered_for_k_quants_only():
 
 def test_source_has_every_declared_function():
     text = linked.SOURCE.read_text()
-    for fn in ("q8_quantize", "q8_quantize_frag", "q4k_decode_f16", "q6k_decode_f16", "f32_to_f16"):
+    for fn in ("q8_quantize", "q8_quantize_frag", "q8k_quantize_frag", "q4k_decode_f16", "q6k_decode_f16", "f32_to_f16"):
         assert f'extern "C" __device__ int {fn}(' in text
     for tmpl in linked.TEMPLATES.values():
         assert f"{tmpl}_gemv(" in text
     assert "q4k_mma(" in text and "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in text
     assert "q6k_mma(" in text and "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in text
+    assert "q4k_mma_rows(" in text and text.count("q4k_mma_sb<NT, XK>(") == 2   # one product, two work splits
     assert "#include" not in text                     # NVRTC gets no extra include path
+
+
+def test_split_along_k_only_for_few_row_blocks():
+    assert linked.mma_rows_split(152064, 3584, 4) == 1                 # the LM head fills the GPU by rows
+    assert 2 <= linked.mma_rows_split(3584, 18944, 4) <= 18944 // 256 // 2
+    assert linked.mma_rows_split(37, 256, 4) == 1                      # one super-block: nothing to split
+    assert linked.mma_split(152064, 3584, 2) == 1 and linked.mma_split(3584, 18944, 2) > 1
 
 
 def test_source_with_appends_once(tmp_path, monkeypatch):

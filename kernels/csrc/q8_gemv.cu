@@ -16,6 +16,8 @@
 //   f32_to_f16         x float32 -> fp16 at copy speed (CuPy's astype reached ~1.2 TB/s)
 //   q6k_mma<NT,NW>     Q6_K x int8 activations on the int8 tensor cores (m16n8k16), M = 1..8 NT
 //   q4k_mma<NT,NW,S>   Q4_K x int8 activations on the int8 tensor cores, M = 1..8 NT
+//   q4k_mma_rows<NT,NW,S>  the same, warps split rows instead of K (one x slot per block)
+//   q8k_quantize_frag  x -> int8 fragments with one scale per 256 (XK = true of the two above)
 //
 // Work split of the GEMVs: a thread block owns R consecutive weight rows; its NW warps walk the
 // row's "items" (32 weights each: 8 per 256-weight super-block) with a stride of NW*32, so a warp
@@ -505,6 +507,54 @@ extern "C" __device__ int q8_quantize_frag(const float* __restrict__ x, int M, i
     return 0;
 }
 
+// x for the tensor-core kernel with one scale per 256 values (llama.cpp's Q8_K idea): fragments as
+// q8_quantize_frag; the 512 bytes of scales per (tile nt, super-block sb) hold instead
+//   int32 sums[8 sub-blocks][8 columns] (sum of the q of that 32-block)  | float d[8 columns] | unused
+// at word (nt * K/256 + sb) * 128. A warp takes one (nt, sb, column g): lane = 4 sub + t holds the
+// 8 values 256 sb + 32 sub + 8 t .. + 8 of row 8 nt + g; max over the warp, sums over the 4 t.
+extern "C" __device__ int q8k_quantize_frag(const float* __restrict__ x, int M, int K, int NT,
+                                            uint2* __restrict__ xf, u32* __restrict__ dsf,
+                                            float* __restrict__ zero, int n_zero) {
+    const int nsb = K >> 8, nsub = K >> 5;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;       // ((nt * nsb + sb) * 8 + g) * 32 + 4 sub + t
+    for (int i = e; i < n_zero; i += gridDim.x * blockDim.x) zero[i] = 0.0f;
+    const bool live = e < NT * nsb * 256;
+    const int q = e & 31, sub = q >> 2, t = q & 3;
+    const int g = (e >> 5) & 7, ns = e >> 8, sb = ns % nsb, nt = ns / nsb;
+    const int m = 8 * nt + g;
+    float v[8];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    if (live && m < M) {
+        const float4* p = reinterpret_cast<const float4*>(x + size_t(m) * K + 256 * sb + 32 * sub + 8 * t);
+        const float4 a = __ldg(p), b = __ldg(p + 1);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+    float amax = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    u32 word[2] = {0u, 0u};
+    int sum = 0;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int qv = __float2int_rn(v[i] * inv);
+        sum += qv;
+        word[i >> 2] |= (u32(qv) & 0xFFu) << (8 * (i & 3));
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (live) {
+        xf[(nt * nsub + 8 * sb + sub) * 32 + 4 * g + t] = make_uint2(word[0], word[1]);
+        u32* area = dsf + size_t(ns) * 128;
+        if (t == 0) area[8 * sub + g] = u32(sum);
+        if (q == 0) area[64 + g] = __float_as_uint(d);
+    }
+    return 0;
+}
+
 static __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     u32 saddr;
     asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(saddr) : "l"(smem));
@@ -514,6 +564,85 @@ static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.asyn
 template <int N>
 static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
+// Shared-memory row pitch of a Q4_K super-block (144 bytes used; the padding keeps the fragment
+// reads free of bank conflicts).
+constexpr int MMA_ROW = 160;
+
+// One super-block of 16 weight rows (W: 16 rows x MMA_ROW bytes in shared memory) against the x
+// slot of NT activation tiles (fragments NT x 2048 B, then NT x 512 B of scales), into acc.
+// XK = false: x scaled per 32 (q8_quantize_frag: (d, d * sum q) per sub-block and column); each
+// sub-block's int32 result is scaled in FP32 (4 conversions and 8 FP32 operations per lane).
+// XK = true: x scaled per 256 (q8k_quantize_frag, llama.cpp's Q8_K idea: one d per super-block and
+// column, integer sums per sub-block). The 6-bit scales and mins are integers, so a sub-block costs
+// 8 integer multiply-adds per lane; FP32 only once per super-block.
+template <int NT, bool XK>
+static __device__ __forceinline__ void q4k_mma_sb(const u8* __restrict__ wrow, const u8* __restrict__ xs,
+                                                  float (&acc)[NT][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    constexpr int X_BYTES = NT * 2048;
+    const uint4 hA = *reinterpret_cast<const uint4*>(wrow + g * MMA_ROW);
+    const uint4 hB = *reinterpret_cast<const uint4*>(wrow + (g + 8) * MMA_ROW);
+    uint2 qa[4], qb[4];
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        qa[j] = *reinterpret_cast<const uint2*>(wrow + g * MMA_ROW + 16 + 32 * j + 8 * t);
+        qb[j] = *reinterpret_cast<const uint2*>(wrow + (g + 8) * MMA_ROW + 16 + 32 * j + 8 * t);
+    }
+    const Q4Scales sA = q4k_scales(hA), sB = q4k_scales(hB);
+    int ci[NT][4], mi[NT][4];                            // XK: sum of sc * dot, sum of m * sum x (integers)
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) ci[nt][e] = mi[nt][e] = 0;
+    #pragma unroll
+    for (int sub = 0; sub < 8; ++sub) {                  // sub-block: low nibbles of chunk sub/2, or high
+        const int j = sub >> 1;
+        const u32 sh = 4 * (sub & 1), lo = 0x0F0F0F0Fu;
+        const u32 a0 = (qa[j].x >> sh) & lo, a2 = (qa[j].y >> sh) & lo;
+        const u32 a1 = (qb[j].x >> sh) & lo, a3 = (qb[j].y >> sh) & lo;
+        if constexpr (XK) {
+            const int bs = 8 * (sub & 3);
+            const int scA = int(((sub < 4 ? sA.sc_lo : sA.sc_hi) >> bs) & 0xFFu), mA = int(((sub < 4 ? sA.m_lo : sA.m_hi) >> bs) & 0xFFu);
+            const int scB = int(((sub < 4 ? sB.sc_lo : sB.sc_hi) >> bs) & 0xFFu), mB = int(((sub < 4 ? sB.m_lo : sB.m_hi) >> bs) & 0xFFu);
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const uint2 b = *reinterpret_cast<const uint2*>(xs + nt * 2048 + sub * 256 + 8 * lane);
+                const int2 sx = *reinterpret_cast<const int2*>(xs + X_BYTES + nt * 512 + sub * 32 + 8 * t);
+                int c[4];
+                mma_s8(c, a0, a1, a2, a3, b.x, b.y);
+                ci[nt][0] += scA * c[0]; ci[nt][1] += scA * c[1]; ci[nt][2] += scB * c[2]; ci[nt][3] += scB * c[3];
+                mi[nt][0] += mA * sx.x;  mi[nt][1] += mA * sx.y;  mi[nt][2] += mB * sx.x;  mi[nt][3] += mB * sx.y;
+            }
+        } else {
+            float DA, MA, DB, MB;
+            q4k_sub(sA, sub, DA, MA);
+            q4k_sub(sB, sub, DB, MB);
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const uint2 b = *reinterpret_cast<const uint2*>(xs + nt * 2048 + sub * 256 + 8 * lane);
+                const float4 dd = *reinterpret_cast<const float4*>(xs + X_BYTES + nt * 512 + sub * 64 + 16 * t);
+                int c[4];
+                mma_s8(c, a0, a1, a2, a3, b.x, b.y);
+                acc[nt][0] = fmaf(DA * dd.x, int_to_float(c[0]), fmaf(-MA, dd.y, acc[nt][0]));
+                acc[nt][1] = fmaf(DA * dd.z, int_to_float(c[1]), fmaf(-MA, dd.w, acc[nt][1]));
+                acc[nt][2] = fmaf(DB * dd.x, int_to_float(c[2]), fmaf(-MB, dd.y, acc[nt][2]));
+                acc[nt][3] = fmaf(DB * dd.z, int_to_float(c[3]), fmaf(-MB, dd.w, acc[nt][3]));
+            }
+        }
+    }
+    if constexpr (XK) {
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const float2 dx = *reinterpret_cast<const float2*>(xs + X_BYTES + nt * 512 + 256 + 8 * t);
+            // |ci| < 8 * 63 * 32 * 15 * 127 < 2^25: __int2float_rn, not the 2^23 trick
+            acc[nt][0] = fmaf(dx.x, fmaf(sA.d, __int2float_rn(ci[nt][0]), -sA.dmin * __int2float_rn(mi[nt][0])), acc[nt][0]);
+            acc[nt][1] = fmaf(dx.y, fmaf(sA.d, __int2float_rn(ci[nt][1]), -sA.dmin * __int2float_rn(mi[nt][1])), acc[nt][1]);
+            acc[nt][2] = fmaf(dx.x, fmaf(sB.d, __int2float_rn(ci[nt][2]), -sB.dmin * __int2float_rn(mi[nt][2])), acc[nt][2]);
+            acc[nt][3] = fmaf(dx.y, fmaf(sB.d, __int2float_rn(ci[nt][3]), -sB.dmin * __int2float_rn(mi[nt][3])), acc[nt][3]);
+        }
+    }
+}
+
 // Each warp streams its 16 rows' super-blocks, and the x fragments under them, through a ring of
 // shared-memory slots with cp.async (loads in flight hold no registers and the x loads leave the
 // critical path). Slot = W: 16 rows x 160 bytes (144 used; the padding keeps the fragment reads
@@ -521,9 +650,7 @@ static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.
 // or as many as 40 KB of shared memory per block allow if fewer; at least 2.
 // Split-K: blockIdx.y of gridDim.y takes every gridDim.y-th group of NW super-blocks and adds its
 // sums into out atomically (out zeroed beforehand); gridDim.y == 1 stores plainly.
-constexpr int MMA_ROW = 160;
-
-template <int NT, int NW, int STAGES_WANTED = 4>
+template <int NT, int NW, int STAGES_WANTED = 4, bool XK = false>
 static __device__ __forceinline__ void q4k_mma(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
                                                const uint2* __restrict__ xf, const float2* __restrict__ dsf,
                                                float* __restrict__ out) {
@@ -578,39 +705,97 @@ static __device__ __forceinline__ void q4k_mma(const u8* __restrict__ w, int row
         __syncwarp();                                                       // ... for every lane; slot i-1 is free
         fetch(i + STAGES - 1);                                              // refill slot (i - 1) % STAGES
         const u8* slot = ring[warp][i % STAGES];
-        const uint4 hA = *reinterpret_cast<const uint4*>(slot + g * MMA_ROW);
-        const uint4 hB = *reinterpret_cast<const uint4*>(slot + (g + 8) * MMA_ROW);
-        uint2 qa[4], qb[4];
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            qa[j] = *reinterpret_cast<const uint2*>(slot + g * MMA_ROW + 16 + 32 * j + 8 * t);
-            qb[j] = *reinterpret_cast<const uint2*>(slot + (g + 8) * MMA_ROW + 16 + 32 * j + 8 * t);
-        }
-        const Q4Scales sA = q4k_scales(hA), sB = q4k_scales(hB);
-        #pragma unroll
-        for (int sub = 0; sub < 8; ++sub) {                  // sub-block: low nibbles of chunk sub/2, or high
-            const int j = sub >> 1;
-            const u32 sh = 4 * (sub & 1), lo = 0x0F0F0F0Fu;
-            const u32 a0 = (qa[j].x >> sh) & lo, a2 = (qa[j].y >> sh) & lo;
-            const u32 a1 = (qb[j].x >> sh) & lo, a3 = (qb[j].y >> sh) & lo;
-            float DA, MA, DB, MB;
-            q4k_sub(sA, sub, DA, MA);
-            q4k_sub(sB, sub, DB, MB);
-            #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const uint2 b = *reinterpret_cast<const uint2*>(slot + W_BYTES + nt * 2048 + sub * 256 + 8 * lane);
-                const float4 dd = *reinterpret_cast<const float4*>(slot + W_BYTES + X_BYTES + nt * 512 + sub * 64 + 16 * t);
-                int c[4];
-                mma_s8(c, a0, a1, a2, a3, b.x, b.y);
-                acc[nt][0] = fmaf(DA * dd.x, int_to_float(c[0]), fmaf(-MA, dd.y, acc[nt][0]));
-                acc[nt][1] = fmaf(DA * dd.z, int_to_float(c[1]), fmaf(-MA, dd.w, acc[nt][1]));
-                acc[nt][2] = fmaf(DB * dd.x, int_to_float(c[2]), fmaf(-MB, dd.y, acc[nt][2]));
-                acc[nt][3] = fmaf(DB * dd.z, int_to_float(c[3]), fmaf(-MB, dd.w, acc[nt][3]));
-            }
-        }
+        q4k_mma_sb<NT, XK>(slot, slot + W_BYTES, acc);
     }
     cp_async_wait<0>();
     mma_reduce_store<NT, NW>(acc, out, row0, n_out, M);
+}
+
+// The same product with the rows split over the warps instead of K: a block of NW warps owns 16*NW
+// consecutive rows (16 per warp) and all its warps walk the same super-blocks, so one x slot per
+// block serves NW warps (q4k_mma reloads x for every warp: about as many x bytes from L2 as W
+// bytes from DRAM). Slot = W: NW x 16 rows x 160 bytes | xf: NT x 8 x 256 B | ds: NT x 8 x 64 B,
+// filled by all threads of the block with cp.async; one __syncthreads per super-block. No
+// cross-warp reduction: each warp stores its own rows. Split-K over blockIdx.y as q4k_mma.
+template <int NT, int NW, int STAGES_WANTED = 4, bool XK = false>
+static __device__ __forceinline__ void q4k_mma_rows(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
+                                                    const uint2* __restrict__ xf, const float2* __restrict__ dsf,
+                                                    float* __restrict__ out) {
+    constexpr int W_BYTES = NW * 16 * MMA_ROW, X_BYTES = NT * 8 * 256, SLOT = W_BYTES + X_BYTES + NT * 8 * 64;
+    constexpr int FIT = 47104 / SLOT, STAGES = FIT > STAGES_WANTED ? STAGES_WANTED : FIT;
+    static_assert(STAGES >= 2, "too many warps for this many activation tiles");
+    __shared__ __align__(16) u8 ring[STAGES][SLOT];
+    constexpr int THREADS = 32 * NW;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16 * NW;
+    const int nsb = K >> 8, nsub = K >> 5;
+    const int first = blockIdx.y, step = gridDim.y;
+    const int mine = nsb > first ? (nsb - first + step - 1) / step : 0;
+
+    // this thread's W pieces (piece c = tid + THREADS k of 16 NW rows x 9) and x pieces (c = tid +
+    // THREADS k of NT x (128 fragment + 32 scale) pieces): offsets fixed per thread
+    constexpr int WP = 16 * NW * 9, XP = NT * 160;
+    constexpr int W_PIECES = (WP + THREADS - 1) / THREADS, X_PIECES = (XP + THREADS - 1) / THREADS;
+    size_t w_src[W_PIECES];
+    int w_dst[W_PIECES], x_src[X_PIECES], x_dst[X_PIECES];
+    #pragma unroll
+    for (int k = 0; k < W_PIECES; ++k) {
+        const int c = min(tid + THREADS * k, WP - 1), r = c / 9, piece = c - 9 * r;
+        w_src[k] = size_t(min(row0 + r, n_out - 1)) * row_bytes + 16 * piece;
+        w_dst[k] = r * MMA_ROW + 16 * piece;
+    }
+    #pragma unroll
+    for (int k = 0; k < X_PIECES; ++k) {
+        const int c = min(tid + THREADS * k, XP - 1), nt = c / 160, p = c - 160 * nt;
+        // source offsets in bytes relative to super-block 0 of tile nt (fragments, then scales)
+        x_src[k] = p < 128 ? nt * nsub * 256 + 16 * p : nt * nsub * 64 + 16 * (p - 128);
+        x_dst[k] = p < 128 ? W_BYTES + nt * 2048 + 16 * p : W_BYTES + X_BYTES + nt * 512 + 16 * (p - 128);
+    }
+    const u8* xfb = reinterpret_cast<const u8*>(xf);
+    const u8* dsb = reinterpret_cast<const u8*>(dsf);
+    auto fetch = [&](int i) {
+        if (i < mine) {
+            const int sb = first + i * step;
+            u8* slot = ring[i % STAGES];
+            const u8* wsb = w + sb * 144;
+            #pragma unroll
+            for (int k = 0; k < W_PIECES; ++k)
+                if (tid + THREADS * k < WP) cp_async16(slot + w_dst[k], wsb + w_src[k]);
+            #pragma unroll
+            for (int k = 0; k < X_PIECES; ++k)
+                if (tid + THREADS * k < XP) {
+                    const bool frag = x_dst[k] < W_BYTES + X_BYTES;
+                    cp_async16(slot + x_dst[k], (frag ? xfb + sb * 2048 : dsb + sb * 512) + x_src[k]);
+                }
+        }
+        cp_async_commit();
+    };
+
+    float acc[NT][4];
+    zero(acc);
+
+    #pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) fetch(i);
+    for (int i = 0; i < mine; ++i) {
+        cp_async_wait<STAGES - 2>();                 // this thread's pieces of step i have landed
+        __syncthreads();                             // ... and everyone's; slot i-1 is read by all
+        fetch(i + STAGES - 1);                       // refill slot (i - 1) % STAGES
+        const u8* slot = ring[i % STAGES];
+        q4k_mma_sb<NT, XK>(slot + warp * 16 * MMA_ROW, slot + W_BYTES, acc);
+    }
+    cp_async_wait<0>();
+    const int wr0 = row0 + 16 * warp;
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = wr0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
+            if (row < n_out && m < M) {
+                if (gridDim.y > 1) atomicAdd(out + size_t(m) * n_out + row, acc[nt][i]);
+                else out[size_t(m) * n_out + row] = acc[nt][i];
+            }
+        }
 }
 
 // ---------------------------------------------------------------------------------------------
