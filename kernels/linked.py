@@ -92,22 +92,10 @@ def _quantize_kernel():
 
 
 @functools.lru_cache(maxsize=None)
-def _quantize_frag_kernel():
-    fn = cuda.declare_device("q8_quantize_frag", types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32),
-                             link=[source_with()], abi="c")
-
-    @cuda.jit
-    def kernel(x, M, K, n_tiles, xf, dsf, zero, n_zero):
-        fn(data_ptr(x), np.int32(M), np.int32(K), np.int32(n_tiles), data_ptr(xf), data_ptr(dsf), data_ptr(zero),
-           np.int32(n_zero))
-
-    return kernel
-
-
-@functools.lru_cache(maxsize=None)
-def _quantize_k_frag_kernel():
-    fn = cuda.declare_device("q8k_quantize_frag", types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32),
-                             link=[source_with()], abi="c")
+def _quantize_frag_kernel(per256: bool = False):
+    """q8_quantize_frag (x per 32) or q8k_quantize_frag (per 256): same arguments, same threads."""
+    fn = cuda.declare_device("q8k_quantize_frag" if per256 else "q8_quantize_frag",
+                             types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32), link=[source_with()], abi="c")
 
     @cuda.jit
     def kernel(x, M, K, n_tiles, xf, dsf, zero, n_zero):
@@ -236,6 +224,19 @@ def _check(w_raw, qtype, n_out):
     return q, K
 
 
+def _gemv_args(name, x, w_raw, qtype, n_out, m_max, qtypes=("Q4_K", "Q6_K")):
+    """(qtype name, K, M) after the checks every linked GEMV makes: a GPU, valid rows, a type it
+    decodes, 1..m_max activation rows."""
+    _require_gpu(name)
+    q, K = _check(w_raw, qtype, n_out)
+    if q not in qtypes:
+        raise Q4KError(f"{name} decodes {', '.join(qtypes)}, not {q}")
+    M = x.shape[0]
+    if not 1 <= M <= m_max:
+        raise Q4KError(f"{name} takes 1..{m_max} activation rows, got {M}")
+    return q, K, M
+
+
 def quantize_q8(x, zero=None):
     """(xq uint32 [M*K/4], xds float32 [M*K/32, 2]) for x float32 [M, K]: int8 per 32 values, (d, d*sum q).
     `zero`, a float32 array, is set to 0 by the same kernel (for the split-K GEMVs)."""
@@ -266,12 +267,9 @@ def quantize_q8_fragments(x, n_tiles, zero=None, per256=False):
     xf = cupy.empty(2 * entries, dtype=np.uint32)
     dsf = cupy.empty(2 * n_tiles * (K // 32) * 8, dtype=np.float32)
     z = zero.reshape(-1) if zero is not None else dsf
-    if per256:                                 # same threads; a warp = one (tile, super-block, column)
-        launch(_quantize_k_frag_kernel(), (entries + QUANT_THREADS - 1) // QUANT_THREADS, QUANT_THREADS, x.reshape(-1),
-               M, K, n_tiles, xf, dsf.view(np.uint32), z, z.size if zero is not None else 0)
-        return xf, dsf
-    launch(_quantize_frag_kernel(), (entries + QUANT_THREADS - 1) // QUANT_THREADS, QUANT_THREADS, x.reshape(-1), M, K,
-           n_tiles, xf, dsf, z, z.size if zero is not None else 0)
+    # per256: the same threads, a warp = one (tile, super-block, column); dsf then holds int sums and d
+    launch(_quantize_frag_kernel(per256), (entries + QUANT_THREADS - 1) // QUANT_THREADS, QUANT_THREADS,
+           x.reshape(-1), M, K, n_tiles, xf, dsf, z, z.size if zero is not None else 0)
     return xf, dsf
 
 
@@ -293,11 +291,7 @@ def mma_rows_split(n_out: int, K: int, warps: int, resident: int = 4) -> int:
 
 def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] ~= x @ W.T for Q4_K / Q6_K rows, M <= 16, x rounded to int8 per 32 values."""
-    _require_gpu("gemv_q8_linked")
-    q, K = _check(w_raw, qtype, n_out)
-    M = x.shape[0]
-    if not 1 <= M <= 16:
-        raise Q4KError(f"gemv_q8_linked takes 1..16 activation rows, got {M}")
+    q, K, M = _gemv_args("gemv_q8_linked", x, w_raw, qtype, n_out, 16)
     xq, xds = quantize_q8(x)
     kernel = gemv_kernel(q, M, rows, warps)
     launch(kernel, (n_out + rows - 1) // rows, 32 * warps, w_raw.reshape(-1), w_raw.shape[1], n_out, K, xq, xds, out)
@@ -306,13 +300,7 @@ def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
 
 def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] = x @ W.T for Q4_K rows, M <= 4, float32 x used as is (FP32-exact), one kernel."""
-    _require_gpu("gemv_f32_linked")
-    q, K = _check(w_raw, qtype, n_out)
-    if q != "Q4_K":
-        raise Q4KError(f"gemv_f32_linked decodes Q4_K, not {q}")
-    M = x.shape[0]
-    if not 1 <= M <= 4:
-        raise Q4KError(f"gemv_f32_linked takes 1..4 activation rows, got {M}")
+    q, K, M = _gemv_args("gemv_f32_linked", x, w_raw, qtype, n_out, 4, ("Q4_K",))
     x = _f32_aligned(x)
     launch(f32_kernel(M, rows, warps), (n_out + rows - 1) // rows, 32 * warps, w_raw.reshape(-1), w_raw.shape[1],
            n_out, K, x.reshape(-1), out)
@@ -325,11 +313,7 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     Short, wide matrices are split along K over blocks that add into out atomically (so the
     last bits of such results vary from run to run). x256 (Q4_K): x scaled per 256 values instead of
     32 (llama.cpp's Q8_K), so the sub-block scales apply in integers (fewer instructions, coarser x)."""
-    _require_gpu("gemv_mma_linked")
-    q, K = _check(w_raw, qtype, n_out)
-    M = x.shape[0]
-    if not 1 <= M <= 16:
-        raise Q4KError(f"gemv_mma_linked takes 1..16 activation rows, got {M}")
+    q, K, M = _gemv_args("gemv_mma_linked", x, w_raw, qtype, n_out, 16)
     n_tiles = 1 if M <= 8 else 2
     if q == "Q6_K" and x256:
         raise Q4KError("gemv_mma_linked: x256 is for Q4_K")
@@ -352,13 +336,7 @@ def gemv_mma_rows_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, split=N
     """As gemv_mma_linked for Q4_K, with the block's warps splitting rows instead of K: 16*warps rows
     per block, one x slot per block in the cp.async ring (a quarter of the x traffic at 4 warps).
     `split` (blocks along K, atomic adds) defaults to mma_rows_split."""
-    _require_gpu("gemv_mma_rows_linked")
-    q, K = _check(w_raw, qtype, n_out)
-    if q != "Q4_K":
-        raise Q4KError(f"gemv_mma_rows_linked decodes Q4_K, not {q}")
-    M = x.shape[0]
-    if not 1 <= M <= 16:
-        raise Q4KError(f"gemv_mma_rows_linked takes 1..16 activation rows, got {M}")
+    q, K, M = _gemv_args("gemv_mma_rows_linked", x, w_raw, qtype, n_out, 16, ("Q4_K",))
     n_tiles = 1 if M <= 8 else 2
     if n_tiles * warps > 8:
         raise Q4KError(f"gemv_mma_rows_linked: {warps} warps fit the 48 KB ring for M <= 8 only, got M = {M}")

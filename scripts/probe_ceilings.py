@@ -149,7 +149,7 @@ def main():
         res[f"read_GBps_{blocks_per_sm}x{threads}"] = bw
         best = max(best, bw)
     res["read_GBps"] = best
-    del dst
+    dst = None
 
     # cuBLAS fp16 GEMV on the LM head, the denominator of the "x cuBLAS" ratios at M = 1
     K, N = 3584, 152064
@@ -158,7 +158,7 @@ def main():
     t = timed(cp, lambda: [cp.matmul(x, w.T) for w in ws]) / 3
     res["cublas_gemv_lm_head_us"] = t * 1e6
     res["cublas_gemv_lm_head_GBps"] = N * K * 2 / t / 1e9
-    del ws
+    ws = None
 
     out = cp.zeros(1, cp.float32)
     iters, blocks, threads = 1024, sms * 8, 256
@@ -174,7 +174,7 @@ def main():
             x = cp.random.standard_normal((M, K), dtype=cp.float32).astype(cp.float16)
             t = timed(cp, lambda: [cp.matmul(x, w.T) for w in ws]) / 2
             res[f"cublas_gemm_{K}x{N}_M{M}_TFLOPs"] = 2 * M * N * K / t / 1e12
-            del ws
+            ws = None
 
     for k, v in res.items():
         print(f"{k:40} {v:.1f}" if isinstance(v, float) else f"{k:40} {v}")

@@ -459,6 +459,37 @@ static __device__ __forceinline__ void mma_reduce_store(float (&acc)[NT][4], flo
     }
 }
 
+// Eight consecutive values of x (two float4 at p; zeros where !load) -> 8 int8 in two words, with
+// d = max|x| / 127 over LANES consecutive lanes (4: one 32-value block, 32: a 256-value super-block)
+// and `sum`, the sum of the q over the 4 lanes of the 32-value block.
+template <int LANES>
+static __device__ __forceinline__ void q8_eight(const float* p, bool load, float& d, u32 (&word)[2], int& sum) {
+    float v[8];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    if (load) {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+    float amax = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    #pragma unroll
+    for (int o = 1; o < LANES; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    d = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    word[0] = word[1] = 0u;
+    sum = 0;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int q = __float2int_rn(v[i] * inv);
+        sum += q;
+        word[i >> 2] |= (u32(q) & 0xFFu) << (8 * (i & 3));
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+}
+
 // x for the tensor-core kernel, quantized like q8_quantize but stored in fragment order so that
 // a warp's B-fragment load is 256 contiguous bytes and its scale load 64: for n-tile nt (activation
 // rows 8 nt .. 8 nt + 7, zero beyond M) and q8 block s (K / 32 of them), lane 4 g + t holds
@@ -476,30 +507,10 @@ extern "C" __device__ int q8_quantize_frag(const float* __restrict__ x, int M, i
     const int lane = e & 31, g = lane >> 2, t = lane & 3;
     const int ns = e >> 5, s = ns % nsub, nt = ns / nsub;
     const int m = 8 * nt + g;
-    float v[8];
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-    if (live && m < M) {
-        const float4* p = reinterpret_cast<const float4*>(x + size_t(m) * K + 32 * s + 8 * t);
-        const float4 a = __ldg(p), b = __ldg(p + 1);
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    }
-    float amax = 0.0f;
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    u32 word[2] = {0u, 0u};
-    int sum = 0;
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int q = __float2int_rn(v[i] * inv);
-        sum += q;
-        word[i >> 2] |= (u32(q) & 0xFFu) << (8 * (i & 3));
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    float d;
+    u32 word[2];
+    int sum;
+    q8_eight<4>(x + size_t(m) * K + 32 * s + 8 * t, live && m < M, d, word, sum);
     if (live) {
         xf[e] = make_uint2(word[0], word[1]);
         if (t == 0) dsf[ns * 8 + g] = make_float2(d, d * float(sum));
@@ -522,30 +533,10 @@ extern "C" __device__ int q8k_quantize_frag(const float* __restrict__ x, int M, 
     const int q = e & 31, sub = q >> 2, t = q & 3;
     const int g = (e >> 5) & 7, ns = e >> 8, sb = ns % nsb, nt = ns / nsb;
     const int m = 8 * nt + g;
-    float v[8];
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-    if (live && m < M) {
-        const float4* p = reinterpret_cast<const float4*>(x + size_t(m) * K + 256 * sb + 32 * sub + 8 * t);
-        const float4 a = __ldg(p), b = __ldg(p + 1);
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    }
-    float amax = 0.0f;
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    u32 word[2] = {0u, 0u};
-    int sum = 0;
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int qv = __float2int_rn(v[i] * inv);
-        sum += qv;
-        word[i >> 2] |= (u32(qv) & 0xFFu) << (8 * (i & 3));
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    float d;
+    u32 word[2];
+    int sum;
+    q8_eight<32>(x + size_t(m) * K + 256 * sb + 32 * sub + 8 * t, live && m < M, d, word, sum);
     if (live) {
         xf[(nt * nsub + 8 * sb + sub) * 32 + 4 * g + t] = make_uint2(word[0], word[1]);
         u32* area = dsf + size_t(ns) * 128;
