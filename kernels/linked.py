@@ -273,20 +273,22 @@ def quantize_q8_fragments(x, n_tiles, zero=None, per256=False):
     return xf, dsf
 
 
+def _k_split(blocks: int, want_blocks: int, nsb: int, sb_per_split: int) -> int:
+    """How many ways to split K: about `want_blocks` blocks in all when there are few row blocks
+    (a short, wide matrix), each split keeping at least `sb_per_split` of the nsb super-blocks."""
+    return max(1, min(-(-want_blocks // blocks), nsb // sb_per_split))
+
+
 def mma_split(n_out: int, K: int, warps: int) -> int:
     """Blocks along K for the tensor-core GEMV: enough warps to fill the GPU (about 132 SMs x 16)
-    when there are few 16-row tiles (a short, wide matrix), at least 2 super-blocks per warp."""
-    tiles, nsb = (n_out + 15) // 16, K // 256
-    want = -(-2112 // (tiles * warps))
-    return max(1, min(want, nsb // (2 * warps)))
+    when there are few 16-row tiles, at least 2 super-blocks per warp (the warps split K too)."""
+    return _k_split(-(-n_out // 16), -(-2112 // warps), K // 256, 2 * warps)
 
 
 def mma_rows_split(n_out: int, K: int, warps: int, resident: int = 4) -> int:
     """Blocks along K for q4k_mma_rows: about `resident` blocks per SM (132 SMs) when there are few
     row blocks, each block keeping at least 2 super-blocks."""
-    blocks, nsb = -(-n_out // (16 * warps)), K // 256
-    want = -(-132 * resident // blocks)
-    return max(1, min(want, nsb // 2))
+    return _k_split(-(-n_out // (16 * warps)), 132 * resident, K // 256, 2)
 
 
 def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
@@ -315,9 +317,9 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     32 (llama.cpp's Q8_K), so the sub-block scales apply in integers (fewer instructions, coarser x)."""
     q, K, M = _gemv_args("gemv_mma_linked", x, w_raw, qtype, n_out, 16)
     n_tiles = 1 if M <= 8 else 2
-    if q == "Q6_K" and x256:
-        raise Q4KError("gemv_mma_linked: x256 is for Q4_K")
     if q == "Q6_K":                            # plain q8 x, W read straight from global memory (no ring)
+        if x256:
+            raise Q4KError("gemv_mma_linked: x256 is for Q4_K")
         split = mma_split(n_out, K, warps)
         xq, xds = quantize_q8(x, zero=out if split > 1 else None)
         launch(mma_kernel(q, n_tiles, warps), ((n_out + 15) // 16, split), 32 * warps, w_raw.reshape(-1),

@@ -430,33 +430,47 @@ static __device__ __forceinline__ void mma_s8(int (&c)[4], u32 a0, u32 a1, u32 a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
 }
 
-// Sum the NW warps' C fragments through shared memory; lane (g, t) of warp 0 stores rows g, g+8,
-// columns 2t, 2t+1 of the 16 x 8 NT tile (atomically when the grid splits K over blockIdx.y).
+// Store a warp's C fragments of NT 16 x 8 tiles: lane (g, t) holds rows g, g+8 and columns 2t, 2t+1
+// (activation rows 8 nt + ...) of the 16 weight rows from row0; atomically when the grid splits K
+// over blockIdx.y (out zeroed beforehand).
+template <int NT>
+static __device__ __forceinline__ void mma_store(const float (&v)[NT][4], float* __restrict__ out, int row0,
+                                                 int n_out, int M) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = row0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
+            if (row < n_out && m < M) {
+                if (gridDim.y > 1) atomicAdd(out + size_t(m) * n_out + row, v[nt][i]);
+                else out[size_t(m) * n_out + row] = v[nt][i];
+            }
+        }
+}
+
+// Sum the NW warps' C fragments through shared memory; warp 0 stores the 16 x 8 NT tile.
 template <int NT, int NW>
 static __device__ __forceinline__ void mma_reduce_store(float (&acc)[NT][4], float* __restrict__ out, int row0,
                                                         int n_out, int M) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __shared__ float red[NW][NT * 4][32];
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
         #pragma unroll
         for (int i = 0; i < 4; ++i) red[warp][nt * 4 + i][lane] = acc[nt][i];
     __syncthreads();
-    if (warp == 0) {
+    if (warp != 0) return;
+    float v[NT][4];
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
         #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int i = 0; i < 4; ++i) {
+            v[nt][i] = 0.0f;
             #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                float v = 0.0f;
-                #pragma unroll
-                for (int k = 0; k < NW; ++k) v += red[k][nt * 4 + i][lane];
-                const int row = row0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
-                if (row < n_out && m < M) {
-                    if (gridDim.y > 1) atomicAdd(out + size_t(m) * n_out + row, v);
-                    else out[size_t(m) * n_out + row] = v;
-                }
-            }
-    }
+            for (int k = 0; k < NW; ++k) v[nt][i] += red[k][nt * 4 + i][lane];
+        }
+    mma_store<NT>(v, out, row0, n_out, M);
 }
 
 // Eight consecutive values of x (two float4 at p; zeros where !load) -> 8 int8 in two words, with
@@ -717,8 +731,7 @@ static __device__ __forceinline__ void q4k_mma_rows(const u8* __restrict__ w, in
     static_assert(STAGES >= 2, "too many warps for this many activation tiles");
     __shared__ __align__(16) u8 ring[STAGES][SLOT];
     constexpr int THREADS = 32 * NW;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
+    const int tid = threadIdx.x, warp = tid >> 5;
     const int row0 = blockIdx.x * 16 * NW;
     const int nsb = K >> 8, nsub = K >> 5;
     const int first = blockIdx.y, step = gridDim.y;
@@ -776,17 +789,7 @@ static __device__ __forceinline__ void q4k_mma_rows(const u8* __restrict__ w, in
         q4k_mma_sb<NT, XK>(slot + warp * 16 * MMA_ROW, slot + W_BYTES, acc);
     }
     cp_async_wait<0>();
-    const int wr0 = row0 + 16 * warp;
-    #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int row = wr0 + g + 8 * (i >> 1), m = 8 * nt + 2 * t + (i & 1);
-            if (row < n_out && m < M) {
-                if (gridDim.y > 1) atomicAdd(out + size_t(m) * n_out + row, acc[nt][i]);
-                else out[size_t(m) * n_out + row] = acc[nt][i];
-            }
-        }
+    mma_store<NT>(acc, out, row0 + 16 * warp, n_out, M);
 }
 
 // ---------------------------------------------------------------------------------------------
