@@ -116,7 +116,7 @@ def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0, als
     "<variant>[x16]"."""
     import cupy as cp
 
-    from q4kdistill.quants import random_blocks
+    from q4kdistill.formats.quants import random_blocks
 
     from . import dispatch, registry
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from q4kdistill.quants import dequantize
+from q4kdistill.formats.quants import dequantize
 
 SLAB_BYTES = 32 << 20
 

@@ -20,12 +20,14 @@ import time
 import numpy as np
 
 import q4kdistill  # noqa: F401  (backend first)
-from q4kdistill import backend, losses, student as student_mod
+from q4kdistill import backend
+from q4kdistill.student import losses
+from q4kdistill.student import model as student_mod
 from q4kdistill.config import ModelConfig
-from q4kdistill.losses import LossConfig
-from q4kdistill.ops import attention as attention_mod
-from q4kdistill.optim import AdamW, OptimConfig
-from q4kdistill.student import Student
+from q4kdistill.student.losses import LossConfig
+from q4kdistill.student.ops import attention as attention_mod
+from q4kdistill.student.optim import AdamW, OptimConfig
+from q4kdistill.student.model import Student
 
 PRESETS = {  # ~0.5B students in the two layouts, and a CPU smoke size
     "qwen2-0.5b": ModelConfig("qwen2", n_layers=24, d_model=896, n_heads=14, n_kv_heads=2, head_dim=64, d_ff=4864,

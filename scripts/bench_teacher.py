@@ -5,7 +5,7 @@
 
 On the GPU, with the 7B-shaped teacher from the shared manifest (random valid blocks):
   1. load it native (quantized blocks as stored): resident bytes vs the file's tensor bytes (<= 1.02x)
-  2. forward peak of one 1 x 512 batch, all logits (<= 5.5 GB), counted by q4kdistill.memory
+  2. forward peak of one 1 x 512 batch, all logits (<= 5.5 GB), counted by q4kdistill.memory.meter
   3. prefill of B x T tokens, every position's logits: native vs the same teacher decoded to
      dense fp16 (teacher.with_backend("dequant-f16"): cuBLAS fp16 GEMMs, FP32 out) in the same
      run; ratio native / dense (target <= 1.15), tokens/s
@@ -28,10 +28,13 @@ import time
 import numpy as np
 
 import q4kdistill  # noqa: F401  (backend first)
-from q4kdistill import backend, memory, synthetic, teacher_forward
+from q4kdistill import backend
+from q4kdistill.memory import meter as memory
+from q4kdistill.formats import synthetic
+from q4kdistill.teacher import forward as teacher_forward
 from q4kdistill.data import MANIFEST_7B
-from q4kdistill.model_file import ModelFile
-from q4kdistill.teacher import Teacher
+from q4kdistill.formats.model_file import ModelFile
+from q4kdistill.teacher.model import Teacher
 
 RATIO_TARGET = 1.15        # native prefill time / dense fp16 prefill time
 RESIDENT_TARGET = 1.02     # resident bytes / tensor bytes

@@ -47,7 +47,7 @@ def parse_args(argv):
 
 
 def run_one(args, teacher, name, alpha):
-    from q4kdistill.distill import DistillConfig, distill
+    from q4kdistill.train.loop import DistillConfig, distill
 
     out = os.path.join(args.out, name)
     cfg = DistillConfig(teacher=teacher, data=args.data, out=out, student_layers=args.layers, steps=args.steps,
@@ -69,8 +69,8 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    from q4kdistill.commands.demo import real_teacher
-    from q4kdistill.distill import parse_layers
+    from q4kdistill.cli.demo import real_teacher
+    from q4kdistill.train.loop import parse_layers
 
     args = parse_args(argv)
     args.layers = parse_layers(args.layers)

@@ -88,7 +88,7 @@ def probe(out):
 
     import kernels
     from kernels import bench as kb
-    from q4kdistill.quants import random_blocks
+    from q4kdistill.formats.quants import random_blocks
 
     rng = np.random.default_rng(0)
     K, N = 3584, 18944

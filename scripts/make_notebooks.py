@@ -65,7 +65,7 @@ Q4K_FORMAT = [
         A Q4_K tensor stores its weights in **super-blocks of 256 weights in 144 bytes** (4.5 bits
         per weight). We take one real super-block from the gemma-3-270m Q4_K_M file, decode it by
         hand, step by step, and check the result against the package's reference decoder
-        (`q4kdistill.quants.dequantize`) and gguf-py's. Then we look at how the 6-bit scales and
+        (`q4kdistill.formats.quants.dequantize`) and gguf-py's. Then we look at how the 6-bit scales and
         mins are spread, and at the error of quantizing real weights again.
 
         ```
@@ -82,8 +82,8 @@ Q4K_FORMAT = [
         import numpy as np
         import gguf
 
-        from q4kdistill import quants
-        from q4kdistill.model_file import ModelFile
+        from q4kdistill.formats import quants
+        from q4kdistill.formats.model_file import ModelFile
     '''),
     GEMMA_PATH,
     md('''
@@ -305,7 +305,7 @@ KERNEL_VARIANTS = [
         from kernels import bench
         from kernels.decode import FORMATS
         from kernels.weights import device_views
-        from q4kdistill import quants
+        from q4kdistill.formats import quants
 
         xp = backend.xp()                 # numpy on the CPU, cupy on the GPU
         rng = np.random.default_rng()     # fresh inputs every run
@@ -395,7 +395,7 @@ KERNEL_VARIANTS = [
     """),
     code("""
         from q4kdistill.data import gemma_path
-        from q4kdistill.model_file import ModelFile
+        from q4kdistill.formats.model_file import ModelFile
 
         GGUF = gemma_path()  # the real gemma-3-270m Q4_K_M file
         real = np.array(ModelFile.open(GGUF).tensor_data("blk.0.attn_output.weight"))  # Q4_K [640, 576 bytes]: K = 1024
@@ -558,8 +558,8 @@ MEMORY_BUDGET = [
         import matplotlib.pyplot as plt
         import numpy as np
 
-        from q4kdistill import planner
-        from q4kdistill.commands import reproduce_memory as rm
+        from q4kdistill.memory import planner
+        from q4kdistill.memory import reproduce as rm
         from q4kdistill.data import MANIFEST_7B
 
         GB = 1e9
@@ -613,7 +613,7 @@ MEMORY_BUDGET = [
     md("""
         ## Part 2 — measurement next to the prediction
 
-        `reproduce_memory.reproduce` loads each teacher backend, runs a forward over every
+        `q4kdistill.memory.reproduce.reproduce` loads each teacher backend, runs a forward over every
         position (`iter_logits`), and for the native teacher two full distillation steps (teacher
         trunk -> student forward/backward with chunked KD loss -> AdamW). Every row is the peak of
         bytes in use above what was in use before the teacher was loaded.
@@ -690,8 +690,8 @@ DISTILL = [
         import matplotlib.pyplot as plt
         import numpy as np
 
-        from q4kdistill import export
-        from q4kdistill.distill import DistillConfig, distill
+        from q4kdistill.train import export
+        from q4kdistill.train.loop import DistillConfig, distill
 
         if SIZE == "gpu":
             RUN = dict(student_layers=[0, 4, 8, 12, 17], steps=60, batch=4, seq=128, lr=2e-4, warmup=6,

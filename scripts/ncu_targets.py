@@ -15,7 +15,7 @@ def main(args):
     import cupy as cp
 
     import kernels
-    from q4kdistill.quants import random_blocks
+    from q4kdistill.formats.quants import random_blocks
 
     rng = np.random.default_rng(0)
     K, N = 3584, 18944

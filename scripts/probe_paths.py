@@ -20,7 +20,7 @@ def main():
     from kernels import bench as kb
     from kernels import dequant, linked
     from kernels.scratch import gemm_f16_f32
-    from q4kdistill.quants import random_blocks
+    from q4kdistill.formats.quants import random_blocks
 
     timer = kb.Timer(cp)
     copy_bw = kb.copy_bandwidth(cp, timer)

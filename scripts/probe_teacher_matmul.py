@@ -12,7 +12,7 @@ import numpy as np
 
 import kernels
 from q4kdistill.data import MANIFEST_7B
-from q4kdistill.teacher import Teacher
+from q4kdistill.teacher.model import Teacher
 
 
 def timed(fn, reps=20):

@@ -4,14 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.decode import FORMATS
-from q4kdistill import quants
+from q4kdistill.formats import quants
 
 QTYPES = ("Q4_K", "Q6_K", "Q8_0", "Q5_0")
 
 
 def real_tensors(path) -> dict:
     """{qtype: raw uint8 [rows, row_bytes]} - the first tensor of each type in the gemma-3 file."""
-    from q4kdistill.model_file import ModelFile
+    from q4kdistill.formats.model_file import ModelFile
 
     mf = ModelFile.open(path)
     found = {}

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from q4kdistill import checkpoint
+from q4kdistill.train import checkpoint
 from q4kdistill.errors import Q4KError
 
 

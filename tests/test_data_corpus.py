@@ -4,8 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from q4kdistill.data import (TokenDataset, demo_corpus, find_files, load_datasets, load_shard, save_tokens,
-                             split_files, tokenize_files)
+from q4kdistill.train.corpus import (TokenDataset, demo_corpus, find_files, load_datasets, load_shard, save_tokens, split_files, tokenize_files)
 from q4kdistill.errors import FileFormatError, Q4KError
 
 BOS = 2
@@ -195,7 +194,7 @@ def test_demo_corpus_is_fixed_and_keeps_held_out_modules_apart():
 
 
 def test_demo_corpus_through_the_real_teacher_tokenizer(gemma_path):
-    from q4kdistill.tokenizer import Tokenizer
+    from q4kdistill.formats.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(gemma_path)
     files = demo_corpus(train_chars=60_000, held_out_chars=20_000)

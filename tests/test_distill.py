@@ -7,9 +7,15 @@ import signal
 import numpy as np
 import pytest
 
-from q4kdistill import checkpoint, cli, export, synthetic
-from q4kdistill import distill as D
-from q4kdistill.student import Student
+from q4kdistill import cli
+
+from q4kdistill.train import checkpoint
+
+from q4kdistill.train import export
+
+from q4kdistill.formats import synthetic
+from q4kdistill.train import loop as D
+from q4kdistill.student.model import Student
 
 DENSE = dict.fromkeys(("*", "attn_v", "ffn_down", "output", "token_embd"), "F32")
 SMALL = dict(n_layers=3, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=256)
@@ -94,8 +100,8 @@ def test_config_file_and_flags(teacher, corpus, tmp_path):
 
 def test_every_sequence_of_a_batch_trains(teacher):
     """The loss of a [2, T] batch is the mean of its two rows' losses; so are the gradients."""
-    from q4kdistill.losses import LossConfig
-    from q4kdistill.teacher import Teacher
+    from q4kdistill.student.losses import LossConfig
+    from q4kdistill.teacher.model import Teacher
 
     t = Teacher.load(teacher, log=None)
     ids = np.random.default_rng(3).integers(0, t.vocab_size, (2, 9))

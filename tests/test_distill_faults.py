@@ -4,8 +4,12 @@ import sys
 
 import numpy as np
 
-from q4kdistill import checkpoint, cli, synthetic
-from q4kdistill.student import Student
+from q4kdistill import cli
+
+from q4kdistill.train import checkpoint
+
+from q4kdistill.formats import synthetic
+from q4kdistill.student.model import Student
 
 from test_distill import DENSE, SMALL, args, corpus, teacher  # noqa: F401  (fixtures)
 

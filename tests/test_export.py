@@ -10,10 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from q4kdistill import export, synthetic
+from q4kdistill.train import export
+
+from q4kdistill.formats import synthetic
 from q4kdistill.config import ModelConfig
 from q4kdistill.errors import Q4KError
-from q4kdistill.student import Student
+from q4kdistill.student.model import Student
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -152,8 +154,8 @@ def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_pat
     quantized products, so the bar is the teacher-parity one: mean >= 0.998, every position >= 0.99
     (measured 0.99889 / 0.99181).
     """
-    from q4kdistill.teacher import Teacher
-    from q4kdistill.tokenizer import Tokenizer
+    from q4kdistill.teacher.model import Teacher
+    from q4kdistill.formats.tokenizer import Tokenizer
 
     teacher = Teacher.load(gemma_path, log=None)
     tokenizer = export.tokenizer_fields(gemma_path, teacher.vocab_size)

@@ -5,9 +5,11 @@ import zlib
 import numpy as np
 import pytest
 
-from q4kdistill import apr, synthetic
+from q4kdistill.formats import apr
+
+from q4kdistill.formats import synthetic
 from q4kdistill.errors import FileFormatError
-from q4kdistill.model_file import ModelFile
+from q4kdistill.formats.model_file import ModelFile
 
 
 @pytest.fixture(scope="module")

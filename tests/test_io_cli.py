@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from q4kdistill import synthetic
+from q4kdistill.formats import synthetic
 
 
 def cli(*args):

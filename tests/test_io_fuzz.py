@@ -11,9 +11,17 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from q4kdistill import apr, gguf_file, planner, quants, synthetic
+from q4kdistill.formats import apr
+
+from q4kdistill.formats import gguf_file
+
+from q4kdistill.memory import planner
+
+from q4kdistill.formats import quants
+
+from q4kdistill.formats import synthetic
 from q4kdistill.errors import FileFormatError, Q4KError
-from q4kdistill.model_file import ModelFile
+from q4kdistill.formats.model_file import ModelFile
 
 PEAK_BYTES = 48 << 20
 INTERESTING = [0, 1, 2, 3, 4, 5, 8, 9, 12, 13, 30, 31, 32, 64, 255, 256, 2 ** 16 - 1, 2 ** 31, 2 ** 32 - 1,

@@ -6,10 +6,14 @@ import gguf
 import numpy as np
 import pytest
 
-from q4kdistill import gguf_file, manifest, synthetic
-from q4kdistill.commands import inspect
+from q4kdistill.formats import gguf_file
+
+from q4kdistill.formats import manifest
+
+from q4kdistill.formats import synthetic
+from q4kdistill.cli import inspect
 from q4kdistill.errors import FileFormatError
-from q4kdistill.model_file import ModelFile
+from q4kdistill.formats.model_file import ModelFile
 
 
 @pytest.fixture(scope="module")

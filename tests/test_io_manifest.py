@@ -5,9 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from q4kdistill import manifest, quants, synthetic
+from q4kdistill.formats import manifest
+
+from q4kdistill.formats import quants
+
+from q4kdistill.formats import synthetic
 from q4kdistill.errors import FileFormatError
-from q4kdistill.model_file import ModelFile
+from q4kdistill.formats.model_file import ModelFile
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 
-from q4kdistill import quants, synthetic
+from q4kdistill.formats import quants
+
+from q4kdistill.formats import synthetic
 from q4kdistill.errors import Q4KError
-from q4kdistill.model_file import ModelFile
+from q4kdistill.formats.model_file import ModelFile
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 

@@ -11,7 +11,7 @@ import pytest
 
 import kernels
 from kernel_cases import QTYPES, bf16_to_f32, real_block_matrix, real_tensors, reference, rel_err
-from q4kdistill import quants
+from q4kdistill.formats import quants
 
 pytestmark = pytest.mark.gpu
 N = 1031

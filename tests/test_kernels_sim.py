@@ -8,7 +8,8 @@ import pytest
 import kernels
 from kernels import autotune, bench, cpu, dequant, dispatch
 from kernel_cases import QTYPES, bf16_to_f32, real_tensors, reference, rel_err, sample_rows
-from q4kdistill import backend, quants
+from q4kdistill import backend
+from q4kdistill.formats import quants
 from q4kdistill.errors import Q4KError
 
 # (qtype, blocks per row): one aligned and one odd-sized row per type; an odd number of

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from q4kdistill.errors import Q4KError
-from q4kdistill.losses import LossConfig, distill_loss, log_softmax, token_weights
-from q4kdistill.ops.gradcheck import numeric_grad, rel_error
+from q4kdistill.student.losses import LossConfig, distill_loss, log_softmax, token_weights
+from q4kdistill.student.ops.gradcheck import numeric_grad, rel_error
 
 B, T, V = 2, 4, 9
 

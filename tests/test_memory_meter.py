@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from q4kdistill import memory
+from q4kdistill.memory import meter as memory
 
 
 # -- stand-ins for CuPy's pool and numba-cuda's driver module (the plugin logic, no GPU) ---------

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 
-from q4kdistill import backend, cli, planner
-from q4kdistill.commands import reproduce_memory as rm
+from q4kdistill import backend, cli
+
+from q4kdistill.memory import planner
+from q4kdistill.memory import reproduce as rm
 
 ROWS = {f"teacher {what} ({b})" for what in ("resident", "load peak", "forward peak")
         for b in ("native", "dequant-f32", "dequant-bf16")}
@@ -36,7 +38,7 @@ def test_tiny_run_measures_every_row(tmp_path, capsys):
 
 
 def test_out_of_memory_becomes_a_row_result(monkeypatch):
-    from q4kdistill.teacher import Teacher
+    from q4kdistill.teacher.model import Teacher
 
     class OutOfMemoryError(MemoryError):       # what CuPy raises
         pass

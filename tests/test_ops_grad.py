@@ -5,10 +5,10 @@ import zlib
 import numpy as np
 import pytest
 
-from q4kdistill.ops import (attention_backward, attention_forward, embedding_backward, embedding_forward,
+from q4kdistill.student.ops import (attention_backward, attention_forward, embedding_backward, embedding_forward,
                             glu_backward, glu_forward, linear_backward, linear_forward, rmsnorm_backward,
                             rmsnorm_forward, rope_backward, rope_forward, rope_tables)
-from q4kdistill.ops.gradcheck import numeric_grad, rel_error
+from q4kdistill.student.ops.gradcheck import numeric_grad, rel_error
 
 TOL = 1e-6
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from q4kdistill.errors import Q4KError
-from q4kdistill.optim import AdamW, OptimConfig, lr_at
-from q4kdistill.params import FlatBuffer
+from q4kdistill.student.optim import AdamW, OptimConfig, lr_at
+from q4kdistill.student.params import FlatBuffer
 
 SHAPES = {"w": (3, 4), "norm.weight": (5,), "u": (2, 3), "bias": (3,)}
 

@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from q4kdistill import cli, planner
+from q4kdistill import cli
+
+from q4kdistill.memory import planner
 from q4kdistill.errors import Q4KError
-from q4kdistill.student import Student
+from q4kdistill.student.model import Student
 
 B7_TENSORS, B7_BYTES = 339, 4_677_120_000
 

@@ -18,10 +18,14 @@ import pytest
 from kernels import dispatch, registry, weights
 from kernels.scratch import dequant_matmul, scratch
 
-from q4kdistill import planner, synthetic, teacher_forward
-from q4kdistill.commands import reproduce_memory as rm
-from q4kdistill.model_file import ModelFile
-from q4kdistill.optim import AdamW
+from q4kdistill.memory import planner
+
+from q4kdistill.formats import synthetic
+
+from q4kdistill.teacher import forward as teacher_forward
+from q4kdistill.memory import reproduce as rm
+from q4kdistill.formats.model_file import ModelFile
+from q4kdistill.student.optim import AdamW
 
 SLACK_BYTES = 32_000        # Python objects next to the arrays
 SLACK = 0.015

@@ -1,4 +1,4 @@
-"""Reference codecs (q4kdistill/quants.py): bit-exact decoding against gguf-py on the real
+"""Reference codecs (q4kdistill/formats/quants.py): bit-exact decoding against gguf-py on the real
 gemma-3 file, round trips of every type, random blocks, and the errors users can cause.
 Quality against llama.cpp itself: tests/test_quants_quality.py."""
 import gguf
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import q4kdistill
-from q4kdistill import quants
+from q4kdistill.formats import quants
 from q4kdistill.errors import Q4KError
 
 from _helpers_quants import gguf_tensors

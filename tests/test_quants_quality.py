@@ -17,7 +17,9 @@ import gguf
 import numpy as np
 import pytest
 
-from q4kdistill import quants, synthetic
+from q4kdistill.formats import quants
+
+from q4kdistill.formats import synthetic
 
 from _helpers_quants import gguf_tensors
 

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 
 from q4kdistill.errors import Q4KError
-from q4kdistill.losses import LossConfig
-from q4kdistill.optim import AdamW, OptimConfig
-from q4kdistill.student import Student
+from q4kdistill.student.losses import LossConfig
+from q4kdistill.student.optim import AdamW, OptimConfig
+from q4kdistill.student.model import Student
 from _helpers_student import batch, randomize, tiny_config
 
 
 class FakeTeacher:
-    """What Student.from_teacher needs from q4kdistill.teacher.Teacher: config and weight_f32."""
+    """What Student.from_teacher needs from q4kdistill.teacher.model.Teacher: config and weight_f32."""
 
     def __init__(self, config, seed):
         self.config = config

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from q4kdistill.losses import LossConfig
-from q4kdistill.ops.gradcheck import rel_error
-from q4kdistill.student import Student
+from q4kdistill.student.losses import LossConfig
+from q4kdistill.student.ops.gradcheck import rel_error
+from q4kdistill.student.model import Student
 from _helpers_student import tiny_config
 
 

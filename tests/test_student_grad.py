@@ -4,9 +4,9 @@ import zlib
 import numpy as np
 import pytest
 
-from q4kdistill.losses import LossConfig, distill_loss
-from q4kdistill.ops.gradcheck import numeric_grad, rel_error
-from q4kdistill.student import Student
+from q4kdistill.student.losses import LossConfig, distill_loss
+from q4kdistill.student.ops.gradcheck import numeric_grad, rel_error
+from q4kdistill.student.model import Student
 
 from _helpers_student import batch, randomize, tiny_config
 

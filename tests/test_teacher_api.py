@@ -7,10 +7,14 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from q4kdistill import apr, quants, synthetic
+from q4kdistill.formats import apr
+
+from q4kdistill.formats import quants
+
+from q4kdistill.formats import synthetic
 from q4kdistill.errors import Q4KError
-from q4kdistill.model_file import ModelFile
-from q4kdistill.teacher import Teacher
+from q4kdistill.formats.model_file import ModelFile
+from q4kdistill.teacher.model import Teacher
 
 QTYPES = {"token_embd": "Q8_0", "attn_k": "Q5_0", "attn_output": "F16", "ffn_gate": "BF16"}
 
@@ -113,7 +117,7 @@ def test_chunked_logits_equal_the_full_batch(teacher, ids):
 
 
 def test_head_in_vocabulary_slabs_equals_one_product(teacher, ids, monkeypatch):
-    from q4kdistill import teacher_forward
+    from q4kdistill.teacher import forward as teacher_forward
 
     whole = teacher.logits_for_batch(ids)
     monkeypatch.setattr(teacher_forward, "HEAD_ROWS", 100)               # 389 rows -> 4 slabs, the last short

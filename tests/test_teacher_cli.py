@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from q4kdistill import synthetic
+from q4kdistill.formats import synthetic
 from q4kdistill.cli import main
-from q4kdistill.teacher import Teacher
-from q4kdistill.tokenizer import Tokenizer
+from q4kdistill.teacher.model import Teacher
+from q4kdistill.formats.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_user_errors_are_one_line(tiny, capsys, args, message):
 
 
 def test_command_modules_import_light():
-    code = ("import sys, q4kdistill.commands.logits, q4kdistill.commands.generate; "
-            "print([m for m in ('numpy', 'numba', 'gguf', 'kernels', 'q4kdistill.teacher') if m in sys.modules])")
+    code = ("import sys, q4kdistill.cli.logits, q4kdistill.cli.generate; "
+            "print([m for m in ('numpy', 'numba', 'gguf', 'kernels', 'q4kdistill.teacher.model') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import reference_forward as ref
-from q4kdistill import synthetic
-from q4kdistill.teacher import Teacher
+from q4kdistill.formats import synthetic
+from q4kdistill.teacher.model import Teacher
 
 FAMILIES = {
     # name: (architecture, tiny_config overrides, qtypes)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from q4kdistill import backend
-from q4kdistill.teacher import Teacher
+from q4kdistill.teacher.model import Teacher
 from test_teacher_forward import FAMILIES, write_family
 from test_teacher_real import TEXTS, cosine_rows
 
@@ -56,7 +56,7 @@ def test_gpu_dequant_backends(backend_name, tmp_path):
 @pytest.mark.slow
 def test_gpu_real_gemma_matches_numpy(gemma_path):
     """The four texts of test_teacher_real as one padded batch (M = 480 > 16: fp16 operands)."""
-    from q4kdistill.tokenizer import Tokenizer
+    from q4kdistill.formats.tokenizer import Tokenizer
 
     cpu, gpu = both(gemma_path)
     assert gpu.resident_bytes == cpu.resident_bytes == sum(w.nbytes for w in cpu.weights.values())
@@ -75,8 +75,8 @@ def test_gpu_real_gemma_matches_numpy(gemma_path):
 @pytest.mark.slow
 def test_7b_manifest_resident_and_forward_peak(manifest_7b_path):
     """The claims: resident <= 1.02x the tensor bytes, forward peak at 1 x 512 <= 5.5 GB."""
-    from q4kdistill import memory
-    from q4kdistill.model_file import ModelFile
+    from q4kdistill.memory import meter as memory
+    from q4kdistill.formats.model_file import ModelFile
 
     memory.install()
     meter = memory.MemoryMeter()

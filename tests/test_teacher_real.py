@@ -12,8 +12,8 @@ the real model); the references run each text alone. The measured numbers are in
 import numpy as np
 import pytest
 
-from q4kdistill.teacher import Teacher
-from q4kdistill.tokenizer import Tokenizer
+from q4kdistill.teacher.model import Teacher
+from q4kdistill.formats.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from q4kdistill import cli
-from q4kdistill.gguf_file import read_header
-from q4kdistill.tokenizer import CONTROL, NORMAL, USER_DEFINED, Tokenizer
+from q4kdistill.formats.gguf_file import read_header
+from q4kdistill.formats.tokenizer import CONTROL, NORMAL, USER_DEFINED, Tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

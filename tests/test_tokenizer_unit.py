@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from q4kdistill.errors import FileFormatError, Q4KError
-from q4kdistill.tokenizer import SPACE, Tokenizer, _merge
+from q4kdistill.formats.tokenizer import SPACE, Tokenizer, _merge
 
 BYTES = [f"<0x{b:02X}>" for b in range(256)]
 

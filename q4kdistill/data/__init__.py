@@ -20,9 +20,3 @@ def gemma_path():
     path = pkg.default_output_path()
     return str(path if path.exists() else pkg.assemble(path))
 
-
-# The data pipeline (text/shards -> token stream -> packed sequences -> batches); see corpus.py.
-from .corpus import (  # noqa: E402,F401
-    Batches, TokenDataset, demo_corpus, find_files, load_datasets, load_shard, save_tokens, split_files,
-    tokenize_files,
-)

@@ -1,0 +1,43 @@
+"""`q4kdistill convert IN OUT`: a teacher file as APR v2 (OUT.apr) or as a manifest (OUT.json).
+
+IN is a GGUF, APR or manifest. Writing an APR needs all of IN's tensor data (a manifest gives
+random valid blocks); writing a manifest needs only IN's header (a truncated file works).
+"""
+from __future__ import annotations
+
+NAME = "convert"
+HELP = "convert a GGUF/APR/manifest into an APR v2 file (OUT.apr) or a manifest (OUT.json)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("input", metavar="IN", help="GGUF, APR or manifest JSON")
+    p.add_argument("output", metavar="OUT", help="OUT.apr (APR v2, uncompressed) or OUT.json (manifest)")
+
+
+def run(args) -> int:
+    import os
+
+    from ..formats import apr
+
+    from ..formats import manifest
+    from ..errors import Q4KError
+    from ..formats.model_file import ModelFile
+
+    kind = os.path.splitext(args.output)[1].lower()
+    if kind not in (".apr", ".json"):
+        raise Q4KError(f"{args.output}: the output must end in .apr or .json")
+    if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
+        raise Q4KError(f"{args.output}: refusing to overwrite the input")
+    mf = ModelFile.open(args.input, header_only=(kind == ".json"))
+    tmp = args.output + ".part"
+    try:
+        if kind == ".json":
+            manifest.save(mf.to_manifest(), tmp)
+        else:
+            apr.write(mf, tmp)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes, {len(mf.tensors)} tensors)")
+    return 0

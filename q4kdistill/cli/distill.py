@@ -1,0 +1,102 @@
+"""`q4kdistill distill`: train a student on a frozen teacher's logits.
+
+Every setting of ``DistillConfig`` is a flag (``student_layers`` -> ``--student-layers``), and
+``--config FILE`` reads the same keys from JSON; flags given on the command line win.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+NAME = "distill"
+HELP = "distil a frozen GGUF teacher into a small student (checkpoints, --resume, metrics.jsonl)"
+
+HELPS = {
+    "teacher": "teacher GGUF (or APR file, or manifest JSON)",
+    "data": "text file or folder, .bin (uint32) / .npy token shards, or 'demo' (Python's own sources and docs)",
+    "out": "run directory: checkpoint.npz and metrics.jsonl (default ./out)",
+    "student_layers": "teacher blocks copied into the student, e.g. 0,3,6,9 (default: 4 spread out)",
+    "student_init": "start the student from this GGUF instead (e.g. a smaller model of the family)",
+    "steps": "optimizer steps", "batch": "sequences per step (B)", "seq": "tokens per sequence (T)",
+    "lr": "peak learning rate", "warmup": "linear warm-up steps", "min_lr_ratio": "cosine ends at lr x this",
+    "weight_decay": "AdamW weight decay (matrices only)", "clip": "global gradient-norm clip (0: off)",
+    "loss": "kl | rkl | jsd", "temperature": "softmax temperature of the KD loss",
+    "alpha": "weight of the hard-label CE: alpha CE + (1 - alpha) KD", "beta": "JSD mixture weight",
+    "top_k": "keep only the teacher's k largest logits",
+    "chunk_tokens": "tokens per [chunk, vocab] logits slab (lower it if memory runs out)",
+    "checkpoint_activations": "recompute block activations in the backward (less memory)",
+    "eval_every": "held-out evaluation every N steps", "eval_batches": "held-out batches per evaluation",
+    "save_every": "checkpoint every N steps", "seed": "data order and initialisation seed",
+    "truncate_vocab": "allow a teacher/student vocabulary mismatch by cutting both to the smaller",
+    "heldout": "share of the data files held out for evaluation",
+    "teacher_backend": "auto | native | dense | dequant-f32 | dequant-bf16 | dequant-f16",
+}
+
+
+def _flag_type(f):
+    """argparse type of a DistillConfig field, from its annotation ("int | None" -> int)."""
+    if f.name == "student_layers":
+        from ..train.loop import parse_layers
+
+        return parse_layers
+    for name, kind in (("float", float), ("int", int), ("str", str)):
+        if str(f.type).startswith(name):
+            return kind
+    raise TypeError(f"no flag type for DistillConfig.{f.name}: {f.type}")
+
+
+def add_config_arguments(p) -> None:
+    """One flag per DistillConfig field, default None (= not given: the config file or default decides)."""
+    from ..train.loop import DistillConfig
+
+    for f in dataclasses.fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELPS.get(f.name))
+        else:
+            p.add_argument(flag, type=_flag_type(f), default=None, metavar=f.name.split("_")[-1].upper(),
+                           help=HELPS.get(f.name))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", metavar="FILE", help="JSON file with the same settings (flags override it)")
+    add_config_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args):
+    from ..train.loop import DistillConfig, load_config_file
+
+    settings = load_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(DistillConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            settings[f.name] = value
+    if "student_layers" in settings:
+        from ..train.loop import parse_layers
+
+        settings["student_layers"] = parse_layers(settings["student_layers"])
+    return DistillConfig.from_dict(settings, source=args.config or "flags")
+
+
+def finish(summary) -> int:
+    """Print what was learned; exit status 130 after Ctrl-C (the checkpoint is saved)."""
+    import sys
+
+    from ..train.loop import summary_table
+
+    print(summary_table(summary["evals"]))
+    if summary["interrupted"]:
+        print(f"q4kdistill: interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']}; "
+              "run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    print(f"checkpoint: {summary['checkpoint']} (export it: q4kdistill export --checkpoint "
+          f"{summary['checkpoint']} --out student.gguf --type q4_k)")
+    return 0
+
+
+def run(args) -> int:
+    from ..train.loop import distill
+
+    return finish(distill(config_from_args(args), resume=args.resume, progress=not args.no_progress))

@@ -1,0 +1,65 @@
+"""`q4kdistill plan`: will a run fit? GPU bytes predicted from the teacher's header alone."""
+from __future__ import annotations
+
+NAME = "plan"
+HELP = "predict the GPU memory of a teacher forward and a distillation step from the file header"
+
+
+def add_student_arguments(p, checkpoint: bool) -> None:
+    """--student / --student-params / --chunk-tokens / --checkpoint-activations (shared with
+    reproduce-memory; ``checkpoint`` is the default)."""
+    import argparse
+
+    from ..train.loop import DistillConfig
+
+    p.add_argument("--student", metavar="SPEC", default=None,
+                   help="'layers=0,9,18,27' (teacher blocks, as distill's --student-layers: 'layers=5' is the one "
+                        "block 5), 'n_layers=4' (that many blocks of the teacher's widths; the default), or "
+                        "'d_model=896,n_layers=24,d_ff=4864,n_heads=14,n_kv_heads=2[,tied=1]'")
+    p.add_argument("--student-params", type=float, metavar="N", default=None,
+                   help="a qwen2-like student of about N parameters with the teacher's vocabulary (e.g. 0.5e9)")
+    p.add_argument("--chunk-tokens", type=int, default=DistillConfig.chunk_tokens, metavar="C",
+                   help="tokens per [C, vocab] logits chunk of the LM head and loss (default: distill's, %(default)s)")
+    p.add_argument("--checkpoint-activations", dest="checkpoint", action=argparse.BooleanOptionalAction,
+                   default=checkpoint, help="recompute each block's activations in the backward instead of "
+                                            "keeping them (default: %(default)s)")
+
+
+def student_spec(args):
+    """The student spec string from --student / --student-params."""
+    from ..errors import Q4KError
+
+    if args.student and args.student_params:
+        raise Q4KError("give --student or --student-params, not both")
+    return f"params={args.student_params}" if args.student_params else (args.student or "n_layers=4")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--teacher", required=True, metavar="FILE|MANIFEST",
+                   help="teacher GGUF (a truncated one is fine: only the header is read), APR, or manifest JSON")
+    p.add_argument("--batch", type=int, default=1, metavar="B")
+    p.add_argument("--seq", type=int, default=512, metavar="T")
+    p.add_argument("--teacher-backend", default="native", choices=("native", "dequant-f32", "dequant-bf16"))
+    add_student_arguments(p, checkpoint=False)         # distill's defaults
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    from ..memory import planner
+
+    plan = planner.make_plan(args.teacher, args.batch, args.seq, student_spec(args), chunk_tokens=args.chunk_tokens,
+                             checkpoint=args.checkpoint, teacher_backend=args.teacher_backend)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+        return 0
+    s = plan.student["config"]
+    print(f"teacher {plan.teacher['source']} ({plan.teacher['architecture']}, {plan.teacher['tensor_count']} tensors, "
+          f"{plan.teacher['total_tensor_bytes']:,} bytes)")
+    print(f"student {plan.student['n_params']:,} params: d_model {s['d_model']}, {s['n_layers']} layers, "
+          f"d_ff {s['d_ff']}, {s['n_heads']}/{s['n_kv_heads']} heads")
+    print(f"batch {plan.batch} x seq {plan.seq}, chunk {plan.chunk_tokens} tokens, "
+          f"checkpointing {'on' if plan.checkpoint else 'off'}\n")
+    print(plan.table())
+    return 0

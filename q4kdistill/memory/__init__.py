@@ -1,0 +1,2 @@
+"""GPU memory: the byte meter, the planner (predictions from the file header), and the reproduction
+experiment that measures one against the other."""

@@ -1,0 +1,504 @@
+"""Memory planner: GPU bytes of a distillation run, predicted from the teacher's header alone.
+
+    plan = make_plan("teacher.gguf" | "x.manifest.json", batch=8, seq=512, student="params=0.5e9")
+    plan.teacher_resident_bytes      {"native": ..., "dequant-f32": ..., "dequant-bf16": ...}
+    plan.teacher_forward_peak_bytes  resident + the forward's largest stage at B x T
+    plan.distill_step_peak_bytes     teacher + student state + the step's largest stage
+    plan.rows                        every number with what it counts (docs/memory.md has the table)
+
+A *stage* is a point of the code where the most buffers are alive at once: the buffers are
+listed below with their shapes, as teacher.py / teacher_forward.py / kernels / student.py /
+losses.py / optim.py allocate them on CuPy (which, unlike NumPy, never elides a temporary and
+copies a non-contiguous operand of a batched matmul). A working set is its largest stage.
+Pool rounding (512-byte blocks) is below 0.1 % and left out.
+
+Shapes: N = B*T tokens, D d_model, Q = heads*head_dim, KV = kv_heads*head_dim, F d_ff, V vocab,
+S = one float32 [B, heads, T, T] score tensor, U = one float32 [C, V] logits chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from ..config import ModelConfig
+from ..errors import Q4KError
+from ..student.spec import count_params, parse_student_spec, student_config  # noqa: F401 (part of the planner's API)
+
+if TYPE_CHECKING:
+    from ..formats.model_file import ModelFile
+
+F32 = 4
+BACKENDS = ("native", "dequant-f32", "dequant-bf16")
+
+
+# -- the teacher file --------------------------------------------------------------------------
+
+def open_teacher(source) -> ModelFile:
+    """Header only: a GGUF (a truncated one too), an APR file, a manifest JSON or dict; a
+    ModelFile is taken as it is."""
+    from ..formats.model_file import ModelFile
+
+    return source if isinstance(source, ModelFile) else ModelFile.open(source, header_only=True)
+
+
+# -- the teacher's weights: resident and while loading (teacher.upload, teacher.decode_weight) -----
+
+def kept_bytes(t, backend: str) -> int:
+    """Bytes Teacher.load keeps for tensor ``t``: vectors (norms, biases) always as float32;
+    matrices as stored (native), or decoded to float32 / bfloat16 bits."""
+    if len(t.shape) == 1:
+        return F32 * t.n_elements
+    return {"native": t.nbytes, "dequant-f32": F32 * t.n_elements, "dequant-bf16": 2 * t.n_elements}[backend]
+
+
+def teacher_resident(tensors) -> dict:
+    """{backend: bytes Teacher.load keeps} for each of BACKENDS (inspect reports these too)."""
+    tensors = list(tensors)
+    return {b: sum(kept_bytes(t, b) for t in tensors) for b in BACKENDS}
+
+
+def row_padding(rows: int, row_bytes: int) -> int:
+    """kernels.weights.device_views copies rows whose length is not a multiple of 4 bytes into a
+    padded buffer for every kernel call (odd numbers of Q6_K / Q8_0 / Q5_0 blocks)."""
+    return rows * -(-row_bytes // 4) * 4 if row_bytes % 4 else 0
+
+
+def load_bytes(t, backend: str) -> int:
+    """Bytes alive for tensor ``t`` at the fullest moment of its Teacher.load step, its kept
+    result included:
+      native, vectors   what is kept (uploaded as stored; vectors converted on the host)
+      quantized matrix  the uploaded blocks (and their padded copy) + kernels.dequantize_to's
+                        result, decoded straight to float32 / bfloat16 bits
+      float matrix      the uploaded tensor + dense_f32's float32 copy (none for F32; BF16's
+                        upcast holds 8 bytes/element at its fullest) + astype's float32 result,
+                        or f32_to_bf16's three uint32 temporaries alive at once (12 bytes/element)"""
+    if backend == "native" or len(t.shape) == 1:
+        return kept_bytes(t, backend)
+    n = t.n_elements
+    if t.quantized:
+        return t.nbytes + row_padding(t.shape[0], t.nbytes // t.shape[0]) + kept_bytes(t, backend)
+    return t.nbytes + (0 if t.type_name == "F32" else F32 * n) + (F32 * n if backend == "dequant-f32" else 3 * F32 * n)
+
+
+def teacher_load_peak(tensors, backend: str) -> int:
+    """Peak while Teacher.load uploads and decodes tensor after tensor in file order."""
+    peak = kept = 0
+    for t in tensors:
+        peak = max(peak, kept + load_bytes(t, backend))
+        kept += kept_bytes(t, backend)
+    return max(peak, kept)
+
+
+# -- one product (teacher_forward.linear / lm_head -> kernels.matmul) -----------------------------
+
+def _variant(type_name: str, M: int, N: int, K: int):
+    """The kernels.matmul variant a GPU would run (this card's tuning table, else the default)."""
+    import kernels
+
+    return kernels.get(kernels.choose(type_name, M, N, K, on_gpu=True))
+
+
+def _scratch_dtype(variant) -> str | None:
+    """The dtype of the kernels.scratch buffer this variant decodes its weight into, or None."""
+    from kernels.scratch import dequant_matmul
+
+    return variant.params.get("dtype", "float16") if variant.fn is dequant_matmul else None
+
+
+class Matrix:
+    """A weight as the teacher holds it: rows x K, in ``kind`` (a quant type name, F32, F16, BF16)."""
+
+    def __init__(self, t, backend: str, rows: int | None = None):
+        self.rows, self.K = (rows or t.shape[0]), t.shape[1]
+        self.kind = t.type_name if backend == "native" else {"dequant-f32": "F32", "dequant-bf16": "BF16"}[backend]
+        self.quantized = backend == "native" and t.quantized
+        self.row_bytes = t.nbytes // t.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.rows * self.K
+
+    def scratch(self, M: int) -> tuple:
+        """(dtype, bytes) of the decode scratch a product at M rows needs, or (None, 0)."""
+        import numpy as np
+
+        dtype = _scratch_dtype(_variant(self.kind, M, self.rows, self.K)) if self.quantized else None
+        return (dtype, self.n * np.dtype(dtype).itemsize) if dtype else (None, 0)
+
+    def linear(self, M: int, out_bytes: int, replaced_scratch: int = 0) -> int:
+        """Bytes of one teacher_forward.linear at its fullest, its output included (not x, not the
+        decode scratch), at M activation rows:
+          quantized  the output + the largest of: the scratch buffer being replaced when this
+                     product grows it (kernels.scratch.scratch keeps the old one bound while it
+                     allocates the new one), the padded copy kernels.weights.device_views makes of
+                     rows not a multiple of 4 bytes (alive while the kernel reads or decodes the
+                     weight), and x in fp16 [M, K] (decode-to-fp16-scratch variants, during GemmEx)
+          F32        the output
+          F16        the output + x in fp16 (cuBLAS GemmEx)
+          BF16       bf16_to_f32: astype(uint32) and << 16 alive at once (8 bytes/element), then
+                     the float32 matrix (4) and the output"""
+        if self.kind == "BF16":
+            return max(2 * F32 * self.n, F32 * self.n + out_bytes)
+        if not self.quantized:
+            return out_bytes + (2 * M * self.K if self.kind == "F16" else 0)
+        x16 = 2 * M * self.K if self.scratch(M)[0] == "float16" else 0
+        return out_bytes + max(replaced_scratch, x16, row_padding(self.rows, self.row_bytes))
+
+
+def decode_scratch(uses) -> int:
+    """kernels.scratch keeps one buffer per dtype, grown to the largest matrix a decode-to-scratch
+    variant decoded and held until kernels.release_scratch(). uses: [(Matrix, M)]."""
+    sizes = {}
+    for m, M in uses:
+        dtype, nbytes = m.scratch(M)
+        if dtype:
+            sizes[dtype] = max(sizes.get(dtype, 0), nbytes)
+    return sum(sizes.values())
+
+
+# -- the teacher's forward (teacher_forward.hidden_states, lm_head; Teacher.iter_logits / logits_fn) --
+
+# Temporaries of ops.glu's activation, in [N, F] float32 units, counted from glu.py's expressions:
+#   forward   besides gate and up       silu: 0.5*x and tanh(..), then s and x*s: 2
+#                                       gelu_tanh: t, 0.5*x, 1+t and their product: 4
+#   backward  besides the cache and dm  silu: s, a, then (1-s), x*(1-s), 1+.., s*(..) two at a time: 4
+#                                       gelu_tanh: t, y, 0.5*(1+t) and the long product's two operands + result: 6
+ACT_TEMPS = {"silu": (2, 4), "gelu_tanh": (4, 6)}
+
+
+def _sizes(cfg: ModelConfig, B: int, T: int) -> dict:
+    N = B * T
+    return dict(N=N, ND=N * cfg.d_model * F32, NQ=N * cfg.q_dim * F32, NKV=N * cfg.kv_dim * F32,
+                NF=N * cfg.d_ff * F32, S=B * cfg.n_heads * T * T * F32,
+                rope=8 * T * cfg.head_dim * len({cfg.layer_rope_base(i) for i in range(cfg.n_layers)}))
+
+
+def _head(info: ModelFile):
+    return info.tensors["token_embd.weight" if info.config.tied_output else "output.weight"]
+
+
+def head_matrix(info: ModelFile, backend: str) -> Matrix:
+    """The weight one lm_head product multiplies: a HEAD_ROWS-row slab of a quantized head, else all of it."""
+    from ..teacher.forward import HEAD_ROWS
+
+    t = _head(info)
+    whole = Matrix(t, backend)
+    return Matrix(t, backend, rows=HEAD_ROWS) if whole.quantized and whole.rows > HEAD_ROWS else whole
+
+
+def lm_head_bytes(info: ModelFile, backend: str, n: int, replaced_scratch: int = 0) -> dict:
+    """teacher_forward.lm_head for n tokens at its fullest, besides h and the decode scratch: a
+    quantized head above HEAD_ROWS rows fills an [n, V] output slab by slab (one slab's product
+    and its x_fp16 at a time); any other head is one linear(). replaced_scratch: the trunk's
+    scratch buffer, when the head's product grows it (the first forward)."""
+    V, w = _head(info).shape[0], head_matrix(info, backend)
+    if w.rows == V:
+        return dict(logits=w.linear(n, n * V * F32, replaced_scratch))
+    return dict(logits=n * V * F32, slab_product=w.linear(n, n * w.rows * F32, replaced_scratch))
+
+
+def teacher_scratch(info: ModelFile, backend: str, N: int, C: int) -> tuple:
+    """(after the blocks, after the head too): the decode scratch a forward at N tokens with
+    head chunks of C tokens leaves behind (native only)."""
+    if backend != "native":
+        return 0, 0
+    trunk = [(Matrix(t, backend), N) for n, t in info.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    return decode_scratch(trunk), decode_scratch(trunk + [(head_matrix(info, backend), min(C, N))])
+
+
+def _chunks(N: int, C: int) -> list:
+    """(tokens of a chunk, tokens of the chunk before it) for the first chunk and, when there are
+    more, for the fullest later one (a middle chunk, or the last)."""
+    first = [(min(C, N), 0)]
+    if N <= C:
+        return first
+    return first + [(C if N > 2 * C else N - C, C)]
+
+
+def teacher_trunk_stages(info: ModelFile, B: int, T: int, backend: str, scratch: int) -> dict:
+    """hidden_states at its fullest moments in a block; each holds the decode scratch and rope tables:
+      attention    attention_forward at the exp: x, h, roped q, k, v, grouped q, scores, masked,
+                   shifted, probs, the causal mask
+      attn_output  its product: x, h, roped q, k, v, o, and the grouped q and probs that the
+                   dropped attention cache (bound to `_`) still holds
+      ffn          the GLU's activation: x, h, gate, up and the activation's temporaries
+      ffn_down     its product: x, h, gate, up and the GLU output (the cache bound to `_` keeps
+                   gate and up)"""
+    cfg, s = info.config, _sizes(info.config, B, T)
+    N, act_temps = s["N"], ACT_TEMPS[cfg.act][0]
+    w = {n: Matrix(info.tensors[f"blk.0.{n}.weight"], backend) for n in ("attn_output", "ffn_down")}
+    common = dict(decode_scratch=scratch, rope_tables=s["rope"], x_and_normed=2 * s["ND"])
+    return {
+        "attention": dict(common, q_and_grouped_q=2 * s["NQ"], k_and_v=2 * s["NKV"],
+                          scores_masked_shifted_probs=4 * s["S"], causal_mask=T * T),
+        "attn_output": dict(common, q_grouped_q_and_o=3 * s["NQ"], k_and_v=2 * s["NKV"], probs=s["S"],
+                            product=w["attn_output"].linear(N, s["ND"])),
+        "ffn": dict(common, gate_and_up=2 * s["NF"], act_temps=act_temps * s["NF"]),
+        "ffn_down": dict(common, gate_up_and_glu=3 * s["NF"], product=w["ffn_down"].linear(N, s["ND"])),
+    }
+
+
+def teacher_head_stages(info: ModelFile, B: int, T: int, backend: str, C: int, scratch: tuple) -> dict:
+    """Teacher.iter_logits: the decode scratch, the final hidden [N, D], the chunk the caller's
+    loop variable still holds (from the second chunk on) and lm_head for the current chunk.
+    scratch: (after the blocks, after the head) of a first forward; the first chunk's product
+    grows the buffer when the head's matrix is the largest."""
+    ND, V = B * T * info.config.d_model * F32, _head(info).shape[0]
+    trunk, full = scratch
+    return {f"head ({n} tokens{f' after {p}' if p else ''})":
+            dict(decode_scratch=full, final_hidden=ND, previous_chunk=p * V * F32,
+                 **lm_head_bytes(info, backend, n, trunk if full > trunk and not p else 0))
+            for n, p in _chunks(B * T, C)}
+
+
+def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: str) -> dict:
+    """Every stage of a first teacher forward (Teacher.iter_logits at B x T, head chunks of ``head_chunk``)."""
+    scratch = teacher_scratch(info, backend, B * T, head_chunk)
+    return {**teacher_trunk_stages(info, B, T, backend, scratch[0]),
+            **teacher_head_stages(info, B, T, backend, head_chunk, scratch)}
+
+
+# -- the student (student.py, losses.py, optim.py) -------------------------------------------------
+
+def block_cache_bytes(cfg: ModelConfig, B: int, T: int) -> dict:
+    """What block_forward's cache keeps for the backward (the block's input x included)."""
+    s = _sizes(cfg, B, T)
+    return dict(input_normed_mid_normed2=4 * s["ND"], grouped_q_and_attn_out=2 * s["NQ"], k_and_v=2 * s["NKV"],
+                probs=s["S"], gate_up_glu=3 * s["NF"],
+                prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
+                prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
+
+
+def block_forward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
+    """block_forward at its fullest moments, the block's input x included:
+      attention  attention_forward at the exp: x, h, roped q, k, v, grouped q, scores, masked,
+                 shifted, probs, the causal mask (+ the q/k norms' inputs)
+      ffn        the GLU's activation: the attention half's cache, the roped q and attention output
+                 (locals still bound), x2, h2, gate, up and the activation's temporaries
+      end        x + f: the whole cache, the roped q, a, f and the new x"""
+    s, cache = _sizes(cfg, B, T), block_cache_bytes(cfg, B, T)
+    ND, NQ, NKV, NF, S = (s[k] for k in ("ND", "NQ", "NKV", "NF", "S"))
+    attn_cache = 2 * ND + 2 * NQ + 2 * NKV + S + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
+    return {
+        "attention": dict(input_and_normed=2 * ND, roped_q_k_and_v=NQ + 2 * NKV, grouped_q=NQ,
+                          scores_masked_shifted_probs=4 * S, causal_mask=T * T, prenorm_q_k=cache["prenorm_q_k"]),
+        "ffn": dict(attention_cache=attn_cache, roped_q_and_attn_out=NQ + ND, mid_and_normed2=2 * ND,
+                    gate_and_up=2 * NF, act_temps=ACT_TEMPS[cfg.act][0] * NF),
+        "end": dict(cache=sum(cache.values()), roped_q_attn_out_ffn_out_and_new_x=NQ + 3 * ND),
+    }
+
+
+def block_backward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
+    """block_backward at its fullest moments, besides the block's cache and the incoming grad dx:
+      ffn        glu_backward: (the post-FFN norm's grad,) d(GLU output) and the activation-grad temporaries
+      attention  attention_backward at ds^T @ qg: dx after the FFN half (+ the post-attention norm's
+                 grad), do, its grouped copy, dq, dv, the new dk, dp, ds and CuPy's contiguous copy of
+                 ds^T (a batched matmul copies a non-contiguous operand)"""
+    s = _sizes(cfg, B, T)
+    post = s["ND"] if cfg.post_norms else 0
+    return {
+        "ffn": dict(post_norm_grad=post, glu_out_grad=s["NF"], act_grad_temps=ACT_TEMPS[cfg.act][1] * s["NF"]),
+        "attention": dict(mid_grad=s["ND"], post_norm_grad=post, do_grouped_do_dq=3 * s["NQ"], dv_dk=2 * s["NKV"],
+                          dp_ds_and_ds_t_copy=3 * s["S"]),
+    }
+
+
+def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head) -> dict:
+    """Student._head_backward, chunk by chunk (U(n) = n x V float32; teacher_head(n): the
+    teacher's lm_head buffers for n tokens):
+      loss       losses.chunk_loss (kind kl, alpha 0): s, t, ds, both log-softmaxes, q, p and
+                 _plogp_diff's mask (bool), difference and where-result: 9.25 U
+      teacher    s and the teacher's lm_head for the chunk
+      new s      linear_forward makes s while the previous chunk's s is still bound
+      backward   linear_backward: s, ds, dx [n, D] and the head's dW [V, D]
+    From the second chunk on, the previous chunk's ds (until chunk_loss returns) and dW (until
+    linear_backward returns) are still bound."""
+    V, D = cfg.vocab_size, cfg.d_model
+    W = V * D * F32
+    stages = {}
+    for n, p in _chunks(N, C):
+        U, later = n * V * F32, (f" after {p}" if p else "")
+        held = dict(previous_ds=p * V * F32, previous_dW=W if p else 0)
+        stages[f"loss ({n} tokens{later})"] = dict(held, logits_and_teacher=2 * U, ds=U, log_softmaxes=2 * U,
+                                                   q_and_p=2 * U, mask_difference_where=int(2.25 * U))
+        stages[f"teacher head ({n} tokens{later})"] = dict(held, logits=U, **{f"teacher_{k}": v for k, v in teacher_head(n).items()})
+        if p:
+            stages[f"new logits ({n} tokens{later})"] = dict(held, previous_logits=p * V * F32, logits=U)
+        stages[f"head backward ({n} tokens{later})"] = dict(previous_dW=held["previous_dW"], logits_and_ds=2 * U,
+                                                            dx=n * D * F32, dW=W)
+    return stages
+
+
+def _largest(stages: dict) -> tuple:
+    """(name, buffers) of the stage holding the most bytes."""
+    name = max(stages, key=lambda k: sum(stages[k].values()))
+    return name, stages[name]
+
+
+def _stage_text(name, bufs) -> str:
+    return f"stage '{name}': " + ", ".join(k for k, v in bufs.items() if v)
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    name: str
+    predicted_bytes: int
+    counts: str                 # what the row counts
+    measured: bool = False      # reproduce-memory measures this row
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    teacher: dict
+    student: dict
+    batch: int
+    seq: int
+    chunk_tokens: int           # student LM head + loss (and the teacher's chunks inside a step)
+    teacher_chunk_tokens: int   # Teacher.iter_logits in a plain teacher forward
+    checkpoint: bool
+    teacher_backend: str
+    rows: list = field(default_factory=list)
+
+    def add(self, name, predicted_bytes, counts, measured=False) -> int:
+        self.rows.append(Row(name, int(predicted_bytes), counts, measured))
+        return int(predicted_bytes)
+
+    def row(self, name) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def teacher_resident_bytes(self) -> dict:
+        return {b: self.row(f"teacher resident ({b})").predicted_bytes for b in BACKENDS}
+
+    @property
+    def teacher_forward_peak_bytes(self) -> int:
+        return self.row(f"teacher forward peak ({self.teacher_backend})").predicted_bytes
+
+    @property
+    def distill_step_peak_bytes(self) -> int:
+        return self.row("distill step peak").predicted_bytes
+
+    def to_json(self) -> dict:
+        return {"teacher": self.teacher, "student": self.student, "batch": self.batch, "seq": self.seq,
+                "chunk_tokens": self.chunk_tokens, "teacher_chunk_tokens": self.teacher_chunk_tokens,
+                "checkpoint": self.checkpoint, "teacher_backend": self.teacher_backend,
+                "teacher_resident_bytes": self.teacher_resident_bytes,
+                "teacher_forward_peak_bytes": self.teacher_forward_peak_bytes,
+                "distill_step_peak_bytes": self.distill_step_peak_bytes,
+                "rows": [r.to_dict() for r in self.rows]}
+
+    def table(self) -> str:
+        width = max(len(r.name) for r in self.rows)
+        lines = [f"{'row':<{width}}  {'predicted':>12}  counts"]
+        lines += [f"{r.name:<{width}}  {r.predicted_bytes / 1e9:>9.3f} GB  {r.counts}" for r in self.rows]
+        return "\n".join(lines)
+
+
+def make_plan(teacher, batch: int, seq: int, student=None, *,
+              chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
+              checkpoint: bool = True, teacher_backend: str = "native") -> Plan:
+    """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
+    dict (see parse_student_spec), or a list of teacher block numbers such as distill's
+    student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
+    ('n_layers=4', as distill's default student). chunk_tokens None: the student's own choice."""
+    from ..student.model import chunk_size
+    from ..teacher.model import DEFAULT_CHUNK_TOKENS
+
+    if min(batch, seq, chunk_tokens or 1, teacher_chunk_tokens or 1) < 1:
+        raise Q4KError(f"batch, seq and chunk tokens must be >= 1 (got {batch}, {seq}, {chunk_tokens})")
+    if teacher_backend not in BACKENDS:
+        raise Q4KError(f"teacher backend {teacher_backend!r}: expected one of {', '.join(BACKENDS)}")
+    info = open_teacher(teacher)
+    spec = parse_student_spec("n_layers=4" if student is None else student)
+    scfg = student_config(info.config, spec)
+    n_params = count_params(scfg)
+    plan = Plan(teacher={"source": info.path, "architecture": info.config.architecture,
+                         "tensor_count": len(info.tensors), "total_tensor_bytes": info.total_tensor_bytes,
+                         "n_elements": info.n_elements},
+                student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec},
+                batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
+                teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
+                teacher_backend=teacher_backend)
+    _add_teacher_rows(plan, info)
+    _add_step_rows(plan, info, scfg, n_params)
+    return plan
+
+
+def _add_teacher_rows(plan: Plan, info: ModelFile) -> None:
+    B, T, C = plan.batch, plan.seq, plan.teacher_chunk_tokens
+    resident = teacher_resident(info.tensors.values())
+    counts = {"native": "every matrix as stored (quantized blocks) + vectors as float32",
+              "dequant-f32": "4 bytes x every element", "dequant-bf16": "2 bytes x matrix elements + 4 x vector elements"}
+    for b in BACKENDS:
+        plan.add(f"teacher resident ({b})", resident[b], counts[b], measured=True)
+    for b in BACKENDS:
+        plan.add(f"teacher load peak ({b})", teacher_load_peak(info.tensors.values(), b),
+                 "resident so far + the tensor being loaded" + ("" if b == "native" else
+                 ": its uploaded blocks and its decoded result (kernels.dequantize_to)"), measured=True)
+    slab = head_matrix(info, "native").rows
+    plan.add("teacher decode scratch (native)", teacher_scratch(info, "native", B * T, C)[1],
+             "kernels' reusable decode buffers, kept after the forward: the largest matrix a decode-to-scratch "
+             f"product decoded (the LM head {f'in slabs of {slab} rows' if slab < _head(info).shape[0] else 'whole'})",
+             measured=True)
+    for b in BACKENDS:
+        name, bufs = _largest(teacher_stages(info, B, T, C, b))
+        work = plan.add(f"teacher forward working set ({b})", sum(bufs.values()), _stage_text(name, bufs))
+        plan.add(f"teacher forward peak ({b})", resident[b] + work,
+                 f"resident + working set: iter_logits at {B}x{T}, chunks of {C} tokens", measured=True)
+
+
+def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int) -> None:
+    """Teacher trunk (logits_fn), then loss_and_grads, then AdamW.step, as reproduce-memory runs
+    them (distill.train_step also keeps the teacher's hidden [N, D] through AdamW.step)."""
+    B, T, b, L = plan.batch, plan.seq, plan.teacher_backend, cfg.n_layers
+    s, N = _sizes(cfg, B, T), B * T
+    ND = s["ND"]
+    params = plan.add("student params", F32 * n_params, f"{n_params:,} float32 parameters (one flat buffer)")
+    grads = plan.add("student grads", F32 * n_params, "the flat float32 grad buffer")
+    adam = plan.add("AdamW m and v", 2 * F32 * n_params, "two float32 moments per parameter")
+    base = plan.row(f"teacher resident ({b})").predicted_bytes + params + grads + adam
+    plan.add("student state", params + grads + adam, "params + grads + AdamW m and v")
+
+    scratch = teacher_scratch(info, b, N, plan.chunk_tokens)[1]      # the head's slabs run inside the loss
+    name, bufs = _largest(teacher_trunk_stages(info, B, T, b, scratch))
+    plan.add("distill: teacher trunk peak", base + sum(bufs.values()),
+             f"teacher + student state + teacher {_stage_text(name, bufs)}", measured=True)
+
+    cache = sum(block_cache_bytes(cfg, B, T).values())
+    plan.add("student activations (checkpointing on)", (L + 1) * ND + cache,
+             "each block's input [N, D] + the final norm's input + one block's cache, recomputed in the backward")
+    plan.add("student activations (checkpointing off)", L * cache + ND,
+             "every block's cache (" + ", ".join(k for k, v in block_cache_bytes(cfg, B, T).items() if v)
+             + ") + the final norm's input")
+    loss_name, loss = _largest(loss_stages(cfg, N, plan.chunk_tokens, lambda n: lm_head_bytes(info, b, n)))
+    loss = plan.add("loss chunk working set", sum(loss.values()),
+                    f"Student._head_backward over chunks of {plan.chunk_tokens} tokens: {_stage_text(loss_name, loss)}")
+    (fwd_name, fwd), (bwd_name, bwd) = (_largest(f(cfg, B, T)) for f in (block_forward_stages, block_backward_stages))
+    fwd, bwd = sum(fwd.values()), sum(bwd.values())
+    if plan.checkpoint:     # saved: each block's input; then the final norm's input, h and dh; dx in the backward
+        moments = {f"block forward ({fwd_name}; earlier inputs, the previous block's cache)":
+                   (L - 1) * ND + (cache - ND if L > 1 else 0) + fwd,
+                   "LM head + loss (inputs, final norm's input, h, dh)": (L + 3) * ND + loss,
+                   f"block recompute ({fwd_name}; inputs, h, dh, dx)": (L + 3) * ND + fwd,
+                   f"block backward ({bwd_name}; inputs, h, dh, dx, the recomputed cache)": (L + 3) * ND + cache + bwd}
+    else:
+        moments = {f"block forward ({fwd_name}; earlier caches)": (L - 1) * cache + fwd,
+                   "LM head + loss (caches, final norm's input, h, dh)": L * cache + 3 * ND + loss,
+                   f"block backward ({bwd_name}; caches, h, dh, dx)": L * cache + 4 * ND + bwd}
+    where = max(moments, key=moments.get)
+    held = scratch + N * info.config.d_model * F32 + s["rope"]        # + logits_fn's hidden [N, D_teacher]
+    fb = plan.add("distill: student forward/backward peak", base + held + moments[where],
+                  f"teacher + student state + decode scratch + teacher hidden [N, D] + rope tables + {where}",
+                  measured=True)
+    opt = plan.add("distill: optimizer step peak", base + scratch, "teacher + student state + decode scratch "
+                   "(the fused AdamW kernel updates in place)", measured=True)
+    plan.add("distill step peak", max(plan.row("distill: teacher trunk peak").predicted_bytes, fb, opt),
+             "the largest of the three phases above", measured=True)

@@ -1,0 +1,216 @@
+"""Distillation losses over [n, V] logit chunks: value per token and exact d/d(student logits).
+
+Notation: s, t are student and teacher logits of one chunk [n, V]; T the temperature;
+q = softmax(s/T) (student), p = softmax(t/T) (teacher); every log-probability comes from a
+log-sum-exp, and terms with a zero probability are dropped (0 log 0 = 0), so huge logits and
+-inf masks give no NaN. Soft losses are scaled by T^2 (Hinton), so their gradients keep their
+size when T changes.
+
+  kind "kl"   forward KL(p || q)      = sum p (log p - log q)      d/dz = q - p
+  kind "rkl"  reverse KL(q || p)      = sum q (log q - log p)      d/dz = q (L - sum q L),  L = log q - log p
+  kind "jsd"  generalised JSD, m = beta p + (1 - beta) q:
+              beta KL(p || m) + (1 - beta) KL(q || m)               d/dz = (1-beta) q (L - sum q L),  L = log q - log m
+              The mixture form vanishes at both ends, so (as TRL's GKD trainer does)
+              beta = 0 is exactly forward KL(p || q) and beta = 1 exactly reverse KL(q || p).
+  (z = s/T, so d/ds = T^2 * d/dz / T = T * d/dz.)
+A teacher mask (-inf logit) where the student still has mass makes the reverse KL infinite in
+exact math; here log 0 is LOG_FLOOR = -1e30, so the loss is huge but finite and never NaN.
+
+Hard labels: CE of the next token (targets are input_ids shifted left; the last position and
+padding have none), at temperature 1. The total is alpha * CE + (1 - alpha) * KD, each a mean
+over its own tokens: KD over real tokens, CE over tokens that have a real next token.
+
+Top-k teacher (``top_k``): only the teacher's k largest logits are kept, renormalised over them.
+The student then is either
+  "restricted" (default): also renormalised over the same k tokens (works for every kind), or
+  "full": its full softmax over V (kind "kl" only: KL(p_k || q) = cross-entropy to the sparse
+          target minus its entropy; the other kinds would be infinite).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..backend import array_module
+from ..errors import Q4KError
+
+KINDS = ("kl", "rkl", "jsd")
+LOG_FLOOR = -1e30     # log(0) as a finite number: two masked log-probs then differ by 0, not NaN
+
+
+@dataclass
+class LossConfig:
+    kind: str = "kl"                  # "kl" | "rkl" | "jsd"
+    temperature: float = 1.0
+    alpha: float = 0.0                # weight of the hard-label CE: alpha * CE + (1 - alpha) * KD
+    beta: float = 0.5                 # JSD mixture weight (0: forward KL, 1: reverse KL)
+    top_k: int | None = None          # keep only the teacher's k largest logits
+    top_k_student: str = "restricted"  # "restricted" | "full" (kind "kl" only)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise Q4KError(f"loss kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+        if not self.temperature > 0:
+            raise Q4KError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise Q4KError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise Q4KError(f"beta must be in [0, 1], got {self.beta}")
+        if self.top_k is not None and self.top_k < 1:
+            raise Q4KError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k_student not in ("restricted", "full"):
+            raise Q4KError(f"top_k_student {self.top_k_student!r}: expected 'restricted' or 'full'")
+        if self.top_k is not None and self.top_k_student == "full" and self.effective_kind() != "kl":
+            raise Q4KError("top_k_student='full' needs the forward KL (kind 'kl', or 'jsd' with beta 0)")
+
+    def effective_kind(self) -> str:
+        """The kind actually computed ('jsd' with beta 0 or 1 is a plain KL)."""
+        if self.kind == "jsd" and self.beta in (0.0, 1.0):
+            return "kl" if self.beta == 0.0 else "rkl"
+        return self.kind
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- building blocks ---------------------------------------------------------------------------
+def log_softmax(z):
+    """Row log-softmax of z [n, V] by log-sum-exp; -inf entries (masks) come back as LOG_FLOOR."""
+    xp = array_module(z)
+    m = z.max(axis=-1, keepdims=True)
+    out = z - xp.where(xp.isfinite(m), m, 0.0)
+    out -= xp.log(xp.exp(out).sum(axis=-1, keepdims=True))
+    return xp.maximum(out, LOG_FLOOR, out=out)
+
+
+def _plogp_diff(p, a, b):
+    """sum over rows of p (a - b), dropping p == 0 terms (there a = log p is LOG_FLOOR)."""
+    xp = array_module(p)
+    return (p * xp.where(p > 0, a - b, 0.0)).sum(axis=-1)
+
+
+def _centered(q, L):
+    """q (L - sum q L): the softmax Jacobian applied to L, with q == 0 terms dropped."""
+    xp = array_module(q)
+    qL = q * xp.where(q > 0, L, 0.0)
+    return qL - q * qL.sum(axis=-1, keepdims=True)
+
+
+def soft_rows(lq, lp, kind, beta):
+    """Per-row soft loss and d/dz (z = student logits / T), from log-probs lq (student), lp (teacher)."""
+    xp = array_module(lq)
+    q, p = xp.exp(lq), xp.exp(lp)
+    if kind == "kl":
+        return _plogp_diff(p, lp, lq), q - p
+    if kind == "rkl":
+        return _plogp_diff(q, lq, lp), _centered(q, lq - lp)
+    lm = xp.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))   # log(beta p + (1-beta) q)
+    rows = beta * _plogp_diff(p, lp, lm) + (1.0 - beta) * _plogp_diff(q, lq, lm)
+    return rows, (1.0 - beta) * _centered(q, lq - lm)
+
+
+def _top_k_index(t, k):
+    """Column indices [n, k] of each row's k largest teacher logits."""
+    xp = array_module(t)
+    return xp.argpartition(t, t.shape[-1] - k, axis=-1)[:, -k:]
+
+
+def kd_rows(s, t, cfg: LossConfig):
+    """Soft loss per row [n] (times T^2) and d(rows)/ds [n, V], for s, t [n, V]."""
+    xp = array_module(s)
+    T = float(cfg.temperature)
+    kind = cfg.effective_kind()
+    if cfg.top_k is None or cfg.top_k >= s.shape[-1]:
+        rows, dz = soft_rows(log_softmax(s / T), log_softmax(t / T), kind, cfg.beta)
+        return T * T * rows, T * dz
+    idx = _top_k_index(t, cfg.top_k)                              # [n, k]
+    r = xp.arange(s.shape[0])[:, None]
+    lp = log_softmax(t[r, idx] / T)                               # teacher over its top k
+    if cfg.top_k_student == "full":
+        lq_full = log_softmax(s / T)
+        dz = xp.exp(lq_full)
+        dz[r, idx] -= xp.exp(lp)                                  # q - p, p zero off the top k
+        return T * T * _plogp_diff(xp.exp(lp), lp, lq_full[r, idx]), T * dz
+    rows, dz_k = soft_rows(log_softmax(s[r, idx] / T), lp, kind, cfg.beta)
+    ds = xp.zeros_like(s)
+    ds[r, idx] = dz_k
+    return T * T * rows, T * ds
+
+
+def ce_rows(s, targets, need_grad=True):
+    """Cross-entropy per row [n] and d(rows)/ds [n, V] (or None); rows with target < 0 give 0."""
+    xp = array_module(s)
+    has = targets >= 0
+    tgt = xp.where(has, targets, 0)
+    r = xp.arange(s.shape[0])
+    lq = log_softmax(s)
+    rows = xp.where(has, -lq[r, tgt], 0.0)
+    if not need_grad:
+        return rows, None
+    ds = xp.exp(lq)
+    ds[r, tgt] -= 1.0
+    ds *= has[:, None]
+    return rows, ds
+
+
+# -- what the student calls --------------------------------------------------------------------
+def token_weights(input_ids, attention_mask, cfg: LossConfig):
+    """Per-token targets and loss weights, flattened row-major over [B, T].
+
+    -> dict(targets [N] int (-1: none), kd_mask, ce_mask [N] bool, kd_weight, ce_weight [N],
+            n_kd, n_ce) with the weights already holding (1 - alpha)/n_kd and alpha/n_ce."""
+    xp = array_module(input_ids)
+    B, T = input_ids.shape
+    real = xp.ones((B, T), dtype=bool) if attention_mask is None else attention_mask.astype(bool)
+    has_next = xp.zeros((B, T), dtype=bool)
+    has_next[:, :-1] = real[:, :-1] & real[:, 1:]
+    targets = xp.full((B, T), -1, dtype=xp.int64)
+    targets[:, :-1] = input_ids[:, 1:]
+    targets = xp.where(has_next, targets, -1).reshape(-1)
+    kd_mask, ce_mask = real.reshape(-1), has_next.reshape(-1)
+    n_kd, n_ce = int(kd_mask.sum()), int(ce_mask.sum())
+    kd_w = kd_mask * ((1.0 - cfg.alpha) / max(n_kd, 1))
+    ce_w = ce_mask * (cfg.alpha / max(n_ce, 1))
+    return dict(targets=targets, kd_mask=kd_mask, ce_mask=ce_mask, kd_weight=kd_w, ce_weight=ce_w,
+                n_kd=n_kd, n_ce=n_ce)
+
+
+def chunk_loss(s, t, targets, kd_weight, ce_weight, cfg: LossConfig):
+    """One token chunk: s [n, V] student logits, t [n, V] teacher logits (None: CE only).
+
+    -> (kd_rows [n], ce_rows [n], ds [n, V]) where ds = d/ds sum(kd_weight kd_rows + ce_weight ce_rows)."""
+    xp = array_module(s)
+    ce, dce = ce_rows(s, targets, need_grad=cfg.alpha > 0)
+    ds = xp.zeros_like(s) if dce is None else dce * ce_weight[:, None].astype(s.dtype)
+    if t is None:
+        if cfg.alpha != 1.0:
+            raise Q4KError("no teacher logits: only the hard-label loss (alpha = 1) can be computed")
+        return xp.zeros_like(ce), ce, ds
+    kd, dkd = kd_rows(s, t.astype(s.dtype, copy=False), cfg)
+    ds += dkd * kd_weight[:, None].astype(s.dtype)
+    return kd, ce, ds
+
+
+def masked_sum(rows, mask):
+    """sum of rows where mask (padding rows may hold anything, even inf)."""
+    xp = array_module(rows)
+    return float(xp.where(mask, rows, 0.0).sum())
+
+
+def distill_loss(s, t, input_ids, attention_mask, cfg: LossConfig):
+    """Whole-batch form: s, t [B, T, V] -> (loss, ds [B, T, V], parts). See Student for the chunked one."""
+    B, T, V = s.shape
+    w = token_weights(input_ids, attention_mask, cfg)
+    kd, ce, ds = chunk_loss(s.reshape(-1, V), None if t is None else t.reshape(-1, V),
+                            w["targets"], w["kd_weight"], w["ce_weight"], cfg)
+    loss, parts = finish_parts(masked_sum(kd, w["kd_mask"]), masked_sum(ce, w["ce_mask"]), w, cfg)
+    return loss, ds.reshape(B, T, V), parts
+
+
+def finish_parts(kd_sum, ce_sum, w, cfg: LossConfig):
+    """(loss, parts) from the masked row sums of a whole batch."""
+    kd = kd_sum / max(w["n_kd"], 1)
+    ce = ce_sum / max(w["n_ce"], 1)
+    loss = cfg.alpha * ce + (1.0 - cfg.alpha) * kd
+    return loss, dict(loss=loss, kd=kd, ce=ce, tokens=w["n_kd"])

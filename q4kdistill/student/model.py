@@ -1,0 +1,311 @@
+"""The student transformer: forward and a hand-written backward, no autograd.
+
+Layouts (from ModelConfig), per block, with GGUF tensor names (blk.N. omitted):
+
+    h = rmsnorm(x, attn_norm)
+    q, k, v = h @ attn_q.T (+ bias), h @ attn_k.T (+ bias), h @ attn_v.T (+ bias)   [qwen2: biases]
+    q, k = rmsnorm(q, attn_q_norm), rmsnorm(k, attn_k_norm)     per head          [gemma3]
+    q, k = rope(q), rope(k)                                     layer's own base  [gemma3 swa layers]
+    a = attention(q, k, v, padding mask, layer's window) @ attn_output.T
+    a = rmsnorm(a, post_attention_norm)                                           [gemma3]
+    x = x + a
+    f = glu(h2 @ ffn_gate.T, h2 @ ffn_up.T) @ ffn_down.T,  h2 = rmsnorm(x, ffn_norm)
+    f = rmsnorm(f, post_ffw_norm)                                                 [gemma3]
+    x = x + f
+
+around them: x0 = token_embd[ids] * embed_scale, logits = rmsnorm(x, output_norm) @ W.T with
+W = output.weight, or token_embd.weight when tied.
+
+Parameters, grads: float32 (float64 in gradient checks) views of one flat buffer each (params.py),
+named and shaped by ModelConfig.tensor_shapes.
+Memory: ``checkpoint=True`` keeps only each block's input and recomputes the block in the
+backward; the LM head, the loss and their backward run over ``chunk_tokens`` tokens at a time,
+so [chunk, V] is the largest logits buffer.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from ..config import ModelConfig
+from ..errors import Q4KError
+from .losses import LossConfig, chunk_loss, finish_parts, masked_sum, token_weights
+from .ops import (attention_backward, attention_forward, embedding_backward, embedding_forward, glu_backward,
+                  glu_forward, linear_backward, linear_forward, rmsnorm_backward, rmsnorm_forward,
+                  rope_backward, rope_forward, rope_tables)
+from .params import FlatBuffer
+
+LOGITS_BUDGET = 2 ** 26   # default chunk: about this many logits (256 tokens at V = 262,144)
+
+
+def chunk_size(vocab_size: int, n_tokens: int, chunk_tokens: int | None = None) -> int:
+    """Tokens per LM-head/loss chunk: ``chunk_tokens``, else about LOGITS_BUDGET logits."""
+    return chunk_tokens or max(1, min(n_tokens, LOGITS_BUDGET // vocab_size))
+
+
+class _Batch:
+    """What every block of one batch shares: the padding mask and rope tables."""
+
+    def __init__(self, cfg, ids, attention_mask, xp):
+        self.B, self.T = ids.shape
+        self.key_mask = None if attention_mask is None else xp.asarray(attention_mask).astype(bool)
+        positions = xp.arange(self.T)
+        self.tables = {base: rope_tables(positions, cfg.head_dim, base, xp)
+                       for base in {cfg.layer_rope_base(i) for i in range(cfg.n_layers)}}
+
+
+# -- one block ---------------------------------------------------------------------------------
+# The cache of a block holds each norm's and linear's cache under its tensor's stem
+# ("ffn_down" for blk.N.ffn_down.weight), so the backward finds both by one name.
+
+def _norm(x, p, c, stem, eps):
+    y, c[stem] = rmsnorm_forward(x, p[f"{stem}.weight"], eps)
+    return y
+
+
+def _norm_backward(dy, c, g, stem):
+    """-> dx; adds the weight's grad into ``g``."""
+    dx, dw = rmsnorm_backward(dy, c[stem])
+    g[f"{stem}.weight"] += dw
+    return dx
+
+
+def _linear(x, p, c, stem):
+    y, c[stem] = linear_forward(x, p[f"{stem}.weight"], p.get(f"{stem}.bias"))
+    return y
+
+
+def _linear_backward(dy, c, g, stem):
+    """-> dx; adds the weight's (and the bias's, where there is one) grad into ``g``."""
+    dx, dw, db = linear_backward(dy, c[stem])
+    g[f"{stem}.weight"] += dw
+    if db is not None:
+        g[f"{stem}.bias"] += db
+    return dx
+
+
+def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
+    """x [B, T, D] -> (x [B, T, D], cache). ``p``: this block's params by short name."""
+    B, T, D = x.shape
+    eps, c = cfg.norm_eps, {}
+    h = _norm(x, p, c, "attn_norm", eps)
+    q, k, v = (_linear(h, p, c, f"attn_{n}").reshape(B, T, heads, cfg.head_dim)
+               for n, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)))
+    if cfg.qk_norm:
+        q, k = _norm(q, p, c, "attn_q_norm", eps), _norm(k, p, c, "attn_k_norm", eps)
+    cos, sin = batch.tables[cfg.layer_rope_base(layer)]
+    q, k = rope_forward(q, cos, sin, cfg.rope_style), rope_forward(k, cos, sin, cfg.rope_style)
+    o, c["attn"] = attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale)
+    a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output")
+    if cfg.post_norms:
+        a = _norm(a, p, c, "post_attention_norm", eps)
+    x = x + a
+    h = _norm(x, p, c, "ffn_norm", eps)
+    m, c["glu"] = glu_forward(_linear(h, p, c, "ffn_gate"), _linear(h, p, c, "ffn_up"), cfg.act)
+    f = _linear(m, p, c, "ffn_down")
+    if cfg.post_norms:
+        f = _norm(f, p, c, "post_ffw_norm", eps)
+    return x + f, c
+
+
+def _ffn_backward(cfg, dx, c, g):
+    """The FFN half: residual grad dx [B, T, D] -> its share through ffn_norm."""
+    df = _norm_backward(dx, c, g, "post_ffw_norm") if cfg.post_norms else dx
+    dgate, dup = glu_backward(_linear_backward(df, c, g, "ffn_down"), c["glu"])
+    dh = _linear_backward(dgate, c, g, "ffn_gate") + _linear_backward(dup, c, g, "ffn_up")
+    return _norm_backward(dh, c, g, "ffn_norm")
+
+
+def _attn_backward(cfg, layer, dx, c, g, batch):
+    """The attention half: residual grad dx [B, T, D] -> its share through attn_norm."""
+    B, T, D = dx.shape
+    da = _norm_backward(dx, c, g, "post_attention_norm") if cfg.post_norms else dx
+    do = _linear_backward(da, c, g, "attn_output")
+    dq, dk, dv = attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), c["attn"])
+    cos, sin = batch.tables[cfg.layer_rope_base(layer)]
+    dq, dk = rope_backward(dq, cos, sin, cfg.rope_style), rope_backward(dk, cos, sin, cfg.rope_style)
+    if cfg.qk_norm:
+        dq, dk = _norm_backward(dq, c, g, "attn_q_norm"), _norm_backward(dk, c, g, "attn_k_norm")
+    dh = 0
+    for n, d in (("q", dq), ("k", dk), ("v", dv)):
+        dh = dh + _linear_backward(d.reshape(B, T, -1), c, g, f"attn_{n}")
+    return _norm_backward(dh, c, g, "attn_norm")
+
+
+def block_backward(cfg: ModelConfig, layer: int, dx, cache, g: dict, batch: _Batch):
+    """dx [B, T, D] (grad of the block output) -> grad of the block input; adds into ``g``."""
+    dx = dx + _ffn_backward(cfg, dx, cache, g)
+    return dx + _attn_backward(cfg, layer, dx, cache, g, batch)
+
+
+# -- the model ---------------------------------------------------------------------------------
+class Student:
+    def __init__(self, config: ModelConfig, dtype=np.float32, xp=None, checkpoint=False, chunk_tokens=None):
+        if config.n_heads % config.n_kv_heads:
+            raise Q4KError(f"n_heads {config.n_heads} is not a multiple of n_kv_heads {config.n_kv_heads}")
+        self.config = config
+        self.xp = xp or backend.xp()
+        self.checkpoint = checkpoint
+        self.chunk_tokens = chunk_tokens
+        self.param_buffer = FlatBuffer(config.tensor_shapes(), self.xp, dtype)
+        self.grad_buffer = self.param_buffer.zeros_like()
+        self.params = self.param_buffer.views      # name -> view of the flat params
+        self.grads = self.grad_buffer.views        # name -> view of the flat grads
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed=0, **kw) -> "Student":
+        """Random init: N(0, 0.02) matrices, N(0, 0.02/sqrt(2 L)) output projections, ones for
+        norms, zeros for biases. Drawn on the host, so CPU and GPU students start equal."""
+        student = cls(config, **kw)
+        rng = np.random.default_rng(seed)
+        residual_std = 0.02 / math.sqrt(2 * max(config.n_layers, 1))
+        for name, view in student.params.items():
+            if name.endswith("norm.weight"):
+                view[...] = 1
+            elif name.endswith(".weight"):
+                std = residual_std if name.endswith(("attn_output.weight", "ffn_down.weight")) else 0.02
+                view[...] = student.xp.asarray(rng.standard_normal(view.shape, dtype=np.float32) * std)
+        return student
+
+    @classmethod
+    def from_teacher(cls, teacher, layers, **kw) -> "Student":
+        """Teacher's embedding, output, final norm and blocks ``layers`` (student block i = teacher
+        block layers[i]), decoded to float via ``teacher.weight_f32(name)``."""
+        tc = teacher.config
+        layers = [int(i) for i in layers]
+        if not layers or any(not 0 <= i < tc.n_layers for i in layers):
+            raise Q4KError(f"student layers {layers}: need teacher block indices in 0..{tc.n_layers - 1}")
+        config = tc.replace(n_layers=len(layers), swa_layers=[i for i, t in enumerate(layers) if t in tc.swa_layers])
+        student = cls(config, **kw)
+        for name, view in student.params.items():
+            src = name
+            if name.startswith("blk."):
+                _, i, rest = name.split(".", 2)
+                src = f"blk.{layers[int(i)]}.{rest}"
+            view[...] = student._to_device(teacher.weight_f32(src))
+        return student
+
+    def _to_device(self, a):
+        return backend.to_host(a) if self.xp is np else self.xp.asarray(a)
+
+    @property
+    def n_params(self) -> int:
+        return self.param_buffer.size
+
+    def block_params(self, layer: int, grads=False) -> dict:
+        """Short name (no 'blk.N.') -> view, for block ``layer``."""
+        src = self.grads if grads else self.params
+        prefix = f"blk.{layer}."
+        return {n[len(prefix):]: v for n, v in src.items() if n.startswith(prefix)}
+
+    def _head_weight(self, grads=False):
+        src = self.grads if grads else self.params
+        return src["token_embd.weight" if self.config.tied_output else "output.weight"]
+
+    def _chunk(self, n_tokens: int) -> int:
+        return chunk_size(self.config.vocab_size, n_tokens, self.chunk_tokens)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _trunk(self, ids, attention_mask, keep):
+        """ids [B, T] -> (final-normed hidden [B*T, D], saved per block, embedding and norm caches).
+
+        keep: "none" (inference), "inputs" (checkpointing) or "caches"."""
+        cfg, xp = self.config, self.xp
+        batch = _Batch(cfg, ids, attention_mask, xp)
+        x, emb_cache = embedding_forward(ids, self.params["token_embd.weight"])
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
+        saved = []
+        for layer in range(cfg.n_layers):
+            x_in = x
+            x, cache = block_forward(cfg, layer, self.block_params(layer), x, batch)
+            saved.append({"none": None, "inputs": x_in, "caches": cache}[keep])
+        h, norm_cache = rmsnorm_forward(x, self.params["output_norm.weight"], cfg.norm_eps)
+        return h.reshape(-1, cfg.d_model), (batch, saved, emb_cache, norm_cache)
+
+    def _ids(self, input_ids, attention_mask):
+        ids = self.xp.asarray(input_ids)
+        if ids.ndim != 2:
+            raise Q4KError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            raise Q4KError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(ids.shape)}")
+        return ids
+
+    def iter_logits(self, input_ids, attention_mask=None, chunk_tokens=None):
+        """Yields (start, stop, logits [stop - start, V]) over the row-major flattened B*T tokens."""
+        ids = self._ids(input_ids, attention_mask)
+        h, _ = self._trunk(ids, attention_mask, keep="none")
+        step = chunk_tokens or self._chunk(h.shape[0])
+        W = self._head_weight()
+        for start in range(0, h.shape[0], step):
+            stop = min(start + step, h.shape[0])
+            yield start, stop, h[start:stop] @ W.T
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids [B, T] -> logits [B, T, V] (the whole tensor: use iter_logits for big V)."""
+        B, T = self._ids(input_ids, attention_mask).shape
+        parts = [logits for _, _, logits in self.iter_logits(input_ids, attention_mask)]
+        return self.xp.concatenate(parts, axis=0).reshape(B, T, -1)
+
+    # -- loss and backward ---------------------------------------------------------------------
+    def loss_and_grads(self, input_ids, teacher_logits_or_fn, loss_cfg: LossConfig = None, attention_mask=None,
+                       accumulate=False):
+        """-> (loss, grads, parts). ``teacher_logits_or_fn``: [B, T, V] array, a callable
+        fn(start, stop) -> [stop - start, V] over the flattened tokens, or None (CE only, alpha 1).
+        grads: name -> view of the flat grad buffer (zeroed first unless ``accumulate``)."""
+        cfg, xp = self.config, self.xp
+        loss_cfg = loss_cfg or LossConfig()
+        ids = self._ids(input_ids, attention_mask)
+        if not accumulate:
+            self.grad_buffer.flat.fill(0)
+        h, (batch, saved, emb_cache, norm_cache) = self._trunk(
+            ids, attention_mask, keep="inputs" if self.checkpoint else "caches")
+        mask = None if attention_mask is None else xp.asarray(attention_mask)
+        w = token_weights(ids, mask, loss_cfg)
+        dh, kd_sum, ce_sum = self._head_backward(h, teacher_logits_or_fn, loss_cfg, w)
+        dx, dw = rmsnorm_backward(dh.reshape(batch.B, batch.T, -1), norm_cache)
+        self.grads["output_norm.weight"] += dw
+        for layer in reversed(range(cfg.n_layers)):
+            cache = saved[layer]
+            if self.checkpoint:
+                cache = block_forward(cfg, layer, self.block_params(layer), cache, batch)[1]
+            dx = block_backward(cfg, layer, dx, cache, self.block_params(layer, grads=True), batch)
+            saved[layer] = None
+        if cfg.embed_scale != 1.0:
+            dx = dx * cfg.embed_scale
+        embedding_backward(dx, emb_cache, out=self.grads["token_embd.weight"])
+        loss, parts = finish_parts(kd_sum, ce_sum, w, loss_cfg)
+        return loss, self.grads, parts
+
+    def _teacher_chunk(self, teacher, start, stop):
+        if teacher is None:
+            return None
+        if callable(teacher):
+            t = teacher(start, stop)
+        else:
+            t = teacher.reshape(-1, teacher.shape[-1])[start:stop]
+        if tuple(t.shape) != (stop - start, self.config.vocab_size):
+            raise Q4KError(f"teacher logits for tokens {start}:{stop} have shape {tuple(t.shape)}, "
+                           f"expected {(stop - start, self.config.vocab_size)} (same vocabulary as the student?)")
+        return self.xp.asarray(t)
+
+    def _head_backward(self, h, teacher, loss_cfg, w):
+        """LM head + loss + their backward, chunk by chunk. h [N, D] -> (dh [N, D], kd sum, ce sum)."""
+        W, gW = self._head_weight(), self._head_weight(grads=True)
+        dh = self.xp.empty_like(h)
+        kd_sum = ce_sum = 0.0
+        step = self._chunk(h.shape[0])
+        for start in range(0, h.shape[0], step):
+            stop = min(start + step, h.shape[0])
+            sl = slice(start, stop)
+            s, cache = linear_forward(h[sl], W)                             # [n, V]
+            kd, ce, ds = chunk_loss(s, self._teacher_chunk(teacher, start, stop), w["targets"][sl],
+                                    w["kd_weight"][sl], w["ce_weight"][sl], loss_cfg)
+            dh[sl], dW, _ = linear_backward(ds, cache)
+            gW += dW
+            kd_sum += masked_sum(kd, w["kd_mask"][sl])
+            ce_sum += masked_sum(ce, w["ce_mask"][sl])
+        return dh, kd_sum, ce_sum

@@ -1,0 +1,183 @@
+"""The teacher's forward pass, written once for NumPy and CuPy arrays.
+
+    x = embed(token_embd, ids) * embed_scale                      [B, T, D]
+    for each block:
+        x += post_attn_norm( attn_output( attention( rope(qk_norm(q)), rope(qk_norm(k)), v ) ) )
+        x += post_ffw_norm( ffn_down( act(ffn_gate(h)) * ffn_up(h) ) ),  h = ffn_norm(x)
+    h = output_norm(x)                                            [B, T, D]
+    logits = h @ head.T                                           [B*T, V]  (token chunks x vocab slabs)
+
+Weights stay as the file stores them (``Weight``). Every linear layer goes through ``linear``,
+which hands quantized weights to ``kernels.matmul`` (x [M, K] @ W.T, decoding blocks inside
+the product: no whole matrix is ever decoded and kept). The ops (``q4kdistill.student.ops``) are the
+student's, with their caches dropped. Each family's extras come from ``ModelConfig``
+(q/k norms, post norms, qkv biases, sliding windows with their own rope base, embedding scale).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kernels
+from gguf import GGMLQuantizationType as QT
+
+from ..backend import array_module
+from ..student.ops import attention_forward, embedding_forward, glu_forward, rmsnorm_forward, rope_forward, rope_tables
+
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+# LM head rows per product. A kernel that decodes its weight into a scratch buffer would
+# otherwise need the whole [V, D] head at once (the 7B's 152064 x 3584 head: 1.1 GB in fp16).
+HEAD_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor as it sits in memory.
+
+    data   quantized: uint8 [rows, row_bytes], the file's blocks
+           F32/F16:   float32/float16 of the logical shape
+           BF16:      uint16 [rows, cols], the top 16 bits of float32 (neither NumPy nor CuPy has bfloat16)
+    qtype  how ``data`` is stored
+    shape  logical shape: (rows = output features, cols) or (n,)
+    """
+
+    data: object
+    qtype: QT
+    shape: tuple
+
+    @property
+    def quantized(self) -> bool:
+        return self.qtype not in FLOAT_TYPES
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def rows(self, start: int, stop: int) -> "Weight":
+        """Rows start..stop-1 (a view: a quantized row is a whole row of bytes)."""
+        stop = min(stop, self.shape[0])
+        return Weight(self.data[start:stop], self.qtype, (stop - start,) + tuple(self.shape[1:]))
+
+
+def bf16_to_f32(bits):
+    """uint16 bfloat16 bits -> float32 (exact)."""
+    xp = array_module(bits)
+    return (bits.astype(xp.uint32) << 16).view(xp.float32)
+
+
+def f32_to_bf16(x):
+    """float32 -> uint16 bfloat16 bits, rounded to nearest even (finite inputs)."""
+    xp = array_module(x)
+    n = x.view(xp.uint32)
+    return ((n + 0x7FFF + ((n >> 16) & 1)) >> 16).astype(xp.uint16)
+
+
+def dense_f32(w: Weight):
+    """A float (not quantized) weight as float32 (no copy for F32)."""
+    xp = array_module(w.data)
+    if w.qtype == QT.BF16:
+        return bf16_to_f32(w.data)
+    return w.data.astype(xp.float32, copy=False)
+
+
+def linear(x, w: Weight, bias: Weight | None = None):
+    """x [..., K] @ W.T (+ b) -> float32 [..., N]; x is flattened to [M, K] for the product.
+
+    quantized  kernels.matmul on the stored blocks
+    F16 (GPU)  cuBLAS GemmEx, fp16 operands, FP32 accumulate and output (the dense-fp16 baseline;
+               the same GEMM the kernels' decode-to-scratch variant runs); on NumPy upcast to float32
+    F32, BF16  float32 product (BF16 upcast one matrix at a time)
+    """
+    xp = array_module(x)
+    n_out, k = w.shape
+    x2 = x.reshape(-1, k)                                    # [M, K]
+    if w.quantized:
+        y = kernels.matmul(x2, w.data, w.qtype, n_out)
+    elif w.qtype == QT.F16 and xp.__name__ == "cupy":
+        y = kernels.gemm_f16_f32(x2.astype(xp.float16), w.data, xp.empty((x2.shape[0], n_out), dtype=xp.float32))
+    else:
+        y = x2 @ dense_f32(w).T
+    if bias is not None:
+        y += bias.data
+    return y.reshape(x.shape[:-1] + (n_out,))
+
+
+def lm_head(h, w: Weight):
+    """h [..., D] -> float32 logits [..., V], the vocabulary HEAD_ROWS rows at a time."""
+    xp = array_module(h)
+    V = w.shape[0]
+    if not w.quantized or V <= HEAD_ROWS:
+        return linear(h, w)
+    h2 = h.reshape(-1, h.shape[-1])                          # [M, D]
+    out = xp.empty((h2.shape[0], V), dtype=xp.float32)       # [M, V]
+    for r0 in range(0, V, HEAD_ROWS):
+        out[:, r0:r0 + HEAD_ROWS] = linear(h2, w.rows(r0, r0 + HEAD_ROWS))
+    return out.reshape(h.shape[:-1] + (V,))
+
+
+def embed(w: Weight, ids):
+    """ids [B, T] -> float32 [B, T, D], gathered row by row (never the whole table)."""
+    flat = ids.reshape(-1)                                   # [B*T]
+    if w.quantized:
+        rows = kernels.embedding_rows(w.data, w.qtype, flat)
+    else:
+        rows, _ = embedding_forward(flat, w.data)
+        rows = dense_f32(Weight(rows, w.qtype, rows.shape))
+    return rows.reshape(ids.shape + (w.shape[1],))
+
+
+def norm(x, w: Weight, eps):
+    y, _ = rmsnorm_forward(x, w.data, eps)
+    return y
+
+
+def attention_block(x, w: dict, cfg, layer, key_mask, cos_sin):
+    """x [B, T, D] -> the attention branch [B, T, D] (before the residual add)."""
+    B, T, _ = x.shape
+    h = norm(x, w["attn_norm.weight"], cfg.norm_eps)
+    q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).reshape(B, T, cfg.n_heads, cfg.head_dim)
+    k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = norm(q, w["attn_q_norm.weight"], cfg.norm_eps)
+        k = norm(k, w["attn_k_norm.weight"], cfg.norm_eps)
+    q = rope_forward(q, *cos_sin, cfg.rope_style)
+    k = rope_forward(k, *cos_sin, cfg.rope_style)
+    o, _ = attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale)   # [B, T, H, hd]
+    a = linear(o.reshape(B, T, cfg.q_dim), w["attn_output.weight"])
+    return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a
+
+
+def ffn_block(x, w: dict, cfg):
+    """x [B, T, D] -> the feed-forward branch [B, T, D] (before the residual add)."""
+    h = norm(x, w["ffn_norm.weight"], cfg.norm_eps)
+    g, _ = glu_forward(linear(h, w["ffn_gate.weight"]), linear(h, w["ffn_up.weight"]), cfg.act)   # [B, T, F]
+    f = linear(g, w["ffn_down.weight"])
+    return norm(f, w["post_ffw_norm.weight"], cfg.norm_eps) if cfg.post_norms else f
+
+
+def hidden_states(weights: dict, layers: list, cfg, ids, key_mask):
+    """ids [B, T] (positions 0..T-1), key_mask [B, T] bool or None -> float32 [B, T, D] after the final norm.
+
+    weights: GGUF name -> Weight; layers[i]: the names of block i without "blk.i." -> Weight."""
+    xp = array_module(ids)
+    T = ids.shape[1]
+    x = embed(weights["token_embd.weight"], ids)
+    if cfg.embed_scale != 1.0:
+        x *= xp.float32(cfg.embed_scale)
+    bases = {cfg.layer_rope_base(i) for i in range(cfg.n_layers)}
+    tables = {b: rope_tables(xp.arange(T), cfg.head_dim, b, xp) for b in bases}   # base -> (cos, sin) [T, hd/2]
+    for i, w in enumerate(layers):
+        x += attention_block(x, w, cfg, i, key_mask, tables[cfg.layer_rope_base(i)])
+        x += ffn_block(x, w, cfg)
+    return norm(x, weights["output_norm.weight"], cfg.norm_eps)
+
+
+def required_tensors(cfg) -> list:
+    """The GGUF names a forward of ``cfg`` reads."""
+    names = ["token_embd.weight", "output_norm.weight"] + ([] if cfg.tied_output else ["output.weight"])
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    per_layer += ["attn_q_norm", "attn_k_norm"] if cfg.qk_norm else []
+    per_layer += ["post_attention_norm", "post_ffw_norm"] if cfg.post_norms else []
+    names += [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in per_layer]
+    names += [f"blk.{i}.attn_{n}.bias" for i in range(cfg.n_layers) for n in "qkv"] if cfg.qkv_bias else []
+    return names

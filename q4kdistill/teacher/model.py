@@ -1,0 +1,240 @@
+"""The frozen teacher: a GGUF/APR/manifest model whose weights stay as the file stores them.
+
+    teacher = Teacher.load("gemma-3-270m-q4_k_m.gguf")     # "uploaded 247 MB, kept quantized"
+    logits = teacher.logits_for_batch(ids, mask)            # [B, T, V] float32, every position
+    for start, stop, chunk in teacher.iter_logits(ids, mask, chunk_tokens=1024):
+        ...                                                 # [stop-start, V] over the B*T tokens
+
+Backends (how the weights sit in memory; the forward in teacher_forward.py is the same):
+
+  native        every tensor's bytes as stored: quantized blocks stay blocks and go through
+                kernels.matmul; norms/biases float32. Resident bytes = the file's tensor bytes.
+  dense         the same for a file with no quantized tensor (F32/F16/BF16 kept as stored).
+  dequant-f32   decode every matrix at upload to float32 (the legacy teacher: ~7x the bytes)
+  dequant-bf16  ... to bfloat16, kept as uint16 bits; each product upcasts its one matrix to
+                float32 (NumPy and CuPy have no bfloat16 matmul)
+  dequant-f16   ... to float16; on the GPU every product is a cuBLAS fp16 GEMM (the speed baseline)
+  auto          native if any tensor is quantized, else dense
+
+No gradients and no optimizer state: the teacher only answers forward passes.
+Inputs: input_ids int [B, T]; attention_mask [B, T] bool, True = real token, right padding
+(positions are 0..T-1 in every row).
+"""
+from __future__ import annotations
+
+import time
+
+import kernels
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from . import forward as teacher_forward
+from ..backend import device as process_device, on_gpu, synchronize
+from ..errors import Q4KError
+from .forward import Weight
+
+BACKENDS = ("auto", "native", "dense", "dequant-f32", "dequant-bf16", "dequant-f16")
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+class Teacher:
+    """A frozen forward pass over weights held by ``backend``; build it with ``Teacher.load``."""
+
+    def __init__(self, config, weights: dict, backend_name: str, xp, source: str = ""):
+        self.config = config
+        self.weights = weights                   # GGUF name -> Weight
+        self.backend = backend_name
+        self.xp = xp
+        self.source = source
+        self.layers = [_layer_weights(weights, i) for i in range(config.n_layers)]
+        self._head = weights["token_embd.weight" if config.tied_output else "output.weight"]
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source, backend="auto", device=None, log=print) -> "Teacher":
+        """source: path of a .gguf/.apr file or manifest .json, or a ModelFile.
+
+        device: "cpu" (NumPy) or "cuda" (CuPy); default: the process's backend.
+        log: callable for the one-line load summary (None: silent)."""
+        model = _open(source)
+        name = choose_backend(backend, model.dtype_histogram())
+        missing = [n for n in teacher_forward.required_tensors(model.config) if n not in model.tensors]
+        if missing:
+            raise Q4KError(f"{model.path}: not a complete {model.config.architecture} model, missing "
+                           f"{len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        xp = _array_module(device)
+        t0 = time.perf_counter()
+        weights = {}
+        for info in model.tensors.values():
+            weights[info.name] = decode_weight(upload(model.tensor_data(info.name), info, xp), name)
+        synchronize()
+        teacher = cls(model.config, weights, name, xp, source=str(model.path))
+        if log:
+            log(f"teacher: uploaded {teacher.resident_bytes / 1e6:.0f} MB, {_how_kept(name)} "
+                f"({len(weights)} tensors, {teacher.config.architecture}, {'GPU' if xp is not np else 'CPU'}, "
+                f"{time.perf_counter() - t0:.1f} s)")
+        return teacher
+
+    def with_backend(self, backend_name: str) -> "Teacher":
+        """A second teacher whose matrices are this one's, decoded as ``backend_name`` says
+        (e.g. "dequant-f16" for the cuBLAS baseline of the benchmark)."""
+        if self.backend not in ("native", "dense"):
+            raise Q4KError(f"with_backend needs a native or dense teacher, this one is {self.backend}")
+        if backend_name not in BACKENDS[1:]:
+            raise Q4KError(f"unknown teacher backend {backend_name!r} (expected one of {', '.join(BACKENDS)})")
+        weights = {n: decode_weight(w, backend_name) for n, w in self.weights.items()}
+        return Teacher(self.config, weights, backend_name, self.xp, self.source)
+
+    # -- what consumers ask ----------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (the file's vocabulary, or less after check_vocab(..., truncate=True))."""
+        return self._head.shape[0]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of every weight array this teacher holds."""
+        return sum(w.nbytes for w in self.weights.values())
+
+    def check_vocab(self, other_size: int, truncate: bool = False) -> int:
+        """Check a consumer's vocabulary against the teacher's; returns the shared size.
+
+        With ``truncate`` the logits are cut to the first min(sizes) ids from now on (as other
+        KD tools do when tokenizers share a prefix); otherwise a mismatch is a Q4KError."""
+        other_size = int(other_size)
+        if other_size == self.vocab_size:
+            return other_size
+        if not truncate:
+            raise Q4KError(f"vocabulary mismatch: teacher has {self.vocab_size} tokens, the student/consumer "
+                           f"has {other_size}; use the teacher's vocabulary or truncate both to the first "
+                           f"{min(other_size, self.vocab_size)} ids (truncate=True, --truncate-vocab)")
+        if other_size < 1:
+            raise Q4KError(f"cannot truncate the teacher's vocabulary to {other_size} tokens")
+        self._head = self._head.rows(0, min(other_size, self.vocab_size))
+        return self.vocab_size
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        """[B, T] ids -> float32 [B, T, D] after the final norm."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        return teacher_forward.hidden_states(self.weights, self.layers, self.config, ids, mask)
+
+    def logits_fn(self, input_ids, attention_mask=None):
+        """Run the trunk once; return fn(start, stop) -> float32 [stop-start, V], the logits of
+        tokens start..stop-1 of the B*T positions flattened row-major (token b*T + t)."""
+        h = self._flat_hidden(input_ids, attention_mask)       # [B*T, D]
+        return lambda start, stop: teacher_forward.lm_head(h[start:stop], self._head)
+
+    def logits_for_batch(self, input_ids, attention_mask=None):
+        """float32 [B, T, V]: the logits of every position."""
+        return teacher_forward.lm_head(self.hidden_states(input_ids, attention_mask), self._head)
+
+    def iter_logits(self, input_ids, attention_mask=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+        """Yield (start, stop, float32 [stop-start, V]) over the flattened B*T tokens, so that
+        a 262k vocabulary never needs B*T*V floats at once."""
+        chunk = int(chunk_tokens)
+        if chunk < 1:
+            raise Q4KError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        h = self._flat_hidden(input_ids, attention_mask)       # [B*T, D]
+        for start in range(0, h.shape[0], chunk):
+            stop = min(start + chunk, h.shape[0])
+            yield start, stop, teacher_forward.lm_head(h[start:stop], self._head)
+
+    def weight_f32(self, name: str):
+        """Tensor ``name`` decoded to float32 of its logical shape (a new array; for student init)."""
+        if name not in self.weights:
+            raise Q4KError(f"the teacher has no tensor {name!r}")
+        return weight_to_f32(self.weights[name])
+
+    def _flat_hidden(self, input_ids, attention_mask):
+        h = self.hidden_states(input_ids, attention_mask)
+        return h.reshape(-1, h.shape[-1])                       # [B*T, D]
+
+    def _inputs(self, input_ids, attention_mask):
+        xp = self.xp
+        ids = xp.asarray(input_ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
+            raise Q4KError(f"input_ids must be a non-empty integer array [batch, tokens], got {ids.dtype} {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        n_vocab = self.weights["token_embd.weight"].shape[0]
+        if lo < 0 or hi >= n_vocab:
+            raise Q4KError(f"token id {lo if lo < 0 else hi} is outside the teacher's vocabulary (0..{n_vocab - 1})")
+        if attention_mask is None:
+            return ids, None
+        mask = xp.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise Q4KError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+        return ids, mask.astype(bool)
+
+
+# -- loading pieces ------------------------------------------------------------------------
+
+def choose_backend(requested: str, histogram: dict) -> str:
+    """"auto" -> "native" if the dtype histogram ({type name: ...}) has a quantized type, else
+    "dense"; explicit names pass."""
+    if requested not in BACKENDS:
+        raise Q4KError(f"unknown teacher backend {requested!r} (expected one of {', '.join(BACKENDS)})")
+    if requested != "auto":
+        return requested
+    floats = {t.name for t in teacher_forward.FLOAT_TYPES}
+    return "native" if any(name not in floats for name in histogram) else "dense"
+
+
+def upload(data, info, xp) -> Weight:
+    """Host tensor data -> a Weight on ``xp``'s device, bytes as stored; vectors become float32."""
+    if len(info.shape) == 1:                                   # norms and biases
+        host = Weight(np.asarray(data), info.qtype, tuple(info.shape))
+        return Weight(xp.asarray(teacher_forward.dense_f32(host)), QT.F32, tuple(info.shape))
+    return Weight(xp.asarray(data), info.qtype, tuple(info.shape))
+
+
+def decode_weight(w: Weight, backend_name: str) -> Weight:
+    """The matrix ``w`` as the backend keeps it (native/dense: unchanged; dequant-*: decoded)."""
+    if backend_name in ("auto", "native", "dense") or len(w.shape) == 1:
+        return w
+    qtype, dtype = {"dequant-f32": (QT.F32, "float32"), "dequant-f16": (QT.F16, "float16"),
+                    "dequant-bf16": (QT.BF16, "bfloat16")}[backend_name]
+    if w.quantized:
+        return Weight(kernels.dequantize_to(w.data, w.qtype, w.shape[0], dtype), qtype, w.shape)
+    f32 = teacher_forward.dense_f32(w)
+    data = teacher_forward.f32_to_bf16(f32) if qtype == QT.BF16 else f32.astype(dtype)
+    return Weight(data, qtype, w.shape)
+
+
+def weight_to_f32(w: Weight):
+    """Any Weight -> a new float32 array of its logical shape (quantized: decoded on its device)."""
+    if not w.quantized:
+        return teacher_forward.dense_f32(w).copy()
+    return kernels.dequantize_to(w.data, w.qtype, w.shape[0], "float32")
+
+
+def _open(source):
+    from ..formats.model_file import ModelFile
+
+    return source if isinstance(source, ModelFile) else ModelFile.open(source)
+
+
+def _array_module(device):
+    device = device or process_device()
+    if device == "cpu":
+        return np
+    if device in ("cuda", "gpu"):
+        if not on_gpu():
+            raise Q4KError("device='cuda' asked for, but this process runs on the CPU (no usable GPU)")
+        import cupy
+
+        return cupy
+    raise Q4KError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def _layer_weights(weights: dict, i: int) -> dict:
+    """Block i's tensors without the "blk.i." prefix: {"attn_q.weight": Weight, ...}."""
+    prefix = f"blk.{i}."
+    return {n[len(prefix):]: w for n, w in weights.items() if n.startswith(prefix)}
+
+
+def _how_kept(backend_name: str) -> str:
+    return {"native": "kept quantized", "dense": "kept as stored (dense)",
+            "dequant-f32": "decoded to float32", "dequant-bf16": "decoded to bfloat16",
+            "dequant-f16": "decoded to float16"}[backend_name]

@@ -1,0 +1,1 @@
+"""Training: the distillation loop, the data pipeline, checkpoints and GGUF export."""

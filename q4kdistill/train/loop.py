@@ -1,0 +1,518 @@
+"""The distillation loop: a frozen (quantized) teacher teaches a small float32 student.
+
+Reads top to bottom, like nanoGPT's train.py:
+
+    cfg = DistillConfig(teacher=..., data=..., student_layers=[0, 3, 6, 9], steps=200, ...)
+    summary = distill(cfg)                     # or distill(cfg, resume=True)
+
+    setup     teacher (stays quantized) -> its tokenizer -> train / held-out token data
+              -> student (blocks copied from the teacher, or another model file) -> AdamW
+              -> checkpoint (resume) or a fresh start
+    each step ids [B, T] -> teacher logits, chunk by chunk -> KD (+ CE) loss -> hand-written
+              student backward -> finite? -> AdamW (clip, warm-up + cosine)
+              -> OUT/metrics.jsonl, tqdm line, held-out evaluation, checkpoint
+    end       final evaluation and checkpoint; returns a summary (evaluation before / after)
+
+Faults end in a ``Q4KError`` with one clear line (the CLI exits 2): vocabulary mismatch, no
+data, a non-finite loss (the last good checkpoint is kept, never overwritten), out of GPU
+memory (with the planner's estimate), a checkpoint made by another configuration.
+Ctrl-C finishes the step it is in, saves, and returns ``summary["interrupted"] = True``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import backend
+
+from . import checkpoint
+from ..errors import Q4KError
+
+# Fields that may change between a run and its resume without changing what is computed.
+RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_batches", "save_every", "checkpoint_activations")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""                     # GGUF / APR / manifest
+    data: str = ""                        # text file/folder, .bin/.npy shards, or "demo" (stdlib corpus)
+    out: str = "out"                      # run directory: checkpoint.npz, metrics.jsonl
+    student_layers: list | None = None    # teacher blocks copied into the student (None: 4 spread out)
+    student_init: str | None = None       # or: a GGUF whose weights start the student (another model)
+    steps: int = 200
+    batch: int = 4                        # B sequences ...
+    seq: int = 64                         # ... of T tokens each
+    lr: float = 3e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    clip: float = 1.0                     # global gradient-norm clip (0: off)
+    loss: str = "kl"                      # kl | rkl | jsd
+    temperature: float = 1.0
+    alpha: float = 0.0                    # loss = alpha * CE + (1 - alpha) * KD
+    beta: float = 0.5                     # jsd mixture weight
+    top_k: int | None = None              # keep only the teacher's k largest logits
+    chunk_tokens: int = 256               # tokens per [chunk, V] logits slab (LM head + loss)
+    checkpoint_activations: bool = False  # recompute block activations in the backward
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 50
+    seed: int = 0
+    truncate_vocab: bool = False          # teacher and student vocabularies differ: cut to the smaller
+    heldout: float = 0.1                  # share of the data files held out for evaluation
+    teacher_backend: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source="config") -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise Q4KError(f"{source}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return cls(**d).validated()
+
+    def validated(self) -> "DistillConfig":
+        if not self.teacher:
+            raise Q4KError("no teacher given (--teacher FILE)")
+        if not self.data:
+            raise Q4KError("no data given (--data PATH)")
+        for name in ("steps", "batch", "seq", "chunk_tokens", "eval_batches"):
+            if int(getattr(self, name)) < 1:
+                raise Q4KError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise Q4KError(f"lr must be a positive number, got {self.lr}")
+        return self
+
+
+def load_config_file(path) -> dict:
+    """A JSON file with DistillConfig's keys (``student_layers`` as a list or "0,3,6")."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except OSError as exc:
+        raise Q4KError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise Q4KError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise Q4KError(f"{path}: expected a JSON object of settings")
+    return d
+
+
+def parse_layers(text) -> list | None:
+    if text is None or isinstance(text, list):
+        return text
+    try:
+        return [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise Q4KError(f"student layers {text!r}: expected comma-separated block numbers like 0,3,6,9") from None
+
+
+def spread_layers(n_layers: int, k: int) -> list:
+    """k teacher blocks spread evenly from the first to the last: (18, 4) -> [0, 6, 11, 17]."""
+    k = max(1, min(k, n_layers))
+    return sorted({round(i * (n_layers - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+# -- setup -------------------------------------------------------------------------------
+
+def load_teacher(cfg: DistillConfig, log):
+    from ..teacher.model import Teacher
+
+    if not os.path.exists(cfg.teacher):
+        raise Q4KError(f"{cfg.teacher}: no such teacher file")
+    return Teacher.load(cfg.teacher, backend=cfg.teacher_backend, log=log)
+
+
+TOKEN_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "q4kdistill", "tokens")
+
+
+def load_data(cfg: DistillConfig, log):
+    """-> (tokenizer, train, held-out TokenDatasets, data identity). Text goes through the teacher's
+    own tokenizer; "demo" is Python's standard library (held-out modules kept apart)."""
+    from .corpus import demo_corpus, load_datasets
+    from ..formats.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(cfg.teacher) if cfg.teacher.lower().endswith(".gguf") else None
+    paths, held = demo_corpus() if cfg.data == "demo" else (cfg.data, None)
+    train, heldout = load_datasets(paths, cfg.seq, tokenizer, held_out=cfg.heldout, held_out_paths=held,
+                                   seed=cfg.seed, cache_dir=TOKEN_CACHE)
+    if heldout is None:
+        raise Q4KError("no held-out data to evaluate on: give --heldout above 0 (a share of the files)")
+    log(f"data: {train.n_tokens:,} training tokens ({len(train)} sequences of {cfg.seq}), "
+        f"{heldout.n_tokens:,} held out")
+    return tokenizer, train, heldout, {"train": train.fingerprint, "heldout": heldout.fingerprint}
+
+
+def heldout_batches(cfg: DistillConfig, heldout) -> list:
+    """The same first ``eval_batches`` held-out batches at every evaluation."""
+    return list(heldout.in_order(cfg.batch, limit=cfg.batch * cfg.eval_batches))
+
+
+def build_student(cfg: DistillConfig, teacher):
+    """Blocks ``cfg.student_layers`` of the teacher (its widths, embedding and head), or the
+    weights of another model file (``cfg.student_init``, e.g. a smaller model of the family)."""
+    from ..student.model import Student
+
+    kw = dict(checkpoint=cfg.checkpoint_activations, chunk_tokens=cfg.chunk_tokens)
+    if not cfg.student_init:
+        layers = cfg.student_layers or spread_layers(teacher.config.n_layers, 4)
+        return Student.from_teacher(teacher, layers, **kw)
+    from .export import read_student
+
+    config, params = read_student(cfg.student_init)
+    student = Student(config, **kw)
+    missing = sorted(set(student.params) - set(params))
+    if missing:
+        raise Q4KError(f"{cfg.student_init}: cannot initialise a student from it, missing {', '.join(missing[:3])}")
+    for name, view in student.params.items():
+        view[...] = student.xp.asarray(params[name])
+    return student
+
+
+def check_vocab(cfg: DistillConfig, teacher, student) -> None:
+    """Teacher and student logits must cover one vocabulary (or the teacher's is cut to the student's)."""
+    n_student, n_teacher = student.config.vocab_size, teacher.vocab_size
+    if n_student > n_teacher:
+        raise Q4KError(f"vocabulary mismatch: the student has {n_student} tokens, more than the teacher's "
+                       f"{n_teacher}; only a teacher's vocabulary can be truncated (--truncate-vocab)")
+    teacher.check_vocab(n_student, truncate=cfg.truncate_vocab)
+
+
+def check_data_vocab(datasets, vocab_size: int) -> None:
+    """Every token id of the data must be a row of the student's embedding."""
+    top = max(int(d.sequences.max()) for d in datasets)
+    if top >= vocab_size:
+        raise Q4KError(f"the data holds token id {top}, outside the student's vocabulary of {vocab_size} "
+                       "(data tokenized for another model, or a vocabulary truncated below the data's ids)")
+
+
+def file_identity(path, head_bytes=1 << 22) -> dict:
+    """Cheap identity of a big file: name, size, and a hash of its first 4 MB (header + metadata)."""
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(head_bytes)).hexdigest()[:16]
+    return {"name": os.path.basename(path), "bytes": os.path.getsize(path), "head_sha256": head}
+
+
+def fingerprint(cfg: DistillConfig, teacher, student, data_id) -> dict:
+    """What a checkpoint must share with this run to be resumed (see checkpoint.check_fingerprint)."""
+    fp = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES + ("teacher", "data")}
+    fp["teacher"] = file_identity(cfg.teacher)
+    s = student.config
+    fp["student"] = f"{s.architecture} {s.n_layers} blocks d{s.d_model} ff{s.d_ff} V{s.vocab_size}, {student.n_params:,} params"
+    fp["data"] = data_id
+    return fp
+
+
+def make_optimizer(cfg: DistillConfig, student):
+    """AdamW with the run's warm-up + cosine schedule (down to lr * min_lr_ratio at the last step)."""
+    from ..student.optim import AdamW, OptimConfig
+
+    return AdamW.for_student(student, OptimConfig(
+        lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup_steps=cfg.warmup, total_steps=cfg.steps,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.clip))
+
+
+def make_loss_config(cfg: DistillConfig):
+    from ..student.losses import LossConfig
+
+    return LossConfig(kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta, top_k=cfg.top_k)
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+def evaluate(student, teacher, batches) -> dict:
+    """Held-out: teacher-KL (nats/token, T = 1), student perplexity, top-1 agreement with the teacher."""
+    from ..student.losses import ce_rows, log_softmax
+
+    xp = student.xp
+    kl = ce = agree = 0.0
+    n_tok = n_ce = 0
+    for ids in batches:
+        t_fn = teacher.logits_fn(ids)
+        targets = xp.full(ids.shape, -1, dtype=xp.int64)            # next token, none at the end
+        targets[:, :-1] = xp.asarray(ids)[:, 1:]
+        targets = targets.reshape(-1)
+        for start, stop, s in student.iter_logits(ids):
+            t = xp.asarray(t_fn(start, stop))                         # [n, V]
+            lq, lp = log_softmax(s), log_softmax(t)
+            kl += float((xp.exp(lp) * (lp - lq)).sum())
+            agree += float((s.argmax(axis=-1) == t.argmax(axis=-1)).sum())
+            rows, _ = ce_rows(s, targets[start:stop], need_grad=False)
+            ce += float(rows.sum())
+            n_tok += stop - start
+            n_ce += int((targets[start:stop] >= 0).sum())
+    return {"teacher_kl": kl / max(n_tok, 1), "student_ppl": math.exp(min(ce / max(n_ce, 1), 700.0)),
+            "top1_agreement": agree / max(n_tok, 1), "tokens": n_tok}
+
+
+# -- logging ------------------------------------------------------------------------------
+
+class MetricsLog:
+    """OUT/metrics.jsonl: one JSON object per line (a step, or an evaluation)."""
+
+    def __init__(self, out_dir, resume_step: int | None):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if resume_step is None:
+            open(self.path, "w").close()
+        else:
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step):
+        """Drop records past the checkpoint we resume from (they will be made again)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class PeakMemory:
+    """Peak GPU bytes since the last ``take()`` (None on the CPU: there is no GPU to count)."""
+
+    def __init__(self):
+        self.counter = None
+        if backend.on_gpu():
+            from ..memory import meter as memory
+
+            self.counter = memory.install()
+
+    def take(self):
+        return None if self.counter is None else self.counter.take_peak()
+
+
+def progress_line(r: dict) -> str:
+    mem = "" if r["peak_gpu_bytes"] is None else f" | peak {r['peak_gpu_bytes'] / 1e9:.2f} GB"
+    return f"loss {r['loss']:.4f} kd {r['kd']:.4f} ce {r['ce']:.4f} | {r['tokens_per_s']:,.0f} tok/s{mem}"
+
+
+def eval_line(e: dict) -> str:
+    return (f"teacher-KL {e['teacher_kl']:.4f}, top-1 agreement {100 * e['top1_agreement']:.1f} %, "
+            f"student ppl {e['student_ppl']:.1f}")
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+def raise_non_finite(cfg, step, loss, grad_norm, saved_at):
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    kept = (f"the last good checkpoint (step {saved_at}) is kept in {cfg.out}" if saved_at is not None
+            else "no checkpoint had been saved yet")
+    raise NonFiniteLoss(f"step {step}: {what}; stopped before updating the student, {kept}; "
+                        f"try a lower --lr (now {cfg.lr:g}) or a --clip (now {cfg.clip:g})")
+
+
+def is_out_of_memory(exc) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def out_of_memory_error(cfg, step, exc) -> Q4KError:
+    """One line: what ran out, the planner's estimate for this run, and what to lower."""
+    where = "host" if isinstance(exc, MemoryError) or not backend.on_gpu() else "GPU"
+    try:
+        from ..memory.planner import make_plan
+
+        layers = ",".join(map(str, cfg.student_layers)) if cfg.student_layers else "4"
+        plan = make_plan(cfg.teacher, cfg.batch, cfg.seq, f"layers={layers}",
+                         chunk_tokens=cfg.chunk_tokens, checkpoint=cfg.checkpoint_activations)
+        estimate = f"the planner predicts {plan.distill_step_peak_bytes / 1e9:.2f} GB of GPU memory for this step"
+    except Exception as plan_exc:                      # the estimate is a courtesy; never hide the OOM
+        estimate = f"no planner estimate ({plan_exc})"
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    lower = (f"lower --batch (now {cfg.batch}), --seq (now {cfg.seq}) or --chunk-tokens (now {cfg.chunk_tokens})"
+             + ("" if cfg.checkpoint_activations else ", or add --checkpoint-activations"))
+    return Q4KError(f"out of {where} memory at step {step + 1} ({first}); {estimate}; {lower}")
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------
+
+class StopOnInterrupt:
+    """First Ctrl-C: let the step finish, then the loop saves and stops. Second: stop at once."""
+
+    def __init__(self, log):
+        self.requested, self.log, self.previous = False, log, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop without saving)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def save_checkpoint(run, step, evals) -> str:
+    state = {"params": run.student.params, "optimizer": run.opt.state_dict(), "data": run.sampler.state_dict(),
+             "evals": evals}
+    config = {"distill": run.cfg.to_dict(), "student": run.student.config.to_dict()}
+    return checkpoint.save(run.cfg.out, step=step, state=state, config=config, fingerprint=run.fingerprint)
+
+
+def restore_checkpoint(run):
+    """OUT/checkpoint.npz -> the student, optimizer and data sampler; returns (step, evals).
+
+    The sampler's (seed, position) is all the randomness a run has: no dropout, no sampling."""
+    ck = checkpoint.load(run.cfg.out)
+    checkpoint.check_fingerprint(ck, run.fingerprint)
+    for name, view in run.student.params.items():
+        view[...] = run.student.xp.asarray(ck.state["params"][name])
+    optim_cfg = run.opt.cfg                               # this run's schedule (--steps may have grown)
+    run.opt.load_state_dict(ck.state["optimizer"])
+    run.opt.cfg = optim_cfg
+    run.sampler.load_state_dict(ck.state["data"])
+    return ck.step, ck.state["evals"]
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+class NonFiniteLoss(Q4KError):
+    pass
+
+
+@dataclass
+class Run:
+    cfg: DistillConfig
+    teacher: object
+    tokenizer: object
+    train: object                 # TokenDataset
+    heldout: object
+    sampler: object               # train.batches(B, seed): endless [B, T] batches with state_dict()
+    student: object
+    opt: object
+    loss_cfg: object
+    fingerprint: dict
+    eval_batches: list = field(default_factory=list)
+    step: int = 0                 # optimizer steps taken
+
+
+def setup(cfg: DistillConfig, log) -> Run:
+    teacher = load_teacher(cfg, log)
+    tokenizer, train, heldout, data_id = load_data(cfg, log)
+    student = build_student(cfg, teacher)
+    check_vocab(cfg, teacher, student)
+    check_data_vocab((train, heldout), student.config.vocab_size)
+    run = Run(cfg, teacher, tokenizer, train, heldout, train.batches(cfg.batch, seed=cfg.seed), student,
+              make_optimizer(cfg, student), make_loss_config(cfg), {})
+    run.fingerprint = fingerprint(cfg, teacher, student, data_id)
+    run.eval_batches = heldout_batches(cfg, heldout)
+    return run
+
+
+def start(run: Run, resume: bool, log) -> dict:
+    """Sets run.step (from the checkpoint, or 0) -> evals so far (step 0: the untrained student)."""
+    cfg = run.cfg
+    os.makedirs(cfg.out, exist_ok=True)
+    if resume:
+        run.step, evals = restore_checkpoint(run)
+        log(f"resumed from {checkpoint.checkpoint_path(cfg.out)} at step {run.step}")
+        return evals
+    if checkpoint.exists(cfg.out):
+        raise Q4KError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose a new --out")
+    evals = {"0": evaluate(run.student, run.teacher, run.eval_batches)}
+    MetricsLog(cfg.out, resume_step=None).write({"step": 0, "eval": evals["0"]})
+    log(f"step 0: held-out {eval_line(evals['0'])}")
+    return evals
+
+
+def train_step(run: Run, batches) -> dict:
+    """One optimizer step; returns its metrics record. Nothing changes if the loss is not finite."""
+    t0 = time.perf_counter()
+    ids = next(batches)                                                   # [B, T]
+    teacher = None if run.loss_cfg.alpha == 1.0 else run.teacher.logits_fn(ids)   # CE only: no teacher
+    loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg)
+    grad_norm = run.opt.grad_norm()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return {"loss": loss, "grad_norm": grad_norm, "finite": False}
+    info = run.opt.step()
+    seconds = time.perf_counter() - t0
+    return {"loss": loss, "kd": parts["kd"], "ce": parts["ce"], "lr": info["lr"], "grad_norm": grad_norm,
+            "tokens_per_s": ids.size / seconds, "seconds": seconds, "finite": True}
+
+
+def train(run: Run, evals: dict, progress: bool) -> dict:
+    """Steps run.step+1 .. cfg.steps, with logging, evaluation and checkpoints."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    metrics, peak = MetricsLog(cfg.out, resume_step=run.step), PeakMemory()
+    saved_at = run.step if checkpoint.exists(cfg.out) else None
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True)
+    with StopOnInterrupt(bar.write) as interrupt:
+        while run.step < cfg.steps and not interrupt.requested:
+            with np.errstate(over="ignore", invalid="ignore"):      # a non-finite loss is reported below
+                record = train_step(run, run.sampler)
+            if not record.pop("finite"):
+                raise_non_finite(cfg, run.step + 1, record["loss"], record["grad_norm"], saved_at)
+            run.step = step = run.step + 1
+            record = {"step": step, **record, "peak_gpu_bytes": peak.take()}
+            metrics.write(record)
+            bar.set_postfix_str(progress_line(record), refresh=False)
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                evals[str(step)] = evaluate(run.student, run.teacher, run.eval_batches)
+                metrics.write({"step": step, "eval": evals[str(step)]})
+                bar.write(f"step {step}: held-out {eval_line(evals[str(step)])}")
+            if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
+                save_checkpoint(run, step, evals)
+                saved_at = step
+    bar.close()
+    return {"step": run.step, "evals": evals, "checkpoint": checkpoint.checkpoint_path(cfg.out),
+            "interrupted": run.step < cfg.steps, "student": run.student}
+
+
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Run (or ``resume``) a distillation.
+
+    -> {"step", "evals": {step: evaluate(...)}, "checkpoint", "interrupted", "student"}"""
+    cfg = cfg.validated()
+    run = None
+    try:
+        run = setup(cfg, log)
+        evals = start(run, resume, log)
+        log(f"student: {run.student.config.n_layers} blocks, {run.student.n_params:,} params; "
+            f"steps {run.step}..{cfg.steps} of {cfg.batch} x {cfg.seq} tokens; loss {cfg.loss}, alpha {cfg.alpha}")
+        return train(run, evals, progress)
+    except Q4KError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(cfg, run.step if run else 0, exc) from None
+        raise
+
+
+def summary_table(evals: dict) -> str:
+    """What was learned: held-out numbers at the first and the last evaluation."""
+    steps = sorted(evals, key=int)
+    a, b = evals[steps[0]], evals[steps[-1]]
+    rows = [("teacher-KL (nats/token, lower is better)", "teacher_kl", "{:.4f}"),
+            ("top-1 agreement with the teacher", "top1_agreement", "{:.1%}"),
+            ("student perplexity", "student_ppl", "{:.4g}")]
+    head = f"{'held-out, ' + str(a['tokens']) + ' tokens':<42} {'step ' + steps[0]:>12} {'step ' + steps[-1]:>12}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{label:<42} {fmt.format(a[key]):>12} {fmt.format(b[key]):>12}" for label, key, fmt in rows]
+    return "\n".join(lines)
