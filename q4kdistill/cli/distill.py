@@ -30,6 +30,8 @@ HELPS = {
     "truncate_vocab": "allow a teacher/student vocabulary mismatch by cutting both to the smaller",
     "heldout": "share of the data files held out for evaluation",
     "teacher_backend": "auto | native | dense | dequant-f32 | dequant-bf16 | dequant-f16",
+    "gpu_memory": "fit this GPU memory (24GB, 24GiB, or auto = the free memory now): batch, --chunk-tokens and "
+                  "--checkpoint-activations not given are chosen by the planner (q4kdistill plan --fit)",
 }
 
 
@@ -65,7 +67,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def config_from_args(args):
+def config_from_args(args, with_explicit=False):
+    """DistillConfig from --config and the flags (flags win); ``with_explicit``: also the names given."""
     from ..train.loop import DistillConfig, load_config_file
 
     settings = load_config_file(args.config) if args.config else {}
@@ -77,7 +80,8 @@ def config_from_args(args):
         from ..train.loop import parse_layers
 
         settings["student_layers"] = parse_layers(settings["student_layers"])
-    return DistillConfig.from_dict(settings, source=args.config or "flags")
+    cfg = DistillConfig.from_dict(settings, source=args.config or "flags")
+    return (cfg, set(settings)) if with_explicit else cfg
 
 
 def finish(summary) -> int:
@@ -99,4 +103,5 @@ def finish(summary) -> int:
 def run(args) -> int:
     from ..train.loop import distill
 
-    return finish(distill(config_from_args(args), resume=args.resume, progress=not args.no_progress))
+    cfg, explicit = config_from_args(args, with_explicit=True)
+    return finish(distill(cfg, resume=args.resume, progress=not args.no_progress, explicit=explicit))

@@ -37,10 +37,15 @@ def student_spec(args):
 def add_arguments(p) -> None:
     p.add_argument("--teacher", required=True, metavar="FILE|MANIFEST",
                    help="teacher GGUF (a truncated one is fine: only the header is read), APR, or manifest JSON")
-    p.add_argument("--batch", type=int, default=1, metavar="B")
+    p.add_argument("--batch", type=int, default=None, metavar="B", help="sequences per step (default 1; with --fit: searched)")
     p.add_argument("--seq", type=int, default=512, metavar="T")
     p.add_argument("--teacher-backend", default="native", choices=("native", "dequant-f32", "dequant-bf16"))
     add_student_arguments(p, checkpoint=False)         # distill's defaults
+    p.set_defaults(chunk_tokens=None, checkpoint=None)  # None = not given (--fit searches what is not given)
+    p.add_argument("--fit", metavar="BUDGET", help="find the most tokens per step whose predicted peak fits this "
+                   "GPU memory (24GB, 24GiB, 2.5e10); batch, chunk and checkpointing not given are searched")
+    p.add_argument("--margin", type=float, default=None, metavar="M",
+                   help="with --fit: safety margin over the predicted peak (default 0.10, the planner's tolerance)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -48,9 +53,13 @@ def run(args) -> int:
     import json
 
     from ..memory import planner
+    from ..train.loop import DistillConfig
 
-    plan = planner.make_plan(args.teacher, args.batch, args.seq, student_spec(args), chunk_tokens=args.chunk_tokens,
-                             checkpoint=args.checkpoint, teacher_backend=args.teacher_backend)
+    if args.fit:
+        return _run_fit(args)
+    plan = planner.make_plan(args.teacher, args.batch or 1, args.seq, student_spec(args),
+                             chunk_tokens=args.chunk_tokens or DistillConfig.chunk_tokens,
+                             checkpoint=bool(args.checkpoint), teacher_backend=args.teacher_backend)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
         return 0
@@ -62,4 +71,20 @@ def run(args) -> int:
     print(f"batch {plan.batch} x seq {plan.seq}, chunk {plan.chunk_tokens} tokens, "
           f"checkpointing {'on' if plan.checkpoint else 'off'}\n")
     print(plan.table())
+    return 0
+
+
+def _run_fit(args) -> int:
+    import json
+
+    from ..memory import fit
+
+    given = {"batch": args.batch, "chunk_tokens": args.chunk_tokens, "checkpoint_activations": args.checkpoint}
+    choice = fit.fit(args.teacher, fit.parse_bytes(args.fit), seq=args.seq, student=student_spec(args),
+                     teacher_backend=args.teacher_backend, margin=fit.MARGIN if args.margin is None else args.margin,
+                     fixed={k: v for k, v in given.items() if v is not None})
+    if args.json:
+        print(json.dumps(choice.to_json(), indent=1))
+    else:
+        print(choice.line())
     return 0

@@ -38,7 +38,8 @@ from . import checkpoint
 from ..errors import Q4KError
 
 # Fields that may change between a run and its resume without changing what is computed.
-RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_batches", "save_every", "checkpoint_activations")
+RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_batches", "save_every", "checkpoint_activations",
+                     "gpu_memory")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class DistillConfig:
     truncate_vocab: bool = False          # teacher and student vocabularies differ: cut to the smaller
     heldout: float = 0.1                  # share of the data files held out for evaluation
     teacher_backend: str = "auto"
+    gpu_memory: str | None = None         # "24GB" or "auto": batch, chunk and checkpointing from the planner
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -333,6 +335,8 @@ def out_of_memory_error(cfg, step, exc) -> Q4KError:
         estimate = f"the planner predicts {plan.distill_step_peak_bytes / 1e9:.2f} GB of GPU memory for this step"
     except Exception as plan_exc:                      # the estimate is a courtesy; never hide the OOM
         estimate = f"no planner estimate ({plan_exc})"
+    if cfg.gpu_memory:
+        estimate += f" (settings chosen for --gpu-memory {cfg.gpu_memory})"
     first = (str(exc).splitlines() or [type(exc).__name__])[0]
     lower = (f"lower --batch (now {cfg.batch}), --seq (now {cfg.seq}) or --chunk-tokens (now {cfg.chunk_tokens})"
              + ("" if cfg.checkpoint_activations else ", or add --checkpoint-activations"))
@@ -485,11 +489,20 @@ def train(run: Run, evals: dict, progress: bool) -> dict:
             "interrupted": run.step < cfg.steps, "student": run.student}
 
 
-def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log=print, explicit=None) -> dict:
     """Run (or ``resume``) a distillation.
 
+    ``cfg.gpu_memory`` set: batch, chunk_tokens and checkpoint_activations not in ``explicit`` (the
+    settings the user gave; None: those left at their defaults) are chosen by ``memory.fit``; a resume
+    keeps the settings its checkpoint was made with.
     -> {"step", "evals": {step: evaluate(...)}, "checkpoint", "interrupted", "student"}"""
     cfg = cfg.validated()
+    if cfg.gpu_memory and not (resume and checkpoint.exists(cfg.out)):
+        from ..memory.fit import apply_budget
+
+        cfg = apply_budget(cfg, explicit, log)
+    elif cfg.gpu_memory:
+        cfg = _settings_of_checkpoint(cfg, log)
     run = None
     try:
         run = setup(cfg, log)
@@ -503,6 +516,15 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
         if is_out_of_memory(exc):
             raise out_of_memory_error(cfg, run.step if run else 0, exc) from None
         raise
+
+
+def _settings_of_checkpoint(cfg: DistillConfig, log) -> DistillConfig:
+    """On --resume with --gpu-memory: the batch, chunk and checkpointing the run was started with."""
+    ck = checkpoint.load(cfg.out)
+    saved = ck.config.get("distill", {})
+    keep = {k: saved[k] for k in ("batch", "chunk_tokens", "checkpoint_activations") if k in saved}
+    log("--gpu-memory: resuming with the checkpoint's settings " + ", ".join(f"{k}={v}" for k, v in keep.items()))
+    return dataclasses.replace(cfg, **keep)
 
 
 def summary_table(evals: dict) -> str:
