@@ -81,10 +81,10 @@ def _case(model, teacher, budget, seq, student, steps, base, meter, log):
 
 def _line(r) -> str:
     if r["status"] == "does not fit":
-        return f"{r["budget_bytes"] / 1e9:6.2f} GB  seq {r['seq']:>5}  does not fit: {r['note']}"
+        return f"{r['budget_bytes'] / 1e9:6.2f} GB  seq {r['seq']:>5}  does not fit: {r['note']}"
     if r["status"] != "ok":
-        return f"{r["budget_bytes"] / 1e9:6.2f} GB  seq {r['seq']:>5}  batch {r['batch']:>3}  {r['status'].upper()}: {r['note']}"
-    return (f"{r["budget_bytes"] / 1e9:6.2f} GB  seq {r['seq']:>5}  batch {r['batch']:>3}  chunk {r['chunk_tokens']:>5}  "
+        return f"{r['budget_bytes'] / 1e9:6.2f} GB  seq {r['seq']:>5}  batch {r['batch']:>3}  {r['status'].upper()}: {r['note']}"
+    return (f"{r['budget_bytes'] / 1e9:6.2f} GB  seq {r['seq']:>5}  batch {r['batch']:>3}  chunk {r['chunk_tokens']:>5}  "
             f"ckpt {'on ' if r['checkpoint_activations'] else 'off'}  predicted {r['predicted_peak_bytes'] / 1e9:6.2f}  "
             f"measured {r['measured_peak_bytes'] / 1e9:6.2f} GB  {r['tokens_per_s']:9,.0f} tok/s  "
             f"{'held' if r['held'] else 'OVER BUDGET'}")
