@@ -26,7 +26,7 @@ from ._device import F, I, U, launch, warp_rows_store
 from ._ptx import f16hi, f16lo, ld4, load16
 from .decode import fma4, q4_k_scale_min
 from .gemv import _dot8, m_tile
-from .weights import address, device_views
+from .weights import address, device_views, padded_bytes
 
 
 def _q4_k_chunk(R, MT):
@@ -139,12 +139,22 @@ def chunk_kernel(qtype: str, rows: int, warps: int, m_tile: int):
     return kernel
 
 
+def _align(qtype):
+    return 16 if qtype == "Q4_K" else 4          # Q4_K rows are read with 16-byte loads
+
+
 def gemv_chunk(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] = x @ W.T for M <= 16, Q4_K or Q6_K (x float32 C-contiguous)."""
-    w32, w16, stride = device_views(w_raw, align=16 if qtype == "Q4_K" else 4)   # Q4_K: 16-byte loads
+    w32, w16, stride = device_views(w_raw, align=_align(qtype))
     if address(x) % 16:
         x = x.copy()                              # 16-byte loads of x need an aligned start
     kernel = chunk_kernel(qtype, rows, warps, m_tile(x.shape[0]))
     per_block = rows * warps
     launch(kernel, (n_out + per_block - 1) // per_block, 32 * warps, x.reshape(-1), x.shape[1], w32, w16, stride, n_out, out)
     return out
+
+
+def gemv_chunk_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    """gemv_chunk's buffers (x and W aligned, as CuPy allocates them): the padded copy of rows that
+    are not a multiple of 16 (Q4_K) or 4 (Q6_K) bytes."""
+    return {"padded rows": padded_bytes(qtype, N, K, _align(qtype))}

@@ -22,7 +22,7 @@ from ._device import F, I, U, launch, warp_rows_store
 from ._ptx import dp4a, f16hi, f16lo, ld4, st4
 from .decode import q4_k_scale_min
 from .gemv import m_tile
-from .weights import address, device_views
+from .weights import address, device_views, padded_bytes
 
 QUANT_THREADS = 128
 
@@ -153,3 +153,10 @@ def gemv_dp4a(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     per_block = rows * warps
     launch(kernel, (n_out + per_block - 1) // per_block, 32 * warps, xq, xd, xs, x.shape[1], w32, stride, n_out, out)
     return out
+
+
+def gemv_dp4a_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    """gemv_dp4a's buffers, all alive during the GEMV: quantize_x's int8 x and its two float32
+    arrays per 32 values, and the padded copy of rows not a multiple of 16 bytes."""
+    return {"x int8": M * K, "x scales": M * K // 32 * 4, "x scaled sums": M * K // 32 * 4,
+            "padded rows": padded_bytes(qtype, N, K, 16)}

@@ -34,10 +34,12 @@ from numba.cuda.extending import intrinsic
 from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR, launch
+from .registry import DECODE_SCRATCH
 from .weights import address, columns, qtype_name
 
 SOURCE = Path(__file__).with_name("csrc") / "q8_gemv.cu"
 TEMPLATES = {"Q4_K": "q4k", "Q6_K": "q6k"}
+QTYPES = tuple(TEMPLATES)
 BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}
 QUANT_THREADS = 256
 DECODE_THREADS = 128
@@ -291,6 +293,23 @@ def mma_rows_split(n_out: int, K: int, warps: int, resident: int = 4) -> int:
     return _k_split(-(-n_out // (16 * warps)), 132 * resident, K // 256, 2)
 
 
+def _n_tiles(M: int) -> int:
+    """8-row activation tiles of the tensor-core GEMVs."""
+    return 1 if M <= 8 else 2
+
+
+def q8_workspace(M: int, K: int) -> dict:
+    """quantize_q8's buffers for x [M, K]: int8 x and (d, d * sum q) per 32 values."""
+    return {"x int8": M * K, "x scales": M * K // 32 * 8}
+
+
+def q8_fragments_workspace(M: int, K: int) -> dict:
+    """quantize_q8_fragments' buffers for x [M, K] (per 32 or per 256 alike): int8 x in fragment
+    order and 64 bytes of scales per 8-row tile and 32 values."""
+    n_tiles = _n_tiles(M)
+    return {"x int8 fragments": 8 * n_tiles * K, "x fragment scales": 2 * n_tiles * K}
+
+
 def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] ~= x @ W.T for Q4_K / Q6_K rows, M <= 16, x rounded to int8 per 32 values."""
     q, K, M = _gemv_args("gemv_q8_linked", x, w_raw, qtype, n_out, 16)
@@ -298,6 +317,10 @@ def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     kernel = gemv_kernel(q, M, rows, warps)
     launch(kernel, (n_out + rows - 1) // rows, 32 * warps, w_raw.reshape(-1), w_raw.shape[1], n_out, K, xq, xds, out)
     return out
+
+
+def gemv_q8_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    return q8_workspace(M, K)
 
 
 def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
@@ -309,6 +332,11 @@ def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     return out
 
 
+def gemv_f32_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    """Nothing: x is read as it is (a 16-byte aligned float32 array, as CuPy allocates them)."""
+    return {}
+
+
 def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     """out[:] ~= x @ W.T for Q4_K or Q6_K rows, M <= 16, x rounded to int8 per 32 values; int8 mma.sync
     (m16n8k32 per Q4_K sub-block of 32, m16n8k16 per Q6_K sub-block of 16).
@@ -316,7 +344,7 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     last bits of such results vary from run to run). x256 (Q4_K): x scaled per 256 values instead of
     32 (llama.cpp's Q8_K), so the sub-block scales apply in integers (fewer instructions, coarser x)."""
     q, K, M = _gemv_args("gemv_mma_linked", x, w_raw, qtype, n_out, 16)
-    n_tiles = 1 if M <= 8 else 2
+    n_tiles = _n_tiles(M)
     if q == "Q6_K":                            # plain q8 x, W read straight from global memory (no ring)
         if x256:
             raise Q4KError("gemv_mma_linked: x256 is for Q4_K")
@@ -334,12 +362,17 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     return out
 
 
+def gemv_mma_workspace(qtype, M, N, K, x_dtype, warps=4, stages=4, x256=False):
+    """Q6_K: quantize_q8's buffers; Q4_K: quantize_q8_fragments'. The split-K output is out itself."""
+    return q8_workspace(M, K) if qtype == "Q6_K" else q8_fragments_workspace(M, K)
+
+
 def gemv_mma_rows_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, split=None, x256=False):
     """As gemv_mma_linked for Q4_K, with the block's warps splitting rows instead of K: 16*warps rows
     per block, one x slot per block in the cp.async ring (a quarter of the x traffic at 4 warps).
     `split` (blocks along K, atomic adds) defaults to mma_rows_split."""
     q, K, M = _gemv_args("gemv_mma_rows_linked", x, w_raw, qtype, n_out, 16, ("Q4_K",))
-    n_tiles = 1 if M <= 8 else 2
+    n_tiles = _n_tiles(M)
     if n_tiles * warps > 8:
         raise Q4KError(f"gemv_mma_rows_linked: {warps} warps fit the 48 KB ring for M <= 8 only, got M = {M}")
     split = split or mma_rows_split(n_out, K, warps)
@@ -347,6 +380,10 @@ def gemv_mma_rows_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, split=N
     launch(mma_kernel(q, n_tiles, warps, stages, rows=True, x256=x256), (-(-n_out // (16 * warps)), split), 32 * warps,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, xf, dsf, out)
     return out
+
+
+def gemv_mma_rows_workspace(qtype, M, N, K, x_dtype, warps=4, stages=4, split=None, x256=False):
+    return q8_fragments_workspace(M, K)
 
 
 def decode_f16_linked(w_raw, qtype, K, out16):
@@ -409,4 +446,8 @@ def dequant_linked_cublas(x, w_raw, qtype, n_out, out, out16=False, chunks=1):
     return out
 
 
-dequant_linked_cublas.accepts_f16 = True     # kernels/bench.py may time it on fp16 activations too
+def dequant_linked_workspace(qtype, M, N, K, x_dtype, out16=False, chunks=1):
+    """dequant_linked_cublas' buffers, all alive during the product: the shared fp16 scratch [N, K]
+    (outlives the call), x in fp16 unless it came as fp16, and (out16) CuPy's fp16 product [M, N]."""
+    return {DECODE_SCRATCH["float16"]: 2 * N * K, "x float16": 0 if x_dtype == "float16" else 2 * M * K,
+            "product float16": 2 * M * N if out16 else 0}

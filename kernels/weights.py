@@ -52,6 +52,13 @@ def address(a) -> int:
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
+def padded_bytes(qtype, n_out: int, K: int, align: int = 4) -> int:
+    """Bytes of the padded copy device_views(w_raw, align) makes of aligned, C-contiguous rows of
+    this shape: none unless a row's length is not a multiple of `align` bytes."""
+    rb = row_bytes(qtype, K)
+    return n_out * -(-rb // align) * align if rb % align else 0
+
+
 def device_views(w_raw, align=4):
     """(w32, w16, row_bytes): flat uint32 and float16 views of the rows, rows `align`-byte aligned.
 
