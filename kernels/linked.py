@@ -1,11 +1,21 @@
-"""Variants whose inner body is linked CUDA C (csrc/q8_gemv.cu), called from Numba kernels.
+"""Variants whose inner body is linked CUDA C (csrc/), called from Numba kernels.
 
 numba-cuda has no first-class 16-byte loads, dp4a or 32-bit index arithmetic; the issue allows a
 variant to link a CUDA C device function (``cuda.declare_device(..., link=...)``). Each Numba
 kernel here is a thin wrapper: it turns its array arguments into data pointers and calls one
-device function of csrc/q8_gemv.cu, which NVRTC compiles when the kernel is first launched.
-Templates are instantiated on demand: for (qtype, M, R, NW) a copy of the source with one
-``extern "C"`` wrapper appended is written to a cache directory and linked.
+device function of a csrc/ file, which NVRTC compiles when the kernel is first launched:
+
+    csrc/quantize_x.cu   q8 quantizers of x (per 32, fragment order, per 256)
+    csrc/gemv_dp4a.cu    Q4_K / Q6_K GEMV on int8 x with dp4a
+    csrc/gemv_f32.cu     Q4_K GEMV on float32 x, exact
+    csrc/gemv_mma.cu     Q4_K / Q6_K GEMV on int8 x with the int8 tensor cores
+    csrc/decode_cast.cu  decode to fp16, fp32 -> fp16 cast
+    csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated)
+
+NVRTC gets no include path, so source_with() inlines a file's ``#include "x.cuh"`` lines (each
+header once) and appends what the caller adds. Templates are instantiated on demand: for
+(qtype, M, R, NW) that text with one ``extern "C"`` wrapper appended is written to a cache
+directory and linked.
 
 GPU only (the Numba simulator cannot run C). Their logic is checked on the GPU against the same
 float64 reference as every variant (tests/test_kernels_gpu.py); the CPU suite checks that the
@@ -33,14 +43,16 @@ from numba.cuda.extending import intrinsic
 
 from q4kdistill.errors import Q4KError
 
+from q4kdistill.block_layouts import LAYOUTS
+
 from ._device import SIMULATOR, launch
 from .registry import DECODE_SCRATCH
 from .weights import address, columns, qtype_name
 
-SOURCE = Path(__file__).with_name("csrc") / "q8_gemv.cu"
-TEMPLATES = {"Q4_K": "q4k", "Q6_K": "q6k"}
-QTYPES = tuple(TEMPLATES)
-BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}
+CSRC = Path(__file__).with_name("csrc")
+JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu")
+QTYPES = ("Q4_K", "Q6_K")                                # the types csrc/ decodes
+TEMPLATES = {q: LAYOUTS[q].c_name for q in QTYPES}       # prefix of their C functions: "q4k", "q6k"
 QUANT_THREADS = 256
 DECODE_THREADS = 128
 
@@ -62,15 +74,38 @@ def _require_gpu(what: str):
         raise Q4KError(f"{what} links CUDA C and runs on a GPU only (the Numba simulator cannot run it)")
 
 
-def source_with(extra: str = "") -> str:
-    """Path of csrc/q8_gemv.cu with `extra` appended, written once to a cache directory."""
-    if not extra:
-        return str(SOURCE)
-    text = SOURCE.read_text() + "\n" + extra
+def _inline(name: str, seen: set) -> list:
+    """Lines of csrc/`name` with each `#include "x"` replaced by x's lines (every file once)."""
+    if name in seen:
+        return []
+    seen.add(name)
+    out = []
+    for line in (CSRC / name).read_text().splitlines():
+        inc = line.strip()
+        if inc.startswith("#include"):
+            parts = inc.split('"')
+            if len(parts) != 3:
+                raise Q4KError(f"csrc/{name}: only #include \"file\" of csrc/ is supported, got {inc!r}")
+            out += _inline(parts[1], seen)
+        else:
+            out.append(line)
+    return out
+
+
+def source_text(*files: str) -> str:
+    """The csrc/ files (default: every job of JOBS), their headers inlined once: one text NVRTC
+    compiles without an include path."""
+    seen: set = set()
+    return "\n".join(line for f in (files or JOBS) for line in _inline(f, seen)) + "\n"
+
+
+def source_with(extra: str = "", *files: str) -> str:
+    """Path of source_text(*files) with `extra` appended, written once to a cache directory."""
+    text = source_text(*files) + "\n" + extra
     digest = hashlib.sha1(text.encode()).hexdigest()[:16]
     folder = Path(os.environ.get("Q4KDISTILL_CSRC_CACHE", Path(tempfile.gettempdir()) / "q4kdistill_csrc"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"q8_gemv_{digest}.cu"
+    path = folder / f"{'_'.join(Path(f).stem for f in files) or 'csrc'}_{digest}.cu"
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
@@ -83,8 +118,8 @@ _PTR, _I32 = types.voidptr, types.int32
 
 @functools.lru_cache(maxsize=None)
 def _quantize_kernel():
-    fn = cuda.declare_device("q8_quantize", types.int32(_PTR, _PTR, _PTR, _I32, _PTR, _I32), link=[source_with()],
-                             abi="c")
+    fn = cuda.declare_device("q8_quantize", types.int32(_PTR, _PTR, _PTR, _I32, _PTR, _I32),
+                             link=[source_with("", "quantize_x.cu")], abi="c")
 
     @cuda.jit
     def kernel(x, xq, xds, nblocks, zero, n_zero):
@@ -97,7 +132,8 @@ def _quantize_kernel():
 def _quantize_frag_kernel(per256: bool = False):
     """q8_quantize_frag (x per 32) or q8k_quantize_frag (per 256): same arguments, same threads."""
     fn = cuda.declare_device("q8k_quantize_frag" if per256 else "q8_quantize_frag",
-                             types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32), link=[source_with()], abi="c")
+                             types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32),
+                             link=[source_with("", "quantize_x.cu")], abi="c")
 
     @cuda.jit
     def kernel(x, M, K, n_tiles, xf, dsf, zero, n_zero):
@@ -107,15 +143,42 @@ def _quantize_frag_kernel(per256: bool = False):
     return kernel
 
 
+def gemv_source(qtype: str, M: int, rows: int, warps: int) -> tuple:
+    """(file, name, extern "C" wrapper) of q{4,6}k_gemv<M, rows, warps>."""
+    tmpl = TEMPLATES[qtype]
+    name = f"{tmpl}_gemv_m{M}_r{rows}_w{warps}"
+    return "gemv_dp4a.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const u32* xq, '
+        f'const float2* xds, float* out) {{ {tmpl}_gemv<{M}, {rows}, {warps}>(w, rb, n, K, xq, xds, out); return 0; }}\n')
+
+
+def f32_source(M: int, rows: int, warps: int) -> tuple:
+    """(file, name, extern "C" wrapper) of q4k_f32<M, rows, warps>."""
+    name = f"q4k_f32_m{M}_r{rows}_w{warps}"
+    return "gemv_f32.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const float* x, float* out) '
+        f'{{ q4k_f32<{M}, {rows}, {warps}>(w, rb, n, K, x, out); return 0; }}\n')
+
+
+def mma_source(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool = False, x256: bool = False) -> tuple:
+    """(file, name, extern "C" wrapper) of q4k_mma / q4k_mma_rows / q6k_mma (see mma_kernel)."""
+    if qtype == "Q4_K":
+        tmpl = "q4k_mma_rows" if rows else "q4k_mma"
+        name = f"{tmpl}_t{n_tiles}_w{warps}_s{stages}" + ("_xk" if x256 else "")
+        call, xt = f"{tmpl}<{n_tiles}, {warps}, {stages}, {'true' if x256 else 'false'}>", "uint2"
+    else:
+        name, call, xt = f"q6k_mma_t{n_tiles}_w{warps}", f"q6k_mma<{n_tiles}, {warps}>", "u32"
+    return "gemv_mma.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const {xt}* xq, '
+        f'const float2* xds, float* out) {{ {call}(w, rb, n, K, M, xq, xds, out); return 0; }}\n')
+
+
 @functools.lru_cache(maxsize=None)
 def gemv_kernel(qtype: str, M: int, rows: int, warps: int):
     """The Numba kernel for q{4,6}k_gemv<M, rows, warps>: grid = ceil(n_out / rows) blocks of 32*warps."""
-    tmpl = TEMPLATES[qtype]
-    name = f"{tmpl}_gemv_m{M}_r{rows}_w{warps}"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const u32* xq, '
-             f'const float2* xds, float* out) {{ {tmpl}_gemv<{M}, {rows}, {warps}>(w, rb, n, K, xq, xds, out); return 0; }}\n')
+    file, name, extra = gemv_source(qtype, M, rows, warps)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR),
-                             link=[source_with(extra)], abi="c")
+                             link=[source_with(extra, file)], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_out, K, xq, xds, out):
@@ -127,10 +190,8 @@ def gemv_kernel(qtype: str, M: int, rows: int, warps: int):
 @functools.lru_cache(maxsize=None)
 def f32_kernel(M: int, rows: int, warps: int):
     """The Numba kernel for q4k_f32<M, rows, warps>: grid = ceil(n_out / rows) blocks of 32*warps."""
-    name = f"q4k_f32_m{M}_r{rows}_w{warps}"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const float* x, float* out) '
-             f'{{ q4k_f32<{M}, {rows}, {warps}>(w, rb, n, K, x, out); return 0; }}\n')
-    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR), link=[source_with(extra)], abi="c")
+    file, name, extra = f32_source(M, rows, warps)
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR), link=[source_with(extra, file)], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_out, K, x, out):
@@ -145,16 +206,9 @@ def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool
     q4k_mma_rows, warps split rows; x256: x scaled per 256, see quantize_q8_fragments) or
     q6k_mma<n_tiles, warps> (plain q8 x): grid = (ceil(n_out / 16), split) blocks of 32*warps
     (rows=True: ceil(n_out / (16*warps)))."""
-    if qtype == "Q4_K":
-        tmpl = "q4k_mma_rows" if rows else "q4k_mma"
-        name = f"{tmpl}_t{n_tiles}_w{warps}_s{stages}" + ("_xk" if x256 else "")
-        call, xt = f"{tmpl}<{n_tiles}, {warps}, {stages}, {'true' if x256 else 'false'}>", "uint2"
-    else:
-        name, call, xt = f"q6k_mma_t{n_tiles}_w{warps}", f"q6k_mma<{n_tiles}, {warps}>", "u32"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const {xt}* xq, '
-             f'const float2* xds, float* out) {{ {call}(w, rb, n, K, M, xq, xds, out); return 0; }}\n')
+    file, name, extra = mma_source(qtype, n_tiles, warps, stages, rows, x256)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _PTR),
-                             link=[source_with(extra)], abi="c")
+                             link=[source_with(extra, file)], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_out, K, M, xq, xds, out):
@@ -166,7 +220,7 @@ def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool
 
 @functools.lru_cache(maxsize=None)
 def _cast_kernel():
-    fn = cuda.declare_device("f32_to_f16", types.int32(_PTR, _PTR, _I32), link=[source_with()], abi="c")
+    fn = cuda.declare_device("f32_to_f16", types.int32(_PTR, _PTR, _I32), link=[source_with("", "decode_cast.cu")], abi="c")
 
     @cuda.jit
     def kernel(x, out, n8):
@@ -195,7 +249,7 @@ def to_f16(x):
 @functools.lru_cache(maxsize=None)
 def _decode_kernel(qtype: str):
     fn = cuda.declare_device(f"{TEMPLATES[qtype]}_decode_f16", types.int32(_PTR, _I32, _I32, _I32, _PTR),
-                             link=[source_with()], abi="c")
+                             link=[source_with("", "decode_cast.cu")], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_rows, K, out):
@@ -257,7 +311,7 @@ def quantize_q8(x, zero=None):
 
 def quantize_q8_fragments(x, n_tiles, zero=None, per256=False):
     """x float32 [M, K] -> (xf uint32 [n_tiles*K/32*64], dsf float32 [n_tiles*K/32*8*2]): q8 per 32 values
-    in the mma B-fragment order of csrc/q8_gemv.cu (rows beyond M are zeros). `zero`, a float32
+    in the mma B-fragment order of csrc/gemv_mma.cu (rows beyond M are zeros). `zero`, a float32
     array, is set to 0 by the same kernel (the split-K GEMV accumulates into it).
     per256: one scale per 256 values (llama.cpp's Q8_K) and integer sums per 32 in dsf
     (csrc q8k_quantize_frag), for the kernels built with x256=True."""
