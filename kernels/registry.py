@@ -1,7 +1,7 @@
 """The registry of matmul variants: what exists, for which types and shapes, and how to call it.
 
-A variant computes ``out[:] = x @ W.T`` for x float32 [M, K] (C-contiguous), W the raw quant
-rows, out float32 [M, N]:
+A variant computes ``out[:] = x @ W.T`` for x [M, K] (C-contiguous; float32, or another dtype
+the variant `accepts`), W the raw quant rows, out float32 [M, N]:
 
     fn(x, w_raw, qtype, n_out, out, **params) -> out
 
@@ -32,6 +32,8 @@ from q4kdistill.errors import Q4KError
 from .decode import FORMATS
 
 ALL_QTYPES = tuple(FORMATS)            # every type the kernels decode (decode.py has one decode8 each)
+# x dtypes a variant may take as they are, by dtype name ("bfloat16" for arrays whose dtype is named
+# so, as ml_dtypes' is: NumPy and CuPy have none, so no shipped variant lists it yet)
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 DECODE_SCRATCH = {"float16": "decode scratch float16", "float32": "decode scratch float32"}
 
