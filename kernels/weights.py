@@ -52,11 +52,15 @@ def address(a) -> int:
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
-def padded_bytes(qtype, n_out: int, K: int, align: int = 4) -> int:
+def padded_rows_bytes(rows: int, nbytes: int, align: int = 4) -> int:
     """Bytes of the padded copy device_views(w_raw, align) makes of aligned, C-contiguous rows of
-    this shape: none unless a row's length is not a multiple of `align` bytes."""
-    rb = row_bytes(qtype, K)
-    return n_out * -(-rb // align) * align if rb % align else 0
+    `nbytes` bytes each: none unless that is not a multiple of `align`."""
+    return rows * -(-nbytes // align) * align if nbytes % align else 0
+
+
+def padded_bytes(qtype, n_out: int, K: int, align: int = 4) -> int:
+    """padded_rows_bytes for a weight [n_out, K] of qtype."""
+    return padded_rows_bytes(n_out, row_bytes(qtype, K), align)
 
 
 def device_views(w_raw, align=4):

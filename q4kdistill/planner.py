@@ -59,8 +59,11 @@ def teacher_resident(tensors) -> dict:
 
 def row_padding(rows: int, row_bytes: int) -> int:
     """kernels.weights.device_views copies rows whose length is not a multiple of 4 bytes into a
-    padded buffer for every kernel call (odd numbers of Q6_K / Q8_0 / Q5_0 blocks)."""
-    return rows * -(-row_bytes // 4) * 4 if row_bytes % 4 else 0
+    padded buffer for the call that reads them (odd numbers of Q6_K / Q8_0 / Q5_0 blocks): here,
+    kernels.dequantize_to at load; a matmul variant declares its own copy in its workspace."""
+    from kernels.weights import padded_rows_bytes
+
+    return padded_rows_bytes(rows, row_bytes)
 
 
 def load_bytes(t, backend: str) -> int:
