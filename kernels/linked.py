@@ -41,9 +41,8 @@ from llvmlite import ir
 from numba import cuda, types
 from numba.cuda.extending import intrinsic
 
-from q4kdistill.errors import Q4KError
-
 from q4kdistill.block_layouts import LAYOUTS
+from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR, launch
 from .registry import DECODE_SCRATCH

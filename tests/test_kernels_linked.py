@@ -83,9 +83,11 @@ def test_csrc_compiles_with_nvcc(tmp_path):
     extra = defaultdict(str)
     for f, _, wrapper in INSTANCES:
         extra[f] += wrapper
-    for f in linked.JOBS:
+    texts = {f: linked.source_text(f) + "\n" + extra[f] for f in linked.JOBS}
+    texts["all.cu"] = linked.source_text() + "\n" + linked.f32_source(1, 2, 4)[2]    # every job at once (source_with's default)
+    for f, text in texts.items():
         src = tmp_path / f
-        src.write_text(linked.source_text(f) + "\n" + extra[f])
+        src.write_text(text)
         r = subprocess.run(["nvcc", "-rdc=true", "-gencode=arch=compute_90a,code=sm_90a", "-c", "-o", str(src) + ".o",
                             str(src)], capture_output=True, text=True)
         assert r.returncode == 0 and "warning" not in r.stderr, (f, r.stderr[-2000:])
