@@ -8,9 +8,11 @@ No model knowledge lives here: only quant formats, matrix shapes and launch para
     variants(qtype=None), get(name), register(Variant(...)), choose(qtype, M, N, K)
     bench.run(...)                                 benchmark table (see bench.py)
 
-Files, in reading order: decode.py (block layouts, decode8 per type), gemv.py, gemv_chunk.py,
-gemv_dp4a.py, gemm.py, dequant.py (the kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy),
-registry.py, builtin.py, dispatch.py, autotune.py, bench.py. README.md says how to add a variant.
+Files, in reading order: decode.py (decode8 per type; the block layouts themselves are
+q4kdistill/formats/block_layouts.py), gemv.py, gemv_chunk.py, gemv_dp4a.py, gemm.py, dequant.py (the
+kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy), linked.py with csrc/ (CUDA C, one file
+per job), registry.py (Variant: what each allocates and accepts), builtin.py, dispatch.py,
+autotune.py, bench.py. README.md says how to add a variant.
 """
 from q4kdistill import backend as _backend  # noqa: F401  (switches on the simulator on CPU before numba.cuda loads)
 

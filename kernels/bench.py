@@ -150,7 +150,7 @@ def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0, als
                         log(f"# {name} {q} {K}x{N} M={M}: {type(exc).__name__}: {exc}")
                         continue
                     rows.append(_row(q, K, N, M, name, t, w0.nbytes, copy_bw, t_ref))
-                    if also_x16 and getattr(v.fn, "accepts_f16", False):
+                    if also_x16 and "float16" in v.accepts:
                         t = timer(lambda i: v(x16s[i % len(xs)], ws[i % len(ws)], q, N, out), len(xs) * len(ws))
                         rows.append(_row(q, K, N, M, name + "[x16]", t, w0.nbytes, copy_bw, t_ref))
                 log(format_rows([r for r in rows if (r["qtype"], r["K"], r["N"], r["M"]) == (q, K, N, M)]))

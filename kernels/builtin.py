@@ -1,55 +1,62 @@
 """The variants that ship with the package (see registry.py for how to add your own)."""
 from __future__ import annotations
 
-from .cpu import matmul_slabs
-from .gemm import gemm
-from .gemv import gemv
-from .gemv_chunk import gemv_chunk
-from .gemv_dp4a import gemv_dp4a
-from .linked import dequant_linked_cublas, gemv_f32_linked, gemv_mma_linked, gemv_mma_rows_linked, gemv_q8_linked
+from . import linked
+from .cpu import matmul_slabs, slabs_workspace
+from .gemm import gemm, gemm_workspace
+from .gemv import gemv, gemv_workspace
+from .gemv_chunk import CHUNKS, gemv_chunk, gemv_chunk_workspace
+from .gemv_dp4a import gemv_dp4a, gemv_dp4a_workspace
+from .linked import (dequant_linked_cublas, dequant_linked_workspace, gemv_f32_linked, gemv_f32_workspace,
+                     gemv_mma_linked, gemv_mma_rows_linked, gemv_mma_rows_workspace, gemv_mma_workspace,
+                     gemv_q8_linked, gemv_q8_workspace)
 from .registry import ALL_QTYPES, Variant, register
-from .scratch import dequant_matmul
+from .scratch import dequant_matmul, dequant_workspace
+
+CHUNK_QTYPES = tuple(CHUNKS)          # the types gemv_chunk has a chunk decoder for
+LINKED_QTYPES = linked.QTYPES         # the types csrc/ decodes
+F16_IN = ("float32", "float16")       # activations the decode + cuBLAS paths take as they are
 
 
 def _gemv(rows, warps, m_max=16):
     return Variant(
-        name=f"gemv_warp_r{rows}w{warps}", qtypes=ALL_QTYPES, fn=gemv, m_max=m_max,
+        name=f"gemv_warp_r{rows}w{warps}", qtypes=ALL_QTYPES, fn=gemv, m_max=m_max, workspace=gemv_workspace,
         params={"rows": rows, "warps": warps},
         description=f"fused GEMV, {warps} warps split K for {rows} weight row(s); decode in registers, shuffle reduce")
 
 
 def _chunk(rows, warps, m_max=16):
     return Variant(
-        name=f"gemv_chunk_r{rows}w{warps}", qtypes=("Q4_K", "Q6_K"), fn=gemv_chunk, m_max=m_max,
+        name=f"gemv_chunk_r{rows}w{warps}", qtypes=CHUNK_QTYPES, fn=gemv_chunk, m_max=m_max, workspace=gemv_chunk_workspace,
         params={"rows": rows, "warps": warps},
         description=f"fused GEMV for K-quants: a thread decodes 64-weight chunks of {rows} row(s) (header once), 16-byte loads")
 
 
 def _dp4a(rows, warps, m_max=16):
     return Variant(
-        name=f"gemv_dp4a_r{rows}w{warps}", qtypes=("Q4_K",), fn=gemv_dp4a, m_max=m_max, rel_err=2e-2,
+        name=f"gemv_dp4a_r{rows}w{warps}", qtypes=("Q4_K",), fn=gemv_dp4a, m_max=m_max, rel_err=2e-2, workspace=gemv_dp4a_workspace,
         params={"rows": rows, "warps": warps},
         description=f"Q4_K GEMV on int8 activations (q8 per 32) with dp4a, 64-weight chunks of {rows} row(s)")
 
 
 def _linked(rows, warps):
     return Variant(
-        name=f"gemv_q8_linked_r{rows}w{warps}", qtypes=("Q4_K", "Q6_K"), fn=gemv_q8_linked, m_max=16, rel_err=2e-2,
+        name=f"gemv_q8_linked_r{rows}w{warps}", qtypes=LINKED_QTYPES, fn=gemv_q8_linked, m_max=16, rel_err=2e-2, workspace=gemv_q8_workspace,
         device="gpu", simulated=False, params={"rows": rows, "warps": warps},
         description=f"linked CUDA C: int8 x (q8 per 32) and dp4a; a block of {warps} warps owns {rows} row(s), 16-byte loads")
 
 
 def _mma(warps, stages=4):
     return Variant(
-        name=f"gemv_mma_linked_w{warps}" + (f"s{stages}" if stages != 4 else ""), qtypes=("Q4_K", "Q6_K"), fn=gemv_mma_linked,
-        m_max=16, rel_err=2e-2, device="gpu", simulated=False, params={"warps": warps, "stages": stages},
+        name=f"gemv_mma_linked_w{warps}" + (f"s{stages}" if stages != 4 else ""), qtypes=LINKED_QTYPES, fn=gemv_mma_linked,
+        m_max=16, workspace=gemv_mma_workspace, rel_err=2e-2, device="gpu", simulated=False, params={"warps": warps, "stages": stages},
         description=f"linked CUDA C: int8 x, int8 tensor cores (mma per sub-block); {warps} warps split K of 16 rows "
                     f"(Q4_K: a {stages}-slot cp.async ring)")
 
 
 def _mma_k8(warps):
     return Variant(
-        name=f"gemv_mma_k8_linked_w{warps}", qtypes=("Q4_K",), fn=gemv_mma_linked, m_max=16, rel_err=2e-2,
+        name=f"gemv_mma_k8_linked_w{warps}", qtypes=("Q4_K",), fn=gemv_mma_linked, m_max=16, rel_err=2e-2, workspace=gemv_mma_workspace,
         device="gpu", simulated=False, params={"warps": warps, "x256": True},
         description=f"as gemv_mma_linked_w{warps}, x scaled per 256 (llama.cpp's Q8_K): sub-block scales applied "
                     f"in integers, FP32 once per super-block")
@@ -59,6 +66,7 @@ def _mma_rows(warps):
     # kept as a measured alternative (docs/perf.md, log step 19): a quarter of the x traffic, not faster
     return Variant(
         name=f"gemv_mma_rows_linked_w{warps}", qtypes=("Q4_K",), fn=gemv_mma_rows_linked, m_max=16 if warps <= 4 else 8,
+        workspace=gemv_mma_rows_workspace,
         rel_err=2e-2, device="gpu", simulated=False, params={"warps": warps},
         description=f"linked CUDA C: int8 x, int8 tensor cores; a block of {warps} warps owns {16 * warps} rows and "
                     f"shares one x slot of its cp.async ring")
@@ -66,14 +74,14 @@ def _mma_rows(warps):
 
 def _f32(rows, warps):
     return Variant(
-        name=f"gemv_f32_linked_r{rows}w{warps}", qtypes=("Q4_K",), fn=gemv_f32_linked, m_max=4, device="gpu",
+        name=f"gemv_f32_linked_r{rows}w{warps}", qtypes=("Q4_K",), fn=gemv_f32_linked, m_max=4, device="gpu", workspace=gemv_f32_workspace,
         simulated=False, params={"rows": rows, "warps": warps},
         description=f"linked CUDA C: float32 x as is (exact), one kernel; {warps} warps split K of {rows} row(s)")
 
 
 def _gemm(bm, bn, tm, tn):
     return Variant(
-        name=f"gemm_tile_{bm}x{bn}", qtypes=ALL_QTYPES, fn=gemm,
+        name=f"gemm_tile_{bm}x{bn}", qtypes=ALL_QTYPES, fn=gemm, workspace=gemm_workspace,
         params={"bm": bm, "bn": bn, "tm": tm, "tn": tn},
         description=f"fused tiled GEMM, {bm}x{bn} tile, {tm}x{tn} per thread; decode to shared memory, FP32 FMA")
 
@@ -87,23 +95,27 @@ BUILTIN = [
     _f32(1, 4), _f32(2, 4), _f32(2, 2), _f32(4, 4),
     _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
-            params={"dtype": "float16"}, rel_err=2e-3,
+            params={"dtype": "float16"}, rel_err=2e-3, workspace=dequant_workspace,
             description="decode into one reusable fp16 scratch, then cuBLAS GemmEx (fp16 in, FP32 accumulate/out)"),
-    Variant(name="dequant_linked_cublas", qtypes=("Q4_K", "Q6_K"), fn=dequant_linked_cublas, device="gpu",
+    Variant(name="dequant_linked_cublas", qtypes=LINKED_QTYPES, fn=dequant_linked_cublas, device="gpu",
+            workspace=dequant_linked_workspace, accepts=F16_IN,
             rel_err=2e-3, simulated=False, description="linked CUDA C decode into the fp16 scratch, then cuBLAS GemmEx (FP32 out)"),
-    Variant(name="dequant_linked_overlap4", qtypes=("Q4_K", "Q6_K"), fn=dequant_linked_cublas, device="gpu",
+    Variant(name="dequant_linked_overlap4", qtypes=LINKED_QTYPES, fn=dequant_linked_cublas, device="gpu",
+            workspace=dequant_linked_workspace, accepts=F16_IN,
             params={"chunks": 4}, rel_err=2e-3, simulated=False,
             description="linked CUDA C decode of 4 row blocks on a side stream, each GemmEx'd as soon as it is decoded"),
-    Variant(name="dequant_linked_overlap16", qtypes=("Q4_K", "Q6_K"), fn=dequant_linked_cublas, device="gpu",
+    Variant(name="dequant_linked_overlap16", qtypes=LINKED_QTYPES, fn=dequant_linked_cublas, device="gpu",
+            workspace=dequant_linked_workspace, accepts=F16_IN,
             params={"chunks": 16}, rel_err=2e-3, simulated=False,
             description="as dequant_linked_overlap4 with 16 row blocks (the LM head at large M: 0.97x cuBLAS)"),
-    Variant(name="dequant_linked_cublas16", qtypes=("Q4_K", "Q6_K"), fn=dequant_linked_cublas, device="gpu",
+    Variant(name="dequant_linked_cublas16", qtypes=LINKED_QTYPES, fn=dequant_linked_cublas, device="gpu",
+            workspace=dequant_linked_workspace, accepts=F16_IN,
             params={"out16": True}, rel_err=2e-3, simulated=False,
             description="linked CUDA C decode into the fp16 scratch, then CuPy's fp16 matmul cast to FP32"),
     Variant(name="dequant_f32_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
-            params={"dtype": "float32"},
+            params={"dtype": "float32"}, workspace=dequant_workspace,
             description="decode into one reusable fp32 scratch, then cuBLAS SGEMM"),
-    Variant(name="numpy_slab", qtypes=ALL_QTYPES, fn=matmul_slabs, device="cpu",
+    Variant(name="numpy_slab", qtypes=ALL_QTYPES, fn=matmul_slabs, device="cpu", workspace=slabs_workspace,
             description="NumPy: decode a slab of rows with quants.dequantize, matmul, next slab"),
 ]
 

@@ -43,3 +43,9 @@ def _bf16_bits(w):
     rounded = ((b + np.uint32(0x7FFF) + ((b >> 16) & 1)) >> 16).astype(np.uint16)
     nan = np.isnan(w)
     return np.where(nan, ((b >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def slabs_workspace(qtype, M, N, K, x_dtype):
+    """matmul_slabs' largest buffer (host memory): one decoded float32 slab [rows, K]. quants.dequantize's
+    own temporaries come on top."""
+    return {"decoded slab (host)": 4 * min(N, slab_rows(K)) * K}

@@ -91,7 +91,9 @@ def decode_rows(w_raw, qtype: str, K: int, out_dtype, out, ids=None):
         return out
     target = out if address(out) % 16 == 0 else xp.empty_like(out)   # 16-byte stores need alignment
     gather = ids is not None
-    ids_arg = ids if gather else xp.zeros(1, dtype=np.int64)
+    # without a gather list the kernel never reads ids: pass an int64 view of target's first 8 bytes
+    # (a view allocates nothing, so a decode allocates only the padded rows device_views may copy)
+    ids_arg = ids if gather else target.reshape(-1).view(np.uint8)[:8].view(np.int64)
     threads = min(THREADS, (K // 8 + 31) // 32 * 32)
     launch(dequant_kernel(qtype, name, gather), (n, (K // 8 + threads - 1) // threads), threads,
            w32, w16, stride, ids_arg, K, target.reshape(-1).view(np.uint32))

@@ -107,8 +107,9 @@ def choose(qtype, M: int, N: int, K: int, on_gpu: bool | None = None) -> str:
 def matmul(x, w_raw, qtype, n_out, variant=None, out=None):
     """x @ W.T as float32 [M, n_out]; W [n_out, K] is what w_raw (uint8 [n_out, row_bytes]) encodes.
 
-    x: [M, K] float32 or float16, same array module as w_raw (fp16 x goes as is to variants that
-    take it -- the decode + cuBLAS paths -- and is widened to float32 for the others). variant: a
+    x: [M, K] float32 or float16, same array module as w_raw (x goes as is to variants whose
+    `accepts` names its dtype -- fp16: the linked decode + cuBLAS paths -- and is widened to float32
+    for the others). variant: a
     registered name to force one (else chosen per sizes and GPU). out: optional float32
     [M, n_out] to write into.
     """
@@ -131,8 +132,7 @@ def matmul(x, w_raw, qtype, n_out, variant=None, out=None):
     if not (q in v.qtypes and M >= v.m_min and (v.m_max is None or M <= v.m_max)):
         raise Q4KError(f"kernel variant {name} does not take {q} with M={M} "
                        f"(types {', '.join(v.qtypes)}, M {v.m_min}..{v.m_max or 'any'})")
-    keep16 = x.dtype == np.float16 and getattr(v.fn, "accepts_f16", False)
-    x = xp.ascontiguousarray(x, dtype=np.float16 if keep16 else np.float32)
+    x = xp.ascontiguousarray(x, dtype=x.dtype if x.dtype.name in v.accepts else np.float32)
     return v(x, w_raw, q, n_out, out)
 
 

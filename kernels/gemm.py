@@ -22,7 +22,7 @@ from numba import cuda
 
 from ._device import F, I, launch
 from .decode import FORMATS
-from .weights import device_views
+from .weights import device_views, padded_bytes
 
 BK = 32  # weights per K step: 4 groups of 8; every supported K is a multiple of 32
 
@@ -85,3 +85,8 @@ def gemm(x, w_raw, qtype, n_out, out, bm=64, bn=64, tm=4, tn=4):
     grid = ((n_out + bn - 1) // bn, (M + bm - 1) // bm)
     launch(kernel, grid, (bm // tm) * (bn // tn), x.reshape(-1), K, w32, w16, stride, n_out, out)
     return out
+
+
+def gemm_workspace(qtype, M, N, K, x_dtype, bm=64, bn=64, tm=4, tn=4):
+    """gemm's buffers: the padded copy of rows that are not a multiple of 4 bytes."""
+    return {"padded rows": padded_bytes(qtype, N, K)}

@@ -24,7 +24,7 @@ from numba import cuda
 
 from ._device import F, I, SIMULATOR, launch, warp_sum
 from .decode import FORMATS
-from .weights import device_views
+from .weights import device_views, padded_bytes
 
 M_TILES = (1, 2, 4, 8, 16)
 
@@ -100,3 +100,8 @@ def gemv(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     kernel = gemv_kernel(qtype, rows, warps, m_tile(x.shape[0]))
     launch(kernel, (n_out + rows - 1) // rows, 32 * warps, x.reshape(-1), x.shape[1], w32, w16, stride, n_out, out)
     return out
+
+
+def gemv_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    """gemv's buffers: the padded copy of rows that are not a multiple of 4 bytes."""
+    return {"padded rows": padded_bytes(qtype, N, K)}

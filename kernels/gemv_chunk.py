@@ -8,7 +8,7 @@ its header once:
 
     Q4_K chunk j of a super-block: 16-byte header + qs bytes 32j..32j+31 (three 16-byte loads);
          low nibbles -> weights 64j+l (sub-block 2j), high nibbles -> 64j+32+l (sub-block 2j+1)
-    Q6_K chunk (n, l0): ql/qh bytes for l = l0..l0+15 of half n, four lines (see decode.py),
+    Q6_K chunk (n, l0): ql/qh bytes for l = l0..l0+15 of half n, four lines (q4kdistill/formats/block_layouts.py),
          four scales; blocks are 2-byte aligned, so 16-byte fields come through load16.
 
 Each warp owns ROWS weight rows; lane c walks chunks c, c+32, ... of K (a warp reads 8 Q4_K
@@ -23,10 +23,10 @@ import functools
 from numba import cuda
 
 from ._device import F, I, U, launch, warp_rows_store
-from ._ptx import f16hi, f16lo, ld4, load16
-from .decode import fma4, q4_k_scale_min
+from ._ptx import ld4, load16
+from .decode import Q4K_BYTES, Q4K_QS, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, fma4, q4_k_chunk_scales
 from .gemv import _dot8, m_tile
-from .weights import address, device_views
+from .weights import address, device_views, padded_bytes
 
 
 def _q4_k_chunk(R, MT):
@@ -38,15 +38,15 @@ def _q4_k_chunk(R, MT):
         q = cuda.local.array(R8, U)            # q[8r + i]: qs word i of the chunk, row r
         cf = cuda.local.array(R4, F)           # A0, C0, A1, C1 of row r: w = A * unit + C
         for r in range(R):
-            wo = (I(min(row0 + r, n_out - 1)) * I(row_bytes) + I(c >> 2) * I(144)) >> I(2)
+            wo = (I(min(row0 + r, n_out - 1)) * I(row_bytes) + I(c >> 2) * I(Q4K_BYTES)) >> I(2)
             h0, h1, h2, h3 = ld4(w32, wo)                       # d | dmin, 12 scale bytes
-            q[8 * r], q[8 * r + 1], q[8 * r + 2], q[8 * r + 3] = ld4(w32, wo + I(4) + I(8) * j)
-            q[8 * r + 4], q[8 * r + 5], q[8 * r + 6], q[8 * r + 7] = ld4(w32, wo + I(8) + I(8) * j)
-            sc0, m0 = q4_k_scale_min(h1, h2, h3, I(2) * j)
-            sc1, m1 = q4_k_scale_min(h1, h2, h3, I(2) * j + I(1))
-            d16, dmin = F(16) * f16lo(h0), f16hi(h0)
-            cf[4 * r], cf[4 * r + 1] = d16 * F(sc0), -(d16 * F(sc0) + dmin * F(m0))
-            cf[4 * r + 2], cf[4 * r + 3] = d16 * F(sc1), -(d16 * F(sc1) + dmin * F(m1))
+            qw = wo + I(Q4K_QS // 4) + I(8) * j                  # the chunk's 32 qs bytes
+            q[8 * r], q[8 * r + 1], q[8 * r + 2], q[8 * r + 3] = ld4(w32, qw)
+            q[8 * r + 4], q[8 * r + 5], q[8 * r + 6], q[8 * r + 7] = ld4(w32, qw + I(4))
+            D0, M0, D1, M1 = q4_k_chunk_scales(h0, h1, h2, h3, j)
+            # 16 * (d*sc) is exact, so these are the FMA form w = A * (1 + q/16) + C of d*sc*q - dmin*m
+            cf[4 * r], cf[4 * r + 1] = F(16) * D0, -(F(16) * D0 + M0)
+            cf[4 * r + 2], cf[4 * r + 3] = F(16) * D1, -(F(16) * D1 + M1)
         xv = cuda.local.array(X8, F)          # xv[8m + t]: the x values of word i's 8 weights
         for i in range(8):
             for m in range(MT):
@@ -85,13 +85,14 @@ def _q6_k_chunk(R, MT):
         qh = cuda.local.array(R4, U)
         A = cuda.local.array(R4, F)            # per line qd: w = A * (1 + q/64) - 1.5 A
         for r in range(R):
-            o = I(min(row0 + r, n_out - 1)) * I(row_bytes) + I(c >> 2) * I(210)
-            ql[8 * r], ql[8 * r + 1], ql[8 * r + 2], ql[8 * r + 3] = load16(w32, o + I(64) * n + l0)
-            ql[8 * r + 4], ql[8 * r + 5], ql[8 * r + 6], ql[8 * r + 7] = load16(w32, o + I(64) * n + I(32) + l0)
-            qh[4 * r], qh[4 * r + 1], qh[4 * r + 2], qh[4 * r + 3] = load16(w32, o + I(128) + I(32) * n + l0)
-            s0, s1, s2, s3 = load16(w32, o + I(192))                 # the 16 int8 scales
+            o = I(min(row0 + r, n_out - 1)) * I(row_bytes) + I(c >> 2) * I(Q6K_BYTES)
+            qlo = o + I(Q6K_QL) + I(64) * n + l0
+            ql[8 * r], ql[8 * r + 1], ql[8 * r + 2], ql[8 * r + 3] = load16(w32, qlo)
+            ql[8 * r + 4], ql[8 * r + 5], ql[8 * r + 6], ql[8 * r + 7] = load16(w32, qlo + I(32))
+            qh[4 * r], qh[4 * r + 1], qh[4 * r + 2], qh[4 * r + 3] = load16(w32, o + I(Q6K_QH) + I(32) * n + l0)
+            s0, s1, s2, s3 = load16(w32, o + I(Q6K_SCALES))          # the 16 int8 scales
             s_lo, s_hi = (s0, s1) if n == I(0) else (s2, s3)          # the 8 of half n
-            d64 = F(64) * F(w16[(o + I(208)) >> I(1)])
+            d64 = F(64) * F(w16[(o + I(Q6K_D)) >> I(1)])
             for qd in range(4):
                 A[4 * r + qd] = d64 * _q6_line_scale(s_lo, s_hi, (l0 >> I(4)) + I(2 * qd))
         xv = cuda.local.array(X16, F)         # xv[16m + 4qd + t]: x of line qd's 4 weights of word i
@@ -139,12 +140,22 @@ def chunk_kernel(qtype: str, rows: int, warps: int, m_tile: int):
     return kernel
 
 
+def _align(qtype):
+    return 16 if qtype == "Q4_K" else 4          # Q4_K rows are read with 16-byte loads
+
+
 def gemv_chunk(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] = x @ W.T for M <= 16, Q4_K or Q6_K (x float32 C-contiguous)."""
-    w32, w16, stride = device_views(w_raw, align=16 if qtype == "Q4_K" else 4)   # Q4_K: 16-byte loads
+    w32, w16, stride = device_views(w_raw, align=_align(qtype))
     if address(x) % 16:
         x = x.copy()                              # 16-byte loads of x need an aligned start
     kernel = chunk_kernel(qtype, rows, warps, m_tile(x.shape[0]))
     per_block = rows * warps
     launch(kernel, (n_out + per_block - 1) // per_block, 32 * warps, x.reshape(-1), x.shape[1], w32, w16, stride, n_out, out)
     return out
+
+
+def gemv_chunk_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    """gemv_chunk's buffers (x and W aligned, as CuPy allocates them): the padded copy of rows that
+    are not a multiple of 16 (Q4_K) or 4 (Q6_K) bytes."""
+    return {"padded rows": padded_bytes(qtype, N, K, _align(qtype))}

@@ -19,10 +19,10 @@ import numpy as np
 from numba import cuda
 
 from ._device import F, I, U, launch, warp_rows_store
-from ._ptx import dp4a, f16hi, f16lo, ld4, st4
-from .decode import q4_k_scale_min
+from ._ptx import dp4a, ld4, st4
+from .decode import Q4K_BYTES, Q4K_QS, q4_k_chunk_scales
 from .gemv import m_tile
-from .weights import address, device_views
+from .weights import address, device_views, padded_bytes
 
 QUANT_THREADS = 128
 
@@ -67,14 +67,12 @@ def _chunk(R, MT):
         q = cuda.local.array(R8, U)
         cf = cuda.local.array(R4, F)             # D0, Dm0, D1, Dm1 of row r
         for r in range(R):
-            wo = (I(min(row0 + r, n_out - 1)) * I(row_bytes) + I(c >> 2) * I(144)) >> I(2)
-            h0, h1, h2, h3 = ld4(w32, wo)
-            q[8 * r], q[8 * r + 1], q[8 * r + 2], q[8 * r + 3] = ld4(w32, wo + I(4) + I(8) * j)
-            q[8 * r + 4], q[8 * r + 5], q[8 * r + 6], q[8 * r + 7] = ld4(w32, wo + I(8) + I(8) * j)
-            sc0, m0 = q4_k_scale_min(h1, h2, h3, I(2) * j)
-            sc1, m1 = q4_k_scale_min(h1, h2, h3, I(2) * j + I(1))
-            d, dmin = f16lo(h0), f16hi(h0)
-            cf[4 * r], cf[4 * r + 1], cf[4 * r + 2], cf[4 * r + 3] = d * F(sc0), dmin * F(m0), d * F(sc1), dmin * F(m1)
+            wo = (I(min(row0 + r, n_out - 1)) * I(row_bytes) + I(c >> 2) * I(Q4K_BYTES)) >> I(2)
+            h0, h1, h2, h3 = ld4(w32, wo)                       # d | dmin, 12 scale bytes
+            qw = wo + I(Q4K_QS // 4) + I(8) * j                  # the chunk's 32 qs bytes
+            q[8 * r], q[8 * r + 1], q[8 * r + 2], q[8 * r + 3] = ld4(w32, qw)
+            q[8 * r + 4], q[8 * r + 5], q[8 * r + 6], q[8 * r + 7] = ld4(w32, qw + I(4))
+            cf[4 * r], cf[4 * r + 1], cf[4 * r + 2], cf[4 * r + 3] = q4_k_chunk_scales(h0, h1, h2, h3, j)
         for m in range(MT):
             mm = I(min(m, M - 1))
             xb = mm * I(K >> 5) + I(2 * c)        # x blocks 2c (low nibbles) and 2c+1 (high)
@@ -153,3 +151,10 @@ def gemv_dp4a(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     per_block = rows * warps
     launch(kernel, (n_out + per_block - 1) // per_block, 32 * warps, xq, xd, xs, x.shape[1], w32, stride, n_out, out)
     return out
+
+
+def gemv_dp4a_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    """gemv_dp4a's buffers, all alive during the GEMV: quantize_x's int8 x and its two float32
+    arrays per 32 values, and the padded copy of rows not a multiple of 16 bytes."""
+    return {"x int8": M * K, "x scales": M * K // 32 * 4, "x scaled sums": M * K // 32 * 4,
+            "padded rows": padded_bytes(qtype, N, K, 16)}

@@ -1,11 +1,21 @@
-"""Variants whose inner body is linked CUDA C (csrc/q8_gemv.cu), called from Numba kernels.
+"""Variants whose inner body is linked CUDA C (csrc/), called from Numba kernels.
 
 numba-cuda has no first-class 16-byte loads, dp4a or 32-bit index arithmetic; the issue allows a
 variant to link a CUDA C device function (``cuda.declare_device(..., link=...)``). Each Numba
 kernel here is a thin wrapper: it turns its array arguments into data pointers and calls one
-device function of csrc/q8_gemv.cu, which NVRTC compiles when the kernel is first launched.
-Templates are instantiated on demand: for (qtype, M, R, NW) a copy of the source with one
-``extern "C"`` wrapper appended is written to a cache directory and linked.
+device function of a csrc/ file, which NVRTC compiles when the kernel is first launched:
+
+    csrc/quantize_x.cu   q8 quantizers of x (per 32, fragment order, per 256)
+    csrc/gemv_dp4a.cu    Q4_K / Q6_K GEMV on int8 x with dp4a
+    csrc/gemv_f32.cu     Q4_K GEMV on float32 x, exact
+    csrc/gemv_mma.cu     Q4_K / Q6_K GEMV on int8 x with the int8 tensor cores
+    csrc/decode_cast.cu  decode to fp16, fp32 -> fp16 cast
+    csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated)
+
+NVRTC gets no include path, so source_with() inlines a file's ``#include "x.cuh"`` lines (each
+header once) and appends what the caller adds. Templates are instantiated on demand: for
+(qtype, M, R, NW) that text with one ``extern "C"`` wrapper appended is written to a cache
+directory and linked.
 
 GPU only (the Numba simulator cannot run C). Their logic is checked on the GPU against the same
 float64 reference as every variant (tests/test_kernels_gpu.py); the CPU suite checks that the
@@ -31,14 +41,17 @@ from llvmlite import ir
 from numba import cuda, types
 from numba.cuda.extending import intrinsic
 
+from q4kdistill.formats.block_layouts import LAYOUTS
 from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR, launch
+from .registry import DECODE_SCRATCH
 from .weights import address, columns, qtype_name
 
-SOURCE = Path(__file__).with_name("csrc") / "q8_gemv.cu"
-TEMPLATES = {"Q4_K": "q4k", "Q6_K": "q6k"}
-BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}
+CSRC = Path(__file__).with_name("csrc")
+JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu")
+QTYPES = ("Q4_K", "Q6_K")                                # the types csrc/ decodes
+TEMPLATES = {q: LAYOUTS[q].c_name for q in QTYPES}       # prefix of their C functions: "q4k", "q6k"
 QUANT_THREADS = 256
 DECODE_THREADS = 128
 
@@ -60,15 +73,38 @@ def _require_gpu(what: str):
         raise Q4KError(f"{what} links CUDA C and runs on a GPU only (the Numba simulator cannot run it)")
 
 
-def source_with(extra: str = "") -> str:
-    """Path of csrc/q8_gemv.cu with `extra` appended, written once to a cache directory."""
-    if not extra:
-        return str(SOURCE)
-    text = SOURCE.read_text() + "\n" + extra
+def _inline(name: str, seen: set) -> list:
+    """Lines of csrc/`name` with each `#include "x"` replaced by x's lines (every file once)."""
+    if name in seen:
+        return []
+    seen.add(name)
+    out = []
+    for line in (CSRC / name).read_text().splitlines():
+        inc = line.strip()
+        if inc.startswith("#include"):
+            parts = inc.split('"')
+            if len(parts) != 3:
+                raise Q4KError(f"csrc/{name}: only #include \"file\" of csrc/ is supported, got {inc!r}")
+            out += _inline(parts[1], seen)
+        else:
+            out.append(line)
+    return out
+
+
+def source_text(*files: str) -> str:
+    """The csrc/ files (default: every job of JOBS), their headers inlined once: one text NVRTC
+    compiles without an include path."""
+    seen: set = set()
+    return "\n".join(line for f in (files or JOBS) for line in _inline(f, seen)) + "\n"
+
+
+def source_with(extra: str = "", *files: str) -> str:
+    """Path of source_text(*files) with `extra` appended, written once to a cache directory."""
+    text = source_text(*files) + "\n" + extra
     digest = hashlib.sha1(text.encode()).hexdigest()[:16]
     folder = Path(os.environ.get("Q4KDISTILL_CSRC_CACHE", Path(tempfile.gettempdir()) / "q4kdistill_csrc"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"q8_gemv_{digest}.cu"
+    path = folder / f"{'_'.join(Path(f).stem for f in files) or 'csrc'}_{digest}.cu"
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
@@ -81,8 +117,8 @@ _PTR, _I32 = types.voidptr, types.int32
 
 @functools.lru_cache(maxsize=None)
 def _quantize_kernel():
-    fn = cuda.declare_device("q8_quantize", types.int32(_PTR, _PTR, _PTR, _I32, _PTR, _I32), link=[source_with()],
-                             abi="c")
+    fn = cuda.declare_device("q8_quantize", types.int32(_PTR, _PTR, _PTR, _I32, _PTR, _I32),
+                             link=[source_with("", "quantize_x.cu")], abi="c")
 
     @cuda.jit
     def kernel(x, xq, xds, nblocks, zero, n_zero):
@@ -95,7 +131,8 @@ def _quantize_kernel():
 def _quantize_frag_kernel(per256: bool = False):
     """q8_quantize_frag (x per 32) or q8k_quantize_frag (per 256): same arguments, same threads."""
     fn = cuda.declare_device("q8k_quantize_frag" if per256 else "q8_quantize_frag",
-                             types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32), link=[source_with()], abi="c")
+                             types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32),
+                             link=[source_with("", "quantize_x.cu")], abi="c")
 
     @cuda.jit
     def kernel(x, M, K, n_tiles, xf, dsf, zero, n_zero):
@@ -105,15 +142,42 @@ def _quantize_frag_kernel(per256: bool = False):
     return kernel
 
 
+def gemv_source(qtype: str, M: int, rows: int, warps: int) -> tuple:
+    """(file, name, extern "C" wrapper) of q{4,6}k_gemv<M, rows, warps>."""
+    tmpl = TEMPLATES[qtype]
+    name = f"{tmpl}_gemv_m{M}_r{rows}_w{warps}"
+    return "gemv_dp4a.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const u32* xq, '
+        f'const float2* xds, float* out) {{ {tmpl}_gemv<{M}, {rows}, {warps}>(w, rb, n, K, xq, xds, out); return 0; }}\n')
+
+
+def f32_source(M: int, rows: int, warps: int) -> tuple:
+    """(file, name, extern "C" wrapper) of q4k_f32<M, rows, warps>."""
+    name = f"q4k_f32_m{M}_r{rows}_w{warps}"
+    return "gemv_f32.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const float* x, float* out) '
+        f'{{ q4k_f32<{M}, {rows}, {warps}>(w, rb, n, K, x, out); return 0; }}\n')
+
+
+def mma_source(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool = False, x256: bool = False) -> tuple:
+    """(file, name, extern "C" wrapper) of q4k_mma / q4k_mma_rows / q6k_mma (see mma_kernel)."""
+    if qtype == "Q4_K":
+        tmpl = "q4k_mma_rows" if rows else "q4k_mma"
+        name = f"{tmpl}_t{n_tiles}_w{warps}_s{stages}" + ("_xk" if x256 else "")
+        call, xt = f"{tmpl}<{n_tiles}, {warps}, {stages}, {'true' if x256 else 'false'}>", "uint2"
+    else:
+        name, call, xt = f"q6k_mma_t{n_tiles}_w{warps}", f"q6k_mma<{n_tiles}, {warps}>", "u32"
+    return "gemv_mma.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const {xt}* xq, '
+        f'const float2* xds, float* out) {{ {call}(w, rb, n, K, M, xq, xds, out); return 0; }}\n')
+
+
 @functools.lru_cache(maxsize=None)
 def gemv_kernel(qtype: str, M: int, rows: int, warps: int):
     """The Numba kernel for q{4,6}k_gemv<M, rows, warps>: grid = ceil(n_out / rows) blocks of 32*warps."""
-    tmpl = TEMPLATES[qtype]
-    name = f"{tmpl}_gemv_m{M}_r{rows}_w{warps}"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const u32* xq, '
-             f'const float2* xds, float* out) {{ {tmpl}_gemv<{M}, {rows}, {warps}>(w, rb, n, K, xq, xds, out); return 0; }}\n')
+    file, name, extra = gemv_source(qtype, M, rows, warps)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR),
-                             link=[source_with(extra)], abi="c")
+                             link=[source_with(extra, file)], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_out, K, xq, xds, out):
@@ -125,10 +189,8 @@ def gemv_kernel(qtype: str, M: int, rows: int, warps: int):
 @functools.lru_cache(maxsize=None)
 def f32_kernel(M: int, rows: int, warps: int):
     """The Numba kernel for q4k_f32<M, rows, warps>: grid = ceil(n_out / rows) blocks of 32*warps."""
-    name = f"q4k_f32_m{M}_r{rows}_w{warps}"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, const float* x, float* out) '
-             f'{{ q4k_f32<{M}, {rows}, {warps}>(w, rb, n, K, x, out); return 0; }}\n')
-    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR), link=[source_with(extra)], abi="c")
+    file, name, extra = f32_source(M, rows, warps)
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR), link=[source_with(extra, file)], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_out, K, x, out):
@@ -143,16 +205,9 @@ def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool
     q4k_mma_rows, warps split rows; x256: x scaled per 256, see quantize_q8_fragments) or
     q6k_mma<n_tiles, warps> (plain q8 x): grid = (ceil(n_out / 16), split) blocks of 32*warps
     (rows=True: ceil(n_out / (16*warps)))."""
-    if qtype == "Q4_K":
-        tmpl = "q4k_mma_rows" if rows else "q4k_mma"
-        name = f"{tmpl}_t{n_tiles}_w{warps}_s{stages}" + ("_xk" if x256 else "")
-        call, xt = f"{tmpl}<{n_tiles}, {warps}, {stages}, {'true' if x256 else 'false'}>", "uint2"
-    else:
-        name, call, xt = f"q6k_mma_t{n_tiles}_w{warps}", f"q6k_mma<{n_tiles}, {warps}>", "u32"
-    extra = (f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const {xt}* xq, '
-             f'const float2* xds, float* out) {{ {call}(w, rb, n, K, M, xq, xds, out); return 0; }}\n')
+    file, name, extra = mma_source(qtype, n_tiles, warps, stages, rows, x256)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _PTR),
-                             link=[source_with(extra)], abi="c")
+                             link=[source_with(extra, file)], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_out, K, M, xq, xds, out):
@@ -164,7 +219,7 @@ def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool
 
 @functools.lru_cache(maxsize=None)
 def _cast_kernel():
-    fn = cuda.declare_device("f32_to_f16", types.int32(_PTR, _PTR, _I32), link=[source_with()], abi="c")
+    fn = cuda.declare_device("f32_to_f16", types.int32(_PTR, _PTR, _I32), link=[source_with("", "decode_cast.cu")], abi="c")
 
     @cuda.jit
     def kernel(x, out, n8):
@@ -193,7 +248,7 @@ def to_f16(x):
 @functools.lru_cache(maxsize=None)
 def _decode_kernel(qtype: str):
     fn = cuda.declare_device(f"{TEMPLATES[qtype]}_decode_f16", types.int32(_PTR, _I32, _I32, _I32, _PTR),
-                             link=[source_with()], abi="c")
+                             link=[source_with("", "decode_cast.cu")], abi="c")
 
     @cuda.jit
     def kernel(w, row_bytes, n_rows, K, out):
@@ -255,7 +310,7 @@ def quantize_q8(x, zero=None):
 
 def quantize_q8_fragments(x, n_tiles, zero=None, per256=False):
     """x float32 [M, K] -> (xf uint32 [n_tiles*K/32*64], dsf float32 [n_tiles*K/32*8*2]): q8 per 32 values
-    in the mma B-fragment order of csrc/q8_gemv.cu (rows beyond M are zeros). `zero`, a float32
+    in the mma B-fragment order of csrc/gemv_mma.cu (rows beyond M are zeros). `zero`, a float32
     array, is set to 0 by the same kernel (the split-K GEMV accumulates into it).
     per256: one scale per 256 values (llama.cpp's Q8_K) and integer sums per 32 in dsf
     (csrc q8k_quantize_frag), for the kernels built with x256=True."""
@@ -291,6 +346,23 @@ def mma_rows_split(n_out: int, K: int, warps: int, resident: int = 4) -> int:
     return _k_split(-(-n_out // (16 * warps)), 132 * resident, K // 256, 2)
 
 
+def _n_tiles(M: int) -> int:
+    """8-row activation tiles of the tensor-core GEMVs."""
+    return 1 if M <= 8 else 2
+
+
+def q8_workspace(M: int, K: int) -> dict:
+    """quantize_q8's buffers for x [M, K]: int8 x and (d, d * sum q) per 32 values."""
+    return {"x int8": M * K, "x scales": M * K // 32 * 8}
+
+
+def q8_fragments_workspace(M: int, K: int) -> dict:
+    """quantize_q8_fragments' buffers for x [M, K] (per 32 or per 256 alike): int8 x in fragment
+    order and 64 bytes of scales per 8-row tile and 32 values."""
+    n_tiles = _n_tiles(M)
+    return {"x int8 fragments": 8 * n_tiles * K, "x fragment scales": 2 * n_tiles * K}
+
+
 def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     """out[:] ~= x @ W.T for Q4_K / Q6_K rows, M <= 16, x rounded to int8 per 32 values."""
     q, K, M = _gemv_args("gemv_q8_linked", x, w_raw, qtype, n_out, 16)
@@ -298,6 +370,10 @@ def gemv_q8_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     kernel = gemv_kernel(q, M, rows, warps)
     launch(kernel, (n_out + rows - 1) // rows, 32 * warps, w_raw.reshape(-1), w_raw.shape[1], n_out, K, xq, xds, out)
     return out
+
+
+def gemv_q8_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    return q8_workspace(M, K)
 
 
 def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
@@ -309,6 +385,11 @@ def gemv_f32_linked(x, w_raw, qtype, n_out, out, rows=2, warps=4):
     return out
 
 
+def gemv_f32_workspace(qtype, M, N, K, x_dtype, rows=2, warps=4):
+    """Nothing: x is read as it is (a 16-byte aligned float32 array, as CuPy allocates them)."""
+    return {}
+
+
 def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     """out[:] ~= x @ W.T for Q4_K or Q6_K rows, M <= 16, x rounded to int8 per 32 values; int8 mma.sync
     (m16n8k32 per Q4_K sub-block of 32, m16n8k16 per Q6_K sub-block of 16).
@@ -316,7 +397,7 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     last bits of such results vary from run to run). x256 (Q4_K): x scaled per 256 values instead of
     32 (llama.cpp's Q8_K), so the sub-block scales apply in integers (fewer instructions, coarser x)."""
     q, K, M = _gemv_args("gemv_mma_linked", x, w_raw, qtype, n_out, 16)
-    n_tiles = 1 if M <= 8 else 2
+    n_tiles = _n_tiles(M)
     if q == "Q6_K":                            # plain q8 x, W read straight from global memory (no ring)
         if x256:
             raise Q4KError("gemv_mma_linked: x256 is for Q4_K")
@@ -334,12 +415,17 @@ def gemv_mma_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, x256=False):
     return out
 
 
+def gemv_mma_workspace(qtype, M, N, K, x_dtype, warps=4, stages=4, x256=False):
+    """Q6_K: quantize_q8's buffers; Q4_K: quantize_q8_fragments'. The split-K output is out itself."""
+    return q8_workspace(M, K) if qtype == "Q6_K" else q8_fragments_workspace(M, K)
+
+
 def gemv_mma_rows_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, split=None, x256=False):
     """As gemv_mma_linked for Q4_K, with the block's warps splitting rows instead of K: 16*warps rows
     per block, one x slot per block in the cp.async ring (a quarter of the x traffic at 4 warps).
     `split` (blocks along K, atomic adds) defaults to mma_rows_split."""
     q, K, M = _gemv_args("gemv_mma_rows_linked", x, w_raw, qtype, n_out, 16, ("Q4_K",))
-    n_tiles = 1 if M <= 8 else 2
+    n_tiles = _n_tiles(M)
     if n_tiles * warps > 8:
         raise Q4KError(f"gemv_mma_rows_linked: {warps} warps fit the 48 KB ring for M <= 8 only, got M = {M}")
     split = split or mma_rows_split(n_out, K, warps)
@@ -347,6 +433,10 @@ def gemv_mma_rows_linked(x, w_raw, qtype, n_out, out, warps=4, stages=4, split=N
     launch(mma_kernel(q, n_tiles, warps, stages, rows=True, x256=x256), (-(-n_out // (16 * warps)), split), 32 * warps,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, xf, dsf, out)
     return out
+
+
+def gemv_mma_rows_workspace(qtype, M, N, K, x_dtype, warps=4, stages=4, split=None, x256=False):
+    return q8_fragments_workspace(M, K)
 
 
 def decode_f16_linked(w_raw, qtype, K, out16):
@@ -409,4 +499,8 @@ def dequant_linked_cublas(x, w_raw, qtype, n_out, out, out16=False, chunks=1):
     return out
 
 
-dequant_linked_cublas.accepts_f16 = True     # kernels/bench.py may time it on fp16 activations too
+def dequant_linked_workspace(qtype, M, N, K, x_dtype, out16=False, chunks=1):
+    """dequant_linked_cublas' buffers, all alive during the product: the shared fp16 scratch [N, K]
+    (outlives the call), x in fp16 unless it came as fp16, and (out16) CuPy's fp16 product [M, N]."""
+    return {DECODE_SCRATCH["float16"]: 2 * N * K, "x float16": 0 if x_dtype == "float16" else 2 * M * K,
+            "product float16": 2 * M * N if out16 else 0}

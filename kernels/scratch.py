@@ -14,6 +14,8 @@ import numpy as np
 from q4kdistill.backend import array_module
 
 from .dequant import decode_rows
+from .registry import DECODE_SCRATCH
+from .weights import padded_bytes
 
 _SCRATCH: dict = {}   # (array module name, dtype name) -> flat buffer
 
@@ -60,14 +62,25 @@ def gemm_f16_f32(x16, w16, out, ldc=None):
 
 
 def dequant_matmul(x, w_raw, qtype, n_out, out, dtype="float16"):
-    """out[:] = x @ W.T through a decoded scratch copy of W."""
+    """out[:] = x @ W.T through a decoded scratch copy of W (buffers: dequant_workspace)."""
     xp = array_module(w_raw)
     K = x.shape[1]
     w = scratch(xp, n_out * K, dtype).reshape(n_out, K)
+    x16 = x.astype(np.float16) if dtype == "float16" else None     # before the decode: see dequant_workspace
     decode_rows(w_raw, qtype, K, dtype, w)
     if dtype == "float32":
         return xp.matmul(x, w.T, out=out)
     if xp is np:   # the simulator's stand-in for cuBLAS: same fp16 operands, float32 product
-        out[:] = x.astype(np.float16).astype(np.float32) @ w.astype(np.float32).T
+        out[:] = x16.astype(np.float32) @ w.astype(np.float32).T
         return out
-    return gemm_f16_f32(x.astype(np.float16), w, out)
+    return gemm_f16_f32(x16, w, out)
+
+
+def dequant_workspace(qtype, M, N, K, x_dtype, dtype="float16"):
+    """dequant_matmul's buffers, all alive while the weight is decoded: the shared scratch [N, K] of
+    `dtype`, x in fp16 (fp16 scratch), and decode_rows' padded copy of rows not a multiple of 4
+    bytes. The scratch outlives the call; a larger matrix replaces it (the old one is freed
+    once the new one is allocated)."""
+    isize = np.dtype(dtype).itemsize
+    return {DECODE_SCRATCH[dtype]: isize * N * K, "x float16": 2 * M * K if dtype == "float16" else 0,
+            "padded rows": padded_bytes(qtype, N, K)}

@@ -52,6 +52,17 @@ def address(a) -> int:
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
+def padded_rows_bytes(rows: int, nbytes: int, align: int = 4) -> int:
+    """Bytes of the padded copy device_views(w_raw, align) makes of aligned, C-contiguous rows of
+    `nbytes` bytes each: none unless that is not a multiple of `align`."""
+    return rows * -(-nbytes // align) * align if nbytes % align else 0
+
+
+def padded_bytes(qtype, n_out: int, K: int, align: int = 4) -> int:
+    """padded_rows_bytes for a weight [n_out, K] of qtype."""
+    return padded_rows_bytes(n_out, row_bytes(qtype, K), align)
+
+
 def device_views(w_raw, align=4):
     """(w32, w16, row_bytes): flat uint32 and float16 views of the rows, rows `align`-byte aligned.
 

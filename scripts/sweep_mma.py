@@ -6,7 +6,7 @@ Registers throw-away variants (kernels.register, as a notebook would) for
 gemv_mma_linked(warps, stages, x256) and gemv_mma_rows_linked(warps, stages, x256), times them
 with kernels.bench.run next to cuBLAS fp16 and the shipped variants, prints the table and writes
 OUT/sweep.csv. The warp count times the ring depth sets the shared memory per block and so the
-occupancy (csrc/q8_gemv.cu: 5 KB per warp and slot for q4k_mma).
+occupancy (csrc/gemv_mma.cu: 5 KB per warp and slot for q4k_mma).
 """
 from __future__ import annotations
 

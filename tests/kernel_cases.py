@@ -6,7 +6,7 @@ import numpy as np
 from kernels.decode import FORMATS
 from q4kdistill.formats import quants
 
-QTYPES = ("Q4_K", "Q6_K", "Q8_0", "Q5_0")
+QTYPES = tuple(FORMATS)          # every type the kernels decode
 
 
 def real_tensors(path) -> dict:

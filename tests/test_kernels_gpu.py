@@ -173,3 +173,47 @@ def test_x_per_256_error_with_outlier_channels(pool):
     assert errs["gemv_mma_linked_w2"] <= 2e-2
     assert errs["gemv_mma_k8_linked_w2"] <= 6e-2
     assert errs["gemv_mma_k8_linked_w2"] > errs["gemv_mma_linked_w2"]
+
+
+def _workspace_cases():
+    for name in kernels.variants():
+        v = kernels.get(name)
+        if v.device == "cpu":
+            continue
+        for q in QTYPES:
+            if q in v.qtypes:
+                for x_dtype in v.accepts:
+                    yield name, q, x_dtype
+
+
+@pytest.mark.parametrize("name,qtype,x_dtype", list(_workspace_cases()))
+def test_declared_workspace_is_what_the_counter_sees(pool, name, qtype, x_dtype):
+    """Variant.workspace against q4kdistill.memory's counter (CuPy's pool, Numba routed through it):
+    the call's peak above its arguments is the sum of the declared buffers (each rounded to the
+    pool's 512-byte blocks), and what stays after it is the decode scratch alone."""
+    import cupy as cp
+
+    from q4kdistill import memory
+
+    counter = memory.install()
+    v = kernels.get(name)
+    rng = np.random.default_rng([len(name), QTYPES.index(qtype)])
+    wd = cp.asarray(weight(pool, qtype, rng))
+    K = K_OF[qtype]
+    blocks = lambda n: -(-n // 512) * 512
+    for M in sorted({1, v.m_max or 300}):
+        x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(x_dtype)
+        out = cp.empty((M, N), dtype=cp.float32)
+        v(x, wd, qtype, N, out)                  # compile, and any one-time allocation, before counting
+        kernels.release_scratch()
+        cp.cuda.Device().synchronize()
+        counter.take_peak()
+        before = counter.current()
+        v(x, wd, qtype, N, out)
+        cp.cuda.Device().synchronize()
+        peak, after = counter.take_peak() - before, counter.current() - before
+        declared = v.workspace_bytes(qtype, M, N, K, x_dtype)
+        assert peak == sum(blocks(b) for b in declared.values()), (M, declared, peak)
+        scratch = v.decode_scratch(qtype, M, N, K, x_dtype)[1]
+        assert after == blocks(scratch) and kernels.scratch_bytes() == scratch, (M, declared, after)
+        kernels.release_scratch()

@@ -3,6 +3,10 @@
 Their numerics are checked on the GPU (tests/test_kernels_gpu.py runs every registered variant,
 and test_linked_decode_f16_on_gpu the decode); NVRTC compiles the source only on a GPU machine.
 """
+import shutil
+import subprocess
+from collections import defaultdict
+
 import numpy as np
 import pytest
 
@@ -21,16 +25,72 @@ def test_linked_variants_registered_for_k_quants_only():
     assert kernels.get("gemv_q8_linked_r2w4").m_max == 16
 
 
+def _includes(text):
+    return [line for line in text.splitlines() if line.lstrip().startswith("#include")]
+
+
 def test_source_has_every_declared_function():
-    text = linked.SOURCE.read_text()
-    for fn in ("q8_quantize", "q8_quantize_frag", "q8k_quantize_frag", "q4k_decode_f16", "q6k_decode_f16", "f32_to_f16"):
-        assert f'extern "C" __device__ int {fn}(' in text
+    jobs = {f: linked.source_text(f) for f in linked.JOBS}
+    for f, fns in (("quantize_x.cu", ("q8_quantize", "q8_quantize_frag", "q8k_quantize_frag")),
+                   ("decode_cast.cu", ("q4k_decode_f16", "q6k_decode_f16", "f32_to_f16"))):
+        for fn in fns:
+            assert f'extern "C" __device__ int {fn}(' in jobs[f]
     for tmpl in linked.TEMPLATES.values():
-        assert f"{tmpl}_gemv(" in text
-    assert "q4k_mma(" in text and "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in text
-    assert "q6k_mma(" in text and "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in text
-    assert "q4k_mma_rows(" in text and text.count("q4k_mma_sb<NT, XK>(") == 2   # one product, two work splits
-    assert "#include" not in text                     # NVRTC gets no extra include path
+        assert f"{tmpl}_gemv(" in jobs["gemv_dp4a.cu"]
+    mma = jobs["gemv_mma.cu"]
+    assert "q4k_mma(" in mma and "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in mma
+    assert "q6k_mma(" in mma and "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in mma
+    assert "q4k_mma_rows(" in mma and mma.count("q4k_mma_sb<NT, XK>(") == 2   # one product, two work splits
+    assert "q4k_f32(" in jobs["gemv_f32.cu"]
+    for f, text in jobs.items():                      # NVRTC gets no include path: headers inlined, once
+        assert not _includes(text), f
+        assert text.count("#define Q4KDISTILL_COMMON_CUH") == 1, f
+    for f in ("gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu"):   # they decode blocks
+        assert jobs[f].count("constexpr int Q4_K_BYTES = 144;") == 1 and "struct Q4Scales" in jobs[f]
+    everything = linked.source_text()
+    assert not _includes(everything) and everything.count("struct Q4Scales") == 1
+
+
+def test_csrc_names_block_fields_only_through_the_layout_header():
+    """No .cu file spells a Q4_K / Q6_K block size or field offset: they come from block_layouts.cuh."""
+    import re
+
+    for path in sorted(linked.CSRC.glob("*.cu")) + [linked.CSRC / "block_decode.cuh"]:
+        code = "\n".join(line.split("//")[0] for line in path.read_text().splitlines())
+        for literal in ("144", "210", "208", "192"):
+            assert not re.search(rf"\b{literal}\b", code), (path.name, literal)
+
+
+def test_only_csrc_includes_are_inlined(tmp_path, monkeypatch):
+    (tmp_path / "a.cu").write_text('#include "b.cuh"\n#include "b.cuh"\nint a;\n')
+    (tmp_path / "b.cuh").write_text("int b;\n")
+    (tmp_path / "c.cu").write_text("#include <cuda_fp16.h>\n")
+    monkeypatch.setattr(linked, "CSRC", tmp_path)
+    assert linked.source_text("a.cu") == "int b;\nint a;\n"
+    with pytest.raises(Q4KError, match="only #include"):
+        linked.source_text("c.cu")
+
+
+# one instantiation of each template, as the shipped variants use them
+INSTANCES = [linked.gemv_source("Q4_K", 16, 2, 4), linked.gemv_source("Q6_K", 1, 4, 2), linked.f32_source(4, 2, 4),
+             linked.mma_source("Q4_K", 2, 2, 4, x256=True), linked.mma_source("Q4_K", 1, 4),
+             linked.mma_source("Q4_K", 1, 4, rows=True), linked.mma_source("Q6_K", 2, 4)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_csrc_compiles_with_nvcc(tmp_path):
+    """What NVRTC will compile on the GPU, compiled here for sm_90a: each job with its wrappers."""
+    extra = defaultdict(str)
+    for f, _, wrapper in INSTANCES:
+        extra[f] += wrapper
+    texts = {f: linked.source_text(f) + "\n" + extra[f] for f in linked.JOBS}
+    texts["all.cu"] = linked.source_text() + "\n" + linked.f32_source(1, 2, 4)[2]    # every job at once (source_with's default)
+    for f, text in texts.items():
+        src = tmp_path / f
+        src.write_text(text)
+        r = subprocess.run(["nvcc", "-rdc=true", "-gencode=arch=compute_90a,code=sm_90a", "-c", "-o", str(src) + ".o",
+                            str(src)], capture_output=True, text=True)
+        assert r.returncode == 0 and "warning" not in r.stderr, (f, r.stderr[-2000:])
 
 
 def test_split_along_k_only_for_few_row_blocks():
@@ -45,6 +105,7 @@ def test_source_with_appends_once(tmp_path, monkeypatch):
     a = linked.source_with("// one\n")
     assert linked.source_with("// one\n") == a and a != linked.source_with("// two\n")
     assert open(a).read().endswith("// one\n") and len(list(tmp_path.iterdir())) == 2
+    assert linked.source_with("// one\n", "gemv_f32.cu") != a            # the job's file alone
 
 
 def test_cpu_call_is_a_clear_error():

@@ -18,6 +18,29 @@ def _elements(info, vectors):
     return sum(t.n_elements for t in info.tensors.values() if (len(t.shape) == 1) == vectors)
 
 
+H200, H100, DEFAULT = "NVIDIA H200", "NVIDIA H100 80GB HBM3", "a GPU without a table entry"
+FFN = 2 * 18944 * 3584                     # ffn_gate/up/down [18944, 3584] decoded to fp16: 135_790_592 bytes
+
+
+@pytest.fixture
+def on_card(monkeypatch):
+    """on_card(name): plan as kernels.choose would on that GPU, with the shipped tuning table and
+    NVRTC present (the H100 table picks linked CUDA C variants)."""
+    from kernels import dispatch
+
+    from q4kdistill import backend
+
+    monkeypatch.setenv("Q4KDISTILL_TUNING", str(dispatch.SHIPPED_TABLE))
+    monkeypatch.setattr(dispatch, "linked_available", lambda: True)
+
+    def use(name):
+        monkeypatch.setattr(backend, "gpu_name", lambda: name)
+        dispatch.reload_table()
+
+    yield use
+    dispatch.reload_table()
+
+
 def test_resident_bytes_of_the_7b_manifest(manifest_7b_path):
     info = planner.open_teacher(manifest_7b_path)
     assert (len(info.tensors), info.total_tensor_bytes) == (B7_TENSORS, B7_BYTES)
@@ -29,14 +52,6 @@ def test_resident_bytes_of_the_7b_manifest(manifest_7b_path):
     assert resident["dequant-bf16"] == 2 * _elements(info, False) + 4 * _elements(info, True)
     plan = planner.make_plan(info, 1, 512, "params=0.5e9")
     assert plan.teacher_resident_bytes == resident
-    # the decode scratch holds the largest fp16 matrix the blocks decode, ffn_gate/up/down [18944, 3584]
-    # (the LM head [152064, 3584] goes through it in slabs of HEAD_ROWS = 16384 rows)
-    scratch = plan.row("teacher decode scratch (native)").predicted_bytes
-    assert scratch in (0, 2 * 18944 * 3584)
-    # at 1x512 the peak is the LM head: hidden [512, 3584], logits [512, 152064], one slab's
-    # product [512, 16384] and (decode-then-cuBLAS) x in fp16 [512, 3584]
-    head = 4 * 512 * 3584 + 4 * 512 * 152064 + 4 * 512 * 16384 + (2 * 512 * 3584 if scratch else 0)
-    assert plan.teacher_forward_peak_bytes == B7_BYTES + scratch + head
     assert plan.row("teacher forward peak (dequant-f32)").predicted_bytes == resident["dequant-f32"] + 4 * 512 * (3584 + 152064)
     # bf16 upcasts the whole head to float32 for its one product: astype(uint32) and << 16 at once
     assert plan.row("teacher forward peak (dequant-bf16)").predicted_bytes == resident["dequant-bf16"] + 4 * 512 * 3584 + 8 * 152064 * 3584
@@ -46,6 +61,64 @@ def test_resident_bytes_of_the_7b_manifest(manifest_7b_path):
     assert list(info.tensors)[-1] == last.name
     for b in ("dequant-f32", "dequant-bf16"):
         assert plan.row(f"teacher load peak ({b})").predicted_bytes == resident[b] + last.nbytes
+
+
+@pytest.mark.parametrize("card", [H200, H100, DEFAULT])
+def test_native_forward_peak_on_each_card(manifest_7b_path, on_card, card):
+    """At 1x512 every table decodes to an fp16 scratch (H200: dequant_f16_cublas, H100:
+    dequant_linked_cublas, default: dequant_f16_cublas), so the plan is the same on each card."""
+    on_card(card)
+    plan = planner.make_plan(manifest_7b_path, 1, 512, "params=0.5e9")
+    # the decode scratch holds the largest fp16 matrix the blocks decode, ffn_gate/up/down [18944, 3584]
+    # (the LM head [152064, 3584] goes through it in slabs of HEAD_ROWS = 16384 rows)
+    assert plan.row("teacher decode scratch (native)").predicted_bytes == FFN
+    # the peak is the LM head: hidden [512, 3584], logits [512, 152064], one slab's product
+    # [512, 16384] and x in fp16 [512, 3584] for the GemmEx
+    head = 4 * 512 * 3584 + 4 * 512 * 152064 + 4 * 512 * 16384 + 2 * 512 * 3584
+    assert plan.teacher_forward_peak_bytes == B7_BYTES + FFN + head == 5_168_902_144
+
+
+# (card, qtype) -> [(M, variant, decode scratch bytes, other workspace bytes)], one per entry of
+# kernels/tuning/default.json (DEFAULT: dispatch.builtin_choice), for ffn_gate Q4_K [18944, 3584]
+# and ffn_down Q6_K [3584, 18944]: every decode-to-scratch variant holds the fp16 matrix (FFN bytes)
+# and x in fp16 [M, K]; the fused GEMVs here allocate nothing.
+TABLE_ENTRIES = {
+    (H200, "Q4_K"): [(1, "gemv_chunk_r4w4", 0, 0), (8, "gemv_warp_r4w4", 0, 0),
+                     (16, "dequant_f16_cublas", FFN, 2 * 16 * 3584), (64, "dequant_f16_cublas", FFN, 2 * 64 * 3584),
+                     (512, "dequant_f16_cublas", FFN, 2 * 512 * 3584), (4096, "dequant_f16_cublas", FFN, 2 * 4096 * 3584)],
+    (H200, "Q6_K"): [(1, "gemv_chunk_r2w4", 0, 0), (8, "dequant_f16_cublas", FFN, 2 * 8 * 18944),
+                     (16, "dequant_f16_cublas", FFN, 2 * 16 * 18944), (64, "dequant_f16_cublas", FFN, 2 * 64 * 18944),
+                     (512, "dequant_f16_cublas", FFN, 2 * 512 * 18944), (4096, "dequant_f16_cublas", FFN, 2 * 4096 * 18944)],
+    (H100, "Q4_K"): [(1, "gemv_f32_linked_r2w4", 0, 0), (8, "dequant_linked_cublas", FFN, 2 * 8 * 3584),
+                     (16, "dequant_linked_cublas", FFN, 2 * 16 * 3584), (64, "dequant_linked_cublas", FFN, 2 * 64 * 3584),
+                     (512, "dequant_linked_cublas", FFN, 2 * 512 * 3584), (4096, "dequant_linked_cublas", FFN, 2 * 4096 * 3584)],
+    (H100, "Q6_K"): [(1, "gemv_chunk_r4w4", 0, 0), (8, "dequant_linked_cublas", FFN, 2 * 8 * 18944),
+                     (16, "dequant_linked_cublas", FFN, 2 * 16 * 18944), (64, "dequant_f16_cublas", FFN, 2 * 64 * 18944),
+                     (512, "dequant_linked_cublas", FFN, 2 * 512 * 18944), (4096, "dequant_linked_cublas", FFN, 2 * 4096 * 18944)],
+    (DEFAULT, "Q4_K"): [(1, "gemv_chunk_r4w4", 0, 0), (8, "gemv_warp_r4w4", 0, 0),
+                        (9, "dequant_f16_cublas", FFN, 2 * 9 * 3584)],
+    (DEFAULT, "Q6_K"): [(1, "gemv_chunk_r4w4", 0, 0), (8, "gemv_warp_r4w4", 0, 0),
+                        (9, "dequant_f16_cublas", FFN, 2 * 9 * 18944)],
+}
+
+
+def test_every_table_entry_has_its_exact_scratch(on_card):
+    from kernels import dispatch
+
+    shapes = {"Q4_K": (18944, 3584), "Q6_K": (3584, 18944)}
+    table = dispatch._table(str(dispatch.SHIPPED_TABLE))["gpus"]
+    for (card, qtype), entries in TABLE_ENTRIES.items():
+        if card != DEFAULT:                      # one row here per entry of the shipped table
+            assert [e["m_max"] or 4096 for e in table[card][qtype]] == [M for M, *_ in entries]
+        on_card(card)
+        N, K = shapes[qtype]
+        info = type("T", (), dict(shape=(N, K), type_name=qtype, quantized=True, nbytes=N * K // 256 * {"Q4_K": 144, "Q6_K": 210}[qtype]))
+        m = planner.Matrix(info, "native")
+        for M, variant, scratch, transient in entries:
+            assert planner._variant(qtype, M, N, K).name == variant, (card, qtype, M)
+            assert m.scratch(M) == (("float16", scratch) if scratch else (None, 0)), (card, qtype, M)
+            assert m.transient(M) == transient, (card, qtype, M)
+            assert m.linear(M, 4 * M * N) == 4 * M * N + transient
 
 
 def test_truncated_file_gives_the_manifest_plan(deepseek_chunk_path, manifest_7b_path):

@@ -1,9 +1,11 @@
 """The planner against measured bytes, on the CPU.
 
 reproduce-memory's own experiment (load, forward, two distillation steps per backend) runs with
-NumPy stand-ins for the GPU kernels that allocate exactly what the GPU code allocates -- the
-decode scratch (kernels.scratch), x in fp16, the padded copy of odd-length rows, dequantize_to's
-result, nothing for the fused AdamW update -- and tracemalloc counts every byte. The rest is the
+NumPy stand-ins for the GPU kernels that allocate exactly what the GPU code allocates -- each
+matmul variant what its Variant.workspace declares (the decode scratch through kernels.scratch,
+x in fp16, the padded copy of odd-length rows; tests/test_kernels_gpu.py checks the declarations
+against the GPU's counter), dequantize_to's result, nothing for the fused AdamW update -- and
+tracemalloc counts every byte. The rest is the
 package's own code. Every array stays under NumPy's 256 KiB temporary-elision threshold, so NumPy
 allocates what CuPy allocates, except the contiguous copies CuPy makes of non-contiguous batched
 matmul operands (the planner counts those; NumPy measures up to one such copy less).
@@ -16,7 +18,7 @@ import kernels
 import numpy as np
 import pytest
 from kernels import dispatch, registry, weights
-from kernels.scratch import dequant_matmul, scratch
+from kernels.scratch import scratch
 
 from q4kdistill.memory import planner
 
@@ -31,21 +33,23 @@ SLACK_BYTES = 32_000        # Python objects next to the arrays
 SLACK = 0.015
 
 
-def _scratch_product(x, w_raw, qtype, n_out, out, dtype="float16"):
-    """dequant_f16_cublas's buffers: the scratch, then the padded rows while decoding, then x in fp16."""
-    scratch(np, n_out * x.shape[1], dtype)
-    weights.device_views(w_raw)
-    if dtype == "float16":
-        x.astype(np.float16)
-    out.fill(0)
-    return out
+def _declared_product(v):
+    """A stand-in for variant v that allocates what v declares (Variant.workspace; checked against
+    the GPU's counter by tests/test_kernels_gpu.py): its decode scratch through kernels.scratch,
+    then its other buffers, all alive at once."""
 
+    def product(x, w_raw, qtype, n_out, out, **params):
+        M, K = x.shape
+        dtype, nbytes = v.decode_scratch(qtype, M, n_out, K)
+        if dtype:
+            scratch(np, nbytes // np.dtype(dtype).itemsize, dtype)
+        held = [np.empty(b, np.uint8) for k, b in v.workspace_bytes(qtype, M, n_out, K).items()
+                if k not in registry.DECODE_SCRATCH.values()]
+        out.fill(0)
+        del held
+        return out
 
-def _fused_product(x, w_raw, qtype, n_out, out, **params):
-    """A fused GEMV/GEMM kernel's buffers: the padded rows while it runs."""
-    weights.device_views(w_raw)
-    out.fill(0)
-    return out
+    return product
 
 
 def _dequantize_to(w_raw, qtype, n_out, out_dtype, out=None):
@@ -73,8 +77,7 @@ def gpu_allocations(monkeypatch):
         real_choose = dispatch.choose
         monkeypatch.setattr(dispatch, "choose", lambda q, M, N, K, on_gpu=None: real_choose(q, M, N, K, on_gpu=True))
         for name, v in list(registry._REGISTRY.items()):
-            fn = _scratch_product if v.fn is dequant_matmul else _fused_product
-            monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(v, fn=fn))
+            monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(v, fn=_declared_product(v)))
         monkeypatch.setattr(kernels, "dequantize_to", _dequantize_to)
         monkeypatch.setattr(kernels, "embedding_rows", _embedding_rows)
         monkeypatch.setattr(AdamW, "_update", lambda self, *args: None)

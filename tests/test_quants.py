@@ -186,3 +186,48 @@ def test_value_errors():
         quants.quantize(x, "Q4_K")
     with pytest.raises(Q4KError, match="too large for Q8_0"):
         quants.quantize(np.full((1, 32), 1e7, np.float32), "Q8_0")
+
+
+# -- one table of block layouts (q4kdistill/formats/block_layouts.py) ------------------------------------
+
+def test_block_layout_table_is_the_one_list_of_block_types():
+    from pathlib import Path
+
+    from q4kdistill.formats import block_layouts
+
+    assert set(block_layouts.LAYOUTS) == {q.name for q in quants.QTYPES if quants.is_quantized(q)} == set(BLOCKY)
+    for name, lay in block_layouts.LAYOUTS.items():
+        codec = quants._codec(name)
+        assert codec.layout is lay and (codec.block_size, codec.type_size) == (lay.weights, lay.nbytes)
+        assert gguf.GGML_QUANT_SIZES[T[name]] == (lay.weights, lay.nbytes)
+    q4k, q6k = block_layouts.LAYOUTS["Q4_K"], block_layouts.LAYOUTS["Q6_K"]
+    assert [(f, q4k.at(f)) for f in ("d", "dmin", "scales", "qs")] == [("d", 0), ("dmin", 2), ("scales", 4), ("qs", 16)]
+    assert [(f, q6k.at(f)) for f in ("ql", "qh", "scales", "d")] == [("ql", 0), ("qh", 128), ("scales", 192), ("d", 208)]
+    assert quants._codec("Q4_K").fp16_offsets == (0, 2) and quants._codec("Q6_K").fp16_offsets == (208,)
+    with pytest.raises(KeyError, match="no field 'qh'"):
+        q4k.at("qh")
+    # the CUDA C header is generated from the table (regenerate: python -m q4kdistill.formats.block_layouts > ...)
+    header = Path(__file__).parents[1] / "kernels" / "csrc" / "block_layouts.cuh"
+    assert header.read_text() == block_layouts.cuda_header()
+    assert "constexpr int Q4_K_QS = 16;" in block_layouts.cuda_header()
+
+
+def test_codecs_follow_the_table_when_a_field_moves(monkeypatch):
+    """Encoding and decoding read fields by name: a layout with Q8_0's fields swapped (qs, then d)
+    round-trips too, and puts d's bytes at the end."""
+    import dataclasses
+
+    from q4kdistill.formats import block_layouts
+
+    lay = block_layouts.LAYOUTS["Q8_0"]
+    swapped = dataclasses.replace(lay, fields=lay.fields[::-1])
+    codec = quants._codec("Q8_0")
+    x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
+    normal = quants.quantize(x, "Q8_0")
+    ref = quants.dequantize(normal, "Q8_0")
+    monkeypatch.setattr(codec, "layout", swapped)
+    monkeypatch.setattr(codec, "fp16_offsets", (swapped.at("d"),))
+    raw = quants.quantize(x, "Q8_0")
+    assert np.array_equal(raw.reshape(-1, 34)[:, 32:], normal.reshape(-1, 34)[:, :2])     # d moved to the end
+    assert np.array_equal(raw.reshape(-1, 34)[:, :32], normal.reshape(-1, 34)[:, 2:])
+    np.testing.assert_array_equal(quants.dequantize(raw, "Q8_0"), ref)

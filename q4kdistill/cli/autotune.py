@@ -12,7 +12,7 @@ HELP = "time the kernel variants on this GPU and write the table kernels.matmul 
 
 def add_arguments(p) -> None:
     p.add_argument("--out", metavar="PATH", help="table to write (default: the user table, see kernels/dispatch.py)")
-    p.add_argument("--qtypes", nargs="+", metavar="TYPE", help="quant types (default: Q4_K Q6_K Q8_0 Q5_0)")
+    p.add_argument("--qtypes", nargs="+", metavar="TYPE", help="quant types (default: every type the kernels decode)")
     p.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes K x N (default: the 7B teacher's five)")
     p.add_argument("--m", nargs="+", type=int, metavar="M", help="activation rows (default: 1 8 16 64 512 4096)")
     p.add_argument("--max-rel-err", type=float, default=2e-3,
@@ -29,10 +29,10 @@ def run(args) -> int:
     if not backend.on_gpu():
         raise Q4KError("autotune needs a CUDA GPU (CuPy)")
     import kernels
-    from kernels import autotune, bench, dispatch
+    from kernels import autotune, bench, dispatch, registry
 
     rows = bench.run(shapes=parse_shapes(args.shapes), ms=args.m,
-                     qtypes=args.qtypes or ["Q4_K", "Q6_K", "Q8_0", "Q5_0"],
+                     qtypes=args.qtypes or list(registry.ALL_QTYPES),
                      log=lambda s: print(s, file=sys.stderr))
     entries = autotune.entries_from_rows(rows, args.max_rel_err)
     path = args.out or str(dispatch.USER_TABLE)

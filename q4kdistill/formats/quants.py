@@ -7,7 +7,9 @@
 Organised like gguf-py's quants.py: one codec class per type, named like the
 ``GGMLQuantizationType`` member and registered by ``__init_subclass__``. Each class works on
 ``(n_blocks, type_size)`` byte arrays and ``(n_blocks, block_size)`` float arrays only; the
-module functions deal with shapes, chunking and errors.
+module functions deal with shapes, chunking and errors. Where each field of a block sits (and
+the bit diagrams) is block_layouts.py's table, which the kernels share: the codecs read and
+write fields by name (``cls.field(blocks, "qs")``, ``cls.assemble(d=..., qs=...)``).
 
 * Decoding is bit-exact against ``gguf.quants.dequantize`` (same float32 operations in the
   same order: ``(d * sc) * q - dmin * m`` for Q4_K, ``(d * sc) * q`` for Q6_K).
@@ -24,6 +26,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import Q4KError
+from .block_layouts import LAYOUTS
 
 QK_K = 256                      # weights per K-quant super-block
 _CHUNK_WEIGHTS = 1 << 18        # weights decoded/encoded per step (temporaries stay in cache)
@@ -138,14 +141,32 @@ class Codec:
     qtype: GGMLQuantizationType
     block_size: int
     type_size: int
-    fp16_offsets: tuple[int, ...] = (0,)   # byte offsets of the fp16 scales; d comes first
+    layout = None                          # block_layouts.BlockLayout of a block type (None: float types)
+    fp16_offsets: tuple[int, ...] = ()     # byte offsets of the fp16 scales (d, then dmin); d comes first
     d_range: tuple[float, float]           # random_blocks' range for d: decoded std ~ 0.02
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.qtype = qtype
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
+        if qtype.name in LAYOUTS:
+            cls.layout = LAYOUTS[qtype.name]
+            cls.fp16_offsets = tuple(cls.layout.at(f.name) for f in cls.layout.fields if f.name in ("d", "dmin"))
         _CODECS[qtype] = cls
+
+    @classmethod
+    def field(cls, blocks: np.ndarray, name: str) -> np.ndarray:
+        """The bytes of field `name` of every block: uint8 [n, size] (a view)."""
+        o = cls.layout.at(name)
+        return blocks[:, o:o + cls.layout.size(name)]
+
+    @classmethod
+    def assemble(cls, **fields) -> np.ndarray:
+        """uint8 [n, type_size] from the bytes of every field (uint8 [n, size] each), in layout order."""
+        assert set(fields) == {f.name for f in cls.layout.fields}, (cls.__name__, set(fields))
+        parts = [fields[f.name] for f in cls.layout.fields]
+        assert all(p.shape[-1] == f.size for p, f in zip(parts, cls.layout.fields)), cls.__name__
+        return np.concatenate(parts, axis=-1)
 
     @classmethod
     def decode_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -168,7 +189,7 @@ class Codec:
 class F32(Codec, qtype=GGMLQuantizationType.F32):
     """F32: one little-endian float32 per block."""
 
-    dtype, fp16_offsets = "<f4", ()
+    dtype = "<f4"
     d_range = (0.0, 0.02)                  # float types: random values with std d_range[1]
 
     @classmethod
@@ -209,13 +230,12 @@ class BF16(F32, qtype=GGMLQuantizationType.BF16):
 
 
 class Q8_0(Codec, qtype=GGMLQuantizationType.Q8_0):
-    # block (34 bytes): d fp16 | qs int8[32];  x = d * qs
     d_range = (1.5e-4, 4e-4)
 
     @classmethod
     def decode_blocks(cls, blocks):
-        d = _fp16_at(blocks, 0)
-        return blocks[:, 2:].view(np.int8).astype(_F32) * d
+        d = _fp16_at(blocks, cls.fp16_offsets[0])
+        return cls.field(blocks, "qs").view(np.int8).astype(_F32) * d
 
     @classmethod
     def encode_blocks(cls, x):
@@ -223,21 +243,20 @@ class Q8_0(Codec, qtype=GGMLQuantizationType.Q8_0):
         inv = _reciprocal(d)
         v = (x * inv).astype(np.float64)                    # exact; roundf = half away from 0
         qs = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)
-        return np.concatenate([_fp16_bits(d), qs.view(np.uint8)], axis=-1)
+        return cls.assemble(d=_fp16_bits(d), qs=qs.view(np.uint8))
 
 
 class Q4_0(Codec, qtype=GGMLQuantizationType.Q4_0):
-    # block (18 bytes): d fp16 | qs[16];  qs[j] = q[j] | q[j+16] << 4;  x = d * (q - 8)
     bits, d_range = 4, (2.5e-3, 7e-3)
 
     @classmethod
     def _unsigned_quants(cls, blocks):
-        return _nibbles(blocks[:, 2:18]).reshape(-1, 32)     # [n, 32] in 0..15
+        return _nibbles(cls.field(blocks, "qs")).reshape(-1, 32)     # [n, 32] in 0..15
 
     @classmethod
     def decode_blocks(cls, blocks):
         q = cls._unsigned_quants(blocks).astype(np.int8) - np.int8(1 << (cls.bits - 1))
-        return _fp16_at(blocks, 0) * q.astype(_F32)
+        return _fp16_at(blocks, cls.fp16_offsets[0]) * q.astype(_F32)
 
     @classmethod
     def encode_blocks(cls, x):
@@ -247,47 +266,36 @@ class Q4_0(Codec, qtype=GGMLQuantizationType.Q4_0):
         d = np.take_along_axis(x, imax, axis=-1) / _F32(-half)
         inv = _reciprocal(d)
         q = np.minimum(np.trunc(x * inv + _F32(half + 0.5)), 2 * half - 1).astype(np.uint8)
-        return np.concatenate([_fp16_bits(d), cls._pack(q)], axis=-1)
+        return cls.assemble(d=_fp16_bits(d), **cls._pack(q))
 
     @classmethod
     def _pack(cls, q):
-        return q[:, :16] | (q[:, 16:] << 4)
+        """Quants uint8 [n, 32] -> the quant fields, {name: uint8 [n, size]}."""
+        return {"qs": q[:, :16] | (q[:, 16:] << 4)}
 
 
 class Q5_0(Q4_0, qtype=GGMLQuantizationType.Q5_0):
-    # block (22 bytes): d fp16 | qh u32 | qs[16];  x = d * (q - 16) with
-    #   q[j] = (qs[j % 16] >> 4*(j >= 16)) & 0xF  |  ((qh >> j) & 1) << 4      (j = 0..31)
     bits, d_range = 5, (1.2e-3, 3.5e-3)
 
     @classmethod
     def _unsigned_quants(cls, blocks):
-        low = _nibbles(blocks[:, 6:22]).reshape(-1, 32)
-        high = np.unpackbits(blocks[:, 2:6], axis=-1, bitorder="little")   # bit j of qh, LE
+        low = _nibbles(cls.field(blocks, "qs")).reshape(-1, 32)
+        high = np.unpackbits(cls.field(blocks, "qh"), axis=-1, bitorder="little")   # bit j of qh, LE
         return low | (high << 4)
 
     @classmethod
     def _pack(cls, q):
         qh = np.packbits(q >> 4, axis=-1, bitorder="little")             # [n, 4] = u32 LE
-        return np.concatenate([qh, super()._pack(q & 0x0F)], axis=-1)
+        return {"qh": qh, **super()._pack(q & 0x0F)}
 
 
 class Q4_K(Codec, qtype=GGMLQuantizationType.Q4_K):
-    # super-block (144 bytes) of 8 sub-blocks x 32 weights:
-    #   d fp16 | dmin fp16 | scales[12] | qs[128]
-    #   x = (d * sc[j]) * q - dmin * m[j]  for sub-block j, q in 0..15
-    #   qs: 4 chunks of 32 bytes; chunk c holds sub-block 2c in low nibbles, 2c+1 in high
-    d_range, fp16_offsets = (3e-5, 1.3e-4), (0, 2)
+    d_range = (3e-5, 1.3e-4)
 
     @staticmethod
     def get_scale_min(scales):
-        """uint8 [n, 12] -> 6-bit (sc, m), each uint8 [n, 8]  (ggml's get_scale_min_k4).
-
-        Bits of the 12 bytes (A..H = sc[0..7], a..h = m[0..7]; capitals/lowercase 6 bits):
-            0 EEAAAAAA     4 eeaaaaaa     8 eeeeEEEE
-            1 FFBBBBBB     5 ffbbbbbb     9 ffffFFFF
-            2 GGCCCCCC     6 ggcccccc    10 ggggGGGG
-            3 HHDDDDDD     7 hhdddddd    11 hhhhHHHH
-        """
+        """uint8 [n, 12] -> 6-bit (sc, m), each uint8 [n, 8]  (ggml's get_scale_min_k4; the bit
+        diagram is block_layouts.Q4_K's)."""
         d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
         sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
         mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
@@ -302,10 +310,10 @@ class Q4_K(Codec, qtype=GGMLQuantizationType.Q4_K):
     @classmethod
     def decode_blocks(cls, blocks):
         n = blocks.shape[0]
-        sc, mn = cls.get_scale_min(blocks[:, 4:16])
-        d = (_fp16_at(blocks, 0) * sc.astype(_F32))[:, :, None]         # [n, 8, 1]
-        dm = (_fp16_at(blocks, 2) * mn.astype(_F32))[:, :, None]        # [n, 8, 1]
-        q = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).astype(_F32)
+        sc, mn = cls.get_scale_min(cls.field(blocks, "scales"))
+        d = (_fp16_at(blocks, cls.fp16_offsets[0]) * sc.astype(_F32))[:, :, None]     # [n, 8, 1]
+        dm = (_fp16_at(blocks, cls.fp16_offsets[1]) * mn.astype(_F32))[:, :, None]    # [n, 8, 1]
+        q = _nibbles(cls.field(blocks, "qs").reshape(n, 4, 32)).reshape(n, 8, 32).astype(_F32)
         return (d * q - dm).reshape(n, QK_K)
 
     @classmethod
@@ -335,7 +343,7 @@ class Q4_K(Codec, qtype=GGMLQuantizationType.Q4_K):
 
         qs = L.reshape(n, 4, 2, 32)
         qs = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(n, 128)
-        return np.concatenate([d_bits, dmin_bits, cls.pack_scale_min(ls, lm), qs], axis=-1)
+        return cls.assemble(d=d_bits, dmin=dmin_bits, scales=cls.pack_scale_min(ls, lm), qs=qs)
 
     @staticmethod
     def _six_bits(v):
@@ -347,29 +355,23 @@ class Q4_K(Codec, qtype=GGMLQuantizationType.Q4_K):
         # dmin = 7.5 d: with sc and m drawn alike, E[d*sc*q] = E[dmin*m], so weights centre on 0
         blocks = super().random_blocks(n, rng, d_range)
         halves = blocks.view("<u2")                                      # [n, 72]: d, dmin, ...
-        halves[:, 1] = (halves[:, 0].view("<f2").astype(_F32) * _F32(7.5)).astype("<f2").view("<u2")
+        d, dmin = (o // 2 for o in cls.fp16_offsets)
+        halves[:, dmin] = (halves[:, d].view("<f2").astype(_F32) * _F32(7.5)).astype("<f2").view("<u2")
         return blocks
 
 
 class Q6_K(Codec, qtype=GGMLQuantizationType.Q6_K):
-    # super-block (210 bytes) of 16 sub-blocks x 16 weights:
-    #   ql[128] | qh[64] | scales int8[16] | d fp16
-    #   x = (d * scales[e // 16]) * (q - 32),  q = 4 low bits from ql | 2 high bits from qh
-    # Each 128-weight half h uses ql[64h : 64h+64] and qh[32h : 32h+32]; for l = 0..31:
-    #   weight   l     : ql[l]      & 0xF | ((qh[l] >> 0) & 3) << 4
-    #   weight   l + 32: ql[l + 32] & 0xF | ((qh[l] >> 2) & 3) << 4
-    #   weight   l + 64: ql[l]      >> 4  | ((qh[l] >> 4) & 3) << 4
-    #   weight   l + 96: ql[l + 32] >> 4  | ((qh[l] >> 6) & 3) << 4
-    fp16_offsets, d_range = (208,), (7e-6, 2e-5)
+    # the four lines of a half (block_layouts.Q6_K) are the axis of size 4 below
+    d_range = (7e-6, 2e-5)
     _QH_SHIFTS = np.array([0, 2, 4, 6], np.uint8)[:, None]              # [4, 1]
 
     @classmethod
     def decode_blocks(cls, blocks):
         n = blocks.shape[0]
-        low = _nibbles(blocks[:, :128].reshape(n, 2, 64)).reshape(n, 2, 4, 32)      # [n, h, 4, l]
-        high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> cls._QH_SHIFTS) & 3     # [n, h, 4, l]
+        low = _nibbles(cls.field(blocks, "ql").reshape(n, 2, 64)).reshape(n, 2, 4, 32)      # [n, h, 4, l]
+        high = (cls.field(blocks, "qh").reshape(n, 2, 1, 32) >> cls._QH_SHIFTS) & 3        # [n, h, 4, l]
         q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(_F32)
-        d = (_fp16_at(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(_F32))[:, :, None]
+        d = (_fp16_at(blocks, cls.fp16_offsets[0]) * cls.field(blocks, "scales").view(np.int8).astype(_F32))[:, :, None]
         return (d * q).reshape(n, QK_K)
 
     @classmethod
@@ -395,7 +397,7 @@ class Q6_K(Codec, qtype=GGMLQuantizationType.Q6_K):
 
         ql = (L[:, :, 0:2] & 0x0F) | ((L[:, :, 2:4] & 0x0F) << 4)                # [n, h, 2, l]
         qh = np.bitwise_or.reduce((L >> 4) << cls._QH_SHIFTS, axis=2)            # [n, h, l]
-        blocks = np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d_bits], axis=-1)
+        blocks = cls.assemble(ql=ql.reshape(n, 128), qh=qh.reshape(n, 64), scales=sc.view(np.uint8), d=d_bits)
         blocks[zero] = 0                                                         # memset in the C
         return blocks
 

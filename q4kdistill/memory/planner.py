@@ -59,8 +59,11 @@ def teacher_resident(tensors) -> dict:
 
 def row_padding(rows: int, row_bytes: int) -> int:
     """kernels.weights.device_views copies rows whose length is not a multiple of 4 bytes into a
-    padded buffer for every kernel call (odd numbers of Q6_K / Q8_0 / Q5_0 blocks)."""
-    return rows * -(-row_bytes // 4) * 4 if row_bytes % 4 else 0
+    padded buffer for the call that reads them (odd numbers of Q6_K / Q8_0 / Q5_0 blocks): here,
+    kernels.dequantize_to at load; a matmul variant declares its own copy in its workspace."""
+    from kernels.weights import padded_rows_bytes
+
+    return padded_rows_bytes(rows, row_bytes)
 
 
 def load_bytes(t, backend: str) -> int:
@@ -98,13 +101,6 @@ def _variant(type_name: str, M: int, N: int, K: int):
     return kernels.get(kernels.choose(type_name, M, N, K, on_gpu=True))
 
 
-def _scratch_dtype(variant) -> str | None:
-    """The dtype of the kernels.scratch buffer this variant decodes its weight into, or None."""
-    from kernels.scratch import dequant_matmul
-
-    return variant.params.get("dtype", "float16") if variant.fn is dequant_matmul else None
-
-
 class Matrix:
     """A weight as the teacher holds it: rows x K, in ``kind`` (a quant type name, F32, F16, BF16)."""
 
@@ -119,20 +115,28 @@ class Matrix:
         return self.rows * self.K
 
     def scratch(self, M: int) -> tuple:
-        """(dtype, bytes) of the decode scratch a product at M rows needs, or (None, 0)."""
-        import numpy as np
+        """(dtype, bytes) of the decode scratch a product at M rows needs, or (None, 0): what the
+        variant declares (kernels.Variant.workspace)."""
+        if not self.quantized:
+            return None, 0
+        return _variant(self.kind, M, self.rows, self.K).decode_scratch(self.kind, M, self.rows, self.K)
 
-        dtype = _scratch_dtype(_variant(self.kind, M, self.rows, self.K)) if self.quantized else None
-        return (dtype, self.n * np.dtype(dtype).itemsize) if dtype else (None, 0)
+    def transient(self, M: int) -> int:
+        """Bytes a product at M rows allocates and frees again (x in fp16, q8 copies of x, padded
+        rows, ...): all the variant's declared workspace but the decode scratch."""
+        if not self.quantized:
+            return 0
+        return _variant(self.kind, M, self.rows, self.K).transient_bytes(self.kind, M, self.rows, self.K)
 
     def linear(self, M: int, out_bytes: int, replaced_scratch: int = 0) -> int:
         """Bytes of one teacher_forward.linear at its fullest, its output included (not x, not the
         decode scratch), at M activation rows:
-          quantized  the output + the largest of: the scratch buffer being replaced when this
+          quantized  the output + the larger of: the scratch buffer being replaced when this
                      product grows it (kernels.scratch.scratch keeps the old one bound while it
-                     allocates the new one), the padded copy kernels.weights.device_views makes of
-                     rows not a multiple of 4 bytes (alive while the kernel reads or decodes the
-                     weight), and x in fp16 [M, K] (decode-to-fp16-scratch variants, during GemmEx)
+                     allocates the new one) and the variant's transient workspace (all alive at
+                     once: x in fp16 [M, K] for the decode-to-fp16-scratch variants, the padded
+                     copy kernels.weights.device_views makes of rows not a multiple of 4 bytes,
+                     q8 copies of x for the int8 GEMVs; kernels.Variant.workspace)
           F32        the output
           F16        the output + x in fp16 (cuBLAS GemmEx)
           BF16       bf16_to_f32: astype(uint32) and << 16 alive at once (8 bytes/element), then
@@ -141,8 +145,7 @@ class Matrix:
             return max(2 * F32 * self.n, F32 * self.n + out_bytes)
         if not self.quantized:
             return out_bytes + (2 * M * self.K if self.kind == "F16" else 0)
-        x16 = 2 * M * self.K if self.scratch(M)[0] == "float16" else 0
-        return out_bytes + max(replaced_scratch, x16, row_padding(self.rows, self.row_bytes))
+        return out_bytes + max(replaced_scratch, self.transient(M))
 
 
 def decode_scratch(uses) -> int:
