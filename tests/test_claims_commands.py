@@ -301,6 +301,25 @@ def test_gpu_only_refuses_in_one_line(command, work):
     assert proc.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in proc.stderr, proc.stderr
 
 
+# -- the speed claims' own commands at full size (GPU) -------------------------------------------
+@pytest.mark.gpu
+def test_bench_student_claim_on_gpu(work):
+    """~0.5B student step at 8x512: >= 45 % of the matmul ceiling measured in the same run."""
+    proc = run_checked("q4kdistill bench student --preset qwen2-0.5b --batch 8 --seq 512 --json", work)
+    r = json.loads(proc.stdout)
+    assert r["params"] > 4.5e8 and r["batch"] * r["seq"] == 4096
+    assert r["share_of_ceiling"] >= 0.45, proc.stderr
+
+
+@pytest.mark.gpu
+def test_bench_teacher_claim_on_gpu(work):
+    """7B-shaped prefill 8x512 within 1.15x of dense fp16; resident <= 1.02x; forward peak <= 5.5 GB."""
+    proc = run_checked("q4kdistill bench teacher --json", work)
+    r = json.loads(proc.stdout)
+    assert r["ratio"] <= r["ratio_target"] and r["resident_ratio"] <= r["resident_target"], proc.stderr
+    assert r["forward_peak_bytes"] <= r["forward_peak_target"], proc.stderr
+
+
 # -- README set-up ---------------------------------------------------------------------------
 def readme_block(text: str, heading: str) -> str:
     """The first ```bash block under ``## heading`` of a README's ``text``."""
