@@ -225,6 +225,10 @@ def test_every_claim_command_has_a_tiny_form():
     assert uncovered(text, CLAIM_TINY) == [], "add these commands' tiny forms to CLAIM_TINY"
     found = {c for _, cs in claim_rows(text) for c in cs}
     assert sorted(set(CLAIM_TINY) - found) == [], "CLAIM_TINY names commands claims.md no longer has"
+    for claim, tiny in CLAIM_TINY.items():     # the tiny form runs the same program / sub-command
+        words = shlex.split(claim)
+        k = 3 if words[1] == "bench" else 2
+        assert shlex.split(tiny)[:k] == words[:k], (claim, tiny)
 
 
 def test_coverage_check_sees_a_new_command():
@@ -242,7 +246,7 @@ def test_claim_command_runs_tiny(claim_command, work):
     run_checked(CLAIM_TINY[claim_command], work, SCRIPT_TINY_RC.get(name, (0,)))
 
 
-def test_claimed_pytest_commands_collect(tmp_path):
+def test_claimed_pytest_commands_collect():
     """Each pytest command's files exist and hold tests its marker selects (the suite runs them)."""
     groups = pytest_commands(CLAIMS.read_text())
     assert groups, "no pytest command found in claims.md"
