@@ -345,3 +345,20 @@ def test_readme_setup_and_test_commands_are_what_ci_runs():
         assert "pip install" in block or "pytest" in block, block
         assert ci_runs(ci, block), f"README.md's {heading!r} command is not what .ci/run runs:\n{block}"
     assert not ci_runs(ci, readme_block(readme, "Set up").replace(" -e ", " -q -e "))   # the check can fail
+
+
+# -- what runs where -----------------------------------------------------------------------------
+def test_what_runs_where_names_every_shipped_choice():
+    """kernels/README.md's table names every variant the shipped tables and the built-in rule pick."""
+    import kernels
+    from kernels import dispatch
+
+    section = (ROOT / "kernels" / "README.md").read_text().split("## What runs where\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z0-9_]+)`", section))
+    table = json.loads(dispatch.SHIPPED_TABLE.read_text())
+    picked = {e["variant"] for gpu in table["gpus"].values() for q, es in gpu.items() if not q.startswith("_")
+              for e in es}
+    picked |= {dispatch.builtin_choice(q, m) for q in ("Q4_K", "Q6_K", "Q8_0", "Q5_0") for m in (1, 8, 9, 4096)}
+    assert sorted(picked - named) == [], "kernels/README.md 'What runs where' misses these choices"
+    for name in (n for n in named if n.startswith(("gemv_", "dequant_", "numpy_"))):
+        kernels.get(name)                      # every variant it names exists
