@@ -4,8 +4,8 @@ Three sources of commands, each checked for coverage, so a new one without a tin
   docs/claims.md   every backticked command in a table's "command" column ("same" = the row
                    above's); a `pytest ...` command is checked by collecting its tests (the suite
                    runs them), any other needs an entry in CLAIM_TINY
-  scripts/*.py     every script: --help (which must work without a GPU), and --tiny where its
-                   help offers it
+  scripts/*.py     every script: --help (which must work without a GPU), --tiny where its help
+                   offers it, and the CPU modes of GPU scripts (SCRIPT_CPU_RUNS)
   q4kdistill       every sub-command and every `bench` target: --help, and the tiny run in CLI_TINY
                    (None: GPU-only, then it must refuse in one line without a GPU)
 The README's set-up and test commands must be the lines .ci/run runs.
@@ -77,6 +77,8 @@ GPU_ONLY = [
 ]
 # a tiny script run may end with 1 when it ran but its verdict is negative
 SCRIPT_TINY_RC = {"evidence_kd_vs_ce.py": (0, 1)}
+# CPU modes of GPU scripts, run beside --help
+SCRIPT_CPU_RUNS = {"gpu_kernels.py": ["report {root}/docs/bench/kernels_h100_2026-11-26_timerfix.csv"]}
 
 
 # -- reading the docs --------------------------------------------------------------------------
@@ -143,7 +145,7 @@ _DONE: dict = {}
 
 def run(command: str, work: Path) -> subprocess.CompletedProcess:
     """Run ``command`` (q4kdistill ... | python[3] scripts/...) in ``work``, once per session."""
-    line = command.format(work=work, tiny=work / "tiny.gguf")
+    line = command.format(work=work, tiny=work / "tiny.gguf", root=ROOT)
     if line not in _DONE:
         argv = shlex.split(line)
         if argv[0] == "q4kdistill":
@@ -266,6 +268,8 @@ def test_script_help_and_tiny(script, work):
     help_ = run_checked(f"python scripts/{script} --help", work)
     if "--tiny" in help_.stdout:
         run_checked(f"python scripts/{script} --tiny", work, SCRIPT_TINY_RC.get(script, (0,)))
+    for args in SCRIPT_CPU_RUNS.get(script, []):
+        assert run_checked(f"python scripts/{script} {args}", work).stdout.strip()
 
 
 # -- the command line --------------------------------------------------------------------------
