@@ -32,7 +32,8 @@ CLAIMS = ROOT / "docs" / "claims.md"
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
 TIMEOUT = 300
 
-# claims.md command -> the command the suite runs ({work}: the scratch folder, {tiny}: a tiny GGUF there)
+# claims.md command -> the command the suite runs ({work}: the scratch folder, {tiny}: a tiny GGUF
+# there, {root}: this checkout)
 CLAIM_TINY = {
     "q4kdistill reproduce-memory --json --plot memory.png":
         "q4kdistill reproduce-memory --tiny --json --plot {work}/memory.png",
