@@ -1,6 +1,11 @@
-"""Numba CUDA kernels that decode GGUF quant blocks inside matrix products, and their registry.
+"""Numba CUDA kernels for x @ W.T on GGUF quant blocks as stored, and their registry.
 
 No model knowledge lives here: only quant formats, matrix shapes and launch parameters.
+
+What runs where (README.md, "What runs where", has the table per card): at small M (1, and up to
+8 for Q4_K on the H200 and on cards without a table) a fused GEMV decodes the blocks inside the
+product; above that every shipped table decodes one matrix at a time into a reusable fp16
+scratch and calls cuBLAS GemmEx (FP32 accumulate), so training sizes (M = 8 x 512) run that way.
 
     matmul(x, w_raw, qtype, n_out, variant=None)   x @ W.T, float32 [M, n_out]
     dequantize_to(w_raw, qtype, n_out, out_dtype)  W decoded: float32 / float16 / bfloat16 bits

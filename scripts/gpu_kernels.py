@@ -156,7 +156,7 @@ def report(path):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["prepare", "run", "probe", "report"])
     p.add_argument("out", nargs="?", default=os.environ.get("OUT", "/tmp/gpu_out"))
     p.add_argument("--quick", action="store_true")
@@ -173,6 +173,10 @@ def main():
         return prepare()
     if args.mode == "report":
         return report(args.out)
+    from q4kdistill import backend
+
+    if not backend.on_gpu():
+        sys.exit(f"gpu_kernels.py {args.mode} needs a CUDA GPU (CuPy)")
     os.makedirs(args.out, exist_ok=True)
     if args.mode == "probe":
         return probe(args.out)

@@ -113,13 +113,16 @@ def timed(cp, fn, reps=5):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", metavar="OUT.json", help="also write the numbers as JSON")
     args = ap.parse_args()
+    from q4kdistill import backend
+
+    if not backend.on_gpu():
+        sys.exit("probe_ceilings.py needs a CUDA GPU (CuPy)")
     import cupy as cp
 
     from kernels._device import launch
-    from q4kdistill import backend
 
     backend.no_array_interface_sync()
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]

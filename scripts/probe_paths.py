@@ -9,10 +9,21 @@ calls the scratch path can use (GemmEx fp16 -> fp32 out, CuPy fp16 matmul).
 """
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this checkout first
 
-def main():
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    from q4kdistill import backend
+
+    if not backend.on_gpu():
+        sys.exit("probe_paths.py needs a CUDA GPU (CuPy)")
     import cupy as cp
     from numba import cuda
 
@@ -73,7 +84,8 @@ def main():
             print(f"M={M} {tag:11} cast {t_cast * 1e6:7.1f} us | GemmEx f16->f32 {t_ex * 1e6:7.1f} us | cupy fp16 matmul {t_mm * 1e6:7.1f} us")
         ws = None
         cp.get_default_memory_pool().free_all_blocks()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

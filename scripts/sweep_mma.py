@@ -18,11 +18,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--m", nargs="+", type=int, default=[1, 8, 16])
-    ap.add_argument("--shapes", nargs="+", default=["3584x152064", "3584x18944", "18944x3584"])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="folder for sweep.csv")
+    ap.add_argument("--m", nargs="+", type=int, default=[1, 8, 16], help="activation rows")
+    ap.add_argument("--shapes", nargs="+", default=["3584x152064", "3584x18944", "18944x3584"], help="K x N")
     args = ap.parse_args()
+    from q4kdistill import backend
+
+    if not backend.on_gpu():
+        sys.exit("sweep_mma.py needs a CUDA GPU (CuPy)")
 
     import kernels
     from kernels import bench as kb

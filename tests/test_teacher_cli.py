@@ -79,16 +79,3 @@ def test_command_modules_import_light():
             "print([m for m in ('numpy', 'numba', 'gguf', 'kernels', 'q4kdistill.teacher.model') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
-
-def test_bench_script_runs_tiny():
-    """scripts/bench_teacher.py --tiny: the GPU benchmark's code path, on NumPy."""
-    import os
-
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_teacher.py")
-    done = subprocess.run([sys.executable, script, "--tiny", "--repeats", "1", "--json"],
-                          capture_output=True, text=True, check=True)
-    r = json.loads(done.stdout)
-    assert r["device"] == "cpu" and r["batch"] * r["seq"] == 64
-    assert r["resident_ratio"] == 1.0 and r["native_s"] > 0 and r["dense_f16_s"] > 0
-    assert 0 < r["matmul_share_native"] < 1 and 0 < r["matmul_share_dense_f16"] < 1
-    assert r["forward_peak_bytes"] > 0 and "native / dense fp16" in done.stderr

@@ -1,24 +1,17 @@
-"""`q4kdistill bench kernels [--json PATH] [--csv PATH]`: time every kernel variant on this GPU.
+"""`q4kdistill bench WHAT`: the benchmarks behind the speed claims (docs/claims.md).
 
-Prints the table of kernels/bench.py (time, GB/s on quantized bytes, % of the copy bandwidth
-measured in the same run, TFLOP/s, speed vs cuBLAS fp16 on pre-dequantized weights).
+    bench kernels [--json PATH] [--csv PATH] [--x16]   every kernel variant vs copy bandwidth and cuBLAS (GPU)
+    bench student [--preset qwen2-0.5b] [--batch 8 --seq 512] [--json] [--tiny]
+    bench teacher [--manifest M.json] [--batch 8 --seq 512] [--json] [--tiny]
+
+Argument parsing only: the work is in ``kernels.bench`` and ``q4kdistill.bench``. Each target is a
+row of TARGETS (name -> help, add_arguments, run); a new benchmark adds a row. ``--tiny`` runs the
+student and teacher benchmarks' code at a tiny size on the CPU (what the CPU suite runs).
 """
 from __future__ import annotations
 
 NAME = "bench"
-HELP = "benchmark the quantized matmul kernels against the copy bandwidth and cuBLAS fp16 (GPU)"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("what", choices=["kernels"], help="what to benchmark")
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
-    p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
-    p.add_argument("--qtypes", nargs="+", metavar="TYPE", help="quant types (default: Q4_K Q6_K)")
-    p.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes K x N (default: the 7B teacher's five)")
-    p.add_argument("--m", nargs="+", type=int, metavar="M", help="activation rows (default: 1 8 16 64 512 4096)")
-    p.add_argument("--variants", nargs="+", metavar="NAME", help="variants to time (default: all GPU variants)")
-    p.add_argument("--x16", action="store_true",
-                   help="also time the decode + cuBLAS paths on fp16 activations, as cuBLAS gets them (rows '<name>[x16]')")
+HELP = "benchmark the kernels, a student training step or the teacher forward (speed claims)"
 
 
 def parse_shapes(items):
@@ -34,7 +27,37 @@ def parse_shapes(items):
     return shapes or None
 
 
-def run(args) -> int:
+def _print_report(args, report: dict, table: str) -> None:
+    """The table on stdout; with --json one JSON object on stdout and the table on stderr."""
+    import json
+    import sys
+
+    print(table, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(report))
+
+
+def _need_gpu_or_tiny(args, what: str) -> None:
+    from .. import backend
+    from ..errors import Q4KError
+
+    if not args.tiny and not backend.on_gpu():
+        raise Q4KError(f"bench {what} at full size needs a CUDA GPU (CuPy); --tiny runs it small on the CPU")
+
+
+# -- bench kernels -----------------------------------------------------------------------------
+def _kernels_arguments(p) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-': stdout)")
+    p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    p.add_argument("--qtypes", nargs="+", metavar="TYPE", help="quant types (default: Q4_K Q6_K)")
+    p.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes K x N (default: the 7B teacher's five)")
+    p.add_argument("--m", nargs="+", type=int, metavar="M", help="activation rows (default: 1 8 16 64 512 4096)")
+    p.add_argument("--variants", nargs="+", metavar="NAME", help="variants to time (default: all GPU variants)")
+    p.add_argument("--x16", action="store_true",
+                   help="also time the decode + cuBLAS paths on fp16 activations, as cuBLAS gets them (rows '<name>[x16]')")
+
+
+def _kernels_run(args) -> int:
     import json
     import sys
 
@@ -55,3 +78,93 @@ def run(args) -> int:
     if args.csv:
         bench.write_csv(rows, args.csv)
     return 0
+
+
+# -- bench student -----------------------------------------------------------------------------
+def _student_arguments(p) -> None:
+    p.add_argument("--preset", choices=["qwen2-0.5b", "gemma3-0.5b"], default="qwen2-0.5b",
+                   help="student layout and size (default qwen2-0.5b)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; 2 with --tiny)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512; 16 with --tiny)")
+    p.add_argument("--checkpoint", action="store_true", help="recompute block activations in the backward")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="tokens per LM-head/loss chunk (default: auto)")
+    p.add_argument("--loss", choices=["kl", "rkl", "jsd"], default="kl")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the teacher's k largest logits")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; 1 with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default 5; 2 with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="the preset's layout at a tiny size (runs on the CPU)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, the table on stderr")
+
+
+def _student_run(args) -> int:
+    from ..bench import student
+
+    _need_gpu_or_tiny(args, "student")
+    size = dict(batch=8, seq=512, warmup=2, steps=5) if not args.tiny else student.TINY_SIZE
+    pick = lambda key: size[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
+    report = student.run(args.preset, tiny=args.tiny, batch=pick("batch"), seq=pick("seq"),
+                         checkpoint=args.checkpoint, chunk_tokens=args.chunk_tokens, loss=args.loss,
+                         top_k=args.top_k, warmup=pick("warmup"), steps=pick("steps"))
+    _print_report(args, report, student.table(report))
+    return 0
+
+
+# -- bench teacher -----------------------------------------------------------------------------
+def _teacher_arguments(p) -> None:
+    p.add_argument("--manifest", metavar="PATH", help="teacher manifest JSON, GGUF or APR file "
+                   "(default: the 7B Q4_K_M manifest, random valid blocks)")
+    p.add_argument("--batch", type=int, default=None, help="prefill batch (default 8; 2 with --tiny)")
+    p.add_argument("--seq", type=int, default=None, help="prefill tokens per sequence (default 512; 32 with --tiny)")
+    p.add_argument("--repeats", type=int, default=None, help="timed forwards, best reported (default 3; 1 with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="a tiny synthetic teacher (runs on the CPU)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, the table on stderr")
+
+
+def _teacher_run(args) -> int:
+    import sys
+    import tempfile
+
+    from ..bench import teacher
+    from ..errors import Q4KError
+
+    _need_gpu_or_tiny(args, "teacher")
+    if args.tiny and args.manifest:
+        raise Q4KError("bench teacher: --tiny writes its own teacher; leave out --manifest")
+    size = dict(batch=8, seq=512, repeats=3) if not args.tiny else teacher.TINY_SIZE
+    pick = lambda key: size[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            source = teacher.tiny_teacher_file(tmp)
+        else:
+            from ..data import MANIFEST_7B
+
+            source = args.manifest or MANIFEST_7B
+        report = teacher.run(source, batch=pick("batch"), seq=pick("seq"), repeats=pick("repeats"),
+                             peak_seq=pick("seq") if args.tiny else teacher.PEAK_SEQ, log=log)
+    _print_report(args, report, teacher.table(report))
+    return 0
+
+
+# name -> (help, add_arguments, run)
+TARGETS = {
+    "kernels": ("time every kernel variant against the copy bandwidth and cuBLAS fp16 on dequantized "
+                "weights (GPU)", _kernels_arguments, _kernels_run),
+    "student": ("time one student training step: tokens/s, share of the matmul ceiling, time per op",
+                _student_arguments, _student_run),
+    "teacher": ("Q4_K-native teacher vs dense fp16 weights: prefill time, resident bytes, forward peak",
+                _teacher_arguments, _teacher_run),
+}
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="what", metavar="WHAT")
+    sub.required = True
+    for name, (help_, add, run_) in TARGETS.items():
+        q = sub.add_parser(name, help=help_, description=help_)
+        add(q)
+        q.set_defaults(_bench_run=run_)
+
+
+def run(args) -> int:
+    return args._bench_run(args)

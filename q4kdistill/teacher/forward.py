@@ -8,9 +8,12 @@
     logits = h @ head.T                                           [B*T, V]  (token chunks x vocab slabs)
 
 Weights stay as the file stores them (``Weight``). Every linear layer goes through ``linear``,
-which hands quantized weights to ``kernels.matmul`` (x [M, K] @ W.T, decoding blocks inside
-the product: no whole matrix is ever decoded and kept). The ops (``q4kdistill.student.ops``) are the
-student's, with their caches dropped. Each family's extras come from ``ModelConfig``
+which hands quantized weights to ``kernels.matmul`` (x [M, K] @ W.T, M = B x T tokens). At
+M = 1 (and up to 8 for Q4_K on some cards) a fused GEMV decodes the blocks inside the product;
+at training sizes the kernels decode one matrix at a time into a reusable fp16 scratch and call
+cuBLAS (kernels/README.md, "What runs where"). The next product overwrites the scratch, so no
+decoded matrix is kept, and the LM head goes HEAD_ROWS rows at a time so the scratch never holds
+more than one slab. The ops (``q4kdistill.student.ops``) are the student's, with their caches dropped. Each family's extras come from ``ModelConfig``
 (q/k norms, post norms, qkv biases, sliding windows with their own rope base, embedding scale).
 """
 from __future__ import annotations

@@ -1,65 +1,38 @@
 """Speed and memory of the Q4_K-native teacher against the same forward with dense fp16 weights.
 
-    python scripts/bench_teacher.py [--manifest M.json] [--batch 8 --seq 512] [--repeats 3] [--json]
-    python scripts/bench_teacher.py --tiny          # CPU smoke run on a tiny synthetic teacher
-
 On the GPU, with the 7B-shaped teacher from the shared manifest (random valid blocks):
   1. load it native (quantized blocks as stored): resident bytes vs the file's tensor bytes (<= 1.02x)
   2. forward peak of one 1 x 512 batch, all logits (<= 5.5 GB), counted by q4kdistill.memory.meter
   3. prefill of B x T tokens, every position's logits: native vs the same teacher decoded to
      dense fp16 (teacher.with_backend("dequant-f16"): cuBLAS fp16 GEMMs, FP32 out) in the same
      run; ratio native / dense (target <= 1.15), tokens/s
-  4. one instrumented forward each: CUDA events around every linear layer -> share of time in
+  4. one instrumented forward each: clock marks around every linear layer -> share of time in
      matmuls vs the rest
-The table goes to stdout (to stderr with --json; stdout then holds one JSON object).
+
+``q4kdistill bench teacher [--manifest M.json] [--batch 8 --seq 512] [--json]`` runs it; ``--tiny``
+writes a tiny synthetic qwen2 teacher (vocabulary larger than one LM-head slab, so the head is
+sliced as at full size) and runs the same steps on NumPy.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
-import json
 import os
-import sys
-import tempfile
-import time
 
 import numpy as np
 
-import q4kdistill  # noqa: F401  (backend first)
-from q4kdistill import backend
-from q4kdistill.memory import meter as memory
-from q4kdistill.formats import synthetic
-from q4kdistill.teacher import forward as teacher_forward
-from q4kdistill.data import MANIFEST_7B
-from q4kdistill.formats.model_file import ModelFile
-from q4kdistill.teacher.model import Teacher
+from .. import backend
+from ..errors import Q4KError
+from ..memory import meter as memory
+from ..teacher import forward as teacher_forward
+from .clock import Clock
 
 RATIO_TARGET = 1.15        # native prefill time / dense fp16 prefill time
 RESIDENT_TARGET = 1.02     # resident bytes / tensor bytes
 PEAK_TARGET = 5.5e9        # forward peak at 1 x 512, bytes
-
-
-class Clock:
-    """Marks on the GPU stream (CUDA events) or on the host (perf_counter)."""
-
-    def __init__(self, xp):
-        self.xp = xp
-        self.gpu = xp.__name__ == "cupy"
-
-    def mark(self):
-        if not self.gpu:
-            return time.perf_counter()
-        ev = self.xp.cuda.Event()
-        ev.record()
-        return ev
-
-    def seconds(self, a, b) -> float:
-        if not self.gpu:
-            return b - a
-        b.synchronize()
-        return self.xp.cuda.get_elapsed_time(a, b) / 1e3
+PEAK_SEQ = 512             # tokens of the forward-peak batch at full size
+TINY_SIZE = dict(batch=2, seq=32, repeats=1)
 
 
 def time_forward(teacher, ids, repeats, clock) -> float:
@@ -93,6 +66,7 @@ def timed_linears(clock, spans):
 
 
 def matmul_share(teacher, ids, clock) -> float:
+    """Share of one forward's time spent inside teacher_forward.linear."""
     spans = []
     with timed_linears(clock, spans):
         a = clock.mark()
@@ -102,15 +76,25 @@ def matmul_share(teacher, ids, clock) -> float:
 
 
 def tiny_teacher_file(directory) -> str:
-    cfg = synthetic.tiny_config("qwen2", n_layers=2, vocab_size=20000)     # > HEAD_ROWS: a sliced head
+    """A 2-layer synthetic qwen2 GGUF in ``directory``; its 20,000-token vocabulary exceeds one
+    LM-head slab (teacher_forward.HEAD_ROWS), so the head runs sliced."""
+    from ..formats import synthetic
+
+    cfg = synthetic.tiny_config("qwen2", n_layers=2, vocab_size=20000)
     return synthetic.write_gguf(os.path.join(directory, "tiny.gguf"), cfg, seed=0)
 
 
-def run(source, batch, seq, repeats, peak_seq) -> dict:
+def run(source, batch=8, seq=512, repeats=3, peak_seq=PEAK_SEQ, log=None) -> dict:
+    """Load ``source`` (GGUF, APR or manifest) native and as dense fp16; the report as a dict."""
+    from ..formats.model_file import ModelFile
+    from ..teacher.model import Teacher
+
+    if min(batch, seq, repeats, peak_seq) < 1:
+        raise Q4KError("bench teacher: --batch, --seq and --repeats must be >= 1")
     memory.install()
     meter = memory.MemoryMeter()
     with meter.phase("load"):
-        native = Teacher.load(source, log=lambda line: print(line, file=sys.stderr))
+        native = Teacher.load(source, log=log)
     xp, clock = native.xp, Clock(native.xp)
     rng = np.random.default_rng(0)
     tensor_bytes = ModelFile.open(source).total_tensor_bytes
@@ -143,7 +127,7 @@ def run(source, batch, seq, repeats, peak_seq) -> dict:
     }
 
 
-def table(r) -> str:
+def table(r: dict) -> str:
     ok = lambda good: "ok" if good else "MISSED"          # noqa: E731
     gb = lambda n: f"{n / 1e9:.3f} GB"                     # noqa: E731
     prefill = f"prefill {r['batch']}x{r['seq']}"
@@ -163,27 +147,3 @@ def table(r) -> str:
     ]
     w = max(len(a) for a, _, _ in rows)
     return "\n".join(f"{a:<{w}}  {b:<40} {c}" for a, b, c in rows)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--manifest", default=MANIFEST_7B, help="teacher manifest JSON (or a GGUF/APR file)")
-    p.add_argument("--batch", type=int, default=None, help="default 8 (2 with --tiny)")
-    p.add_argument("--seq", type=int, default=None, help="default 512 (32 with --tiny)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tiny", action="store_true", help="a tiny synthetic teacher (CPU smoke run)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table on stderr)")
-    args = p.parse_args(argv)
-    batch = args.batch or (2 if args.tiny else 8)
-    seq = args.seq or (32 if args.tiny else 512)
-    with tempfile.TemporaryDirectory() as tmp:
-        source = tiny_teacher_file(tmp) if args.tiny else args.manifest
-        result = run(source, batch, seq, args.repeats, peak_seq=seq if args.tiny else 512)
-    print(table(result), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
