@@ -31,7 +31,7 @@ Where each rule comes from (paiml/aprender, paiml/realizar, read 2026-12-03):
   names        q4kdistill/apr_names.py (aprender Architecture::map_name)
 
 Reading gives GGUF names, GGUF-style metadata (``gguf_metadata``) and GGML types: aprender's APR_Q4
-blocks become Q4_0 (same values, nibbles reordered), APR_Q8 becomes F32 (exact); a code that means
+and APR_Q8 tensors are decoded to F32 (exact, in memory); a code that means
 one thing to aprender and another to GGML (3, 6, 7, 8, 9) is decided by the entry's byte size.
 Writing (``write``) uses only the codes both Rust readers and GGML agree on (F32, F16, BF16, Q4_K,
 Q6_K); other GGML types are dequantized to F32 -- exactly our float32 dequantization, so the
@@ -278,8 +278,7 @@ def _tensor(path, name, code, dims, offset, nbytes):
         if kind == APR_Q8 and nbytes == 4 + n:
             return tensor_info(path, name, T.F32, shape_ggml, offset), APR_Q8
         if kind == APR_Q4 and nbytes == -(-n // APR_Q4_BLOCK) * 18:
-            whole = shape_ggml[0] % APR_Q4_BLOCK == 0     # blocks then never cross a row: Q4_0 holds them
-            return tensor_info(path, name, T.Q4_0 if whole else T.F32, shape_ggml, offset), APR_Q4
+            return tensor_info(path, name, T.F32, shape_ggml, offset), APR_Q4
         if isinstance(kind, T) and kind in gguf.GGML_QUANT_SIZES:
             block, size = gguf.GGML_QUANT_SIZES[kind]
             if shape_ggml[0] % block == 0 and nbytes == n // block * size:
@@ -290,27 +289,22 @@ def _tensor(path, name, code, dims, offset, nbytes):
 
 
 def decode(kind: str, raw: np.ndarray, info) -> np.ndarray:
-    """APR-native bytes -> the delivered array: APR_Q4 -> Q4_0 bytes [rows, row_bytes] (or float32
-    when rows are not whole blocks), APR_Q8 -> float32 of the logical shape.
+    """APR-native bytes -> float32 of the logical shape, exactly the numbers aprender decodes
+    (Q4_0 holds APR_Q4's numbers too, but our kernels do not run Q4_0).
 
-    APR_Q8 (writer.rs add_q8_tensor):  f32 scale | i8 x n;            w = q * scale
-    APR_Q4 (writer.rs add_q4_tensor):  per 32 weights: f16 scale | 16 bytes, weight 2j in the low
-                                       nibble of byte j, 2j+1 in the high one; w = (nibble - 8) * scale
-    Q4_0 (ggml):                       per 32 weights: f16 d | 16 bytes, weight j low, j+16 high;
-                                       w = (q - 8) * d   -- the same numbers, nibbles reordered."""
+    APR_Q8 (writer.rs add_q8_tensor):  f32 scale | i8 x n;   w = q * scale
+    APR_Q4 (writer.rs add_q4_tensor):  per 32 weights of the flat tensor (the last block zero-padded):
+                                       f16 scale | 16 bytes, weight 2j in the low nibble of byte j and
+                                       2j+1 in the high one;   w = (nibble - 8) * scale"""
     raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
     n = info.n_elements
     if kind == APR_Q8:
         scale = raw[:4].view(np.float32)[0]
         return (raw[4:4 + n].view(np.int8).astype(np.float32) * scale).reshape(info.shape)
-    blocks = raw.reshape(-1, 18)                               # [n_blocks, 18]
-    lo, hi = blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4          # [n_blocks, 16]: weights 0,2,4.. / 1,3,5..
-    nibbles = np.stack([lo, hi], axis=-1).reshape(-1, 32)      # [n_blocks, 32] in weight order
-    if info.qtype == T.Q4_0:
-        qs = nibbles[:, :16] | (nibbles[:, 16:] << 4)          # Q4_0 order: j low, j + 16 high
-        out = np.concatenate([blocks[:, :2], qs], axis=1)      # [n_blocks, 18]
-        return out.reshape(info.data_shape)
+    blocks = raw.reshape(-1, 18)                                        # [n_blocks, 18]
     scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)    # [n_blocks, 1]
+    lo, hi = blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4                   # [n_blocks, 16]: weights 0,2,.. / 1,3,..
+    nibbles = np.stack([lo, hi], axis=-1).reshape(-1, 32)               # [n_blocks, 32] in weight order
     w = (nibbles.astype(np.float32) - 8.0) * scale
     return w.reshape(-1)[:n].reshape(info.shape)
 
