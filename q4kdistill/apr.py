@@ -343,8 +343,9 @@ def gguf_metadata(stored: dict) -> dict:
     meta.setdefault("general.architecture", arch)
     for fld, suffix, _ in CONFIG_FIELDS:
         value = _first(stored, fld, f"model.{fld}")
-        if value is not None and not ours and not isinstance(value, bool):
-            meta[f"{arch}.{suffix}"] = float(np.float32(value)) if fld in F32_FIELDS else value
+        if value is not None and not ours:
+            f32 = fld in F32_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool)
+            meta[f"{arch}.{suffix}"] = float(np.float32(value)) if f32 else value
     for key, gguf_key in TOKENIZER_KEYS:
         if stored.get(key) is not None and gguf_key not in meta:
             meta[gguf_key] = stored[key]
@@ -375,7 +376,7 @@ def complete_metadata(meta: dict, tensors: dict, path) -> dict:
                 meta[f"{arch}.attention.head_count_kv"] = k.shape[0] // head_dim
     if arch == "gemma3" and f"{arch}.attention.sliding_window" not in meta:
         layers = meta.get(f"{arch}.block_count")
-        window = GEMMA3_WINDOWS.get(layers)
+        window = GEMMA3_WINDOWS.get(layers) if isinstance(layers, int) else None
         if window is None:
             raise FileFormatError(path, f"gemma3 APR without a sliding window, and {layers} layers match no "
                                         f"released gemma-3 (window unknown: exact attention impossible)")

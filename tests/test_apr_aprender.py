@@ -19,9 +19,11 @@ import zlib
 import gguf
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from q4kdistill import apr, synthetic
-from q4kdistill.errors import FileFormatError
+from q4kdistill.errors import FileFormatError, Q4KError
 from q4kdistill.model_file import ModelFile
 from q4kdistill.teacher import Teacher
 
@@ -80,12 +82,13 @@ def apr_q4_from_q4_0(block_bytes):
     return bytes(out)
 
 
-def aprender_import(src, out, *, footer=True, head_dim=True, magic=b"APR\0", as_apr_q4=()):
+def aprender_import(src, out, *, footer=True, head_dim=True, magic=b"APR\0", as_apr_q4=(), edit=None):
     """Write ``out`` from the GGUF ``src`` the way `apr import src -o out` does.
 
     Raw path when every tensor is F32/F16/Q4_K/Q6_K, else the dequantize-to-F32 fallback
     (import.rs try_gguf_raw_import). ``as_apr_q4``: GGUF names of Q4_0 tensors to store as
-    APR_Q4 (what `--quantize int4` writes; the numbers are the Q4_0 ones)."""
+    APR_Q4 (what `--quantize int4` writes; the numbers are the Q4_0 ones). ``edit``: metadata
+    entries to overwrite (tests of damaged files)."""
     r = gguf.GGUFReader(src)
     kv = {f.name: f.contents() for f in r.fields.values()}
     arch = kv["general.architecture"]
@@ -146,6 +149,7 @@ def aprender_import(src, out, *, footer=True, head_dim=True, magic=b"APR\0", as_
         meta = {"model_type": "Auto", "name": "model", "license": None, "data_source": None, "data_license": None,
                 "total_size": 0, "param_count": sum(int(np.prod(s)) for s in shapes.values()),
                 "architecture": arch, **typed, **custom}
+    meta.update(edit or {})
     _v2_write(out, meta, tensors, footer, magic)
     return out
 
@@ -398,3 +402,26 @@ def test_three_dimensional_shapes_keep_gguf_order():
     assert apr.apr_dims(info) == (4, 3, 2) and apr.shape_ggml_of((4, 3, 2)) == (4, 3, 2)
     info2 = apr.tensor_info("x", "m", T.F32, (4, 3))
     assert apr.apr_dims(info2) == (3, 4) and apr.shape_ggml_of((3, 4)) == (4, 3)
+
+
+
+# -- metadata of any shape: a config or one line ---------------------------------------------
+
+JSON_VALUES = st.one_of(
+    st.sampled_from(["gemma3", "llama", "qwen2", 18, 0, -1, 1e6, 2 ** 64]),
+    st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=5),
+                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                 max_leaves=6))
+KEYS = ["architecture", "model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
+        "intermediate_size", "rope_theta", "rms_norm_eps", "head_dim", "tokenizer.vocabulary", "tokenizer.bos_token_id",
+        "tied_embeddings", "gguf_metadata", "model.architecture", "max_position_embeddings"]
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(changes=st.dictionaries(st.sampled_from(KEYS), JSON_VALUES, min_size=1, max_size=4))
+def test_any_metadata_gives_a_config_or_one_line(sources, tmp_path_factory, changes):
+    out = aprender_import(sources["llama"], tmp_path_factory.mktemp("meta") / "m.apr", edit=changes)
+    try:
+        ModelFile.open(out, header_only=True).config
+    except Q4KError as exc:
+        assert "\n" not in str(exc)
