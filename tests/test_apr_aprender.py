@@ -82,28 +82,37 @@ def apr_q4_from_q4_0(block_bytes):
     return bytes(out)
 
 
-def aprender_import(src, out, *, footer=True, head_dim=True, magic=b"APR\0", as_apr_q4=(), edit=None):
+def aprender_import(src, out, *, footer=True, head_dim=True, magic=b"APR\0", as_apr_q4=(), edit=None,
+                    hf_llama=False):
     """Write ``out`` from the GGUF ``src`` the way `apr import src -o out` does.
 
     Raw path when every tensor is F32/F16/Q4_K/Q6_K, else the dequantize-to-F32 fallback
     (import.rs try_gguf_raw_import). ``as_apr_q4``: GGUF names of Q4_0 tensors to store as
     APR_Q4 (what `--quantize int4` writes; the numbers are the Q4_0 ones). ``edit``: metadata
-    entries to overwrite (tests of damaged files)."""
+    entries to overwrite (tests of damaged files). ``hf_llama``: a llama as a SafeTensors import
+    gives it: Hugging Face names, q/k rows as HF keeps them (llama.cpp's convert permutes them)."""
     r = gguf.GGUFReader(src)
     kv = {f.name: f.contents() for f in r.fields.values()}
     arch = kv["general.architecture"]
     raw_path = all(int(t.tensor_type) in RAW_DTYPES for t in r.tensors)
     tensors = {}                                   # mapped name -> (dtype code, shape, bytes)
+    heads = {"attn_q": kv[f"{arch}.attention.head_count"],
+             "attn_k": kv.get(f"{arch}.attention.head_count_kv", kv[f"{arch}.attention.head_count"])}
     for t in r.tensors:
         shape = [int(d) for d in t.shape]          # GGUF order
+        rows = np.asarray(t.data)
+        role = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
+        if hf_llama and role in heads:             # undo convert_hf_to_gguf.py LlamaModel.permute
+            n = heads[role]
+            rows = rows.reshape(n, rows.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
         shape = shape[::-1] if len(shape) == 2 else shape     # enforce_import_contract
         if t.name in as_apr_q4:
             code, data = 128, apr_q4_from_q4_0(np.asarray(t.data).reshape(-1, 18))
         elif raw_path:
-            code, data = RAW_DTYPES[int(t.tensor_type)], np.asarray(t.data).tobytes()
+            code, data = RAW_DTYPES[int(t.tensor_type)], np.ascontiguousarray(rows).tobytes()
         else:
-            code, data = 0, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).tobytes()
-        tensors[map_name(arch, t.name)] = (code, shape, data)
+            code, data = 0, gguf.quants.dequantize(rows, t.tensor_type).astype(np.float32).tobytes()
+        tensors[map_name("qwen2" if hf_llama else arch, t.name)] = (code, shape, data)
     tied = not any(n in tensors for n in ("lm_head.weight", "output.weight"))
     if tied:                                       # resolve_tied_embeddings
         embed = next(n for n in tensors if "embed_tokens.weight" in n or n == "token_embd.weight")
@@ -253,6 +262,17 @@ def test_names_in_the_fixture_are_aprenders(sources, tmp_path):
     assert not any(n.startswith("blk.") for n in names)
     _, entries = aprender_read(aprender_import(sources["gemma3"], tmp_path / "g.apr"))
     assert {"token_embd.weight", "lm_head.weight", "blk.17.post_ffw_norm.weight"} <= {e[0] for e in entries}
+
+
+def test_hf_named_llama_runs_the_hf_model(sources, tmp_path, ids, capfd):
+    """HF llama q/k rows are unpermuted; rotate-half rope on them is llama.cpp's adjacent-pair rope on
+    the permuted rows, so the logits match the GGUF's up to summation order."""
+    out = aprender_import(sources["llama"], tmp_path / "hf.apr", hf_llama=True)
+    a, g = ModelFile.open(out), ModelFile.open(sources["llama"])
+    assert a.config == g.config.replace(rope_style="neox") and sorted(a.tensors) == sorted(g.tensors)
+    assert not np.array_equal(a.tensor_data("blk.0.attn_q.weight"), g.tensor_data("blk.0.attn_q.weight"))
+    np.testing.assert_allclose(_logits(out, ids), _logits(sources["llama"], ids), rtol=1e-5, atol=1e-5)   # 2.5 apart with "norm" rope
+    assert "neox rope" in capfd.readouterr().err
 
 
 def test_head_dim_comes_from_the_shapes_when_metadata_lacks_it(tmp_path, ids):
