@@ -83,6 +83,7 @@ APRENDER_DTYPES = {0: T.F32, 1: T.F16, 30: T.BF16, 3: T.F64, 4: T.I32, 5: T.I64,
 # codes aprender, realizar and GGML all read the same way: the only ones we write
 WRITE_CODES = {T.F32: 0, T.F16: 1, T.BF16: 30, T.Q4_K: 12, T.Q6_K: 14}
 APR_Q4_BLOCK = 32                            # APR_Q4: per 32 weights f16 scale + 16 nibble bytes
+_GGML_CODES = {int(t) for t in T}
 
 # aprender's metadata field <-> GGUF key suffix after "{arch}." <-> ModelConfig attribute
 CONFIG_FIELDS = (
@@ -179,26 +180,29 @@ def parse_header(buf, path) -> APRHeader:
     if meta_size > MAX_METADATA_BYTES:
         raise FileFormatError(path, f"absurd APR metadata size {meta_size}")
     stored = _json(bytes(buf[meta_off:meta_off + meta_size]), path)
-    entries = _index(buf, path, index_off, data_off, n_tensors)
     h = APRHeader((major, minor), flags, {}, stored, {}, data_off, size)
     meta = gguf_metadata(stored)
-    arch = meta.get("general.architecture")
+    _read_tensors(h, _index(buf, path, index_off, data_off, n_tensors), meta.get("general.architecture"), path)
+    h.metadata = complete_metadata(meta, h.tensors, path)
+    return h
+
+
+def _read_tensors(h: APRHeader, entries, arch, path) -> None:
+    """Fill h.tensors / h.raw / h.decode from the index entries, under GGUF names."""
     names, h.hf_names = apr_names.canonical_names(path, arch, [e[0] for e in entries])
     for stored_name, code, dims, offset, nbytes in entries:
         name = names[stored_name]
-        info, kind = _tensor(path, name, code, dims, data_off + offset, nbytes)
+        info, kind = _tensor(path, name, code, dims, h.data_offset + offset, nbytes)
         h.tensors[name] = info
-        h.raw[name] = (stored_name, code, data_off + offset, nbytes)
+        h.raw[name] = (stored_name, code, h.data_offset + offset, nbytes)
         if kind:
             h.decode[name] = kind
-    if "output.weight" in h.tensors and names.get(apr_names.LM_HEAD) == "output.weight":
-        h.tied_copy = "output.weight"
+    if names.get(apr_names.LM_HEAD) == "output.weight":
+        h.tied_copy = "output.weight"            # ModelFile drops it if it is the embedding's copy
     if h.hf_names and arch == "llama":
         # HF llama checkpoints keep q/k rows unpermuted: rotate-half ("neox") rope is the exact model
         h.config_overrides["rope_style"] = "neox"
         _note(path, "llama tensors with Hugging Face names (unpermuted q/k): running them with neox rope")
-    h.metadata = complete_metadata(meta, h.tensors, path)
-    return h
 
 
 def header_crc(header: bytes) -> int:
@@ -266,7 +270,7 @@ def _tensor(path, name, code, dims, offset, nbytes):
     shape_ggml = shape_ggml_of(dims)
     n = int(np.prod(shape_ggml, dtype=np.int64)) if shape_ggml else 0
     candidates = [APRENDER_DTYPES[code]] if code in APRENDER_DTYPES else []
-    if code in {int(t) for t in T} and T(code) not in candidates:
+    if code in _GGML_CODES and T(code) not in candidates:
         candidates.append(T(code))
     if not candidates:
         raise FileFormatError(path, f"tensor {name!r} has unknown dtype code {code}")

@@ -109,11 +109,10 @@ def canonical_names(path, arch: str, names) -> tuple[dict, bool]:
     if hf and arch not in HF_READABLE:
         raise FileFormatError(path, f"{arch} APR files with Hugging Face tensor names (from a SafeTensors "
                                     f"import) are not supported; import the model from its GGUF instead")
-    out = {}
+    out, owner = {}, {}                          # stored -> GGUF name; GGUF name -> stored
     for name in stored:
         gguf_name = "output.weight" if name == LM_HEAD else (from_hf(name) if hf else name)
-        if gguf_name in out.values():
-            other = next(k for k, v in out.items() if v == gguf_name)
-            raise FileFormatError(path, f"tensors {other!r} and {name!r} are both {gguf_name!r}")
-        out[name] = gguf_name
+        if gguf_name in owner:
+            raise FileFormatError(path, f"tensors {owner[gguf_name]!r} and {name!r} are both {gguf_name!r}")
+        out[name], owner[gguf_name] = gguf_name, name
     return out, hf

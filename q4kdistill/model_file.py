@@ -7,13 +7,14 @@
 
 Kinds
   gguf      header parsed by gguf_file, data memory-mapped (numpy.memmap, views, no copies)
-  apr       header parsed by apr, data memory-mapped the same way
+  apr       header parsed by apr (aprender's names, dtype codes and metadata keys mapped to GGUF's;
+            docs/apr.md), data memory-mapped the same way; APR_Q4/APR_Q8 tensors decoded to F32
   manifest  no data: tensor_data() makes random valid blocks, the same for a name and seed
 
 ``header_only=True`` reads only the header (works on a truncated file; metadata summarised as
 in a manifest); asking such a ModelFile for data whose bytes are missing is an error then.
 ``header_only=False`` refuses a file whose tensor data is not all there (and checks an APR's
-footer CRC).
+footer CRC when it has one).
 """
 from __future__ import annotations
 

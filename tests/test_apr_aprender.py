@@ -246,7 +246,7 @@ def _logits(path, ids):
 def test_apr_import_output_gives_the_source_logits(sources, ids, tmp_path, arch, footer, capfd):
     out = aprender_import(sources[arch], tmp_path / f"{arch}.apr", footer=footer)
     g, a = ModelFile.open(sources[arch]), ModelFile.open(out)
-    assert a.config == g.config
+    assert a.config == g.config == ModelFile.open(out, header_only=True).config
     assert sorted(a.tensors) == sorted(g.tensors)            # HF names mapped back, lm_head copy dropped
     assert a.metadata["tokenizer.ggml.tokens"] == g.metadata["tokenizer.ggml.tokens"]
     np.testing.assert_array_equal(_logits(out, ids), _logits(sources[arch], ids))
@@ -445,3 +445,12 @@ def test_any_metadata_gives_a_config_or_one_line(sources, tmp_path_factory, chan
         ModelFile.open(out, header_only=True).config
     except Q4KError as exc:
         assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])      # GPT-2 BPE (merges), SentencePiece (scores)
+def test_the_tokenizer_comes_from_aprenders_keys(sources, tmp_path, arch):
+    from q4kdistill.tokenizer import Tokenizer
+    out = aprender_import(sources[arch], tmp_path / "t.apr")
+    text = "Hello world, hello APR!"
+    want = Tokenizer.from_gguf(sources[arch]).encode(text)
+    assert Tokenizer.from_gguf(str(out)).encode(text) == want and len(want) > 3
