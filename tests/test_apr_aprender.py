@@ -454,3 +454,33 @@ def test_the_tokenizer_comes_from_aprenders_keys(sources, tmp_path, arch):
     text = "Hello world, hello APR!"
     want = Tokenizer.from_gguf(sources[arch]).encode(text)
     assert Tokenizer.from_gguf(str(out)).encode(text) == want and len(want) > 3
+
+
+# -- on the GPU (`pytest -m gpu`; skipped without one) ----------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_apr_import_output_on_the_gpu(sources, ids, tmp_path, arch):
+    """Same bytes, same types: the GPU teacher from the APR is the GPU teacher from the GGUF."""
+    from q4kdistill.backend import to_host
+    out = aprender_import(sources[arch], tmp_path / f"{arch}.apr")
+    want = to_host(Teacher.load(sources[arch], device="cuda", log=None).logits_for_batch(ids))
+    got = to_host(Teacher.load(str(out), device="cuda", log=None).logits_for_batch(ids))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_converted_real_gemma_on_the_gpu(gemma_path, tmp_path):
+    """convert's APR (Q8_0/Q5_0 as F32) against the GGUF on the GPU: the same model, other kernels."""
+    from q4kdistill.backend import to_host
+    from q4kdistill.tokenizer import Tokenizer
+    from test_teacher_real import TEXTS, cosine_rows
+    out = tmp_path / "g.apr"
+    apr.write(ModelFile.open(gemma_path), out)
+    ids = np.array([Tokenizer.from_gguf(gemma_path).encode(TEXTS["prose"])[:64]])
+    tok = Tokenizer.from_gguf(str(out)).encode(TEXTS["prose"])[:64]
+    assert tok == ids[0].tolist()
+    want = to_host(Teacher.load(gemma_path, device="cuda", log=None).logits_for_batch(ids))[0]
+    got = to_host(Teacher.load(str(out), device="cuda", log=None).logits_for_batch(ids))[0]
+    assert cosine_rows(got, want).min() > 0.999
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
