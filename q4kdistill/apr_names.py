@@ -107,8 +107,8 @@ def canonical_names(path, arch: str, names) -> tuple[dict, bool]:
     stored = list(names)
     hf = any(is_hf(n) for n in stored)
     if hf and arch not in HF_READABLE:
-        raise FileFormatError(path, f"{arch} APR files with Hugging Face tensor names (from a SafeTensors "
-                                    f"import) are not supported; import the model from its GGUF instead")
+        raise FileFormatError(path, f"{arch or 'architecture-less'} APR files with Hugging Face tensor names "
+                                    f"(from a SafeTensors import) are not supported; import the model from its GGUF")
     out, owner = {}, {}                          # stored -> GGUF name; GGUF name -> stored
     for name in stored:
         gguf_name = "output.weight" if name == LM_HEAD else (from_hf(name) if hf else name)
