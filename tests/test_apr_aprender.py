@@ -278,6 +278,39 @@ def test_hf_named_llama_runs_the_hf_model(sources, tmp_path, ids, capfd):
     assert "neox rope" in capfd.readouterr().err
 
 
+def test_name_table_is_qwen2_map_name_and_inverts():
+    from q4kdistill import apr_names
+    cfg = synthetic.tiny_config("qwen2").replace(qk_norm=True, post_norms=True, tied_output=False)
+    for name in cfg.tensor_shapes():
+        assert apr_names.to_hf(name) == map_name("qwen2", name)
+        assert apr_names.from_hf(apr_names.to_hf(name)) == name
+    assert apr_names.to_hf("blk.3.post_ffw_norm.weight") == "model.layers.3.post_ffw_norm.weight"   # kept suffix
+    with pytest.raises(FileFormatError, match="are both 'blk.0.attn_q.weight'"):
+        apr_names.canonical_names("x", "qwen2", ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.attn_q.weight"])
+
+
+def test_cli_inspects_and_converts_apr_import_output(sources, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "q4kdistill", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+    out = aprender_import(sources["gemma3"], tmp_path / "g.apr")
+    r = cli("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    got, want = json.loads(r.stdout), json.loads(cli("inspect", sources["gemma3"], "--json").stdout)
+    assert got["config"] == want["config"] and got["tensor_count"] == want["tensor_count"]
+    assert "sliding window" in r.stderr
+    mixed = synthetic.write_gguf(tmp_path / "m.gguf", synthetic.tiny_config("qwen2"), {"token_embd": "Q8_0"}, seed=1)
+    r = cli("convert", mixed, tmp_path / "m.apr")
+    assert r.returncode == 0 and "convert: 1 Q8_0 tensor(s) written as F32" in r.stderr, r.stderr
+    bad = aprender_import(synthetic.write_gguf(tmp_path / "g2.gguf", synthetic.tiny_config("gemma3"), {"*": "F32"}),
+                          tmp_path / "g2.apr")
+    r = cli("inspect", bad)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sliding window" in r.stderr, r.stderr
+
+
 def test_head_dim_comes_from_the_shapes_when_metadata_lacks_it(tmp_path, ids):
     cfg = synthetic.tiny_config("gemma3", n_layers=18, sliding_window=512, d_ff=256, head_dim=32)   # 4 x 32 != 256
     src = synthetic.write_gguf(tmp_path / "hd.gguf", cfg, {"*": "F32"}, seed=1)
