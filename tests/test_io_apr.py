@@ -5,7 +5,11 @@ import zlib
 import numpy as np
 import pytest
 
+import gguf
+
 from q4kdistill.formats import apr
+
+from q4kdistill.formats import quants
 
 from q4kdistill.formats import synthetic
 from q4kdistill.errors import FileFormatError
@@ -24,28 +28,41 @@ def pair(tmp_path_factory):
     return src, out
 
 
+def _same_weights(a, g, name, a_name=None):
+    """The APR tensor holds the GGUF tensor's bytes, or (types no APR reader takes) its F32 dequantization."""
+    got, want = a.tensors[a_name or name], g.tensors[name]
+    assert (got.shape, got.shape_ggml) == (want.shape, want.shape_ggml)
+    if want.qtype in apr.WRITE_CODES:
+        assert (got.qtype, got.nbytes) == (want.qtype, want.nbytes)
+        assert np.array_equal(a.tensor_data(a_name or name), g.tensor_data(name))
+    else:
+        assert got.qtype == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(a.tensor_data(a_name or name), quants.dequantize(g.tensor_data(name), want.qtype))
+
+
 def test_round_trip_from_gguf(pair):
     src, out = pair
     g, a = ModelFile.open(src), ModelFile.open(out)
     assert a.kind == "apr" and a.config == g.config and a.metadata == g.metadata
-    assert list(a.tensors) == sorted(g.tensors)
+    assert sorted(a.tensors) == sorted(g.tensors)
     for name, info in g.tensors.items():
-        got = a.tensors[name]
-        assert (got.qtype, got.shape, got.shape_ggml, got.nbytes) == (info.qtype, info.shape, info.shape_ggml, info.nbytes)
-        data = a.tensor_data(name)
-        assert data.dtype == g.tensor_data(name).dtype and np.array_equal(data, g.tensor_data(name))
-        assert np.shares_memory(data, a._mapped())
-    assert a.dtype_histogram() == g.dtype_histogram()
+        _same_weights(a, g, name)
+        if info.qtype in apr.WRITE_CODES:
+            assert np.shares_memory(a.tensor_data(name), a._mapped())
+    hist = a.dtype_histogram()
+    assert set(hist) == {"F32", "F16", "BF16", "Q4_K", "Q6_K"}      # Q8_0, Q5_0, Q4_0 became F32
 
 
 def test_round_trip_of_the_real_gemma_file(gemma_path, tmp_path):
     out = tmp_path / "g.apr"
     g = ModelFile.open(gemma_path)
-    apr.write(g, out)
+    lines = []
+    apr.write(g, out, log=lines.append)
+    assert any(line.startswith("11 Q8_0 tensor(s) written as F32") for line in lines), lines   # 10 + lm_head
     a = ModelFile.open(out)
-    assert a.config == g.config and a.metadata == g.metadata
-    for name in ("token_embd.weight", "blk.3.attn_q.weight", "blk.0.ffn_down.weight", "output_norm.weight"):
-        assert np.array_equal(a.tensor_data(name), g.tensor_data(name))
+    assert a.config == g.config and a.metadata == g.metadata and sorted(a.tensors) == sorted(g.tensors)
+    for name in ("blk.3.attn_q.weight", "blk.0.ffn_down.weight", "output_norm.weight", "blk.5.attn_k.weight"):
+        _same_weights(a, g, name)
 
 
 def test_layout(pair):
@@ -62,8 +79,8 @@ def test_layout(pair):
     assert (meta["architecture"], meta["hidden_size"], meta["num_layers"], meta["num_heads"], meta["num_kv_heads"],
             meta["vocab_size"], meta["intermediate_size"], meta["head_dim"], meta["rope_type"]) == \
            ("qwen2", 256, 2, 4, 2, 384, 512, 64, 2)
-    assert len(meta["gguf_metadata"]["tokenizer.ggml.tokens"]) == 384
-    # index: sorted names; dims are [rows, cols]; offsets 64-aligned; GGML dtype codes
+    assert len(meta["tokenizer.vocabulary"]) == 384 and "tokenizer.ggml.tokens" not in meta["gguf_metadata"]
+    # index: sorted names as `apr import` names qwen2 tensors; dims [rows, cols]; 64-aligned; aprender codes
     pos, names = index_off, []
     for _ in range(n):
         (name_len,) = struct.unpack_from("<H", raw, pos)
@@ -73,12 +90,14 @@ def test_layout(pair):
         offset, size = struct.unpack_from("<QQ", raw, pos + 4 + name_len + 8 * ndim)
         pos += 4 + name_len + 8 * ndim + 16
         names.append(name)
-        assert offset % 64 == 0
-        if name == "blk.0.ffn_down.weight":
-            assert (dtype, dims, size) == (14, (256, 512), 256 * 2 * 210)       # Q6_K, [rows, cols]
-        if name == "blk.0.ffn_up.weight":
-            assert dtype == 30 and dims == (512, 256)                            # BF16
-    assert names == sorted(names)
+        assert offset % 64 == 0 and dtype in (0, 1, 30, 12, 14)
+        if name == "model.layers.0.mlp.down_proj.weight":
+            assert (dtype, dims, size) == (14, (256, 512), 256 * 2 * 210)     # Q6_K, [rows, cols]
+        if name == "model.layers.0.mlp.up_proj.weight":
+            assert dtype == 30 and dims == (512, 256)                          # BF16
+        if name == "model.embed_tokens.weight":                                # Q8_0 -> F32
+            assert (dtype, dims, size) == (0, (384, 256), 384 * 256 * 4)
+    assert names == sorted(names) and "lm_head.weight" in names and "model.norm.weight" in names
 
 
 def _patched(src, tmp_path, edit, fix_crc=True):

@@ -2,6 +2,8 @@
 
 IN is a GGUF, APR or manifest. Writing an APR needs all of IN's tensor data (a manifest gives
 random valid blocks); writing a manifest needs only IN's header (a truncated file works).
+The APR is one aprender and realizar read (docs/apr.md): tensors of GGML types they lack (Q8_0,
+Q5_0, Q4_0) are written as F32 -- exact, larger; the growth is said on stderr.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import os
+    import sys
 
     from ..formats import apr
 
@@ -34,7 +37,7 @@ def run(args) -> int:
         if kind == ".json":
             manifest.save(mf.to_manifest(), tmp)
         else:
-            apr.write(mf, tmp)
+            apr.write(mf, tmp, log=lambda line: print(f"convert: {line}", file=sys.stderr))
         os.replace(tmp, args.output)
     finally:
         if os.path.exists(tmp):

@@ -7,13 +7,14 @@
 
 Kinds
   gguf      header parsed by gguf_file, data memory-mapped (numpy.memmap, views, no copies)
-  apr       header parsed by apr, data memory-mapped the same way
+  apr       header parsed by apr (aprender's names, dtype codes and metadata keys mapped to GGUF's;
+            docs/apr.md), data memory-mapped the same way; APR_Q4/APR_Q8 tensors decoded to F32
   manifest  no data: tensor_data() makes random valid blocks, the same for a name and seed
 
 ``header_only=True`` reads only the header (works on a truncated file; metadata summarised as
 in a manifest); asking such a ModelFile for data whose bytes are missing is an error then.
 ``header_only=False`` refuses a file whose tensor data is not all there (and checks an APR's
-footer CRC).
+footer CRC when it has one).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class ModelFile:
         self.seed = seed                  # manifest only: seed of the random tensors
         self.source = source or f"{kind} file {os.path.basename(self.path)}"
         self._data = None                 # numpy.memmap of the whole file, made on first use
+        self._apr = None                  # apr only: the APRHeader (stored extents, decoding)
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -71,11 +73,20 @@ class ModelFile:
     def _from_apr(cls, path, header_only):
         h = apr.read_header(path)
         metadata = manifest.summarize_metadata(h.metadata) if header_only else h.metadata
-        mf = cls(path, "apr", metadata, h.tensors, header_only)
+        mf = cls(path, "apr", metadata, dict(h.tensors), header_only)
+        mf._apr = h
         if not header_only:
             mf.check_complete()
-            apr.check_footer(mf._mapped(), path)
+            apr.check_footer(mf._mapped(), path, h)
+        if h.tied_copy and (mf._same_data(h.tied_copy, "token_embd.weight") if not header_only
+                            else h.json.get("tied_embeddings") is True):
+            del mf.tensors[h.tied_copy]          # aprender's lm_head.weight copy of a tied embedding
         return mf
+
+    def _same_data(self, a: str, b: str) -> bool:
+        ta, tb = self.tensors.get(a), self.tensors.get(b)
+        return (ta is not None and tb is not None and (ta.qtype, ta.shape) == (tb.qtype, tb.shape)
+                and np.array_equal(self.tensor_data(a), self.tensor_data(b)))
 
     @classmethod
     def _from_manifest(cls, source, path, seed):
@@ -93,7 +104,10 @@ class ModelFile:
 
     @functools.cached_property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_metadata(self.metadata, self.tensors.keys(), source=self.path)
+        cfg = ModelConfig.from_metadata(self.metadata, self.tensors.keys(), source=self.path)
+        if self._apr is not None and self._apr.config_overrides:
+            cfg = cfg.replace(**self._apr.config_overrides)     # what an APR's tensor names imply
+        return cfg
 
     @property
     def total_tensor_bytes(self) -> int:
@@ -125,6 +139,9 @@ class ModelFile:
         if self.kind == "manifest":
             return manifest.random_tensor(info, self.seed)
         self._check_extent(info)
+        if self._apr is not None and name in self._apr.decode:       # APR_Q4 / APR_Q8: decoded copy
+            _, _, offset, nbytes = self._apr.raw[name]
+            return apr.decode(self._apr.decode[name], self._mapped()[offset:offset + nbytes], info)
         raw = self._mapped()[info.offset:info.offset + info.nbytes]
         return raw.view(info.dtype).reshape(info.data_shape)
 
@@ -136,6 +153,9 @@ class ModelFile:
     def _check_extent(self, info) -> None:
         size = os.path.getsize(self.path)
         end = info.offset + info.nbytes
+        if self._apr is not None:                # stored bytes, which decoded tensors do not match
+            _, _, offset, nbytes = self._apr.raw[info.name]
+            end = offset + nbytes
         if end > size:
             raise FileFormatError(self.path, f"truncated: tensor {info.name} needs bytes up to {end}, file has {size}")
 

@@ -371,8 +371,13 @@ class Tokenizer:
 
 
 def _read_metadata(path) -> dict:
-    """The GGUF header's metadata (header only: the truncated 7B chunk works too)."""
+    """The header's metadata of a GGUF (header only: the truncated 7B chunk works too) or an APR
+    file (aprender's tokenizer.* keys come back as tokenizer.ggml.*)."""
     try:
+        with open(path, "rb") as f:
+            if f.read(3) == b"APR":
+                from . import apr
+                return apr.read_header(path).metadata
         return read_header(path).metadata
     except OSError as exc:
         raise Q4KError(f"cannot read the teacher file {path}: {exc.strerror or exc}") from None
