@@ -53,10 +53,11 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
 
     @cuda.jit(device=True, inline=True)
     def lse(m, acc, buf):
-        """log sum exp over the block, from each thread's running (max m, sum of exp(x - m))."""
+        """(max, log sum exp(x - max)) over the block, from each thread's running (max m, sum of
+        exp(x - m)). Kept apart: x - max is exact for nearby x, max + log(...) would round at 1e4."""
         top = block_max(m, buf)
         part = acc * math.exp(m - top) if m > NEG_INF else F(0)
-        return top + math.log(block_sum(part, buf))
+        return top, math.log(block_sum(part, buf))
 
     @cuda.jit
     def kernel(s, t, V, targets, kd_weight, ce_weight, inv_T, T, beta, log_b, log_1b,
@@ -94,9 +95,14 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
                     mu = u
                 elif u > NEG_INF:
                     au += math.exp(u - mu)
-        lse_z = lse(mz, az, buf)
-        lse1 = lse_z if same_t else lse(m1, a1, buf)
-        lse_u = lse(mu, au, buf) if HAS_T else F(0)
+        mz, lz = lse(mz, az, buf)                           # log softmax(z) = (z - mz) - lz
+        if same_t:
+            m1, l1 = mz, lz
+        else:
+            m1, l1 = lse(m1, a1, buf)
+        lu = F(0)
+        if HAS_T:
+            mu, lu = lse(mu, au, buf)
 
         # pass 2: kd terms (and ds when it needs nothing more)
         kd_g = kd_w * T * ((F(1) - beta) if kind == JSD else F(1))
@@ -105,16 +111,16 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
             sv = ld_s(s, base + j)
             g = F(0)
             if ce_on:
-                g = ce_w * math.exp(max(sv - lse1, LOG_FLOOR))
+                g = ce_w * math.exp(max((sv - m1) - l1, LOG_FLOOR))
                 if j == tgt:
                     g -= ce_w
             if kind != NONE:
-                lq = max(sv * inv_T - lse_z, LOG_FLOOR)
+                lq = max((sv * inv_T - mz) - lz, LOG_FLOOR)
                 q = math.exp(lq)
                 if kind == STUDENT:
                     g += kd_g * q
                 if HAS_T:
-                    lp = max(ld_t(t, base + j) * inv_T - lse_u, LOG_FLOOR)
+                    lp = max((ld_t(t, base + j) * inv_T - mu) - lu, LOG_FLOOR)
                     p = math.exp(lp)
                     if kind == KL:
                         if p > F(0):
@@ -145,12 +151,12 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
                 sv = ld_s(s, base + j)
                 g = F(0)
                 if ce_on:
-                    g = ce_w * math.exp(max(sv - lse1, LOG_FLOOR))
+                    g = ce_w * math.exp(max((sv - m1) - l1, LOG_FLOOR))
                     if j == tgt:
                         g -= ce_w
-                lq = max(sv * inv_T - lse_z, LOG_FLOOR)
+                lq = max((sv * inv_T - mz) - lz, LOG_FLOOR)
                 q = math.exp(lq)
-                lp = max(ld_t(t, base + j) * inv_T - lse_u, LOG_FLOOR)
+                lp = max((ld_t(t, base + j) * inv_T - mu) - lu, LOG_FLOOR)
                 if kind == JSD:
                     a, b = lp + log_b, lq + log_1b
                     L = lq - (max(a, b) + math.log1p(math.exp(-abs(a - b))))
@@ -162,8 +168,8 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
 
         if tid == 0:
             kd_rows[row] = T * T * kd if HAS_T else F(0)
-            ce_rows[row] = -max(s_tgt - lse1, LOG_FLOOR) if tgt >= 0 else F(0)
-            lse_rows[row] = lse_z
+            ce_rows[row] = -max((s_tgt - m1) - l1, LOG_FLOOR) if tgt >= 0 else F(0)
+            lse_rows[row] = mz + lz
 
     return kernel
 
