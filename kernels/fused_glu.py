@@ -23,7 +23,7 @@ from q4kdistill.backend import array_module
 from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR
-from .fused_io import F, code_of, empty_like_code, launch_shared, loader, storage, storer
+from .fused_io import F, code_of, empty_as, launch_shared, loader, storage, storer
 
 ACTS = ("silu", "gelu_tanh")
 THREADS = 256
@@ -118,7 +118,7 @@ def glu_fwd(gate, up, act, y=None):
     (gate's type unless ``y`` is given)."""
     xp = array_module(gate)
     g, g_ld, g_off, u, u_ld, u_off, lead, Fd = _halves(gate, up, "input")
-    y = empty_like_code(xp, lead + (Fd,), code_of(gate)) if y is None else y
+    y = empty_as(xp, lead + (Fd,), gate) if y is None else y
     if tuple(y.shape) != lead + (Fd,):
         raise Q4KError(f"glu: y has shape {tuple(y.shape)}, expected {lead + (Fd,)}")
     R = int(np.prod(lead, dtype=np.int64))
@@ -138,12 +138,12 @@ def glu_bwd(dy, gate, up, act, dgate=None, dup=None):
         raise Q4KError(f"glu: dy has shape {tuple(dy.shape)}, expected {lead + (Fd,)}")
     fused_out = up is None and dup is None
     if fused_out:
-        dgate = empty_like_code(xp, lead + (2 * Fd,), code_of(dy)) if dgate is None else dgate
+        dgate = empty_as(xp, lead + (2 * Fd,), dy) if dgate is None else dgate
         dg, dg_ld, dg_off, du, du_ld, du_off, _, _ = _halves(dgate, None, "gradient")
         du_code = dg_code = code_of(dgate)
     else:
-        dgate = empty_like_code(xp, lead + (Fd,), code_of(dy)) if dgate is None else dgate
-        dup = empty_like_code(xp, lead + (Fd,), code_of(dy)) if dup is None else dup
+        dgate = empty_as(xp, lead + (Fd,), dy) if dgate is None else dgate
+        dup = empty_as(xp, lead + (Fd,), dy) if dup is None else dup
         dg, dg_ld, dg_off, du, du_ld, du_off, _, _ = _halves(dgate, dup, "gradient")
         dg_code, du_code = code_of(dgate), code_of(dup)
     if tuple(dgate.shape[:-1]) != lead:
@@ -153,5 +153,5 @@ def glu_bwd(dy, gate, up, act, dgate=None, dup=None):
         kernel = glu_backward_kernel(act, code_of(gate), code_of(gate if up is None else up), code_of(dy),
                                      dg_code, du_code)
         launch_shared(kernel, *_grid(R * Fd), g, g_ld, g_off, u, u_ld, u_off, storage(dy), R, Fd,
-               dg, dg_ld, dg_off, du, du_ld, du_off)
+                      dg, dg_ld, dg_off, du, du_ld, du_off)
     return (dgate, None) if fused_out else (dgate, dup)

@@ -60,9 +60,9 @@ def storage(a):
     return flat if code_of(a) == F32 else flat.view(np.uint16)
 
 
-def empty_like_code(xp, shape, code):
-    """A new array of the given storage code (bfloat16 as uint16 bits)."""
-    return xp.empty(shape, dtype={F32: np.float32, BF16: np.uint16, F16: np.float16}[code])
+def empty_as(xp, shape, like):
+    """A new array of ``like``'s dtype (a CuPy bfloat16 input gives a bfloat16 output, uint16 bits give bits)."""
+    return xp.empty(shape, dtype=like.dtype)
 
 
 def threads_for(n: int, most: int = 512) -> int:

@@ -15,7 +15,8 @@ to LOG_FLOOR = -1e30 (so masks of -inf give huge, finite numbers, never NaN; 0 l
     ce = -log softmax(s)[target] at T = 1                 dce = softmax(s) - onehot(target)
     ds = ce_w * dce + kd_w * T * dz                       (written over s when ds is s: in place)
 
-Passes over the row (each thread strides over columns tid, tid + threads, ...):
+Passes over the row (each thread takes UNROLL columns tid + k * threads per step, loading all of them
+before using any, then moves on by threads * UNROLL):
     1. online max and sum of exp for z, u and (when T != 1) s, merged across the block: the three
        log-sum-exps; every thread also reads s[target] here, before anything is written;
     2. the per-element terms: kd's sum (and sum q L); for "kl", "student" and "none" ds is written
@@ -41,15 +42,17 @@ from .fused_io import (F, NEG_INF, block_reducers, code_of, launch_shared, loade
 KINDS = {"none": 0, "kl": 1, "rkl": 2, "jsd": 3, "student": 4}
 NONE, KL, RKL, JSD, STUDENT = 0, 1, 2, 3, 4
 LOG_FLOOR = F(-1e30)
+UNROLL = 4            # columns per thread per step: their loads are issued together
 
 
 @functools.lru_cache(maxsize=None)
-def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
+def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t, unroll=UNROLL):
     ld_s, ld_t, st_ds = loader(s_code), loader(t_code), storer(ds_code)
     block_sum, block_max = block_reducers(threads)
     SLOTS = reduce_slots(threads)
     HAS_T = kind in (KL, RKL, JSD)
     THIRD = kind in (RKL, JSD)        # ds needs sum q L, known only after pass 2
+    U = unroll
 
     @cuda.jit(device=True, inline=True)
     def lse(m, acc, buf):
@@ -59,6 +62,36 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
         part = acc * math.exp(m - top) if m > NEG_INF else F(0)
         return top, math.log(block_sum(part, buf))
 
+    @cuda.jit(device=True, inline=True)
+    def online(m, a, x):
+        """(m, a) with x added: a running max m and sum a of exp(. - m); -inf adds nothing."""
+        if x > m:
+            return x, a * math.exp(m - x) + F(1)
+        if x > NEG_INF:
+            return m, a + math.exp(x - m)
+        return m, a
+
+    @cuda.jit(device=True, inline=True)
+    def log_prob(x, m, l):
+        """log softmax from the row's (max m, log sum exp(. - m) = l), clamped to LOG_FLOOR."""
+        return max((x - m) - l, LOG_FLOOR)
+
+    @cuda.jit(device=True, inline=True)
+    def log_mix(lp, lq, log_b, log_1b):
+        """log(beta p + (1 - beta) q) from log p, log q."""
+        a, b = lp + log_b, lq + log_1b
+        return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+    @cuda.jit(device=True, inline=True)
+    def load(s, t, base, j0, V, sv, tv, pad):
+        """sv[k], tv[k] = s, t at column j0 + k * threads (pad past V): all loads before any use,
+        so U requests per array are in flight at once."""
+        for k in range(U):
+            j = j0 + k * threads
+            sv[k] = ld_s(s, base + j) if j < V else pad
+            if HAS_T:
+                tv[k] = ld_t(t, base + j) if j < V else pad
+
     @cuda.jit
     def kernel(s, t, V, targets, kd_weight, ce_weight, inv_T, T, beta, log_b, log_1b,
                ds, kd_rows, ce_rows, lse_rows):             # s, t, ds [n*V]; the rest [n]
@@ -66,35 +99,24 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
         tid = cuda.threadIdx.x
         base = row * V
         buf = cuda.shared.array(SLOTS, F)
+        sv = cuda.local.array(U, F)                         # this thread's U columns of s and t
+        tv = cuda.local.array(U, F)
         tgt = targets[row]
         kd_w = F(kd_weight[row])
         ce_w = F(ce_weight[row])
         ce_on = tgt >= 0 and ce_w != F(0)
         s_tgt = ld_s(s, base + tgt) if tgt >= 0 else F(0)   # read before ds (maybe s) is written
 
-        # pass 1: running (max, sum exp) of z = s/T, u = t/T, s
+        # pass 1: running (max, sum exp) of z = s/T, u = t/T and s, then merged over the block
         mz, az, mu, au, m1, a1 = F(NEG_INF), F(0), F(NEG_INF), F(0), F(NEG_INF), F(0)
-        for j in range(tid, V, threads):
-            sv = ld_s(s, base + j)
-            z = sv * inv_T
-            if z > mz:
-                az = az * math.exp(mz - z) + F(1)
-                mz = z
-            elif z > NEG_INF:
-                az += math.exp(z - mz)
-            if not same_t:
-                if sv > m1:
-                    a1 = a1 * math.exp(m1 - sv) + F(1)
-                    m1 = sv
-                elif sv > NEG_INF:
-                    a1 += math.exp(sv - m1)
-            if HAS_T:
-                u = ld_t(t, base + j) * inv_T
-                if u > mu:
-                    au = au * math.exp(mu - u) + F(1)
-                    mu = u
-                elif u > NEG_INF:
-                    au += math.exp(u - mu)
+        for j0 in range(tid, V, threads * U):
+            load(s, t, base, j0, V, sv, tv, F(NEG_INF))
+            for k in range(U):
+                mz, az = online(mz, az, sv[k] * inv_T)
+                if not same_t:
+                    m1, a1 = online(m1, a1, sv[k])
+                if HAS_T:
+                    mu, au = online(mu, au, tv[k] * inv_T)
         mz, lz = lse(mz, az, buf)                           # log softmax(z) = (z - mz) - lz
         if same_t:
             m1, l1 = mz, lz
@@ -107,38 +129,40 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
         # pass 2: kd terms (and ds when it needs nothing more)
         kd_g = kd_w * T * ((F(1) - beta) if kind == JSD else F(1))
         acc, sql = F(0), F(0)
-        for j in range(tid, V, threads):
-            sv = ld_s(s, base + j)
-            g = F(0)
-            if ce_on:
-                g = ce_w * math.exp(max((sv - m1) - l1, LOG_FLOOR))
-                if j == tgt:
-                    g -= ce_w
-            if kind != NONE:
-                lq = max((sv * inv_T - mz) - lz, LOG_FLOOR)
-                q = math.exp(lq)
-                if kind == STUDENT:
-                    g += kd_g * q
-                if HAS_T:
-                    lp = max((ld_t(t, base + j) * inv_T - mu) - lu, LOG_FLOOR)
-                    p = math.exp(lp)
-                    if kind == KL:
-                        if p > F(0):
-                            acc += p * (lp - lq)
-                        g += kd_g * (q - p)
-                    elif kind == RKL:
-                        if q > F(0):
-                            acc += q * (lq - lp)
-                    else:
-                        a, b = lp + log_b, lq + log_1b
-                        lm = max(a, b) + math.log1p(math.exp(-abs(a - b)))
-                        if p > F(0):
-                            acc += beta * p * (lp - lm)
-                        if q > F(0):
-                            acc += (F(1) - beta) * q * (lq - lm)
-                            sql += q * (lq - lm)
-            if not THIRD:
-                st_ds(ds, base + j, g)
+        for j0 in range(tid, V, threads * U):
+            load(s, t, base, j0, V, sv, tv, F(0))
+            for k in range(U):
+                j = j0 + k * threads
+                if j < V:
+                    g = F(0)
+                    if ce_on:
+                        g = ce_w * math.exp(log_prob(sv[k], m1, l1))
+                        if j == tgt:
+                            g -= ce_w
+                    if kind != NONE:
+                        lq = log_prob(sv[k] * inv_T, mz, lz)
+                        q = math.exp(lq)
+                        if kind == STUDENT:
+                            g += kd_g * q
+                        if HAS_T:
+                            lp = log_prob(tv[k] * inv_T, mu, lu)
+                            p = math.exp(lp)
+                            if kind == KL:
+                                if p > F(0):
+                                    acc += p * (lp - lq)
+                                g += kd_g * (q - p)
+                            elif kind == RKL:
+                                if q > F(0):
+                                    acc += q * (lq - lp)
+                            else:
+                                lm = log_mix(lp, lq, log_b, log_1b)
+                                if p > F(0):
+                                    acc += beta * p * (lp - lm)
+                                if q > F(0):
+                                    acc += (F(1) - beta) * q * (lq - lm)
+                                    sql += q * (lq - lm)
+                    if not THIRD:
+                        st_ds(ds, base + j, g)
         kd = block_sum(acc, buf)
         if kind == RKL:
             sql = kd                                        # reverse KL is sum q L itself
@@ -147,28 +171,27 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t):
 
         # pass 3 (rkl, jsd): ds = ce part + kd_g * q (L - sum q L)
         if THIRD:
-            for j in range(tid, V, threads):
-                sv = ld_s(s, base + j)
-                g = F(0)
-                if ce_on:
-                    g = ce_w * math.exp(max((sv - m1) - l1, LOG_FLOOR))
-                    if j == tgt:
-                        g -= ce_w
-                lq = max((sv * inv_T - mz) - lz, LOG_FLOOR)
-                q = math.exp(lq)
-                lp = max((ld_t(t, base + j) * inv_T - mu) - lu, LOG_FLOOR)
-                if kind == JSD:
-                    a, b = lp + log_b, lq + log_1b
-                    L = lq - (max(a, b) + math.log1p(math.exp(-abs(a - b))))
-                else:
-                    L = lq - lp
-                if q > F(0):
-                    g += kd_g * q * (L - sql)
-                st_ds(ds, base + j, g)
+            for j0 in range(tid, V, threads * U):
+                load(s, t, base, j0, V, sv, tv, F(0))
+                for k in range(U):
+                    j = j0 + k * threads
+                    if j < V:
+                        g = F(0)
+                        if ce_on:
+                            g = ce_w * math.exp(log_prob(sv[k], m1, l1))
+                            if j == tgt:
+                                g -= ce_w
+                        lq = log_prob(sv[k] * inv_T, mz, lz)
+                        q = math.exp(lq)
+                        lp = log_prob(tv[k] * inv_T, mu, lu)
+                        L = lq - (log_mix(lp, lq, log_b, log_1b) if kind == JSD else lp)
+                        if q > F(0):
+                            g += kd_g * q * (L - sql)
+                        st_ds(ds, base + j, g)
 
         if tid == 0:
             kd_rows[row] = T * T * kd if HAS_T else F(0)
-            ce_rows[row] = -max((s_tgt - m1) - l1, LOG_FLOOR) if tgt >= 0 else F(0)
+            ce_rows[row] = -log_prob(s_tgt, m1, l1) if tgt >= 0 else F(0)
             lse_rows[row] = mz + lz
 
     return kernel

@@ -29,7 +29,7 @@ from q4kdistill.backend import array_module
 from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR
-from .fused_io import (F, block_reducers, code_of, empty_like_code, launch_shared, loader, reduce_slots, rounder,
+from .fused_io import (F, block_reducers, code_of, empty_as, launch_shared, loader, reduce_slots, rounder,
                        storage, storer, threads_for)
 
 NONE = -1   # storage code of an absent array (residual, dres)
@@ -158,12 +158,12 @@ def rmsnorm_fwd(x, w, eps, residual=None, y=None, h=None, threads=None):
         t, nc = threads, (D + threads - 1) // threads
     _check("residual", residual, x.shape)
     code = code_of(x)
-    y = empty_like_code(xp, x.shape, code) if y is None else y
+    y = empty_as(xp, x.shape, x) if y is None else y
     _check("y", y, x.shape)
     if residual is None:
         h = x
     elif h is None:
-        h = empty_like_code(xp, x.shape, code)
+        h = empty_as(xp, x.shape, x)
     _check("h", h, x.shape)
     rstd = xp.empty(R, dtype=np.float32)
     if R == 0:
@@ -172,7 +172,7 @@ def rmsnorm_fwd(x, w, eps, residual=None, y=None, h=None, threads=None):
     kernel = rmsnorm_forward_kernel(t, nc, code, r_code, code_of(w), code_of(y), code_of(h))
     xs = storage(x)
     launch_shared(kernel, R, t, xs, xs if residual is None else storage(residual), storage(w), D, F(1.0 / D), F(eps),
-           storage(y), storage(h), rstd)
+                  storage(y), storage(h), rstd)
     return y, h, rstd
 
 
@@ -185,7 +185,7 @@ def rmsnorm_bwd(dy, h, w, rstd, dres=None, dx=None, blocks=None, threads=None):
         t, nc = threads, (D + threads - 1) // threads
     _check("dy", dy, h.shape)
     _check("dres", dres, h.shape)
-    dx = empty_like_code(xp, h.shape, code_of(dy)) if dx is None else dx
+    dx = empty_as(xp, h.shape, dy) if dx is None else dx
     _check("dx", dx, h.shape)
     dw = xp.zeros(D, dtype=np.float32)
     if R == 0:
@@ -196,6 +196,6 @@ def rmsnorm_bwd(dy, h, w, rstd, dres=None, dx=None, blocks=None, threads=None):
     kernel = rmsnorm_backward_kernel(t, nc, code_of(h), code_of(w), code_of(dy), code_of(dx), d_code)
     dys = storage(dy)
     launch_shared(kernel, G, t, storage(h), storage(w), rstd, dys, dys if dres is None else storage(dres), R, D,
-           F(1.0 / D), storage(dx), partial)
+                  F(1.0 / D), storage(dx), partial)
     launch_shared(column_sums, (D + 127) // 128, 128, partial, G, D, dw)
     return dx, dw

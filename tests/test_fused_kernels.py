@@ -232,6 +232,20 @@ def test_kd_loss_kernel_matches_losses(dtype, kind, T, beta):
     close(lse, lse_ref, "float32", "lse")
 
 
+@pytest.mark.parametrize("kind", ["kl", "jsd"])
+def test_kd_loss_rows_longer_than_a_block_step(kind):
+    """V = 517 > threads x UNROLL (128 in the simulator): several steps per thread, a ragged last one."""
+    rng = np.random.default_rng(len(kind))
+    n, V = 3, 517
+    s, t, targets, kw, cw = _kd_inputs(rng, n, V, "bfloat16", "float32")
+    cfg = LossConfig(kind=kind, temperature=1.3, alpha=0.5)
+    kd_ref, ce_ref, ds_ref = chunk_loss(f64(s), f64(t), targets, kw, cw, cfg)
+    kd, ce, ds, _ = kd_loss_rows(s, t, targets, kw, cw, kind, 1.3, 0.5, ds=poisoned((n, V), "bfloat16"))
+    close(kd, kd_ref, "float32", "kd rows", factor=10)
+    close(ce, ce_ref, "float32", "ce rows")
+    close(ds, ds_ref, "bfloat16", "ds")
+
+
 @pytest.mark.parametrize("s_dtype,t_dtype", [("bfloat16", "float32"), ("float32", "bfloat16"), ("float16", "bfloat16")])
 def test_kd_loss_mixed_types_in_place(s_dtype, t_dtype):
     rng = np.random.default_rng([DTYPES.index(s_dtype), DTYPES.index(t_dtype)])
@@ -525,7 +539,7 @@ def test_gpu_fused_linear_loss_bf16_within_bounds_of_fp32():
         import ml_dtypes
 
         bf16 = np.dtype(ml_dtypes.bfloat16)
-        cp.zeros(2, dtype=bf16) @ cp.zeros((2, 2), dtype=bf16)
+        cp.ones(2, dtype=cp.float32).astype(bf16) @ cp.zeros((2, 2), dtype=bf16)
     except Exception as e:                                        # noqa: BLE001  (any failure: no bf16 here)
         pytest.skip(f"CuPy bfloat16 matmul unavailable: {e}")
     rng = np.random.default_rng(7)

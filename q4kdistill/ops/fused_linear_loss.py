@@ -30,11 +30,11 @@ LOGITS_BUDGET = 2 ** 26   # default chunk: about this many logits (Student's rul
 
 
 def _f32(a):
-    """float32 values of a float32 / float16 / bfloat16 (uint16 bits) array."""
+    """float32 values of a float32 / float16 / bfloat16 (uint16 bits) array (a itself when float32)."""
     xp = array_module(a)
     if a.dtype == np.uint16:
         return (a.astype(xp.uint32) << 16).view(xp.float32)
-    return a.astype(xp.float32)
+    return a.astype(xp.float32, copy=False)
 
 
 def _like(v, a):
