@@ -9,7 +9,8 @@
 gate and up are read as (array, row stride, column offset), so they can be two [R, F] arrays or the
 two halves of one fused [R, 2F] product (gate = gu[:, :F], up = gu[:, F:]); the backward writes
 dgate/dup the same way (two arrays, or the halves of one [R, 2F] gradient, possibly gu itself).
-One thread per element, a grid-stride loop; float32 math on fp32 / bf16 / fp16 storage.
+A grid-stride loop, UNROLL elements per thread per step (e0 + k * gridsize, so each k is coalesced),
+all loaded before any is stored; float32 math on fp32 / bf16 / fp16 storage.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .fused_io import F, code_of, empty_as, launch_shared, loader, storage, stor
 
 ACTS = ("silu", "gelu_tanh")
 THREADS = 256
+UNROLL = 4            # elements per thread per step (step = the grid's size): loads issued together
 _C = F(math.sqrt(2.0 / math.pi))
 _A = F(0.044715)
 
@@ -65,9 +67,21 @@ def glu_forward_kernel(act, g_code, u_code, y_code):
     @cuda.jit
     def kernel(gate, g_ld, g_off, up, u_ld, u_off, R, Fd, y):   # y [R*Fd]
         start, step = cuda.grid(1), cuda.gridsize(1)
-        for e in range(start, R * Fd, step):
-            r, j = e // Fd, e % Fd
-            st_y(y, e, f(ld_g(gate, r * g_ld + g_off + j)) * ld_u(up, r * u_ld + u_off + j))
+        n = R * Fd
+        gv = cuda.local.array(UNROLL, F)
+        uv = cuda.local.array(UNROLL, F)
+        for e0 in range(start, n, step * UNROLL):
+            for k in range(UNROLL):                      # loads only: all in flight together
+                e = e0 + k * step
+                gv[k], uv[k] = F(0), F(0)
+                if e < n:
+                    r, j = e // Fd, e % Fd
+                    gv[k] = ld_g(gate, r * g_ld + g_off + j)
+                    uv[k] = ld_u(up, r * u_ld + u_off + j)
+            for k in range(UNROLL):
+                e = e0 + k * step
+                if e < n:
+                    st_y(y, e, f(gv[k]) * uv[k])
 
     return kernel
 
@@ -81,13 +95,25 @@ def glu_backward_kernel(act, g_code, u_code, dy_code, dg_code, du_code):
     @cuda.jit
     def kernel(gate, g_ld, g_off, up, u_ld, u_off, dy, R, Fd, dg, dg_ld, dg_off, du, du_ld, du_off):
         start, step = cuda.grid(1), cuda.gridsize(1)
-        for e in range(start, R * Fd, step):
-            r, j = e // Fd, e % Fd
-            g = ld_g(gate, r * g_ld + g_off + j)
-            u = ld_u(up, r * u_ld + u_off + j)
-            d = ld_dy(dy, e)
-            st_dg(dg, r * dg_ld + dg_off + j, d * u * df(g))   # every read of this element is done
-            st_du(du, r * du_ld + du_off + j, d * f(g))
+        n = R * Fd
+        gv = cuda.local.array(UNROLL, F)
+        uv = cuda.local.array(UNROLL, F)
+        dv = cuda.local.array(UNROLL, F)
+        for e0 in range(start, n, step * UNROLL):
+            for k in range(UNROLL):                      # loads only: all in flight together
+                e = e0 + k * step
+                gv[k], uv[k], dv[k] = F(0), F(0), F(0)
+                if e < n:
+                    r, j = e // Fd, e % Fd
+                    gv[k] = ld_g(gate, r * g_ld + g_off + j)
+                    uv[k] = ld_u(up, r * u_ld + u_off + j)
+                    dv[k] = ld_dy(dy, e)
+            for k in range(UNROLL):                      # every read of these elements is done
+                e = e0 + k * step
+                if e < n:
+                    r, j = e // Fd, e % Fd
+                    st_dg(dg, r * dg_ld + dg_off + j, dv[k] * uv[k] * df(gv[k]))
+                    st_du(du, r * du_ld + du_off + j, dv[k] * f(gv[k]))
 
     return kernel
 
@@ -110,7 +136,8 @@ def _halves(gate, up, what):
 
 def _grid(n):
     threads = 32 if SIMULATOR else THREADS
-    return max(1, min((n + threads - 1) // threads, 8 if SIMULATOR else 16 * 1024)), threads
+    per_block = threads * UNROLL
+    return max(1, min((n + per_block - 1) // per_block, 4 if SIMULATOR else 8 * 1024)), threads
 
 
 def glu_fwd(gate, up, act, y=None):

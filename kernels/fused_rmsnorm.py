@@ -49,25 +49,29 @@ def rmsnorm_forward_kernel(threads, nc, x_code, r_code, w_code, y_code, h_code):
         tid = cuda.threadIdx.x
         base = row * D
         buf = cuda.shared.array(SLOTS, F)
-        vals = cuda.local.array(NC, F)                  # this thread's columns of h[row]
+        vals = cuda.local.array(NC, F)                  # this thread's columns of h[row], then of w
+        wv = cuda.local.array(NC, F)
+        for c in range(NC):                             # loads only: all NC in flight together
+            j = tid + c * threads
+            vals[c] = F(0)
+            wv[c] = F(0)
+            if j < D:
+                vals[c] = ld_x(x, base + j) + (ld_r(res, base + j) if HAS_R else F(0))
+                wv[c] = ld_w(w, j)
         ss = F(0)
         for c in range(NC):
             j = tid + c * threads
-            v = F(0)
-            if j < D:
-                v = ld_x(x, base + j)
-                if HAS_R:
-                    v = rnd_h(v + ld_r(res, base + j))   # h as stored, so y is the norm of what is kept
-                    st_h(h, base + j, v)
-            vals[c] = v
-            ss += v * v
+            if HAS_R and j < D:
+                vals[c] = rnd_h(vals[c])                # h as stored, so y is the norm of what is kept
+                st_h(h, base + j, vals[c])
+            ss += vals[c] * vals[c]
         rs = F(1) / math.sqrt(block_sum(ss, buf) * inv_d + eps)
         if tid == 0:
             rstd[row] = rs
         for c in range(NC):
             j = tid + c * threads
             if j < D:
-                st_y(y, base + j, vals[c] * rs * ld_w(w, j))
+                st_y(y, base + j, vals[c] * rs * wv[c])
 
     return kernel
 
@@ -87,32 +91,38 @@ def rmsnorm_backward_kernel(threads, nc, h_code, w_code, dy_code, dx_code, dres_
         tid = cuda.threadIdx.x
         buf = cuda.shared.array(SLOTS, F)
         acc = cuda.local.array(NC, F)                   # this block's dw, this thread's columns
-        xh = cuda.local.array(NC, F)
-        gw = cuda.local.array(NC, F)
+        wv = cuda.local.array(NC, F)                    # w, loaded once for all the block's rows
+        xh = cuda.local.array(NC, F)                    # xhat, then dx, of the current row
+        gw = cuda.local.array(NC, F)                    # dy * w
         for c in range(NC):
+            j = tid + c * threads
             acc[c] = F(0)
+            wv[c] = ld_w(w, j) if j < D else F(0)
         for row in range(b, R, G):                      # the same count for every thread of the block
             base = row * D
             rs = rstd[row]
+            for c in range(NC):                         # loads only: all in flight together
+                j = tid + c * threads
+                xh[c], gw[c] = F(0), F(0)
+                if j < D:
+                    xh[c] = ld_h(h, base + j)
+                    gw[c] = ld_dy(dy, base + j)
             dot = F(0)
             for c in range(NC):
-                j = tid + c * threads
-                xh[c] = F(0)
-                gw[c] = F(0)
-                if j < D:
-                    d = ld_dy(dy, base + j)
-                    xh[c] = ld_h(h, base + j) * rs
-                    gw[c] = d * ld_w(w, j)
-                    acc[c] += d * xh[c]
-                    dot += gw[c] * xh[c]
+                xh[c] *= rs
+                acc[c] += gw[c] * xh[c]
+                gw[c] *= wv[c]
+                dot += gw[c] * xh[c]
             mean = block_sum(dot, buf) * inv_d
             for c in range(NC):
                 j = tid + c * threads
+                xh[c] = rs * (gw[c] - xh[c] * mean)
+                if HAS_DRES and j < D:
+                    xh[c] += ld_dres(dres, base + j)    # loads before the row's first store
+            for c in range(NC):
+                j = tid + c * threads
                 if j < D:
-                    v = rs * (gw[c] - xh[c] * mean)
-                    if HAS_DRES:
-                        v += ld_dres(dres, base + j)
-                    st_dx(dx, base + j, v)
+                    st_dx(dx, base + j, xh[c])
         for c in range(NC):
             j = tid + c * threads
             if j < D:

@@ -180,6 +180,19 @@ def test_glu_matches_reference(dtype, act, fused_input):
     close(du, dur, dtype, "dup")
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_glu_several_grid_steps(act):
+    """4 x 9 x 37 = 1332 elements > the simulator grid's 512 per step: several steps, a ragged last."""
+    rng = np.random.default_rng(len(act) + 40)
+    g, u, dy = (store(rand(rng, (4, 9, 37), 2.0), "bfloat16") for _ in range(3))
+    yr, cache = glu_forward(f64(g), f64(u), act)
+    dgr, dur = glu_backward(f64(dy), cache)
+    close(glu_fwd(g, u, act, y=poisoned((4, 9, 37), "bfloat16")), yr, "bfloat16", "glu y")
+    dg, du = glu_bwd(dy, g, u, act)
+    close(dg, dgr, "bfloat16", "dgate")
+    close(du, dur, "bfloat16", "dup")
+
+
 def test_glu_backward_in_place_over_fused_input():
     rng = np.random.default_rng(5)
     g, u, dy = rand(rng, (4, 6)), rand(rng, (4, 6)), rand(rng, (4, 6))
