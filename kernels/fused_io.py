@@ -33,7 +33,6 @@ from ._ptx import f16lo, half2
 
 F = np.float32
 F32, BF16, F16 = 0, 1, 2
-CODE_NAMES = {F32: "float32", BF16: "bfloat16", F16: "float16"}
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 

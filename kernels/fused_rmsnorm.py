@@ -14,8 +14,8 @@ of each column in a fixed order, so the result is the same on every run.
 
 Each thread owns columns tid, tid + threads, ... (NC = ceil(D / threads) of them, a compile-time
 count, so a row lives in registers between the two passes). Statistics are float32 whatever the
-storage types (fused_io: float32, bfloat16 bits, float16). No model knowledge: the weight is used
-as given (GGUF gemma norms already carry gemma's "+1").
+storage types (fused_io: float32, bfloat16 bits, float16). The weight is used as given (a model
+whose norm is x * (1 + w) stores 1 + w, as GGUF files do).
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def _layout(x, w):
         raise Q4KError(f"fused rmsnorm: x {tuple(x.shape)} and weight {tuple(w.shape)} disagree on the last axis")
     D = int(x.shape[-1])
     R = int(np.prod(x.shape[:-1], dtype=np.int64))
-    threads = threads_for(D, most=256)
+    threads = threads_for((D + 3) // 4, most=1024)               # about 4 columns per thread (D 896: 256 threads)
     return R, D, threads, (D + threads - 1) // threads
 
 

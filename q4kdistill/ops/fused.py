@@ -91,7 +91,7 @@ def rope_forward(x, cos, sin, style, out=None):
         return y
     from kernels.fused_rope import rope_apply
 
-    return rope_apply(x, style, cos=cos, sin=sin, out=x.copy() if out is None else out)
+    return rope_apply(x, style, cos=cos, sin=sin, out=array_module(x).empty_like(x) if out is None else out)
 
 
 def rope_backward(dy, cos, sin, style, out=None):
@@ -104,7 +104,8 @@ def rope_backward(dy, cos, sin, style, out=None):
         return dx
     from kernels.fused_rope import rope_apply
 
-    return rope_apply(dy, style, cos=cos, sin=sin, inverse=True, out=dy.copy() if out is None else out)
+    return rope_apply(dy, style, cos=cos, sin=sin, inverse=True,
+                      out=array_module(dy).empty_like(dy) if out is None else out)
 
 
 def glu_forward(gate, up, act):
