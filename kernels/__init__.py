@@ -12,19 +12,26 @@ scratch and calls cuBLAS GemmEx (FP32 accumulate), so training sizes (M = 8 x 51
     embedding_rows(w_raw, qtype, ids)              only rows `ids` decoded, float32
     variants(qtype=None), get(name), register(Variant(...)), choose(qtype, M, N, K)
     bench.run(...)                                 benchmark table (see bench.py)
+    rmsnorm_fwd/bwd, rope_apply, glu_fwd/bwd, kd_loss_rows   fused row/elementwise kernels (fused_*.py)
 
 Files, in reading order: decode.py (decode8 per type; the block layouts themselves are
 q4kdistill/formats/block_layouts.py), gemv.py, gemv_chunk.py, gemv_dp4a.py, gemm.py, dequant.py (the
 kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy), linked.py with csrc/ (CUDA C, one file
 per job), registry.py (Variant: what each allocates and accepts), builtin.py, dispatch.py,
-autotune.py, bench.py. README.md says how to add a variant.
+autotune.py, bench.py; the fused transformer ops: fused_io.py (storage types, block reductions),
+fused_rmsnorm.py, fused_rope.py, fused_glu.py, fused_kd_loss.py. README.md says how to add a variant.
 """
 from q4kdistill import backend as _backend  # noqa: F401  (switches on the simulator on CPU before numba.cuda loads)
 
 from . import builtin as _builtin  # noqa: F401,E402  (registers the shipped variants)
 from .dispatch import choose, dequantize_to, embedding_rows, matmul, reload_table
+from .fused_glu import glu_bwd, glu_fwd
+from .fused_kd_loss import kd_loss_rows
+from .fused_rmsnorm import rmsnorm_bwd, rmsnorm_fwd
+from .fused_rope import rope_apply
 from .registry import Variant, get, register, variants
 from .scratch import gemm_f16_f32, release_scratch, scratch_bytes
 
 __all__ = ["matmul", "dequantize_to", "embedding_rows", "variants", "get", "register", "Variant",
-           "choose", "reload_table", "scratch_bytes", "release_scratch", "gemm_f16_f32"]
+           "choose", "reload_table", "scratch_bytes", "release_scratch", "gemm_f16_f32",
+           "rmsnorm_fwd", "rmsnorm_bwd", "rope_apply", "glu_fwd", "glu_bwd", "kd_loss_rows"]

@@ -1,0 +1,184 @@
+"""Gated linear units y = act(gate) * up, forward and backward, elementwise over [R, F].
+
+    act "silu":      silu(g) = g * sigmoid(g),   silu'(g) = s (1 + g (1 - s)),  s = sigmoid(g)
+    act "gelu_tanh": 0.5 g (1 + tanh(u)),  u = c (g + 0.044715 g^3),  c = sqrt(2/pi)
+                     gelu'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3 * 0.044715 g^2),  t = tanh(u)
+    sigmoid(g) = 0.5 (1 + tanh(g / 2)): no exp overflow for large |g|.
+    backward:  dgate = dy * up * act'(gate),   dup = dy * act(gate)
+
+gate and up are read as (array, row stride, column offset), so they can be two [R, F] arrays or the
+two halves of one fused [R, 2F] product (gate = gu[:, :F], up = gu[:, F:]); the backward writes
+dgate/dup the same way (two arrays, or the halves of one [R, 2F] gradient, possibly gu itself).
+A grid-stride loop, UNROLL elements per thread per step (e0 + k * gridsize, so each k is coalesced),
+all loaded before any is stored; float32 math on fp32 / bf16 / fp16 storage.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda
+
+from q4kdistill.backend import array_module
+from q4kdistill.errors import Q4KError
+
+from ._device import SIMULATOR
+from .fused_io import F, code_of, empty_as, launch_shared, loader, storage, storer
+
+ACTS = ("silu", "gelu_tanh")
+THREADS = 256
+UNROLL = 4            # elements per thread per step (step = the grid's size): loads issued together
+_C = F(math.sqrt(2.0 / math.pi))
+_A = F(0.044715)
+
+
+@functools.lru_cache(maxsize=None)
+def act_functions(act: str):
+    """(act(g), act'(g)) device functions, float32."""
+    if act == "silu":
+        @cuda.jit(device=True, inline=True)
+        def f(g):
+            return g * (F(0.5) + F(0.5) * math.tanh(F(0.5) * g))
+
+        @cuda.jit(device=True, inline=True)
+        def df(g):
+            s = F(0.5) + F(0.5) * math.tanh(F(0.5) * g)
+            return s * (F(1) + g * (F(1) - s))
+        return f, df
+    if act == "gelu_tanh":
+        @cuda.jit(device=True, inline=True)
+        def f(g):
+            return F(0.5) * g * (F(1) + math.tanh(_C * (g + _A * g * g * g)))
+
+        @cuda.jit(device=True, inline=True)
+        def df(g):
+            t = math.tanh(_C * (g + _A * g * g * g))
+            return F(0.5) * (F(1) + t) + F(0.5) * g * (F(1) - t * t) * _C * (F(1) + F(3) * _A * g * g)
+        return f, df
+    raise Q4KError(f"unknown activation {act!r} (expected one of {', '.join(ACTS)})")
+
+
+@functools.lru_cache(maxsize=None)
+def glu_forward_kernel(act, g_code, u_code, y_code):
+    f, _ = act_functions(act)
+    ld_g, ld_u, st_y = loader(g_code), loader(u_code), storer(y_code)
+
+    @cuda.jit
+    def kernel(gate, g_ld, g_off, up, u_ld, u_off, R, Fd, y):   # y [R*Fd]
+        start, step = cuda.grid(1), cuda.gridsize(1)
+        n = R * Fd
+        gv = cuda.local.array(UNROLL, F)
+        uv = cuda.local.array(UNROLL, F)
+        for e0 in range(start, n, step * UNROLL):
+            for k in range(UNROLL):                      # loads only: all in flight together
+                e = e0 + k * step
+                gv[k], uv[k] = F(0), F(0)
+                if e < n:
+                    r, j = e // Fd, e % Fd
+                    gv[k] = ld_g(gate, r * g_ld + g_off + j)
+                    uv[k] = ld_u(up, r * u_ld + u_off + j)
+            for k in range(UNROLL):
+                e = e0 + k * step
+                if e < n:
+                    st_y(y, e, f(gv[k]) * uv[k])
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def glu_backward_kernel(act, g_code, u_code, dy_code, dg_code, du_code):
+    f, df = act_functions(act)
+    ld_g, ld_u, ld_dy = loader(g_code), loader(u_code), loader(dy_code)
+    st_dg, st_du = storer(dg_code), storer(du_code)
+
+    @cuda.jit
+    def kernel(gate, g_ld, g_off, up, u_ld, u_off, dy, R, Fd, dg, dg_ld, dg_off, du, du_ld, du_off):
+        start, step = cuda.grid(1), cuda.gridsize(1)
+        n = R * Fd
+        gv = cuda.local.array(UNROLL, F)
+        uv = cuda.local.array(UNROLL, F)
+        dv = cuda.local.array(UNROLL, F)
+        for e0 in range(start, n, step * UNROLL):
+            for k in range(UNROLL):                      # loads only: all in flight together
+                e = e0 + k * step
+                gv[k], uv[k], dv[k] = F(0), F(0), F(0)
+                if e < n:
+                    r, j = e // Fd, e % Fd
+                    gv[k] = ld_g(gate, r * g_ld + g_off + j)
+                    uv[k] = ld_u(up, r * u_ld + u_off + j)
+                    dv[k] = ld_dy(dy, e)
+            for k in range(UNROLL):                      # every read of these elements is done
+                e = e0 + k * step
+                if e < n:
+                    r, j = e // Fd, e % Fd
+                    st_dg(dg, r * dg_ld + dg_off + j, dv[k] * uv[k] * df(gv[k]))
+                    st_du(du, r * du_ld + du_off + j, dv[k] * f(gv[k]))
+
+    return kernel
+
+
+# -- launchers ---------------------------------------------------------------------------------
+def _halves(gate, up, what):
+    """(gate array, row stride, offset, up array, row stride, offset, lead shape, F) from either two
+    [..., F] arrays or (up None) one fused [..., 2F] array."""
+    if up is None:
+        if gate.shape[-1] % 2:
+            raise Q4KError(f"glu: a fused {what} needs an even last axis [..., 2F], got {tuple(gate.shape)}")
+        Fd = gate.shape[-1] // 2
+        s = storage(gate)
+        return s, 2 * Fd, 0, s, 2 * Fd, Fd, tuple(gate.shape[:-1]), Fd
+    if tuple(gate.shape) != tuple(up.shape):
+        raise Q4KError(f"glu: {what} gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    Fd = gate.shape[-1]
+    return storage(gate), Fd, 0, storage(up), Fd, 0, tuple(gate.shape[:-1]), Fd
+
+
+def _grid(n):
+    threads = 32 if SIMULATOR else THREADS
+    per_block = threads * UNROLL
+    return max(1, min((n + per_block - 1) // per_block, 4 if SIMULATOR else 8 * 1024)), threads
+
+
+def glu_fwd(gate, up, act, y=None):
+    """act(gate) * up: gate, up [..., F] (or gate a fused [..., 2F] and up None) -> y [..., F]
+    (gate's type unless ``y`` is given)."""
+    xp = array_module(gate)
+    g, g_ld, g_off, u, u_ld, u_off, lead, Fd = _halves(gate, up, "input")
+    y = empty_as(xp, lead + (Fd,), gate) if y is None else y
+    if tuple(y.shape) != lead + (Fd,):
+        raise Q4KError(f"glu: y has shape {tuple(y.shape)}, expected {lead + (Fd,)}")
+    R = int(np.prod(lead, dtype=np.int64))
+    if R * Fd:
+        kernel = glu_forward_kernel(act, code_of(gate), code_of(gate if up is None else up), code_of(y))
+        launch_shared(kernel, *_grid(R * Fd), g, g_ld, g_off, u, u_ld, u_off, R, Fd, storage(y))
+    return y
+
+
+def glu_bwd(dy, gate, up, act, dgate=None, dup=None):
+    """dy [..., F] -> (dgate, dup), each [..., F]; or, with up None (gate fused [..., 2F]), one
+    fused gradient [..., 2F] returned twice as (dgu, None). ``dgate`` may be given (with ``dup``, or
+    alone as the fused [..., 2F] output; it may be the input itself: in place)."""
+    xp = array_module(dy)
+    g, g_ld, g_off, u, u_ld, u_off, lead, Fd = _halves(gate, up, "input")
+    if tuple(dy.shape) != lead + (Fd,):
+        raise Q4KError(f"glu: dy has shape {tuple(dy.shape)}, expected {lead + (Fd,)}")
+    fused_out = up is None and dup is None
+    if fused_out:
+        dgate = empty_as(xp, lead + (2 * Fd,), dy) if dgate is None else dgate
+        dg, dg_ld, dg_off, du, du_ld, du_off, _, _ = _halves(dgate, None, "gradient")
+        du_code = dg_code = code_of(dgate)
+    else:
+        dgate = empty_as(xp, lead + (Fd,), dy) if dgate is None else dgate
+        dup = empty_as(xp, lead + (Fd,), dy) if dup is None else dup
+        dg, dg_ld, dg_off, du, du_ld, du_off, _, _ = _halves(dgate, dup, "gradient")
+        dg_code, du_code = code_of(dgate), code_of(dup)
+    if tuple(dgate.shape[:-1]) != lead:
+        raise Q4KError(f"glu: gradient shape {tuple(dgate.shape)} does not match {lead + (Fd,)}")
+    R = int(np.prod(lead, dtype=np.int64))
+    if R * Fd:
+        kernel = glu_backward_kernel(act, code_of(gate), code_of(gate if up is None else up), code_of(dy),
+                                     dg_code, du_code)
+        launch_shared(kernel, *_grid(R * Fd), g, g_ld, g_off, u, u_ld, u_off, storage(dy), R, Fd,
+                      dg, dg_ld, dg_off, du, du_ld, du_off)
+    return (dgate, None) if fused_out else (dgate, dup)
