@@ -26,6 +26,12 @@ from kernels.fused_rope import rope_apply
 from q4kdistill.student.ops import fused as fused_ops
 from q4kdistill.student.ops.fused_linear_loss import fused_chunk_loss, fused_linear_loss
 
+
+@pytest.fixture(autouse=True)
+def _kernels_on_host(monkeypatch):
+    """The op wrappers send NumPy arrays to the reference ops; here they must reach the kernels."""
+    monkeypatch.setattr(fused_ops, "ON_HOST", True)
+
 DTYPES = ("float32", "bfloat16", "float16")
 BOUND = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
@@ -567,3 +573,18 @@ def test_gpu_fused_linear_loss_bf16_within_bounds_of_fp32():
         err = float(cp.abs(g.astype(cp.float32) - r).max()) / float(cp.abs(r).max())
         assert err < 3e-2, f"{what}: {err:.3g}"
     assert math.isclose(got[2], ref[2], rel_tol=1e-2) and math.isclose(got[3], ref[3], rel_tol=1e-2)
+
+
+def test_numpy_arrays_take_the_reference_ops_unless_asked(monkeypatch):
+    """Off the GPU the wrappers must not run the kernels (the simulator is thousands of times slower):
+    NumPy arrays get the reference ops' exact results and caches."""
+    from q4kdistill.student.ops import rmsnorm as ref_rmsnorm
+
+    monkeypatch.setattr(fused_ops, "ON_HOST", False)
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((5, 24)).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    y, cache = fused_ops.rmsnorm_forward(x, w, 1e-6)
+    y_ref, _ = ref_rmsnorm.rmsnorm_forward(x, w, 1e-6)
+    assert not isinstance(cache, fused_ops.NormCache) and np.array_equal(y, y_ref)
+    monkeypatch.setattr(fused_ops, "ON_HOST", True)
+    assert isinstance(fused_ops.rmsnorm_forward(x, w, 1e-6)[1], fused_ops.NormCache)

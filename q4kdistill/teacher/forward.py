@@ -25,6 +25,12 @@ from gguf import GGMLQuantizationType as QT
 
 from ..backend import array_module
 from ..student.ops import attention_forward, embedding_forward, glu_forward, rmsnorm_forward, rope_forward, rope_tables
+from ..student.ops import fused
+
+# On the GPU the ops between the products are the fused kernels (kernels/fused_*.py), the residual
+# stream stays float32, and what feeds a product (norm outputs, attention output, GLU output) is
+# written in float16, the type the decode + cuBLAS products multiply in (kernels' `accepts`).
+PRODUCT_DTYPE = "float16"
 
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 # LM head rows per product. A kernel that decodes its weight into a scratch buffer would
@@ -128,32 +134,62 @@ def embed(w: Weight, ids):
     return rows.reshape(ids.shape + (w.shape[1],))
 
 
-def norm(x, w: Weight, eps):
+def _gpu(x) -> bool:
+    return type(x).__module__.startswith("cupy") and x.flags.c_contiguous
+
+
+def norm(x, w: Weight, eps, dtype=None):
+    """rmsnorm(x) * w in ``dtype`` (default x's); one fused kernel on the GPU."""
+    if _gpu(x):
+        from kernels.fused_rmsnorm import rmsnorm_fwd
+
+        return rmsnorm_fwd(x, w.data, eps, y=array_module(x).empty(x.shape, dtype=dtype or x.dtype))[0]
     y, _ = rmsnorm_forward(x, w.data, eps)
-    return y
+    return y if dtype is None else y.astype(dtype)
 
 
-def attention_block(x, w: dict, cfg, layer, key_mask, cos_sin):
-    """x [B, T, D] -> the attention branch [B, T, D] (before the residual add)."""
-    B, T, _ = x.shape
-    h = norm(x, w["attn_norm.weight"], cfg.norm_eps)
+def add_norm(x, a, w: Weight, eps, dtype=None):
+    """x += a (the residual stream, in place) -> rmsnorm(x) * w in ``dtype``; one kernel on the GPU."""
+    if _gpu(x) and _gpu(a):
+        from kernels.fused_rmsnorm import rmsnorm_fwd
+
+        y = array_module(x).empty(x.shape, dtype=dtype or x.dtype)
+        return rmsnorm_fwd(x, w.data, eps, residual=a, y=y, h=x)[0]
+    x += a
+    return norm(x, w, eps, dtype)
+
+
+def _product_dtype(x):
+    return PRODUCT_DTYPE if _gpu(x) else None
+
+
+def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
+    """h [B, T, D] (the normalised block input) -> the attention branch [B, T, D] (before the residual add)."""
+    B, T, _ = h.shape
     q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).reshape(B, T, cfg.n_heads, cfg.head_dim)
     k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = norm(q, w["attn_q_norm.weight"], cfg.norm_eps)
         k = norm(k, w["attn_k_norm.weight"], cfg.norm_eps)
-    q = rope_forward(q, *cos_sin, cfg.rope_style)
-    k = rope_forward(k, *cos_sin, cfg.rope_style)
+    q = fused.rope_forward(q, *cos_sin, cfg.rope_style, out=q if _gpu(q) else None)
+    k = fused.rope_forward(k, *cos_sin, cfg.rope_style, out=k if _gpu(k) else None)
     o, _ = attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale)   # [B, T, H, hd]
-    a = linear(o.reshape(B, T, cfg.q_dim), w["attn_output.weight"])
+    o = o.reshape(B, T, cfg.q_dim)
+    a = linear(o.astype(_product_dtype(o) or o.dtype, copy=False), w["attn_output.weight"])
     return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a
 
 
-def ffn_block(x, w: dict, cfg):
-    """x [B, T, D] -> the feed-forward branch [B, T, D] (before the residual add)."""
-    h = norm(x, w["ffn_norm.weight"], cfg.norm_eps)
-    g, _ = glu_forward(linear(h, w["ffn_gate.weight"]), linear(h, w["ffn_up.weight"]), cfg.act)   # [B, T, F]
+def ffn_block(h, w: dict, cfg):
+    """h [B, T, D] (the normalised residual) -> the feed-forward branch [B, T, D] (before the residual add)."""
+    gate, up = linear(h, w["ffn_gate.weight"]), linear(h, w["ffn_up.weight"])         # [B, T, F]
+    if _gpu(gate):
+        from kernels.fused_glu import glu_fwd
+
+        g = glu_fwd(gate, up, cfg.act, y=array_module(gate).empty(gate.shape, dtype=PRODUCT_DTYPE))
+    else:
+        g, _ = glu_forward(gate, up, cfg.act)
+    del gate, up
     f = linear(g, w["ffn_down.weight"])
     return norm(f, w["post_ffw_norm.weight"], cfg.norm_eps) if cfg.post_norms else f
 
@@ -169,10 +205,18 @@ def hidden_states(weights: dict, layers: list, cfg, ids, key_mask):
         x *= xp.float32(cfg.embed_scale)
     bases = {cfg.layer_rope_base(i) for i in range(cfg.n_layers)}
     tables = {b: rope_tables(xp.arange(T), cfg.head_dim, b, xp) for b in bases}   # base -> (cos, sin) [T, hd/2]
+    # each norm of the residual stream also adds the branch before it (add_norm): x += branch; h = norm(x)
+    h = norm(x, layers[0]["attn_norm.weight"], cfg.norm_eps, _product_dtype(x)) if layers else x
     for i, w in enumerate(layers):
-        x += attention_block(x, w, cfg, i, key_mask, tables[cfg.layer_rope_base(i)])
-        x += ffn_block(x, w, cfg)
-    return norm(x, weights["output_norm.weight"], cfg.norm_eps)
+        a = attention_block(h, w, cfg, i, key_mask, tables[cfg.layer_rope_base(i)])
+        h = add_norm(x, a, w["ffn_norm.weight"], cfg.norm_eps, _product_dtype(x))
+        del a
+        f = ffn_block(h, w, cfg)
+        last = i + 1 == len(layers)
+        nxt = weights["output_norm.weight"] if last else layers[i + 1]["attn_norm.weight"]
+        h = add_norm(x, f, nxt, cfg.norm_eps, None if last else _product_dtype(x))
+        del f
+    return h if layers else norm(x, weights["output_norm.weight"], cfg.norm_eps)
 
 
 def required_tensors(cfg) -> list:
