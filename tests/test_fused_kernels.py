@@ -45,7 +45,7 @@ def f64(a):
     xp = backend.array_module(a)
     if a.dtype == np.uint16:
         return (a.astype(xp.uint32) << 16).view(xp.float32).astype(xp.float64)
-    return a.astype(xp.float64)
+    return a.astype(xp.float32).astype(xp.float64)      # via float32: also for a CuPy bfloat16 array
 
 
 def poisoned(shape, dtype, xp=np):
@@ -609,3 +609,36 @@ def test_fused_ops_swapped_into_the_student(monkeypatch, family):
     assert math.isclose(loss, loss_ref, rel_tol=1e-5)
     err = float(np.abs(model.grad_buffer.flat - grads_ref).max())
     assert err <= 1e-4 * float(np.abs(grads_ref).max()), err
+
+
+@pytest.mark.gpu
+def test_gpu_fused_ops_keep_cupy_bfloat16():
+    """A CuPy bfloat16 activation stays bfloat16 through every fused op (what the bf16 student feeds
+    them), values within the bf16 bound of the float64 reference. Skips without CuPy bfloat16."""
+    cp = _cp()
+    try:
+        import ml_dtypes
+
+        bf16 = np.dtype(ml_dtypes.bfloat16)
+        cp.ones(2, dtype=cp.float32).astype(bf16)
+    except Exception as e:                                        # noqa: BLE001  (any failure: no bf16 here)
+        pytest.skip(f"CuPy bfloat16 arrays unavailable: {e}")
+    rng = np.random.default_rng(8)
+    x, r, dy = (cp.asarray(rand(rng, (4, 128, 896))).astype(bf16) for _ in range(3))
+    w = cp.asarray(rand(rng, 896))
+    y, h, cache = fused_ops.add_rmsnorm_forward(x, r, w, 1e-6)
+    assert y.dtype == bf16 and h.dtype == bf16
+    yr, cr = rmsnorm_forward(f64(h), f64(w), 1e-6)
+    close(y, yr, "bfloat16", "add_rmsnorm y")
+    dx, dw = fused_ops.add_rmsnorm_backward(dy, cache, dh=r)
+    assert dx.dtype == bf16 and dw.dtype == np.float32
+    close(dx, rmsnorm_backward(f64(dy), cr)[0] + f64(r), "bfloat16", "add_rmsnorm dx")
+    q = cp.asarray(rand(rng, (4, 128, 14, 64))).astype(bf16)
+    cos, sin = rope_tables(cp.arange(128), 64, 1e6, cp)
+    yq = fused_ops.rope_forward(q, cos, sin, "neox")
+    assert yq.dtype == bf16
+    close(yq, rope_forward(f64(q), cos, sin, "neox"), "bfloat16", "rope")
+    gu = cp.asarray(rand(rng, (4, 128, 2 * 4864))).astype(bf16)
+    m, c = fused_ops.glu_forward(gu, None, "silu")
+    assert m.dtype == bf16
+    close(m, glu_forward(f64(gu[..., :4864]), f64(gu[..., 4864:]), "silu")[0], "bfloat16", "glu")
