@@ -10,9 +10,9 @@ move (each input read once per pass over it, each output written once) and is co
 device-to-device copy bandwidth (read + write) measured in the same run. "unfused" is the
 package's current path: the float32 CuPy ops of q4kdistill/ops and losses.py on the same shape
 (float32 inputs), so "x" = unfused time / fused time. "extra MB": the peak GPU bytes in use during
-one call above those in use before it (q4kdistill.memory's counter), fused vs unfused. Shapes are the issue's: norms 4096 x 896,
-GLU 4096 x 4864, rope [8, 512, 14, 64], KD loss [256, 151936], the fused linear loss over 2048
-tokens of D 896 against the student's chunk loop (both float32).
+one call above those in use before it (q4kdistill.memory's counter), fused vs unfused. Shapes are
+the issue's: norms 4096 x 896, GLU 4096 x 4864, rope [8, 512, 14, 64], KD loss [256, 151936], the
+fused linear loss over 2048 tokens of D 896 against the student's chunk loop (both float32).
 --tiny: NumPy arrays, the simulator, tiny shapes, perf_counter (checks the script runs, no figures).
 """
 from __future__ import annotations
@@ -37,9 +37,9 @@ from q4kdistill.ops.rope import rope_forward, rope_tables
 from q4kdistill.ops.fused_linear_loss import fused_linear_loss
 
 import kernels
-from kernels.fused_io import code_of
 
-FULL = dict(norm=(4096, 896), glu=(4096, 4864), rope=(8, 512, 14, 64), kd=(256, 151936), linear=(2048, 896, 151936, 256))
+FULL = dict(norm=(4096, 896), glu=(4096, 4864), rope=(8, 512, 14, 64), kd=(256, 151936),
+            linear=(2048, 896, 151936, 256))
 TINY = dict(norm=(6, 40), glu=(6, 24), rope=(1, 4, 2, 8), kd=(3, 70), linear=(12, 8, 50, 4))
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -137,7 +137,7 @@ def cases(xp, sizes, l2):
             yield (f"kd loss {kind}+ce, ds in place", (n, V), dt, (2 * passes + 1) * n * V * ins[0][0].itemsize,
                    lambda i, ins=ins, kind=kind: kernels.kd_loss_rows(ins[i][0], ins[i][1], targets, kw, cw, kind, 1.0,
                                                                       0.5, ds=ins[i][0]),
-                   lambda i, cfg=cfg: chunk_loss(ref_kd[i % len(ref_kd)][0], ref_kd[i % len(ref_kd)][1], targets, kw, cw, cfg),
+                   lambda i, cfg=cfg: chunk_loss(*ref_kd[i % len(ref_kd)], targets, kw, cw, cfg),
                    len(ins))
 
     N, D, V, step = sizes["linear"]

@@ -295,7 +295,11 @@ LOSS_CONFIGS = [LossConfig(), LossConfig(kind="rkl", alpha=0.3, temperature=1.5)
                 LossConfig(kind="kl", alpha=1.0), LossConfig(kind="jsd", beta=0.0, alpha=0.0)]
 
 
-@pytest.mark.parametrize("cfg", LOSS_CONFIGS, ids=lambda c: f"{c.kind}-T{c.temperature}-a{c.alpha}-k{c.top_k}-{c.top_k_student}")
+def _cfg_id(c):
+    return f"{c.kind}-T{c.temperature}-a{c.alpha}-k{c.top_k}-{c.top_k_student}"
+
+
+@pytest.mark.parametrize("cfg", LOSS_CONFIGS, ids=_cfg_id)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_chunk_loss_matches_chunk_loss(cfg, dtype):
     rng = np.random.default_rng([LOSS_CONFIGS.index(cfg), len(dtype)])
@@ -351,7 +355,8 @@ def unfused_head(h, W, teacher, cfg, w, step):
     return dh, dW, kd_sum, ce_sum
 
 
-@pytest.mark.parametrize("cfg,callable_teacher", [(LossConfig(alpha=0.3), False), (LossConfig(kind="jsd", temperature=2.0), True),
+@pytest.mark.parametrize("cfg,callable_teacher", [(LossConfig(alpha=0.3), False),
+                                                  (LossConfig(kind="jsd", temperature=2.0), True),
                                                   (LossConfig(alpha=1.0), None)])
 def test_fused_linear_loss_matches_unfused_chunks(cfg, callable_teacher):
     rng = np.random.default_rng(17)
@@ -414,7 +419,8 @@ def test_fused_ops_swap_in_for_reference_ops():
     y, c = fused_ops.glu_forward(g, u, "gelu_tanh")
     yr, cr = glu_forward(g.astype(np.float64), u.astype(np.float64), "gelu_tanh")
     close(y, yr, "float32", "glu op")
-    for got, ref in zip(fused_ops.glu_backward(dy[0, :, :5].copy(), c), glu_backward(dy[0, :, :5].astype(np.float64), cr)):
+    d = dy[0, :, :5].copy()
+    for got, ref in zip(fused_ops.glu_backward(d, c), glu_backward(d.astype(np.float64), cr)):
         close(got, ref, "float32", "glu op backward")
 
 
@@ -526,8 +532,8 @@ def test_gpu_fused_linear_loss_matches_unfused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [LossConfig(kind="jsd", top_k=64, alpha=0.5), LossConfig(top_k=64, top_k_student="full", temperature=2.0)],
-                         ids=["restricted-jsd", "full-kl"])
+@pytest.mark.parametrize("cfg", [LossConfig(kind="jsd", top_k=64, alpha=0.5),
+                                 LossConfig(top_k=64, top_k_student="full", temperature=2.0)], ids=["restricted-jsd", "full-kl"])
 def test_gpu_top_k_chunk_loss_64x151936(cfg):
     cp = _cp()
     rng = np.random.default_rng(6)
@@ -570,6 +576,7 @@ def test_gpu_fused_linear_loss_bf16_within_bounds_of_fp32():
 
 
 # -- the swap by import, inside the real Student ------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_fused_ops_swapped_into_the_student(monkeypatch, family):
     """Student.loss_and_grads with its ops replaced by ops/fused.py's (float32): the same loss and
