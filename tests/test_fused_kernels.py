@@ -326,6 +326,17 @@ def test_fused_chunk_loss_without_teacher():
         fused_chunk_loss(s, None, targets, kw, cw, LossConfig(alpha=0.5))
 
 
+def test_kd_loss_target_out_of_range_gives_nan_row_not_a_stray_read():
+    rng = np.random.default_rng(9)
+    s, t = rand(rng, (3, 20)), rand(rng, (3, 20))
+    targets = np.array([4, 20, -1])
+    kd, ce, ds, _ = kd_loss_rows(s.copy(), t, targets, np.ones(3), np.ones(3), "kl")
+    assert np.isnan(ce[1]) and np.isfinite(ce[[0, 2]]).all() and np.isfinite(ds).all()
+    kd_ref, _, ds_ref = chunk_loss(s.astype(np.float64), t.astype(np.float64), np.array([4, -1, -1]), np.ones(3),
+                                   np.ones(3), LossConfig(alpha=0.5))
+    close(ds, ds_ref, "float32", "ds (row 1 without CE)")
+
+
 def test_kd_loss_errors():
     s = np.zeros((2, 5), np.float32)
     z = np.zeros(2)
