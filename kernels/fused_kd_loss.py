@@ -102,6 +102,9 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t, unroll=UNROLL
         sv = cuda.local.array(U, F)                         # this thread's U columns of s and t
         tv = cuda.local.array(U, F)
         tgt = targets[row]
+        bad = tgt >= V                                      # no such column: the CE row becomes NaN
+        if bad:
+            tgt = -1
         kd_w = F(kd_weight[row])
         ce_w = F(ce_weight[row])
         ce_on = tgt >= 0 and ce_w != F(0)
@@ -191,7 +194,7 @@ def kd_loss_kernel(threads, s_code, t_code, ds_code, kind, same_t, unroll=UNROLL
 
         if tid == 0:
             kd_rows[row] = T * T * kd if HAS_T else F(0)
-            ce_rows[row] = -log_prob(s_tgt, m1, l1) if tgt >= 0 else F(0)
+            ce_rows[row] = F(math.nan) if bad else (-log_prob(s_tgt, m1, l1) if tgt >= 0 else F(0))
             lse_rows[row] = mz + lz
 
     return kernel
@@ -201,7 +204,7 @@ def kd_loss_rows(s, t, targets, kd_weight, ce_weight, kind="kl", temperature=1.0
     """Loss per row and d(sum_rows kd_w * kd + ce_w * ce)/ds for a slab s [n, V] (see the module doc).
 
     s, t [n, V] float32 / bfloat16 (uint16 bits) / float16 (t None for kinds "none"/"student");
-    targets [n] int (< 0: no CE term); kd_weight, ce_weight [n]. ds: the output [n, V] (s itself
+    targets [n] int (< 0: no CE term; >= V: a NaN CE row, no gradient); kd_weight, ce_weight [n]. ds: the output [n, V] (s itself
     for in place; default a new array of s's type). -> (kd [n], ce [n], ds, lse [n]) with kd, ce and
     lse (the student's log-sum-exp of s/T) float32."""
     xp = array_module(s)

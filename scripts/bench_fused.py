@@ -9,9 +9,10 @@ that the working set exceeds 2x L2, so each call reads DRAM). GB/s counts the by
 move (each input read once per pass over it, each output written once) and is compared with the
 device-to-device copy bandwidth (read + write) measured in the same run. "unfused" is the
 package's current path: the float32 CuPy ops of q4kdistill/ops and losses.py on the same shape
-(float32 inputs), so "x" = unfused time / fused time. Shapes are the issue's: norms 4096 x 896,
-GLU 4096 x 4864, rope [8, 512, 14, 64], KD loss [256, 151936], the fused linear loss over 2048
-tokens of D 896 against the student's chunk loop (both float32).
+(float32 inputs), so "x" = unfused time / fused time. "extra MB": the peak GPU bytes in use during
+one call above those in use before it (q4kdistill.memory's counter), fused vs unfused. Shapes are
+the issue's: norms 4096 x 896, GLU 4096 x 4864, rope [8, 512, 14, 64], KD loss [256, 151936], the
+fused linear loss over 2048 tokens of D 896 against the student's chunk loop (both float32).
 --tiny: NumPy arrays, the simulator, tiny shapes, perf_counter (checks the script runs, no figures).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this checkout's packages
 import q4kdistill  # noqa: E402,F401  (backend first)
 from q4kdistill import backend
+from q4kdistill.memory import meter as memory
 from q4kdistill.student.losses import LossConfig, chunk_loss, masked_sum, token_weights
 from q4kdistill.student.ops.glu import glu_backward, glu_forward
 from q4kdistill.student.ops.linear import linear_backward, linear_forward
@@ -36,9 +38,9 @@ from q4kdistill.student.ops.rope import rope_forward, rope_tables
 from q4kdistill.student.ops.fused_linear_loss import fused_linear_loss
 
 import kernels
-from kernels.fused_io import code_of
 
-FULL = dict(norm=(4096, 896), glu=(4096, 4864), rope=(8, 512, 14, 64), kd=(256, 151936), linear=(2048, 896, 151936, 256))
+FULL = dict(norm=(4096, 896), glu=(4096, 4864), rope=(8, 512, 14, 64), kd=(256, 151936),
+            linear=(2048, 896, 151936, 256))
 TINY = dict(norm=(6, 40), glu=(6, 24), rope=(1, 4, 2, 8), kd=(3, 70), linear=(12, 8, 50, 4))
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,6 +64,13 @@ class CpuTimer:
             fn((i + 1) % n_inputs)
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
+
+
+def extra_bytes(meter, fn):
+    """Peak GPU bytes in use during fn(0) above those in use before it (the package's counter)."""
+    with meter.phase("call") as rec:
+        fn(0)
+    return rec.peak_bytes - rec.start_bytes
 
 
 def copies(xp, arrays, l2_bytes):
@@ -129,7 +138,7 @@ def cases(xp, sizes, l2):
             yield (f"kd loss {kind}+ce, ds in place", (n, V), dt, (2 * passes + 1) * n * V * ins[0][0].itemsize,
                    lambda i, ins=ins, kind=kind: kernels.kd_loss_rows(ins[i][0], ins[i][1], targets, kw, cw, kind, 1.0,
                                                                       0.5, ds=ins[i][0]),
-                   lambda i, cfg=cfg: chunk_loss(ref_kd[i % len(ref_kd)][0], ref_kd[i % len(ref_kd)][1], targets, kw, cw, cfg),
+                   lambda i, cfg=cfg: chunk_loss(*ref_kd[i % len(ref_kd)], targets, kw, cw, cfg),
                    len(ins))
 
     N, D, V, step = sizes["linear"]
@@ -163,11 +172,13 @@ def run(tiny: bool, only=None, log=print):
 
         from kernels.bench import Timer, _device_info, copy_bandwidth
 
+        memory.install()
+        meter = memory.MemoryMeter()
         timer = Timer(cp)
         name, l2 = _device_info(cp)
         copy_bw = copy_bandwidth(cp, timer)
     else:
-        timer, name, l2, copy_bw = CpuTimer(), "cpu (simulator)", 0, None
+        timer, name, l2, copy_bw, meter = CpuTimer(), "cpu (simulator)", 0, None, None
     log(f"# {name}; copy bandwidth {copy_bw and round(copy_bw, 1)} GB/s (read + write)")
     rows = []
     for op, shape, dt, nbytes, fused, unfused, n_in in cases(xp, TINY if tiny or not on_gpu else FULL, l2):
@@ -176,11 +187,14 @@ def run(tiny: bool, only=None, log=print):
         t_f = timer(fused, n_in)
         t_u = timer(unfused, n_in)
         gbs = nbytes / t_f / 1e9 if (nbytes and on_gpu) else None
+        mem_f, mem_u = (extra_bytes(meter, fn) for fn in (fused, unfused)) if meter else (None, None)
         row = dict(op=op, shape=list(shape), dtype=dt, fused_us=t_f * 1e6, unfused_f32_us=t_u * 1e6,
-                   speedup=t_u / t_f, GBps=gbs, pct_copy_bw=(100 * gbs / copy_bw) if gbs else None)
+                   speedup=t_u / t_f, GBps=gbs, pct_copy_bw=(100 * gbs / copy_bw) if gbs else None,
+                   fused_extra_MB=mem_f and mem_f / 1e6, unfused_extra_MB=mem_u and mem_u / 1e6)
         rows.append(row)
         log(f"{op:28s} {str(tuple(shape)):24s} {dt:9s} fused {t_f * 1e6:10.1f} us  unfused f32 {t_u * 1e6:10.1f} us"
-            f"  x{t_u / t_f:6.2f}" + (f"  {gbs:7.1f} GB/s ({100 * gbs / copy_bw:5.1f}% copy)" if gbs else ""))
+            f"  x{t_u / t_f:6.2f}" + (f"  {gbs:7.1f} GB/s ({100 * gbs / copy_bw:5.1f}% copy)" if gbs else "")
+            + (f"  extra MB {mem_f / 1e6:8.1f} vs {mem_u / 1e6:8.1f}" if meter else ""))
     return dict(device=name, copy_GBps=copy_bw, rows=rows)
 
 

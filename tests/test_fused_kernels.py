@@ -51,7 +51,7 @@ def f64(a):
     xp = backend.array_module(a)
     if a.dtype == np.uint16:
         return (a.astype(xp.uint32) << 16).view(xp.float32).astype(xp.float64)
-    return a.astype(xp.float64)
+    return a.astype(xp.float32).astype(xp.float64)      # via float32: also for a CuPy bfloat16 array
 
 
 def poisoned(shape, dtype, xp=np):
@@ -301,7 +301,11 @@ LOSS_CONFIGS = [LossConfig(), LossConfig(kind="rkl", alpha=0.3, temperature=1.5)
                 LossConfig(kind="kl", alpha=1.0), LossConfig(kind="jsd", beta=0.0, alpha=0.0)]
 
 
-@pytest.mark.parametrize("cfg", LOSS_CONFIGS, ids=lambda c: f"{c.kind}-T{c.temperature}-a{c.alpha}-k{c.top_k}-{c.top_k_student}")
+def _cfg_id(c):
+    return f"{c.kind}-T{c.temperature}-a{c.alpha}-k{c.top_k}-{c.top_k_student}"
+
+
+@pytest.mark.parametrize("cfg", LOSS_CONFIGS, ids=_cfg_id)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_chunk_loss_matches_chunk_loss(cfg, dtype):
     rng = np.random.default_rng([LOSS_CONFIGS.index(cfg), len(dtype)])
@@ -326,6 +330,17 @@ def test_fused_chunk_loss_without_teacher():
     close(ds, ds_ref, "float32", "ds")
     with pytest.raises(Q4KError):
         fused_chunk_loss(s, None, targets, kw, cw, LossConfig(alpha=0.5))
+
+
+def test_kd_loss_target_out_of_range_gives_nan_row_not_a_stray_read():
+    rng = np.random.default_rng(9)
+    s, t = rand(rng, (3, 20)), rand(rng, (3, 20))
+    targets = np.array([4, 20, -1])
+    kd, ce, ds, _ = kd_loss_rows(s.copy(), t, targets, np.ones(3), np.ones(3), "kl")
+    assert np.isnan(ce[1]) and np.isfinite(ce[[0, 2]]).all() and np.isfinite(ds).all()
+    kd_ref, _, ds_ref = chunk_loss(s.astype(np.float64), t.astype(np.float64), np.array([4, -1, -1]), np.ones(3),
+                                   np.ones(3), LossConfig(alpha=0.5))
+    close(ds, ds_ref, "float32", "ds (row 1 without CE)")
 
 
 def test_kd_loss_errors():
@@ -357,7 +372,8 @@ def unfused_head(h, W, teacher, cfg, w, step):
     return dh, dW, kd_sum, ce_sum
 
 
-@pytest.mark.parametrize("cfg,callable_teacher", [(LossConfig(alpha=0.3), False), (LossConfig(kind="jsd", temperature=2.0), True),
+@pytest.mark.parametrize("cfg,callable_teacher", [(LossConfig(alpha=0.3), False),
+                                                  (LossConfig(kind="jsd", temperature=2.0), True),
                                                   (LossConfig(alpha=1.0), None)])
 def test_fused_linear_loss_matches_unfused_chunks(cfg, callable_teacher):
     rng = np.random.default_rng(17)
@@ -420,7 +436,8 @@ def test_fused_ops_swap_in_for_reference_ops():
     y, c = fused_ops.glu_forward(g, u, "gelu_tanh")
     yr, cr = glu_forward(g.astype(np.float64), u.astype(np.float64), "gelu_tanh")
     close(y, yr, "float32", "glu op")
-    for got, ref in zip(fused_ops.glu_backward(dy[0, :, :5].copy(), c), glu_backward(dy[0, :, :5].astype(np.float64), cr)):
+    d = dy[0, :, :5].copy()
+    for got, ref in zip(fused_ops.glu_backward(d, c), glu_backward(d.astype(np.float64), cr)):
         close(got, ref, "float32", "glu op backward")
 
 
@@ -532,8 +549,8 @@ def test_gpu_fused_linear_loss_matches_unfused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [LossConfig(kind="jsd", top_k=64, alpha=0.5), LossConfig(top_k=64, top_k_student="full", temperature=2.0)],
-                         ids=["restricted-jsd", "full-kl"])
+@pytest.mark.parametrize("cfg", [LossConfig(kind="jsd", top_k=64, alpha=0.5),
+                                 LossConfig(top_k=64, top_k_student="full", temperature=2.0)], ids=["restricted-jsd", "full-kl"])
 def test_gpu_top_k_chunk_loss_64x151936(cfg):
     cp = _cp()
     rng = np.random.default_rng(6)
@@ -588,3 +605,77 @@ def test_numpy_arrays_take_the_reference_ops_unless_asked(monkeypatch):
     assert not isinstance(cache, fused_ops.NormCache) and np.array_equal(y, y_ref)
     monkeypatch.setattr(fused_ops, "ON_HOST", True)
     assert isinstance(fused_ops.rmsnorm_forward(x, w, 1e-6)[1], fused_ops.NormCache)
+# -- the swap by import, inside the real Student ------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_fused_ops_swapped_into_the_student(monkeypatch, family):
+    """Student.loss_and_grads with its ops replaced by ops/fused.py's (float32): the same loss and
+    every gradient within 1e-4 of the largest, so the signatures and caches really are interchangeable."""
+    from _helpers_student import batch, randomize, tiny_config
+
+    from q4kdistill.student import model as student_mod
+    from q4kdistill.student import Student
+
+    cfg = tiny_config(family)
+    rng = np.random.default_rng(len(family))
+    model = Student(cfg, dtype=np.float32)
+    randomize(model, rng)
+    ids, mask = batch(rng, cfg)
+    teacher = rand(rng, ids.shape + (cfg.vocab_size,), 2.0)
+    loss_cfg = LossConfig(alpha=0.3, temperature=1.5)
+    loss_ref, _, _ = model.loss_and_grads(ids, teacher, loss_cfg, attention_mask=mask)
+    grads_ref = model.grad_buffer.flat.copy()
+    for name in ("rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward", "glu_forward",
+                 "glu_backward", "chunk_loss"):
+        monkeypatch.setattr(student_mod, name, getattr(fused_ops, name))
+    import kernels.fused_glu
+    import kernels.fused_kd_loss
+    import kernels.fused_rmsnorm
+    import kernels.fused_rope
+
+    calls = {}
+    for mod, fn in ((kernels.fused_rmsnorm, "rmsnorm_fwd"), (kernels.fused_rmsnorm, "rmsnorm_bwd"),
+                    (kernels.fused_rope, "rope_apply"), (kernels.fused_glu, "glu_fwd"), (kernels.fused_glu, "glu_bwd"),
+                    (kernels.fused_kd_loss, "kd_loss_rows")):
+        def counted(*a, _f=getattr(mod, fn), _n=fn, **k):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(mod, fn, counted)
+    loss, _, _ = model.loss_and_grads(ids, teacher, loss_cfg, attention_mask=mask)
+    assert set(calls) == {"rmsnorm_fwd", "rmsnorm_bwd", "rope_apply", "glu_fwd", "glu_bwd", "kd_loss_rows"}, calls
+    assert math.isclose(loss, loss_ref, rel_tol=1e-5)
+    err = float(np.abs(model.grad_buffer.flat - grads_ref).max())
+    assert err <= 1e-4 * float(np.abs(grads_ref).max()), err
+
+
+@pytest.mark.gpu
+def test_gpu_fused_ops_keep_cupy_bfloat16():
+    """A CuPy bfloat16 activation stays bfloat16 through every fused op (what the bf16 student feeds
+    them), values within the bf16 bound of the float64 reference. Skips without CuPy bfloat16."""
+    cp = _cp()
+    try:
+        import ml_dtypes
+
+        bf16 = np.dtype(ml_dtypes.bfloat16)
+        cp.ones(2, dtype=cp.float32).astype(bf16)
+    except Exception as e:                                        # noqa: BLE001  (any failure: no bf16 here)
+        pytest.skip(f"CuPy bfloat16 arrays unavailable: {e}")
+    rng = np.random.default_rng(8)
+    x, r, dy = (cp.asarray(rand(rng, (4, 128, 896))).astype(bf16) for _ in range(3))
+    w = cp.asarray(rand(rng, 896))
+    y, h, cache = fused_ops.add_rmsnorm_forward(x, r, w, 1e-6)
+    assert y.dtype == bf16 and h.dtype == bf16
+    yr, cr = rmsnorm_forward(f64(h), f64(w), 1e-6)
+    close(y, yr, "bfloat16", "add_rmsnorm y")
+    dx, dw = fused_ops.add_rmsnorm_backward(dy, cache, dh=r)
+    assert dx.dtype == bf16 and dw.dtype == np.float32
+    close(dx, rmsnorm_backward(f64(dy), cr)[0] + f64(r), "bfloat16", "add_rmsnorm dx")
+    q = cp.asarray(rand(rng, (4, 128, 14, 64))).astype(bf16)
+    cos, sin = rope_tables(cp.arange(128), 64, 1e6, cp)
+    yq = fused_ops.rope_forward(q, cos, sin, "neox")
+    assert yq.dtype == bf16
+    close(yq, rope_forward(f64(q), cos, sin, "neox"), "bfloat16", "rope")
+    gu = cp.asarray(rand(rng, (4, 128, 2 * 4864))).astype(bf16)
+    m, c = fused_ops.glu_forward(gu, None, "silu")
+    assert m.dtype == bf16
+    close(m, glu_forward(f64(gu[..., :4864]), f64(gu[..., 4864:]), "silu")[0], "bfloat16", "glu")

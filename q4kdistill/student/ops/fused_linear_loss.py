@@ -9,7 +9,8 @@
             s   = h_c @ W.T                 [n, V]  (h's dtype: bf16 products where h and W are bf16)
             ds  = d loss / d s              written over s by the kernel
             dh_c = ds @ W                   [n, D]
-            gW  += ds.T @ h_c               [V, D]  (accumulated in gW's dtype, float32 by default)
+            gW  += ds.T @ h_c               [V, D]  (one GemmEx into the float32 gW on the GPU: no
+                                                     [V, D] temporary, FP32 accumulation)
         so [chunk, V] is the only logits buffer. Row losses are summed on the device; one host
         read at the end.
 
@@ -84,6 +85,37 @@ def fused_chunk_loss(s, t, targets, kd_weight, ce_weight, cfg: LossConfig, out=N
     return kd, ce, ds
 
 
+_CUDA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}   # cudaDataType: CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF
+
+
+def add_outer(gW, ds, hc):
+    """gW [V, D] += ds [n, V].T @ hc [n, D], accumulated straight into gW.
+
+    On the GPU with a float32 gW this is one cublasGemmEx with beta = 1 (ds and hc float32, float16
+    or bfloat16; FP32 accumulation), so no [V, D] product is allocated and 16-bit products are not
+    rounded to 16 bits before they are added. Elsewhere: gW += (ds.T @ hc) in gW's dtype."""
+    xp = array_module(gW)
+    name = ds.dtype.name
+    if (xp is np or gW.dtype != np.float32 or name not in _CUDA_TYPES or hc.dtype != ds.dtype
+            or not (gW.flags.c_contiguous and ds.flags.c_contiguous and hc.flags.c_contiguous)):
+        gW += (ds.T @ hc).astype(gW.dtype, copy=False)
+        return gW
+    from cupy_backends.cuda.libs import cublas
+
+    n, V = ds.shape
+    D = hc.shape[1]
+    one = np.ones(1, np.float32)
+    handle = xp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, xp.cuda.get_current_stream().ptr)
+    # column-major views: gW^T [D, V] (ld D) += hc^T [D, n] (ld D) @ (ds^T [V, n] (ld V))^T
+    t = _CUDA_TYPES[name]
+    cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, D, V, n,
+                  one.ctypes.data, hc.data.ptr, t, D, ds.data.ptr, t, V,
+                  one.ctypes.data, gW.data.ptr, _CUDA_TYPES["float32"], D,
+                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+    return gW
+
+
 def _teacher_chunk(teacher, start, stop, V, xp):
     if teacher is None:
         return None
@@ -119,7 +151,7 @@ def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_token
         kd, ce, ds = fused_chunk_loss(s, _teacher_chunk(teacher, start, stop, V, xp), weights["targets"][sl],
                                       weights["kd_weight"][sl], weights["ce_weight"][sl], cfg, out=s)
         dh[sl] = ds @ W                                              # [n, D]
-        gW += (ds.T @ hc).astype(gW.dtype, copy=False)               # [V, D]
+        add_outer(gW, ds, hc)                                        # gW [V, D] += ds.T @ h_c
         kd_sum += xp.where(weights["kd_mask"][sl], kd, 0.0).sum()
         ce_sum += xp.where(weights["ce_mask"][sl], ce, 0.0).sum()
     return dh, gW, float(kd_sum), float(ce_sum)
