@@ -304,6 +304,7 @@ KERNEL_VARIANTS = [
         import kernels
         from kernels import bench
         from kernels.decode import FORMATS
+        from kernels.gemv import gemv_workspace
         from kernels.weights import device_views
         from q4kdistill.formats import quants
 
@@ -378,9 +379,14 @@ KERNEL_VARIANTS = [
             return out
 
 
+        # What it allocates and accepts are fields the memory planner and dispatch read: like the
+        # package's Numba GEMVs it allocates only the padded copy device_views makes of odd-sized
+        # rows (gemv_workspace says so), and it takes float32 activations.
         kernels.register(kernels.Variant(
             name="nb_row_per_thread", qtypes=tuple(FORMATS), fn=gemv_row_per_thread, m_max=MAX_M,
-            params={"threads": 128}, description="notebook 02: one thread per output row (uncoalesced loads)"),
+            params={"threads": 128}, description="notebook 02: one thread per output row (uncoalesced loads)",
+            workspace=lambda qtype, M, N, K, x_dtype, threads=128: gemv_workspace(qtype, M, N, K, x_dtype),
+            accepts=("float32",)),
             replace=True)                                    # replace: the notebook may run twice
         print(kernels.variants("Q4_K"))
     """),
