@@ -1,0 +1,152 @@
+"""Flash attention (ops/flash_attention.py and its kernels) against the float64 reference
+ops/attention.py: forward, log-sum-exp and all three gradients, on odd shapes (T not a multiple
+of any block), GQA, sliding windows, padding (including queries that see no key at all).
+
+    NumPy path      float64 inputs: 1e-10; float32: 2e-5 relative to the output's scale
+    Numba kernels   the CUDA simulator at tiny shapes (FP32): 2e-5
+    GPU (gpu mark)  Numba FP32 kernels 2e-4; tensor cores (bf16 q, k, v, P, dO, dS with FP32
+                    accumulation; relative error per rounding 2^-8 = 3.9e-3, summed over ~sqrt(T)
+                    effective terms) 3e-2 of the largest reference value per output.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from q4kdistill import backend
+from q4kdistill.errors import Q4KError
+from q4kdistill.ops.attention import attention_backward, attention_forward
+from q4kdistill.ops.flash_attention import (FlashCache, flash_attention_backward, flash_attention_forward)
+
+SIM = not backend.on_gpu()
+
+
+def make_inputs(B, T, H, KV, D, seed, pad=None, dtype=np.float64, spread=1.0):
+    """q, k, v, do, key_mask. pad: per batch row, the number of left-padding positions."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, H, D)) * spread
+    k = rng.standard_normal((B, T, KV, D)) * spread
+    v = rng.standard_normal((B, T, KV, D))
+    do = rng.standard_normal((B, T, H, D))
+    mask = None
+    if pad is not None:
+        mask = np.ones((B, T), dtype=bool)
+        for b, n in enumerate(pad):
+            mask[b, :n] = False
+    return [a.astype(dtype) for a in (q, k, v, do)] + [mask]
+
+
+def reference(q, k, v, do, mask, window, scale):
+    """float64 (o, lse [B, H, T], dq, dk, dv) from ops/attention.py; lse from its own scores."""
+    q, k, v, do = (np.asarray(a, dtype=np.float64) for a in (q, k, v, do))
+    o, cache = attention_forward(q, k, v, mask, window, scale)
+    dq, dk, dv = attention_backward(do, cache)
+    return o, dq, dk, dv
+
+
+def rel_err(a, ref):
+    a = np.asarray(a, dtype=np.float64)
+    assert np.isfinite(a).all(), "non-finite values in the output"
+    return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-2))   # (window 1: dq = 0 exactly)
+
+
+def check_all(got, want, bound, what=""):
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, f"{what} {name}: shape {g.shape} != {w.shape}"
+        err = rel_err(g, w)
+        assert err < bound, f"{what} {name}: relative error {err:.3g} >= {bound}"
+
+
+CASES = [   # B, T, H, KV, D, window, pad
+    (1, 1, 1, 1, 4, None, None),
+    (2, 13, 4, 2, 8, None, None),
+    (2, 13, 4, 1, 8, 5, None),
+    (2, 17, 6, 3, 16, None, [0, 4]),
+    (3, 11, 2, 2, 8, 3, [11, 2, 0]),     # a fully padded sequence: every query sees no key
+    (1, 29, 4, 4, 4, 1, [3]),            # window 1: each query sees itself only
+]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad", CASES)
+@pytest.mark.parametrize("block", [4, 7, 256])
+def test_numpy_path_float64_matches_reference(B, T, H, KV, D, window, pad, block):
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * 31 + H, pad=pad)
+    scale = 0.37
+    want = reference(q, k, v, do, mask, window, scale)
+    o, cache = flash_attention_forward(q, k, v, mask, window, scale, block=block)
+    assert cache.path == "numpy" and o.dtype == np.float64
+    check_all((o,) + flash_attention_backward(do, cache), want, 1e-10, f"block {block}")
+
+
+def test_numpy_path_no_nan_and_zero_for_unseeing_queries():
+    q, k, v, do, mask = make_inputs(2, 9, 2, 1, 4, seed=3, pad=[9, 3])
+    o, cache = flash_attention_forward(q, k, v, mask, None, 0.5, block=4)
+    dq, dk, dv = flash_attention_backward(do, cache)
+    assert (o[0] == 0).all() and (o[1, :3] == 0).all() and (dq[0] == 0).all()
+    assert (dk[0] == 0).all() and (dv[0] == 0).all() and (dk[1, :3] == 0).all()
+    assert np.isinf(cache.lse[0]).all() and np.isfinite(cache.lse[1, :, 3:]).all()
+
+
+def test_numpy_path_float32_keeps_dtype_and_large_scores():
+    """Large scores (spread 6: logits ~ 100) must not overflow the running softmax."""
+    q, k, v, do, mask = make_inputs(2, 37, 4, 2, 8, seed=5, pad=[0, 7], dtype=np.float32, spread=6.0)
+    want = reference(q, k, v, do, mask, 9, 0.35)
+    o, cache = flash_attention_forward(q, k, v, mask, 9, 0.35, block=8)
+    got = (o,) + flash_attention_backward(do, cache)
+    assert all(g.dtype == np.float32 for g in got)
+    check_all(got, want, 2e-5)
+
+
+def test_numpy_path_keeps_no_quadratic_state():
+    q, k, v, do, _ = make_inputs(1, 64, 2, 1, 4, seed=1)
+    _, cache = flash_attention_forward(q, k, v, None, None, 1.0, block=16)
+    held = [a for a in vars(cache).values() if isinstance(a, np.ndarray)]
+    assert max(a.size for a in held) == q.size       # q, k, v, o, lse: nothing [T, T]
+
+
+def test_user_errors_are_q4kerrors():
+    q, k, v, do, _ = make_inputs(1, 5, 4, 2, 4, seed=0)
+    with pytest.raises(Q4KError):
+        flash_attention_forward(q, k[:, :4], v[:, :4], None, None, 1.0)
+    with pytest.raises(Q4KError):
+        flash_attention_forward(q, k[:, :, :, :2], v[:, :, :, :2], None, None, 1.0)
+    with pytest.raises(Q4KError):
+        flash_attention_forward(q[:, :, :3], k, v, None, None, 1.0)       # 3 heads over 2 kv heads
+    with pytest.raises(Q4KError):
+        flash_attention_forward(q, k, v, np.ones((1, 4), bool), None, 1.0)
+    with pytest.raises(Q4KError):
+        flash_attention_forward(q, k, v, None, None, 1.0, path="fast")
+    _, cache = flash_attention_forward(q, k, v, None, None, 1.0)
+    with pytest.raises(Q4KError):
+        flash_attention_backward(do[:, :4], cache)
+
+
+# -- the Numba FP32 kernels under the simulator (CI) -------------------------------------------
+SIM_CASES = [   # B, T, H, KV, D, window, pad; tiny: the simulator runs a thread per Python thread
+    (1, 11, 2, 1, 4, None, None),
+    (2, 10, 2, 2, 4, 3, [0, 4]),
+    (1, 9, 4, 2, 4, None, [9]),
+    (1, 17, 2, 1, 8, 6, [2]),
+]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad", SIM_CASES)
+def test_numba_kernels_match_reference(B, T, H, KV, D, window, pad):
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=7 * T + D, pad=pad, dtype=np.float32)
+    want = reference(q, k, v, do, mask, window, 0.6)
+    xp = backend.xp()
+    args = [xp.asarray(a) for a in (q, k, v)] + [None if mask is None else xp.asarray(mask)]
+    o, cache = flash_attention_forward(*args, window, 0.6, path="numba")
+    assert cache.path == "numba"
+    got = [backend.to_host(a) for a in (o,) + flash_attention_backward(xp.asarray(do), cache)]
+    check_all(got, want, 2e-5 if SIM else 2e-4, "numba")
+    check_lse(backend.to_host(cache.lse), q, k, v, mask, window, 0.6, 1e-4)
+
+
+def check_lse(lse, q, k, v, mask, window, scale, bound):
+    """lse [B, H, T] against the NumPy path in float64 (itself checked against the reference above)."""
+    lse_ref = flash_attention_forward(*(a.astype(np.float64) for a in (q, k, v)), mask, window, scale)[1].lse
+    seen = np.isfinite(lse_ref)
+    assert (np.isinf(lse) == ~seen).all(), "lse is +inf exactly where a query sees no key"
+    if seen.any():
+        assert np.abs(lse[seen] - lse_ref[seen]).max() < bound
