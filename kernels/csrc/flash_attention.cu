@@ -1,0 +1,347 @@
+// Flash attention on the tensor cores: FlashAttention-2's forward and backward with bf16 (or
+// fp16) q, k, v and dO, FP32 accumulation (mma.sync.m16n8k16), FP32 outputs. Linked into thin
+// Numba kernels by kernels/flash_attention_mma.py (cuda.declare_device(..., link=..., abi="c")),
+// compiled by NVRTC at first launch: no headers, conversions and mma through inline PTX.
+//
+// Why CUDA C and not Numba with inline PTX: the algorithm lives in register fragments (the S tile
+// an mma produced is, converted to 16 bits, the A operand of the next mma) and in unrolled loops
+// over compile-time tile sizes; Numba has neither register arrays indexed by unrolled constants nor
+// 32-bit index arithmetic, so its twin (kernels/flash_attention.py, FP32, one thread per row) is
+// the simulator's and the fallback's path, and this file is the fast one.
+//
+// Layouts (elements are 16-bit: bf16 or fp16 bits; float32 where said):
+//   q, dO  [B, T, H, D]     k, v  [B, T, KV, D]     o, dq  float [B, T, H, D]   dk, dv  float [B, T, KV, D]
+//   lse, drow  float [B, H, T] (lse natural log, +inf for a query that sees no key; drow = rowsum(dO * O))
+//   mask  u8 [B, T] or null (1 = real key). Query head h reads kv head h / (H / KV).
+//   Key j is visible to query i iff j <= i, i - j < window (window = T + 1: no window) and mask[b, j].
+//
+// mma.sync.m16n8k16 fragments (lane = 4 * gid + tig; A 16x16 row-major, B 16x8 "col", C 16x8):
+//   a0 = A[gid][2tig..+1]  a1 = A[gid+8][2tig..+1]  a2 = A[gid][2tig+8..+9]  a3 = A[gid+8][2tig+8..+9]
+//   b0 = B[2tig..+1][gid]  b1 = B[2tig+8..+9][gid]
+//   c0,c1 = C[gid][2tig..+1]  c2,c3 = C[gid+8][2tig..+1]
+// so the C fragments of two adjacent n-tiles, packed to 16 bits, are the A fragment of the next
+// product with k over those 16 columns (P -> P V, dS^T -> dS^T Q): no trip through shared memory.
+//
+// fa_forward<D, WARPS, BC>: one block per (query tile of 16*WARPS rows, head, batch); warp w owns
+//   16 query rows, its Q fragments in registers for the whole block. Key tiles of BC rows of K and
+//   V go to shared memory (16-byte loads); per tile: S = Q K^T (registers), masked, online softmax
+//   in base 2 (running max m and partial sums l per row; the quad of lanes sharing a row reduce by
+//   shuffles), O = O * exp2(m - m') + P V. Tiles entirely above the diagonal or left of the window
+//   are never loaded. Query tiles run heaviest first (causal: the last tiles see the most keys).
+// fa_backward<D, BC, DSPLIT>: parallel over key tiles (blockIdx.x) and kv heads, so dK and dV
+//   accumulate in registers with one writer each and no atomics, GQA included (the block loops
+//   over the G query heads of its kv head). dQ is the sum over key tiles, so it is accumulated
+//   with FP32 atomicAdd into a zeroed dq, as FlashAttention-2 does: a separate dQ pass would
+//   recompute S and dP (2 of the 5 products) for every tile pair, 40 % more tensor work, to buy
+//   run-to-run bitwise repeatability. Per query tile (BR = BC rows) of each head:
+//     S^T = K Q^T, P^T = exp2(S^T log2e scale - lse_i log2e) masked          (warp: 16 keys)
+//     dP^T = V dO^T, dS^T = P^T (dP^T - drow_i)
+//     dV += P^T dO, dK += dS^T Q                 (registers; scale applied once at the end)
+//     dS -> shared memory (16-bit, [query][key]); dQ_tile = dS K * scale -> atomicAdd (warp: 16 queries)
+//   With DSPLIT > 1 (large D) warps pair up on the same 16 keys, each accumulating D / DSPLIT
+//   columns of dK, dV (and of dQ), and recomputing S^T and dP^T: registers for D = 128, 256.
+// Shared memory stays under the 48 KB of static allocation (rows padded by 8 elements, so the
+// 32-bit fragment loads of 8 rows x 4 columns hit 32 different banks).
+
+#pragma nv_diag_suppress 177
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define FA_LOG2E 1.4426950408889634f
+#define FA_LN2 0.6931471805599453f
+#define FA_INF __int_as_float(0x7f800000)   // NVRTC without headers has no INFINITY
+
+template <bool BF16>
+static __device__ __forceinline__ void fa_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// two floats -> one word of 16-bit values, lo in the low half (round to nearest even)
+template <bool BF16>
+static __device__ __forceinline__ u32 fa_pack(float lo, float hi) {
+    u32 r;
+    if (BF16)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));   // first source -> upper half
+    else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+static __device__ __forceinline__ u32 fa_ld32(const u16* p) { return *reinterpret_cast<const u32*>(p); }
+
+// two 16-bit values a column apart in shared memory (rows r and r + 1 of a [rows][stride] tile)
+static __device__ __forceinline__ u32 fa_ld_pair(const u16* p, int stride) {
+    return u32(p[0]) | (u32(p[stride]) << 16);
+}
+
+// rows [r0, r0 + ROWS) of a [T, heads, D] matrix of head `head` -> tile [ROWS][D + 8], zero past T
+template <int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void fa_load_tile(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
+                                                    int head, int tid) {
+    constexpr int CHUNKS = ROWS * D / 8;                          // 16-byte pieces
+    #pragma unroll
+    for (int c = tid; c < CHUNKS; c += THREADS) {
+        const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + r < T) val = *reinterpret_cast<const uint4*>(g + (size_t(r0 + r) * heads + head) * D + col);
+        *reinterpret_cast<uint4*>(&tile[r][col]) = val;
+    }
+}
+
+static __device__ __forceinline__ bool fa_visible(int i, int j, int T, int window, const u8* mask_b) {
+    return i < T && j <= i && i - j < window && (mask_b == nullptr || mask_b[j]);
+}
+
+template <int D, int WARPS, int BC, bool BF16>
+static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
+                                                  int H, int KV, int window, float scale, float* o, float* lse) {
+    constexpr int BR = 16 * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
+    __shared__ __align__(16) u16 ks[BC][D + 8];
+    __shared__ __align__(16) u16 vs[BC][D + 8];
+    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
+    const int kvh = h / (H / KV);
+    const int i0 = tile * BR, wi0 = i0 + 16 * warp;
+    const int rows[2] = {wi0 + gid, wi0 + gid + 8};
+    const u16* qb = q + size_t(b) * T * H * D;
+    const u16* kb = k + size_t(b) * T * KV * D;
+    const u16* vb = v + size_t(b) * T * KV * D;
+    const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
+
+    u32 qa[KD][4];                                               // this warp's 16 rows of Q as A fragments
+    #pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = rows[e & 1], col = 16 * kk + 2 * tig + 8 * (e >> 1);
+            qa[kk][e] = r < T ? fa_ld32(qb + (size_t(r) * H + h) * D + col) : 0u;
+        }
+    float acc[DT][4];
+    #pragma unroll
+    for (int t = 0; t < DT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f};
+    const float sl2 = scale * FA_LOG2E;
+
+    const int i1 = min(T, i0 + BR);
+    const int j_first = (max(0, i0 - window + 1) / BC) * BC;
+    for (int j0 = j_first; j0 < i1; j0 += BC) {
+        __syncthreads();                                         // every warp done with the previous tile
+        fa_load_tile<BC, D, THREADS>(ks, kb, j0, T, KV, kvh, tid);
+        fa_load_tile<BC, D, THREADS>(vs, vb, j0, T, KV, kvh, tid);
+        __syncthreads();                                         // tile complete before any warp reads it
+        if (wi0 >= T || j0 > wi0 + 15 || wi0 - (j0 + BC - 1) >= window) continue;   // nothing visible to this warp
+
+        float s[NT][4];
+        #pragma unroll
+        for (int t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+        #pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            #pragma unroll
+            for (int t = 0; t < NT; ++t)
+                fa_mma<BF16>(s[t], qa[kk], fa_ld32(&ks[8 * t + gid][16 * kk + 2 * tig]),
+                             fa_ld32(&ks[8 * t + gid][16 * kk + 8 + 2 * tig]));
+        float mx[2] = {m[0], m[1]};
+        #pragma unroll
+        for (int t = 0; t < NT; ++t)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + 8 * t + 2 * tig + (e & 1);
+                const float x = fa_visible(rows[e >> 1], j, T, window, mask_b) ? s[t][e] * sl2 : -FA_INF;
+                s[t][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float alpha[2], base[2];
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));   // the 4 lanes of a row
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            base[r] = mx[r] == -FA_INF ? 0.f : mx[r];
+            alpha[r] = exp2f(m[r] - base[r]);                    // m = -inf: 0
+            m[r] = mx[r];
+            l[r] *= alpha[r];
+        }
+        #pragma unroll
+        for (int t = 0; t < DT; ++t) {
+            acc[t][0] *= alpha[0]; acc[t][1] *= alpha[0];
+            acc[t][2] *= alpha[1]; acc[t][3] *= alpha[1];
+        }
+        #pragma unroll
+        for (int t = 0; t < NT; ++t)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[t][e] = exp2f(s[t][e] - base[e >> 1]);          // hidden: exp2(-inf) = 0
+                l[e >> 1] += s[t][e];
+            }
+        #pragma unroll
+        for (int kc = 0; kc < BC / 16; ++kc) {                   // O += P V, P from the S registers
+            const u32 pa[4] = {fa_pack<BF16>(s[2 * kc][0], s[2 * kc][1]), fa_pack<BF16>(s[2 * kc][2], s[2 * kc][3]),
+                               fa_pack<BF16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                               fa_pack<BF16>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+            #pragma unroll
+            for (int t = 0; t < DT; ++t)
+                fa_mma<BF16>(acc[t], pa, fa_ld_pair(&vs[16 * kc + 2 * tig][8 * t + gid], D + 8),
+                             fa_ld_pair(&vs[16 * kc + 8 + 2 * tig][8 * t + gid], D + 8));
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= T) continue;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        float* orow = o + ((size_t(b) * T + rows[r]) * H + h) * D;
+        #pragma unroll
+        for (int t = 0; t < DT; ++t)
+            *reinterpret_cast<float2*>(orow + 8 * t + 2 * tig) = make_float2(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+        if (tig == 0)
+            lse[(size_t(b) * H + h) * T + rows[r]] = l[r] > 0.f ? m[r] * FA_LN2 + logf(l[r]) : FA_INF;
+    }
+}
+
+template <int D, int BC, int DSPLIT, bool BF16>
+static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
+                                                   const float* lse, const float* drow, const u8* mask, int T, int H,
+                                                   int KV, int window, float scale, float* dq, float* dk, float* dv) {
+    constexpr int BR = BC, GROUPS = BC / 16, WARPS = GROUPS * DSPLIT, THREADS = 32 * WARPS;
+    constexpr int KD = D / 16, NT = BR / 8, DP = D / DSPLIT, DPT = DP / 8;
+    __shared__ __align__(16) u16 ks[BC][D + 8];
+    __shared__ __align__(16) u16 vs[BC][D + 8];
+    __shared__ __align__(16) u16 qs[BR][D + 8];
+    __shared__ __align__(16) u16 dos[BR][D + 8];
+    __shared__ __align__(16) u16 dss[BR][BC + 8];                // dS [query][key], 16-bit
+    __shared__ float ls[BR], drs[BR];                            // lse * log2e, drow of the query tile
+    const int tile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
+    const int grp = warp % GROUPS, d0 = (warp / GROUPS) * DP;   // this warp's 16 keys (queries in the dQ step), columns
+    const int G = H / KV, j0 = tile * BC;
+    const int keys[2] = {j0 + 16 * grp + gid, j0 + 16 * grp + gid + 8};
+    const u16* kb = k + size_t(b) * T * KV * D;
+    const u16* vb = v + size_t(b) * T * KV * D;
+    const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
+    const float sl2 = scale * FA_LOG2E;
+
+    fa_load_tile<BC, D, THREADS>(ks, kb, j0, T, KV, kvh, tid);
+    fa_load_tile<BC, D, THREADS>(vs, vb, j0, T, KV, kvh, tid);
+    float dka[DPT][4], dva[DPT][4];
+    #pragma unroll
+    for (int t = 0; t < DPT; ++t)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) dka[t][e] = dva[t][e] = 0.f;
+
+    const int i_end = min(T, j0 + BC - 1 + window);
+    for (int g = 0; g < G; ++g) {
+        const int h = kvh * G + g;
+        const u16* qb = q + size_t(b) * T * H * D;
+        const u16* db = dout + size_t(b) * T * H * D;
+        for (int i0 = j0; i0 < i_end; i0 += BR) {
+            __syncthreads();                                     // previous query tile (and dS) fully used
+            fa_load_tile<BR, D, THREADS>(qs, qb, i0, T, H, h, tid);
+            fa_load_tile<BR, D, THREADS>(dos, db, i0, T, H, h, tid);
+            for (int r = tid; r < BR; r += THREADS) {
+                const bool in = i0 + r < T;
+                ls[r] = in ? lse[(size_t(b) * H + h) * T + i0 + r] * FA_LOG2E : FA_INF;
+                drs[r] = in ? drow[(size_t(b) * H + h) * T + i0 + r] : 0.f;
+            }
+            __syncthreads();                                     // tiles complete before any warp reads them
+
+            float s[NT][4], dp[NT][4];                           // S^T, dP^T: rows = this warp's keys, cols = queries
+            #pragma unroll
+            for (int t = 0; t < NT; ++t)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                const int c = 16 * kk + 2 * tig;
+                const u32 ka[4] = {fa_ld32(&ks[16 * grp + gid][c]), fa_ld32(&ks[16 * grp + gid + 8][c]),
+                                   fa_ld32(&ks[16 * grp + gid][c + 8]), fa_ld32(&ks[16 * grp + gid + 8][c + 8])};
+                const u32 va[4] = {fa_ld32(&vs[16 * grp + gid][c]), fa_ld32(&vs[16 * grp + gid + 8][c]),
+                                   fa_ld32(&vs[16 * grp + gid][c + 8]), fa_ld32(&vs[16 * grp + gid + 8][c + 8])};
+                #pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    fa_mma<BF16>(s[t], ka, fa_ld32(&qs[8 * t + gid][c]), fa_ld32(&qs[8 * t + gid][c + 8]));
+                    fa_mma<BF16>(dp[t], va, fa_ld32(&dos[8 * t + gid][c]), fa_ld32(&dos[8 * t + gid][c + 8]));
+                }
+            }
+            #pragma unroll
+            for (int t = 0; t < NT; ++t)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = 8 * t + 2 * tig + (e & 1), i = i0 + r, j = keys[e >> 1];
+                    const float p = fa_visible(i, j, T, window, mask_b) ? exp2f(s[t][e] * sl2 - ls[r]) : 0.f;
+                    s[t][e] = p;                                                   // P^T
+                    dp[t][e] = p * (dp[t][e] - drs[r]);                            // dS^T (unscaled)
+                    if (d0 == 0) dss[r][16 * grp + gid + 8 * (e >> 1)] = u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
+                }
+            #pragma unroll
+            for (int kc = 0; kc < BR / 16; ++kc) {               // dV += P^T dO, dK += dS^T Q over 16 queries
+                const u32 pa[4] = {fa_pack<BF16>(s[2 * kc][0], s[2 * kc][1]), fa_pack<BF16>(s[2 * kc][2], s[2 * kc][3]),
+                                   fa_pack<BF16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                                   fa_pack<BF16>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+                const u32 sa[4] = {fa_pack<BF16>(dp[2 * kc][0], dp[2 * kc][1]), fa_pack<BF16>(dp[2 * kc][2], dp[2 * kc][3]),
+                                   fa_pack<BF16>(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
+                                   fa_pack<BF16>(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
+                #pragma unroll
+                for (int t = 0; t < DPT; ++t) {
+                    const int col = d0 + 8 * t + gid;
+                    fa_mma<BF16>(dva[t], pa, fa_ld_pair(&dos[16 * kc + 2 * tig][col], D + 8),
+                                 fa_ld_pair(&dos[16 * kc + 8 + 2 * tig][col], D + 8));
+                    fa_mma<BF16>(dka[t], sa, fa_ld_pair(&qs[16 * kc + 2 * tig][col], D + 8),
+                                 fa_ld_pair(&qs[16 * kc + 8 + 2 * tig][col], D + 8));
+                }
+            }
+            __syncthreads();                                     // dS complete before the dQ step reads it
+
+            float dqa[DPT][4];                                   // dQ rows = queries 16 grp .. +15 of the tile
+            #pragma unroll
+            for (int t = 0; t < DPT; ++t) dqa[t][0] = dqa[t][1] = dqa[t][2] = dqa[t][3] = 0.f;
+            #pragma unroll
+            for (int kc = 0; kc < BC / 16; ++kc) {
+                const int c = 16 * kc + 2 * tig;
+                const u32 a[4] = {fa_ld32(&dss[16 * grp + gid][c]), fa_ld32(&dss[16 * grp + gid + 8][c]),
+                                  fa_ld32(&dss[16 * grp + gid][c + 8]), fa_ld32(&dss[16 * grp + gid + 8][c + 8])};
+                #pragma unroll
+                for (int t = 0; t < DPT; ++t) {
+                    const int col = d0 + 8 * t + gid;
+                    fa_mma<BF16>(dqa[t], a, fa_ld_pair(&ks[16 * kc + 2 * tig][col], D + 8),
+                                 fa_ld_pair(&ks[16 * kc + 8 + 2 * tig][col], D + 8));
+                }
+            }
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = i0 + 16 * grp + gid + 8 * r;
+                if (i >= T) continue;
+                float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + d0;
+                #pragma unroll
+                for (int t = 0; t < DPT; ++t) {
+                    atomicAdd(dqrow + 8 * t + 2 * tig, dqa[t][2 * r] * scale);
+                    atomicAdd(dqrow + 8 * t + 2 * tig + 1, dqa[t][2 * r + 1] * scale);
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= T) continue;
+        const size_t row = (size_t(b) * T + keys[r]) * KV + kvh;
+        #pragma unroll
+        for (int t = 0; t < DPT; ++t) {
+            const int col = d0 + 8 * t + 2 * tig;
+            *reinterpret_cast<float2*>(dk + row * D + col) = make_float2(dka[t][2 * r] * scale, dka[t][2 * r + 1] * scale);
+            *reinterpret_cast<float2*>(dv + row * D + col) = make_float2(dva[t][2 * r], dva[t][2 * r + 1]);
+        }
+    }
+}
