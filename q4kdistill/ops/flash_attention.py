@@ -20,11 +20,14 @@ The cache keeps q, k, v, o and L (O(T) bytes), never P.
     flash_attention_forward(q, k, v, key_mask, window, scale, path=None) -> (o, cache)
     flash_attention_backward(do, cache) -> (dq, dk, dv)
 
-Paths: "numpy" (NumPy arrays, the block loop below, input dtype kept), "mma" (CuPy, bf16 or
-fp16 tensor cores with FP32 accumulation, kernels/flash_attention_mma.py; fp32 output and
-grads), "numba" (CuPy or the simulator, FP32 kernels/flash_attention.py). ``path=None`` picks
-numpy for NumPy arrays, mma on a GPU where NVRTC is available, else numba. The environment
-variable Q4KDISTILL_ATTENTION=numba|mma forces a GPU path.
+Paths (``choose_path``):
+  "blocks"  the block loop below in array operations, input dtype kept: NumPy arrays (the CPU)
+            and CuPy float64 (gradient checks on a GPU)
+  "mma"     CuPy: bf16 or fp16 tensor cores, FP32 accumulation (kernels/flash_attention_mma.py);
+            float32 output and grads; the default on a GPU where NVRTC compiles it
+  "numba"   the FP32 Numba kernels (kernels/flash_attention.py): the simulator's path in CI
+            (NumPy arrays with path="numba") and the GPU fallback
+Q4KDISTILL_ATTENTION=numba|mma|blocks forces the path for CuPy arrays.
 """
 from __future__ import annotations
 
@@ -36,14 +39,15 @@ import numpy as np
 from ..backend import array_module
 from ..errors import Q4KError
 
-BLOCK = 256            # NumPy path: queries and keys per block (scores block [B, KV, G*256, 256])
-PATHS = ("numpy", "numba", "mma")
+BLOCK = 256            # block path: queries and keys per block (scores block [B, KV, G*256, 256])
+PATHS = ("blocks", "numba", "mma")
+INF = float("inf")
 
 
 @dataclass
 class FlashCache:
     """What the backward needs: the inputs, the output and the row log-sum-exp (never P)."""
-    q: object          # [B, T, H, D]
+    q: object          # [B, T, H, D]   (None on the mma path: its 16-bit copies are in extra)
     k: object          # [B, T, KV, D]
     v: object          # [B, T, KV, D]
     o: object          # [B, T, H, D]
@@ -52,7 +56,7 @@ class FlashCache:
     window: int | None
     scale: float
     path: str
-    extra: object = None   # path-specific (the mma path's low-precision copies of q, k, v)
+    extra: object = None   # blocks: the block size; mma: (q16, k16, v16, dtype), the 16-bit copies it read
 
 
 def check_shapes(q, k, v, key_mask):
@@ -97,74 +101,76 @@ def _keys(x, j0, j1):
     return x[:, j0:j1].transpose(0, 2, 1, 3)
 
 
-def _visible(i0, i1, j0, j1, G, key_mask, window):
+def _visible(xp, i0, i1, j0, j1, G, key_mask, window):
     """bool [B or 1, 1, G*(i1-i0), j1-j0]: may query row (g, i) read key j."""
-    i = np.arange(i0, i1)[:, None]
-    j = np.arange(j0, j1)[None, :]
+    i = xp.arange(i0, i1)[:, None]
+    j = xp.arange(j0, j1)[None, :]
     ok = j <= i
     if window is not None:
         ok &= i - j < window
-    ok = np.tile(ok, (G, 1))[None, None]
+    ok = xp.tile(ok, (G, 1))[None, None]
     if key_mask is not None:
-        ok = ok & np.asarray(key_mask[:, j0:j1], dtype=bool)[:, None, None, :]
+        ok = ok & key_mask[:, j0:j1].astype(bool)[:, None, None, :]
     return ok
 
 
-def _forward_numpy(q, k, v, key_mask, window, scale, block):
+def _forward_blocks(q, k, v, key_mask, window, scale, block):
+    xp = array_module(q)
     B, T, H, D = q.shape
     KV = k.shape[2]
     G = H // KV
-    o = np.empty_like(q)
-    lse = np.empty((B, H, T), dtype=q.dtype)
+    o = xp.empty_like(q)
+    lse = xp.empty((B, H, T), dtype=q.dtype)
     for i0 in range(0, T, block):
         i1 = min(T, i0 + block)
         n = i1 - i0
         qb = _rows(q, i0, i1, KV)                                  # [B, KV, G*n, D]
-        m = np.full((B, KV, G * n, 1), -np.inf, dtype=q.dtype)    # running row max
-        l = np.zeros((B, KV, G * n, 1), dtype=q.dtype)            # running row sum
-        acc = np.zeros_like(qb)                                    # running P V
+        m = xp.full((B, KV, G * n, 1), -INF, dtype=q.dtype)    # running row max
+        l = xp.zeros((B, KV, G * n, 1), dtype=q.dtype)            # running row sum
+        acc = xp.zeros_like(qb)                                    # running P V
         k_lo, k_hi = key_range(i0, i1, window)
         for j0 in range(k_lo, k_hi, block):
             j1 = min(k_hi, j0 + block)
             s = (qb @ _keys(k, j0, j1).transpose(0, 1, 3, 2)) * q.dtype.type(scale)   # [B, KV, G*n, bk]
-            s = np.where(_visible(i0, i1, j0, j1, G, key_mask, window), s, -np.inf)
-            m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
-            m_safe = np.where(np.isfinite(m_new), m_new, 0).astype(q.dtype)
-            p = np.exp(s - m_safe)                                 # hidden keys: exp(-inf) = 0
-            alpha = np.exp(m - m_safe)                             # first visible block: exp(-inf) = 0
+            s = xp.where(_visible(xp, i0, i1, j0, j1, G, key_mask, window), s, -INF)
+            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+            m_safe = xp.where(xp.isfinite(m_new), m_new, 0).astype(q.dtype)
+            p = xp.exp(s - m_safe)                                 # hidden keys: exp(-inf) = 0
+            alpha = xp.exp(m - m_safe)                             # first visible block: exp(-inf) = 0
             l = l * alpha + p.sum(axis=-1, keepdims=True)
             acc = acc * alpha + p @ _keys(v, j0, j1)
             m = m_new
         seen = l > 0
-        o[:, i0:i1] = _unrows(acc / np.where(seen, l, 1), n)
-        L = np.where(seen, m + np.log(np.where(seen, l, 1)), np.inf)   # [B, KV, G*n, 1]
+        o[:, i0:i1] = _unrows(acc / xp.where(seen, l, 1), n)
+        L = xp.where(seen, m + xp.log(xp.where(seen, l, 1)), INF)   # [B, KV, G*n, 1]
         lse[:, :, i0:i1] = L.reshape(B, H, n)
     return o, lse
 
 
-def _backward_numpy(do, c: FlashCache, block):
+def _backward_blocks(do, c: FlashCache, block):
+    xp = array_module(do)
     q, k, v, o, lse = c.q, c.k, c.v, c.o, c.lse
     B, T, H, D = q.shape
     KV = k.shape[2]
     G = H // KV
     sc = q.dtype.type(c.scale)
     drow = (do * o).sum(axis=-1)                                   # [B, T, H]
-    dq = np.zeros_like(q)
-    dk = np.zeros((B, KV, T, D), dtype=q.dtype)
-    dv = np.zeros((B, KV, T, D), dtype=q.dtype)
+    dq = xp.zeros_like(q)
+    dk = xp.zeros((B, KV, T, D), dtype=q.dtype)
+    dv = xp.zeros((B, KV, T, D), dtype=q.dtype)
     for i0 in range(0, T, block):
         i1 = min(T, i0 + block)
         n = i1 - i0
         qb, dob = _rows(q, i0, i1, KV), _rows(do, i0, i1, KV)     # [B, KV, G*n, D]
         L = lse[:, :, i0:i1].reshape(B, KV, G * n, 1)
         Dr = drow[:, i0:i1].transpose(0, 2, 1).reshape(B, KV, G * n, 1)
-        dqb = np.zeros_like(qb)
+        dqb = xp.zeros_like(qb)
         k_lo, k_hi = key_range(i0, i1, window=c.window)
         for j0 in range(k_lo, k_hi, block):
             j1 = min(k_hi, j0 + block)
             kb, vb = _keys(k, j0, j1), _keys(v, j0, j1)            # [B, KV, bk, D]
             s = (qb @ kb.transpose(0, 1, 3, 2)) * sc               # [B, KV, G*n, bk]
-            p = np.exp(np.where(_visible(i0, i1, j0, j1, G, c.key_mask, c.window), s - L, -np.inf))
+            p = xp.exp(xp.where(_visible(xp, i0, i1, j0, j1, G, c.key_mask, c.window), s - L, -INF))
             dv[:, :, j0:j1] += p.transpose(0, 1, 3, 2) @ dob
             ds = p * (dob @ vb.transpose(0, 1, 3, 2) - Dr) * sc
             dqb += ds @ kb
@@ -174,47 +180,52 @@ def _backward_numpy(do, c: FlashCache, block):
 
 
 # -- dispatch ---------------------------------------------------------------------------------
-def _gpu_path(path):
-    forced = path or os.environ.get("Q4KDISTILL_ATTENTION", "").strip().lower() or None
-    if forced not in (None, "numba", "mma"):
-        raise Q4KError(f"attention path {forced!r}: expected 'numba' or 'mma' for CuPy arrays")
-    if forced:
-        return forced
-    from kernels import flash_attention_mma
-    return "mma" if flash_attention_mma.available() else "numba"
+def choose_path(q, path=None) -> str:
+    """The path for these inputs: ``path`` if given, else "blocks" for NumPy arrays and CuPy float64
+    (no FP64 kernel), else $Q4KDISTILL_ATTENTION, else "mma" where it compiles for this head size,
+    else "numba"."""
+    if path not in (None,) + PATHS:
+        raise Q4KError(f"attention path {path!r}: expected one of {', '.join(PATHS)}")
+    on_cupy = array_module(q) is not np
+    if path is None and (not on_cupy or q.dtype == np.float64):
+        return "blocks"
+    path = path or os.environ.get("Q4KDISTILL_ATTENTION", "").strip().lower() or None
+    if path not in (None, "numba", "mma", "blocks"):
+        raise Q4KError(f"Q4KDISTILL_ATTENTION={path!r}: expected numba, mma or blocks")
+    if path == "mma" and not on_cupy:
+        raise Q4KError("attention path 'mma' needs CuPy arrays on a GPU")
+    if path is None:
+        from kernels import flash_attention_mma
+        path = "mma" if flash_attention_mma.supports(q.shape[-1]) and flash_attention_mma.available() else "numba"
+    return path
 
 
 def flash_attention_forward(q, k, v, key_mask, window, scale, path=None, block=BLOCK, mma_dtype="bf16"):
     """q [B,T,H,D], k/v [B,T,KV,D], key_mask [B,T] bool or None, window int or None, scale
-    -> (o [B,T,H,D], FlashCache). NumPy keeps the input dtype; the GPU paths return float32."""
+    -> (o [B,T,H,D], FlashCache). The block path keeps the input dtype; the kernels return float32.
+    mma_dtype: "bf16" or "fp16", what the tensor cores read for float32 inputs."""
     check_shapes(q, k, v, key_mask)
-    if path not in (None,) + PATHS:
-        raise Q4KError(f"attention path {path!r}: expected one of {', '.join(PATHS)}")
     window = None if window is None else int(window)
     scale = float(scale)
-    xp = array_module(q)
-    if xp is np and path == "mma":
-        raise Q4KError("attention path 'mma' needs CuPy arrays on a GPU")
-    if xp is np and path != "numba":      # (the simulator runs the Numba kernels on NumPy arrays)
-        o, lse = _forward_numpy(q, k, v, key_mask, window, scale, block)
-        return o, FlashCache(q, k, v, o, lse, key_mask, window, scale, "numpy", block)
-    if xp is not np:
-        path = _gpu_path(path)
+    path = choose_path(q, path)
+    if path == "blocks":
+        o, lse = _forward_blocks(q, k, v, key_mask, window, scale, block)
+        return o, FlashCache(q, k, v, o, lse, key_mask, window, scale, path, block)
     if path == "mma":
         from kernels.flash_attention_mma import mma_attention_forward
         o, lse, extra = mma_attention_forward(q, k, v, key_mask, window, scale, mma_dtype)
-        return o, FlashCache(q, k, v, o, lse, key_mask, window, scale, "mma", extra)
+        return o, FlashCache(None, None, None, o, lse, key_mask, window, scale, path, extra)
     from kernels.flash_attention import numba_attention_forward
     o, lse = numba_attention_forward(q, k, v, key_mask, window, scale)
-    return o, FlashCache(q, k, v, o, lse, key_mask, window, scale, "numba")
+    return o, FlashCache(q, k, v, o, lse, key_mask, window, scale, path)
 
 
 def flash_attention_backward(do, cache: FlashCache):
     """do [B,T,H,D] -> (dq [B,T,H,D], dk [B,T,KV,D], dv [B,T,KV,D]), by the forward's path."""
-    if tuple(do.shape) != tuple(cache.q.shape):
-        raise Q4KError(f"attention backward: do {tuple(do.shape)} != q {tuple(cache.q.shape)}")
-    if cache.path == "numpy":
-        return _backward_numpy(do, cache, cache.extra)
+    if tuple(do.shape) != tuple(cache.o.shape):
+        raise Q4KError(f"attention backward: do {tuple(do.shape)} != o {tuple(cache.o.shape)}")
+    if cache.path == "blocks":
+        return _backward_blocks(do, cache, cache.extra)
     if cache.path == "mma":
         from kernels.flash_attention_mma import mma_attention_backward
         return mma_attention_backward(do, cache)
