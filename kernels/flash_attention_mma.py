@@ -142,6 +142,13 @@ def to16(x, dtype: str):
     return _bf16_cast()(x)
 
 
+def as_f32(x):
+    """CuPy float32 / float16 / uint16 bf16 bits -> float32 values."""
+    if x.dtype == np.uint16:
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
 def _dtype_of(x, dtype):
     if x.dtype == np.float16:
         return "fp16"
@@ -221,8 +228,7 @@ def mma_attention_backward(do, cache):
     B, T, H, D = q16.shape
     KV = k16.shape[2]
     _check(D)
-    do32 = cupy.asarray(do, dtype=np.float32)
-    drow = cupy.ascontiguousarray((do32 * cache.o).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
+    drow = cupy.ascontiguousarray((as_f32(do) * cache.o).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
     do16 = to16(do, dtype)
     mask, has = _mask_arg(cache.key_mask, B, T)
     dq = cupy.zeros((B, T, H, D), dtype=np.float32)                # atomics add into it

@@ -150,3 +150,153 @@ def check_lse(lse, q, k, v, mask, window, scale, bound):
     assert (np.isinf(lse) == ~seen).all(), "lse is +inf exactly where a query sees no key"
     if seen.any():
         assert np.abs(lse[seen] - lse_ref[seen]).max() < bound
+
+
+def test_simulated_kernels_are_the_default_numba_choice_only_when_asked():
+    """NumPy arrays go to the block path unless the Numba kernels are asked for by name."""
+    q, k, v, _, _ = make_inputs(1, 5, 2, 1, 4, seed=2, dtype=np.float32)
+    assert flash_attention_forward(q, k, v, None, None, 1.0)[1].path == "blocks"
+    with pytest.raises(Q4KError):
+        flash_attention_forward(q, k, v, None, None, 1.0, path="mma")
+
+
+# -- the CPU step at 8k tokens: host memory linear in T ------------------------------------------
+RSS_SCRIPT = """
+import resource, sys
+import numpy as np
+sys.path.insert(0, "tests")
+from _helpers_student import tiny_config
+from q4kdistill.student import Student
+T, V = 8192, 256
+cfg = tiny_config("llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, vocab_size=V)
+s = Student.from_config(cfg, seed=0, xp=np)
+rng = np.random.default_rng(1)
+ids = rng.integers(0, V, (1, T))
+loss, g, _ = s.loss_and_grads(ids, lambda a, b: rng.standard_normal((b - a, V)).astype(np.float32))
+assert np.isfinite(loss) and all(np.isfinite(x).all() for x in g.values())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow   # ~2 s of compute on a free core, minutes on a busy one
+def test_cpu_student_step_at_8k_tokens_stays_under_1gb():
+    """Before flash attention this step peaked at 5.3 GB of RSS ([H, T, T] scores and probabilities
+    kept per layer); now ~0.2 GB (q, k, v, o and the log-sum-exp per layer)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), Q4KDISTILL_DEVICE="cpu")
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak_mb = int(out.stdout.split()[-1]) / 1024          # ru_maxrss: KiB on Linux
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+
+
+# -- GPU: real sizes ------------------------------------------------------------------------------
+GPU_CASES = [   # B, T, H, KV, D, window, pad: the 0.5B student, the 7B teacher, gemma-3's local layers
+    (1, 4096, 14, 2, 64, None, None),
+    (2, 1531, 14, 2, 64, None, [0, 300]),
+    (1, 2048, 28, 4, 128, None, [17]),
+    (1, 4096, 4, 1, 256, 512, None),
+    (2, 777, 4, 1, 256, 100, [0, 777]),
+]
+BOUNDS = {"bf16": 3e-2, "fp16": 4e-3}   # of the largest reference value, per output (see the module doc)
+
+
+def _round16(x, dtype):
+    """float64 -> the float64 values of its bf16 / fp16 rounding (what the tensor cores read)."""
+    x32 = np.asarray(x, dtype=np.float32)
+    if dtype == "fp16":
+        return x32.astype(np.float16).astype(np.float64)
+    n = x32.view(np.uint32).astype(np.uint64)
+    bits = ((n + 0x7FFF + ((n >> 16) & 1)) >> 16).astype(np.uint32) << 16
+    return bits.view(np.float32).astype(np.float64)
+
+
+def _reference_gpu(q, k, v, do, mask, window, scale):
+    """The float64 reference on the GPU (the [T, T] products are too slow for NumPy at these sizes)."""
+    import cupy
+
+    a = [cupy.asarray(x) for x in (q, k, v, do)]
+    m = None if mask is None else cupy.asarray(mask)
+    o, cache = attention_forward(a[0], a[1], a[2], m, window, scale)
+    grads = attention_backward(a[3], cache)
+    out = [x.get() for x in (o,) + tuple(grads)]
+    del cache, grads
+    cupy.get_default_memory_pool().free_all_blocks()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad", GPU_CASES)
+def test_gpu_mma_matches_reference(B, T, H, KV, D, window, pad, dtype):
+    import cupy
+
+    from kernels.flash_attention_mma import available
+    assert available(), "the tensor-core attention does not compile here (NVRTC?)"
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D, pad=pad)
+    q, k, v, do = (_round16(x, dtype) for x in (q, k, v, do))
+    scale = D ** -0.5
+    want = _reference_gpu(q, k, v, do, mask, window, scale)
+    args = [cupy.asarray(x, dtype=np.float32) for x in (q, k, v)]
+    m = None if mask is None else cupy.asarray(mask)
+    o, cache = flash_attention_forward(*args, m, window, scale, path="mma", mma_dtype=dtype)
+    got = [x.get() for x in (o,) + flash_attention_backward(cupy.asarray(do, dtype=np.float32), cache)]
+    check_all(got, want, BOUNDS[dtype], f"mma {dtype}")
+    if T <= 2048:                                      # (the float64 NumPy lse takes a while beyond)
+        check_lse(cache.lse.get(), q, k, v, mask, window, scale, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(1, 1000, 8, 2, 64, None, [5]), (1, 700, 4, 1, 256, 64, None)])
+def test_gpu_numba_kernels_match_reference(B, T, H, KV, D, window, pad):
+    import cupy
+
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T, pad=pad)
+    want = _reference_gpu(q, k, v, do, mask, window, 0.125)
+    args = [cupy.asarray(x, dtype=np.float32) for x in (q, k, v)]
+    m = None if mask is None else cupy.asarray(mask)
+    o, cache = flash_attention_forward(*args, m, window, 0.125, path="numba")
+    got = [x.get() for x in (o,) + flash_attention_backward(cupy.asarray(do, dtype=np.float32), cache)]
+    check_all(got, want, 2e-4, "numba gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_cupy_float64_uses_the_block_path():
+    import cupy
+
+    q, k, v, do, mask = make_inputs(2, 300, 4, 2, 32, seed=9, pad=[0, 40])
+    want = reference(q, k, v, do, mask, 50, 0.3)
+    a = [cupy.asarray(x) for x in (q, k, v)]
+    o, cache = flash_attention_forward(*a, cupy.asarray(mask), 50, 0.3, block=64)
+    assert cache.path == "blocks" and o.dtype == np.float64
+    got = [x.get() for x in (o,) + flash_attention_backward(cupy.asarray(do), cache)]
+    check_all(got, want, 1e-10, "blocks on cupy")
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_T():
+    """fwd + bwd at T = 32768 (the 0.5B student's heads): the pool's peak stays within a small
+    multiple of q's bytes; the [H, T, T] scores alone would be 60 GB in float32."""
+    import cupy
+
+    B, T, H, KV, D = 1, 32768, 14, 2, 64
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    rng = cupy.random.default_rng(0)
+    q = rng.standard_normal((B, T, H, D), dtype=np.float32)
+    k = rng.standard_normal((B, T, KV, D), dtype=np.float32)
+    v = rng.standard_normal((B, T, KV, D), dtype=np.float32)
+    do = rng.standard_normal((B, T, H, D), dtype=np.float32)
+    base = pool.total_bytes()
+    o, cache = flash_attention_forward(q, k, v, None, None, 0.125)
+    dq, dk, dv = flash_attention_backward(do, cache)
+    cupy.cuda.get_current_stream().synchronize()
+    assert all(bool(cupy.isfinite(x).all()) for x in (o, dq, dk, dv))
+    grew = pool.total_bytes() - base
+    assert grew < 8 * q.nbytes, f"attention took {grew / 2**30:.2f} GiB beyond its inputs (q: {q.nbytes / 2**30:.2f} GiB)"
