@@ -136,7 +136,7 @@ def to16(x, dtype: str):
     if x.dtype == np.uint16 and dtype == "bf16" or x.dtype == np.float16 and dtype == "fp16":
         out = cupy.ascontiguousarray(x).view(np.uint16)
         return out.copy() if out.data.ptr % 16 else out
-    x = cupy.asarray(x, dtype=np.float32)
+    x = as_f32(x)                                  # (a 16-bit array of the other kind goes through float32)
     if dtype == "fp16":
         return cupy.ascontiguousarray(x.astype(np.float16)).view(np.uint16)
     return _bf16_cast()(x)
