@@ -7,11 +7,11 @@
 Inputs: CuPy float32 (cast here to bf16 or fp16 bits), float16 (used as fp16), or uint16 (bf16 bits,
 the package's bfloat16 convention). Outputs and gradients are float32. Shapes as in
 ops/flash_attention.py. The tile sizes per head size, chosen to keep the static shared memory
-under 48 KB and the registers under 255 without spills (nvcc -Xptxas -v for sm_90a):
+under 48 KB and the registers at most 255 without spills (nvcc -Xptxas -v, sm_90a):
 
-    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (142 / 174 registers)
-    D <= 128   forward 4 warps x 64 keys    backward 32 keys, 2 warps per key  (191 / 165)
-    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (- / 128)
+    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (142 / 240 registers)
+    D <= 128   forward 4 warps x 64 keys    backward 32 keys, 2 warps per key  (191 / 166)
+    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 / 127)
 
 The C source is GPU only; the simulator runs the FP32 twin (flash_attention.py).
 """
@@ -172,7 +172,9 @@ def _window(window, T):
 
 
 def supports(D: int) -> bool:
-    return D % 16 == 0 and 16 <= D <= 256
+    """Head sizes the kernels take: multiples of 16 up to 256 whose backward column share
+    (D / warps per key) is a multiple of 16 too (ldmatrix.x4 loads two 8-column tiles)."""
+    return D % 16 == 0 and 16 <= D <= 256 and (D // backward_tiles(D)[1]) % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,7 +201,8 @@ def _check(D):
     if SIMULATOR:
         raise Q4KError("tensor-core attention links CUDA C and runs on a GPU only (the simulator cannot run it)")
     if not supports(D):
-        raise Q4KError(f"tensor-core attention takes head sizes 16..256 in steps of 16, got {D}")
+        raise Q4KError(f"tensor-core attention takes head sizes 16..64, 96, 128, 192, 256 (multiples of 16 "
+                       f"whose backward share is too), got {D}")
 
 
 def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="bf16"):

@@ -300,3 +300,37 @@ def test_gpu_memory_is_linear_in_T():
     assert all(bool(cupy.isfinite(x).all()) for x in (o, dq, dk, dv))
     grew = pool.total_bytes() - base
     assert grew < 8 * q.nbytes, f"attention took {grew / 2**30:.2f} GiB beyond its inputs (q: {q.nbytes / 2**30:.2f} GiB)"
+
+
+# -- the CUDA C source: compiles for sm_90a without spills (where nvcc is installed) --------------
+def test_mma_source_compiles_without_spills(tmp_path):
+    """Each shipped instantiation compiled by nvcc for the H100/H200 (the GPU compiles it with NVRTC
+    at run time; this catches syntax, template and register-budget errors on a machine without one)."""
+    import re
+    import shutil
+    import subprocess
+
+    from kernels import flash_attention_mma as fm
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    text = fm.SOURCE.read_text()
+    names = []
+    for D in (64, 128, 256):
+        for bf16 in (True, False) if D == 64 else (True,):
+            for make in (fm.forward_source, fm.backward_source):
+                name, extra = make(D, bf16)
+                text += extra
+                names.append(name)
+    for name, args in re.findall(r'extern "C" __device__ int (\w+)\(([^)]*)\)', text):    # a kernel per function
+        params = ", ".join(p.split()[-1].lstrip("*") for p in args.split(","))
+        text += f'extern "C" __global__ void k_{name}({args}) {{ {name}({params}); }}\n'
+    src = tmp_path / "fa.cu"
+    src.write_text(text)
+    out = subprocess.run([nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c", "-o",
+                          str(tmp_path / "fa.o"), str(src)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", out.stderr, re.S)
+    assert sorted(n for n, _ in spills) == sorted(f"k_{n}" for n in names)
+    assert all(int(b) == 0 for _, b in spills), spills

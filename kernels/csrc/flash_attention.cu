@@ -80,10 +80,35 @@ static __device__ __forceinline__ u32 fa_pack(float lo, float hi) {
 
 static __device__ __forceinline__ u32 fa_ld32(const u16* p) { return *reinterpret_cast<const u32*>(p); }
 
-// two 16-bit values a column apart in shared memory (rows r and r + 1 of a [rows][stride] tile)
-static __device__ __forceinline__ u32 fa_ld_pair(const u16* p, int stride) {
-    return u32(p[0]) | (u32(p[stride]) << 16);
+// Four 8x8 16-bit matrices from shared memory in one instruction: lane l gives the address of row
+// l % 8 of matrix l / 8 (16 bytes, 16-byte aligned); r[i] gets matrix i's elements in the C/A
+// fragment order, (row gid, cols 2tig..+1), or with TRANS its transpose, (rows 2tig..+1, col gid):
+// the B fragment of a [k][n] row-major tile.
+// `a` is a shared-memory address (fa_smem): a per-thread base plus a constant of the unrolled
+// loops, which ptxas folds into the instruction's offset, so no address per call stays live.
+static __device__ __forceinline__ u32 fa_smem(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
 }
+
+template <bool TRANS>
+static __device__ __forceinline__ void fa_ldm4(u32 (&r)[4], u32 a) {
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+// Where lane l points fa_ldm4 for the three fragment shapes, as (row, col) offsets in the tile:
+//   A 16x16 at (r0, c0)                 a0..a3:  row r0 + l%8 + 8 (l/8 & 1), col c0 + 8 (l/16)
+//   B of two n-tiles from [n][k] rows   b0, b1 of n-tile t, then of t + 1:
+//     (n0, k0), n = n0 + l%8 + 8 (l/16), k = k0 + 8 (l/8 & 1)                      (no TRANS)
+//   B of two n-tiles from [k][n] rows   (k0, n0), k = k0 + l%8 + 8 (l/8 & 1), n = n0 + 8 (l/16)  (TRANS)
+static __device__ __forceinline__ int fa_lm_lo(int lane) { return lane % 8 + 8 * ((lane / 8) & 1); }
+static __device__ __forceinline__ int fa_lm_hi(int lane) { return 8 * (lane / 16); }
 
 // rows [r0, r0 + ROWS) of a [T, heads, D] matrix of head `head` -> tile [ROWS][D + 8], zero past T
 template <int ROWS, int D, int THREADS>
@@ -112,6 +137,9 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
     const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
     const int kvh = h / (H / KV);
+    const int lm_lo = fa_lm_lo(lane), lm_hi = fa_lm_hi(lane);   // this lane's ldmatrix row / column offsets
+    const int lm_n = lm_hi + lm_lo % 8, lm_k = lm_lo - lm_lo % 8;   // ... for B from [n][k] rows
+    const u32 k_nk = fa_smem(&ks[lm_n][lm_k]), v_kn = fa_smem(&vs[lm_lo][lm_hi]);
     const int i0 = tile * BR, wi0 = i0 + 16 * warp;
     const int rows[2] = {wi0 + gid, wi0 + gid + 8};
     const u16* qb = q + size_t(b) * T * H * D;
@@ -148,9 +176,12 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
         #pragma unroll
         for (int kk = 0; kk < KD; ++kk)
             #pragma unroll
-            for (int t = 0; t < NT; ++t)
-                fa_mma<BF16>(s[t], qa[kk], fa_ld32(&ks[8 * t + gid][16 * kk + 2 * tig]),
-                             fa_ld32(&ks[8 * t + gid][16 * kk + 8 + 2 * tig]));
+            for (int t = 0; t < NT; t += 2) {                    // S = Q K^T: K rows are B's columns
+                u32 kf[4];
+                fa_ldm4<false>(kf, k_nk + 2 * ((8 * t) * (D + 8) + 16 * kk));
+                fa_mma<BF16>(s[t], qa[kk], kf[0], kf[1]);
+                fa_mma<BF16>(s[t + 1], qa[kk], kf[2], kf[3]);
+            }
         float mx[2] = {m[0], m[1]};
         #pragma unroll
         for (int t = 0; t < NT; ++t)
@@ -189,9 +220,12 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
                                fa_pack<BF16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
                                fa_pack<BF16>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
             #pragma unroll
-            for (int t = 0; t < DT; ++t)
-                fa_mma<BF16>(acc[t], pa, fa_ld_pair(&vs[16 * kc + 2 * tig][8 * t + gid], D + 8),
-                             fa_ld_pair(&vs[16 * kc + 8 + 2 * tig][8 * t + gid], D + 8));
+            for (int t = 0; t < DT; t += 2) {
+                u32 vf[4];
+                fa_ldm4<true>(vf, v_kn + 2 * ((16 * kc) * (D + 8) + 8 * t));
+                fa_mma<BF16>(acc[t], pa, vf[0], vf[1]);
+                fa_mma<BF16>(acc[t + 1], pa, vf[2], vf[3]);
+            }
         }
     }
     #pragma unroll
@@ -227,6 +261,12 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
     const int tile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
     const int grp = warp % GROUPS, d0 = (warp / GROUPS) * DP;   // this warp's 16 keys (queries in the dQ step), columns
+    const int lm_lo = fa_lm_lo(lane), lm_hi = fa_lm_hi(lane);   // this lane's ldmatrix row / column offsets
+    const int lm_n = lm_hi + lm_lo % 8, lm_k = lm_lo - lm_lo % 8;   // ... for B from [n][k] rows
+    const u32 k_a = fa_smem(&ks[16 * grp + lm_lo][lm_hi]), v_a = fa_smem(&vs[16 * grp + lm_lo][lm_hi]);
+    const u32 q_nk = fa_smem(&qs[lm_n][lm_k]), do_nk = fa_smem(&dos[lm_n][lm_k]);
+    const u32 q_kn = fa_smem(&qs[lm_lo][d0 + lm_hi]), do_kn = fa_smem(&dos[lm_lo][d0 + lm_hi]);
+    const u32 ds_a = fa_smem(&dss[16 * grp + lm_lo][lm_hi]), k_kn = fa_smem(&ks[lm_lo][d0 + lm_hi]);
     const int G = H / KV, j0 = tile * BC;
     const int keys[2] = {j0 + 16 * grp + gid, j0 + 16 * grp + gid + 8};
     const u16* kb = k + size_t(b) * T * KV * D;
@@ -265,15 +305,18 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                 for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
             #pragma unroll
             for (int kk = 0; kk < KD; ++kk) {
-                const int c = 16 * kk + 2 * tig;
-                const u32 ka[4] = {fa_ld32(&ks[16 * grp + gid][c]), fa_ld32(&ks[16 * grp + gid + 8][c]),
-                                   fa_ld32(&ks[16 * grp + gid][c + 8]), fa_ld32(&ks[16 * grp + gid + 8][c + 8])};
-                const u32 va[4] = {fa_ld32(&vs[16 * grp + gid][c]), fa_ld32(&vs[16 * grp + gid + 8][c]),
-                                   fa_ld32(&vs[16 * grp + gid][c + 8]), fa_ld32(&vs[16 * grp + gid + 8][c + 8])};
+                u32 ka[4], va[4];                                // this warp's 16 keys of K and V as A
+                fa_ldm4<false>(ka, k_a + 2 * 16 * kk);
+                fa_ldm4<false>(va, v_a + 2 * 16 * kk);
                 #pragma unroll
-                for (int t = 0; t < NT; ++t) {
-                    fa_mma<BF16>(s[t], ka, fa_ld32(&qs[8 * t + gid][c]), fa_ld32(&qs[8 * t + gid][c + 8]));
-                    fa_mma<BF16>(dp[t], va, fa_ld32(&dos[8 * t + gid][c]), fa_ld32(&dos[8 * t + gid][c + 8]));
+                for (int t = 0; t < NT; t += 2) {               // Q and dO rows are B's columns
+                    u32 qf[4], df[4];
+                    fa_ldm4<false>(qf, q_nk + 2 * ((8 * t) * (D + 8) + 16 * kk));
+                    fa_ldm4<false>(df, do_nk + 2 * ((8 * t) * (D + 8) + 16 * kk));
+                    fa_mma<BF16>(s[t], ka, qf[0], qf[1]);
+                    fa_mma<BF16>(s[t + 1], ka, qf[2], qf[3]);
+                    fa_mma<BF16>(dp[t], va, df[0], df[1]);
+                    fa_mma<BF16>(dp[t + 1], va, df[2], df[3]);
                 }
             }
             #pragma unroll
@@ -295,12 +338,14 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                                    fa_pack<BF16>(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
                                    fa_pack<BF16>(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
                 #pragma unroll
-                for (int t = 0; t < DPT; ++t) {
-                    const int col = d0 + 8 * t + gid;
-                    fa_mma<BF16>(dva[t], pa, fa_ld_pair(&dos[16 * kc + 2 * tig][col], D + 8),
-                                 fa_ld_pair(&dos[16 * kc + 8 + 2 * tig][col], D + 8));
-                    fa_mma<BF16>(dka[t], sa, fa_ld_pair(&qs[16 * kc + 2 * tig][col], D + 8),
-                                 fa_ld_pair(&qs[16 * kc + 8 + 2 * tig][col], D + 8));
+                for (int t = 0; t < DPT; t += 2) {              // dO and Q rows (queries) are B's k
+                    u32 df[4], qf[4];
+                    fa_ldm4<true>(df, do_kn + 2 * ((16 * kc) * (D + 8) + 8 * t));
+                    fa_ldm4<true>(qf, q_kn + 2 * ((16 * kc) * (D + 8) + 8 * t));
+                    fa_mma<BF16>(dva[t], pa, df[0], df[1]);
+                    fa_mma<BF16>(dva[t + 1], pa, df[2], df[3]);
+                    fa_mma<BF16>(dka[t], sa, qf[0], qf[1]);
+                    fa_mma<BF16>(dka[t + 1], sa, qf[2], qf[3]);
                 }
             }
             __syncthreads();                                     // dS complete before the dQ step reads it
@@ -310,14 +355,14 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
             for (int t = 0; t < DPT; ++t) dqa[t][0] = dqa[t][1] = dqa[t][2] = dqa[t][3] = 0.f;
             #pragma unroll
             for (int kc = 0; kc < BC / 16; ++kc) {
-                const int c = 16 * kc + 2 * tig;
-                const u32 a[4] = {fa_ld32(&dss[16 * grp + gid][c]), fa_ld32(&dss[16 * grp + gid + 8][c]),
-                                  fa_ld32(&dss[16 * grp + gid][c + 8]), fa_ld32(&dss[16 * grp + gid + 8][c + 8])};
+                u32 a[4];                                        // dS rows of this warp's 16 queries
+                fa_ldm4<false>(a, ds_a + 2 * 16 * kc);
                 #pragma unroll
-                for (int t = 0; t < DPT; ++t) {
-                    const int col = d0 + 8 * t + gid;
-                    fa_mma<BF16>(dqa[t], a, fa_ld_pair(&ks[16 * kc + 2 * tig][col], D + 8),
-                                 fa_ld_pair(&ks[16 * kc + 8 + 2 * tig][col], D + 8));
+                for (int t = 0; t < DPT; t += 2) {              // K rows (keys) are B's k
+                    u32 kf[4];
+                    fa_ldm4<true>(kf, k_kn + 2 * ((16 * kc) * (D + 8) + 8 * t));
+                    fa_mma<BF16>(dqa[t], a, kf[0], kf[1]);
+                    fa_mma<BF16>(dqa[t + 1], a, kf[2], kf[3]);
                 }
             }
             #pragma unroll
