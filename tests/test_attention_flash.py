@@ -4,6 +4,8 @@ of any block), GQA, sliding windows, padding (including queries that see no key 
 
     NumPy path      float64 inputs: 1e-10; float32: 2e-5 relative to the output's scale
     Numba kernels   the CUDA simulator at tiny shapes (FP32): 2e-5
+    CUDA C kernels  on the CPU through tests/flash_attention_emulate.cpp (a host emulation of
+                    mma.sync, ldmatrix and shuffles; g++ -std=c++20), small T: bf16 8e-3, fp16 1e-3
     GPU (gpu mark)  Numba FP32 kernels 2e-4; tensor cores (bf16 q, k, v, P, dO, dS with FP32
                     accumulation; relative error per rounding 2^-8 = 3.9e-3, summed over ~sqrt(T)
                     effective terms) 3e-2 of the largest reference value per output.
@@ -334,3 +336,81 @@ def test_mma_source_compiles_without_spills(tmp_path):
     spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", out.stderr, re.S)
     assert sorted(n for n, _ in spills) == sorted(f"k_{n}" for n in names)
     assert all(int(b) == 0 for _, b in spills), spills
+
+
+# -- the CUDA C kernels themselves, on the CPU: tests/flash_attention_emulate.cpp ---------------
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """kernels/csrc/flash_attention.cu built with a host emulation of mma.sync / ldmatrix / shuffles."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from kernels.flash_attention_mma import SOURCE
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not installed")
+    out = tmp_path_factory.mktemp("fa_emu") / "fa_emu.so"
+    harness = Path(__file__).with_name("flash_attention_emulate.cpp")
+    run = subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f'-DFA_SOURCE="{SOURCE}"',
+                          str(harness), "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return ctypes.CDLL(str(out))
+
+
+def _bits16(x, dtype):
+    """float64 -> uint16 bits of its bf16 / fp16 rounding (as kernels/flash_attention_mma.to16)."""
+    if dtype == "fp16":
+        return np.ascontiguousarray(np.asarray(x, np.float32).astype(np.float16).view(np.uint16))
+    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((n + 0x7FFF + ((n >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):
+    """(o, dq, dk, dv, lse) from the emulated kernels, outputs poisoned with NaN (dq zeroed: atomics)."""
+    import ctypes
+
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    q16, k16, v16, do16 = (_bits16(x, dtype) for x in (q, k, v, do))
+    m = np.ones(1, np.uint8) if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    w = T + 1 if window is None else window
+    o = np.full((B, T, H, D), np.nan, np.float32)
+    lse = np.full((B, H, T), np.nan, np.float32)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)             # noqa: E731
+    I, F = ctypes.c_int, ctypes.c_float
+    bf = I(dtype == "bf16")
+    rc = lib.emu_forward(I(D), bf, p(q16), p(k16), p(v16), p(m), I(mask is not None), I(B), I(T), I(H), I(KV), I(w),
+                         F(scale), p(o), p(lse))
+    assert rc == 0, f"no emulated forward for D = {D}"
+    do32 = (do16.astype(np.uint32) << 16).view(np.float32) if dtype == "bf16" else do16.view(np.float16).astype(np.float32)
+    drow = np.ascontiguousarray((do32 * o).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T], as the wrapper
+    dq = np.zeros((B, T, H, D), np.float32)
+    dk = np.full((B, T, KV, D), np.nan, np.float32)
+    dv = np.full((B, T, KV, D), np.nan, np.float32)
+    rc = lib.emu_backward(I(D), bf, p(q16), p(k16), p(v16), p(do16), p(lse), p(drow), p(m), I(mask is not None), I(B),
+                          I(T), I(H), I(KV), I(w), F(scale), p(dq), p(dk), p(dv))
+    assert rc == 0, f"no emulated backward for D = {D}"
+    return o, dq, dk, dv, lse
+
+
+EMU_BOUNDS = {"bf16": 8e-3, "fp16": 1e-3}   # measured at these sizes: bf16 <= 2.6e-3, fp16 <= 2.9e-4
+EMU_CASES = [   # B, T, H, KV, D, window, pad, dtype: tiles cross T, GQA, windows, a fully padded row
+    (1, 70, 2, 1, 64, None, None, "bf16"),
+    (2, 37, 2, 2, 32, 9, [0, 37], "fp16"),
+    (1, 45, 4, 2, 128, None, [6], "bf16"),
+    (1, 41, 2, 1, 256, 20, [3], "bf16"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype", EMU_CASES)
+def test_mma_kernels_emulated_on_the_cpu(emulated, B, T, H, KV, D, window, pad, dtype):
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D, pad=pad)
+    q, k, v, do = (_round16(x, dtype) for x in (q, k, v, do))
+    scale = D ** -0.5
+    want = reference(q, k, v, do, mask, window, scale)
+    o, dq, dk, dv, lse = _emulated_attention(emulated, q, k, v, do, mask, window, scale, dtype)
+    check_all((o, dq, dk, dv), want, EMU_BOUNDS[dtype], f"emulated mma {dtype}")
+    check_lse(lse, q, k, v, mask, window, scale, 1e-2)

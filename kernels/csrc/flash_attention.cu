@@ -53,6 +53,20 @@ typedef unsigned char u8;
 #define FA_LN2 0.6931471805599453f
 #define FA_INF __int_as_float(0x7f800000)   // NVRTC without headers has no INFINITY
 
+// mma: c += A B for one 16x16 A and 16x8 B fragment (FP32 accumulation).
+// fa_pack: two floats -> one word of 16-bit values, lo in the low half (round to nearest even).
+// fa_ldm4: four 8x8 16-bit matrices from shared memory in one instruction: lane l gives the address
+//   of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned); r[i] gets matrix i's elements in the
+//   C/A fragment order, (row gid, cols 2tig..+1), or with TRANS its transpose, (rows 2tig..+1,
+//   col gid): the B fragment of a [k][n] row-major tile.
+// fa_smem: a shared-memory address for fa_ldm4. The kernels take a per-thread base once and add
+//   constants of the unrolled loops, which ptxas folds into the instruction's offset, so no
+//   address per call stays live in a register.
+// tests/flash_attention_emulate.cpp defines FA_EMULATE and its own versions of these four (a warp
+// of host threads exchanging fragments), to run this file's kernels on the CPU.
+#ifndef FA_EMULATE
+typedef u32 fa_saddr;
+
 template <bool BF16>
 static __device__ __forceinline__ void fa_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     if (BF16)
@@ -67,7 +81,6 @@ static __device__ __forceinline__ void fa_mma(float (&c)[4], const u32 (&a)[4], 
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// two floats -> one word of 16-bit values, lo in the low half (round to nearest even)
 template <bool BF16>
 static __device__ __forceinline__ u32 fa_pack(float lo, float hi) {
     u32 r;
@@ -78,22 +91,14 @@ static __device__ __forceinline__ u32 fa_pack(float lo, float hi) {
     return r;
 }
 
-static __device__ __forceinline__ u32 fa_ld32(const u16* p) { return *reinterpret_cast<const u32*>(p); }
-
-// Four 8x8 16-bit matrices from shared memory in one instruction: lane l gives the address of row
-// l % 8 of matrix l / 8 (16 bytes, 16-byte aligned); r[i] gets matrix i's elements in the C/A
-// fragment order, (row gid, cols 2tig..+1), or with TRANS its transpose, (rows 2tig..+1, col gid):
-// the B fragment of a [k][n] row-major tile.
-// `a` is a shared-memory address (fa_smem): a per-thread base plus a constant of the unrolled
-// loops, which ptxas folds into the instruction's offset, so no address per call stays live.
-static __device__ __forceinline__ u32 fa_smem(const void* p) {
+static __device__ __forceinline__ fa_saddr fa_smem(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
 
 template <bool TRANS>
-static __device__ __forceinline__ void fa_ldm4(u32 (&r)[4], u32 a) {
+static __device__ __forceinline__ void fa_ldm4(u32 (&r)[4], fa_saddr a) {
     if (TRANS)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
@@ -101,6 +106,7 @@ static __device__ __forceinline__ void fa_ldm4(u32 (&r)[4], u32 a) {
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
+#endif
 
 // Where lane l points fa_ldm4 for the three fragment shapes, as (row, col) offsets in the tile:
 //   A 16x16 at (r0, c0)                 a0..a3:  row r0 + l%8 + 8 (l/8 & 1), col c0 + 8 (l/16)
@@ -139,7 +145,7 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
     const int kvh = h / (H / KV);
     const int lm_lo = fa_lm_lo(lane), lm_hi = fa_lm_hi(lane);   // this lane's ldmatrix row / column offsets
     const int lm_n = lm_hi + lm_lo % 8, lm_k = lm_lo - lm_lo % 8;   // ... for B from [n][k] rows
-    const u32 k_nk = fa_smem(&ks[lm_n][lm_k]), v_kn = fa_smem(&vs[lm_lo][lm_hi]);
+    const fa_saddr k_nk = fa_smem(&ks[lm_n][lm_k]), v_kn = fa_smem(&vs[lm_lo][lm_hi]);
     const int i0 = tile * BR, wi0 = i0 + 16 * warp;
     const int rows[2] = {wi0 + gid, wi0 + gid + 8};
     const u16* qb = q + size_t(b) * T * H * D;
@@ -153,7 +159,7 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int r = rows[e & 1], col = 16 * kk + 2 * tig + 8 * (e >> 1);
-            qa[kk][e] = r < T ? fa_ld32(qb + (size_t(r) * H + h) * D + col) : 0u;
+            qa[kk][e] = r < T ? *reinterpret_cast<const u32*>(qb + (size_t(r) * H + h) * D + col) : 0u;
         }
     float acc[DT][4];
     #pragma unroll
@@ -263,10 +269,10 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
     const int grp = warp % GROUPS, d0 = (warp / GROUPS) * DP;   // this warp's 16 keys (queries in the dQ step), columns
     const int lm_lo = fa_lm_lo(lane), lm_hi = fa_lm_hi(lane);   // this lane's ldmatrix row / column offsets
     const int lm_n = lm_hi + lm_lo % 8, lm_k = lm_lo - lm_lo % 8;   // ... for B from [n][k] rows
-    const u32 k_a = fa_smem(&ks[16 * grp + lm_lo][lm_hi]), v_a = fa_smem(&vs[16 * grp + lm_lo][lm_hi]);
-    const u32 q_nk = fa_smem(&qs[lm_n][lm_k]), do_nk = fa_smem(&dos[lm_n][lm_k]);
-    const u32 q_kn = fa_smem(&qs[lm_lo][d0 + lm_hi]), do_kn = fa_smem(&dos[lm_lo][d0 + lm_hi]);
-    const u32 ds_a = fa_smem(&dss[16 * grp + lm_lo][lm_hi]), k_kn = fa_smem(&ks[lm_lo][d0 + lm_hi]);
+    const fa_saddr k_a = fa_smem(&ks[16 * grp + lm_lo][lm_hi]), v_a = fa_smem(&vs[16 * grp + lm_lo][lm_hi]);
+    const fa_saddr q_nk = fa_smem(&qs[lm_n][lm_k]), do_nk = fa_smem(&dos[lm_n][lm_k]);
+    const fa_saddr q_kn = fa_smem(&qs[lm_lo][d0 + lm_hi]), do_kn = fa_smem(&dos[lm_lo][d0 + lm_hi]);
+    const fa_saddr ds_a = fa_smem(&dss[16 * grp + lm_lo][lm_hi]), k_kn = fa_smem(&ks[lm_lo][d0 + lm_hi]);
     const int G = H / KV, j0 = tile * BC;
     const int keys[2] = {j0 + 16 * grp + gid, j0 + 16 * grp + gid + 8};
     const u16* kb = k + size_t(b) * T * KV * D;
