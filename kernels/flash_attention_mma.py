@@ -6,12 +6,13 @@
 
 Inputs: CuPy float32 (cast here to bf16 or fp16 bits), float16 (used as fp16), or uint16 (bf16 bits,
 the package's bfloat16 convention). Outputs and gradients are float32. Shapes as in
-ops/flash_attention.py. The tile sizes per head size, chosen to keep the static shared memory
-under 48 KB and the registers at most 255 without spills (nvcc -Xptxas -v, sm_90a):
+ops/flash_attention.py. The tile sizes per head size keep the static shared memory under 48 KB (the forward double-buffers
+its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v, sm_90a; registers
+forward / backward):
 
-    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (142 / 240 registers)
-    D <= 128   forward 4 warps x 64 keys    backward 32 keys, 2 warps per key  (191 / 166)
-    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 / 127)
+    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (151 / 240)
+    D <= 128   forward 4 warps x 32 keys    backward 32 keys, 2 warps per key  (168 / 166)
+    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 + 4 B spilled / 127)
 
 The C source is GPU only; the simulator runs the FP32 twin (flash_attention.py).
 """
@@ -36,8 +37,9 @@ _PTR, _I32, _F32 = types.voidptr, types.int32, types.float32
 
 
 def forward_tiles(D: int) -> tuple:
-    """(warps, keys per tile) of fa_forward for head size D."""
-    return (4, 64) if D <= 128 else (4, 16)
+    """(warps, keys per tile) of fa_forward for head size D (tests/flash_attention_emulate.cpp
+    instantiates the same)."""
+    return (4, 64) if D <= 64 else (4, 32) if D <= 128 else (4, 16)
 
 
 def backward_tiles(D: int) -> tuple:

@@ -24,7 +24,8 @@
 //
 // fa_forward<D, WARPS, BC>: one block per (query tile of 16*WARPS rows, head, batch); warp w owns
 //   16 query rows, its Q fragments in registers for the whole block. Key tiles of BC rows of K and
-//   V go to shared memory (16-byte loads); per tile: S = Q K^T (registers), masked, online softmax
+//   V go to shared memory by cp.async in two stages (tile n + 1 lands while tile n is multiplied);
+//   fragments come out of shared memory by ldmatrix. Per tile: S = Q K^T (registers), masked, online softmax
 //   in base 2 (running max m and partial sums l per row; the quad of lanes sharing a row reduce by
 //   shuffles), O = O * exp2(m - m') + P V. Tiles entirely above the diagonal or left of the window
 //   are never loaded. Query tiles run heaviest first (causal: the last tiles see the most keys).
@@ -116,6 +117,30 @@ static __device__ __forceinline__ void fa_ldm4(u32 (&r)[4], fa_saddr a) {
 static __device__ __forceinline__ int fa_lm_lo(int lane) { return lane % 8 + 8 * ((lane / 8) & 1); }
 static __device__ __forceinline__ int fa_lm_hi(int lane) { return 8 * (lane / 16); }
 
+#ifndef FA_EMULATE
+// 16 bytes global -> shared without passing through registers; src_size 0 writes zeros (a row past T)
+static __device__ __forceinline__ void fa_cp16(void* smem, const void* g, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(fa_smem(smem)), "l"(g), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+static __device__ __forceinline__ void fa_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>   // wait until at most N of this thread's groups are still in flight
+static __device__ __forceinline__ void fa_cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+#endif
+
+// the same rows as fa_load_tile, by cp.async (this thread's pieces land by the next fa_cp_wait)
+template <int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void fa_async_tile(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
+                                                     int head, int tid) {
+    constexpr int CHUNKS = ROWS * D / 8;
+    #pragma unroll
+    for (int c = tid; c < CHUNKS; c += THREADS) {
+        const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+        const bool valid = r0 + r < T;
+        fa_cp16(&tile[r][col], valid ? g + (size_t(r0 + r) * heads + head) * D + col : g, valid);
+    }
+}
+
 // rows [r0, r0 + ROWS) of a [T, heads, D] matrix of head `head` -> tile [ROWS][D + 8], zero past T
 template <int ROWS, int D, int THREADS>
 static __device__ __forceinline__ void fa_load_tile(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
@@ -138,14 +163,15 @@ template <int D, int WARPS, int BC, bool BF16>
 static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                   int H, int KV, int window, float scale, float* o, float* lse) {
     constexpr int BR = 16 * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
-    __shared__ __align__(16) u16 ks[BC][D + 8];
-    __shared__ __align__(16) u16 vs[BC][D + 8];
+    __shared__ __align__(16) u16 ks[2][BC][D + 8];                // two stages: tile n+1 lands during tile n
+    __shared__ __align__(16) u16 vs[2][BC][D + 8];
+    constexpr int STAGE_BYTES = BC * (D + 8) * 2;
     const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
     const int kvh = h / (H / KV);
     const int lm_lo = fa_lm_lo(lane), lm_hi = fa_lm_hi(lane);   // this lane's ldmatrix row / column offsets
     const int lm_n = lm_hi + lm_lo % 8, lm_k = lm_lo - lm_lo % 8;   // ... for B from [n][k] rows
-    const fa_saddr k_nk = fa_smem(&ks[lm_n][lm_k]), v_kn = fa_smem(&vs[lm_lo][lm_hi]);
+    const fa_saddr k_nk0 = fa_smem(&ks[0][lm_n][lm_k]), v_kn0 = fa_smem(&vs[0][lm_lo][lm_hi]);
     const int i0 = tile * BR, wi0 = i0 + 16 * warp;
     const int rows[2] = {wi0 + gid, wi0 + gid + 8};
     const u16* qb = q + size_t(b) * T * H * D;
@@ -169,70 +195,80 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
 
     const int i1 = min(T, i0 + BR);
     const int j_first = (max(0, i0 - window + 1) / BC) * BC;
-    for (int j0 = j_first; j0 < i1; j0 += BC) {
-        __syncthreads();                                         // every warp done with the previous tile
-        fa_load_tile<BC, D, THREADS>(ks, kb, j0, T, KV, kvh, tid);
-        fa_load_tile<BC, D, THREADS>(vs, vb, j0, T, KV, kvh, tid);
-        __syncthreads();                                         // tile complete before any warp reads it
-        if (wi0 >= T || j0 > wi0 + 15 || wi0 - (j0 + BC - 1) >= window) continue;   // nothing visible to this warp
-
-        float s[NT][4];
-        #pragma unroll
-        for (int t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-        #pragma unroll
-        for (int kk = 0; kk < KD; ++kk)
-            #pragma unroll
-            for (int t = 0; t < NT; t += 2) {                    // S = Q K^T: K rows are B's columns
-                u32 kf[4];
-                fa_ldm4<false>(kf, k_nk + 2 * ((8 * t) * (D + 8) + 16 * kk));
-                fa_mma<BF16>(s[t], qa[kk], kf[0], kf[1]);
-                fa_mma<BF16>(s[t + 1], qa[kk], kf[2], kf[3]);
-            }
-        float mx[2] = {m[0], m[1]};
-        #pragma unroll
-        for (int t = 0; t < NT; ++t)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = j0 + 8 * t + 2 * tig + (e & 1);
-                const float x = fa_visible(rows[e >> 1], j, T, window, mask_b) ? s[t][e] * sl2 : -FA_INF;
-                s[t][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
-        float alpha[2], base[2];
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));   // the 4 lanes of a row
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            base[r] = mx[r] == -FA_INF ? 0.f : mx[r];
-            alpha[r] = exp2f(m[r] - base[r]);                    // m = -inf: 0
-            m[r] = mx[r];
-            l[r] *= alpha[r];
+    if (j_first < i1) {
+        fa_async_tile<BC, D, THREADS>(ks[0], kb, j_first, T, KV, kvh, tid);
+        fa_async_tile<BC, D, THREADS>(vs[0], vb, j_first, T, KV, kvh, tid);
+    }
+    fa_cp_commit();
+    for (int j0 = j_first, stage = 0; j0 < i1; j0 += BC, stage ^= 1) {
+        if (j0 + BC < i1) {                                      // the next tile into the other stage
+            fa_async_tile<BC, D, THREADS>(ks[stage ^ 1], kb, j0 + BC, T, KV, kvh, tid);
+            fa_async_tile<BC, D, THREADS>(vs[stage ^ 1], vb, j0 + BC, T, KV, kvh, tid);
         }
-        #pragma unroll
-        for (int t = 0; t < DT; ++t) {
-            acc[t][0] *= alpha[0]; acc[t][1] *= alpha[0];
-            acc[t][2] *= alpha[1]; acc[t][3] *= alpha[1];
-        }
-        #pragma unroll
-        for (int t = 0; t < NT; ++t)
+        fa_cp_commit();                                          // (an empty group on the last tile)
+        fa_cp_wait<1>();                                         // this thread's pieces of tile j0 have landed
+        __syncthreads();                                         // ... and every thread's
+        const fa_saddr k_nk = k_nk0 + stage * STAGE_BYTES, v_kn = v_kn0 + stage * STAGE_BYTES;
+        if (wi0 < T && j0 <= wi0 + 15 && wi0 - (j0 + BC - 1) < window) {   // anything visible to this warp
+            float s[NT][4];
             #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[t][e] = exp2f(s[t][e] - base[e >> 1]);          // hidden: exp2(-inf) = 0
-                l[e >> 1] += s[t][e];
-            }
-        #pragma unroll
-        for (int kc = 0; kc < BC / 16; ++kc) {                   // O += P V, P from the S registers
-            const u32 pa[4] = {fa_pack<BF16>(s[2 * kc][0], s[2 * kc][1]), fa_pack<BF16>(s[2 * kc][2], s[2 * kc][3]),
-                               fa_pack<BF16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                               fa_pack<BF16>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+            for (int t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
             #pragma unroll
-            for (int t = 0; t < DT; t += 2) {
-                u32 vf[4];
-                fa_ldm4<true>(vf, v_kn + 2 * ((16 * kc) * (D + 8) + 8 * t));
-                fa_mma<BF16>(acc[t], pa, vf[0], vf[1]);
-                fa_mma<BF16>(acc[t + 1], pa, vf[2], vf[3]);
+            for (int kk = 0; kk < KD; ++kk)
+                #pragma unroll
+                for (int t = 0; t < NT; t += 2) {                    // S = Q K^T: K rows are B's columns
+                    u32 kf[4];
+                    fa_ldm4<false>(kf, k_nk + 2 * ((8 * t) * (D + 8) + 16 * kk));
+                    fa_mma<BF16>(s[t], qa[kk], kf[0], kf[1]);
+                    fa_mma<BF16>(s[t + 1], qa[kk], kf[2], kf[3]);
+                }
+            float mx[2] = {m[0], m[1]};
+            #pragma unroll
+            for (int t = 0; t < NT; ++t)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j0 + 8 * t + 2 * tig + (e & 1);
+                    const float x = fa_visible(rows[e >> 1], j, T, window, mask_b) ? s[t][e] * sl2 : -FA_INF;
+                    s[t][e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+            float alpha[2], base[2];
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));   // the 4 lanes of a row
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                base[r] = mx[r] == -FA_INF ? 0.f : mx[r];
+                alpha[r] = exp2f(m[r] - base[r]);                    // m = -inf: 0
+                m[r] = mx[r];
+                l[r] *= alpha[r];
+            }
+            #pragma unroll
+            for (int t = 0; t < DT; ++t) {
+                acc[t][0] *= alpha[0]; acc[t][1] *= alpha[0];
+                acc[t][2] *= alpha[1]; acc[t][3] *= alpha[1];
+            }
+            #pragma unroll
+            for (int t = 0; t < NT; ++t)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[t][e] = exp2f(s[t][e] - base[e >> 1]);          // hidden: exp2(-inf) = 0
+                    l[e >> 1] += s[t][e];
+                }
+            #pragma unroll
+            for (int kc = 0; kc < BC / 16; ++kc) {                   // O += P V, P from the S registers
+                const u32 pa[4] = {fa_pack<BF16>(s[2 * kc][0], s[2 * kc][1]), fa_pack<BF16>(s[2 * kc][2], s[2 * kc][3]),
+                                   fa_pack<BF16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                                   fa_pack<BF16>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+                #pragma unroll
+                for (int t = 0; t < DT; t += 2) {
+                    u32 vf[4];
+                    fa_ldm4<true>(vf, v_kn + 2 * ((16 * kc) * (D + 8) + 8 * t));
+                    fa_mma<BF16>(acc[t], pa, vf[0], vf[1]);
+                    fa_mma<BF16>(acc[t + 1], pa, vf[2], vf[3]);
+                }
             }
         }
+        __syncthreads();                                         // every warp done with this stage before it is refilled
     }
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
