@@ -82,9 +82,9 @@ def backward_source(D: int, bf16: bool) -> tuple:
     name = f"fa_bwd_d{D}_c{bc}_s{dsplit}_{'bf16' if bf16 else 'fp16'}"
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
                   f'const float* lse, const float* drow, const u8* mask, int has_mask, int T, int H, int KV, '
-                  f'int window, float scale, float* dq, float* dk, float* dv) {{ '
+                  f'int window, float scale, const float* dout_scale, float* dq, float* dk, float* dv) {{ '
                   f'fa_backward<{D}, {bc}, {dsplit}, {"true" if bf16 else "false"}>(q, k, v, dout, lse, drow, '
-                  f'has_mask ? mask : nullptr, T, H, KV, window, scale, dq, dk, dv); return 0; }}\n')
+                  f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,39 +109,57 @@ def _backward_kernel(D: int, bf16: bool):
     """(Numba kernel, threads per block, keys per block)."""
     name, extra = backward_source(D, bf16)
     fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
-                                               _F32, _PTR, _PTR, _PTR), link=[_source_with(extra)], abi="c")
+                                               _F32, _PTR, _PTR, _PTR, _PTR), link=[_source_with(extra)], abi="c")
     ptr = _data_ptr()
 
     @cuda.jit
-    def kernel(q, k, v, dout, lse, drow, mask, has_mask, T, H, KV, window, scale, dq, dk, dv):
+    def kernel(q, k, v, dout, lse, drow, mask, has_mask, T, H, KV, window, scale, dout_scale, dq, dk, dv):
         fn(ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(drow), ptr(mask), np.int32(has_mask), np.int32(T),
-           np.int32(H), np.int32(KV), np.int32(window), np.float32(scale), ptr(dq), ptr(dk), ptr(dv))
+           np.int32(H), np.int32(KV), np.int32(window), np.float32(scale), ptr(dout_scale), ptr(dq), ptr(dk), ptr(dv))
 
     bc, dsplit = backward_tiles(D)
     return kernel, 32 * (bc // 16) * dsplit, bc
 
 
 @functools.lru_cache(maxsize=None)
-def _bf16_cast():
+def _cast_kernels():
+    """{dtype: elementwise x float32, s float32[1] -> 16-bit bits of x * s[0]} (round to nearest even)."""
     import cupy
 
-    # round to nearest even on the float32 bits (finite inputs), as teacher_forward.f32_to_bf16
-    return cupy.ElementwiseKernel("float32 x", "uint16 y",
-                                  "unsigned int n = __float_as_uint(x); y = (n + 0x7FFFu + ((n >> 16) & 1u)) >> 16;",
-                                  "q4k_fa_f32_to_bf16")
+    bf16 = cupy.ElementwiseKernel(
+        "float32 x, raw float32 s", "uint16 y",
+        "unsigned int n = __float_as_uint(x * s[0]); y = (n + 0x7FFFu + ((n >> 16) & 1u)) >> 16;", "q4k_fa_to_bf16")
+    fp16 = cupy.ElementwiseKernel("float32 x, raw float32 s", "float16 y", "y = x * s[0];", "q4k_fa_to_fp16")
+    return {"bf16": bf16, "fp16": fp16}
 
 
-def to16(x, dtype: str):
-    """x (CuPy) -> C-contiguous uint16 bits of bf16 or fp16, 16-byte aligned."""
+@functools.lru_cache(maxsize=None)
+def _absmax():
     import cupy
 
-    if x.dtype == np.uint16 and dtype == "bf16" or x.dtype == np.float16 and dtype == "fp16":
+    return cupy.ReductionKernel("float32 x", "float32 y", "fabsf(x)", "max(a, b)", "y = a", "0", "q4k_fa_absmax")
+
+
+def to16(x, dtype: str, s=None):
+    """x (CuPy) -> C-contiguous uint16 bits of bf16 or fp16 (of x * s[0] where s, a float32 [1],
+    is given), 16-byte aligned."""
+    import cupy
+
+    if s is None and (x.dtype == np.uint16 and dtype == "bf16" or x.dtype == np.float16 and dtype == "fp16"):
         out = cupy.ascontiguousarray(x).view(np.uint16)
         return out.copy() if out.data.ptr % 16 else out
     x = as_f32(x)                                  # (a 16-bit array of the other kind goes through float32)
-    if dtype == "fp16":
-        return cupy.ascontiguousarray(x.astype(np.float16)).view(np.uint16)
-    return _bf16_cast()(x)
+    one = cupy.ones(1, dtype=np.float32) if s is None else s
+    return _cast_kernels()[dtype](x, one).view(np.uint16)
+
+
+def grad_scale(do):
+    """float32 [1] on the device: the power of two that brings max |do| into [1, 2) (1 for do = 0)."""
+    import cupy
+
+    m = _absmax()(as_f32(do))
+    return cupy.where(m > 0, cupy.exp2(-cupy.floor(cupy.log2(cupy.maximum(m, np.float32(1e-38))))), np.float32(1)) \
+        .astype(np.float32).reshape(1)
 
 
 def as_f32(x):
@@ -233,8 +251,10 @@ def mma_attention_backward(do, cache):
     B, T, H, D = q16.shape
     KV = k16.shape[2]
     _check(D)
+    s = grad_scale(do)                                             # dO * s in 16 bits: no subnormals
     drow = cupy.ascontiguousarray((as_f32(do) * cache.o).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
-    do16 = to16(do, dtype)
+    drow *= s
+    do16 = to16(do, dtype, s)
     mask, has = _mask_arg(cache.key_mask, B, T)
     dq = cupy.zeros((B, T, H, D), dtype=np.float32)                # atomics add into it
     dk = cupy.empty((B, T, KV, D), dtype=np.float32)
@@ -242,5 +262,5 @@ def mma_attention_backward(do, cache):
     kernel, threads, keys = _backward_kernel(D, dtype == "bf16")
     launch(kernel, (-(-T // keys), KV, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
            cupy.ascontiguousarray(cache.lse).reshape(-1), drow.reshape(-1), mask, has, T, H, KV,
-           _window(cache.window, T), np.float32(cache.scale), dq.reshape(-1), dk.reshape(-1), dv.reshape(-1))
+           _window(cache.window, T), np.float32(cache.scale), s, dq.reshape(-1), dk.reshape(-1), dv.reshape(-1))
     return dq, dk, dv

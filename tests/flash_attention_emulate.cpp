@@ -201,9 +201,9 @@ static void run_grid(int gx, int gy, int gz, int threads, const std::function<vo
     if (D == D_) {                                                                                             \
         run_grid((T + BC_ - 1) / BC_, KV, B, 32 * (BC_ / 16) * S_, [&] {                                      \
             if (bf16) fa_backward<D_, BC_, S_, true>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV, \
-                                                     window, scale, dq, dk, dv);                               \
+                                                     window, scale, dout_scale, dq, dk, dv);                   \
             else fa_backward<D_, BC_, S_, false>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV,  \
-                                                 window, scale, dq, dk, dv);                                   \
+                                                 window, scale, dout_scale, dq, dk, dv);                       \
         });                                                                                                    \
         return 0;                                                                                              \
     }
@@ -219,7 +219,8 @@ extern "C" int emu_forward(int D, int bf16, const u16* q, const u16* k, const u1
 
 extern "C" int emu_backward(int D, int bf16, const u16* q, const u16* k, const u16* v, const u16* dout,
                             const float* lse, const float* drow, const u8* mask, int has_mask, int B, int T, int H,
-                            int KV, int window, float scale, float* dq, float* dk, float* dv) {
+                            int KV, int window, float scale, const float* dout_scale, float* dq, float* dk,
+                            float* dv) {
     FA_BWD(32, 64, 1)
     FA_BWD(64, 64, 1)
     FA_BWD(128, 32, 2)
