@@ -1,6 +1,6 @@
 """Flash attention on the tensor cores (csrc/flash_attention.cu) behind thin Numba kernels.
 
-    mma_attention_forward(q, k, v, key_mask, window, scale, dtype="bf16") -> (o, lse, (q16, k16, v16, dtype))
+    mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16") -> (o, lse, (q16, k16, v16, dtype))
     mma_attention_backward(do, cache) -> (dq, dk, dv)
     available(D) -> bool     a GPU, NVRTC, and D a multiple of 16 up to 256
 
@@ -225,7 +225,7 @@ def _check(D):
                        f"whose backward share is too), got {D}")
 
 
-def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="bf16"):
+def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16"):
     """-> (o float32 [B, T, H, D], lse float32 [B, H, T], (q16, k16, v16, dtype) for the backward)."""
     import cupy
 

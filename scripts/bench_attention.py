@@ -199,7 +199,7 @@ def main(argv=None):
     p.add_argument("--KV", type=int, default=2)
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--window", type=int, default=None)
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="fp16")
     p.add_argument("--paths", nargs="+", default=["mma"], choices=["mma", "numba", "blocks"],
                    help="numba: the FP32 fallback (slow beyond T = 8192)")
     p.add_argument("--torch", action="store_true", help="time torch SDPA too (needs a CUDA torch)")
