@@ -422,3 +422,42 @@ def test_mma_kernels_emulated_on_the_cpu(emulated, B, T, H, KV, D, window, pad, 
     o, dq, dk, dv, lse = _emulated_attention(emulated, q, k, v, do, mask, window, scale, dtype)
     check_all((o, dq, dk, dv), want, EMU_BOUNDS[dtype], f"emulated mma {dtype}")
     check_lse(lse, q, k, v, mask, window, scale, 1e-2)
+
+
+# -- GPU: the student with flash attention against the same student with the reference attention --
+@pytest.mark.gpu
+@pytest.mark.parametrize("family,path,bound", [("qwen2", None, 2e-3), ("gemma3", None, 2e-3), ("qwen2", "numba", 2e-4)])
+def test_gpu_student_grads_match_reference_attention(monkeypatch, family, path, bound):
+    """loss_and_grads at 2 x 700 tokens (padding, GQA; gemma3: windows and head size 256): the
+    tensor-core path (fp16 inputs) and the FP32 Numba kernels against ops/attention.py, all in float32."""
+    import cupy
+
+    from q4kdistill import student as student_mod
+    from q4kdistill.losses import LossConfig
+    from q4kdistill.ops.gradcheck import rel_error
+    from q4kdistill.student import Student
+    from _helpers_student import tiny_config
+
+    head_dim = 256 if family == "gemma3" else 64
+    cfg = tiny_config(family, n_layers=2, d_model=256, n_heads=4, n_kv_heads=1 if family == "gemma3" else 2,
+                      head_dim=head_dim, d_ff=512, vocab_size=1000, sliding_window=128,
+                      swa_layers=[0] if family == "gemma3" else [])
+    rng = np.random.default_rng(3)
+    ids = cupy.asarray(rng.integers(0, cfg.vocab_size, (2, 700)))
+    mask = np.ones((2, 700), bool)
+    mask[1, :50] = False
+    mask = cupy.asarray(mask)
+    teacher = cupy.asarray(rng.standard_normal((2 * 700, cfg.vocab_size)).astype(np.float32))
+    loss_cfg = LossConfig("kl", alpha=0.3)
+    s = Student.from_config(cfg, seed=2, xp=cupy)
+    if path:
+        monkeypatch.setenv("Q4KDISTILL_ATTENTION", path)
+    loss, g, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
+    got = {n: v.get() for n, v in g.items()}
+    monkeypatch.setattr(student_mod, "flash_attention_forward", attention_forward)
+    monkeypatch.setattr(student_mod, "flash_attention_backward", attention_backward)
+    loss_ref, g_ref, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
+    assert loss == pytest.approx(loss_ref, rel=1e-4)
+    for name, want in g_ref.items():
+        err = rel_error(got[name], want.get())
+        assert err <= bound, f"{name}: {err:.2e}"
