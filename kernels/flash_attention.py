@@ -211,8 +211,15 @@ def _dkv_kernel(D: int, BQ: int, BK: int):
     return kernel
 
 
+def _f32(xp, a):
+    """float32 C-contiguous; uint16 is read as bfloat16 bits (the package's bf16 convention)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return xp.ascontiguousarray(a, dtype=np.float32)
+
+
 def _prepare(xp, q, k, v, key_mask, window):
-    f32 = [xp.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v)]
+    f32 = [_f32(xp, a) for a in (q, k, v)]
     if key_mask is None:
         mask, has = xp.ones((1, 1), dtype=np.uint8), 0
     else:
@@ -242,7 +249,7 @@ def numba_attention_backward(do, cache):
 
     xp = array_module(do)
     (q, k, v), mask, has, w = _prepare(xp, cache.q, cache.k, cache.v, cache.key_mask, cache.window)
-    do = xp.ascontiguousarray(do, dtype=np.float32)
+    do = _f32(xp, do)
     B, T, H, D = q.shape
     KV = k.shape[2]
     drow = xp.ascontiguousarray((do * cache.o.astype(np.float32)).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]

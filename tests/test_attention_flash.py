@@ -122,6 +122,8 @@ def test_user_errors_are_q4kerrors():
         flash_attention_forward(q, k, v, np.ones((1, 4), bool), None, 1.0)
     with pytest.raises(Q4KError):
         flash_attention_forward(q, k, v, None, None, 1.0, path="fast")
+    with pytest.raises(Q4KError):
+        flash_attention_forward(q.astype(np.uint16), k.astype(np.uint16), v.astype(np.uint16), None, None, 1.0)
     _, cache = flash_attention_forward(q, k, v, None, None, 1.0)
     with pytest.raises(Q4KError):
         flash_attention_backward(do[:, :4], cache)

@@ -211,6 +211,9 @@ def flash_attention_forward(q, k, v, key_mask, window, scale, path=None, block=B
     window = None if window is None else int(window)
     scale = float(scale)
     path = choose_path(q, path)
+    if path == "blocks" and q.dtype.kind != "f":
+        raise Q4KError(f"attention on {q.dtype} arrays: the block path takes float arrays "
+                       "(bf16 bits as uint16 go to the GPU kernels)")
     if path == "blocks":
         o, lse = _forward_blocks(q, k, v, key_mask, window, scale, block)
         return o, FlashCache(q, k, v, o, lse, key_mask, window, scale, path, block)
