@@ -106,6 +106,8 @@ static inline u32 fa_pack(float lo, float hi) {
 
 static inline fa_saddr fa_smem(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 
+static inline float fa_exp2(float x) { return exp2f(x); }
+
 template <bool BF16>
 static inline void fa_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     Warp& w = *my_warp;

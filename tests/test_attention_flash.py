@@ -411,6 +411,8 @@ EMU_CASES = [   # B, T, H, KV, D, window, pad, dtype: tiles cross T, GQA, window
     (2, 37, 2, 2, 32, 9, [0, 37], "fp16"),
     (1, 45, 4, 2, 128, None, [6], "bf16"),
     (1, 41, 2, 1, 256, 20, [3], "bf16"),
+    (1, 150, 2, 1, 64, None, None, "bf16"),        # tiles below the diagonal: the unmasked fast path
+    (1, 200, 2, 1, 32, 150, None, "fp16"),         # ... and next to a window's edge
 ]
 
 
