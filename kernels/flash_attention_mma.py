@@ -10,9 +10,9 @@ ops/flash_attention.py. The tile sizes per head size keep the static shared memo
 its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v, sm_90a; registers
 forward / backward):
 
-    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (151 / 240)
-    D <= 128   forward 4 warps x 32 keys    backward 32 keys, 2 warps per key  (168 / 166)
-    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 + 4 B spilled / 127)
+    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (133 / 224)
+    D <= 128   forward 4 warps x 32 keys    backward 32 keys, 2 warps per key  (174 / 163)
+    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 + 4 B spilled / 160)
 
 The C source is GPU only; the simulator runs the FP32 twin (flash_attention.py).
 """

@@ -108,6 +108,11 @@ static inline fa_saddr fa_smem(const void* p) { return reinterpret_cast<uintptr_
 
 static inline float fa_exp2(float x) { return exp2f(x); }
 
+static inline void fa_red2(float* p, float a, float b) {
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+}
+
 template <bool BF16>
 static inline void fa_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     Warp& w = *my_warp;

@@ -32,7 +32,8 @@
 // fa_backward<D, BC, DSPLIT>: parallel over key tiles (blockIdx.x) and kv heads, so dK and dV
 //   accumulate in registers with one writer each and no atomics, GQA included (the block loops
 //   over the G query heads of its kv head). dQ is the sum over key tiles, so it is accumulated
-//   with FP32 atomicAdd into a zeroed dq, as FlashAttention-2 does: a separate dQ pass would
+//   with FP32 atomic adds (red.global.add.v2.f32: two columns per instruction) into a zeroed dq,
+//   as FlashAttention-2 does: a separate dQ pass would
 //   recompute S and dP (2 of the 5 products) for every tile pair, 40 % more tensor work, to buy
 //   run-to-run bitwise repeatability. Per query tile (BR = BC rows) of each head:
 //     S^T = K Q^T, P^T = exp2(S^T log2e scale - lse_i log2e) masked          (warp: 16 keys)
@@ -100,6 +101,16 @@ static __device__ __forceinline__ float fa_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// p[0] += a, p[1] += b in global memory, no result (8-byte aligned p): one vector reduction on sm_90
+static __device__ __forceinline__ void fa_red2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" :: "l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
 }
 
 static __device__ __forceinline__ fa_saddr fa_smem(const void* p) {
@@ -431,8 +442,7 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                 float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + d0;
                 #pragma unroll
                 for (int t = 0; t < DPT; ++t) {
-                    atomicAdd(dqrow + 8 * t + 2 * tig, dqa[t][2 * r] * (scale * unscale));
-                    atomicAdd(dqrow + 8 * t + 2 * tig + 1, dqa[t][2 * r + 1] * (scale * unscale));
+                    fa_red2(dqrow + 8 * t + 2 * tig, dqa[t][2 * r] * (scale * unscale), dqa[t][2 * r + 1] * (scale * unscale));
                 }
             }
         }
