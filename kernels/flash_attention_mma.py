@@ -2,19 +2,20 @@
 
     mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16") -> (o, lse, (q16, k16, v16, dtype))
     mma_attention_backward(do, cache) -> (dq, dk, dv)
-    available(D) -> bool     a GPU, NVRTC, and D a multiple of 16 up to 256
+    supports(D), available()     head sizes it takes; whether NVRTC compiles and runs it here
 
-Inputs: CuPy float32 (cast here to bf16 or fp16 bits), float16 (used as fp16), or uint16 (bf16 bits,
+Inputs: CuPy float32 (cast here to fp16 or bf16 bits), float16 (used as fp16), or uint16 (bf16 bits,
 the package's bfloat16 convention). Outputs and gradients are float32. Shapes as in
-ops/flash_attention.py. The tile sizes per head size keep the static shared memory under 48 KB (the forward double-buffers
-its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v, sm_90a; registers
-forward / backward):
+ops/flash_attention.py. The tiles per head size keep the static shared memory under 48 KB (the
+forward double-buffers its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v,
+sm_90a; registers forward / backward):
 
     D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (133 / 224)
     D <= 128   forward 4 warps x 32 keys    backward 32 keys, 2 warps per key  (174 / 163)
     D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 + 4 B spilled / 160)
 
-The C source is GPU only; the simulator runs the FP32 twin (flash_attention.py).
+The simulator cannot run C: it runs the FP32 twin (flash_attention.py); the CPU suite runs this C
+through tests/flash_attention_emulate.cpp.
 """
 from __future__ import annotations
 
