@@ -23,7 +23,6 @@ import q4kdistill  # noqa: F401  (backend first)
 from q4kdistill import backend, losses, student as student_mod
 from q4kdistill.config import ModelConfig
 from q4kdistill.losses import LossConfig
-from q4kdistill.ops import attention as attention_mod
 from q4kdistill.optim import AdamW, OptimConfig
 from q4kdistill.student import Student
 
@@ -94,9 +93,8 @@ class OpTimer:
 OPS = [  # (module, function, label, is a matmul)
     (student_mod, "linear_forward", "linear fwd (matmul + bias)", True),
     (student_mod, "linear_backward", "linear bwd (matmul + bias)", True),
-    (student_mod, "attention_forward", "attention fwd (batched matmuls + softmax)", False),
-    (student_mod, "attention_backward", "attention bwd (batched matmuls + softmax)", False),
-    (attention_mod, "_softmax_visible", "  of which mask + softmax (fwd)", None),
+    (student_mod, "flash_attention_forward", "attention fwd (flash: ops/flash_attention.py)", False),
+    (student_mod, "flash_attention_backward", "attention bwd (flash: ops/flash_attention.py)", False),
     (student_mod, "chunk_loss", "loss over [chunk, V] (log-softmax, KL, CE)", False),
     (student_mod, "rmsnorm_forward", "rmsnorm fwd", False),
     (student_mod, "rmsnorm_backward", "rmsnorm bwd", False),
