@@ -307,7 +307,7 @@ def test_gpu_memory_is_linear_in_T():
     cupy.cuda.get_current_stream().synchronize()
     assert all(bool(cupy.isfinite(x).all()) for x in (o, dq, dk, dv))
     grew = pool.total_bytes() - base
-    assert grew < 8 * q.nbytes, f"attention took {grew / 2**30:.2f} GiB beyond its inputs (q: {q.nbytes / 2**30:.2f} GiB)"
+    assert grew < 8 * q.nbytes, f"attention took {grew / 2**30:.2f} GiB beyond its inputs (q: {q.nbytes / 2**30:.2f})"
 
 
 # -- the CUDA C source: compiles for sm_90a without spills (where nvcc is installed) --------------

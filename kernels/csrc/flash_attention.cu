@@ -251,7 +251,8 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int j = j0 + 8 * t + 2 * tig + (e & 1);
-                    const float x = all_visible || fa_visible(rows[e >> 1], j, T, window, mask_b) ? s[t][e] * sl2 : -FA_INF;
+                    const bool seen = all_visible || fa_visible(rows[e >> 1], j, T, window, mask_b);
+                    const float x = seen ? s[t][e] * sl2 : -FA_INF;
                     s[t][e] = x;
                     mx[e >> 1] = fmaxf(mx[e >> 1], x);
                 }
@@ -291,7 +292,7 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
                 }
             }
         }
-        __syncthreads();                                         // every warp done with this stage before it is refilled
+        __syncthreads();                                         // every warp done with this stage before its refill
     }
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -305,7 +306,8 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
         float* orow = o + ((size_t(b) * T + rows[r]) * H + h) * D;
         #pragma unroll
         for (int t = 0; t < DT; ++t)
-            *reinterpret_cast<float2*>(orow + 8 * t + 2 * tig) = make_float2(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+            *reinterpret_cast<float2*>(orow + 8 * t + 2 * tig) =
+                make_float2(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
         if (tig == 0)
             lse[(size_t(b) * H + h) * T + rows[r]] = l[r] > 0.f ? m[r] * FA_LN2 + logf(l[r]) : FA_INF;
     }
@@ -394,7 +396,8 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = 8 * t + 2 * tig + (e & 1), i = i0 + r, j = keys[e >> 1];
-                    const float p = all_visible || fa_visible(i, j, T, window, mask_b) ? fa_exp2(s[t][e] * sl2 - ls[r]) : 0.f;
+                    const bool seen = all_visible || fa_visible(i, j, T, window, mask_b);
+                    const float p = seen ? fa_exp2(s[t][e] * sl2 - ls[r]) : 0.f;
                     s[t][e] = p;                                                   // P^T
                     dp[t][e] = p * (dp[t][e] - drs[r]);                            // dS^T (unscaled)
                     if (d0 == 0) dss[r][16 * grp + gid + 8 * (e >> 1)] = u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
@@ -404,7 +407,8 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                 const u32 pa[4] = {fa_pack<BF16>(s[2 * kc][0], s[2 * kc][1]), fa_pack<BF16>(s[2 * kc][2], s[2 * kc][3]),
                                    fa_pack<BF16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
                                    fa_pack<BF16>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-                const u32 sa[4] = {fa_pack<BF16>(dp[2 * kc][0], dp[2 * kc][1]), fa_pack<BF16>(dp[2 * kc][2], dp[2 * kc][3]),
+                const u32 sa[4] = {fa_pack<BF16>(dp[2 * kc][0], dp[2 * kc][1]),
+                                   fa_pack<BF16>(dp[2 * kc][2], dp[2 * kc][3]),
                                    fa_pack<BF16>(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
                                    fa_pack<BF16>(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
                 #pragma unroll
@@ -442,7 +446,8 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                 float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + d0;
                 #pragma unroll
                 for (int t = 0; t < DPT; ++t) {
-                    fa_red2(dqrow + 8 * t + 2 * tig, dqa[t][2 * r] * (scale * unscale), dqa[t][2 * r + 1] * (scale * unscale));
+                    fa_red2(dqrow + 8 * t + 2 * tig, dqa[t][2 * r] * (scale * unscale),
+                            dqa[t][2 * r + 1] * (scale * unscale));
                 }
             }
         }
@@ -456,7 +461,8 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
             const int col = d0 + 8 * t + 2 * tig;
             *reinterpret_cast<float2*>(dk + row * D + col) = make_float2(dka[t][2 * r] * (scale * unscale),
                                                                                  dka[t][2 * r + 1] * (scale * unscale));
-            *reinterpret_cast<float2*>(dv + row * D + col) = make_float2(dva[t][2 * r] * unscale, dva[t][2 * r + 1] * unscale);
+            *reinterpret_cast<float2*>(dv + row * D + col) =
+                make_float2(dva[t][2 * r] * unscale, dva[t][2 * r + 1] * unscale);
         }
     }
 }
