@@ -40,6 +40,7 @@
 //     dP^T = V dO^T, dS^T = P^T (dP^T - drow_i)
 //     dV += P^T dO, dK += dS^T Q                 (registers; scale applied once at the end)
 //     dS -> shared memory (16-bit, [query][key]); dQ_tile = dS K * scale -> atomicAdd (warp: 16 queries)
+//   (the next tile's Q and dO are requested by cp.async before the dQ step, which does not read them)
 //   dO and drow come scaled by a power of two (*dout_scale, on the device: no host round trip) that
 //   puts max |dO| near 1, so fp16 keeps small gradients out of its subnormal range; the results
 //   are scaled back on the way out.
@@ -351,21 +352,25 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
         #pragma unroll
         for (int e = 0; e < 4; ++e) dka[t][e] = dva[t][e] = 0.f;
 
+    // Query tiles (g, i0): i0 = j0, j0 + BR, .. < i_end for each head g of the kv head. Q and dO of the
+    // next tile are requested by cp.async as soon as this tile's products that read them are done,
+    // and land while the dQ step runs (it reads dS and K only).
     const int i_end = min(T, j0 + BC - 1 + window);
+    const u16* qb = q + size_t(b) * T * H * D;
+    const u16* db = dout + size_t(b) * T * H * D;
+    fa_async_tile<BR, D, THREADS>(qs, qb, j0, T, H, kvh * G, tid);
+    fa_async_tile<BR, D, THREADS>(dos, db, j0, T, H, kvh * G, tid);
+    fa_cp_commit();
     for (int g = 0; g < G; ++g) {
         const int h = kvh * G + g;
-        const u16* qb = q + size_t(b) * T * H * D;
-        const u16* db = dout + size_t(b) * T * H * D;
         for (int i0 = j0; i0 < i_end; i0 += BR) {
-            __syncthreads();                                     // previous query tile (and dS) fully used
-            fa_load_tile<BR, D, THREADS>(qs, qb, i0, T, H, h, tid);
-            fa_load_tile<BR, D, THREADS>(dos, db, i0, T, H, h, tid);
-            for (int r = tid; r < BR; r += THREADS) {
+            for (int r = tid; r < BR; r += THREADS) {            // (every warp finished with ls, drs at the last sync)
                 const bool in = i0 + r < T;
                 ls[r] = in ? lse[(size_t(b) * H + h) * T + i0 + r] * FA_LOG2E : FA_INF;
                 drs[r] = in ? drow[(size_t(b) * H + h) * T + i0 + r] : 0.f;
             }
-            __syncthreads();                                     // tiles complete before any warp reads them
+            fa_cp_wait<0>();                                     // this thread's pieces of Q, dO have landed
+            __syncthreads();                                     // ... every thread's, and ls, drs written
 
             // every (key, query) pair visible: no padding mask, keys below the diagonal, inside the window
             const bool all_visible = mask_b == nullptr && i0 + BR - 1 < T && j0 + 16 * grp + 15 <= i0 &&
@@ -422,7 +427,15 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                     fa_mma<BF16>(dka[t + 1], sa, qf[2], qf[3]);
                 }
             }
-            __syncthreads();                                     // dS complete before the dQ step reads it
+            __syncthreads();                                     // dS complete; every warp done with Q, dO
+
+            const bool more = i0 + BR < i_end;                   // the next query tile into qs, dos
+            if (more || g + 1 < G) {
+                const int next_h = more ? h : h + 1, next_i0 = more ? i0 + BR : j0;
+                fa_async_tile<BR, D, THREADS>(qs, qb, next_i0, T, H, next_h, tid);
+                fa_async_tile<BR, D, THREADS>(dos, db, next_i0, T, H, next_h, tid);
+            }
+            fa_cp_commit();
 
             float dqa[DPT][4];                                   // dQ rows = queries 16 grp .. +15 of the tile
             #pragma unroll
