@@ -252,7 +252,8 @@ def numba_attention_backward(do, cache):
     do = _f32(xp, do)
     B, T, H, D = q.shape
     KV = k.shape[2]
-    drow = xp.ascontiguousarray((do * cache.o.astype(np.float32)).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
+    o = xp.asarray(cache.o, dtype=np.float32)
+    drow = xp.ascontiguousarray((do * o).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
     lse = xp.ascontiguousarray(cache.lse, dtype=np.float32)
     BQ, BK = tiles(D)
     dq = xp.full(q.shape, np.nan, dtype=np.float32)
