@@ -17,17 +17,16 @@ import gc
 import kernels
 import numpy as np
 import pytest
-from kernels import dispatch, registry, weights
+from kernels import dispatch, flash_attention_mma, registry, weights
 from kernels.scratch import scratch
 
-from q4kdistill.memory import planner
-
 from q4kdistill.formats import synthetic
-
-from q4kdistill.teacher import forward as teacher_forward
-from q4kdistill.memory import reproduce as rm
 from q4kdistill.formats.model_file import ModelFile
+from q4kdistill.memory import planner
+from q4kdistill.memory import reproduce as rm
+from q4kdistill.student.ops import flash_attention
 from q4kdistill.student.optim import AdamW
+from q4kdistill.teacher import forward as teacher_forward
 
 SLACK_BYTES = 32_000        # Python objects next to the arrays
 SLACK = 0.015
@@ -59,6 +58,29 @@ def _dequantize_to(w_raw, qtype, n_out, out_dtype, out=None):
     return out
 
 
+def _mma_attention_forward(q, k, v, key_mask, window, scale, dtype="bf16"):
+    """kernels.flash_attention_mma's buffers: 16-bit q, k, v, the mask as uint8 (while the kernel runs),
+    o and the log-sum-exp."""
+    B, T, H, D = q.shape
+    q16, k16, v16 = (np.zeros(a.shape, np.uint16) for a in (q, k, v))
+    mask = None if key_mask is None else np.ascontiguousarray(key_mask, dtype=np.uint8)
+    o, lse = np.zeros(q.shape, np.float32), np.zeros((B, H, T), np.float32)
+    del mask
+    return o, lse, (q16, k16, v16, dtype)
+
+
+def _mma_attention_backward(do, cache):
+    """... and of its backward: rowsum(do * o) per head, do in 16 bits, the mask, dq, dk, dv."""
+    q16, k16, _, _ = cache.extra
+    drow = np.ascontiguousarray((do * cache.o).sum(axis=-1).transpose(0, 2, 1))
+    do16 = np.zeros(do.shape, np.uint16)
+    mask = None if cache.key_mask is None else np.ascontiguousarray(cache.key_mask, dtype=np.uint8)
+    dq = np.zeros(q16.shape, np.float32)
+    dk, dv = np.zeros(k16.shape, np.float32), np.zeros(k16.shape, np.float32)
+    del drow, do16, mask
+    return dq, dk, dv
+
+
 def _embedding_rows(w_raw, qtype, ids):
     ids = np.asarray(ids).reshape(-1).astype(np.int64)
     views = weights.device_views(w_raw)
@@ -80,6 +102,9 @@ def gpu_allocations(monkeypatch):
             monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(v, fn=_declared_product(v)))
         monkeypatch.setattr(kernels, "dequantize_to", _dequantize_to)
         monkeypatch.setattr(kernels, "embedding_rows", _embedding_rows)
+        monkeypatch.setattr(flash_attention, "choose_path", lambda q, path=None: "mma")
+        monkeypatch.setattr(flash_attention_mma, "mma_attention_forward", _mma_attention_forward)
+        monkeypatch.setattr(flash_attention_mma, "mma_attention_backward", _mma_attention_backward)
         monkeypatch.setattr(AdamW, "_update", lambda self, *args: None)
         data = {name: model.tensor_data(name) for name in model.tensors}
         monkeypatch.setattr(model, "tensor_data", lambda name: data[name].copy())     # the upload's copy
@@ -114,15 +139,16 @@ def test_tiny_teacher_every_row(gpu_allocations, checkpoint):
     assert "after 16" in _counts(step, "loss chunk working set")
 
 
-@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (attention"), (False, "block backward (attention")])
-def test_attention_dominated_student(gpu_allocations, tmp_path, checkpoint, where):
-    """8 heads at T = 88 and a small vocabulary: the scores [B, H, T, T] outweigh the rest."""
+@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (ffn"), (False, "LM head + loss")])
+def test_attention_heavy_student(gpu_allocations, tmp_path, checkpoint, where):
+    """8 heads at T = 88 and a small vocabulary: [B, H, T, T] scores would outweigh the rest (they
+    did before flash attention); with 16-bit q, k, v and a [B, H, T] log-sum-exp they do not."""
     path = synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2"), qtypes={"*": "Q4_K", "output": "Q6_K"})
     student = "d_model=64,n_layers=3,d_ff=128,n_heads=8,n_kv_heads=2"
     rows, fwd, step = gpu_allocations(ModelFile.open(path), 1, 88, 1, student, 24, checkpoint)
     _check(rows)
     assert where in _counts(step, "distill: student forward/backward peak")
-    assert "stage 'attention'" in _counts(fwd, "teacher forward working set (native)")
+    assert "attention" not in _counts(fwd, "teacher forward working set (native)")
 
 
 def test_lm_head_in_slabs(gpu_allocations, monkeypatch, tmp_path):

@@ -40,9 +40,8 @@ TINY_SIZE = dict(batch=2, seq=16, warmup=1, steps=2)
 OPS = [
     (student_mod, "linear_forward", "linear fwd (matmul + bias)", True),
     (student_mod, "linear_backward", "linear bwd (matmul + bias)", True),
-    (student_mod, "attention_forward", "attention fwd (batched matmuls + softmax)", False),
-    (student_mod, "attention_backward", "attention bwd (batched matmuls + softmax)", False),
-    (attention_mod, "_softmax_visible", "  of which mask + softmax (fwd)", None),
+    (student_mod, "flash_attention_forward", "attention fwd (flash: ops/flash_attention.py)", False),
+    (student_mod, "flash_attention_backward", "attention bwd (flash: ops/flash_attention.py)", False),
     (student_mod, "chunk_loss", "loss over [chunk, V] (log-softmax, KL, CE)", False),
     (student_mod, "rmsnorm_forward", "rmsnorm fwd", False),
     (student_mod, "rmsnorm_backward", "rmsnorm bwd", False),

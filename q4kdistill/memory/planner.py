@@ -13,7 +13,8 @@ copies a non-contiguous operand of a batched matmul). A working set is its large
 Pool rounding (512-byte blocks) is below 0.1 % and left out.
 
 Shapes: N = B*T tokens, D d_model, Q = heads*head_dim, KV = kv_heads*head_dim, F d_ff, V vocab,
-S = one float32 [B, heads, T, T] score tensor, U = one float32 [C, V] logits chunk.
+U = one float32 [C, V] logits chunk. Attention is the flash path (ops/flash_attention.py on the
+tensor cores): 16-bit copies of q, k, v and a float32 [B, heads, T] log-sum-exp, linear in T.
 """
 from __future__ import annotations
 
@@ -171,8 +172,10 @@ ACT_TEMPS = {"silu": (2, 4), "gelu_tanh": (4, 6)}
 
 def _sizes(cfg: ModelConfig, B: int, T: int) -> dict:
     N = B * T
+    # attention (ops/flash_attention.py, the tensor-core path): 16-bit copies of q, k, v (QKV16) and
+    # the row log-sum-exp (L); nothing of size T x T
     return dict(N=N, ND=N * cfg.d_model * F32, NQ=N * cfg.q_dim * F32, NKV=N * cfg.kv_dim * F32,
-                NF=N * cfg.d_ff * F32, S=B * cfg.n_heads * T * T * F32,
+                NF=N * cfg.d_ff * F32, QKV16=N * (cfg.q_dim + 2 * cfg.kv_dim) * 2, L=B * cfg.n_heads * T * F32,
                 rope=8 * T * cfg.head_dim * len({cfg.layer_rope_base(i) for i in range(cfg.n_layers)}))
 
 
@@ -220,10 +223,10 @@ def _chunks(N: int, C: int) -> list:
 
 def teacher_trunk_stages(info: ModelFile, B: int, T: int, backend: str, scratch: int) -> dict:
     """hidden_states at its fullest moments in a block; each holds the decode scratch and rope tables:
-      attention    attention_forward at the exp: x, h, roped q, k, v, grouped q, scores, masked,
-                   shifted, probs, the causal mask
-      attn_output  its product: x, h, roped q, k, v, o, and the grouped q and probs that the
-                   dropped attention cache (bound to `_`) still holds
+      attention    the flash attention kernel: x, h, roped q, k, v, their 16-bit copies, o and the
+                   row log-sum-exp
+      attn_output  its product: x, h, roped q, k, v, o, and the 16-bit copies and log-sum-exp that
+                   the dropped attention cache (bound to `_`) still holds
       ffn          the GLU's activation: x, h, gate, up and the activation's temporaries
       ffn_down     its product: x, h, gate, up and the GLU output (the cache bound to `_` keeps
                    gate and up)"""
@@ -232,9 +235,8 @@ def teacher_trunk_stages(info: ModelFile, B: int, T: int, backend: str, scratch:
     w = {n: Matrix(info.tensors[f"blk.0.{n}.weight"], backend) for n in ("attn_output", "ffn_down")}
     common = dict(decode_scratch=scratch, rope_tables=s["rope"], x_and_normed=2 * s["ND"])
     return {
-        "attention": dict(common, q_and_grouped_q=2 * s["NQ"], k_and_v=2 * s["NKV"],
-                          scores_masked_shifted_probs=4 * s["S"], causal_mask=T * T),
-        "attn_output": dict(common, q_grouped_q_and_o=3 * s["NQ"], k_and_v=2 * s["NKV"], probs=s["S"],
+        "attention": dict(common, q_and_o=2 * s["NQ"], k_and_v=2 * s["NKV"], qkv_16bit=s["QKV16"], lse=s["L"]),
+        "attn_output": dict(common, q_and_o=2 * s["NQ"], k_and_v=2 * s["NKV"], qkv_16bit=s["QKV16"], lse=s["L"],
                             product=w["attn_output"].linear(N, s["ND"])),
         "ffn": dict(common, gate_and_up=2 * s["NF"], act_temps=act_temps * s["NF"]),
         "ffn_down": dict(common, gate_up_and_glu=3 * s["NF"], product=w["ffn_down"].linear(N, s["ND"])),
@@ -266,43 +268,42 @@ def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: st
 def block_cache_bytes(cfg: ModelConfig, B: int, T: int) -> dict:
     """What block_forward's cache keeps for the backward (the block's input x included)."""
     s = _sizes(cfg, B, T)
-    return dict(input_normed_mid_normed2=4 * s["ND"], grouped_q_and_attn_out=2 * s["NQ"], k_and_v=2 * s["NKV"],
-                probs=s["S"], gate_up_glu=3 * s["NF"],
+    return dict(input_normed_mid_normed2=4 * s["ND"], attn_out=s["NQ"], qkv_16bit=s["QKV16"], lse=s["L"],
+                gate_up_glu=3 * s["NF"],
                 prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
                 prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
 
 
 def block_forward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
     """block_forward at its fullest moments, the block's input x included:
-      attention  attention_forward at the exp: x, h, roped q, k, v, grouped q, scores, masked,
-                 shifted, probs, the causal mask (+ the q/k norms' inputs)
-      ffn        the GLU's activation: the attention half's cache, the roped q and attention output
-                 (locals still bound), x2, h2, gate, up and the activation's temporaries
-      end        x + f: the whole cache, the roped q, a, f and the new x"""
+      attention  the flash attention kernel: x, h, roped q, k, v, their 16-bit copies, o and the
+                 row log-sum-exp (+ the q/k norms' inputs)
+      ffn        the GLU's activation: the attention half's cache, the roped q, k, v and attention
+                 output (locals still bound), x2, h2, gate, up and the activation's temporaries
+      end        x + f: the whole cache, the roped q, k, v, a, f and the new x"""
     s, cache = _sizes(cfg, B, T), block_cache_bytes(cfg, B, T)
-    ND, NQ, NKV, NF, S = (s[k] for k in ("ND", "NQ", "NKV", "NF", "S"))
-    attn_cache = 2 * ND + 2 * NQ + 2 * NKV + S + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
+    ND, NQ, NKV, NF, QKV16, L = (s[k] for k in ("ND", "NQ", "NKV", "NF", "QKV16", "L"))
+    attn_cache = 2 * ND + NQ + QKV16 + L + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
     return {
-        "attention": dict(input_and_normed=2 * ND, roped_q_k_and_v=NQ + 2 * NKV, grouped_q=NQ,
-                          scores_masked_shifted_probs=4 * S, causal_mask=T * T, prenorm_q_k=cache["prenorm_q_k"]),
-        "ffn": dict(attention_cache=attn_cache, roped_q_and_attn_out=NQ + ND, mid_and_normed2=2 * ND,
+        "attention": dict(input_and_normed=2 * ND, roped_q_k_and_v=NQ + 2 * NKV, qkv_16bit=QKV16, o_and_lse=NQ + L,
+                          prenorm_q_k=cache["prenorm_q_k"]),
+        "ffn": dict(attention_cache=attn_cache, roped_q_k_v_and_attn_out=NQ + 2 * NKV + ND, mid_and_normed2=2 * ND,
                     gate_and_up=2 * NF, act_temps=ACT_TEMPS[cfg.act][0] * NF),
-        "end": dict(cache=sum(cache.values()), roped_q_attn_out_ffn_out_and_new_x=NQ + 3 * ND),
+        "end": dict(cache=sum(cache.values()), roped_q_k_v_attn_out_ffn_out_and_new_x=NQ + 2 * NKV + 3 * ND),
     }
 
 
 def block_backward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
     """block_backward at its fullest moments, besides the block's cache and the incoming grad dx:
       ffn        glu_backward: (the post-FFN norm's grad,) d(GLU output) and the activation-grad temporaries
-      attention  attention_backward at ds^T @ qg: dx after the FFN half (+ the post-attention norm's
-                 grad), do, its grouped copy, dq, dv, the new dk, dp, ds and CuPy's contiguous copy of
-                 ds^T (a batched matmul copies a non-contiguous operand)"""
+      attention  the flash attention backward kernel: dx after the FFN half (+ the post-attention
+                 norm's grad), do, its 16-bit copy, rowsum(do * o) per head, dq, dk and dv"""
     s = _sizes(cfg, B, T)
     post = s["ND"] if cfg.post_norms else 0
     return {
         "ffn": dict(post_norm_grad=post, glu_out_grad=s["NF"], act_grad_temps=ACT_TEMPS[cfg.act][1] * s["NF"]),
-        "attention": dict(mid_grad=s["ND"], post_norm_grad=post, do_grouped_do_dq=3 * s["NQ"], dv_dk=2 * s["NKV"],
-                          dp_ds_and_ds_t_copy=3 * s["S"]),
+        "attention": dict(mid_grad=s["ND"], post_norm_grad=post, do_and_dq=2 * s["NQ"], do_16bit=s["NQ"] // 2,
+                          drow=s["L"], dk_dv=2 * s["NKV"]),
     }
 
 

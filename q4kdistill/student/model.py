@@ -32,9 +32,9 @@ from .. import backend
 from ..config import ModelConfig
 from ..errors import Q4KError
 from .losses import LossConfig, chunk_loss, finish_parts, masked_sum, token_weights
-from .ops import (attention_backward, attention_forward, embedding_backward, embedding_forward, glu_backward,
-                  glu_forward, linear_backward, linear_forward, rmsnorm_backward, rmsnorm_forward,
+from .ops import (embedding_backward, embedding_forward, glu_backward, glu_forward, linear_backward, linear_forward, rmsnorm_backward, rmsnorm_forward,
                   rope_backward, rope_forward, rope_tables)
+from .ops.flash_attention import flash_attention_backward, flash_attention_forward
 from .params import FlatBuffer
 
 LOGITS_BUDGET = 2 ** 26   # default chunk: about this many logits (256 tokens at V = 262,144)
@@ -97,7 +97,7 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
         q, k = _norm(q, p, c, "attn_q_norm", eps), _norm(k, p, c, "attn_k_norm", eps)
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
     q, k = rope_forward(q, cos, sin, cfg.rope_style), rope_forward(k, cos, sin, cfg.rope_style)
-    o, c["attn"] = attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale)
+    o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale)
     a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output")
     if cfg.post_norms:
         a = _norm(a, p, c, "post_attention_norm", eps)
@@ -123,7 +123,7 @@ def _attn_backward(cfg, layer, dx, c, g, batch):
     B, T, D = dx.shape
     da = _norm_backward(dx, c, g, "post_attention_norm") if cfg.post_norms else dx
     do = _linear_backward(da, c, g, "attn_output")
-    dq, dk, dv = attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), c["attn"])
+    dq, dk, dv = flash_attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), c["attn"])
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
     dq, dk = rope_backward(dq, cos, sin, cfg.rope_style), rope_backward(dk, cos, sin, cfg.rope_style)
     if cfg.qk_norm:

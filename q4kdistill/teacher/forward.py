@@ -24,8 +24,9 @@ import kernels
 from gguf import GGMLQuantizationType as QT
 
 from ..backend import array_module
-from ..student.ops import attention_forward, embedding_forward, glu_forward, rmsnorm_forward, rope_forward, rope_tables
+from ..student.ops import embedding_forward, glu_forward, rmsnorm_forward, rope_tables
 from ..student.ops import fused
+from ..student.ops.flash_attention import flash_attention_forward
 
 # On the GPU the ops between the products are the fused kernels (kernels/fused_*.py), the residual
 # stream stays float32, and what feeds a product (norm outputs, attention output, GLU output) is
@@ -174,7 +175,7 @@ def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
         k = norm(k, w["attn_k_norm.weight"], cfg.norm_eps)
     q = fused.rope_forward(q, *cos_sin, cfg.rope_style, out=q if _gpu(q) else None)
     k = fused.rope_forward(k, *cos_sin, cfg.rope_style, out=k if _gpu(k) else None)
-    o, _ = attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale)   # [B, T, H, hd]
+    o, _ = flash_attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale)   # [B, T, H, hd]
     o = o.reshape(B, T, cfg.q_dim)
     a = linear(o.astype(_product_dtype(o) or o.dtype, copy=False), w["attn_output.weight"])
     return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a

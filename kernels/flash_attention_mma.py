@@ -1,0 +1,267 @@
+"""Flash attention on the tensor cores (csrc/flash_attention.cu) behind thin Numba kernels.
+
+    mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16") -> (o, lse, (q16, k16, v16, dtype))
+    mma_attention_backward(do, cache) -> (dq, dk, dv)
+    supports(D), available()     head sizes it takes; whether NVRTC compiles and runs it here
+
+Inputs: CuPy float32 (cast here to fp16 or bf16 bits), float16 (used as fp16), or uint16 (bf16 bits,
+the package's bfloat16 convention). Outputs and gradients are float32. Shapes as in
+ops/flash_attention.py. The tiles per head size keep the static shared memory under 48 KB (the
+forward double-buffers its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v,
+sm_90a; registers forward / backward):
+
+    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (133 / 224)
+    D <= 128   forward 4 warps x 32 keys    backward 32 keys, 2 warps per key  (174 / 163)
+    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 + 4 B spilled / 160)
+
+The simulator cannot run C: it runs the FP32 twin (flash_attention.py); the CPU suite runs this C
+through tests/flash_attention_emulate.cpp.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from numba import cuda, types
+
+from q4kdistill.errors import Q4KError
+
+from ._device import SIMULATOR, launch
+
+SOURCE = Path(__file__).with_name("csrc") / "flash_attention.cu"
+DTYPES = ("bf16", "fp16")
+_PTR, _I32, _F32 = types.voidptr, types.int32, types.float32
+
+
+def forward_tiles(D: int) -> tuple:
+    """(warps, keys per tile) of fa_forward for head size D (tests/flash_attention_emulate.cpp
+    instantiates the same)."""
+    return (4, 64) if D <= 64 else (4, 32) if D <= 128 else (4, 16)
+
+
+def backward_tiles(D: int) -> tuple:
+    """(keys per tile = queries per tile, warps per 16 keys) of fa_backward for head size D."""
+    return (64, 1) if D <= 64 else (32, 2) if D <= 128 else (16, 4)
+
+
+def _source_with(extra: str) -> str:
+    """csrc/flash_attention.cu with `extra` appended, written once to a cache directory."""
+    text = SOURCE.read_text() + "\n" + extra
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("Q4KDISTILL_CSRC_CACHE", Path(tempfile.gettempdir()) / "q4kdistill_csrc"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"flash_attention_{digest}.cu"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _data_ptr():
+    from .linked import data_ptr   # (linked.py builds the llvmlite intrinsic once)
+    return data_ptr
+
+
+def forward_source(D: int, bf16: bool) -> tuple:
+    """(name, extern "C" wrapper) of fa_forward for head size D."""
+    warps, bc = forward_tiles(D)
+    name = f"fa_fwd_d{D}_w{warps}_c{bc}_{'bf16' if bf16 else 'fp16'}"
+    return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
+                  f'int has_mask, int T, int H, int KV, int window, float scale, float* o, float* lse) {{ '
+                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}>(q, k, v, has_mask ? mask : nullptr, '
+                  f'T, H, KV, window, scale, o, lse); return 0; }}\n')
+
+
+def backward_source(D: int, bf16: bool) -> tuple:
+    """(name, extern "C" wrapper) of fa_backward for head size D."""
+    bc, dsplit = backward_tiles(D)
+    name = f"fa_bwd_d{D}_c{bc}_s{dsplit}_{'bf16' if bf16 else 'fp16'}"
+    return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
+                  f'const float* lse, const float* drow, const u8* mask, int has_mask, int T, int H, int KV, '
+                  f'int window, float scale, const float* dout_scale, float* dq, float* dk, float* dv) {{ '
+                  f'fa_backward<{D}, {bc}, {dsplit}, {"true" if bf16 else "false"}>(q, k, v, dout, lse, drow, '
+                  f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(D: int, bf16: bool):
+    """(Numba kernel, threads per block, query rows per block)."""
+    name, extra = forward_source(D, bf16)
+    fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32, _F32, _PTR, _PTR),
+                             link=[_source_with(extra)], abi="c")
+    ptr = _data_ptr()
+
+    @cuda.jit
+    def kernel(q, k, v, mask, has_mask, T, H, KV, window, scale, o, lse):
+        fn(ptr(q), ptr(k), ptr(v), ptr(mask), np.int32(has_mask), np.int32(T), np.int32(H), np.int32(KV),
+           np.int32(window), np.float32(scale), ptr(o), ptr(lse))
+
+    warps = forward_tiles(D)[0]
+    return kernel, 32 * warps, 16 * warps
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_kernel(D: int, bf16: bool):
+    """(Numba kernel, threads per block, keys per block)."""
+    name, extra = backward_source(D, bf16)
+    fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
+                                               _F32, _PTR, _PTR, _PTR, _PTR), link=[_source_with(extra)], abi="c")
+    ptr = _data_ptr()
+
+    @cuda.jit
+    def kernel(q, k, v, dout, lse, drow, mask, has_mask, T, H, KV, window, scale, dout_scale, dq, dk, dv):
+        fn(ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(drow), ptr(mask), np.int32(has_mask), np.int32(T),
+           np.int32(H), np.int32(KV), np.int32(window), np.float32(scale), ptr(dout_scale), ptr(dq), ptr(dk), ptr(dv))
+
+    bc, dsplit = backward_tiles(D)
+    return kernel, 32 * (bc // 16) * dsplit, bc
+
+
+@functools.lru_cache(maxsize=None)
+def _cast_kernels():
+    """{dtype: elementwise x float32, s float32[1] -> 16-bit bits of x * s[0]} (round to nearest even)."""
+    import cupy
+
+    bf16 = cupy.ElementwiseKernel(
+        "float32 x, raw float32 s", "uint16 y",
+        "unsigned int n = __float_as_uint(x * s[0]); y = (n + 0x7FFFu + ((n >> 16) & 1u)) >> 16;", "q4k_fa_to_bf16")
+    fp16 = cupy.ElementwiseKernel("float32 x, raw float32 s", "float16 y", "y = x * s[0];", "q4k_fa_to_fp16")
+    return {"bf16": bf16, "fp16": fp16}
+
+
+@functools.lru_cache(maxsize=None)
+def _absmax():
+    import cupy
+
+    return cupy.ReductionKernel("float32 x", "float32 y", "fabsf(x)", "max(a, b)", "y = a", "0", "q4k_fa_absmax")
+
+
+def to16(x, dtype: str, s=None):
+    """x (CuPy) -> C-contiguous uint16 bits of bf16 or fp16 (of x * s[0] where s, a float32 [1],
+    is given), 16-byte aligned."""
+    import cupy
+
+    if s is None and (x.dtype == np.uint16 and dtype == "bf16" or x.dtype == np.float16 and dtype == "fp16"):
+        out = cupy.ascontiguousarray(x).view(np.uint16)
+        return out.copy() if out.data.ptr % 16 else out
+    x = as_f32(x)                                  # (a 16-bit array of the other kind goes through float32)
+    one = cupy.ones(1, dtype=np.float32) if s is None else s
+    return _cast_kernels()[dtype](x, one).view(np.uint16)
+
+
+def grad_scale(do):
+    """float32 [1] on the device: the power of two that brings max |do| into [1, 2) (1 for do = 0)."""
+    import cupy
+
+    m = _absmax()(as_f32(do))
+    return cupy.where(m > 0, cupy.exp2(-cupy.floor(cupy.log2(cupy.maximum(m, np.float32(1e-38))))), np.float32(1)) \
+        .astype(np.float32).reshape(1)
+
+
+def as_f32(x):
+    """CuPy float32 / float16 / uint16 bf16 bits -> float32 values."""
+    if x.dtype == np.uint16:
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def _dtype_of(x, dtype):
+    if x.dtype == np.float16:
+        return "fp16"
+    if x.dtype == np.uint16:
+        return "bf16"
+    if dtype not in DTYPES:
+        raise Q4KError(f"attention mma dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _mask_arg(key_mask, B, T):
+    import cupy
+
+    if key_mask is None:
+        return cupy.ones((1,), dtype=np.uint8), 0
+    return cupy.ascontiguousarray(key_mask, dtype=np.uint8).reshape(B * T), 1
+
+
+def _window(window, T):
+    return T + 1 if window is None else max(1, min(int(window), T + 1))
+
+
+def supports(D: int) -> bool:
+    """Head sizes the kernels take: multiples of 16 up to 256 whose backward column share
+    (D / warps per key) is a multiple of 16 too (ldmatrix.x4 loads two 8-column tiles)."""
+    return D % 16 == 0 and 16 <= D <= 256 and (D // backward_tiles(D)[1]) % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """A GPU with NVRTC that compiles and runs the forward (checked once, on a tiny problem)."""
+    if SIMULATOR:
+        return False
+    try:
+        import cupy
+
+        z = cupy.zeros((1, 16, 1, 64), dtype=np.float32)
+        mma_attention_forward(z, z, z, None, None, 1.0)
+        cupy.cuda.get_current_stream().synchronize()
+        return True
+    except Exception as exc:   # NVRTC missing or too old: any failure means "not here"
+        import warnings
+
+        warnings.warn(f"tensor-core attention is unavailable ({type(exc).__name__}: {exc}); "
+                      "attention uses the Numba FP32 kernels", stacklevel=2)
+        return False
+
+
+def _check(D):
+    if SIMULATOR:
+        raise Q4KError("tensor-core attention links CUDA C and runs on a GPU only (the simulator cannot run it)")
+    if not supports(D):
+        raise Q4KError(f"tensor-core attention takes head sizes 16..64, 96, 128, 192, 256 (multiples of 16 "
+                       f"whose backward share is too), got {D}")
+
+
+def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16"):
+    """-> (o float32 [B, T, H, D], lse float32 [B, H, T], (q16, k16, v16, dtype) for the backward)."""
+    import cupy
+
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    _check(D)
+    dtype = _dtype_of(q, dtype)
+    q16, k16, v16 = (to16(a, dtype) for a in (q, k, v))
+    mask, has = _mask_arg(key_mask, B, T)
+    o = cupy.empty((B, T, H, D), dtype=np.float32)
+    lse = cupy.empty((B, H, T), dtype=np.float32)
+    kernel, threads, rows = _forward_kernel(D, dtype == "bf16")
+    launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
+           KV, _window(window, T), np.float32(scale), o.reshape(-1), lse.reshape(-1))
+    return o, lse, (q16, k16, v16, dtype)
+
+
+def mma_attention_backward(do, cache):
+    """do [B, T, H, D] -> (dq, dk, dv) float32, from a FlashCache whose extra is the forward's 16-bit copies."""
+    import cupy
+
+    q16, k16, v16, dtype = cache.extra
+    B, T, H, D = q16.shape
+    KV = k16.shape[2]
+    _check(D)
+    s = grad_scale(do)                                             # dO * s in 16 bits: no subnormals
+    drow = cupy.ascontiguousarray((as_f32(do) * cache.o).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
+    drow *= s
+    do16 = to16(do, dtype, s)
+    mask, has = _mask_arg(cache.key_mask, B, T)
+    dq = cupy.zeros((B, T, H, D), dtype=np.float32)                # atomics add into it
+    dk = cupy.empty((B, T, KV, D), dtype=np.float32)
+    dv = cupy.empty((B, T, KV, D), dtype=np.float32)
+    kernel, threads, keys = _backward_kernel(D, dtype == "bf16")
+    launch(kernel, (-(-T // keys), KV, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
+           cupy.ascontiguousarray(cache.lse).reshape(-1), drow.reshape(-1), mask, has, T, H, KV,
+           _window(cache.window, T), np.float32(cache.scale), s, dq.reshape(-1), dk.reshape(-1), dv.reshape(-1))
+    return dq, dk, dv

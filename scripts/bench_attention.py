@@ -1,0 +1,225 @@
+"""Attention forward + backward speed and memory: our flash paths against the tensor cores' own rate
+(cupy.matmul at 8192^3, measured in the same run) and, where it runs, torch's SDPA as the peer.
+
+    python3 scripts/bench_attention.py                      # GPU: the 0.5B student's heads, T = 2k..32k
+    python3 scripts/bench_attention.py --T 8192 --H 4 --KV 1 --D 256 --window 512   # gemma-3 local layers
+    python3 scripts/bench_attention.py --tiny               # CPU: NumPy block path, small T
+
+Timings: CUDA events around each call, median of --reps after --warmup calls (CPU: perf_counter).
+FLOPs counted over visible (query, key) pairs: 4 * B * H * D * pairs for the forward (2 products),
+2.5x that for the backward (5 products); causal without window: pairs = T (T + 1) / 2.
+Inputs of the mma rows are already 16-bit (the casts are the caller's, timed apart in "cast ms").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from q4kdistill import backend  # noqa: E402
+from q4kdistill.student.ops.flash_attention import flash_attention_backward, flash_attention_forward  # noqa: E402
+
+
+def visible_pairs(T: int, window: int | None) -> int:
+    if window is None or window >= T:
+        return T * (T + 1) // 2
+    return window * (window + 1) // 2 + (T - window) * window
+
+
+def gpu_timer(fn, warmup, reps):
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b))
+    return statistics.median(times)
+
+
+def cpu_timer(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def matmul_rate(warmup, reps, n=8192):
+    """TFLOP/s of cupy.matmul fp16 [n, n] @ [n, n] (FP32 accumulation in cuBLAS; Hopper's dense
+    fp16 and bf16 tensor-core rates are the same, and CuPy has no bfloat16 dtype)."""
+    import cupy
+
+    a = cupy.ones((n, n), dtype=cupy.float16)
+    b = cupy.ones((n, n), dtype=cupy.float16)
+    ms = gpu_timer(lambda: cupy.matmul(a, b), warmup, reps)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def torch_sdpa(B, T, H, KV, D, warmup, reps):
+    """(fwd ms, bwd ms) of torch SDPA (bf16, causal, GQA by repeat) or None where torch has no CUDA."""
+    try:
+        import torch
+        import torch.nn.functional as F
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        kk, vv = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+        return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        return statistics.median(ts)
+
+    f_ms = timed(lambda: fwd())
+    both = timed(lambda: torch.autograd.grad(fwd(), (q, k, v), do))
+    return f_ms, both - f_ms
+
+
+def run_gpu(args):
+    import cupy
+
+    from kernels.flash_attention_mma import to16
+
+    peak = matmul_rate(args.warmup, args.reps)
+    print(f"cupy.matmul fp16 8192^3: {peak:.1f} TFLOP/s (the tensor-core rate of this run)")
+    print(f"{'path':>6} {'T':>6} {'fwd ms':>9} {'bwd ms':>9} {'cast ms':>8} {'fwd TF/s':>9} {'bwd TF/s':>9} "
+          f"{'f+b TF/s':>9} {'of peak':>8} {'peak GiB':>9}")
+    rows = []
+    pool = cupy.get_default_memory_pool()
+    for T in args.T:
+        B, H, KV, D = args.B, args.H, args.KV, args.D
+        flops_f = 4 * B * H * D * visible_pairs(T, args.window)
+        rng = cupy.random.default_rng(T)
+        q32 = rng.standard_normal((B, T, H, D), dtype=np.float32)
+        k32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
+        v32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
+        do32 = rng.standard_normal((B, T, H, D), dtype=np.float32)
+        for path in args.paths:
+            if path == "mma":
+                q, k, v, do = (to16(x, args.dtype) for x in (q32, k32, v32, do32))
+                if args.dtype == "fp16":
+                    q, k, v, do = (x.view(np.float16) for x in (q, k, v, do))
+                cast = gpu_timer(lambda: [to16(x, args.dtype) for x in (q32, k32, v32, do32)], 1, 3)
+            else:
+                q, k, v, do, cast = q32, k32, v32, do32, 0.0
+            scale = D ** -0.5
+            pool.free_all_blocks()
+            base = pool.total_bytes()
+            state = {}
+
+            def fwd():
+                state["o"], state["c"] = flash_attention_forward(q, k, v, None, args.window, scale, path=path,
+                                                                 mma_dtype=args.dtype)
+
+            f_ms = gpu_timer(fwd, args.warmup, args.reps)
+            b_ms = gpu_timer(lambda: flash_attention_backward(do, state["c"]), args.warmup, args.reps)
+            grew = (pool.total_bytes() - base) / 2 ** 30
+            tf_f, tf_b = flops_f / f_ms / 1e9, 2.5 * flops_f / b_ms / 1e9
+            tf = 3.5 * flops_f / (f_ms + b_ms) / 1e9
+            row = dict(path=path, B=B, T=T, H=H, KV=KV, D=D, window=args.window, dtype=args.dtype, fwd_ms=f_ms,
+                       bwd_ms=b_ms, cast_ms=cast, fwd_tflops=tf_f, bwd_tflops=tf_b, tflops=tf, of_peak=tf / peak,
+                       peak_tflops=peak, pool_gib=grew, gpu=backend.gpu_name())
+            rows.append(row)
+            print(f"{path:>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {cast:8.3f} {tf_f:9.1f} {tf_b:9.1f} {tf:9.1f} "
+                  f"{tf / peak:8.1%} {grew:9.2f}")
+            state.clear()
+        if args.torch:
+            r = torch_sdpa(args.B, T, args.H, args.KV, args.D, args.warmup, args.reps)
+            if r is None:
+                print("torch SDPA: no CUDA torch here")
+            else:
+                f_ms, b_ms = r
+                tf = 3.5 * flops_f / (f_ms + b_ms) / 1e9
+                rows.append(dict(path="torch_sdpa", T=T, fwd_ms=f_ms, bwd_ms=b_ms, tflops=tf, of_peak=tf / peak))
+                print(f"{'torch':>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {'':>8} {flops_f / f_ms / 1e9:9.1f} "
+                      f"{2.5 * flops_f / b_ms / 1e9:9.1f} {tf:9.1f} {tf / peak:8.1%}")
+    return rows
+
+
+def run_cpu(args):
+    print(f"{'path':>6} {'T':>6} {'fwd ms':>9} {'bwd ms':>9} {'GFLOP/s':>9}")
+    rows = []
+    rng = np.random.default_rng(0)
+    for T in args.T:
+        B, H, KV, D = args.B, args.H, args.KV, args.D
+        q = rng.standard_normal((B, T, H, D), dtype=np.float32)
+        k = rng.standard_normal((B, T, KV, D), dtype=np.float32)
+        v = rng.standard_normal((B, T, KV, D), dtype=np.float32)
+        do = rng.standard_normal((B, T, H, D), dtype=np.float32)
+        state = {}
+
+        def fwd():
+            state["o"], state["c"] = flash_attention_forward(q, k, v, None, args.window, D ** -0.5)
+
+        f_ms = cpu_timer(fwd, 1, args.reps)
+        b_ms = cpu_timer(lambda: flash_attention_backward(do, state["c"]), 1, args.reps)
+        gf = 3.5 * 4 * B * H * D * visible_pairs(T, args.window) / (f_ms + b_ms) / 1e6
+        rows.append(dict(path="blocks", T=T, fwd_ms=f_ms, bwd_ms=b_ms, gflops=gf))
+        print(f"{'blocks':>6} {T:>6} {f_ms:9.2f} {b_ms:9.2f} {gf:9.2f}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="+", default=None)
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=14)
+    p.add_argument("--KV", type=int, default=2)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="fp16")
+    p.add_argument("--paths", nargs="+", default=["mma"], choices=["mma", "numba", "blocks"],
+                   help="numba: the FP32 fallback (slow beyond T = 8192)")
+    p.add_argument("--torch", action="store_true", help="time torch SDPA too (needs a CUDA torch)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="CPU: the NumPy block path at small T")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.tiny or not backend.on_gpu():
+        args.T = args.T or [256, 512]
+        args.reps = min(args.reps, 3)
+        args.H, args.KV, args.D = (args.H, args.KV, args.D) if not args.tiny else (4, 2, 16)
+        rows = run_cpu(args)
+    else:
+        args.T = args.T or [2048, 4096, 8192, 16384, 32768]
+        rows = run_gpu(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
