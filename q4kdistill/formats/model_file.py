@@ -27,7 +27,8 @@ from . import apr
 from . import gguf_file
 
 from . import manifest
-from ..config import ModelConfig
+from . import validate
+from ..config import ModelConfig  # noqa: F401  (the type of .config)
 from ..errors import FileFormatError, Q4KError
 
 
@@ -65,6 +66,7 @@ class ModelFile:
         mf = cls(path, "gguf", h.metadata, h.tensors, header_only, h.version)
         if not header_only:
             mf.check_complete()
+            validate.check_vector_values(mf)
         return mf
 
     @classmethod
@@ -75,6 +77,7 @@ class ModelFile:
         if not header_only:
             mf.check_complete()
             apr.check_footer(mf._mapped(), path)
+            validate.check_vector_values(mf)
         return mf
 
     @classmethod
@@ -93,7 +96,8 @@ class ModelFile:
 
     @functools.cached_property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_metadata(self.metadata, self.tensors.keys(), source=self.path)
+        """The validated config: FileFormatError unless the tensors are those it implies (validate.py)."""
+        return validate.model_config(self.metadata, self.tensors, self.path)
 
     @property
     def total_tensor_bytes(self) -> int:
