@@ -8,7 +8,12 @@ Each command module defines
     def run(args) -> int: ...           # heavy imports inside run(), not at module top
 
 Errors a user can cause are raised as ``Q4KError`` and printed here as one line
-("q4kdistill: error: ..."), exit status 2, never a traceback.
+("q4kdistill: error: ..."), exit status 2, never a traceback; so are argparse's own errors.
+
+Ctrl-C: ``q4kdistill/__init__.py`` installs ``interrupts.exit_at_once`` before its first import
+when the process is this command, so Ctrl-C while modules load exits 130 with one line.
+``main`` then switches to ``interrupts.raise_interrupt`` (a KeyboardInterrupt that ``main``
+turns into the same line and exit 130; a command that swallowed it still exits 130).
 """
 from __future__ import annotations
 
@@ -17,7 +22,15 @@ import importlib
 import pkgutil
 import sys
 
+from .. import interrupts
 from ..errors import Q4KError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as our one line (exit status 2) instead of usage + message."""
+
+    def error(self, message):
+        self.exit(2, f"q4kdistill: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _command_modules():
@@ -28,7 +41,7 @@ def _command_modules():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="q4kdistill",
         description="Knowledge distillation from a frozen, quantized (GGUF Q4_K) teacher on one GPU.",
     )
@@ -51,10 +64,13 @@ def _out_of_memory_message(exc) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    previous = interrupts.install()
     try:
-        return int(args._run(args) or 0)
+        args = build_parser().parse_args(argv)
+        status = int(args._run(args) or 0)
+        if interrupts.seen() and status == 0:          # a Ctrl-C that something caught and ignored
+            raise KeyboardInterrupt
+        return status
     except Q4KError as exc:
         print(f"q4kdistill: error: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +89,8 @@ def main(argv=None) -> int:
             raise
         print(f"q4kdistill: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        interrupts.restore(previous)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,10 @@ def run(args) -> int:
     import json
 
     from ..memory import planner
+    from ..train.options import typed_value
 
+    for name in ("batch", "seq", "chunk_tokens"):
+        typed_value(name, getattr(args, name), "plan", from_text=True)
     plan = planner.make_plan(args.teacher, args.batch, args.seq, student_spec(args), chunk_tokens=args.chunk_tokens,
                              checkpoint=args.checkpoint, teacher_backend=args.teacher_backend)
     if args.json:

@@ -390,12 +390,15 @@ def restore_checkpoint(run):
     """OUT/checkpoint.npz -> the student, optimizer and data sampler; returns (step, evals).
 
     The sampler's (seed, position) is all the randomness a run has: no dropout, no sampling."""
-    ck = checkpoint.load(run.cfg.out)
+    ck = checkpoint.load_student(run.cfg.out)             # arrays checked against the student it describes
     checkpoint.check_fingerprint(ck, run.fingerprint)
+    if ck.student_config.tensor_shapes() != run.student.config.tensor_shapes():
+        raise Q4KError(f"{ck.path} holds another student ({ck.student_config.n_layers} blocks, d_model "
+                       f"{ck.student_config.d_model}) than this run builds; use a new --out directory")
     for name, view in run.student.params.items():
         view[...] = run.student.xp.asarray(ck.state["params"][name])
     optim_cfg = run.opt.cfg                               # this run's schedule (--steps may have grown)
-    run.opt.load_state_dict(ck.state["optimizer"])
+    run.opt.load_state_dict({k: v for k, v in ck.state["optimizer"].items() if k != "config"})
     run.opt.cfg = optim_cfg
     run.sampler.load_state_dict(ck.state["data"])
     return ck.step, ck.state["evals"]

@@ -50,7 +50,7 @@ RULES = {
     "student_layers": Rule(list, 0, MAX_LAYERS - 1, optional=True),
     "student_init": Rule(str, optional=True),
     "steps": Rule(int, 1, BIG), "batch": Rule(int, 1, 1 << 16), "seq": Rule(int, 2, 1 << 20),
-    "lr": Rule(float, 0, 10, above=True), "warmup": Rule(int, 0, BIG), "min_lr_ratio": Rule(float, 0, 1),
+    "lr": Rule(float, 0, above=True), "warmup": Rule(int, 0, BIG), "min_lr_ratio": Rule(float, 0, 1),
     "weight_decay": Rule(float, 0, 10), "clip": Rule(float, 0, 1e9), "loss": Rule(str, choices=LOSSES),
     "temperature": Rule(float, 0, 1e3, above=True), "alpha": Rule(float, 0, 1), "beta": Rule(float, 0, 1),
     "top_k": Rule(int, 1, 1 << 24, optional=True), "chunk_tokens": Rule(int, 1, 1 << 24),
