@@ -1,67 +1,62 @@
 """Ctrl-C for the command line: exit status 130 and one line, at any moment, never a traceback.
 
-Two handlers, one per phase of a run:
+A process started as the command (``python -m q4kdistill`` or the ``q4kdistill`` script) gets
+``exit_at_once`` as its SIGINT handler from the first line of ``q4kdistill/__init__.py`` on: it
+removes the half-written files registered with ``partial`` (outputs are written under a
+temporary name and renamed when complete, so the previous file is intact), prints the line and
+leaves with os._exit(130). Raising KeyboardInterrupt instead is not safe while modules load: an
+import may swallow it (numpy turns it into an ImportError) or print it from a callback as
+"Exception ignored", and the run would go on.
 
-    exit_at_once     while modules load (before ``cli.main``'s try): prints the line and leaves
-                     with os._exit(130), because no Python frame is there to catch anything and
-                     an import must not swallow it
-    raise_interrupt  inside ``cli.main``: records the Ctrl-C and raises KeyboardInterrupt, which
-                     ``main`` prints as the line; ``seen()`` lets main exit 130 even when a
-                     library caught the KeyboardInterrupt and carried on
+The distill loop installs its own handler while it trains (first Ctrl-C: finish the step and
+save; second: KeyboardInterrupt, which ``cli.main`` prints as the same line) and puts this one
+back after. A program or test that imports the package keeps its own handler: nothing here runs.
 
-``install_early`` is called first thing by ``q4kdistill/__init__.py`` and does something only in a
-process started as the command (``python -m q4kdistill`` or the ``q4kdistill`` script), never in
-a program or test that imports the package. The distill loop installs its own handler while it
-trains (first Ctrl-C: finish the step and save) and puts the previous one back after.
+Not covered: Ctrl-C before Python runs our first line (interpreter start-up and the ``.pth``
+hooks of site-packages) is Python's own, as for any Python program.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 
 LINE = b"q4kdistill: interrupted\n"
-_seen = threading.Event()
+_partial: set = set()
 
 
 def exit_at_once(signum, frame):
     try:
+        for path in list(_partial):
+            with contextlib.suppress(OSError):
+                os.remove(path)
         os.write(2, LINE)
     finally:
         os._exit(130)
 
 
-def raise_interrupt(signum, frame):
-    _seen.set()
-    raise KeyboardInterrupt
-
-
-def seen() -> bool:
-    return _seen.is_set()
-
-
 def started_as_command() -> bool:
-    """True in ``python -m q4kdistill ...`` (argv[0] is "-m" while the package loads) and in the
-    console script (argv[0] is its path)."""
+    """True in ``python -m q4kdistill ...`` (argv[0] is "-m" while the package loads, then the
+    path of __main__.py) and in the console script (argv[0] is its path)."""
     argv0 = sys.argv[0] if sys.argv else ""
-    return argv0 == "-m" or os.path.basename(argv0) in ("q4kdistill", "q4kdistill.exe")
+    return argv0 == "-m" or os.path.basename(argv0) in ("q4kdistill", "q4kdistill.exe") or \
+        argv0.endswith(os.path.join("q4kdistill", "__main__.py"))
 
 
 def install_early() -> None:
+    """``exit_at_once`` for SIGINT, in the command's process only (main thread: signals go there)."""
     if started_as_command() and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, exit_at_once)
 
 
-def install():
-    """``cli.main``'s handler (main thread only: elsewhere signals cannot be handled); returns the
-    handler it replaced, for ``restore``."""
-    _seen.clear()
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGINT, raise_interrupt)
-    return None
-
-
-def restore(previous) -> None:
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, previous)
+@contextlib.contextmanager
+def partial(path):
+    """While inside, ``path`` is a half-written file that a Ctrl-C removes."""
+    path = os.fspath(path)
+    _partial.add(path)
+    try:
+        yield path
+    finally:
+        _partial.discard(path)

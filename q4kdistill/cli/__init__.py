@@ -10,10 +10,9 @@ Each command module defines
 Errors a user can cause are raised as ``Q4KError`` and printed here as one line
 ("q4kdistill: error: ..."), exit status 2, never a traceback; so are argparse's own errors.
 
-Ctrl-C: ``q4kdistill/__init__.py`` installs ``interrupts.exit_at_once`` before its first import
-when the process is this command, so Ctrl-C while modules load exits 130 with one line.
-``main`` then switches to ``interrupts.raise_interrupt`` (a KeyboardInterrupt that ``main``
-turns into the same line and exit 130; a command that swallowed it still exits 130).
+Ctrl-C: as the command, ``q4kdistill/__init__.py`` installs ``interrupts.exit_at_once`` before
+its first import (exit 130, one line, at any moment; see interrupts.py); a KeyboardInterrupt
+that reaches ``main`` (distill's second Ctrl-C, or main called from Python) ends the same way.
 """
 from __future__ import annotations
 
@@ -64,13 +63,10 @@ def _out_of_memory_message(exc) -> str | None:
 
 
 def main(argv=None) -> int:
-    previous = interrupts.install()
+    interrupts.install_early()                       # the console script may import cli first
     try:
         args = build_parser().parse_args(argv)
-        status = int(args._run(args) or 0)
-        if interrupts.seen() and status == 0:          # a Ctrl-C that something caught and ignored
-            raise KeyboardInterrupt
-        return status
+        return int(args._run(args) or 0)
     except Q4KError as exc:
         print(f"q4kdistill: error: {exc}", file=sys.stderr)
         return 2
@@ -89,8 +85,6 @@ def main(argv=None) -> int:
             raise
         print(f"q4kdistill: error: {msg}", file=sys.stderr)
         return 2
-    finally:
-        interrupts.restore(previous)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def run(args) -> int:
     from ..formats import manifest
     from ..errors import Q4KError
     from ..formats.model_file import ModelFile
+    from ..interrupts import partial
     from ..train.outputs import output_file, writing
 
     kind = os.path.splitext(args.output)[1].lower()
@@ -34,7 +35,7 @@ def run(args) -> int:
     mf.config                                        # a file that is not a valid model is not converted
     tmp = args.output + ".part"
     try:
-        with writing(args.output):
+        with writing(args.output), partial(tmp):
             if kind == ".json":
                 manifest.save(mf.to_manifest(), tmp)
             else:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import backend
 from ..errors import Q4KError
+from ..interrupts import partial
 from .outputs import writing
 
 FILE_NAME = "checkpoint.npz"
@@ -83,7 +84,7 @@ def save(path, *, step: int, state: dict, config: dict, fingerprint: dict) -> st
     arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     tmp = final + ".tmp"
     try:
-        with writing(final):
+        with writing(final), partial(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()

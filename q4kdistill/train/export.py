@@ -150,6 +150,7 @@ def write_student(path, config: ModelConfig, params: dict, qtype, tokenizer: lis
     is written as PATH.part and renamed, so a failure (disk full) leaves no half file."""
     from .. import backend
     from ..finite import check_finite
+    from ..interrupts import partial
     from .outputs import writing
 
     if isinstance(qtype, str):
@@ -157,7 +158,7 @@ def write_student(path, config: ModelConfig, params: dict, qtype, tokenizer: lis
     path = os.fspath(path)
     tmp = path + ".part"
     try:
-        with writing(path):
+        with writing(path), partial(tmp):
             written = _write(tmp, config, params, qtype, tokenizer, name, backend, check_finite)
             os.replace(tmp, path)
     finally:

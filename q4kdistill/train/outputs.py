@@ -13,6 +13,7 @@ import contextlib
 import os
 
 from ..errors import Q4KError
+from ..interrupts import partial
 
 
 def output_file(path, what: str = "output") -> str:
@@ -79,7 +80,7 @@ def atomic_write(path, write) -> None:
     path = os.fspath(path)
     tmp = path + ".part"
     try:
-        with writing(path):
+        with writing(path), partial(tmp):
             with open(tmp, "wb") as f:
                 write(f)
                 f.flush()
