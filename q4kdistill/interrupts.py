@@ -17,11 +17,9 @@ hooks of site-packages) is Python's own, as for any Python program.
 """
 from __future__ import annotations
 
-import contextlib
+import _signal          # the C module Python has loaded already: ``signal`` builds enums on import
 import os
-import signal
 import sys
-import threading
 
 LINE = b"q4kdistill: interrupted\n"
 _partial: set = set()
@@ -30,8 +28,10 @@ _partial: set = set()
 def exit_at_once(signum, frame):
     try:
         for path in list(_partial):
-            with contextlib.suppress(OSError):
+            try:
                 os.remove(path)
+            except OSError:
+                pass
         os.write(2, LINE)
     finally:
         os._exit(130)
@@ -46,17 +46,25 @@ def started_as_command() -> bool:
 
 
 def install_early() -> None:
-    """``exit_at_once`` for SIGINT, in the command's process only (main thread: signals go there)."""
-    if started_as_command() and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, exit_at_once)
+    """``exit_at_once`` for SIGINT, in the command's process only (signals go to the main thread;
+    elsewhere signal() raises ValueError and there is nothing to install)."""
+    if started_as_command():
+        try:
+            _signal.signal(_signal.SIGINT, exit_at_once)
+        except ValueError:
+            pass
 
 
-@contextlib.contextmanager
-def partial(path):
-    """While inside, ``path`` is a half-written file that a Ctrl-C removes."""
-    path = os.fspath(path)
-    _partial.add(path)
-    try:
-        yield path
-    finally:
-        _partial.discard(path)
+class partial:
+    """``with partial(path):`` while inside, ``path`` is a half-written file that a Ctrl-C removes."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        _partial.add(self.path)
+        return self.path
+
+    def __exit__(self, *exc):
+        _partial.discard(self.path)
+        return False

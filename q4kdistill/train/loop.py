@@ -512,6 +512,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
 
     -> {"step", "evals": {step: evaluate(...)}, "checkpoint", "interrupted", "student"}"""
     cfg = cfg.validated()
+    output_dir(cfg.out)                                  # a wrong --out costs nothing: checked first
     run = None
     try:
         run = setup(cfg, log)
