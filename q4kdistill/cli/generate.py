@@ -50,7 +50,7 @@ def run(args) -> int:
     from ..errors import Q4KError
 
     if not 0 <= args.n <= MAX_NEW:
-        raise Q4KError(f"-n {args.n}: expected 0 to {MAX_NEW} new tokens")
+        raise Q4KError(f"-n must be >= 0 and <= {MAX_NEW}, got {args.n}")
     ids = parse_tokens(args.tokens)
     teacher = load_teacher(args, log=lambda line: print(line, file=sys.stderr))
     new = greedy(teacher, ids, args.n, eos=teacher.config.eos_token_id)

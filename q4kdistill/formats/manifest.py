@@ -187,7 +187,7 @@ def _manifest_tensor(path, i, entry) -> TensorInfo:
                 and all(isinstance(d, int) and not isinstance(d, bool) for d in shape_ggml)):
             raise TypeError
     except (KeyError, TypeError):
-        raise FileFormatError(path, f"tensor entry {i} needs a string 'name' and 'type' and a list of integers "
+        raise FileFormatError(path, f"tensor entry {i} needs 'name' and 'type' strings and a list of integers "
                                     "'shape_ggml'") from None
     info = tensor_info(path, name, quant_type(type_name, path, name), shape_ggml)
     if "nbytes" in entry and entry["nbytes"] != info.nbytes:
