@@ -4,10 +4,13 @@ where it is, instead of a run that trains on it or a file that carries it.
     check_finite(chunk, "the teacher's logits", start, seq_len)   # [n, V] rows start.. of B*T tokens
     check_finite(w, "tensor blk.0.attn_q.weight")                  # any array: names the flat index
 
-One reduction over the array (NumPy or CuPy) and one host sync; the position of the first bad
-value is looked up only when there is one.
+One float64 sum over the array (NumPy or CuPy: NaN and inf carry through a sum, and no [n, V]
+temporary is made, so the planner's figures hold) and one host sync; the elementwise search for
+the first bad value runs only when the sum is not finite.
 """
 from __future__ import annotations
+
+import math
 
 from .errors import Q4KError
 
@@ -21,9 +24,12 @@ def check_finite(array, what: str, start: int | None = None, seq_len: int | None
     otherwise. With ``start``/``seq_len`` the rows of a [n, V] chunk are tokens start.. of a
     flattened [B, T] batch and the message gives (batch row, position, vocabulary id)."""
     xp = _array_module(array)
-    if array.dtype.kind not in "fc" or bool(xp.isfinite(array).all()):
+    if array.dtype.kind not in "fc" or array.size == 0 or math.isfinite(float(array.sum(dtype=xp.float64))):
         return array
-    flat = int(xp.flatnonzero(~xp.isfinite(array.reshape(-1)))[0])
+    bad = xp.flatnonzero(~xp.isfinite(array.reshape(-1)))
+    if bad.size == 0:                               # finite values whose float64 sum overflowed
+        return array
+    flat = int(bad[0])
     value = float(array.reshape(-1)[flat])
     if start is not None and array.ndim == 2:
         row, col = divmod(flat, array.shape[1])

@@ -138,6 +138,8 @@ def test_config_tokenizer_and_nan_in_model_files(tiny, tmp_path, capsys):
     cases = []
     for name, (path, phrase) in files.items():
         cases.append((("logits", "--teacher", path, "--tokens", "1,2,3"), phrase))
+        if name in ("bos_neg", "tokint", "scores"):            # the tokenizer alone (it printed token -5)
+            cases.append((("tokenize", "--teacher", path, "hello"), phrase))
         if name in ("heads", "nohead", "bos_big", "scores"):   # header only: summarised arrays keep their length
             cases.append((("plan", "--teacher", path), phrase))
             cases.append((("inspect", path), phrase))
