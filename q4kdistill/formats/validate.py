@@ -115,9 +115,9 @@ def check_tensors(config, tensors: dict, source: str) -> None:
     wanted = config.tensor_shapes()
     missing = [name for name in wanted if name not in tensors]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise FileFormatError(source, f"not a complete {config.architecture} model of {config.n_layers} blocks: "
-                                      f"missing tensor(s) {', '.join(missing[:3])}{more}")
+        more = ", ..." if len(missing) > 3 else ""
+        raise FileFormatError(source, f"not a complete {config.architecture} model of {config.n_layers} blocks, "
+                                      f"missing {len(missing)} tensors ({', '.join(missing[:3])}{more})")
     for name, shape in wanted.items():
         info = tensors[name]
         if tuple(info.shape) != tuple(shape):
