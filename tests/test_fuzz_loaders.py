@@ -185,6 +185,18 @@ def test_manifest_documents(data):
     bounded(load)
 
 
+def test_load_is_refused_above_free_memory():
+    """check_fits: the planner's load figure against the free bytes, the same figure either side."""
+    mf = ModelFile.open(ModelFile.open(tiny_path("gemma3"), header_only=True).to_manifest())
+    need = validate.load_need(mf, "native", on_host=True)
+    assert need > mf.total_tensor_bytes                         # the random tensors are made on the host
+    validate.check_fits(mf, "native", np, available=need)
+    with pytest.raises(Q4KError, match=f"needs {need / 1e9:.2f} GB"):
+        validate.check_fits(mf, "native", np, available=need - 1)
+    on_file = ModelFile.open(tiny_path("gemma3"))               # a file's matrices are views of the map
+    assert validate.load_need(on_file, "native", on_host=True) < on_file.total_tensor_bytes // 10
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -328,3 +340,30 @@ def test_bit_flips_through_the_cli(data, tmp_path_factory, capsys):
         assert status == 0 and not lines, captured.err
         logits = np.load(out)
         assert logits.shape == (3, 384) and np.isfinite(logits).all()
+
+
+# -- on the GPU: the same checks on CuPy arrays and GPU memory ------------------------------------------
+
+@pytest.mark.gpu
+def test_finite_check_and_memory_figure_on_the_gpu(tmp_path):
+    """check_finite on CuPy chunks (the training loop's [chunk, V] logits) names the position and
+    allocates no [n, V] temporary; check_fits reads the GPU's free memory and refuses above it."""
+    import cupy
+
+    from q4kdistill.finite import NonFiniteError, check_finite
+
+    x = cupy.random.standard_normal((256, 262144), dtype=cupy.float32)
+    pool = cupy.get_default_memory_pool()
+    cupy.cuda.Device().synchronize()
+    before = pool.used_bytes()
+    assert check_finite(x, "logits", 0, 64) is x
+    assert pool.used_bytes() - before < 1 << 20                  # a scalar, not a [256, V] mask
+    x[130, 7] = cupy.nan
+    with pytest.raises(NonFiniteError, match="batch row 2, position 2, vocabulary id 7"):
+        check_finite(x, "the teacher's logits", 0, 64)
+    free = validate.device_memory_available(cupy)
+    assert free is not None and 0 < free <= cupy.cuda.runtime.memGetInfo()[1] + pool.total_bytes()
+    mf = ModelFile.open(tiny_path("gemma3"))
+    validate.check_fits(mf, "native", cupy)                      # a tiny teacher fits
+    with pytest.raises(Q4KError, match="GPU memory is free"):
+        validate.check_fits(mf, "dequant-f32", cupy, available=1000)
