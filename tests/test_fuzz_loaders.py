@@ -8,13 +8,11 @@ own fuzz tests in test_io_fuzz.py; this file aims at the values behind a header 
 Examples are few and derandomized: the whole file runs in well under a minute on 2 cores.
 """
 import functools
-import io
 import json
 import math
 import os
 import tempfile
 import tracemalloc
-import zipfile
 
 import numpy as np
 import pytest

@@ -5,6 +5,7 @@ Each case runs `python -m q4kdistill ...` as a user would; cases run in parallel
 Classes: 1 config vs tensors, 2 tokenizer metadata, 3 NaN, 4 checkpoints, 5 configs and flags,
 6 metrics.jsonl, 7 output paths, 8 shard ids, 9 Ctrl-C, 10 unbounded work.
 """
+import io
 import json
 import os
 import resource
@@ -102,9 +103,9 @@ def student_checkpoint(run_dir, teacher, cfg=None, params=None, meta_edit=None):
 
 
 def rewrite_meta(path, edit):
+    """Rewrite a checkpoint's __meta__ JSON through ``edit(meta)`` (the members stay as they are)."""
     with zipfile.ZipFile(path) as z:
         members = {n: z.read(n) for n in z.namelist()}
-    import io
     meta = json.loads(np.load(io.BytesIO(members["__meta__.npy"])).tobytes())
     edit(meta)
     buf = io.BytesIO()
