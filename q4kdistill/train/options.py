@@ -12,6 +12,7 @@ generator with -1. ``DistillConfig.from_dict`` and ``validated`` call this too.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from ..errors import Q4KError
@@ -110,6 +111,8 @@ def _checked(value, rule: Rule):
             raise ValueError
         return value
     if kind is str:
+        if isinstance(value, os.PathLike) and not rule.choices:      # DistillConfig(teacher=Path(...))
+            value = os.fspath(value)
         if not isinstance(value, str) or (rule.choices and value not in rule.choices):
             raise ValueError
         return value
