@@ -293,6 +293,13 @@ def test_partial_metrics_line_and_wide_shard_ids(tiny, tmp_path, capsys):
     capsys.readouterr()
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    # a torn checkpoint is one line on --resume too (and the run directory is left as it was)
+    ck = out / "checkpoint.npz"
+    ck.write_bytes(ck.read_bytes()[:-100])
+    capsys.readouterr()
+    assert cli.main(list(map(str, args[:-3] + ["--steps", "4", "--resume", "--no-progress"]))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable q4kdistill checkpoint" in err[0], err
     # int64 ids >= 2^32 would wrap to small ids in uint32: refused by value
     np.save(data / "s0.npy", np.array([1, 2, 2 ** 32 + 5] * 100, np.int64))
     assert cli.main(list(map(str, args[:-3] + ["--out", tmp_path / "run2", "--no-progress"]))) == 2
