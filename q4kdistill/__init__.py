@@ -1,9 +1,14 @@
 """q4kdistill: knowledge distillation from a frozen GGUF Q4_K teacher that stays quantized on the GPU.
 
-Import order matters: ``backend`` goes first, because on a machine without a GPU it switches
+Import order matters: ``interrupts`` goes first (as the command, Ctrl-C while the rest loads
+exits 130 with one line), then ``backend``, because on a machine without a GPU it switches
 Numba's CUDA simulator on before anything imports numba.
 """
-from . import backend  # noqa: F401  (must be first)
+from . import interrupts  # (a tiny module: as the command, Ctrl-C exits 130 from here on)
+
+interrupts.install_early()
+
+from . import backend  # noqa: F401,E402  (first of the real imports)
 from .errors import Q4KError  # noqa: F401
 
 

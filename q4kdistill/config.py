@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from .errors import Q4KError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+MAX_WIDTH = 1 << 24        # no dimension of a real model (layers, widths, heads, vocabulary) comes near this
 
 
 @dataclass
@@ -96,6 +97,8 @@ class ModelConfig:
             value = meta[full]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
                 raise Q4KError(f"{source}: metadata key {full!r} = {str(value)[:40]} is not {'an integer' if kind is int else 'a number'}")
+            if kind is float and not math.isfinite(value):
+                raise Q4KError(f"{source}: metadata key {full!r} = {value} is not a finite number")
             return kind(value)
 
         def need(key, kind=int):
@@ -111,11 +114,16 @@ class ModelConfig:
         def token_id(key):
             return number(key, int) if meta.get(key) is not None else None
 
+        def in_range(key, value, low, high):
+            if not (low <= value <= high):
+                raise Q4KError(f"{source}: implausible {arch}.{key} = {value} (expected {low:g}..{high:g})")
+            return value
+
         names = set(tensor_names)
         d_model = need("embedding_length")
         n_heads = need("attention.head_count")
         n_kv = get("attention.head_count_kv", n_heads)
-        head_dim = get("attention.key_length", d_model // n_heads if n_heads else 0)
+        head_dim = get("attention.key_length", d_model // n_heads if n_heads > 0 else 0)
         n_layers = need("block_count")
         d_ff = need("feed_forward_length")
         vocab = get("vocab_size", None)
@@ -126,21 +134,30 @@ class ModelConfig:
         for name, value in (("block_count", n_layers), ("embedding_length", d_model), ("head_count", n_heads),
                             ("head_count_kv", n_kv), ("key_length", head_dim), ("feed_forward_length", d_ff),
                             ("vocab", vocab)):
-            if not (0 < value < 10_000_000):
-                raise Q4KError(f"{source}: implausible {arch}.{name} = {value}")
+            in_range(name, value, 1, MAX_WIDTH)
         if n_heads % n_kv:
             raise Q4KError(f"{source}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
+        if head_dim % 2:
+            raise Q4KError(f"{source}: key_length {head_dim} is odd (rope rotates pairs of values)")
+        value_length = get("attention.value_length", head_dim)
+        if value_length != head_dim:
+            raise Q4KError(f"{source}: value_length {value_length} differs from key_length {head_dim} (not supported)")
         cfg = cls(
             architecture=arch, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, d_ff=d_ff, vocab_size=vocab,
-            norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6, float),
-            rope_base=get("rope.freq_base", 10000.0, float),
-            context_length=get("context_length", 2048),
+            norm_eps=in_range("attention.layer_norm_rms_epsilon", get("attention.layer_norm_rms_epsilon", 1e-6, float),
+                              1e-12, 1.0),
+            rope_base=in_range("rope.freq_base", get("rope.freq_base", 10000.0, float), 1.0, 1e12),
+            context_length=in_range("context_length", get("context_length", 2048), 1, 1 << 24),
             tied_output=("output.weight" not in names) if names else True,
             bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
             eos_token_id=token_id("tokenizer.ggml.eos_token_id"),
             pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
         )
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tid = getattr(cfg, key)
+            if tid is not None and not 0 <= tid < vocab:
+                raise Q4KError(f"{source}: tokenizer {key} {tid} is outside the vocabulary (0..{vocab - 1})")
         if arch == "llama":
             cfg.rope_style, cfg.act = "norm", "silu"
         elif arch == "qwen2":
@@ -154,9 +171,9 @@ class ModelConfig:
             cfg.attn_scale = 1.0 / math.sqrt(head_dim)
             window = get("attention.sliding_window", None)
             if window:
-                cfg.sliding_window = window
+                cfg.sliding_window = in_range("attention.sliding_window", window, 1, 1 << 24)
                 cfg.swa_layers = _swa_layers(meta.get(f"{arch}.attention.sliding_window_pattern"), n_layers)
-                cfg.rope_base_swa = get("rope.freq_base_swa", 10000.0, float)
+                cfg.rope_base_swa = in_range("rope.freq_base_swa", get("rope.freq_base_swa", 10000.0, float), 1.0, 1e12)
         return cfg
 
     # -- the tensors a model of this config has ------------------------------------------------

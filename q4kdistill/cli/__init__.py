@@ -8,7 +8,11 @@ Each command module defines
     def run(args) -> int: ...           # heavy imports inside run(), not at module top
 
 Errors a user can cause are raised as ``Q4KError`` and printed here as one line
-("q4kdistill: error: ..."), exit status 2, never a traceback.
+("q4kdistill: error: ..."), exit status 2, never a traceback; so are argparse's own errors.
+
+Ctrl-C: as the command, ``q4kdistill/__init__.py`` installs ``interrupts.exit_at_once`` before
+its first import (exit 130, one line, at any moment; see interrupts.py); a KeyboardInterrupt
+that reaches ``main`` (distill's second Ctrl-C, or main called from Python) ends the same way.
 """
 from __future__ import annotations
 
@@ -17,7 +21,15 @@ import importlib
 import pkgutil
 import sys
 
+from .. import interrupts
 from ..errors import Q4KError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as our one line (exit status 2) instead of usage + message."""
+
+    def error(self, message):
+        self.exit(2, f"q4kdistill: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _command_modules():
@@ -28,7 +40,7 @@ def _command_modules():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="q4kdistill",
         description="Knowledge distillation from a frozen, quantized (GGUF Q4_K) teacher on one GPU.",
     )
@@ -51,9 +63,9 @@ def _out_of_memory_message(exc) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    interrupts.install_early()                       # the console script may import cli first
     try:
+        args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)
     except Q4KError as exc:
         print(f"q4kdistill: error: {exc}", file=sys.stderr)

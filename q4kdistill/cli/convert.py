@@ -25,20 +25,25 @@ def run(args) -> int:
     from ..formats import manifest
     from ..errors import Q4KError
     from ..formats.model_file import ModelFile
+    from ..interrupts import partial
+    from ..train.outputs import output_file, writing
 
     kind = os.path.splitext(args.output)[1].lower()
     if kind not in (".apr", ".json"):
         raise Q4KError(f"{args.output}: the output must end in .apr or .json")
+    output_file(args.output, "OUT")
     if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
         raise Q4KError(f"{args.output}: refusing to overwrite the input")
     mf = ModelFile.open(args.input, header_only=(kind == ".json"))
+    mf.config                                        # a file that is not a valid model is not converted
     tmp = args.output + ".part"
     try:
-        if kind == ".json":
-            manifest.save(mf.to_manifest(), tmp)
-        else:
-            apr.write(mf, tmp, log=lambda line: print(f"convert: {line}", file=sys.stderr))
-        os.replace(tmp, args.output)
+        with writing(args.output), partial(tmp):
+            if kind == ".json":
+                manifest.save(mf.to_manifest(), tmp)
+            else:
+                apr.write(mf, tmp, log=lambda line: print(f"convert: {line}", file=sys.stderr))
+            os.replace(tmp, args.output)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -35,20 +35,9 @@ HELPS = {
 }
 
 
-def _flag_type(f):
-    """argparse type of a DistillConfig field, from its annotation ("int | None" -> int)."""
-    if f.name == "student_layers":
-        from ..train.loop import parse_layers
-
-        return parse_layers
-    for name, kind in (("float", float), ("int", int), ("str", str)):
-        if str(f.type).startswith(name):
-            return kind
-    raise TypeError(f"no flag type for DistillConfig.{f.name}: {f.type}")
-
-
 def add_config_arguments(p) -> None:
-    """One flag per DistillConfig field, default None (= not given: the config file or default decides)."""
+    """One flag per DistillConfig field, default None (= not given: the config file or default decides).
+    Values stay text here: train.options.typed_settings types and checks them (one-line errors)."""
     from ..train.loop import DistillConfig
 
     for f in dataclasses.fields(DistillConfig):
@@ -56,8 +45,7 @@ def add_config_arguments(p) -> None:
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELPS.get(f.name))
         else:
-            p.add_argument(flag, type=_flag_type(f), default=None, metavar=f.name.split("_")[-1].upper(),
-                           help=HELPS.get(f.name))
+            p.add_argument(flag, default=None, metavar=f.name.split("_")[-1].upper(), help=HELPS.get(f.name))
 
 
 def add_arguments(p) -> None:
@@ -68,18 +56,14 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args, with_explicit=False):
-    """DistillConfig from --config and the flags (flags win); ``with_explicit``: also the names given."""
+    """The config file's settings (JSON-typed), overridden by the flags given (typed from text);
+    ``with_explicit``: also the names of the settings given."""
     from ..train.loop import DistillConfig, load_config_file
+    from ..train.options import typed_settings
 
-    settings = load_config_file(args.config) if args.config else {}
-    for f in dataclasses.fields(DistillConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            settings[f.name] = value
-    if "student_layers" in settings:
-        from ..train.loop import parse_layers
-
-        settings["student_layers"] = parse_layers(settings["student_layers"])
+    settings = typed_settings(load_config_file(args.config), args.config) if args.config else {}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if getattr(args, f.name) is not None}
+    settings.update(typed_settings(flags, "flags", from_text=True))
     cfg = DistillConfig.from_dict(settings, source=args.config or "flags")
     return (cfg, set(settings)) if with_explicit else cfg
 

@@ -18,18 +18,14 @@ def run(args) -> int:
     import collections
     import os
 
-    from ..train import checkpoint
-
-    from ..train import export
-    from ..config import ModelConfig
-    from ..errors import Q4KError
+    from ..train import checkpoint, export
+    from ..train.outputs import output_file
 
     qtype = export.export_type(args.type)
-    ck = checkpoint.load(args.checkpoint)
-    config = ModelConfig.from_dict(ck.config["student"])
-    teacher = args.teacher or ck.config["distill"]["teacher"]
-    if not os.path.exists(teacher):
-        raise Q4KError(f"{teacher}: the teacher file (for the tokenizer) is gone; name it with --teacher FILE")
+    output_file(args.out, "--out")
+    ck = checkpoint.load_student(args.checkpoint)
+    config = ck.student_config
+    teacher = export.tokenizer_source(args.teacher or ck.config["distill"]["teacher"], given=bool(args.teacher))
     tokenizer = export.tokenizer_fields(teacher, config.vocab_size)
     types = export.write_student(args.out, config, ck.state["params"], qtype, tokenizer,
                                  name=f"q4kdistill student of {os.path.basename(teacher)} (step {ck.step})")

@@ -5,6 +5,7 @@ from .logits import add_teacher_arguments, load_teacher, parse_tokens
 
 NAME = "generate"
 HELP = "greedy-decode N tokens after the given token ids with the teacher"
+MAX_NEW = 1 << 16
 
 
 def add_arguments(p) -> None:
@@ -18,11 +19,13 @@ def greedy(teacher, ids: list, n: int, eos=None) -> list:
     import numpy as np
 
     from ..backend import to_host
+    from ..finite import check_finite
 
     out = list(ids)
     for _ in range(n):
         fn = teacher.logits_fn(np.asarray([out], dtype=np.int64))
-        nxt = int(to_host(fn(len(out) - 1, len(out))[0]).argmax())   # last position only
+        last = check_finite(to_host(fn(len(out) - 1, len(out))), "the teacher's logits", len(out) - 1, len(out))
+        nxt = int(last[0].argmax())                                   # last position only
         out.append(nxt)
         if nxt == eos:
             break
@@ -46,8 +49,8 @@ def run(args) -> int:
 
     from ..errors import Q4KError
 
-    if args.n < 0:
-        raise Q4KError(f"-n must be >= 0, got {args.n}")
+    if not 0 <= args.n <= MAX_NEW:
+        raise Q4KError(f"-n must be >= 0 and <= {MAX_NEW}, got {args.n}")
     ids = parse_tokens(args.tokens)
     teacher = load_teacher(args, log=lambda line: print(line, file=sys.stderr))
     new = greedy(teacher, ids, args.n, eos=teacher.config.eos_token_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 NAME = "logits"
 HELP = "run the teacher on token ids and show (or save) the logits of every position"
 TOP = 5
+MAX_TOKENS = 1 << 16
 
 
 def add_teacher_arguments(p) -> None:
@@ -16,18 +17,26 @@ def add_teacher_arguments(p) -> None:
 
 def add_arguments(p) -> None:
     add_teacher_arguments(p)
-    p.add_argument("--out", metavar="FILE.npy", help="write the logits as float32 [T, vocab] (NumPy .npy)")
+    p.add_argument("--out", metavar="FILE.npy", help="write the logits as float32 [T, vocab] (NumPy .npy format, "
+                                                     "to exactly this path)")
     p.add_argument("--json", action="store_true", help=f"print every position's top-{TOP} ids and logits as JSON")
 
 
 def parse_tokens(text: str) -> list:
-    """"2,818,3823" -> [2, 818, 3823]; Q4KError for anything else."""
+    """"2,818,3823" -> [2, 818, 3823]; Q4KError for anything else (ids must be 0 <= id < 2^31;
+    the teacher then checks them against its vocabulary)."""
     from ..errors import Q4KError
 
+    parts = [part for part in text.replace(" ", "").split(",") if part]
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    if len(parts) > MAX_TOKENS:
+        raise Q4KError(f"--tokens: {len(parts)} ids, at most {MAX_TOKENS} are taken")
     try:
-        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+        ids = [int(part) for part in parts if len(part) <= 12]
     except ValueError:
-        raise Q4KError(f"--tokens {text!r}: expected comma-separated integer token ids, e.g. 2,818,3823") from None
+        raise Q4KError(f"--tokens {shown!r}: expected comma-separated integer token ids, e.g. 2,818,3823") from None
+    if len(ids) < len(parts) or any(not 0 <= i < 2 ** 31 for i in ids):
+        raise Q4KError(f"--tokens {shown!r}: token ids are integers from 0 to {2 ** 31 - 1}")
     if not ids:
         raise Q4KError("--tokens: give at least one token id")
     return ids
@@ -55,12 +64,17 @@ def run(args) -> int:
     import numpy as np
 
     from ..backend import to_host
+    from ..finite import check_finite
+    from ..train.outputs import atomic_write, output_file
 
     ids = parse_tokens(args.tokens)
+    if args.out:
+        output_file(args.out, "--out")
     teacher = load_teacher(args, log=lambda line: print(line, file=sys.stderr))
     logits = to_host(teacher.logits_for_batch(np.asarray([ids], dtype=np.int64)))[0]   # [T, V]
-    if args.out:
-        np.save(args.out, logits.astype(np.float32, copy=False))
+    check_finite(logits, "the teacher's logits", 0, len(ids))
+    if args.out:                       # a file object: np.save adds no ".npy" to a name without it
+        atomic_write(args.out, lambda f: np.save(f, logits.astype(np.float32, copy=False)))
     k = min(TOP, logits.shape[1])
     rows = []
     for pos, (tid, row) in enumerate(zip(ids, logits)):

@@ -54,7 +54,11 @@ def run(args) -> int:
 
     from ..memory import planner
     from ..train.loop import DistillConfig
+    from ..train.options import typed_value
 
+    for name in ("batch", "seq", "chunk_tokens"):
+        if getattr(args, name) is not None:
+            typed_value(name, getattr(args, name), "plan", from_text=True)
     if args.fit:
         return _run_fit(args)
     plan = planner.make_plan(args.teacher, args.batch or 1, args.seq, student_spec(args),

@@ -34,6 +34,11 @@ def run(args) -> int:
     from ..memory.reproduce import DEFAULTS, TINY, format_report, plot, reproduce
     from .plan import student_spec
 
+    from ..train.options import typed_value
+
+    for flag, rule in (("batch", "batch"), ("seq", "seq"), ("step_batch", "batch"), ("chunk_tokens", "chunk_tokens")):
+        if getattr(args, flag, None) is not None:
+            typed_value(rule, getattr(args, flag), "reproduce-memory --" + flag.replace("_", "-"))
     preset = TINY if args.tiny else DEFAULTS
     if args.student or args.student_params:
         preset = dict(preset, student=student_spec(args))

@@ -183,9 +183,12 @@ def _read_json(path):
 def _manifest_tensor(path, i, entry) -> TensorInfo:
     try:
         name, type_name, shape_ggml = entry["name"], entry["type"], entry["shape_ggml"]
-        shape_ggml = [int(d) for d in shape_ggml]
-    except (KeyError, TypeError, ValueError):
-        raise FileFormatError(path, f"tensor entry {i} needs 'name', 'type' and a list 'shape_ggml'") from None
+        if not (isinstance(name, str) and isinstance(type_name, str) and isinstance(shape_ggml, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in shape_ggml)):
+            raise TypeError
+    except (KeyError, TypeError):
+        raise FileFormatError(path, f"tensor entry {i} needs 'name' and 'type' strings and a list of integers "
+                                    "'shape_ggml'") from None
     info = tensor_info(path, name, quant_type(type_name, path, name), shape_ggml)
     if "nbytes" in entry and entry["nbytes"] != info.nbytes:
         raise FileFormatError(path, f"tensor {name!r}: nbytes {entry['nbytes']} but {type_name} "

@@ -28,7 +28,8 @@ from . import apr
 from . import gguf_file
 
 from . import manifest
-from ..config import ModelConfig
+from . import validate
+from ..config import ModelConfig  # noqa: F401  (the type of .config)
 from ..errors import FileFormatError, Q4KError
 
 
@@ -67,6 +68,7 @@ class ModelFile:
         mf = cls(path, "gguf", h.metadata, h.tensors, header_only, h.version)
         if not header_only:
             mf.check_complete()
+            validate.check_vector_values(mf)
         return mf
 
     @classmethod
@@ -75,12 +77,13 @@ class ModelFile:
         metadata = manifest.summarize_metadata(h.metadata) if header_only else h.metadata
         mf = cls(path, "apr", metadata, dict(h.tensors), header_only)
         mf._apr = h
-        if not header_only:
-            mf.check_complete()
-            apr.check_footer(mf._mapped(), path, h)
         if h.tied_copy and (mf._same_data(h.tied_copy, "token_embd.weight") if not header_only
                             else h.json.get("tied_embeddings") is True):
             del mf.tensors[h.tied_copy]          # aprender's lm_head.weight copy of a tied embedding
+        if not header_only:
+            mf.check_complete()
+            apr.check_footer(mf._mapped(), path, h)
+            validate.check_vector_values(mf)
         return mf
 
     def _same_data(self, a: str, b: str) -> bool:
@@ -104,7 +107,8 @@ class ModelFile:
 
     @functools.cached_property
     def config(self) -> ModelConfig:
-        cfg = ModelConfig.from_metadata(self.metadata, self.tensors.keys(), source=self.path)
+        """The validated config: FileFormatError unless the tensors are those it implies (validate.py)."""
+        cfg = validate.model_config(self.metadata, self.tensors, self.path)
         if self._apr is not None and self._apr.config_overrides:
             cfg = cfg.replace(**self._apr.config_overrides)     # what an APR's tensor names imply
         return cfg

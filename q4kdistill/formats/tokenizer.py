@@ -27,6 +27,7 @@ import regex
 
 from ..errors import Q4KError
 from .gguf_file import read_header
+from .validate import check_tokenizer
 
 SPACE = "\u2581"  # SentencePiece's visible space
 _CACHE_WORDS = 1 << 20  # words whose ids are remembered (then the cache starts over)
@@ -172,6 +173,7 @@ class Tokenizer:
     def from_gguf(cls, path_or_metadata) -> "Tokenizer":
         """From a GGUF path (header only is read) or an already-read metadata dict."""
         md = path_or_metadata if isinstance(path_or_metadata, dict) else _read_metadata(path_or_metadata)
+        check_tokenizer(md, None, _where(path_or_metadata))      # lengths, item types, special ids in range
         if not isinstance(md.get("tokenizer.ggml.tokens"), (list, np.ndarray)) or "tokenizer.ggml.model" not in md:
             raise Q4KError(f"{_where(path_or_metadata)} carries no tokenizer (the tokenizer.ggml.* arrays); "
                            "give the teacher's GGUF file")

@@ -12,6 +12,8 @@ from ..errors import Q4KError
 
 STUDENT_KEYS = ("layers", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim", "tied", "params")
 WIDTHS = ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim")
+WIDTH_LIMITS = {"n_layers": 4096, "d_model": 1 << 17, "d_ff": 1 << 19, "n_heads": 4096, "n_kv_heads": 4096,
+                "head_dim": 4096}
 
 
 def parse_student_spec(spec) -> dict:
@@ -52,10 +54,13 @@ def student_config(teacher: ModelConfig, spec: dict) -> ModelConfig:
         layers = spec["layers"]
         if "n_layers" in spec:
             raise Q4KError("student: give layers= (teacher blocks) or n_layers= (a count), not both")
-        if not layers or any(not 0 <= i < teacher.n_layers for i in layers):
+        if not layers or len(layers) > WIDTH_LIMITS["n_layers"] or any(not 0 <= i < teacher.n_layers for i in layers):
             raise Q4KError(f"student layers {layers}: need teacher block numbers in 0..{teacher.n_layers - 1}")
         cfg = cfg.replace(n_layers=len(layers), swa_layers=[i for i, t in enumerate(layers) if t in teacher.swa_layers])
     widths = {k: spec[k] for k in WIDTHS if k in spec}
+    for key, value in widths.items():          # before any division, and before a million-layer table
+        if not 1 <= value <= WIDTH_LIMITS[key]:
+            raise Q4KError(f"student: {key}={value} is outside 1..{WIDTH_LIMITS[key]}")
     if widths.keys() & {"d_model", "n_heads"}:
         n_heads = widths.get("n_heads", cfg.n_heads)
         widths.setdefault("head_dim", widths.get("d_model", cfg.d_model) // n_heads)

@@ -31,6 +31,7 @@ from gguf import GGMLQuantizationType as QT
 from . import forward as teacher_forward
 from ..backend import device as process_device, on_gpu, synchronize
 from ..errors import Q4KError
+from ..formats.validate import check_fits
 from .forward import Weight
 
 BACKENDS = ("auto", "native", "dense", "dequant-f32", "dequant-bf16", "dequant-f16")
@@ -64,6 +65,7 @@ class Teacher:
             raise Q4KError(f"{model.path}: not a complete {model.config.architecture} model, missing "
                            f"{len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         xp = _array_module(device)
+        check_fits(model, name, xp)                 # the load's bytes against free memory, before any
         t0 = time.perf_counter()
         weights = {}
         for info in model.tensors.values():

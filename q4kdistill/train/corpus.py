@@ -111,13 +111,29 @@ def load_shard(path) -> np.ndarray:
             raise FileFormatError(path, f"not a readable .npy file ({exc})") from None
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise FileFormatError(path, f"a token shard must be 1-D integers, not {arr.dtype} {arr.shape}")
-        if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
-            raise FileFormatError(path, "negative token ids")
+        check_ids(arr, path)                   # by value, before a cast to uint32 could wrap them
         return np.asarray(arr, dtype=np.uint32)
     size = path.stat().st_size
     if size % 4:
         raise FileFormatError(path, f"{size} bytes is not a whole number of uint32 tokens")
     return np.fromfile(path, dtype="<u4").astype(np.uint32)
+
+
+def check_ids(ids: np.ndarray, path, vocab_size: int | None = None) -> None:
+    """Every id of an integer array is a token id: 0 <= id < vocab_size (or < 2^32 when the
+    vocabulary is not known yet), whatever the array's dtype. FileFormatError naming the first."""
+    if ids.size == 0:
+        return
+    high = 2 ** 32 if vocab_size is None else int(vocab_size)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo >= 0 and hi < high:
+        return
+    bad = lo if lo < 0 else hi
+    at = int(np.flatnonzero(ids == bad)[0])
+    if bad < 0:
+        raise FileFormatError(path, f"negative token id {bad} at index {at}")
+    where = "uint32" if vocab_size is None else f"the vocabulary of {vocab_size}"
+    raise FileFormatError(path, f"token id {bad} at index {at} is outside {where} (0..{high - 1})")
 
 
 def save_tokens(path, tokens) -> None:

@@ -94,12 +94,35 @@ def _add_architecture(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
             w.add_rope_freq_base_swa(float(cfg.rope_base_swa))
 
 
+def tokenizer_source(path, given: bool) -> str:
+    """The teacher file to read the tokenizer from, opened only if it is a regular file (a FIFO or
+    device named by a checkpoint would block or stream forever)."""
+    where = "--teacher" if given else "the teacher the checkpoint names"
+    if not isinstance(path, str) or not path:
+        raise Q4KError(f"{where}: no file name; name the teacher with --teacher FILE")
+    if not os.path.exists(path):
+        raise Q4KError(f"{path}: the teacher file (for the tokenizer) is gone; name it with --teacher FILE")
+    if not os.path.isfile(path):
+        raise Q4KError(f"{path} ({where}) is not a regular file; name the teacher with --teacher FILE")
+    return path
+
+
 def tokenizer_fields(teacher_gguf, vocab_size: int) -> list:
     """The teacher's ``tokenizer.*`` keys as (key, value, type, sub_type), token arrays cut to
-    ``vocab_size`` when the student was trained on a truncated vocabulary."""
+    ``vocab_size`` when the student was trained on a truncated vocabulary. The header goes
+    through our own parser and validate.check_tokenizer first (hostile files get one line)."""
+    from ..formats.gguf_file import MAGIC, read_header
+    from ..formats.validate import check_tokenizer
+
+    teacher_gguf = os.fspath(teacher_gguf)
+    with open(teacher_gguf, "rb") as f:
+        if f.read(4) != MAGIC:
+            raise Q4KError(f"{teacher_gguf}: not a GGUF file; the tokenizer is read from the teacher's GGUF")
+    header = read_header(teacher_gguf)
+    check_tokenizer(header.metadata, None, teacher_gguf)
     try:
-        reader = gguf.GGUFReader(os.fspath(teacher_gguf))
-    except (OSError, ValueError) as exc:
+        reader = gguf.GGUFReader(teacher_gguf)
+    except (OSError, ValueError, IndexError, KeyError) as exc:
         raise Q4KError(f"{teacher_gguf}: cannot read the teacher's tokenizer from it ({exc})") from None
     fields = []
     for key, f in reader.fields.items():
@@ -121,12 +144,31 @@ def tokenizer_fields(teacher_gguf, vocab_size: int) -> list:
 
 def write_student(path, config: ModelConfig, params: dict, qtype, tokenizer: list, name: str = "q4kdistill student") -> dict:
     """Write ``params`` (GGUF names -> float32 arrays, NumPy or CuPy) as a GGUF at ``path``.
-    Returns {tensor name: GGML type name} as written."""
+    Returns {tensor name: GGML type name} as written.
+
+    Every tensor is checked finite before its bytes are made (NonFiniteError names it); the file
+    is written as PATH.part and renamed, so a failure (disk full) leaves no half file."""
     from .. import backend
+    from ..finite import check_finite
+    from ..interrupts import partial
+    from .outputs import writing
 
     if isinstance(qtype, str):
         qtype = export_type(qtype)
-    w = gguf.GGUFWriter(os.fspath(path), config.architecture)
+    path = os.fspath(path)
+    tmp = path + ".part"
+    try:
+        with writing(path), partial(tmp):
+            written = _write(tmp, config, params, qtype, tokenizer, name, backend, check_finite)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return written
+
+
+def _write(path, config, params, qtype, tokenizer, name, backend, check_finite) -> dict:
+    w = gguf.GGUFWriter(path, config.architecture)
     w.add_name(name)
     w.add_file_type(int(FILE_TYPES[qtype]))
     if qtype not in (T.F32, T.F16):
@@ -136,7 +178,7 @@ def write_student(path, config: ModelConfig, params: dict, qtype, tokenizer: lis
         w.add_key_value(key, value, vtype, sub_type=sub)
     written = {}
     for tname in sorted(params, key=_tensor_order):
-        a = backend.to_host(params[tname]).astype(np.float32, copy=False)
+        a = check_finite(backend.to_host(params[tname]).astype(np.float32, copy=False), f"tensor {tname}")
         ttype = tensor_type(tname, a.shape, qtype, config.tied_output)
         data, raw = _encode(a, ttype)
         w.add_tensor(tname, data, raw_dtype=raw)

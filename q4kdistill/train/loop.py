@@ -35,7 +35,10 @@ import numpy as np
 from .. import backend
 
 from . import checkpoint
+from .options import typed_settings, typed_value
+from .outputs import output_dir, writing
 from ..errors import Q4KError
+from ..finite import check_finite
 
 # Fields that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_batches", "save_every", "checkpoint_activations",
@@ -78,24 +81,17 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source="config") -> "DistillConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k.replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise Q4KError(f"{source}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return cls(**d).validated()
+        """Settings typed and range-checked by options.typed_settings (JSON values: ints are ints)."""
+        return cls(**typed_settings(d, source)).validated()
 
     def validated(self) -> "DistillConfig":
-        if not self.teacher:
+        """This config with every field typed and in range (a Q4KError of one line otherwise)."""
+        cfg = dataclasses.replace(self, **typed_settings(self.to_dict(), "settings"))
+        if not cfg.teacher:
             raise Q4KError("no teacher given (--teacher FILE)")
-        if not self.data:
+        if not cfg.data:
             raise Q4KError("no data given (--data PATH)")
-        for name in ("steps", "batch", "seq", "chunk_tokens", "eval_batches"):
-            if int(getattr(self, name)) < 1:
-                raise Q4KError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise Q4KError(f"lr must be a positive number, got {self.lr}")
-        return self
+        return cfg
 
 
 def load_config_file(path) -> dict:
@@ -105,20 +101,18 @@ def load_config_file(path) -> dict:
             d = json.load(f)
     except OSError as exc:
         raise Q4KError(f"{path}: cannot read the config file ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise Q4KError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise Q4KError(f"{path}: JSON nested too deeply to be a config file") from None
     if not isinstance(d, dict):
         raise Q4KError(f"{path}: expected a JSON object of settings")
     return d
 
 
 def parse_layers(text) -> list | None:
-    if text is None or isinstance(text, list):
-        return text
-    try:
-        return [int(x) for x in str(text).replace(" ", "").split(",") if x]
-    except ValueError:
-        raise Q4KError(f"student layers {text!r}: expected comma-separated block numbers like 0,3,6,9") from None
+    """"0,3,6,9" or [0, 3, 6, 9] -> [0, 3, 6, 9] (None stays None); Q4KError otherwise."""
+    return typed_value("student_layers", text, "student layers", from_text=True)
 
 
 def spread_layers(n_layers: int, k: int) -> list:
@@ -247,7 +241,7 @@ def evaluate(student, teacher, batches) -> dict:
         targets[:, :-1] = xp.asarray(ids)[:, 1:]
         targets = targets.reshape(-1)
         for start, stop, s in student.iter_logits(ids):
-            t = xp.asarray(t_fn(start, stop))                         # [n, V]
+            t = check_finite(xp.asarray(t_fn(start, stop)), "the teacher's logits", start, ids.shape[1])   # [n, V]
             lq, lp = log_softmax(s), log_softmax(t)
             kl += float((xp.exp(lp) * (lp - lq)).sum())
             agree += float((s.argmax(axis=-1) == t.argmax(axis=-1)).sum())
@@ -264,25 +258,44 @@ def evaluate(student, teacher, batches) -> dict:
 class MetricsLog:
     """OUT/metrics.jsonl: one JSON object per line (a step, or an evaluation)."""
 
-    def __init__(self, out_dir, resume_step: int | None):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if resume_step is None:
-            open(self.path, "w").close()
-        else:
-            self._truncate_after(resume_step)
+    def __init__(self, out_dir, resume_step: int | None, log=print):
+        self.path, self.log = os.path.join(out_dir, "metrics.jsonl"), log
+        with writing(self.path):
+            if resume_step is None:
+                open(self.path, "w").close()
+            else:
+                self._truncate_after(resume_step)
 
     def _truncate_after(self, step):
-        """Drop records past the checkpoint we resume from (they will be made again)."""
+        """Drop records past the checkpoint we resume from (they will be made again), and lines
+        that are not a JSON record (a crash mid-write leaves a partial last line): with a warning."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
+        keep, dropped = [], 0
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                record = _record(line)
+                if record is None:
+                    dropped += bool(line.strip())
+                elif not isinstance(record.get("step", 0), int) or record.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            self.log(f"warning: {self.path}: dropped {dropped} line(s) that are not a JSON record (a partial last line?)")
+        with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(keep)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _record(line: str):
+    """One metrics.jsonl line -> its dict, or None for anything else."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class PeakMemory:
@@ -381,12 +394,15 @@ def restore_checkpoint(run):
     """OUT/checkpoint.npz -> the student, optimizer and data sampler; returns (step, evals).
 
     The sampler's (seed, position) is all the randomness a run has: no dropout, no sampling."""
-    ck = checkpoint.load(run.cfg.out)
+    ck = checkpoint.load_student(run.cfg.out)             # arrays checked against the student it describes
     checkpoint.check_fingerprint(ck, run.fingerprint)
+    if ck.student_config.tensor_shapes() != run.student.config.tensor_shapes():
+        raise Q4KError(f"{ck.path} holds another student ({ck.student_config.n_layers} blocks, d_model "
+                       f"{ck.student_config.d_model}) than this run builds; use a new --out directory")
     for name, view in run.student.params.items():
         view[...] = run.student.xp.asarray(ck.state["params"][name])
     optim_cfg = run.opt.cfg                               # this run's schedule (--steps may have grown)
-    run.opt.load_state_dict(ck.state["optimizer"])
+    run.opt.load_state_dict({k: v for k, v in ck.state["optimizer"].items() if k != "config"})
     run.opt.cfg = optim_cfg
     run.sampler.load_state_dict(ck.state["data"])
     return ck.step, ck.state["evals"]
@@ -430,7 +446,7 @@ def setup(cfg: DistillConfig, log) -> Run:
 def start(run: Run, resume: bool, log) -> dict:
     """Sets run.step (from the checkpoint, or 0) -> evals so far (step 0: the untrained student)."""
     cfg = run.cfg
-    os.makedirs(cfg.out, exist_ok=True)
+    output_dir(cfg.out, create=True)
     if resume:
         run.step, evals = restore_checkpoint(run)
         log(f"resumed from {checkpoint.checkpoint_path(cfg.out)} at step {run.step}")
@@ -443,11 +459,17 @@ def start(run: Run, resume: bool, log) -> dict:
     return evals
 
 
+def finite_logits_fn(fn, seq_len: int):
+    """The teacher's fn(start, stop) -> [n, V], each chunk checked finite where the loss reads it
+    (a non-finite logit names its batch row and position)."""
+    return lambda start, stop: check_finite(fn(start, stop), "the teacher's logits", start, seq_len)
+
+
 def train_step(run: Run, batches) -> dict:
     """One optimizer step; returns its metrics record. Nothing changes if the loss is not finite."""
     t0 = time.perf_counter()
     ids = next(batches)                                                   # [B, T]
-    teacher = None if run.loss_cfg.alpha == 1.0 else run.teacher.logits_fn(ids)   # CE only: no teacher
+    teacher = None if run.loss_cfg.alpha == 1.0 else finite_logits_fn(run.teacher.logits_fn(ids), ids.shape[1])
     loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg)
     grad_norm = run.opt.grad_norm()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -463,7 +485,7 @@ def train(run: Run, evals: dict, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     cfg = run.cfg
-    metrics, peak = MetricsLog(cfg.out, resume_step=run.step), PeakMemory()
+    metrics, peak = MetricsLog(cfg.out, resume_step=run.step, log=print), PeakMemory()
     saved_at = run.step if checkpoint.exists(cfg.out) else None
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True)
     with StopOnInterrupt(bar.write) as interrupt:
@@ -497,6 +519,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
     keeps the settings its checkpoint was made with.
     -> {"step", "evals": {step: evaluate(...)}, "checkpoint", "interrupted", "student"}"""
     cfg = cfg.validated()
+    output_dir(cfg.out)                                  # a wrong --out costs nothing: checked first
     if cfg.gpu_memory and not (resume and checkpoint.exists(cfg.out)):
         from ..memory.fit import apply_budget
 
