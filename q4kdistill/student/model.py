@@ -189,7 +189,7 @@ class Student:
         """Copy the fp32 master matrices into the low-precision copy (bf16; a no-op otherwise).
         Run before every forward: the optimizer and checkpoint loads write the master only."""
         if self._low_flat is not None:
-            self._low_flat[...] = self.prec.low(self.param_buffer.flat[:self.param_buffer.decay_stop])
+            self.prec.assign_low(self._low_flat, self.param_buffer.flat[:self.param_buffer.decay_stop])
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

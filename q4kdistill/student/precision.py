@@ -92,6 +92,10 @@ class Precision:
             return round_bf16(x)
         return x if x.dtype == self.low_dtype else x.astype(self.low_dtype)
 
+    def assign_low(self, out, x):
+        """out[...] = low(x) without a temporary on the device (CuPy casts while it copies)."""
+        out[...] = round_bf16(x) if self.emulated else x
+
     def high(self, x):
         """A matrix product's output (or a stored input) -> float32 for elementwise math."""
         if not self.mixed or self.emulated or x.dtype != self.low_dtype:
