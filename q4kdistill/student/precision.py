@@ -11,7 +11,8 @@ copy of its weight matrices (refreshed from the fp32 master before each forward)
 product's inputs kept for the backward (the normed hidden states, the attention output, the GLU
 output) are stored in bfloat16.
 
-``low(x)`` is where a value becomes bfloat16, ``high(x)`` where it comes back to float32. On
+``low(x)`` is where a value becomes a product's bfloat16 input, ``high(y)`` where a product's
+bfloat16 output comes back to float32. On
 CuPy with ``ml_dtypes`` installed, bfloat16 is a real dtype (CuPy hands it to cuBLAS as
 CUDA_R_16BF). Elsewhere (NumPy has no bfloat16) it is *emulated*: float32 arrays whose values
 are rounded to bfloat16 (round to nearest even, as a hardware cast does), so the CPU tests run
@@ -96,11 +97,14 @@ class Precision:
         """out[...] = low(x) without a temporary on the device (CuPy casts while it copies)."""
         out[...] = round_bf16(x) if self.emulated else x
 
-    def high(self, x):
-        """A matrix product's output (or a stored input) -> float32 for elementwise math."""
-        if not self.mixed or self.emulated or x.dtype != self.low_dtype:
-            return x
-        return x.astype(np.float32)
+    def high(self, y):
+        """A matrix product's output -> float32 for elementwise math. A bf16 product writes bf16
+        (cuBLAS rounds its fp32 accumulator once); emulated, that rounding happens here."""
+        if not self.mixed:
+            return y
+        if self.emulated:
+            return round_bf16(y)
+        return y.astype(np.float32) if y.dtype == self.low_dtype else y
 
     def __repr__(self):
         return f"Precision({self.name!r}{', emulated' if self.emulated else ''})"
