@@ -58,8 +58,8 @@ def _device_bf16(xp):
     try:
         import ml_dtypes
 
-        probe = xp.ones(2, dtype=ml_dtypes.bfloat16)
-        if float((probe.astype(xp.float32)).sum()) != 2.0:
+        a = xp.ones((2, 2), dtype=np.float32).astype(ml_dtypes.bfloat16)     # a cast and a cuBLAS product
+        if float((a @ a).astype(xp.float32).sum()) != 8.0:
             return None
         return np.dtype(ml_dtypes.bfloat16)
     except Exception:              # no ml_dtypes, or a CuPy without bfloat16 kernels
