@@ -151,3 +151,16 @@ def test_student_bf16_gpu(family):
     before = bf16.param_buffer.flat.copy()
     AdamW.for_student(bf16).step()
     assert bf16.param_buffer.flat.dtype == cupy.float32 and not bool((bf16.param_buffer.flat == before).all())
+
+
+@pytest.mark.gpu
+def test_cupy_bfloat16_cast_is_the_emulated_rounding():
+    """CuPy's float32 -> bfloat16 cast and round_bf16 agree bit for bit: the CPU tests see the GPU's numbers."""
+    import cupy
+
+    prec = Precision("bf16", cupy)
+    assert not prec.emulated
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1 << 20) * 10.0 ** rng.integers(-20, 20, 1 << 20)).astype(np.float32)
+    got = prec.high(prec.low(cupy.asarray(x))).get()
+    np.testing.assert_array_equal(got, round_bf16(x))

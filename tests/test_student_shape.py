@@ -103,7 +103,7 @@ def test_distill_a_fresh_student_of_a_given_shape(teacher_and_corpus, tmp_path, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--student-shape", "tiny", "--student-layers", "0"], "give one of --student-layers, --student-shape"),
+    (["--student-shape", "tiny", "--student-layers", "0"], "give --student-layers or --student-shape, not both"),
     (["--student-shape", "tiny,depth=3"], "unknown key 'depth'"),
     (["--precision", "fp16"], "precision 'fp16'")])
 def test_distill_flag_errors_exit_2(teacher_and_corpus, tmp_path, capsys, extra, message):

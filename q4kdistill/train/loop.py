@@ -95,9 +95,9 @@ class DistillConfig:
                 raise Q4KError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise Q4KError(f"lr must be a positive number, got {self.lr}")
-        given = [f"--{n.replace('_', '-')}" for n in ("student_layers", "student_init", "student_shape") if getattr(self, n)]
-        if len(given) > 1:
-            raise Q4KError(f"give one of {', '.join(given)}: each one says where the student comes from")
+        if self.student_shape and (self.student_layers or self.student_init):
+            other = "--student-layers" if self.student_layers else "--student-init"
+            raise Q4KError(f"give {other} or --student-shape, not both: each one says where the student comes from")
         if self.student_shape:
             from ..student.spec import parse_student_shape
 
