@@ -64,6 +64,7 @@ CLI_TINY = {
     "demo": "q4kdistill demo --synthetic --steps 1 --out {work}/demo",
     "bench student": CLAIM_TINY["q4kdistill bench student --preset qwen2-0.5b --batch 8 --seq 512"],
     "bench teacher": CLAIM_TINY["q4kdistill bench teacher --json"],
+    "bench step": "q4kdistill bench step --tiny --no-peer --json {work}/step.json",
     "bench kernels": None,
     "autotune": None,
 }
@@ -72,6 +73,7 @@ RUN_FIRST = {"export": "distill"}          # export reads distill's checkpoint
 # GPU-only entry points at full size: without a GPU each must refuse in one line, no traceback
 GPU_ONLY = [
     "q4kdistill bench kernels", "q4kdistill autotune", "q4kdistill bench student", "q4kdistill bench teacher",
+    "q4kdistill bench step",
     "python scripts/probe_paths.py", "python scripts/probe_ceilings.py", "python scripts/probe_teacher_matmul.py",
     "python scripts/ncu_targets.py gemv_dp4a_r1w4:1", "python scripts/sweep_mma.py {work}/sweep",
     "python scripts/gpu_kernels.py run {work}/gpu --no-tests",

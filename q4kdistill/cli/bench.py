@@ -3,6 +3,8 @@
     bench kernels [--json PATH] [--csv PATH] [--x16]   every kernel variant vs copy bandwidth and cuBLAS (GPU)
     bench student [--preset qwen2-0.5b] [--batch 8 --seq 512] [--json] [--tiny]
     bench teacher [--manifest M.json] [--batch 8 --seq 512] [--json] [--tiny]
+    bench step [--shapes 1x16384 1x32768] [--student-shape qwen2-0.5b] [--json PATH] [--tiny]
+                                                        the whole distillation step against torch + transformers
 
 Argument parsing only: the work is in ``kernels.bench`` and ``q4kdistill.bench``. Each target is a
 row of TARGETS (name -> help, add_arguments, run); a new benchmark adds a row. ``--tiny`` runs the
@@ -11,7 +13,61 @@ student and teacher benchmarks' code at a tiny size on the CPU (what the CPU sui
 from __future__ import annotations
 
 NAME = "bench"
-HELP = "benchmark the kernels, a student training step or the teacher forward (speed claims)"
+HELP = "benchmark the kernels, a student training step, the teacher forward or the whole step against torch"
+
+
+def _step_arguments(p) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': stdout)")
+    p.add_argument("--shapes", nargs="+", metavar="BxT",
+                   help="B x T shapes added to 8x512 2x4096 1x8192 (e.g. 1x16384 1x32768)")
+    add_step_arguments(p)
+
+
+def add_step_arguments(p) -> None:
+    """Options of `bench step` only (q4kdistill.bench.step)."""
+    import argparse
+
+    g = p.add_argument_group("bench step")
+    g.add_argument("--teacher", metavar="FILE|MANIFEST", help="teacher (default: the 7B Q4_K_M manifest, random blocks)")
+    g.add_argument("--student-shape", default=None, metavar="SHAPE",
+                   help="student (a), as distill's --student-shape (default qwen2-0.5b; tiny with --tiny)")
+    g.add_argument("--cut-layers", type=int, default=2, metavar="N", help="student (b): N teacher blocks (default %(default)s)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="our student's (auto: bf16 on a GPU)")
+    g.add_argument("--chunk-tokens", type=int, default=256, metavar="C", help="our LM head + loss chunk (default %(default)s)")
+    g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
+    g.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default %(default)s)")
+    g.add_argument("--no-peer", action="store_true", help="time ours only")
+    g.add_argument("--tiny", action="store_true", help="a tiny synthetic teacher on the CPU (what the tests run)")
+
+
+def run_step(args) -> int:
+    import json
+    import sys
+
+    from .. import backend
+    from ..bench import step
+    from ..errors import Q4KError
+
+    if not args.tiny and not backend.on_gpu():
+        raise Q4KError("bench step needs a CUDA GPU (CuPy); on the CPU run `bench step --tiny`")
+    if min(args.warmup, args.repeats - 1, args.cut_layers - 1, args.chunk_tokens - 1) < 0:
+        raise Q4KError("--repeats, --cut-layers and --chunk-tokens must be >= 1, --warmup >= 0")
+    shapes = list(step.TINY_SHAPES if args.tiny else step.SHAPES)
+    shapes += [s for s in step.parse_shapes(args.shapes) if s not in shapes]
+    student_shape = args.student_shape or ("tiny" if args.tiny else "qwen2-0.5b")
+    bench = step.StepBench(teacher=args.teacher, shapes=tuple(shapes), student_shape=student_shape,
+                           cut_layers=args.cut_layers, precision=args.precision, chunk_tokens=args.chunk_tokens,
+                           checkpoint=args.checkpoint_activations, warmup=args.warmup, repeats=args.repeats,
+                           peer=not args.no_peer, tiny=args.tiny)
+    report = step.run(bench, log=lambda line: print(line, file=sys.stderr))
+    print(step.format_table(report), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        print(json.dumps(report, indent=1))
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
 
 
 def parse_shapes(items):
@@ -154,6 +210,8 @@ TARGETS = {
                 _student_arguments, _student_run),
     "teacher": ("Q4_K-native teacher vs dense fp16 weights: prefill time, resident bytes, forward peak",
                 _teacher_arguments, _teacher_run),
+    "step": ("the whole distillation step (teacher -> KD loss -> student backward -> AdamW) and the teacher "
+             "forward against the same step in torch + transformers, same run", _step_arguments, run_step),
 }
 
 

@@ -17,6 +17,11 @@ HELPS = {
     "out": "run directory: checkpoint.npz and metrics.jsonl (default ./out)",
     "student_layers": "teacher blocks copied into the student, e.g. 0,3,6,9 (default: 4 spread out)",
     "student_init": "start the student from this GGUF instead (e.g. a smaller model of the family)",
+    "student_shape": "a fresh random student of this shape with the teacher's vocabulary: a preset (qwen2-0.5b, "
+                     "qwen2-1.5b, qwen2-3b, tiny) and/or widths, e.g. layers=24,d_model=896,heads=14,kv_heads=2,"
+                     "head_dim=64,d_ff=4864 (layers = a count here)",
+    "precision": "student matrix products: bf16 (fp32 master weights and AdamW moments) or fp32; "
+                 "auto: bf16 on a GPU, fp32 on the CPU",
     "steps": "optimizer steps", "batch": "sequences per step (B)", "seq": "tokens per sequence (T)",
     "lr": "peak learning rate", "warmup": "linear warm-up steps", "min_lr_ratio": "cosine ends at lr x this",
     "weight_decay": "AdamW weight decay (matrices only)", "clip": "global gradient-norm clip (0: off)",

@@ -16,6 +16,12 @@ def add_student_arguments(p, checkpoint: bool) -> None:
                    help="'layers=0,9,18,27' (teacher blocks, as distill's --student-layers: 'layers=5' is the one "
                         "block 5), 'n_layers=4' (that many blocks of the teacher's widths; the default), or "
                         "'d_model=896,n_layers=24,d_ff=4864,n_heads=14,n_kv_heads=2[,tied=1]'")
+    p.add_argument("--student-shape", metavar="SHAPE", default=None,
+                   help="a fresh student, as distill's --student-shape: a preset (qwen2-0.5b, qwen2-1.5b, qwen2-3b, "
+                        "tiny) and/or widths such as layers=24,d_model=896,heads=14,kv_heads=2,head_dim=64,d_ff=4864")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the student's precision (distill's --precision); auto: bf16 on a GPU, fp32 on the CPU "
+                        "(plan: bf16, what a GPU run gets)")
     p.add_argument("--student-params", type=float, metavar="N", default=None,
                    help="a qwen2-like student of about N parameters with the teacher's vocabulary (e.g. 0.5e9)")
     p.add_argument("--chunk-tokens", type=int, default=DistillConfig.chunk_tokens, metavar="C",
@@ -26,11 +32,16 @@ def add_student_arguments(p, checkpoint: bool) -> None:
 
 
 def student_spec(args):
-    """The student spec string from --student / --student-params."""
+    """The student spec (string or dict) from --student / --student-shape / --student-params."""
     from ..errors import Q4KError
+    from ..student.spec import parse_student_shape
 
-    if args.student and args.student_params:
-        raise Q4KError("give --student or --student-params, not both")
+    given = [f for f, v in (("--student", args.student), ("--student-shape", args.student_shape),
+                            ("--student-params", args.student_params)) if v]
+    if len(given) > 1:
+        raise Q4KError(f"give one of {', '.join(given)}")
+    if args.student_shape:
+        return parse_student_shape(args.student_shape)
     return f"params={args.student_params}" if args.student_params else (args.student or "n_layers=4")
 
 
@@ -61,16 +72,18 @@ def run(args) -> int:
             typed_value(name, getattr(args, name), "plan", from_text=True)
     if args.fit:
         return _run_fit(args)
+    precision = "fp32" if args.precision == "fp32" else "bf16"        # a plan is for a GPU: auto is bf16
     plan = planner.make_plan(args.teacher, args.batch or 1, args.seq, student_spec(args),
                              chunk_tokens=args.chunk_tokens or DistillConfig.chunk_tokens,
-                             checkpoint=bool(args.checkpoint), teacher_backend=args.teacher_backend)
+                             checkpoint=bool(args.checkpoint), teacher_backend=args.teacher_backend,
+                             precision=precision)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
         return 0
     s = plan.student["config"]
     print(f"teacher {plan.teacher['source']} ({plan.teacher['architecture']}, {plan.teacher['tensor_count']} tensors, "
           f"{plan.teacher['total_tensor_bytes']:,} bytes)")
-    print(f"student {plan.student['n_params']:,} params: d_model {s['d_model']}, {s['n_layers']} layers, "
+    print(f"student {plan.student['n_params']:,} params ({precision}): d_model {s['d_model']}, {s['n_layers']} layers, "
           f"d_ff {s['d_ff']}, {s['n_heads']}/{s['n_kv_heads']} heads")
     print(f"batch {plan.batch} x seq {plan.seq}, chunk {plan.chunk_tokens} tokens, "
           f"checkpointing {'on' if plan.checkpoint else 'off'}\n")

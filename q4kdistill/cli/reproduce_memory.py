@@ -40,7 +40,7 @@ def run(args) -> int:
         if getattr(args, flag, None) is not None:
             typed_value(rule, getattr(args, flag), "reproduce-memory --" + flag.replace("_", "-"))
     preset = TINY if args.tiny else DEFAULTS
-    if args.student or args.student_params:
+    if args.student or args.student_params or args.student_shape:
         preset = dict(preset, student=student_spec(args))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - {"native", "dequant-f32", "dequant-bf16"})
@@ -49,7 +49,8 @@ def run(args) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     report = reproduce(_source(args), batch=args.batch or preset["batch"], seq=args.seq or preset["seq"],
                        step_batch=args.step_batch or preset["step_batch"], student=preset["student"],
-                       chunk_tokens=args.chunk_tokens, checkpoint=args.checkpoint, backends=backends, log=log)
+                       chunk_tokens=args.chunk_tokens, checkpoint=args.checkpoint, backends=backends, log=log,
+                       precision=args.precision)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

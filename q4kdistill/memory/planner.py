@@ -15,9 +15,12 @@ Pool rounding (512-byte blocks) is below 0.1 % and left out.
 Shapes: N = B*T tokens, D d_model, Q = heads*head_dim, KV = kv_heads*head_dim, F d_ff, V vocab,
 U = one float32 [C, V] logits chunk. Attention is the flash path (ops/flash_attention.py on the
 tensor cores): 16-bit copies of q, k, v and a float32 [B, heads, T] log-sum-exp, linear in T.
+Student precision (student/precision.py): "fp32", or "bf16" with ``lo`` = 2 bytes for what the
+matrix products keep (their inputs, the weight copy); lo = 4 in fp32.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -265,11 +268,14 @@ def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: st
 
 # -- the student (student.py, losses.py, optim.py) -------------------------------------------------
 
-def block_cache_bytes(cfg: ModelConfig, B: int, T: int) -> dict:
-    """What block_forward's cache keeps for the backward (the block's input x included)."""
-    s = _sizes(cfg, B, T)
-    return dict(input_normed_mid_normed2=4 * s["ND"], attn_out=s["NQ"], qkv_16bit=s["QKV16"], lse=s["L"],
-                gate_up_glu=3 * s["NF"],
+def block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
+    """What block_forward's cache keeps for the backward (the block's input x included); the
+    products' inputs (normed, normed2, attention output, GLU output) at ``lo`` bytes an element
+    (in bf16 the attention output is kept twice: float32 in the flash cache, bf16 for its product)."""
+    s, r = _sizes(cfg, B, T), lo / F32
+    return dict(input_normed_mid_normed2=int((2 + 2 * r) * s["ND"]),
+                attn_out=s["NQ"] + (0 if lo == F32 else int(r * s["NQ"])), qkv_16bit=s["QKV16"], lse=s["L"],
+                gate_up_glu=int((2 + r) * s["NF"]),
                 prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
                 prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
 
@@ -307,7 +313,7 @@ def block_backward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
     }
 
 
-def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head) -> dict:
+def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32) -> dict:
     """Student._head_backward, chunk by chunk (U(n) = n x V float32; teacher_head(n): the
     teacher's lm_head buffers for n tokens):
       loss       losses.chunk_loss (kind kl, alpha 0): s, t, ds, both log-softmaxes, q, p and
@@ -316,20 +322,26 @@ def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head) -> dict:
       new s      linear_forward makes s while the previous chunk's s is still bound
       backward   linear_backward: s, ds, dx [n, D] and the head's dW [V, D]
     From the second chunk on, the previous chunk's ds (until chunk_loss returns) and dW (until
-    linear_backward returns) are still bound."""
+    linear_backward returns) are still bound.
+    bf16 (lo = 2): the product's bf16 logits beside their float32 copy, a bf16 ds for the
+    backward products, and dW made in bf16 then upcast (its bf16 and float32 copies at once)."""
     V, D = cfg.vocab_size, cfg.d_model
-    W = V * D * F32
+    mixed = lo != F32
+    W = V * D * (F32 + lo if mixed else F32)
     stages = {}
     for n, p in _chunks(N, C):
         U, later = n * V * F32, (f" after {p}" if p else "")
+        low_logits = n * V * lo if mixed else 0
         held = dict(previous_ds=p * V * F32, previous_dW=W if p else 0)
         stages[f"loss ({n} tokens{later})"] = dict(held, logits_and_teacher=2 * U, ds=U, log_softmaxes=2 * U,
-                                                   q_and_p=2 * U, mask_difference_where=int(2.25 * U))
+                                                   q_and_p=2 * U, mask_difference_where=int(2.25 * U),
+                                                   low_logits=low_logits)
         stages[f"teacher head ({n} tokens{later})"] = dict(held, logits=U, **{f"teacher_{k}": v for k, v in teacher_head(n).items()})
         if p:
             stages[f"new logits ({n} tokens{later})"] = dict(held, previous_logits=p * V * F32, logits=U)
         stages[f"head backward ({n} tokens{later})"] = dict(previous_dW=held["previous_dW"], logits_and_ds=2 * U,
-                                                            dx=n * D * F32, dW=W)
+                                                            low_logits_and_ds=2 * low_logits,
+                                                            dx=n * D * (F32 + lo if mixed else F32), dW=W)
     return stages
 
 
@@ -408,11 +420,12 @@ class Plan:
 
 def make_plan(teacher, batch: int, seq: int, student=None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
-              checkpoint: bool = True, teacher_backend: str = "native") -> Plan:
+              checkpoint: bool = True, teacher_backend: str = "native", precision: str = "fp32") -> Plan:
     """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
     dict (see parse_student_spec), or a list of teacher block numbers such as distill's
     student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
-    ('n_layers=4', as distill's default student). chunk_tokens None: the student's own choice."""
+    ('n_layers=4', as distill's default student). chunk_tokens None: the student's own choice.
+    precision: the student's, "fp32" or "bf16" (student/precision.py)."""
     from ..student.model import chunk_size
     from ..teacher.model import DEFAULT_CHUNK_TOKENS
 
@@ -420,6 +433,8 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
         raise Q4KError(f"batch, seq and chunk tokens must be >= 1 (got {batch}, {seq}, {chunk_tokens})")
     if teacher_backend not in BACKENDS:
         raise Q4KError(f"teacher backend {teacher_backend!r}: expected one of {', '.join(BACKENDS)}")
+    if precision not in ("fp32", "bf16"):
+        raise Q4KError(f"student precision {precision!r}: expected fp32 or bf16")
     info = open_teacher(teacher)
     spec = parse_student_spec("n_layers=4" if student is None else student)
     scfg = student_config(info.config, spec)
@@ -427,7 +442,7 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
     plan = Plan(teacher={"source": info.path, "architecture": info.config.architecture,
                          "tensor_count": len(info.tensors), "total_tensor_bytes": info.total_tensor_bytes,
                          "n_elements": info.n_elements},
-                student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec},
+                student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec, "precision": precision},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
                 teacher_backend=teacher_backend)
@@ -465,24 +480,31 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
     B, T, b, L = plan.batch, plan.seq, plan.teacher_backend, cfg.n_layers
     s, N = _sizes(cfg, B, T), B * T
     ND = s["ND"]
+    lo = 2 if plan.student.get("precision") == "bf16" else F32
     params = plan.add("student params", F32 * n_params, f"{n_params:,} float32 parameters (one flat buffer)")
     grads = plan.add("student grads", F32 * n_params, "the flat float32 grad buffer")
     adam = plan.add("AdamW m and v", 2 * F32 * n_params, "two float32 moments per parameter")
-    base = plan.row(f"teacher resident ({b})").predicted_bytes + params + grads + adam
-    plan.add("student state", params + grads + adam, "params + grads + AdamW m and v")
+    n_matrix = sum(math.prod(shape) for shape in cfg.tensor_shapes().values() if len(shape) >= 2)
+    low_copy = plan.add("student bf16 weight copy", 2 * n_matrix if lo != F32 else 0,
+                        f"bf16: {n_matrix:,} matrix elements x 2 bytes, what the products multiply "
+                        "(refreshed from the master before each forward); fp32: none")
+    base = plan.row(f"teacher resident ({b})").predicted_bytes + params + grads + adam + low_copy
+    plan.add("student state", params + grads + adam + low_copy, "params + grads + AdamW m and v (+ the bf16 copy)")
 
     scratch = teacher_scratch(info, b, N, plan.chunk_tokens)[1]      # the head's slabs run inside the loss
     name, bufs = _largest(teacher_trunk_stages(info, B, T, b, scratch))
     plan.add("distill: teacher trunk peak", base + sum(bufs.values()),
              f"teacher + student state + teacher {_stage_text(name, bufs)}", measured=True)
 
-    cache = sum(block_cache_bytes(cfg, B, T).values())
+    cache = sum(block_cache_bytes(cfg, B, T, lo).values())
     plan.add("student activations (checkpointing on)", (L + 1) * ND + cache,
              "each block's input [N, D] + the final norm's input + one block's cache, recomputed in the backward")
     plan.add("student activations (checkpointing off)", L * cache + ND,
-             "every block's cache (" + ", ".join(k for k, v in block_cache_bytes(cfg, B, T).items() if v)
+             "every block's cache (" + ", ".join(k for k, v in block_cache_bytes(cfg, B, T, lo).items() if v)
              + ") + the final norm's input")
-    loss_name, loss = _largest(loss_stages(cfg, N, plan.chunk_tokens, lambda n: lm_head_bytes(info, b, n)))
+    loss_name, loss = _largest(loss_stages(cfg, N, plan.chunk_tokens, lambda n: lm_head_bytes(info, b, n), lo))
+    if lo != F32:
+        loss = dict(loss, low_hidden=N * cfg.d_model * lo)     # the final hidden's bf16 copy, held through the head
     loss = plan.add("loss chunk working set", sum(loss.values()),
                     f"Student._head_backward over chunks of {plan.chunk_tokens} tokens: {_stage_text(loss_name, loss)}")
     (fwd_name, fwd), (bwd_name, bwd) = (_largest(f(cfg, B, T)) for f in (block_forward_stages, block_backward_stages))

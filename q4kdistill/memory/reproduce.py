@@ -46,19 +46,24 @@ def tiny_manifest() -> dict:
 # -- the experiment -------------------------------------------------------------------------------
 
 def reproduce(source, batch=1, seq=512, step_batch=8, student="params=0.5e9", chunk_tokens=None,
-              checkpoint=True, backends=("native", "dequant-f32", "dequant-bf16"), log=print) -> dict:
-    """Measure, compare with the planner, check the claims -> report dict (see format_report)."""
+              checkpoint=True, backends=("native", "dequant-f32", "dequant-bf16"), log=print, precision="fp32") -> dict:
+    """Measure, compare with the planner, check the claims -> report dict (see format_report).
+    precision: the student's (auto: bf16 on a GPU, fp32 on the CPU)."""
     import datetime
 
     from .. import backend
+    from ..student.precision import resolve
+
+    precision = resolve(precision, backend.on_gpu())
 
     from ..memory import planner
     from ..train.loop import DistillConfig
 
     exp = _Experiment(source, log)
-    fwd_plan = planner.make_plan(exp.model, batch, seq, student, chunk_tokens=chunk_tokens, checkpoint=checkpoint)
+    fwd_plan = planner.make_plan(exp.model, batch, seq, student, chunk_tokens=chunk_tokens, checkpoint=checkpoint,
+                                 precision=precision)
     step_plan = planner.make_plan(exp.model, step_batch, seq, student, checkpoint=checkpoint,
-                                  chunk_tokens=chunk_tokens or DistillConfig.chunk_tokens)
+                                  chunk_tokens=chunk_tokens or DistillConfig.chunk_tokens, precision=precision)
     log(f"reproduce-memory on {backend.gpu_name()} ({exp.meter.counter.name}): teacher {exp.model.path}, "
         f"student {step_plan.student['n_params']:,} params")
     for b in backends:
@@ -149,7 +154,8 @@ class _Experiment:
         cfg = ModelConfig.from_dict(plan.student["config"])
         ids = _random_ids(cfg.vocab_size, plan.batch, plan.seq)
         with self.meter.phase("student init"):
-            student = Student.from_config(cfg, seed=0, checkpoint=plan.checkpoint, chunk_tokens=plan.chunk_tokens)
+            student = Student.from_config(cfg, seed=0, checkpoint=plan.checkpoint, chunk_tokens=plan.chunk_tokens,
+                                          precision=plan.student["precision"])
             opt = AdamW.for_student(student)
         for _ in range(2):
             with self.meter.phase("distill step"):
@@ -247,7 +253,8 @@ def format_report(report: dict) -> str:
     unit = "GB" if report["counter"] == "cupy-pool" else "GB of host memory (CPU stand-in, tracemalloc)"
     lines = [f"device {report['device']}, {report['date']}; counter {report['counter']}; bytes in {unit}",
              f"teacher {report['teacher']['source']}: {report['teacher']['tensor_count']} tensors, "
-             f"{report['teacher']['total_tensor_bytes']:,} bytes; student {report['student']['n_params']:,} params; "
+             f"{report['teacher']['total_tensor_bytes']:,} bytes; student {report['student']['n_params']:,} params "
+             f"({report['student'].get('precision', 'fp32')}); "
              f"forward {report['batch']}x{report['seq']}, step {report['step_batch']}x{report['seq']}, "
              f"chunk {report['chunk_tokens']}, checkpointing {'on' if report['checkpoint'] else 'off'}", ""]
     width = max(len(r["name"]) for r in report["rows"])

@@ -18,6 +18,11 @@ W = output.weight, or token_embd.weight when tied.
 
 Parameters, grads: float32 (float64 in gradient checks) views of one flat buffer each (params.py),
 named and shaped by ModelConfig.tensor_shapes.
+Precision (precision.py): "fp32", "fp64", or "bf16": the matrix products take bfloat16 copies of
+the weights (``self.compute``, refreshed from the fp32 master before each forward) and bfloat16
+inputs, accumulate in fp32 and keep their inputs for the backward in bfloat16; everything else
+(norms, rope, softmax, GLU, the loss, grad accumulation) runs in float32. The precision change
+happens in two helpers only, ``_linear`` and ``_linear_backward`` (and the LM head beside them).
 Memory: ``checkpoint=True`` keeps only each block's input and recomputes the block in the
 backward; the LM head, the loss and their backward run over ``chunk_tokens`` tokens at a time,
 so [chunk, V] is the largest logits buffer.
@@ -36,6 +41,7 @@ from .ops import (embedding_backward, embedding_forward, glu_backward, glu_forwa
                   rope_backward, rope_forward, rope_tables)
 from .ops.flash_attention import flash_attention_backward, flash_attention_forward
 from .params import FlatBuffer
+from .precision import Precision
 
 LOGITS_BUDGET = 2 ** 26   # default chunk: about this many logits (256 tokens at V = 262,144)
 
@@ -46,10 +52,11 @@ def chunk_size(vocab_size: int, n_tokens: int, chunk_tokens: int | None = None) 
 
 
 class _Batch:
-    """What every block of one batch shares: the padding mask and rope tables."""
+    """What every block of one batch shares: the padding mask, rope tables and the precision."""
 
-    def __init__(self, cfg, ids, attention_mask, xp):
+    def __init__(self, cfg, ids, attention_mask, xp, prec: Precision):
         self.B, self.T = ids.shape
+        self.prec = prec
         self.key_mask = None if attention_mask is None else xp.asarray(attention_mask).astype(bool)
         positions = xp.arange(self.T)
         self.tables = {base: rope_tables(positions, cfg.head_dim, base, xp)
@@ -72,49 +79,54 @@ def _norm_backward(dy, c, g, stem):
     return dx
 
 
-def _linear(x, p, c, stem):
-    y, c[stem] = linear_forward(x, p[f"{stem}.weight"], p.get(f"{stem}.bias"))
-    return y
+def _linear(x, p, c, stem, prec):
+    """x [..., K] -> float32 [..., N]: the product in the low precision (its cached input too),
+    the bias added in float32."""
+    y, c[stem] = linear_forward(prec.low(x), p[f"{stem}.weight"])
+    y = prec.high(y)
+    bias = p.get(f"{stem}.bias")
+    return y if bias is None else y + bias
 
 
-def _linear_backward(dy, c, g, stem):
-    """-> dx; adds the weight's (and the bias's, where there is one) grad into ``g``."""
-    dx, dw, db = linear_backward(dy, c[stem])
-    g[f"{stem}.weight"] += dw
-    if db is not None:
-        g[f"{stem}.bias"] += db
-    return dx
+def _linear_backward(dy, c, g, stem, prec):
+    """dy float32 [..., N] -> dx float32 [..., K]; adds the weight's (and the bias's, summed in
+    float32) grad into ``g``."""
+    dx, dw, _ = linear_backward(prec.low(dy), c[stem])
+    g[f"{stem}.weight"] += prec.high(dw)
+    if f"{stem}.bias" in g:
+        g[f"{stem}.bias"] += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
+    return prec.high(dx)
 
 
 def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     """x [B, T, D] -> (x [B, T, D], cache). ``p``: this block's params by short name."""
     B, T, D = x.shape
-    eps, c = cfg.norm_eps, {}
-    h = _norm(x, p, c, "attn_norm", eps)
-    q, k, v = (_linear(h, p, c, f"attn_{n}").reshape(B, T, heads, cfg.head_dim)
+    eps, c, prec = cfg.norm_eps, {}, batch.prec
+    h = prec.low(_norm(x, p, c, "attn_norm", eps))          # one low copy, shared by q, k and v
+    q, k, v = (_linear(h, p, c, f"attn_{n}", prec).reshape(B, T, heads, cfg.head_dim)
                for n, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)))
     if cfg.qk_norm:
         q, k = _norm(q, p, c, "attn_q_norm", eps), _norm(k, p, c, "attn_k_norm", eps)
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
     q, k = rope_forward(q, cos, sin, cfg.rope_style), rope_forward(k, cos, sin, cfg.rope_style)
     o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale)
-    a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output")
+    a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output", prec)
     if cfg.post_norms:
         a = _norm(a, p, c, "post_attention_norm", eps)
     x = x + a
-    h = _norm(x, p, c, "ffn_norm", eps)
-    m, c["glu"] = glu_forward(_linear(h, p, c, "ffn_gate"), _linear(h, p, c, "ffn_up"), cfg.act)
-    f = _linear(m, p, c, "ffn_down")
+    h = prec.low(_norm(x, p, c, "ffn_norm", eps))           # shared by gate and up
+    m, c["glu"] = glu_forward(_linear(h, p, c, "ffn_gate", prec), _linear(h, p, c, "ffn_up", prec), cfg.act)
+    f = _linear(m, p, c, "ffn_down", prec)
     if cfg.post_norms:
         f = _norm(f, p, c, "post_ffw_norm", eps)
     return x + f, c
 
 
-def _ffn_backward(cfg, dx, c, g):
+def _ffn_backward(cfg, dx, c, g, prec):
     """The FFN half: residual grad dx [B, T, D] -> its share through ffn_norm."""
     df = _norm_backward(dx, c, g, "post_ffw_norm") if cfg.post_norms else dx
-    dgate, dup = glu_backward(_linear_backward(df, c, g, "ffn_down"), c["glu"])
-    dh = _linear_backward(dgate, c, g, "ffn_gate") + _linear_backward(dup, c, g, "ffn_up")
+    dgate, dup = glu_backward(_linear_backward(df, c, g, "ffn_down", prec), c["glu"])
+    dh = _linear_backward(dgate, c, g, "ffn_gate", prec) + _linear_backward(dup, c, g, "ffn_up", prec)
     return _norm_backward(dh, c, g, "ffn_norm")
 
 
@@ -122,7 +134,7 @@ def _attn_backward(cfg, layer, dx, c, g, batch):
     """The attention half: residual grad dx [B, T, D] -> its share through attn_norm."""
     B, T, D = dx.shape
     da = _norm_backward(dx, c, g, "post_attention_norm") if cfg.post_norms else dx
-    do = _linear_backward(da, c, g, "attn_output")
+    do = _linear_backward(da, c, g, "attn_output", batch.prec)
     dq, dk, dv = flash_attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), c["attn"])
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
     dq, dk = rope_backward(dq, cos, sin, cfg.rope_style), rope_backward(dk, cos, sin, cfg.rope_style)
@@ -130,29 +142,54 @@ def _attn_backward(cfg, layer, dx, c, g, batch):
         dq, dk = _norm_backward(dq, c, g, "attn_q_norm"), _norm_backward(dk, c, g, "attn_k_norm")
     dh = 0
     for n, d in (("q", dq), ("k", dk), ("v", dv)):
-        dh = dh + _linear_backward(d.reshape(B, T, -1), c, g, f"attn_{n}")
+        dh = dh + _linear_backward(d.reshape(B, T, -1), c, g, f"attn_{n}", batch.prec)
     return _norm_backward(dh, c, g, "attn_norm")
 
 
 def block_backward(cfg: ModelConfig, layer: int, dx, cache, g: dict, batch: _Batch):
     """dx [B, T, D] (grad of the block output) -> grad of the block input; adds into ``g``."""
-    dx = dx + _ffn_backward(cfg, dx, cache, g)
+    dx = dx + _ffn_backward(cfg, dx, cache, g, batch.prec)
     return dx + _attn_backward(cfg, layer, dx, cache, g, batch)
 
 
 # -- the model ---------------------------------------------------------------------------------
 class Student:
-    def __init__(self, config: ModelConfig, dtype=np.float32, xp=None, checkpoint=False, chunk_tokens=None):
+    def __init__(self, config: ModelConfig, dtype=np.float32, xp=None, checkpoint=False, chunk_tokens=None,
+                 precision: str = "fp32"):
+        """precision: "fp32" or "bf16" (see precision.py); dtype float64 means "fp64" (gradient checks)."""
         if config.n_heads % config.n_kv_heads:
             raise Q4KError(f"n_heads {config.n_heads} is not a multiple of n_kv_heads {config.n_kv_heads}")
         self.config = config
         self.xp = xp or backend.xp()
         self.checkpoint = checkpoint
         self.chunk_tokens = chunk_tokens
-        self.param_buffer = FlatBuffer(config.tensor_shapes(), self.xp, dtype)
+        self.prec = Precision("fp64" if np.dtype(dtype) == np.float64 else precision, self.xp)
+        self.param_buffer = FlatBuffer(config.tensor_shapes(), self.xp, self.prec.master)
         self.grad_buffer = self.param_buffer.zeros_like()
-        self.params = self.param_buffer.views      # name -> view of the flat params
+        self.params = self.param_buffer.views      # name -> view of the flat params (the master copy)
         self.grads = self.grad_buffer.views        # name -> view of the flat grads
+        self.compute, self._low_flat = self._compute_views()    # what the forward multiplies with
+
+    def _compute_views(self):
+        """-> (name -> the view the forward uses, the low-precision flat copy or None). fp32/fp64:
+        the master views themselves. bf16: the matrices (the prefix flat[:decay_stop], params.py)
+        from one low-precision copy [decay_stop], the vectors (norms, biases) from the master."""
+        if not self.prec.mixed:
+            return self.params, None
+        buf = self.param_buffer
+        low = self.xp.empty(buf.decay_stop, dtype=self.prec.low_dtype)
+        views = dict(self.params)
+        for name, shape in buf.shapes.items():
+            if len(shape) >= 2:
+                start = buf.offsets[name]
+                views[name] = low[start:start + int(np.prod(shape))].reshape(shape)
+        return views, low
+
+    def refresh_compute(self):
+        """Copy the fp32 master matrices into the low-precision copy (bf16; a no-op otherwise).
+        Run before every forward: the optimizer and checkpoint loads write the master only."""
+        if self._low_flat is not None:
+            self.prec.assign_low(self._low_flat, self.param_buffer.flat[:self.param_buffer.decay_stop])
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -196,13 +233,14 @@ class Student:
         return self.param_buffer.size
 
     def block_params(self, layer: int, grads=False) -> dict:
-        """Short name (no 'blk.N.') -> view, for block ``layer``."""
-        src = self.grads if grads else self.params
+        """Short name (no 'blk.N.') -> view, for block ``layer``: the weights the forward uses
+        (``self.compute``), or the grads."""
+        src = self.grads if grads else self.compute
         prefix = f"blk.{layer}."
         return {n[len(prefix):]: v for n, v in src.items() if n.startswith(prefix)}
 
     def _head_weight(self, grads=False):
-        src = self.grads if grads else self.params
+        src = self.grads if grads else self.compute
         return src["token_embd.weight" if self.config.tied_output else "output.weight"]
 
     def _chunk(self, n_tokens: int) -> int:
@@ -214,7 +252,8 @@ class Student:
 
         keep: "none" (inference), "inputs" (checkpointing) or "caches"."""
         cfg, xp = self.config, self.xp
-        batch = _Batch(cfg, ids, attention_mask, xp)
+        self.refresh_compute()
+        batch = _Batch(cfg, ids, attention_mask, xp, self.prec)
         x, emb_cache = embedding_forward(ids, self.params["token_embd.weight"])
         if cfg.embed_scale != 1.0:
             x = x * cfg.embed_scale
@@ -239,10 +278,11 @@ class Student:
         ids = self._ids(input_ids, attention_mask)
         h, _ = self._trunk(ids, attention_mask, keep="none")
         step = chunk_tokens or self._chunk(h.shape[0])
-        W = self._head_weight()
+        W, prec = self._head_weight(), self.prec
+        h = prec.low(h)
         for start in range(0, h.shape[0], step):
             stop = min(start + step, h.shape[0])
-            yield start, stop, h[start:stop] @ W.T
+            yield start, stop, prec.high(h[start:stop] @ W.T)
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids [B, T] -> logits [B, T, V] (the whole tensor: use iter_logits for big V)."""
@@ -293,19 +333,22 @@ class Student:
         return self.xp.asarray(t)
 
     def _head_backward(self, h, teacher, loss_cfg, w):
-        """LM head + loss + their backward, chunk by chunk. h [N, D] -> (dh [N, D], kd sum, ce sum)."""
-        W, gW = self._head_weight(), self._head_weight(grads=True)
+        """LM head + loss + their backward, chunk by chunk. h [N, D] -> (dh [N, D], kd sum, ce sum).
+        The products run in the low precision, the loss and its gradient in float32."""
+        W, gW, prec = self._head_weight(), self._head_weight(grads=True), self.prec
         dh = self.xp.empty_like(h)
+        h = prec.low(h)
         kd_sum = ce_sum = 0.0
         step = self._chunk(h.shape[0])
         for start in range(0, h.shape[0], step):
             stop = min(start + step, h.shape[0])
             sl = slice(start, stop)
             s, cache = linear_forward(h[sl], W)                             # [n, V]
-            kd, ce, ds = chunk_loss(s, self._teacher_chunk(teacher, start, stop), w["targets"][sl],
+            kd, ce, ds = chunk_loss(prec.high(s), self._teacher_chunk(teacher, start, stop), w["targets"][sl],
                                     w["kd_weight"][sl], w["ce_weight"][sl], loss_cfg)
-            dh[sl], dW, _ = linear_backward(ds, cache)
-            gW += dW
+            dh_chunk, dW, _ = linear_backward(prec.low(ds), cache)
+            dh[sl] = prec.high(dh_chunk)
+            gW += prec.high(dW)
             kd_sum += masked_sum(kd, w["kd_mask"][sl])
             ce_sum += masked_sum(ce, w["ce_mask"][sl])
         return dh, kd_sum, ce_sum

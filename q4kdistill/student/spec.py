@@ -1,7 +1,16 @@
-"""Student shapes as users write them (``--student`` / ``plan --student``), and parameter counts.
+"""Student shapes as users write them, and parameter counts.
 
-A spec is a string of ``key=value`` items, parsed to a dict, then turned into a ModelConfig that
-keeps the teacher's family and vocabulary; see ``parse_student_spec``.
+Two spellings, both parsed to one spec dict, then turned into a ModelConfig that keeps the
+teacher's family (norms, rope, activation, biases) and vocabulary (``student_config``):
+
+  ``--student`` (plan, reproduce-memory; ``parse_student_spec``): ``layers=0,9,18,27`` copies those
+      teacher blocks; ``n_layers=4[,d_model=...]`` the teacher's widths with these replaced;
+      ``params=0.5e9`` a qwen2-like student of about that size; or a preset name (below).
+  ``--student-shape`` (distill, plan, reproduce-memory, bench step; ``parse_student_shape``): a
+      fresh, randomly initialised student: a preset and/or ``key=value`` widths, where
+      ``layers=N`` is a block *count*:
+      ``layers=24,d_model=896,heads=14,kv_heads=2,head_dim=64,d_ff=4864``, ``qwen2-0.5b``,
+      ``qwen2-0.5b,layers=12`` (a preset with one width replaced).
 """
 from __future__ import annotations
 
@@ -14,6 +23,45 @@ STUDENT_KEYS = ("layers", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads"
 WIDTHS = ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim")
 WIDTH_LIMITS = {"n_layers": 4096, "d_model": 1 << 17, "d_ff": 1 << 19, "n_heads": 4096, "n_kv_heads": 4096,
                 "head_dim": 4096}
+SHAPE_KEYS = WIDTHS + ("tied",)
+ALIASES = {"heads": "n_heads", "kv_heads": "n_kv_heads", "layers": "n_layers"}   # --student-shape spellings
+
+# Named shapes (published layouts; the vocabulary always comes from the teacher).
+PRESETS = {
+    "qwen2-0.5b": dict(n_layers=24, d_model=896, n_heads=14, n_kv_heads=2, head_dim=64, d_ff=4864, tied=1),
+    "qwen2-1.5b": dict(n_layers=28, d_model=1536, n_heads=12, n_kv_heads=2, head_dim=128, d_ff=8960, tied=1),
+    "qwen2-3b": dict(n_layers=36, d_model=2048, n_heads=16, n_kv_heads=2, head_dim=128, d_ff=11008, tied=1),
+    "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128),
+}
+
+
+def parse_student_shape(text) -> dict:
+    """``--student-shape`` -> spec dict of widths (n_layers, d_model, n_heads, n_kv_heads, head_dim,
+    d_ff, tied). Items: a preset name (PRESETS) and ``key=value`` pairs, later items winning;
+    keys as in STUDENT_KEYS's widths or their short forms (layers = a count here, heads, kv_heads)."""
+    if isinstance(text, dict):
+        return dict(text)
+    out = {}
+    items = [item.strip() for item in str(text or "").split(",") if item.strip()]
+    for item in items:
+        if "=" not in item:
+            if item.lower() not in PRESETS:
+                raise Q4KError(f"--student-shape: unknown preset {item!r} (known: {', '.join(PRESETS)}; "
+                               "or key=value items such as layers=24,d_model=896,heads=14,kv_heads=2,d_ff=4864)")
+            out.update(PRESETS[item.lower()])
+            continue
+        key, value = (s.strip() for s in item.split("=", 1))
+        key = ALIASES.get(key, key)
+        if key not in SHAPE_KEYS:
+            raise Q4KError(f"--student-shape: unknown key {key!r} (known: layers, d_model, heads, kv_heads, "
+                           "head_dim, d_ff, tied, or their long forms n_layers, n_heads, n_kv_heads)")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise Q4KError(f"--student-shape {text!r}: {key} must be a whole number, got {value!r}") from None
+    if not out:
+        raise Q4KError(f"--student-shape {text!r}: give a preset ({', '.join(PRESETS)}) or key=value widths")
+    return out
 
 
 def parse_student_spec(spec) -> dict:
@@ -22,11 +70,14 @@ def parse_student_spec(spec) -> dict:
                                         --student-layers): always block numbers, never a count
       'n_layers=4[,d_model=896,...]'    the teacher's widths, with these replaced
       'params=0.5e9'                    a qwen2-like student of about that many parameters
+      'qwen2-0.5b[,n_layers=12]'        a preset, read as a --student-shape (parse_student_shape)
     A list of block numbers stands for 'layers=...'; a dict is taken as parsed."""
     if isinstance(spec, dict):
         return dict(spec)
     if isinstance(spec, (list, tuple)):
         return {"layers": [int(i) for i in spec]}
+    if str(spec or "").split(",")[0].strip().lower() in PRESETS:
+        return parse_student_shape(spec)
     out, key = {}, None
     for item in (spec or "").split(","):
         if "=" in item:
@@ -66,6 +117,10 @@ def student_config(teacher: ModelConfig, spec: dict) -> ModelConfig:
         widths.setdefault("head_dim", widths.get("d_model", cfg.d_model) // n_heads)
         widths.setdefault("n_kv_heads", math.gcd(cfg.n_kv_heads, n_heads))
     cfg = cfg.replace(**widths)
+    if cfg.embed_scale != 1.0 and cfg.d_model != teacher.d_model:     # gemma3 scales by sqrt(d_model)
+        cfg = cfg.replace(embed_scale=math.sqrt(cfg.d_model))
+    if cfg.attn_scale is not None and cfg.head_dim != teacher.head_dim:   # a scale tied to the old head_dim
+        cfg = cfg.replace(attn_scale=None)
     if "tied" in spec:
         cfg = cfg.replace(tied_output=bool(spec["tied"]))
     if min(cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) < 1:

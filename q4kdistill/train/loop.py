@@ -52,6 +52,8 @@ class DistillConfig:
     out: str = "out"                      # run directory: checkpoint.npz, metrics.jsonl
     student_layers: list | None = None    # teacher blocks copied into the student (None: 4 spread out)
     student_init: str | None = None       # or: a GGUF whose weights start the student (another model)
+    student_shape: str | None = None      # or: a fresh random student of this shape (spec.parse_student_shape)
+    precision: str = "auto"               # student: auto (bf16 on a GPU, fp32 on the CPU) | bf16 | fp32
     steps: int = 200
     batch: int = 4                        # B sequences ...
     seq: int = 64                         # ... of T tokens each
@@ -91,6 +93,13 @@ class DistillConfig:
             raise Q4KError("no teacher given (--teacher FILE)")
         if not cfg.data:
             raise Q4KError("no data given (--data PATH)")
+        if cfg.student_shape and (cfg.student_layers or cfg.student_init):
+            other = "--student-layers" if cfg.student_layers else "--student-init"
+            raise Q4KError(f"give {other} or --student-shape, not both: each one says where the student comes from")
+        if cfg.student_shape:
+            from ..student.spec import parse_student_shape
+
+            parse_student_shape(cfg.student_shape)          # a bad shape fails before the teacher loads
         return cfg
 
 
@@ -156,12 +165,25 @@ def heldout_batches(cfg: DistillConfig, heldout) -> list:
     return list(heldout.in_order(cfg.batch, limit=cfg.batch * cfg.eval_batches))
 
 
+def student_precision(cfg: DistillConfig) -> str:
+    """The run's student precision: 'auto' is bf16 on a GPU, fp32 on the CPU."""
+    from ..student.precision import resolve
+
+    return resolve(cfg.precision, backend.on_gpu())
+
+
 def build_student(cfg: DistillConfig, teacher):
-    """Blocks ``cfg.student_layers`` of the teacher (its widths, embedding and head), or the
-    weights of another model file (``cfg.student_init``, e.g. a smaller model of the family)."""
+    """Blocks ``cfg.student_layers`` of the teacher (its widths, embedding and head), a fresh
+    random student of ``cfg.student_shape`` (the teacher's family and vocabulary), or the weights
+    of another model file (``cfg.student_init``, e.g. a smaller model of the family)."""
     from ..student.model import Student
 
-    kw = dict(checkpoint=cfg.checkpoint_activations, chunk_tokens=cfg.chunk_tokens)
+    kw = dict(checkpoint=cfg.checkpoint_activations, chunk_tokens=cfg.chunk_tokens, precision=student_precision(cfg))
+    if cfg.student_shape:
+        from ..student.spec import parse_student_shape, student_config
+
+        config = student_config(teacher.config, parse_student_shape(cfg.student_shape))
+        return Student.from_config(config, seed=cfg.seed, **kw)
     if not cfg.student_init:
         layers = cfg.student_layers or spread_layers(teacher.config.n_layers, 4)
         return Student.from_teacher(teacher, layers, **kw)
@@ -342,8 +364,13 @@ def out_of_memory_error(cfg, step, exc) -> Q4KError:
     try:
         from ..memory.planner import make_plan
 
-        layers = ",".join(map(str, cfg.student_layers)) if cfg.student_layers else "4"
-        plan = make_plan(cfg.teacher, cfg.batch, cfg.seq, f"layers={layers}",
+        if cfg.student_shape:
+            from ..student.spec import parse_student_shape
+
+            spec = parse_student_shape(cfg.student_shape)
+        else:
+            spec = "layers=" + (",".join(map(str, cfg.student_layers)) if cfg.student_layers else "4")
+        plan = make_plan(cfg.teacher, cfg.batch, cfg.seq, spec, precision=student_precision(cfg),
                          chunk_tokens=cfg.chunk_tokens, checkpoint=cfg.checkpoint_activations)
         estimate = f"the planner predicts {plan.distill_step_peak_bytes / 1e9:.2f} GB of GPU memory for this step"
     except Exception as plan_exc:                      # the estimate is a courtesy; never hide the OOM
@@ -530,7 +557,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
     try:
         run = setup(cfg, log)
         evals = start(run, resume, log)
-        log(f"student: {run.student.config.n_layers} blocks, {run.student.n_params:,} params; "
+        log(f"student: {run.student.config.n_layers} blocks, {run.student.n_params:,} params, {run.student.prec.name}; "
             f"steps {run.step}..{cfg.steps} of {cfg.batch} x {cfg.seq} tokens; loss {cfg.loss}, alpha {cfg.alpha}")
         return train(run, evals, progress)
     except Q4KError:

@@ -59,6 +59,7 @@ RULES = {
     "save_every": Rule(int, 1, BIG), "seed": Rule(int, 0, 2 ** 32 - 1), "truncate_vocab": Rule(bool),
     "heldout": Rule(float, 0, 1, below=True), "teacher_backend": Rule(str, choices=TEACHER_BACKENDS),
     "gpu_memory": Rule(str, optional=True),   # a size or "auto": parsed by memory.fit.parse_bytes
+    "student_shape": Rule(str, optional=True), "precision": Rule(str, choices=("auto", "bf16", "fp32")),
 }
 
 
