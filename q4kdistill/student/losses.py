@@ -12,6 +12,14 @@ size when T changes.
               beta KL(p || m) + (1 - beta) KL(q || m)               d/dz = (1-beta) q (L - sum q L),  L = log q - log m
               The mixture form vanishes at both ends, so (as TRL's GKD trainer does)
               beta = 0 is exactly forward KL(p || q) and beta = 1 exactly reverse KL(q || p).
+  kind "skl"  skew KL (DistiLLM), a = skew_alpha, m = a p + (1 - a) q:
+              KL(p || m) = sum p (log p - log m)                  d/dz = -(1-a) (r - q sum r),  r = q p / m
+  kind "srkl" skew reverse KL (DistiLLM), m' = a q + (1 - a) p:
+              KL(q || m') = sum q (log q - log m')                d/dz = q (G - sum q G),  G = L - a q / m'
+                                                                    with L = log q - log m'
+              (a = 0 gives the plain KL / reverse KL; a -> 1 makes the loss vanish, so a is in [0, 1).)
+  kind "tvd"  total variation distance 0.5 sum |p - q|           d/dz = q (S - sum q S),  S = 0.5 sign(q - p)
+              (not differentiable where some q_i = p_i exactly; the sign there is 0.)
   (z = s/T, so d/ds = T^2 * d/dz / T = T * d/dz.)
 A teacher mask (-inf logit) where the student still has mass makes the reverse KL infinite in
 exact math; here log 0 is LOG_FLOOR = -1e30, so the loss is huge but finite and never NaN.
@@ -35,16 +43,17 @@ from dataclasses import dataclass
 from ..backend import array_module
 from ..errors import Q4KError
 
-KINDS = ("kl", "rkl", "jsd")
+KINDS = ("kl", "rkl", "jsd", "skl", "srkl", "tvd")
 LOG_FLOOR = -1e30     # log(0) as a finite number: two masked log-probs then differ by 0, not NaN
 
 
 @dataclass
 class LossConfig:
-    kind: str = "kl"                  # "kl" | "rkl" | "jsd"
+    kind: str = "kl"                  # "kl" | "rkl" | "jsd" | "skl" | "srkl" | "tvd"
     temperature: float = 1.0
     alpha: float = 0.0                # weight of the hard-label CE: alpha * CE + (1 - alpha) * KD
     beta: float = 0.5                 # JSD mixture weight (0: forward KL, 1: reverse KL)
+    skew_alpha: float = 0.1           # skew of "skl" / "srkl" (DistiLLM's default), in [0, 1)
     top_k: int | None = None          # keep only the teacher's k largest logits
     top_k_student: str = "restricted"  # "restricted" | "full" (kind "kl" only)
 
@@ -57,6 +66,8 @@ class LossConfig:
             raise Q4KError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.beta <= 1.0:
             raise Q4KError(f"beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise Q4KError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
         if self.top_k is not None and self.top_k < 1:
             raise Q4KError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_k_student not in ("restricted", "full"):
@@ -65,10 +76,16 @@ class LossConfig:
             raise Q4KError("top_k_student='full' needs the forward KL (kind 'kl', or 'jsd' with beta 0)")
 
     def effective_kind(self) -> str:
-        """The kind actually computed ('jsd' with beta 0 or 1 is a plain KL)."""
+        """The kind actually computed ('jsd' with beta 0 or 1, 'skl'/'srkl' with skew 0: a plain KL)."""
         if self.kind == "jsd" and self.beta in (0.0, 1.0):
             return "kl" if self.beta == 0.0 else "rkl"
+        if self.kind in ("skl", "srkl") and self.skew_alpha == 0.0:
+            return self.kind[1:]
         return self.kind
+
+    def mix(self) -> float:
+        """The mixture weight soft_rows needs: beta for 'jsd', skew_alpha for 'skl'/'srkl'."""
+        return self.skew_alpha if self.kind in ("skl", "srkl") else self.beta
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,16 +115,34 @@ def _centered(q, L):
 
 
 def soft_rows(lq, lp, kind, beta):
-    """Per-row soft loss and d/dz (z = student logits / T), from log-probs lq (student), lp (teacher)."""
+    """Per-row soft loss and d/dz (z = student logits / T), from log-probs lq (student), lp (teacher).
+    ``beta``: the JSD mixture weight, or the skew a of 'skl' / 'srkl'."""
     xp = array_module(lq)
     q, p = xp.exp(lq), xp.exp(lp)
     if kind == "kl":
         return _plogp_diff(p, lp, lq), q - p
     if kind == "rkl":
         return _plogp_diff(q, lq, lp), _centered(q, lq - lp)
+    if kind in ("skl", "srkl", "tvd"):
+        return _skew_or_tvd_rows(q, p, lq, lp, kind, beta)
     lm = xp.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))   # log(beta p + (1-beta) q)
     rows = beta * _plogp_diff(p, lp, lm) + (1.0 - beta) * _plogp_diff(q, lq, lm)
     return rows, (1.0 - beta) * _centered(q, lq - lm)
+
+
+def _skew_or_tvd_rows(q, p, lq, lp, kind, a):
+    """Rows and d/dz of the skew KLs (mixture weight a in [0, 1)) and the total variation distance."""
+    xp = array_module(q)
+    if kind == "tvd":
+        return 0.5 * xp.abs(p - q).sum(axis=-1), _centered(q, 0.5 * xp.sign(q - p))
+    log_a = math.log(a) if a > 0 else LOG_FLOOR
+    if kind == "skl":                                                 # KL(p || a p + (1-a) q)
+        lm = xp.logaddexp(lp + log_a, lq + math.log1p(-a))
+        r = xp.where(p > 0, q * xp.exp(xp.minimum(lp - lm, -log_a)), 0.0)   # q p / m  (p / m <= 1 / a)
+        return _plogp_diff(p, lp, lm), -(1.0 - a) * (r - q * r.sum(axis=-1, keepdims=True))
+    lm = xp.logaddexp(lq + log_a, lp + math.log1p(-a))               # KL(q || a q + (1-a) p)
+    qm = xp.exp(xp.minimum(lq - lm, -log_a))                          # q / m'  (<= 1 / a)
+    return _plogp_diff(q, lq, lm), _centered(q, lq - lm - a * qm)
 
 
 def _top_k_index(t, k):
@@ -122,7 +157,7 @@ def kd_rows(s, t, cfg: LossConfig):
     T = float(cfg.temperature)
     kind = cfg.effective_kind()
     if cfg.top_k is None or cfg.top_k >= s.shape[-1]:
-        rows, dz = soft_rows(log_softmax(s / T), log_softmax(t / T), kind, cfg.beta)
+        rows, dz = soft_rows(log_softmax(s / T), log_softmax(t / T), kind, cfg.mix())
         return T * T * rows, T * dz
     idx = _top_k_index(t, cfg.top_k)                              # [n, k]
     r = xp.arange(s.shape[0])[:, None]
@@ -132,7 +167,7 @@ def kd_rows(s, t, cfg: LossConfig):
         dz = xp.exp(lq_full)
         dz[r, idx] -= xp.exp(lp)                                  # q - p, p zero off the top k
         return T * T * _plogp_diff(xp.exp(lp), lp, lq_full[r, idx]), T * dz
-    rows, dz_k = soft_rows(log_softmax(s[r, idx] / T), lp, kind, cfg.beta)
+    rows, dz_k = soft_rows(log_softmax(s[r, idx] / T), lp, kind, cfg.mix())
     ds = xp.zeros_like(s)
     ds[r, idx] = dz_k
     return T * T * rows, T * ds

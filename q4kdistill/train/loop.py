@@ -56,10 +56,11 @@ class DistillConfig:
     min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
     clip: float = 1.0                     # global gradient-norm clip (0: off)
-    loss: str = "kl"                      # kl | rkl | jsd
+    loss: str = "kl"                      # kl | rkl | jsd | skl | srkl | tvd
     temperature: float = 1.0
     alpha: float = 0.0                    # loss = alpha * CE + (1 - alpha) * KD
     beta: float = 0.5                     # jsd mixture weight
+    skew_alpha: float = 0.1               # skl / srkl skew (DistiLLM), in [0, 1)
     top_k: int | None = None              # keep only the teacher's k largest logits
     chunk_tokens: int = 256               # tokens per [chunk, V] logits slab (LM head + loss)
     checkpoint_activations: bool = False  # recompute block activations in the backward
@@ -227,7 +228,8 @@ def make_optimizer(cfg: DistillConfig, student):
 def make_loss_config(cfg: DistillConfig):
     from ..student.losses import LossConfig
 
-    return LossConfig(kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta, top_k=cfg.top_k)
+    return LossConfig(kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta,
+                      skew_alpha=cfg.skew_alpha, top_k=cfg.top_k)
 
 
 # -- evaluation ---------------------------------------------------------------------------
