@@ -28,6 +28,15 @@ Hard labels: CE of the next token (targets are input_ids shifted left; the last 
 padding have none), at temperature 1. The total is alpha * CE + (1 - alpha) * KD, each a mean
 over its own tokens: KD over real tokens, CE over tokens that have a real next token.
 
+Sparse teacher (a teacher cache, ``SparseTargets``): per token the teacher's top-k ids K and
+log-probs log p_i (softmax at temperature T over the whole vocabulary) and the log of the rest
+mass log p_rest = log(1 - sum_K p_i), stored as logsumexp over the ids outside K. The student is
+grouped the same way: k + 1 classes with logits c = [z_K, logsumexp(z_rest)] (z = s/T), so
+log q_i = z_i - logsumexp(z), log q_rest = logsumexp(z outside K) - logsumexp(z), both exact and
+stable (never 1 - sum). The loss is ``kind`` between these two distributions over k + 1 classes,
+a proper divergence (0 iff they agree). d/dz_i = dc_i for i in K and, outside K,
+d/dz_j = dc_rest * softmax(z outside K)_j (the gradient of the log-sum-exp).
+
 Top-k teacher (``top_k``): only the teacher's k largest logits are kept, renormalised over them.
 The student then is either
   "restricted" (default): also renormalised over the same k tokens (works for every kind), or
@@ -173,6 +182,44 @@ def kd_rows(s, t, cfg: LossConfig):
     return T * T * rows, T * ds
 
 
+class SparseTargets:
+    """A teacher's top-k per token: ids [n, k] int, logp [n, k + 1] (top-k log-probs, then the rest)."""
+
+    def __init__(self, ids, logp):
+        self.ids, self.logp = ids, logp
+
+    @property
+    def shape(self):
+        return tuple(self.ids.shape)
+
+    def rows(self, start, stop) -> "SparseTargets":
+        return SparseTargets(self.ids[start:stop], self.logp[start:stop])
+
+    def to(self, xp) -> "SparseTargets":
+        return SparseTargets(xp.asarray(self.ids), xp.asarray(self.logp))
+
+
+def sparse_kd_rows(s, sparse: SparseTargets, cfg: LossConfig):
+    """Soft loss per row [n] (times T^2) and d/ds [n, V] against a sparse teacher (see the module docstring)."""
+    xp = array_module(s)
+    T = float(cfg.temperature)
+    z = s / T
+    n, V = z.shape
+    idx = sparse.ids.astype(xp.int64)
+    r = xp.arange(n)[:, None]
+    rest = z.copy()
+    rest[r, idx] = -xp.inf                                        # z outside K
+    m = rest.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    lse_rest = m + xp.log(xp.exp(rest - m).sum(axis=-1, keepdims=True))   # [n, 1], -inf if K is everything
+    c = xp.concatenate([z[r, idx], lse_rest], axis=-1)           # [n, k + 1] class logits
+    rows, dc = soft_rows(log_softmax(c), xp.maximum(sparse.logp.astype(z.dtype), LOG_FLOOR),
+                         cfg.effective_kind(), cfg.mix())
+    dz = xp.exp(rest - xp.where(xp.isfinite(lse_rest), lse_rest, 0.0)) * dc[:, -1:]   # 0 on K (exp(-inf))
+    dz[r, idx] = dc[:, :-1]
+    return T * T * rows, T * dz
+
+
 def ce_rows(s, targets, need_grad=True):
     """Cross-entropy per row [n] and d(rows)/ds [n, V] (or None); rows with target < 0 give 0."""
     xp = array_module(s)
@@ -190,9 +237,12 @@ def ce_rows(s, targets, need_grad=True):
 
 
 # -- what the student calls --------------------------------------------------------------------
-def token_weights(input_ids, attention_mask, cfg: LossConfig):
+def token_weights(input_ids, attention_mask, cfg: LossConfig, loss_mask=None):
     """Per-token targets and loss weights, flattened row-major over [B, T].
 
+    ``loss_mask`` [B, T] (instruction data): 1 where the id is a training target (a response
+    token). Position t predicts id t + 1, so with a loss mask both KD and CE count exactly the
+    positions whose next id is a target; without one, KD counts every real position.
     -> dict(targets [N] int (-1: none), kd_mask, ce_mask [N] bool, kd_weight, ce_weight [N],
             n_kd, n_ce) with the weights already holding (1 - alpha)/n_kd and alpha/n_ce."""
     xp = array_module(input_ids)
@@ -200,10 +250,13 @@ def token_weights(input_ids, attention_mask, cfg: LossConfig):
     real = xp.ones((B, T), dtype=bool) if attention_mask is None else attention_mask.astype(bool)
     has_next = xp.zeros((B, T), dtype=bool)
     has_next[:, :-1] = real[:, :-1] & real[:, 1:]
+    if loss_mask is not None:
+        has_next[:, :-1] &= xp.asarray(loss_mask)[:, 1:].astype(bool)
     targets = xp.full((B, T), -1, dtype=xp.int64)
     targets[:, :-1] = input_ids[:, 1:]
     targets = xp.where(has_next, targets, -1).reshape(-1)
-    kd_mask, ce_mask = real.reshape(-1), has_next.reshape(-1)
+    kd_mask = (real if loss_mask is None else has_next).reshape(-1)
+    ce_mask = has_next.reshape(-1)
     n_kd, n_ce = int(kd_mask.sum()), int(ce_mask.sum())
     kd_w = kd_mask * ((1.0 - cfg.alpha) / max(n_kd, 1))
     ce_w = ce_mask * (cfg.alpha / max(n_ce, 1))
@@ -222,7 +275,10 @@ def chunk_loss(s, t, targets, kd_weight, ce_weight, cfg: LossConfig):
         if cfg.alpha != 1.0:
             raise Q4KError("no teacher logits: only the hard-label loss (alpha = 1) can be computed")
         return xp.zeros_like(ce), ce, ds
-    kd, dkd = kd_rows(s, t.astype(s.dtype, copy=False), cfg)
+    if isinstance(t, SparseTargets):
+        kd, dkd = sparse_kd_rows(s, t, cfg)
+    else:
+        kd, dkd = kd_rows(s, t.astype(s.dtype, copy=False), cfg)
     ds += dkd * kd_weight[:, None].astype(s.dtype)
     return kd, ce, ds
 
@@ -233,10 +289,10 @@ def masked_sum(rows, mask):
     return float(xp.where(mask, rows, 0.0).sum())
 
 
-def distill_loss(s, t, input_ids, attention_mask, cfg: LossConfig):
+def distill_loss(s, t, input_ids, attention_mask, cfg: LossConfig, loss_mask=None):
     """Whole-batch form: s, t [B, T, V] -> (loss, ds [B, T, V], parts). See Student for the chunked one."""
     B, T, V = s.shape
-    w = token_weights(input_ids, attention_mask, cfg)
+    w = token_weights(input_ids, attention_mask, cfg, loss_mask)
     kd, ce, ds = chunk_loss(s.reshape(-1, V), None if t is None else t.reshape(-1, V),
                             w["targets"], w["kd_weight"], w["ce_weight"], cfg)
     loss, parts = finish_parts(masked_sum(kd, w["kd_mask"]), masked_sum(ce, w["ce_mask"]), w, cfg)
