@@ -211,7 +211,8 @@ def sparse_kd_rows(s, sparse: SparseTargets, cfg: LossConfig):
     rest[r, idx] = -xp.inf                                        # z outside K
     m = rest.max(axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)
-    lse_rest = m + xp.log(xp.exp(rest - m).sum(axis=-1, keepdims=True))   # [n, 1], -inf if K is everything
+    sum_rest = xp.exp(rest - m).sum(axis=-1, keepdims=True)
+    lse_rest = xp.where(sum_rest > 0, m + xp.log(xp.where(sum_rest > 0, sum_rest, 1.0)), -xp.inf)  # [n, 1]; -inf: K is all
     c = xp.concatenate([z[r, idx], lse_rest], axis=-1)           # [n, k + 1] class logits
     rows, dc = soft_rows(log_softmax(c), xp.maximum(sparse.logp.astype(z.dtype), LOG_FLOOR),
                          cfg.effective_kind(), cfg.mix())

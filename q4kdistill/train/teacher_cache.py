@@ -162,6 +162,30 @@ def write_cache(teacher, datasets: dict, out, top_k: int, temperature=1.0, batch
     return summary
 
 
+def cache_teacher(teacher, data, out, top_k=64, seq=64, batch=4, heldout=0.1, seed=0, temperature=1.0,
+                  chat_template=None, teacher_backend="auto", progress=True, log=print) -> dict:
+    """`q4kdistill cache-teacher`: tokenise ``data`` as ``distill`` would (same split by file, same
+    packing), run the teacher over the train and held-out sequences, write the cache ``out``."""
+    from .loop import DistillConfig, file_identity, load_data, load_teacher
+
+    cfg = DistillConfig(teacher=teacher, data=data, seq=seq, heldout=heldout, seed=seed, chat_template=chat_template,
+                        teacher_backend=teacher_backend, temperature=temperature).validated()
+    if not temperature > 0:
+        raise Q4KError(f"--temperature must be > 0, got {temperature}")
+    if top_k < 1:
+        raise Q4KError(f"--top-k must be >= 1, got {top_k}")
+    if batch < 1:
+        raise Q4KError(f"--batch must be >= 1, got {batch}")
+    tokenizer, train, held, _ = load_data(cfg, log)
+    t = load_teacher(cfg, log)
+    from .chat import load_template
+
+    tmpl = None if tokenizer is None else load_template(teacher, tokenizer, chat_template, required=False)
+    identity = {"teacher": file_identity(teacher), "tokenizer": None if tokenizer is None else tokenizer.fingerprint,
+                "chat_template": None if tmpl is None or train.masks is None else tmpl.key, "data": str(data)}
+    return write_cache(t, {"train": train, "heldout": held}, out, top_k, temperature, batch, identity, progress, log)
+
+
 def _check_resumable(out: Path, meta: dict) -> None:
     """A folder with another cache's meta is refused (its shards would not match)."""
     path = out / "meta.json"
