@@ -207,3 +207,36 @@ def test_cache_loss_approaches_online_loss_as_k_grows(teacher, corpus, tmp_path)
     online = student.loss_and_grads(b.ids, t.logits_fn(b.ids), LossConfig("kl"))[0]
     cached = student.loss_and_grads(b.ids, c.targets(b, "train"), LossConfig("kl"))[0]
     assert cached == pytest.approx(online, rel=2e-3)
+
+
+def test_shrink_cache_equals_a_smaller_cache(teacher, corpus, cache, tmp_path):
+    small = tmp_path / "k3"
+    assert cli.main(cache_args(teacher, corpus, small, k=3)) == 0
+    shrunk = tmp_path / "shrunk"
+    info = TC.shrink_cache(cache, shrunk, 3)
+    a, b = TC.TeacherCache.open(small), TC.TeacherCache.open(shrunk)
+    assert a.identity == b.identity == info["identity"]
+    x, y = a.sparse("train", [0, 70]), b.sparse("train", [0, 70])
+    assert np.array_equal(x.ids, y.ids) and np.array_equal(x.logp[:, :3], y.logp[:, :3])
+    assert np.allclose(x.logp[:, 3], y.logp[:, 3], atol=2e-3)               # the rest mass, via fp16 terms
+    with pytest.raises(Q4KError):
+        TC.shrink_cache(cache, tmp_path / "big", 9)
+
+
+def test_cache_vs_online_script_tiny(tmp_path):
+    """scripts/cache_vs_online.py --tiny: the measurement's code path on a tiny synthetic teacher."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "cache_vs_online.py")
+    done = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "cache_vs_online.json").read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert set(rows) == {"online KD", "cache, k = 4", "cache, k = 16", "cache, k = 64"}
+    sizes = [rows[f"cache, k = {k}"]["bytes_per_token"] for k in (4, 16, 64)]
+    assert sizes == sorted(sizes) and sizes[0] > 0
+    for r in rows.values():                                   # every signal taught the student something
+        assert r["heldout_teacher_kl"] < result["start"]["teacher_kl"]
+    assert "| online KD |" in done.stdout

@@ -220,6 +220,32 @@ def _run_shard(teacher, d, index, k, temperature, batch, meta) -> dict:
     return {"ids": pack_ids(ids, meta["id_bits"]), "logp": logp, "rest": rest}
 
 
+def shrink_cache(src, dst, top_k: int) -> dict:
+    """A cache of the ``top_k`` most probable ids from one with more (no teacher run): the ids are
+    stored most probable first, so the first ``top_k`` are the smaller cache's, and the dropped
+    ones join the rest mass (logaddexp in float64, then fp16). -> write_cache's summary keys."""
+    src, dst = Path(src), Path(dst)
+    cache = TeacherCache.open(src)
+    if not 1 <= top_k <= cache.k:
+        raise Q4KError(f"{src} holds the top {cache.k}; cannot make a top-{top_k} cache from it")
+    dst.mkdir(parents=True, exist_ok=True)
+    meta = dict(cache.meta, top_k=int(top_k))
+    for split, info in meta["splits"].items():
+        (dst / f"{split}.tokens.npz").write_bytes((src / f"{split}.tokens.npz").read_bytes())
+        for i in range(info["shards"]):
+            sh = cache._shard(split, i)
+            dropped = sh["logp"][..., top_k:].astype(np.float64)
+            rest = np.logaddexp(sh["rest"].astype(np.float64), np.logaddexp.reduce(dropped, axis=-1)) \
+                if dropped.shape[-1] else sh["rest"].astype(np.float64)
+            _write_npz(dst / shard_name(split, i), ids=pack_ids(sh["ids"][..., :top_k], meta["id_bits"]),
+                       logp=np.ascontiguousarray(sh["logp"][..., :top_k]), rest=rest.astype(np.float16))
+    _write_json(dst / "meta.json", meta)
+    tokens = sum(info["n_sequences"] for info in meta["splits"].values()) * meta["seq"]
+    size = sum(f.stat().st_size for f in dst.glob("*-*.npz"))
+    return {"out": str(dst), "tokens": tokens, "top_k": int(top_k), "id_bits": meta["id_bits"], "shard_bytes": size,
+            "bytes_per_token": size / tokens, "identity": cache_identity(meta)}
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 class TeacherCache:
