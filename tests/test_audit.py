@@ -80,3 +80,40 @@ def test_user_errors_are_one_line(gemma_path, tmp_path, capsys):
         assert cli.main(["audit", *argv, "--data", str(data)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_gpu_cache_audit_script_tiny(tmp_path):
+    """scripts/gpu_cache_audit.py --tiny: the GPU measurement's code path on a tiny manifest (CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu_cache_audit.py")
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, script, "--tiny", "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert [c["k"] for c in r["cache"]] == [16, 64] and r["cache"][0]["bytes_per_token"] < r["cache"][1]["bytes_per_token"]
+    assert r["audit"]["tokens"] == 64 and r["audit"]["top1_agreement"] > 0.9
+
+
+@pytest.mark.gpu
+def test_audit_on_gpu_matches_the_cpu(gemma_path, tmp_path):
+    """The real teacher against its coarse copy: the GPU audit's numbers equal the CPU's (float64 softmax)."""
+    import cupy
+
+    from q4kdistill.teacher.audit import audit_models, load_audit_data
+    from q4kdistill.teacher.model import Teacher
+    from q4kdistill.formats.tokenizer import Tokenizer
+
+    coarse = tmp_path / "coarse.gguf"
+    write_degraded_copy(gemma_path, coarse)
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT * 20)
+    d = load_audit_data(Tokenizer.from_gguf(gemma_path), str(data), 64, max_tokens=256)
+    reports = [audit_models(Teacher.load(coarse, device=dev, log=None), Teacher.load(gemma_path, device=dev, log=None),
+                            d, batch=2, progress=False) for dev in ("cpu", "cuda")]
+    assert cupy.cuda.runtime.getDeviceCount() >= 1
+    for key in ("kl_mean", "kl_p99", "ppl_teacher", "ppl_reference"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=2e-2), key
+    assert abs(reports[1]["top1_agreement"] - reports[0]["top1_agreement"]) <= 0.02

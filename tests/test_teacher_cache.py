@@ -240,3 +240,23 @@ def test_cache_vs_online_script_tiny(tmp_path):
     for r in rows.values():                                   # every signal taught the student something
         assert r["heldout_teacher_kl"] < result["start"]["teacher_kl"]
     assert "| online KD |" in done.stdout
+
+
+@pytest.mark.gpu
+def test_top_k_and_sparse_loss_on_gpu_match_numpy():
+    """At gemma-3's vocabulary: the cache's top-k and the sparse loss, CuPy against NumPy."""
+    import cupy
+
+    rng = np.random.default_rng(7)
+    t = (rng.standard_normal((64, 262144)) * 4).astype(np.float32)
+    s = (rng.standard_normal((64, 262144)) * 4).astype(np.float32)
+    ids, logp, rest = TC.top_k_logprobs(t, 64)
+    gids, glogp, grest = (cupy.asnumpy(x) for x in TC.top_k_logprobs(cupy.asarray(t), 64))
+    assert np.array_equal(ids, gids)
+    assert np.allclose(logp, glogp, atol=1e-4) and np.allclose(rest, grest, atol=1e-4)
+    sp = SparseTargets(ids, np.concatenate([logp, rest[:, None]], -1))
+    for cfg in (LossConfig("kl"), LossConfig("skl", skew_alpha=0.1), LossConfig("tvd")):
+        rows, ds = sparse_kd_rows(s, sp, cfg)
+        grows, gds = sparse_kd_rows(cupy.asarray(s), sp.to(cupy), cfg)
+        assert np.allclose(rows, cupy.asnumpy(grows), rtol=1e-4, atol=1e-6)
+        assert np.allclose(ds, cupy.asnumpy(gds), rtol=1e-3, atol=1e-7)

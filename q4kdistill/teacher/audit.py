@@ -63,10 +63,7 @@ def compare_chunk(lr, lt, targets, sel):
 def audit(teacher, reference, data, seq=128, batch=4, max_tokens=None, chat_template=None,
           teacher_backend="auto", progress=True, log=print) -> dict:
     """Run ``teacher`` and ``reference`` (model files) over ``data``; see the module docstring."""
-    from tqdm.auto import tqdm
-
     from ..formats.tokenizer import Tokenizer
-    from ..student.losses import LossConfig, token_weights
     from .model import Teacher
 
     for path in (teacher, reference):
@@ -81,11 +78,22 @@ def audit(teacher, reference, data, seq=128, batch=4, max_tokens=None, chat_temp
     d = load_audit_data(tok_r, data, seq, max_tokens, chat_template, reference, progress)
     ref = Teacher.load(reference, backend=teacher_backend, log=log)
     tea = Teacher.load(teacher, backend=teacher_backend, log=log)
+    return audit_models(tea, ref, d, batch, progress, teacher=str(teacher), reference=str(reference))
+
+
+def audit_models(tea, ref, dataset, batch=4, progress=True, **extra) -> dict:
+    """The audit of two loaded Teachers over a TokenDataset's sequences (in order) -> the report."""
+    from tqdm.auto import tqdm
+
+    from ..student.losses import LossConfig, token_weights
+
+    if tea.vocab_size != ref.vocab_size:
+        raise Q4KError(f"the teacher has {tea.vocab_size} logits per token, the reference {ref.vocab_size}")
     xp = ref.xp
     kls, agrees, nll_r, nll_t = [], [], [], []
     t0 = time.perf_counter()
-    bar = tqdm(total=d.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc="audit", dynamic_ncols=True)
-    for b in d.in_order_batches(batch):
+    bar = tqdm(total=dataset.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc="audit", dynamic_ncols=True)
+    for b in dataset.in_order_batches(batch):
         w = token_weights(xp.asarray(b.ids), None, LossConfig(), None if b.loss_mask is None else xp.asarray(b.loss_mask))
         fr, ft = ref.logits_fn(b.ids), tea.logits_fn(b.ids)
         for start in range(0, b.ids.size, CHUNK_TOKENS):
@@ -96,7 +104,7 @@ def audit(teacher, reference, data, seq=128, batch=4, max_tokens=None, chat_temp
         bar.update(b.ids.size)
     bar.close()
     return summarize(np.concatenate(kls), np.concatenate(agrees), np.concatenate(nll_r), np.concatenate(nll_t),
-                     teacher=str(teacher), reference=str(reference), seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, **extra)
 
 
 def summarize(kl, agree, nll_ref, nll_teacher, **extra) -> dict:

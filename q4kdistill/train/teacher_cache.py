@@ -92,7 +92,7 @@ def top_k_logprobs(t, k: int, temperature: float = 1.0):
 
 def cache_identity(meta: dict) -> str:
     """A short hash naming a cache's content (what a training run's fingerprint records)."""
-    keep = {k: meta[k] for k in ("teacher", "tokenizer", "chat_template", "seq", "top_k", "temperature",
+    keep = {k: meta.get(k) for k in ("teacher", "tokenizer", "chat_template", "seq", "top_k", "temperature",
                                  "vocab_size", "id_bits")}
     keep["splits"] = {s: meta["splits"][s]["fingerprint"] for s in meta["splits"]}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
