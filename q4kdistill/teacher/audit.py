@@ -33,7 +33,8 @@ def load_audit_data(tokenizer, data, seq: int, max_tokens=None, chat_template_fi
     from ..train.chat import load_template
     from ..train.corpus import TokenDataset, demo_corpus, find_files, tokenize_files_masked
 
-    chat = load_template(teacher_path, tokenizer, chat_template_file, required=False)
+    chat = (load_template(teacher_path, tokenizer, chat_template_file, required=False)
+            if teacher_path or chat_template_file else None)
     files = find_files(demo_corpus()[1] if data == "demo" else data)
     stream, mask = tokenize_files_masked(files, tokenizer, progress=progress, chat=chat)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
