@@ -204,3 +204,26 @@ def test_distill_on_chat_data_counts_only_responses(chat_teacher, chat_corpus, t
     assert 0 < ev["tokens"] < 2 * 2 * 12                      # only positions before response ids
     assert cli.main(argv[:-2] + ["--loss", "tvd", "--out", str(tmp_path / "tvd"), "--chat-template", str(tmp_path / "none.jinja")]) == 2
     assert "cannot read the chat template" in capsys.readouterr().err
+
+
+def test_chat_data_through_a_teacher_cache(chat_teacher, chat_corpus, tmp_path, capsys):
+    """The masks are stored in the cache with the sequences; training from it counts the same positions."""
+    from q4kdistill.train.teacher_cache import TeacherCache
+
+    cache = tmp_path / "cache"
+    assert cli.main(["cache-teacher", "--teacher", chat_teacher, "--data", str(chat_corpus), "--out", str(cache),
+                     "--top-k", "8", "--seq", "12", "--heldout", "0.4", "--no-progress"]) == 0
+    assert "bytes/token" in capsys.readouterr().out
+    tok = Tokenizer.from_gguf(chat_teacher)
+    train, held = load_datasets(str(chat_corpus), 12, tok, held_out=0.4, chat=chat.load_template(chat_teacher, tok))
+    c = TeacherCache.open(cache)
+    for name, d in (("train", train), ("heldout", held)):
+        stored = c.dataset(name)
+        assert np.array_equal(stored.sequences, d.sequences) and np.array_equal(stored.masks, d.masks)
+    out = tmp_path / "run"
+    assert cli.main(["distill", "--teacher", chat_teacher, "--teacher-cache", str(cache), "--out", str(out),
+                     "--student-layers", "1", "--steps", "2", "--batch", "2", "--seq", "12", "--eval-every", "2",
+                     "--eval-batches", "2", "--no-progress"]) == 0
+    ev = checkpoint.load(out).state["evals"]
+    want = sum(int(b.loss_mask[:, 1:].sum()) for b in held.in_order_batches(2, limit=4))
+    assert ev["2"]["tokens"] == ev["0"]["tokens"] == want
