@@ -806,6 +806,67 @@ DISTILL = [
             text = llm(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
             print(repr(prompt + text))
     """),
+    md("""
+        ## Instruction data, a teacher cache, and an audit of the teacher
+
+        `--data` also takes JSONL conversations (`{"prompt", "completion"}` or `{"messages": [...]}`),
+        rendered with the teacher's chat template through a sandboxed Jinja2 environment; the
+        gemma-3 base file carries no template, so the package ships a Gemma-style one. Only the
+        assistant turns are trained: `trained` marks the ids whose prediction counts in the loss.
+    """),
+    code("""
+        from q4kdistill.formats.tokenizer import Tokenizer
+        from q4kdistill.train import chat
+
+        tok = Tokenizer.from_gguf(GGUF)
+        template = chat.load_template(GGUF, tok, chat.GEMMA_TEMPLATE)
+        messages = chat.record_messages({"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5."}, "example")
+        ids, trained, text = chat.encode_conversation(tok, template, messages)
+        print(repr(text))
+        print("trained:", repr(tok.decode(ids[trained == 1].tolist(), special=True)))
+        assert tok.decode(ids[trained == 1].tolist(), special=True) == "2 + 3 = 5.<end_of_turn>\\n"
+    """),
+    md("""
+        `cache-teacher` runs the teacher once and keeps its top-k log-probs per token (ids
+        bit-packed at 18 bits for V = 262,144, fp16 log-probs, zlib); `distill --teacher-cache`
+        then trains without loading the teacher, with a KL over the k ids plus one "rest" class.
+        `audit` measures how far a teacher is from a reference on your data: here the real file
+        against a copy whose Q4_K tensors our own quantizer made coarser (2-bit-like groups).
+    """),
+    code("""
+        import sysconfig
+
+        from q4kdistill.formats.degrade import write_degraded_copy
+        from q4kdistill.teacher.audit import audit
+        from q4kdistill.train.teacher_cache import cache_teacher
+
+        small = dict(chars=400, seq=16, steps=2) if SIZE == "cpu" else dict(chars=20000, seq=128, steps=30)
+        data = OUT / "04_cache_data"
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir()
+        topics = (Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py").read_text()
+        for i in range(4):
+            (data / f"part{i}.txt").write_text(topics[30000 + i * small["chars"]:30000 + (i + 1) * small["chars"]])
+        cache_dir = OUT / "04_teacher_cache"
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        info = cache_teacher(GGUF, str(data), cache_dir, top_k=64, seq=small["seq"], heldout=0.25, progress=False)
+        print(f"{info['tokens']} tokens cached, {info['bytes_per_token']:.1f} bytes/token")
+
+        out = OUT / "04_run_from_cache"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = DistillConfig(teacher=GGUF, teacher_cache=str(cache_dir), out=str(out), student_layers=[0, 17],
+                            steps=small["steps"], batch=2, seq=small["seq"], lr=1e-3, warmup=1, heldout=0.25,
+                            eval_every=small["steps"], eval_batches=1, save_every=small["steps"])
+        from_cache = distill(cfg, progress=False)
+        print({k: round(v["teacher_kl"], 4) for k, v in from_cache["evals"].items()}, "(held-out KL over the k + 1 classes)")
+
+        coarse = OUT / "04_gemma_coarse.gguf"
+        write_degraded_copy(GGUF, coarse)
+        report = audit(str(coarse), GGUF, str(data), seq=small["seq"], max_tokens=small["seq"] * (1 if SIZE == "cpu" else 16),
+                       progress=False, log=None)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items() if k not in ("teacher", "reference")})
+        assert report["kl_mean"] > 0 and report["top1_agreement"] < 1
+    """),
 ]
 
 

@@ -62,6 +62,10 @@ CLI_TINY = {
                "--seq 16 --eval-every 2 --eval-batches 1 --save-every 2 --out {work}/run --no-progress",
     "export": "q4kdistill export --checkpoint {work}/run --out {work}/student.gguf --type f16",
     "demo": "q4kdistill demo --synthetic --steps 1 --out {work}/demo",
+    "cache-teacher": "q4kdistill cache-teacher --teacher {tiny} --data {work}/text --top-k 4 --seq 16 --batch 2 "
+                     "--out {work}/cache --json --no-progress",
+    "audit": "q4kdistill audit --teacher {tiny} --reference {tiny} --data {work}/text --seq 16 --batch 2 "
+             "--max-tokens 32 --json --no-progress",
     "bench student": CLAIM_TINY["q4kdistill bench student --preset qwen2-0.5b --batch 8 --seq 512"],
     "bench teacher": CLAIM_TINY["q4kdistill bench teacher --json"],
     "bench step": "q4kdistill bench step --tiny --no-peer --json {work}/step.json",

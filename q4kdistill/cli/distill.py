@@ -13,7 +13,12 @@ HELP = "distil a frozen GGUF teacher into a small student (checkpoints, --resume
 
 HELPS = {
     "teacher": "teacher GGUF (or APR file, or manifest JSON)",
-    "data": "text file or folder, .bin (uint32) / .npy token shards, or 'demo' (Python's own sources and docs)",
+    "data": "text file or folder, .jsonl chat data (loss on the responses only), .bin (uint32) / .npy token shards, "
+            "or 'demo' (Python's own sources and docs)",
+    "chat_template": "Jinja2 chat template for .jsonl data, for a GGUF without tokenizer.chat_template "
+                     "(q4kdistill/data/gemma_chat_template.jinja for a Gemma base model)",
+    "teacher_cache": "train from a `q4kdistill cache-teacher` folder: data and teacher top-k from it, the teacher "
+                     "file only initialises the student (sparse KD over the k ids + the rest)",
     "out": "run directory: checkpoint.npz and metrics.jsonl (default ./out)",
     "student_layers": "teacher blocks copied into the student, e.g. 0,3,6,9 (default: 4 spread out)",
     "student_init": "start the student from this GGUF instead (e.g. a smaller model of the family)",
@@ -25,8 +30,9 @@ HELPS = {
     "steps": "optimizer steps", "batch": "sequences per step (B)", "seq": "tokens per sequence (T)",
     "lr": "peak learning rate", "warmup": "linear warm-up steps", "min_lr_ratio": "cosine ends at lr x this",
     "weight_decay": "AdamW weight decay (matrices only)", "clip": "global gradient-norm clip (0: off)",
-    "loss": "kl | rkl | jsd", "temperature": "softmax temperature of the KD loss",
+    "loss": "kl | rkl | jsd | skl (skew KL) | srkl (skew reverse KL) | tvd (total variation)", "temperature": "softmax temperature of the KD loss",
     "alpha": "weight of the hard-label CE: alpha CE + (1 - alpha) KD", "beta": "JSD mixture weight",
+    "skew_alpha": "skew of skl / srkl: KL(p || a p + (1-a) q), in [0, 1) (DistiLLM uses 0.1)",
     "top_k": "keep only the teacher's k largest logits",
     "chunk_tokens": "tokens per [chunk, vocab] logits slab (lower it if memory runs out)",
     "checkpoint_activations": "recompute block activations in the backward (less memory)",

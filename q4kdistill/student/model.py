@@ -36,7 +36,7 @@ import numpy as np
 from .. import backend
 from ..config import ModelConfig
 from ..errors import Q4KError
-from .losses import LossConfig, chunk_loss, finish_parts, masked_sum, token_weights
+from .losses import LossConfig, SparseTargets, chunk_loss, finish_parts, masked_sum, token_weights
 from .ops import (embedding_backward, embedding_forward, glu_backward, glu_forward, linear_backward, linear_forward, rmsnorm_backward, rmsnorm_forward,
                   rope_backward, rope_forward, rope_tables)
 from .ops.flash_attention import flash_attention_backward, flash_attention_forward
@@ -292,9 +292,11 @@ class Student:
 
     # -- loss and backward ---------------------------------------------------------------------
     def loss_and_grads(self, input_ids, teacher_logits_or_fn, loss_cfg: LossConfig = None, attention_mask=None,
-                       accumulate=False):
+                       accumulate=False, loss_mask=None):
         """-> (loss, grads, parts). ``teacher_logits_or_fn``: [B, T, V] array, a callable
-        fn(start, stop) -> [stop - start, V] over the flattened tokens, or None (CE only, alpha 1).
+        fn(start, stop) -> [stop - start, V] (or SparseTargets, a teacher cache's) over the
+        flattened tokens, or None (CE only, alpha 1). ``loss_mask`` [B, T]: 1 where the id is a
+        training target (instruction data; see losses.token_weights).
         grads: name -> view of the flat grad buffer (zeroed first unless ``accumulate``)."""
         cfg, xp = self.config, self.xp
         loss_cfg = loss_cfg or LossConfig()
@@ -304,7 +306,7 @@ class Student:
         h, (batch, saved, emb_cache, norm_cache) = self._trunk(
             ids, attention_mask, keep="inputs" if self.checkpoint else "caches")
         mask = None if attention_mask is None else xp.asarray(attention_mask)
-        w = token_weights(ids, mask, loss_cfg)
+        w = token_weights(ids, mask, loss_cfg, None if loss_mask is None else xp.asarray(loss_mask))
         dh, kd_sum, ce_sum = self._head_backward(h, teacher_logits_or_fn, loss_cfg, w)
         dx, dw = rmsnorm_backward(dh.reshape(batch.B, batch.T, -1), norm_cache)
         self.grads["output_norm.weight"] += dw
@@ -327,6 +329,8 @@ class Student:
             t = teacher(start, stop)
         else:
             t = teacher.reshape(-1, teacher.shape[-1])[start:stop]
+        if isinstance(t, SparseTargets):                                # a teacher cache's top-k
+            return t.to(self.xp)
         if tuple(t.shape) != (stop - start, self.config.vocab_size):
             raise Q4KError(f"teacher logits for tokens {start}:{stop} have shape {tuple(t.shape)}, "
                            f"expected {(stop - start, self.config.vocab_size)} (same vocabulary as the student?)")

@@ -48,7 +48,9 @@ RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_batches", "save_every",
 @dataclass
 class DistillConfig:
     teacher: str = ""                     # GGUF / APR / manifest
-    data: str = ""                        # text file/folder, .bin/.npy shards, or "demo" (stdlib corpus)
+    data: str = ""                        # text file/folder, .jsonl chat data, .bin/.npy shards, or "demo"
+    chat_template: str | None = None      # Jinja2 file for .jsonl data (default: the GGUF's own template)
+    teacher_cache: str | None = None      # train from a cache-teacher folder instead of running the teacher
     out: str = "out"                      # run directory: checkpoint.npz, metrics.jsonl
     student_layers: list | None = None    # teacher blocks copied into the student (None: 4 spread out)
     student_init: str | None = None       # or: a GGUF whose weights start the student (another model)
@@ -62,10 +64,11 @@ class DistillConfig:
     min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
     clip: float = 1.0                     # global gradient-norm clip (0: off)
-    loss: str = "kl"                      # kl | rkl | jsd
+    loss: str = "kl"                      # kl | rkl | jsd | skl | srkl | tvd
     temperature: float = 1.0
     alpha: float = 0.0                    # loss = alpha * CE + (1 - alpha) * KD
     beta: float = 0.5                     # jsd mixture weight
+    skew_alpha: float = 0.1               # skl / srkl skew (DistiLLM), in [0, 1)
     top_k: int | None = None              # keep only the teacher's k largest logits
     chunk_tokens: int = 256               # tokens per [chunk, V] logits slab (LM head + loss)
     checkpoint_activations: bool = False  # recompute block activations in the backward
@@ -91,8 +94,10 @@ class DistillConfig:
         cfg = dataclasses.replace(self, **typed_settings(self.to_dict(), "settings"))
         if not cfg.teacher:
             raise Q4KError("no teacher given (--teacher FILE)")
-        if not cfg.data:
+        if not cfg.data and not cfg.teacher_cache:
             raise Q4KError("no data given (--data PATH)")
+        if cfg.teacher_cache and cfg.top_k is not None:
+            raise Q4KError("--top-k does not apply to --teacher-cache (the cache holds the teacher's top k already)")
         if cfg.student_shape and (cfg.student_layers or cfg.student_init):
             other = "--student-layers" if cfg.student_layers else "--student-init"
             raise Q4KError(f"give {other} or --student-shape, not both: each one says where the student comes from")
@@ -145,24 +150,38 @@ TOKEN_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "q4kdistill", "tok
 
 def load_data(cfg: DistillConfig, log):
     """-> (tokenizer, train, held-out TokenDatasets, data identity). Text goes through the teacher's
-    own tokenizer; "demo" is Python's standard library (held-out modules kept apart)."""
+    own tokenizer, JSONL conversations through its chat template (or --chat-template); "demo" is
+    Python's standard library (held-out modules kept apart)."""
+    from .chat import load_template
     from .corpus import demo_corpus, load_datasets
     from ..formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(cfg.teacher) if cfg.teacher.lower().endswith(".gguf") else None
+    chat = None if tokenizer is None else load_template(cfg.teacher, tokenizer, cfg.chat_template, required=False)
     paths, held = demo_corpus() if cfg.data == "demo" else (cfg.data, None)
     train, heldout = load_datasets(paths, cfg.seq, tokenizer, held_out=cfg.heldout, held_out_paths=held,
-                                   seed=cfg.seed, cache_dir=TOKEN_CACHE)
+                                   seed=cfg.seed, cache_dir=TOKEN_CACHE, chat=chat)
     if heldout is None:
         raise Q4KError("no held-out data to evaluate on: give --heldout above 0 (a share of the files)")
-    log(f"data: {train.n_tokens:,} training tokens ({len(train)} sequences of {cfg.seq}), "
+    trained = "" if train.masks is None else f", {train.n_trained:,} of them responses (trained)"
+    log(f"data: {train.n_tokens:,} training tokens ({len(train)} sequences of {cfg.seq}){trained}, "
         f"{heldout.n_tokens:,} held out")
     return tokenizer, train, heldout, {"train": train.fingerprint, "heldout": heldout.fingerprint}
 
 
+class OnlineTargets:
+    """The teacher itself as the source of a batch's targets (its logits, chunk by chunk)."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def targets(self, batch, split):
+        return finite_logits_fn(self.teacher.logits_fn(batch.ids), batch.ids.shape[1])
+
+
 def heldout_batches(cfg: DistillConfig, heldout) -> list:
-    """The same first ``eval_batches`` held-out batches at every evaluation."""
-    return list(heldout.in_order(cfg.batch, limit=cfg.batch * cfg.eval_batches))
+    """The same first ``eval_batches`` held-out batches (corpus.Batch) at every evaluation."""
+    return list(heldout.in_order_batches(cfg.batch, limit=cfg.batch * cfg.eval_batches))
 
 
 def student_precision(cfg: DistillConfig) -> str:
@@ -225,8 +244,11 @@ def file_identity(path, head_bytes=1 << 22) -> dict:
 
 def fingerprint(cfg: DistillConfig, teacher, student, data_id) -> dict:
     """What a checkpoint must share with this run to be resumed (see checkpoint.check_fingerprint)."""
-    fp = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES + ("teacher", "data")}
+    skip = RESUMABLE_CHANGES + ("teacher", "data", "teacher_cache", "chat_template")  # content below, not paths
+    fp = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     fp["teacher"] = file_identity(cfg.teacher)
+    if cfg.teacher_cache:
+        fp["teacher_cache"] = teacher.cache_identity
     s = student.config
     fp["student"] = f"{s.architecture} {s.n_layers} blocks d{s.d_model} ff{s.d_ff} V{s.vocab_size}, {student.n_params:,} params"
     fp["data"] = data_id
@@ -245,32 +267,46 @@ def make_optimizer(cfg: DistillConfig, student):
 def make_loss_config(cfg: DistillConfig):
     from ..student.losses import LossConfig
 
-    return LossConfig(kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta, top_k=cfg.top_k)
+    return LossConfig(kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta,
+                      skew_alpha=cfg.skew_alpha, top_k=cfg.top_k)
 
 
 # -- evaluation ---------------------------------------------------------------------------
 
 def evaluate(student, teacher, batches) -> dict:
-    """Held-out: teacher-KL (nats/token, T = 1), student perplexity, top-1 agreement with the teacher."""
-    from ..student.losses import ce_rows, log_softmax
+    """Held-out: teacher-KL (nats/token, T = 1), student perplexity, top-1 agreement with the teacher.
+
+    ``teacher``: a Teacher, or a targets source (OnlineTargets, TeacherCache); ``batches``: corpus.Batch
+    (or plain id arrays). With a loss mask (instruction data) every number counts only the positions
+    whose next id is a target (the responses). From a teacher cache the KL is over its k + 1 classes
+    (top k and the rest) and agreement is with the cached most probable id."""
+    from .corpus import Batch
+    from ..student.losses import LossConfig, SparseTargets, ce_rows, log_softmax, sparse_kd_rows, token_weights
 
     xp = student.xp
     kl = ce = agree = 0.0
     n_tok = n_ce = 0
-    for ids in batches:
-        t_fn = teacher.logits_fn(ids)
-        targets = xp.full(ids.shape, -1, dtype=xp.int64)            # next token, none at the end
-        targets[:, :-1] = xp.asarray(ids)[:, 1:]
-        targets = targets.reshape(-1)
-        for start, stop, s in student.iter_logits(ids):
-            t = check_finite(xp.asarray(t_fn(start, stop)), "the teacher's logits", start, ids.shape[1])   # [n, V]
-            lq, lp = log_softmax(s), log_softmax(t)
-            kl += float((xp.exp(lp) * (lp - lq)).sum())
-            agree += float((s.argmax(axis=-1) == t.argmax(axis=-1)).sum())
-            rows, _ = ce_rows(s, targets[start:stop], need_grad=False)
-            ce += float(rows.sum())
-            n_tok += stop - start
-            n_ce += int((targets[start:stop] >= 0).sum())
+    for b in batches:
+        b = b if isinstance(b, Batch) else Batch(np.asarray(b), None, None)
+        t_fn = teacher.targets(b, "heldout") if hasattr(teacher, "targets") else teacher.logits_fn(b.ids)
+        w = token_weights(xp.asarray(b.ids), None, LossConfig(), None if b.loss_mask is None else xp.asarray(b.loss_mask))
+        for start, stop, s in student.iter_logits(b.ids):
+            t, sel = t_fn(start, stop), w["kd_mask"][start:stop]
+            if isinstance(t, SparseTargets):
+                t = t.to(xp)
+                rows, _ = sparse_kd_rows(s, t, LossConfig("kl"))
+                hit = s.argmax(axis=-1) == t.ids[:, 0]
+            else:
+                t = check_finite(xp.asarray(t), "the teacher's logits", start, b.ids.shape[1])   # [n, V]
+                lq, lp = log_softmax(s), log_softmax(t)
+                rows = (xp.exp(lp) * (lp - lq)).sum(axis=-1)
+                hit = s.argmax(axis=-1) == t.argmax(axis=-1)
+            kl += float(xp.where(sel, rows, 0.0).sum())
+            agree += float((hit & sel).sum())
+            ce_r, _ = ce_rows(s, w["targets"][start:stop], need_grad=False)
+            ce += float(ce_r.sum())
+            n_tok += int(sel.sum())
+            n_ce += int((w["targets"][start:stop] >= 0).sum())
     return {"teacher_kl": kl / max(n_tok, 1), "student_ppl": math.exp(min(ce / max(n_ce, 1), 700.0)),
             "top1_agreement": agree / max(n_tok, 1), "tokens": n_tok}
 
@@ -455,17 +491,53 @@ class Run:
     fingerprint: dict
     eval_batches: list = field(default_factory=list)
     step: int = 0                 # optimizer steps taken
+    targets: object = None        # where a batch's teacher targets come from: OnlineTargets or TeacherCache
 
 
 def setup(cfg: DistillConfig, log) -> Run:
+    if cfg.teacher_cache:
+        return setup_from_cache(cfg, log)
     teacher = load_teacher(cfg, log)
     tokenizer, train, heldout, data_id = load_data(cfg, log)
     student = build_student(cfg, teacher)
     check_vocab(cfg, teacher, student)
     check_data_vocab((train, heldout), student.config.vocab_size)
     run = Run(cfg, teacher, tokenizer, train, heldout, train.batches(cfg.batch, seed=cfg.seed), student,
-              make_optimizer(cfg, student), make_loss_config(cfg), {})
+              make_optimizer(cfg, student), make_loss_config(cfg), {}, targets=OnlineTargets(teacher))
     run.fingerprint = fingerprint(cfg, teacher, student, data_id)
+    run.eval_batches = heldout_batches(cfg, heldout)
+    return run
+
+
+def setup_from_cache(cfg: DistillConfig, log) -> Run:
+    """Training from a teacher cache: data and targets from the cache; the teacher file is read
+    (on the host, tensor by tensor) only to initialise the student, never uploaded."""
+    from .teacher_cache import FileWeights, TeacherCache
+
+    cache = TeacherCache.open(cfg.teacher_cache)
+    meta = cache.meta
+    if cfg.seq != meta["seq"]:
+        raise Q4KError(f"--seq {cfg.seq} differs from the teacher cache's {meta['seq']} (its sequences are packed)")
+    if cfg.temperature != meta["temperature"]:
+        raise Q4KError(f"--temperature {cfg.temperature:g} differs from the teacher cache's {meta['temperature']:g} "
+                       "(its log-probs are at that temperature)")
+    if not os.path.exists(cfg.teacher):
+        raise Q4KError(f"{cfg.teacher}: no such teacher file (the student is initialised from it)")
+    weights = FileWeights(cfg.teacher)
+    train, heldout = cache.dataset("train"), cache.dataset("heldout")
+    if heldout is None:
+        raise Q4KError(f"{cfg.teacher_cache} has no held-out split to evaluate on: make it with --heldout above 0")
+    student = build_student(cfg, weights)
+    if student.config.vocab_size != meta["vocab_size"]:
+        raise Q4KError(f"vocabulary mismatch: the student has {student.config.vocab_size} tokens, the teacher "
+                       f"cache {meta['vocab_size']}")
+    check_data_vocab((train, heldout), student.config.vocab_size)
+    log(f"teacher cache {cfg.teacher_cache}: top-{meta['top_k']} of {meta['vocab_size']:,}, {train.n_tokens:,} training "
+        f"tokens, {heldout.n_tokens:,} held out (the teacher is not loaded)")
+    weights.cache_identity = cache.identity
+    run = Run(cfg, weights, None, train, heldout, train.batches(cfg.batch, seed=cfg.seed), student,
+              make_optimizer(cfg, student), make_loss_config(cfg), {}, targets=cache)
+    run.fingerprint = fingerprint(cfg, weights, student, {"train": train.fingerprint, "heldout": heldout.fingerprint})
     run.eval_batches = heldout_batches(cfg, heldout)
     return run
 
@@ -480,7 +552,7 @@ def start(run: Run, resume: bool, log) -> dict:
         return evals
     if checkpoint.exists(cfg.out):
         raise Q4KError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose a new --out")
-    evals = {"0": evaluate(run.student, run.teacher, run.eval_batches)}
+    evals = {"0": evaluate(run.student, run.targets, run.eval_batches)}
     MetricsLog(cfg.out, resume_step=None).write({"step": 0, "eval": evals["0"]})
     log(f"step 0: held-out {eval_line(evals['0'])}")
     return evals
@@ -495,9 +567,10 @@ def finite_logits_fn(fn, seq_len: int):
 def train_step(run: Run, batches) -> dict:
     """One optimizer step; returns its metrics record. Nothing changes if the loss is not finite."""
     t0 = time.perf_counter()
-    ids = next(batches)                                                   # [B, T]
-    teacher = None if run.loss_cfg.alpha == 1.0 else finite_logits_fn(run.teacher.logits_fn(ids), ids.shape[1])
-    loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg)
+    batch = batches.next_batch()                                          # ids [B, T], loss mask, index
+    ids = batch.ids
+    teacher = None if run.loss_cfg.alpha == 1.0 else run.targets.targets(batch, "train")   # CE only: no teacher
+    loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg, loss_mask=batch.loss_mask)
     grad_norm = run.opt.grad_norm()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return {"loss": loss, "grad_norm": grad_norm, "finite": False}
@@ -527,7 +600,7 @@ def train(run: Run, evals: dict, progress: bool) -> dict:
             bar.set_postfix_str(progress_line(record), refresh=False)
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                evals[str(step)] = evaluate(run.student, run.teacher, run.eval_batches)
+                evals[str(step)] = evaluate(run.student, run.targets, run.eval_batches)
                 metrics.write({"step": step, "eval": evals[str(step)]})
                 bar.write(f"step {step}: held-out {eval_line(evals[str(step)])}")
             if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:

@@ -19,7 +19,7 @@ from ..errors import Q4KError
 
 # teacher.model.BACKENDS, repeated so that checking a flag imports no kernels (a test keeps them equal)
 TEACHER_BACKENDS = ("auto", "native", "dense", "dequant-f32", "dequant-bf16", "dequant-f16")
-LOSSES = ("kl", "rkl", "jsd")
+LOSSES = ("kl", "rkl", "jsd", "skl", "srkl", "tvd")
 BIG = 10 ** 9
 MAX_LAYERS = 4096
 
@@ -60,6 +60,8 @@ RULES = {
     "heldout": Rule(float, 0, 1, below=True), "teacher_backend": Rule(str, choices=TEACHER_BACKENDS),
     "gpu_memory": Rule(str, optional=True),   # a size or "auto": parsed by memory.fit.parse_bytes
     "student_shape": Rule(str, optional=True), "precision": Rule(str, choices=("auto", "bf16", "fp32")),
+    "chat_template": Rule(str, optional=True), "teacher_cache": Rule(str, optional=True),
+    "skew_alpha": Rule(float, 0, 1, below=True),
 }
 
 
