@@ -20,6 +20,7 @@ def _step_arguments(p) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': stdout)")
     p.add_argument("--shapes", nargs="+", metavar="BxT",
                    help="B x T shapes added to 8x512 2x4096 1x8192 (e.g. 1x16384 1x32768)")
+    p.add_argument("--only", action="store_true", help="time only the --shapes given, not the default three")
     add_step_arguments(p)
 
 
@@ -53,7 +54,7 @@ def run_step(args) -> int:
         raise Q4KError("bench step needs a CUDA GPU (CuPy); on the CPU run `bench step --tiny`")
     if min(args.warmup, args.repeats - 1, args.cut_layers - 1, args.chunk_tokens - 1) < 0:
         raise Q4KError("--repeats, --cut-layers and --chunk-tokens must be >= 1, --warmup >= 0")
-    shapes = list(step.TINY_SHAPES if args.tiny else step.SHAPES)
+    shapes = [] if args.only and args.shapes else list(step.TINY_SHAPES if args.tiny else step.SHAPES)
     shapes += [s for s in step.parse_shapes(args.shapes) if s not in shapes]
     student_shape = args.student_shape or ("tiny" if args.tiny else "qwen2-0.5b")
     bench = step.StepBench(teacher=args.teacher, shapes=tuple(shapes), student_shape=student_shape,

@@ -125,14 +125,18 @@ class Matrix:
             return None, 0
         return _variant(self.kind, M, self.rows, self.K).decode_scratch(self.kind, M, self.rows, self.K)
 
-    def transient(self, M: int) -> int:
+    def transient(self, M: int, x_dtype: str = "float32") -> int:
         """Bytes a product at M rows allocates and frees again (x in fp16, q8 copies of x, padded
         rows, ...): all the variant's declared workspace but the decode scratch."""
         if not self.quantized:
             return 0
-        return _variant(self.kind, M, self.rows, self.K).transient_bytes(self.kind, M, self.rows, self.K)
+        v = _variant(self.kind, M, self.rows, self.K)
+        if x_dtype in v.accepts:
+            return v.transient_bytes(self.kind, M, self.rows, self.K, x_dtype)
+        # kernels.matmul widens x to float32 for a variant that does not take its dtype
+        return F32 * M * self.K + v.transient_bytes(self.kind, M, self.rows, self.K, "float32")
 
-    def linear(self, M: int, out_bytes: int, replaced_scratch: int = 0) -> int:
+    def linear(self, M: int, out_bytes: int, replaced_scratch: int = 0, x_dtype: str = "float32") -> int:
         """Bytes of one teacher_forward.linear at its fullest, its output included (not x, not the
         decode scratch), at M activation rows:
           quantized  the output + the larger of: the scratch buffer being replaced when this
@@ -141,15 +145,16 @@ class Matrix:
                      once: x in fp16 [M, K] for the decode-to-fp16-scratch variants, the padded
                      copy kernels.weights.device_views makes of rows not a multiple of 4 bytes,
                      q8 copies of x for the int8 GEMVs; kernels.Variant.workspace)
-          F32        the output
+          F32        the output (+ x widened to float32 when it comes in float16)
           F16        the output + x in fp16 (cuBLAS GemmEx)
           BF16       bf16_to_f32: astype(uint32) and << 16 alive at once (8 bytes/element), then
-                     the float32 matrix (4) and the output"""
+                     the float32 matrix (4) and the output (+ x widened to float32)"""
+        widened = F32 * M * self.K if x_dtype != "float32" and self.kind in ("F32", "BF16") else 0
         if self.kind == "BF16":
-            return max(2 * F32 * self.n, F32 * self.n + out_bytes)
+            return widened + max(2 * F32 * self.n, F32 * self.n + out_bytes)
         if not self.quantized:
-            return out_bytes + (2 * M * self.K if self.kind == "F16" else 0)
-        return out_bytes + max(replaced_scratch, self.transient(M))
+            return widened + out_bytes + (2 * M * self.K if self.kind == "F16" else 0)
+        return out_bytes + max(replaced_scratch, self.transient(M, x_dtype))
 
 
 def decode_scratch(uses) -> int:
@@ -225,24 +230,26 @@ def _chunks(N: int, C: int) -> list:
 
 
 def teacher_trunk_stages(info: ModelFile, B: int, T: int, backend: str, scratch: int) -> dict:
-    """hidden_states at its fullest moments in a block; each holds the decode scratch and rope tables:
-      attention    the flash attention kernel: x, h, roped q, k, v, their 16-bit copies, o and the
+    """hidden_states (teacher/forward.py, the GPU path) at its fullest moments in a block; each holds
+    the float32 residual stream x, the normalised input h in float16 (what the products take), the
+    decode scratch and the rope tables:
+      attention    the flash attention kernel: roped q, k, v (float32), their 16-bit copies, o and the
                    row log-sum-exp
-      attn_output  its product: x, h, roped q, k, v, o, and the 16-bit copies and log-sum-exp that
+      attn_output  its product: q, k, v, o and o in float16, and the 16-bit copies and log-sum-exp that
                    the dropped attention cache (bound to `_`) still holds
-      ffn          the GLU's activation: x, h, gate, up and the activation's temporaries
-      ffn_down     its product: x, h, gate, up and the GLU output (the cache bound to `_` keeps
-                   gate and up)"""
+      ffn          the fused GLU: gate, up (float32) and its float16 output (no temporaries)
+      ffn_down     its product: the GLU output (gate and up are deleted first)"""
     cfg, s = info.config, _sizes(info.config, B, T)
-    N, act_temps = s["N"], ACT_TEMPS[cfg.act][0]
+    N = s["N"]
     w = {n: Matrix(info.tensors[f"blk.0.{n}.weight"], backend) for n in ("attn_output", "ffn_down")}
-    common = dict(decode_scratch=scratch, rope_tables=s["rope"], x_and_normed=2 * s["ND"])
+    common = dict(decode_scratch=scratch, rope_tables=s["rope"], x_and_normed16=s["ND"] + s["ND"] // 2)
     return {
         "attention": dict(common, q_and_o=2 * s["NQ"], k_and_v=2 * s["NKV"], qkv_16bit=s["QKV16"], lse=s["L"]),
-        "attn_output": dict(common, q_and_o=2 * s["NQ"], k_and_v=2 * s["NKV"], qkv_16bit=s["QKV16"], lse=s["L"],
-                            product=w["attn_output"].linear(N, s["ND"])),
-        "ffn": dict(common, gate_and_up=2 * s["NF"], act_temps=act_temps * s["NF"]),
-        "ffn_down": dict(common, gate_up_and_glu=3 * s["NF"], product=w["ffn_down"].linear(N, s["ND"])),
+        "attn_output": dict(common, q_o_and_o16=2 * s["NQ"] + s["NQ"] // 2, k_and_v=2 * s["NKV"],
+                            qkv_16bit=s["QKV16"], lse=s["L"],
+                            product=w["attn_output"].linear(N, s["ND"], x_dtype="float16")),
+        "ffn": dict(common, gate_and_up=2 * s["NF"], glu16=s["NF"] // 2),
+        "ffn_down": dict(common, glu16=s["NF"] // 2, product=w["ffn_down"].linear(N, s["ND"], x_dtype="float16")),
     }
 
 
