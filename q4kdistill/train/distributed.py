@@ -36,6 +36,11 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 STATUS_OK, STATUS_NONFINITE, STATUS_STOP, STATUS_FAILED = 0, 1, 2, 4
 
 
+class StoppedByPeer(Q4KError):
+    """This rank stopped because another rank's fault (reported by that rank) stopped every rank;
+    the command line prints nothing for it, so a fault is one message, not one per rank."""
+
+
 class SingleProcess:
     """World of one: every collective is the identity."""
 
@@ -57,10 +62,14 @@ class SingleProcess:
 class LocalGroup:
     """W ranks in one process (one thread each), summing NumPy buffers in rank order."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, timeout: float | None = None):
         self.world_size = world_size
         self._slots = [None] * world_size
-        self._barrier = threading.Barrier(world_size)
+        self._barrier = threading.Barrier(world_size, timeout=timeout)   # timeout: a test's guard against hangs
+
+    def abort(self) -> None:
+        """Release every rank waiting in a collective (with threading.BrokenBarrierError)."""
+        self._barrier.abort()
 
     def communicator(self, rank: int) -> "LocalCommunicator":
         return LocalCommunicator(self, rank)
