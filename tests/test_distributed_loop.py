@@ -245,3 +245,22 @@ def test_nccl_world_of_one_equals_the_plain_run(teacher, corpus, tmp_path, monke
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), step
     assert plain["step"] == nccl["step"] == 5
+
+
+def test_plan_per_gpu_is_the_one_gpu_plan_of_the_share(capsys):
+    """plan --gpus N: one GPU's bytes, the whole teacher and student state with B/N sequences."""
+    from q4kdistill.memory import planner
+
+    manifest = os.path.join(os.path.dirname(planner.__file__), "..", "data",
+                            "deepseek-r1-distill-qwen-7b-q4_k_m.manifest.json")
+    whole = planner.make_plan(manifest, 16, 512, "params=0.5e9", checkpoint=False)
+    one_of_two = planner.make_plan(manifest, 16, 512, "params=0.5e9", checkpoint=False, gpus=2)
+    share = planner.make_plan(manifest, 8, 512, "params=0.5e9", checkpoint=False)
+    assert one_of_two.distill_step_peak_bytes == share.distill_step_peak_bytes < whole.distill_step_peak_bytes
+    assert one_of_two.row("student state").predicted_bytes == whole.row("student state").predicted_bytes
+    assert one_of_two.to_json()["global_batch"] == 16 and one_of_two.to_json()["gpus"] == 2
+    assert cli.main(["plan", "--teacher", manifest, "--batch", "16", "--gpus", "2", "--student-params", "0.5e9"]) == 0
+    assert "per GPU of 2 (global batch 16): batch 8" in capsys.readouterr().out
+    assert cli.main(["plan", "--teacher", manifest, "--batch", "6", "--gpus", "4"]) == 2
+    assert capsys.readouterr().err.strip() == ("q4kdistill: error: --batch 6 does not split evenly over 4 GPUs: "
+                                               "give a multiple of 4")
