@@ -114,7 +114,7 @@ class NcclCommunicator:
 
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self._cupy, self._nccl = cupy, nccl
-        cupy.cuda.Device(local_rank).use()
+        use_device(local_rank)
         self._comm = nccl.NcclCommunicator(world_size, unique_id, rank)
 
     def _dtype(self, a):
@@ -141,6 +141,21 @@ class NcclCommunicator:
 
     def close(self) -> None:
         self._comm.destroy()
+
+
+def use_device(local_rank: int) -> int:
+    """Make this rank's GPU current for CuPy and Numba -> its index. ``launch`` gives each rank one
+    visible GPU (CUDA_VISIBLE_DEVICES), which is then device 0; a rank that sees all of its host's
+    GPUs (torchrun without CUDA_VISIBLE_DEVICES) takes device LOCAL_RANK."""
+    import cupy
+
+    dev = 0 if cupy.cuda.runtime.getDeviceCount() == 1 else local_rank
+    cupy.cuda.Device(dev).use()
+    if dev != 0:
+        from numba import cuda
+
+        cuda.select_device(dev)             # the kernels' context on the same GPU as CuPy's arrays
+    return dev
 
 
 # -- rendezvous ---------------------------------------------------------------------------------
@@ -263,10 +278,11 @@ def launch(n: int, argv: list, available: int | None = None) -> int:
     if n > have:
         raise Q4KError(f"--gpus {n}: this machine has {have} GPU{'s' if have != 1 else ''} that CuPy can see")
     env = dict(os.environ, WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n)))).split(",")
     procs = []
-    for r in range(n):
+    for r in range(n):                      # one visible GPU per rank: CuPy, Numba and NCCL agree on it
         procs.append(subprocess.Popen([sys.executable, "-m", "q4kdistill"] + argv,
-                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
+                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r), CUDA_VISIBLE_DEVICES=visible[r])))
     worst = 0
     try:
         while procs:
