@@ -192,7 +192,12 @@ def share_bytes(payload: bytes | None, rank: int, world_size: int, addr: str, po
         return payload
     deadline = time.monotonic() + timeout
     if rank == 0:
-        srv = socket.create_server((addr, port), reuse_port=False)
+        try:
+            srv = socket.create_server((addr, port), reuse_port=False)
+        except OSError as exc:
+            raise Q4KError(f"rendezvous: rank 0 cannot listen on {addr}:{port} ({exc.strerror}); give a free "
+                           "MASTER_PORT, or (under torchrun, whose agent holds MASTER_PORT) a shared file in "
+                           "Q4KDISTILL_RENDEZVOUS_FILE") from None
         srv.settimeout(timeout)
         try:
             for _ in range(world_size - 1):
