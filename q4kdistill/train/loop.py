@@ -496,6 +496,7 @@ class Run:
     targets: object = None        # where a batch's teacher targets come from: OnlineTargets or TeacherCache
     comm: object = field(default_factory=dist.SingleProcess)   # the data-parallel group (distributed.py)
     stop_agreed: bool = False     # every rank saw a stop request at the last step (Ctrl-C on any rank)
+    interrupt: object = None      # StopOnInterrupt while training: .requested after a Ctrl-C
 
 
 def setup(cfg: DistillConfig, log) -> Run:
@@ -618,7 +619,7 @@ def data_parallel_backward(run: Run, batch) -> tuple:
         status |= 0 if math.isfinite(loss) else dist.STATUS_NONFINITE
     except Exception as exc:                         # incl. out of memory; Ctrl-C twice still ends at once
         status, failure = dist.STATUS_FAILED, exc
-    status |= dist.STATUS_STOP if run.stop_agreed or getattr(run, "interrupt", None) and run.interrupt.requested else 0
+    status |= dist.STATUS_STOP if run.stop_agreed or run.interrupt is not None and run.interrupt.requested else 0
     agreed = dist.agree_status(comm, status, xp)
     if agreed & dist.STATUS_FAILED:
         if failure is not None:
@@ -704,6 +705,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
     try:
         run = setup(cfg, log)
         run.comm = comm
+        if comm.world_size > 1:           # rank 0 evaluates the same sequences in batches of one rank's share
+            run.eval_batches = list(run.heldout.in_order_batches(cfg.batch // comm.world_size,
+                                                                 limit=cfg.batch * cfg.eval_batches))
         evals = start(run, resume, log)
         log(f"student: {run.student.config.n_layers} blocks, {run.student.n_params:,} params, {run.student.prec.name}; "
             f"steps {run.step}..{cfg.steps} of {cfg.batch} x {cfg.seq} tokens; loss {cfg.loss}, alpha {cfg.alpha}")
