@@ -201,6 +201,41 @@ def test_resume_on_the_same_count_is_bit_identical_and_on_another_equal_to_round
     assert all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in range(1, 9))
 
 
+CHAT = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}you say {{ m.content }}\n"
+        "{% else %}model says {{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}model says {% endif %}")
+
+
+def test_chat_masks_through_a_teacher_cache_match_one_rank(tmp_path, capsys):
+    """Instruction data (rows with unequal trained-token counts) from a teacher cache (targets looked up
+    by each rank's sequence numbers): 2 ranks equal 1 at the same global batch."""
+    small = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
+    tok = synthetic.default_tokenizer("gemma3", synthetic.tiny_config("gemma3", **small).vocab_size)
+    tok["tokenizer.chat_template"] = CHAT
+    teacher = synthetic.write_gguf(tmp_path / "t.gguf", synthetic.tiny_config("gemma3", **small), qtypes={"*": "F32"},
+                                   seed=2, tokenizer=tok)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "chat"
+    data.mkdir()
+    for i in range(4):
+        with open(data / f"c{i}.jsonl", "w") as f:
+            for _ in range(12):
+                say = lambda n: " ".join(rng.choice(synthetic._WORDS, n))   # noqa: E731
+                f.write(json.dumps({"prompt": say(int(rng.integers(2, 9))), "completion": say(int(rng.integers(2, 6)))}) + "\n")
+    cache = tmp_path / "cache"
+    assert cli.main(["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
+                     "--top-k", "8", "--seq", "12", "--heldout", "0.4", "--no-progress"]) == 0
+    capsys.readouterr()
+    cfg = lambda out: D.DistillConfig(teacher=str(teacher), teacher_cache=str(cache), out=str(out),   # noqa: E731
+                                      student_layers=[1], steps=6, batch=4, seq=12, lr=3e-3, eval_every=6,
+                                      eval_batches=1, precision="fp32")
+    D.distill(cfg(tmp_path / "one"), progress=False, log=lambda *a: None)
+    got = run_ranks(2, cfg(tmp_path / "two"))
+    assert all(isinstance(g, dict) for g in got), got
+    a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a), (a, b)
+
+
 def test_batch_must_split_evenly(teacher, corpus, tmp_path):
     got = run_ranks(4, config(teacher, corpus, tmp_path))         # 6 sequences over 4 ranks
     assert all(isinstance(g, Q4KError) and "--batch 6 does not split evenly over 4" in str(g) for g in got)
