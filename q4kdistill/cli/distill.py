@@ -119,9 +119,13 @@ def launch_ranks(cfg, explicit, args) -> int:
     import json
     import tempfile
 
+    from ..errors import Q4KError
     from ..train import distributed as dist
 
     dist.local_rows(cfg.batch, dist.LocalGroup(cfg.gpus).communicator(0))
+    if cfg.gpu_memory:
+        raise Q4KError(f"--gpu-memory does not apply to {cfg.gpus} GPUs: give --batch (the global batch); "
+                       "`q4kdistill plan --fit` finds one GPU's batch, to multiply by the GPUs")
     given = {k: getattr(cfg, k) for k in explicit}
     with tempfile.TemporaryDirectory(prefix="q4kdistill-launch-") as tmp:
         path = os.path.join(tmp, "settings.json")

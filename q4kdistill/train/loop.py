@@ -694,6 +694,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
         raise Q4KError(f"gpus={cfg.gpus} needs one process per GPU: run `q4kdistill distill --gpus {cfg.gpus}`, "
                        "torchrun, or pass distill(cfg, comm=...) from each rank")
     dist.local_rows(cfg.batch, comm)                     # the global batch must split evenly
+    if comm.world_size > 1 and cfg.gpu_memory:           # each rank would fit its own free memory: no agreement
+        raise Q4KError(f"--gpu-memory does not apply to {comm.world_size} GPUs: give --batch (the global batch); "
+                       "`q4kdistill plan --fit` finds one GPU's batch, to multiply by the GPUs")
     log = log if comm.rank == 0 else (lambda *a, **k: None)
     if cfg.gpu_memory and not (resume and checkpoint.exists(cfg.out)):
         from ..memory.fit import apply_budget
