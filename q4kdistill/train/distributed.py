@@ -21,6 +21,7 @@ it is (NVLink multicast stays off where ``NCCL_NVLS_ENABLE=0`` is set).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -277,8 +278,10 @@ def free_port() -> int:
 def launch(n: int, argv: list, available: int | None = None) -> int:
     """Run ``q4kdistill <argv>`` as ``n`` ranks on this host (one GPU each); -> the worst exit status.
 
-    A rank that fails makes the launcher stop the others (SIGTERM after a grace period); Ctrl-C
-    reaches every rank (same process group), which finish their step, save and exit 130."""
+    A rank that fails makes the launcher stop the others (SIGTERM after a grace period). The ranks
+    run in their own session, so a Ctrl-C at the terminal reaches the launcher alone, which passes
+    each one on to every rank exactly once: the first makes them finish the step, save and exit 130,
+    a second stops them at once (as for one process)."""
     have = gpu_count() if available is None else available
     if n > have:
         raise Q4KError(f"--gpus {n}: this machine has {have} GPU{'s' if have != 1 else ''} that CuPy can see")
@@ -286,9 +289,17 @@ def launch(n: int, argv: list, available: int | None = None) -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n)))).split(",")
     procs = []
     for r in range(n):                      # one visible GPU per rank: CuPy, Numba and NCCL agree on it
-        procs.append(subprocess.Popen([sys.executable, "-m", "q4kdistill"] + argv,
+        procs.append(subprocess.Popen([sys.executable, "-m", "q4kdistill"] + argv, start_new_session=True,
                                       env=dict(env, RANK=str(r), LOCAL_RANK=str(r), CUDA_VISIBLE_DEVICES=visible[r])))
-    worst = 0
+    worst, previous = 0, None
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, forward)
     try:
         while procs:
             for p in list(procs):
@@ -300,9 +311,9 @@ def launch(n: int, argv: list, available: int | None = None) -> int:
                 if rc not in (0, 130):
                     _stop(procs)
             time.sleep(0.2)
-    except KeyboardInterrupt:               # the ranks got the same SIGINT; wait for their checkpoints
-        for p in procs:
-            worst = max(worst, p.wait())
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return worst
 
 
