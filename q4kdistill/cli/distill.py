@@ -122,7 +122,7 @@ def launch_ranks(cfg, explicit, args) -> int:
     from ..errors import Q4KError
     from ..train import distributed as dist
 
-    dist.local_rows(cfg.batch, dist.LocalGroup(cfg.gpus).communicator(0))
+    dist.check_split(cfg.batch, cfg.gpus)
     if cfg.gpu_memory:
         raise Q4KError(f"--gpu-memory does not apply to {cfg.gpus} GPUs: give --batch (the global batch); "
                        "`q4kdistill plan --fit` finds one GPU's batch, to multiply by the GPUs")

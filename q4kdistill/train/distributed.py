@@ -328,12 +328,16 @@ def _stop(procs, grace: float = 30.0) -> None:
 
 # -- what the training loop calls -------------------------------------------------------------
 
+def check_split(batch: int, world_size: int) -> int:
+    """-> sequences per rank; a one-line Q4KError when ``batch`` does not split evenly."""
+    if batch % world_size:
+        raise Q4KError(f"--batch {batch} does not split evenly over {world_size} GPUs: give a multiple of {world_size}")
+    return batch // world_size
+
+
 def local_rows(batch: int, comm) -> slice:
     """This rank's rows of a global batch of ``batch`` sequences."""
-    if batch % comm.world_size:
-        raise Q4KError(f"--batch {batch} does not split evenly over {comm.world_size} GPUs: give a multiple of "
-                       f"{comm.world_size}")
-    n = batch // comm.world_size
+    n = check_split(batch, comm.world_size)
     return slice(comm.rank * n, (comm.rank + 1) * n)
 
 
