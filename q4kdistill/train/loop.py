@@ -627,7 +627,7 @@ def data_parallel_backward(run: Run, batch) -> tuple:
         raise dist.StoppedByPeer(f"step {run.step + 1}: another rank failed (its error is its own message); "
                                  f"every rank stopped, the last checkpoint in {run.cfg.out} is kept")
     run.stop_agreed = bool(agreed & dist.STATUS_STOP)
-    sums = xp.asarray([loss, parts["kd"], parts["ce"]], dtype=xp.float64)     # each rank's share
+    sums = xp.asarray([float(loss), float(parts["kd"]), float(parts["ce"])], dtype=xp.float64)   # this rank's share
     comm.allreduce(sums)
     loss, kd, ce = (float(v) for v in backend.to_host(sums))
     if agreed & dist.STATUS_NONFINITE:               # the summed loss is then not finite either
