@@ -98,3 +98,17 @@ def test_env_rank(monkeypatch):
 def test_launch_refuses_without_gpus():
     with pytest.raises(Q4KError, match="--gpus 2: this machine has 0 GPUs"):
         dist.launch(2, ["distill"], available=0)
+
+
+def test_tcp_rendezvous_port_in_use_is_one_line():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        with pytest.raises(Q4KError, match="cannot listen on 127.0.0.1:.*Q4KDISTILL_RENDEZVOUS_FILE"):
+            dist.share_bytes(b"x", 0, 2, "127.0.0.1", port, timeout=1)
+
+
+def test_launch_runs_every_rank_and_returns_the_worst_status(tmp_path):
+    """Two ranks of a command that fails (exit 2 with one line each): the launcher reports 2."""
+    assert dist.launch(2, ["inspect", str(tmp_path / "missing.gguf")], available=2) == 2

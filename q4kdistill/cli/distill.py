@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 NAME = "distill"
 HELP = "distil a frozen GGUF teacher into a small student (checkpoints, --resume, metrics.jsonl)"
@@ -41,6 +42,8 @@ HELPS = {
     "truncate_vocab": "allow a teacher/student vocabulary mismatch by cutting both to the smaller",
     "heldout": "share of the data files held out for evaluation",
     "teacher_backend": "auto | native | dense | dequant-f32 | dequant-bf16 | dequant-f16",
+    "gpus": "data-parallel ranks, one process per GPU of this host; --batch is the global batch and must split "
+            "evenly (several hosts: start each rank with torchrun-style RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)",
     "gpu_memory": "fit this GPU memory (24GB, 24GiB, or auto = the free memory now): batch, --chunk-tokens and "
                   "--checkpoint-activations not given are chosen by the planner (q4kdistill plan --fit)",
 }
@@ -85,6 +88,8 @@ def finish(summary) -> int:
 
     from ..train.loop import summary_table
 
+    if summary.get("rank", 0) != 0:                  # rank 0 alone prints what was learned
+        return 130 if summary["interrupted"] else 0
     print(summary_table(summary["evals"]))
     if summary["interrupted"]:
         print(f"q4kdistill: interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']}; "
@@ -96,7 +101,35 @@ def finish(summary) -> int:
 
 
 def run(args) -> int:
+    from ..train import distributed as dist
     from ..train.loop import distill
 
     cfg, explicit = config_from_args(args, with_explicit=True)
-    return finish(distill(cfg, resume=args.resume, progress=not args.no_progress, explicit=explicit))
+    if cfg.gpus > 1 and "WORLD_SIZE" not in os.environ:        # spawn the ranks; each is this command again
+        return launch_ranks(cfg, explicit, args)
+    try:
+        return finish(distill(cfg, resume=args.resume, progress=not args.no_progress, explicit=explicit))
+    except dist.StoppedByPeer:                                # the rank at fault has said why
+        return 2
+
+
+def launch_ranks(cfg, explicit, args) -> int:
+    """``--gpus N`` on one host: N processes (distributed.launch) that read the settings given here
+    from a JSON file; the batch is checked first, so a bad split is one line, not N."""
+    import json
+    import tempfile
+
+    from ..errors import Q4KError
+    from ..train import distributed as dist
+
+    dist.check_split(cfg.batch, cfg.gpus)
+    if cfg.gpu_memory:
+        raise Q4KError(f"--gpu-memory does not apply to {cfg.gpus} GPUs: give --batch (the global batch); "
+                       "`q4kdistill plan --fit` finds one GPU's batch, to multiply by the GPUs")
+    given = {k: getattr(cfg, k) for k in explicit}
+    with tempfile.TemporaryDirectory(prefix="q4kdistill-launch-") as tmp:
+        path = os.path.join(tmp, "settings.json")
+        with open(path, "w") as f:
+            json.dump(given, f)
+        argv = ["distill", "--config", path] + ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
+        return dist.launch(cfg.gpus, argv)

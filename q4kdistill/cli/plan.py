@@ -57,12 +57,16 @@ def add_arguments(p) -> None:
                    "GPU memory (24GB, 24GiB, 2.5e10); batch, chunk and checkpointing not given are searched")
     p.add_argument("--margin", type=float, default=None, metavar="M",
                    help="with --fit: safety margin over the predicted peak (default 0.10, the planner's tolerance)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="data parallelism over N GPUs (distill --gpus): --batch is the global batch; the bytes are "
+                        "one GPU's (the whole teacher, a student replica, batch / N sequences' activations)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def run(args) -> int:
     import json
 
+    from ..errors import Q4KError
     from ..memory import planner
     from ..train.loop import DistillConfig
     from ..train.options import typed_value
@@ -70,13 +74,17 @@ def run(args) -> int:
     for name in ("batch", "seq", "chunk_tokens"):
         if getattr(args, name) is not None:
             typed_value(name, getattr(args, name), "plan", from_text=True)
+    if args.gpus < 1:
+        raise Q4KError(f"--gpus {args.gpus}: give 1 or more")
     if args.fit:
+        if args.gpus != 1:
+            raise Q4KError("--fit searches one GPU's settings: give --fit without --gpus, then multiply the batch")
         return _run_fit(args)
     precision = "fp32" if args.precision == "fp32" else "bf16"        # a plan is for a GPU: auto is bf16
     plan = planner.make_plan(args.teacher, args.batch or 1, args.seq, student_spec(args),
                              chunk_tokens=args.chunk_tokens or DistillConfig.chunk_tokens,
                              checkpoint=bool(args.checkpoint), teacher_backend=args.teacher_backend,
-                             precision=precision)
+                             precision=precision, gpus=args.gpus)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
         return 0
@@ -85,7 +93,8 @@ def run(args) -> int:
           f"{plan.teacher['total_tensor_bytes']:,} bytes)")
     print(f"student {plan.student['n_params']:,} params ({precision}): d_model {s['d_model']}, {s['n_layers']} layers, "
           f"d_ff {s['d_ff']}, {s['n_heads']}/{s['n_kv_heads']} heads")
-    print(f"batch {plan.batch} x seq {plan.seq}, chunk {plan.chunk_tokens} tokens, "
+    per_gpu = "" if plan.gpus == 1 else f"per GPU of {plan.gpus} (global batch {plan.batch * plan.gpus}): "
+    print(f"{per_gpu}batch {plan.batch} x seq {plan.seq}, chunk {plan.chunk_tokens} tokens, "
           f"checkpointing {'on' if plan.checkpoint else 'off'}\n")
     print(plan.table())
     return 0

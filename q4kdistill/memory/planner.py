@@ -386,6 +386,7 @@ class Plan:
     checkpoint: bool
     teacher_backend: str
     rows: list = field(default_factory=list)
+    gpus: int = 1               # data-parallel ranks: the rows are one GPU's, ``batch`` its share
 
     def add(self, name, predicted_bytes, counts, measured=False) -> int:
         self.rows.append(Row(name, int(predicted_bytes), counts, measured))
@@ -413,6 +414,7 @@ class Plan:
         return {"teacher": self.teacher, "student": self.student, "batch": self.batch, "seq": self.seq,
                 "chunk_tokens": self.chunk_tokens, "teacher_chunk_tokens": self.teacher_chunk_tokens,
                 "checkpoint": self.checkpoint, "teacher_backend": self.teacher_backend,
+                "gpus": self.gpus, "global_batch": self.batch * self.gpus,
                 "teacher_resident_bytes": self.teacher_resident_bytes,
                 "teacher_forward_peak_bytes": self.teacher_forward_peak_bytes,
                 "distill_step_peak_bytes": self.distill_step_peak_bytes,
@@ -427,17 +429,24 @@ class Plan:
 
 def make_plan(teacher, batch: int, seq: int, student=None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
-              checkpoint: bool = True, teacher_backend: str = "native", precision: str = "fp32") -> Plan:
+              checkpoint: bool = True, teacher_backend: str = "native", precision: str = "fp32",
+              gpus: int = 1) -> Plan:
     """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
     dict (see parse_student_spec), or a list of teacher block numbers such as distill's
     student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
     ('n_layers=4', as distill's default student). chunk_tokens None: the student's own choice.
-    precision: the student's, "fp32" or "bf16" (student/precision.py)."""
+    precision: the student's, "fp32" or "bf16" (student/precision.py).
+    gpus > 1 (data parallelism): ``batch`` is the global batch and the plan is one GPU's: the whole
+    teacher, a student replica with its grads and AdamW moments, and batch / gpus sequences'
+    activations (NCCL sums the grads in place; its own channel buffers are not counted)."""
     from ..student.model import chunk_size
     from ..teacher.model import DEFAULT_CHUNK_TOKENS
 
     if min(batch, seq, chunk_tokens or 1, teacher_chunk_tokens or 1) < 1:
         raise Q4KError(f"batch, seq and chunk tokens must be >= 1 (got {batch}, {seq}, {chunk_tokens})")
+    if gpus < 1 or batch % gpus:
+        raise Q4KError(f"--batch {batch} does not split evenly over {gpus} GPUs: give a multiple of {gpus}")
+    batch //= gpus
     if teacher_backend not in BACKENDS:
         raise Q4KError(f"teacher backend {teacher_backend!r}: expected one of {', '.join(BACKENDS)}")
     if precision not in ("fp32", "bf16"):
@@ -452,7 +461,7 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
                 student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec, "precision": precision},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
-                teacher_backend=teacher_backend)
+                teacher_backend=teacher_backend, gpus=gpus)
     _add_teacher_rows(plan, info)
     _add_step_rows(plan, info, scfg, n_params)
     return plan

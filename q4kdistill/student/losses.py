@@ -238,12 +238,15 @@ def ce_rows(s, targets, need_grad=True):
 
 
 # -- what the student calls --------------------------------------------------------------------
-def token_weights(input_ids, attention_mask, cfg: LossConfig, loss_mask=None):
+def token_weights(input_ids, attention_mask, cfg: LossConfig, loss_mask=None, counts=None):
     """Per-token targets and loss weights, flattened row-major over [B, T].
 
     ``loss_mask`` [B, T] (instruction data): 1 where the id is a training target (a response
     token). Position t predicts id t + 1, so with a loss mask both KD and CE count exactly the
     positions whose next id is a target; without one, KD counts every real position.
+    ``counts`` (n_kd, n_ce): normalise by these token counts instead of this batch's own (data
+    parallelism: a rank's rows divided by the global batch's counts, so the ranks' sums are the
+    whole batch's mean).
     -> dict(targets [N] int (-1: none), kd_mask, ce_mask [N] bool, kd_weight, ce_weight [N],
             n_kd, n_ce) with the weights already holding (1 - alpha)/n_kd and alpha/n_ce."""
     xp = array_module(input_ids)
@@ -258,7 +261,7 @@ def token_weights(input_ids, attention_mask, cfg: LossConfig, loss_mask=None):
     targets = xp.where(has_next, targets, -1).reshape(-1)
     kd_mask = (real if loss_mask is None else has_next).reshape(-1)
     ce_mask = has_next.reshape(-1)
-    n_kd, n_ce = int(kd_mask.sum()), int(ce_mask.sum())
+    n_kd, n_ce = (int(kd_mask.sum()), int(ce_mask.sum())) if counts is None else (int(counts[0]), int(counts[1]))
     kd_w = kd_mask * ((1.0 - cfg.alpha) / max(n_kd, 1))
     ce_w = ce_mask * (cfg.alpha / max(n_ce, 1))
     return dict(targets=targets, kd_mask=kd_mask, ce_mask=ce_mask, kd_weight=kd_w, ce_weight=ce_w,

@@ -292,11 +292,12 @@ class Student:
 
     # -- loss and backward ---------------------------------------------------------------------
     def loss_and_grads(self, input_ids, teacher_logits_or_fn, loss_cfg: LossConfig = None, attention_mask=None,
-                       accumulate=False, loss_mask=None):
+                       accumulate=False, loss_mask=None, token_counts=None):
         """-> (loss, grads, parts). ``teacher_logits_or_fn``: [B, T, V] array, a callable
         fn(start, stop) -> [stop - start, V] (or SparseTargets, a teacher cache's) over the
         flattened tokens, or None (CE only, alpha 1). ``loss_mask`` [B, T]: 1 where the id is a
-        training target (instruction data; see losses.token_weights).
+        training target (instruction data; see losses.token_weights). ``token_counts`` (n_kd, n_ce):
+        the counts the loss is normalised by, when these rows are one rank's share of a larger batch.
         grads: name -> view of the flat grad buffer (zeroed first unless ``accumulate``)."""
         cfg, xp = self.config, self.xp
         loss_cfg = loss_cfg or LossConfig()
@@ -306,7 +307,7 @@ class Student:
         h, (batch, saved, emb_cache, norm_cache) = self._trunk(
             ids, attention_mask, keep="inputs" if self.checkpoint else "caches")
         mask = None if attention_mask is None else xp.asarray(attention_mask)
-        w = token_weights(ids, mask, loss_cfg, None if loss_mask is None else xp.asarray(loss_mask))
+        w = token_weights(ids, mask, loss_cfg, None if loss_mask is None else xp.asarray(loss_mask), token_counts)
         dh, kd_sum, ce_sum = self._head_backward(h, teacher_logits_or_fn, loss_cfg, w)
         dx, dw = rmsnorm_backward(dh.reshape(batch.B, batch.T, -1), norm_cache)
         self.grads["output_norm.weight"] += dw

@@ -21,6 +21,7 @@ it is (NVLink multicast stays off where ``NCCL_NVLS_ENABLE=0`` is set).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -34,6 +35,11 @@ from ..errors import Q4KError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 STATUS_OK, STATUS_NONFINITE, STATUS_STOP, STATUS_FAILED = 0, 1, 2, 4
+
+
+class StoppedByPeer(Q4KError):
+    """This rank stopped because another rank's fault (reported by that rank) stopped every rank;
+    the command line prints nothing for it, so a fault is one message, not one per rank."""
 
 
 class SingleProcess:
@@ -57,10 +63,14 @@ class SingleProcess:
 class LocalGroup:
     """W ranks in one process (one thread each), summing NumPy buffers in rank order."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, timeout: float | None = None):
         self.world_size = world_size
         self._slots = [None] * world_size
-        self._barrier = threading.Barrier(world_size)
+        self._barrier = threading.Barrier(world_size, timeout=timeout)   # timeout: a test's guard against hangs
+
+    def abort(self) -> None:
+        """Release every rank waiting in a collective (with threading.BrokenBarrierError)."""
+        self._barrier.abort()
 
     def communicator(self, rank: int) -> "LocalCommunicator":
         return LocalCommunicator(self, rank)
@@ -105,7 +115,7 @@ class NcclCommunicator:
 
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self._cupy, self._nccl = cupy, nccl
-        cupy.cuda.Device(local_rank).use()
+        use_device(local_rank)
         self._comm = nccl.NcclCommunicator(world_size, unique_id, rank)
 
     def _dtype(self, a):
@@ -132,6 +142,21 @@ class NcclCommunicator:
 
     def close(self) -> None:
         self._comm.destroy()
+
+
+def use_device(local_rank: int) -> int:
+    """Make this rank's GPU current for CuPy and Numba -> its index. ``launch`` gives each rank one
+    visible GPU (CUDA_VISIBLE_DEVICES), which is then device 0; a rank that sees all of its host's
+    GPUs (torchrun without CUDA_VISIBLE_DEVICES) takes device LOCAL_RANK."""
+    import cupy
+
+    dev = 0 if cupy.cuda.runtime.getDeviceCount() == 1 else local_rank
+    cupy.cuda.Device(dev).use()
+    if dev != 0:
+        from numba import cuda
+
+        cuda.select_device(dev)             # the kernels' context on the same GPU as CuPy's arrays
+    return dev
 
 
 # -- rendezvous ---------------------------------------------------------------------------------
@@ -168,7 +193,12 @@ def share_bytes(payload: bytes | None, rank: int, world_size: int, addr: str, po
         return payload
     deadline = time.monotonic() + timeout
     if rank == 0:
-        srv = socket.create_server((addr, port), reuse_port=False)
+        try:
+            srv = socket.create_server((addr, port), reuse_port=False)
+        except OSError as exc:
+            raise Q4KError(f"rendezvous: rank 0 cannot listen on {addr}:{port} ({exc.strerror}); give a free "
+                           "MASTER_PORT, or (under torchrun, whose agent holds MASTER_PORT) a shared file in "
+                           "Q4KDISTILL_RENDEZVOUS_FILE") from None
         srv.settimeout(timeout)
         try:
             for _ in range(world_size - 1):
@@ -248,17 +278,28 @@ def free_port() -> int:
 def launch(n: int, argv: list, available: int | None = None) -> int:
     """Run ``q4kdistill <argv>`` as ``n`` ranks on this host (one GPU each); -> the worst exit status.
 
-    A rank that fails makes the launcher stop the others (SIGTERM after a grace period); Ctrl-C
-    reaches every rank (same process group), which finish their step, save and exit 130."""
+    A rank that fails makes the launcher stop the others (SIGTERM after a grace period). The ranks
+    run in their own session, so a Ctrl-C at the terminal reaches the launcher alone, which passes
+    each one on to every rank exactly once: the first makes them finish the step, save and exit 130,
+    a second stops them at once (as for one process)."""
     have = gpu_count() if available is None else available
     if n > have:
         raise Q4KError(f"--gpus {n}: this machine has {have} GPU{'s' if have != 1 else ''} that CuPy can see")
     env = dict(os.environ, WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n)))).split(",")
     procs = []
-    for r in range(n):
-        procs.append(subprocess.Popen([sys.executable, "-m", "q4kdistill"] + argv,
-                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
-    worst = 0
+    for r in range(n):                      # one visible GPU per rank: CuPy, Numba and NCCL agree on it
+        procs.append(subprocess.Popen([sys.executable, "-m", "q4kdistill"] + argv, start_new_session=True,
+                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r), CUDA_VISIBLE_DEVICES=visible[r])))
+    worst, previous = 0, None
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, forward)
     try:
         while procs:
             for p in list(procs):
@@ -270,9 +311,9 @@ def launch(n: int, argv: list, available: int | None = None) -> int:
                 if rc not in (0, 130):
                     _stop(procs)
             time.sleep(0.2)
-    except KeyboardInterrupt:               # the ranks got the same SIGINT; wait for their checkpoints
-        for p in procs:
-            worst = max(worst, p.wait())
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return worst
 
 
@@ -287,12 +328,16 @@ def _stop(procs, grace: float = 30.0) -> None:
 
 # -- what the training loop calls -------------------------------------------------------------
 
+def check_split(batch: int, world_size: int) -> int:
+    """-> sequences per rank; a one-line Q4KError when ``batch`` does not split evenly."""
+    if batch % world_size:
+        raise Q4KError(f"--batch {batch} does not split evenly over {world_size} GPUs: give a multiple of {world_size}")
+    return batch // world_size
+
+
 def local_rows(batch: int, comm) -> slice:
     """This rank's rows of a global batch of ``batch`` sequences."""
-    if batch % comm.world_size:
-        raise Q4KError(f"--batch {batch} does not split evenly over {comm.world_size} GPUs: give a multiple of "
-                       f"{comm.world_size}")
-    n = batch // comm.world_size
+    n = check_split(batch, comm.world_size)
     return slice(comm.rank * n, (comm.rank + 1) * n)
 
 

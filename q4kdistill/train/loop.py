@@ -35,6 +35,7 @@ import numpy as np
 from .. import backend
 
 from . import checkpoint
+from . import distributed as dist
 from .options import typed_settings, typed_value
 from .outputs import output_dir, writing
 from ..errors import Q4KError
@@ -42,7 +43,7 @@ from ..finite import check_finite
 
 # Fields that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_batches", "save_every", "checkpoint_activations",
-                     "gpu_memory")
+                     "gpu_memory", "gpus")
 
 
 @dataclass
@@ -80,6 +81,7 @@ class DistillConfig:
     heldout: float = 0.1                  # share of the data files held out for evaluation
     teacher_backend: str = "auto"
     gpu_memory: str | None = None         # "24GB" or "auto": batch, chunk and checkpointing from the planner
+    gpus: int = 1                         # data-parallel ranks (one per GPU); batch is the global batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -492,6 +494,9 @@ class Run:
     eval_batches: list = field(default_factory=list)
     step: int = 0                 # optimizer steps taken
     targets: object = None        # where a batch's teacher targets come from: OnlineTargets or TeacherCache
+    comm: object = field(default_factory=dist.SingleProcess)   # the data-parallel group (distributed.py)
+    stop_agreed: bool = False     # every rank saw a stop request at the last step (Ctrl-C on any rank)
+    interrupt: object = None      # StopOnInterrupt while training: .requested after a Ctrl-C
 
 
 def setup(cfg: DistillConfig, log) -> Run:
@@ -552,9 +557,14 @@ def start(run: Run, resume: bool, log) -> dict:
         return evals
     if checkpoint.exists(cfg.out):
         raise Q4KError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose a new --out")
+    run.comm.barrier()                    # every rank has looked for a checkpoint before rank 0 writes files
+    if run.comm.rank != 0:                # evaluation, metrics and checkpoints: rank 0's (the others wait)
+        run.comm.barrier()
+        return {}
     evals = {"0": evaluate(run.student, run.targets, run.eval_batches)}
     MetricsLog(cfg.out, resume_step=None).write({"step": 0, "eval": evals["0"]})
     log(f"step 0: held-out {eval_line(evals['0'])}")
+    run.comm.barrier()
     return evals
 
 
@@ -569,8 +579,11 @@ def train_step(run: Run, batches) -> dict:
     t0 = time.perf_counter()
     batch = batches.next_batch()                                          # ids [B, T], loss mask, index
     ids = batch.ids
-    teacher = None if run.loss_cfg.alpha == 1.0 else run.targets.targets(batch, "train")   # CE only: no teacher
-    loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg, loss_mask=batch.loss_mask)
+    if run.comm.world_size > 1:
+        loss, parts = data_parallel_backward(run, batch)
+    else:
+        teacher = None if run.loss_cfg.alpha == 1.0 else run.targets.targets(batch, "train")   # CE only: no teacher
+        loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg, loss_mask=batch.loss_mask)
     grad_norm = run.opt.grad_norm()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return {"loss": loss, "grad_norm": grad_norm, "finite": False}
@@ -580,46 +593,111 @@ def train_step(run: Run, batches) -> dict:
             "tokens_per_s": ids.size / seconds, "seconds": seconds, "finite": True}
 
 
+def data_parallel_backward(run: Run, batch) -> tuple:
+    """This rank's rows of the global batch -> (loss, parts) of the whole batch, with the grad
+    buffer holding the whole batch's gradient on every rank (exactly the 1-rank gradient, summed
+    in another order).
+
+    Each rank normalises by the global batch's token counts (known to all: every rank drew the same
+    batch), so its loss and grads are its share and a sum over ranks is the batch mean. Before any
+    large collective the ranks agree on a status, so one rank's fault stops all and no rank is left
+    waiting in an all-reduce. The grad all-reduce runs after the backward, not overlapped with it:
+    a 0.5B student's 1.98 GB of fp32 grads take ~5-10 ms over H200 NVLink against a ~0.8 s step at
+    8x512 per GPU (docs/distributed.md), so overlap would save under 1.5 %."""
+    from .corpus import Batch
+    from ..student.losses import token_weights
+
+    comm, xp = run.comm, run.student.xp
+    w = token_weights(batch.ids, None, run.loss_cfg, batch.loss_mask)      # host, global [B, T]
+    rows = dist.local_rows(batch.ids.shape[0], comm)
+    mine = Batch(batch.ids[rows], None if batch.loss_mask is None else batch.loss_mask[rows], batch.index[rows])
+    status, failure, loss, parts = dist.STATUS_OK, None, math.nan, {"kd": math.nan, "ce": math.nan}
+    try:
+        teacher = None if run.loss_cfg.alpha == 1.0 else run.targets.targets(mine, "train")
+        loss, _, parts = run.student.loss_and_grads(mine.ids, teacher, run.loss_cfg, loss_mask=mine.loss_mask,
+                                                    token_counts=(w["n_kd"], w["n_ce"]))
+        status |= 0 if math.isfinite(loss) else dist.STATUS_NONFINITE
+    except Exception as exc:                         # incl. out of memory; Ctrl-C twice still ends at once
+        status, failure = dist.STATUS_FAILED, exc
+    status |= dist.STATUS_STOP if run.stop_agreed or run.interrupt is not None and run.interrupt.requested else 0
+    agreed = dist.agree_status(comm, status, xp)
+    if agreed & dist.STATUS_FAILED:
+        if failure is not None:
+            raise failure
+        raise dist.StoppedByPeer(f"step {run.step + 1}: another rank failed (its error is its own message); "
+                                 f"every rank stopped, the last checkpoint in {run.cfg.out} is kept")
+    run.stop_agreed = bool(agreed & dist.STATUS_STOP)
+    sums = xp.asarray([float(loss), float(parts["kd"]), float(parts["ce"])], dtype=xp.float64)   # this rank's share
+    comm.allreduce(sums)
+    loss, kd, ce = (float(v) for v in backend.to_host(sums))
+    if agreed & dist.STATUS_NONFINITE:               # the summed loss is then not finite either
+        return math.nan if math.isfinite(loss) else loss, {"kd": kd, "ce": ce}
+    dist.allreduce_flat(comm, run.student.grad_buffer.flat)
+    return loss, {"kd": kd, "ce": ce}
+
+
 def train(run: Run, evals: dict, progress: bool) -> dict:
     """Steps run.step+1 .. cfg.steps, with logging, evaluation and checkpoints."""
     from tqdm.auto import tqdm
 
-    cfg = run.cfg
-    metrics, peak = MetricsLog(cfg.out, resume_step=run.step, log=print), PeakMemory()
+    cfg, comm = run.cfg, run.comm
+    lead = comm.rank == 0                         # rank 0 alone evaluates, writes metrics and checkpoints
+    metrics, peak = MetricsLog(cfg.out, resume_step=run.step, log=print) if lead else None, PeakMemory()
     saved_at = run.step if checkpoint.exists(cfg.out) else None
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not (progress and lead), unit="step", dynamic_ncols=True)
     with StopOnInterrupt(bar.write) as interrupt:
-        while run.step < cfg.steps and not interrupt.requested:
+        run.interrupt = interrupt
+        # one rank: stop at its own Ctrl-C; several: at the request all agreed on in the step (same step everywhere)
+        stopping = (lambda: interrupt.requested) if comm.world_size == 1 else (lambda: run.stop_agreed)
+        while run.step < cfg.steps and not stopping():
             with np.errstate(over="ignore", invalid="ignore"):      # a non-finite loss is reported below
                 record = train_step(run, run.sampler)
             if not record.pop("finite"):
+                if not lead:
+                    raise dist.StoppedByPeer(f"step {run.step + 1}: the loss is not finite (rank 0 reports it)")
                 raise_non_finite(cfg, run.step + 1, record["loss"], record["grad_norm"], saved_at)
             run.step = step = run.step + 1
             record = {"step": step, **record, "peak_gpu_bytes": peak.take()}
-            metrics.write(record)
             bar.set_postfix_str(progress_line(record), refresh=False)
             bar.update(1)
+            if lead:
+                metrics.write(record)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                evals[str(step)] = evaluate(run.student, run.targets, run.eval_batches)
-                metrics.write({"step": step, "eval": evals[str(step)]})
-                bar.write(f"step {step}: held-out {eval_line(evals[str(step)])}")
-            if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
+                if lead:
+                    evals[str(step)] = evaluate(run.student, run.targets, run.eval_batches)
+                    metrics.write({"step": step, "eval": evals[str(step)]})
+                    bar.write(f"step {step}: held-out {eval_line(evals[str(step)])}")
+                comm.barrier()                                       # the others wait for rank 0's evaluation
+            if (step % cfg.save_every == 0 or step == cfg.steps or stopping()) and lead:
                 save_checkpoint(run, step, evals)
                 saved_at = step
     bar.close()
     return {"step": run.step, "evals": evals, "checkpoint": checkpoint.checkpoint_path(cfg.out),
-            "interrupted": run.step < cfg.steps, "student": run.student}
+            "interrupted": run.step < cfg.steps, "student": run.student, "rank": comm.rank}
 
 
-def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log=print, explicit=None) -> dict:
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log=print, explicit=None,
+            comm=None) -> dict:
     """Run (or ``resume``) a distillation.
 
     ``cfg.gpu_memory`` set: batch, chunk_tokens and checkpoint_activations not in ``explicit`` (the
     settings the user gave; None: those left at their defaults) are chosen by ``memory.fit``; a resume
     keeps the settings its checkpoint was made with.
-    -> {"step", "evals": {step: evaluate(...)}, "checkpoint", "interrupted", "student"}"""
+    ``comm``: this process's rank of a data-parallel group (distributed.py; default: from torchrun-style
+    variables, else a world of one). ``cfg.batch`` is the global batch; each rank trains on its share.
+    -> {"step", "evals": {step: evaluate(...)} (rank 0's; {} on the others), "checkpoint", "interrupted",
+        "student", "rank"}"""
     cfg = cfg.validated()
     output_dir(cfg.out)                                  # a wrong --out costs nothing: checked first
+    comm = comm if comm is not None else dist.from_environment()
+    if comm.world_size == 1 and cfg.gpus > 1:
+        raise Q4KError(f"gpus={cfg.gpus} needs one process per GPU: run `q4kdistill distill --gpus {cfg.gpus}`, "
+                       "torchrun, or pass distill(cfg, comm=...) from each rank")
+    dist.local_rows(cfg.batch, comm)                     # the global batch must split evenly
+    if comm.world_size > 1 and cfg.gpu_memory:           # each rank would fit its own free memory: no agreement
+        raise Q4KError(f"--gpu-memory does not apply to {comm.world_size} GPUs: give --batch (the global batch); "
+                       "`q4kdistill plan --fit` finds one GPU's batch, to multiply by the GPUs")
+    log = log if comm.rank == 0 else (lambda *a, **k: None)
     if cfg.gpu_memory and not (resume and checkpoint.exists(cfg.out)):
         from ..memory.fit import apply_budget
 
@@ -629,6 +707,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, log
     run = None
     try:
         run = setup(cfg, log)
+        run.comm = comm
+        if comm.world_size > 1:           # rank 0 evaluates the same sequences in batches of one rank's share
+            run.eval_batches = list(run.heldout.in_order_batches(cfg.batch // comm.world_size,
+                                                                 limit=cfg.batch * cfg.eval_batches))
         evals = start(run, resume, log)
         log(f"student: {run.student.config.n_layers} blocks, {run.student.n_params:,} params, {run.student.prec.name}; "
             f"steps {run.step}..{cfg.steps} of {cfg.batch} x {cfg.seq} tokens; loss {cfg.loss}, alpha {cfg.alpha}")
