@@ -436,7 +436,7 @@ def test_gpu_student_grads_match_reference_attention(monkeypatch, family, path, 
     tensor-core path (fp16 inputs) and the FP32 Numba kernels against ops/attention.py, all in float32."""
     import cupy
 
-    from q4kdistill import student as student_mod
+    from q4kdistill.student import model as student_mod
     from q4kdistill.student.losses import LossConfig
     from q4kdistill.student.ops.gradcheck import rel_error
     from q4kdistill.student import Student

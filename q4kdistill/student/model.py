@@ -98,6 +98,12 @@ def _linear_backward(dy, c, g, stem, prec):
     return prec.high(dx)
 
 
+def _attention_path(q, prec):
+    """A bf16 student's attention runs on the tensor cores (16-bit q, k, v); an fp32 one keeps FP32
+    math: the block algorithm on cuBLAS float32 products (what NumPy arrays take too)."""
+    return None if prec.mixed else "blocks"
+
+
 def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     """x [B, T, D] -> (x [B, T, D], cache). ``p``: this block's params by short name."""
     B, T, D = x.shape
@@ -109,7 +115,8 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
         q, k = _norm(q, p, c, "attn_q_norm", eps), _norm(k, p, c, "attn_k_norm", eps)
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
     q, k = rope_forward(q, cos, sin, cfg.rope_style), rope_forward(k, cos, sin, cfg.rope_style)
-    o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale)
+    o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale,
+                                           path=_attention_path(q, prec))
     a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output", prec)
     if cfg.post_norms:
         a = _norm(a, p, c, "post_attention_norm", eps)

@@ -109,14 +109,18 @@ class LocalCommunicator:
 class NcclCommunicator:
     """One rank of an NCCL communicator over CuPy arrays (sum in place, on the current stream)."""
 
-    def __init__(self, rank: int, world_size: int, unique_id: tuple, local_rank: int):
+    def __init__(self, rank: int, world_size: int, unique_id: bytes, local_rank: int):
         import cupy
         from cupy.cuda import nccl
 
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self._cupy, self._nccl = cupy, nccl
         use_device(local_rank)
-        self._comm = nccl.NcclCommunicator(world_size, unique_id, rank)
+        try:                                            # CuPy 14 takes the id as bytes, older ones as ints
+            self._comm = nccl.NcclCommunicator(world_size, bytes(unique_id), rank)
+        except TypeError:
+            ints = tuple(int(b) for b in np.frombuffer(bytes(unique_id), np.int8))
+            self._comm = nccl.NcclCommunicator(world_size, ints, rank)
 
     def _dtype(self, a):
         nccl, dt = self._nccl, a.dtype
@@ -247,15 +251,15 @@ def from_environment():
         from cupy.cuda import nccl
     except Exception as exc:            # no CuPy, or a CuPy without NCCL
         raise Q4KError(f"a world of {place['world_size']} ranks needs CuPy with NCCL on a GPU ({exc})") from None
-    uid = nccl.get_unique_id() if place["rank"] == 0 else None
-    payload = None if uid is None else np.asarray(uid, dtype=np.int8).tobytes()
+    uid = nccl.get_unique_id() if place["rank"] == 0 else None     # bytes (CuPy 14) or a tuple of ints
+    payload = None if uid is None else (bytes(uid) if isinstance(uid, (bytes, bytearray))
+                                        else np.asarray(uid, dtype=np.int8).tobytes())
     path = os.environ.get("Q4KDISTILL_RENDEZVOUS_FILE")
     if path:
         got = share_bytes_file(payload, place["rank"], path)
     else:
         got = share_bytes(payload, place["rank"], place["world_size"], place["addr"], place["port"])
-    unique_id = tuple(int(b) for b in np.frombuffer(got, dtype=np.int8))
-    return NcclCommunicator(place["rank"], place["world_size"], unique_id, place["local_rank"])
+    return NcclCommunicator(place["rank"], place["world_size"], got, place["local_rank"])
 
 
 # -- launching the ranks of one host ------------------------------------------------------------
