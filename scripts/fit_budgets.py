@@ -37,6 +37,7 @@ def _case(model, teacher, budget, seq, student, steps, base, meter, log):
         choice = fit.fit(model, budget, seq=seq, student=student)
     except Q4KError as exc:
         row.update(status="does not fit", note=str(exc))
+        log(_line(row))
         return row
     row.update(choice.to_json(), status="ok")
     plan = planner.make_plan(model, choice.batch, seq, student, chunk_tokens=choice.chunk_tokens,
