@@ -47,6 +47,14 @@ CLAIM_TINY = {
     "q4kdistill bench student --preset qwen2-0.5b --batch 8 --seq 512":
         "q4kdistill bench student --preset qwen2-0.5b --tiny --json",
     "python scripts/evidence_kd_vs_ce.py": "python scripts/evidence_kd_vs_ce.py --tiny",
+    "q4kdistill reproduce-memory --precision bf16 --backends native --json":
+        "q4kdistill reproduce-memory --tiny --precision bf16 --backends native --json",
+    "q4kdistill bench step --shapes 8x512 --only --json step.json":
+        "q4kdistill bench step --tiny --no-peer --shapes 1x24 --only --json {work}/step.json",
+    "q4kdistill bench step --shapes 2x4096 1x8192 1x32768 --only --json step_long.json":
+        "q4kdistill bench step --tiny --no-peer --shapes 1x24 1x40 --only --json {work}/step_long.json",
+    "python scripts/fit_budgets.py": "python scripts/fit_budgets.py --tiny",
+    "python scripts/gpu_cache_audit.py": "python scripts/gpu_cache_audit.py --tiny",
 }
 
 # sub-command -> its tiny run (None: needs a GPU)
