@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import datetime
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from ..errors import Q4KError
+from .clock import Clock
 
 SHAPES = ((8, 512), (2, 4096), (1, 8192))
 TINY_SHAPES = ((2, 32),)
@@ -64,26 +64,6 @@ def parse_shapes(items) -> list:
 
 # -- our side -----------------------------------------------------------------------------------
 
-class _Clock:
-    """CUDA events on the GPU, perf_counter on the CPU."""
-
-    def __init__(self, xp):
-        self.xp, self.gpu = xp, xp.__name__ == "cupy"
-
-    def mark(self):
-        if not self.gpu:
-            return time.perf_counter()
-        ev = self.xp.cuda.Event()
-        ev.record()
-        return ev
-
-    def seconds(self, a, b) -> float:
-        if not self.gpu:
-            return b - a
-        b.synchronize()
-        return self.xp.cuda.get_elapsed_time(a, b) / 1e3
-
-
 def _is_oom(exc) -> bool:
     from ..train.loop import is_out_of_memory
 
@@ -121,7 +101,7 @@ class Ours:
         self.meter = memory.MemoryMeter()
         self.teacher = Teacher.load(source, log=None)
         self.xp = self.teacher.xp
-        self.clock = _Clock(self.xp)
+        self.clock = Clock(self.xp)
         self.on_gpu = backend.on_gpu()
 
     def release(self):
