@@ -20,9 +20,6 @@ through tests/flash_attention_emulate.cpp.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +47,9 @@ def backward_tiles(D: int) -> tuple:
 
 def _source_with(extra: str) -> str:
     """csrc/flash_attention.cu with `extra` appended, written once to a cache directory."""
-    text = SOURCE.read_text() + "\n" + extra
-    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("Q4KDISTILL_CSRC_CACHE", Path(tempfile.gettempdir()) / "q4kdistill_csrc"))
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"flash_attention_{digest}.cu"
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return str(path)
+    from .linked import cached_source
+
+    return cached_source(SOURCE.read_text() + "\n" + extra, "flash_attention")
 
 
 def _data_ptr():

@@ -100,11 +100,16 @@ def source_text(*files: str) -> str:
 
 def source_with(extra: str = "", *files: str) -> str:
     """Path of source_text(*files) with `extra` appended, written once to a cache directory."""
-    text = source_text(*files) + "\n" + extra
+    return cached_source(source_text(*files) + "\n" + extra, "_".join(Path(f).stem for f in files) or "csrc")
+
+
+def cached_source(text: str, stem: str) -> str:
+    """Path of a .cu file holding `text` in $Q4KDISTILL_CSRC_CACHE (or the temp folder), named by
+    `stem` and a hash of the text, written once and atomically (NVRTC links files by path)."""
     digest = hashlib.sha1(text.encode()).hexdigest()[:16]
     folder = Path(os.environ.get("Q4KDISTILL_CSRC_CACHE", Path(tempfile.gettempdir()) / "q4kdistill_csrc"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{'_'.join(Path(f).stem for f in files) or 'csrc'}_{digest}.cu"
+    path = folder / f"{stem}_{digest}.cu"
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
