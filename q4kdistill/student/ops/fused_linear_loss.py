@@ -11,7 +11,8 @@
             dh_c = ds @ W                   [n, D]
             gW  += ds.T @ h_c               [V, D]  (one GemmEx into the float32 gW on the GPU: no
                                                      [V, D] temporary, FP32 accumulation)
-        so [chunk, V] is the only logits buffer. Row losses are summed on the device; one host
+        so [chunk, V] is the only logits buffer (with the teacher's chunk while the loss runs; each
+        chunk's buffers are dropped before the next chunk's product). Row losses are summed on the device; one host
         read at the end.
 
 Top-k (cfg.top_k < V): the teacher's k largest logits are gathered ([n, k], the same indices as
@@ -158,8 +159,10 @@ def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_token
             ds = _like(ds, s)
         else:
             kd, ce, ds = fused_chunk_loss(s, t, *rows, out=s)
+        del t                                                        # the teacher's chunk: used
         dh[sl] = ds @ W                                              # [n, D]
         add_outer(gW, ds, hc)                                        # gW [V, D] += ds.T @ h_c
         kd_sum += xp.where(weights["kd_mask"][sl], kd, 0.0).sum()
         ce_sum += xp.where(weights["ce_mask"][sl], ce, 0.0).sum()
+        del s, ds                                                    # the next chunk's s never meets this one
     return dh, gW, float(kd_sum), float(ce_sum)
