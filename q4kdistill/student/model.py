@@ -24,10 +24,12 @@ inputs, accumulate in fp32 and keep their inputs for the backward in bfloat16; e
 (norms, rope, softmax, GLU, the loss, grad accumulation) runs in float32. The precision change
 happens in two helpers only, ``_linear`` and ``_linear_backward`` (and the LM head beside them).
 Ops (``_Batch.ops``): NumPy arrays and float64 run the reference ops of ops/* (``_ReferenceOps``);
-CuPy float32/bf16 runs ops/fused.py's kernels under the same names, with three structural gains:
-the norms write the products' bf16 input directly, ``x + a`` is added inside the FFN norm (and each
-norm's backward adds the residual stream's gradient), the GLU reads and writes bf16 products, rope
-rotates in place, and the LM head + loss is fused_linear_loss (no [chunk, V] copies but s/ds).
+CuPy float32/bf16 runs ops/fused.py's kernels under the same names (math in float32 inside each
+kernel), and the wiring differs in five places: the norms write the products' bf16 input directly,
+``x + a`` is added inside the FFN norm's kernel, each norm's backward adds the residual stream's
+gradient, the GLU reads the bf16 gate/up products and writes its bf16 output (so gate, up and the
+GLU output are kept in bf16), rope rotates in place, and the LM head + loss is fused_linear_loss
+(the loss kernel writes ds over s: no other [chunk, V] buffer of the student's).
 Memory: ``checkpoint=True`` keeps only each block's input and recomputes the block in the
 backward; the LM head, the loss and their backward run over ``chunk_tokens`` tokens at a time,
 so [chunk, V] is the largest logits buffer.
