@@ -133,6 +133,7 @@ def gpu_allocations(monkeypatch):
     """-> measure(model, **plan_args): the plans, then the experiment under GPU-like allocations."""
 
     def measure(model, batch, seq, step_batch, student, chunk_tokens, checkpoint):
+        monkeypatch.setattr(fused_ops, "ON_HOST", True)                  # the student's GPU path: its fused ops
         kw = dict(chunk_tokens=chunk_tokens, checkpoint=checkpoint)
         fwd, step = (planner.make_plan(model, b, seq, student, **kw) for b in (batch, step_batch))
         real_choose = dispatch.choose
@@ -145,7 +146,6 @@ def gpu_allocations(monkeypatch):
         monkeypatch.setattr(flash_attention_mma, "mma_attention_forward", _mma_attention_forward)
         monkeypatch.setattr(flash_attention_mma, "mma_attention_backward", _mma_attention_backward)
         monkeypatch.setattr(AdamW, "_update", lambda self, *args: None)
-        monkeypatch.setattr(fused_ops, "ON_HOST", True)                  # the student's GPU path: its fused ops
         for mod, name, fn in ((fused_rmsnorm, "rmsnorm_fwd", _rmsnorm_fwd), (fused_rmsnorm, "rmsnorm_bwd", _rmsnorm_bwd),
                               (fused_rope, "rope_apply", _rope_apply), (fused_glu, "glu_fwd", _glu_fwd),
                               (fused_glu, "glu_bwd", _glu_bwd), (fused_kd_loss, "kd_loss_rows", _kd_loss_rows),
@@ -159,6 +159,7 @@ def gpu_allocations(monkeypatch):
         for b in planner.BACKENDS:
             exp.section(b, fwd, step if b == "native" else None)
         assert not exp.outcome, exp.outcome
+        assert step.student["fused_ops"]
         return exp.compare(fwd, step), fwd, step
 
     yield measure

@@ -61,10 +61,20 @@ def chunk_size(vocab_size: int, n_tokens: int, chunk_tokens: int | None = None) 
 
 
 class _ReferenceOps:
-    """The reference ops of ops/* under ops/fused.py's names (NumPy, float64 checks): the CPU path."""
-    rmsnorm_backward = staticmethod(rmsnorm_backward)
-    glu_forward = staticmethod(glu_forward)
-    glu_backward = staticmethod(glu_backward)
+    """The reference ops of ops/* under ops/fused.py's names (NumPy, float64 checks): the CPU path.
+    Each looks this module's global up when called, so wrapping it (bench student's timers) works."""
+
+    @staticmethod
+    def rmsnorm_backward(dy, cache):
+        return rmsnorm_backward(dy, cache)
+
+    @staticmethod
+    def glu_forward(gate, up, act):
+        return glu_forward(gate, up, act)
+
+    @staticmethod
+    def glu_backward(dy, cache):
+        return glu_backward(dy, cache)
 
     @staticmethod
     def rmsnorm_forward(x, w, eps, dtype=None):
