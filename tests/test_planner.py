@@ -142,10 +142,12 @@ def test_distill_step_plan_adds_up(manifest_7b_path):
     assert plan.row("distill: optimizer step peak").predicted_bytes == B7_BYTES + 16 * n + scratch
     no_ckpt = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=256, checkpoint=False)
     assert no_ckpt.distill_step_peak_bytes > step + 5e9                  # 24 blocks of caches at 8x512
-    # from the second chunk on, chunk_loss (9.25 U) runs beside the previous chunk's ds (U) and head dW [V, D]
-    bigger_chunks = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=1024)
-    U, d_student = 1024 * 152064 * 4, plan.student["config"]["d_model"]
-    assert bigger_chunks.row("loss chunk working set").predicted_bytes == int(10.25 * U) + 4 * 152064 * d_student
+    # the fused head holds one chunk's s/ds [n, V] beside the teacher's head for the chunk (its logits
+    # [n, V] and a slab's product): no second chunk, no [V, D] temporary
+    bigger_chunks = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=1024, fused_ops=True)
+    U = 1024 * 152064 * 4
+    teacher_head = planner.lm_head_bytes(planner.open_teacher(manifest_7b_path), "native", 1024)
+    assert bigger_chunks.row("loss chunk working set").predicted_bytes == U + sum(teacher_head.values())
 
 
 def test_student_specs(manifest_7b_path):

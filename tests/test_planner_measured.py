@@ -4,7 +4,8 @@ reproduce-memory's own experiment (load, forward, two distillation steps per bac
 NumPy stand-ins for the GPU kernels that allocate exactly what the GPU code allocates -- each
 matmul variant what its Variant.workspace declares (the decode scratch through kernels.scratch,
 x in fp16, the padded copy of odd-length rows; tests/test_kernels_gpu.py checks the declarations
-against the GPU's counter), dequantize_to's result, nothing for the fused AdamW update -- and
+against the GPU's counter), dequantize_to's result, nothing for the fused AdamW update, the
+student's fused kernels (its GPU path, taken through ``fused.ON_HOST``) their outputs -- and
 tracemalloc counts every byte. The rest is the
 package's own code. Every array stays under NumPy's 256 KiB temporary-elision threshold, so NumPy
 allocates what CuPy allocates, except the contiguous copies CuPy makes of non-contiguous batched
@@ -17,7 +18,7 @@ import gc
 import kernels
 import numpy as np
 import pytest
-from kernels import dispatch, flash_attention_mma, fused_glu, fused_rmsnorm, fused_rope, registry, weights
+from kernels import dispatch, flash_attention_mma, fused_glu, fused_kd_loss, fused_rmsnorm, fused_rope, registry, weights
 from kernels.scratch import scratch
 
 from q4kdistill.formats import synthetic
@@ -26,6 +27,7 @@ from q4kdistill.memory import planner
 from q4kdistill.memory import reproduce as rm
 from q4kdistill.student.ops import flash_attention
 from q4kdistill.student.ops import fused as fused_ops
+from q4kdistill.student.ops import fused_linear_loss
 from q4kdistill.student.optim import AdamW
 from q4kdistill.teacher import forward as teacher_forward
 
@@ -82,21 +84,40 @@ def _mma_attention_backward(do, cache):
     return dq, dk, dv
 
 
+# The student's fused kernels (kernels/fused_*.py, reached through student/ops/fused.py with ON_HOST):
+# each allocates its outputs and nothing else of size N (rmsnorm's backward: a [G, D] float32 partial
+# with G = min(rows, 528) blocks on the GPU); rope rotates in place; add_outer accumulates in place.
 def _rmsnorm_fwd(x, w, eps, residual=None, y=None, h=None, threads=None):
-    """kernels.fused_rmsnorm's buffers: y (given by the teacher) and the float32 rstd; h is x (in place)."""
     y = np.zeros(x.shape, x.dtype) if y is None else y
     h = x if residual is None else (np.zeros(x.shape, x.dtype) if h is None else h)
     return y, h, np.zeros(int(np.prod(x.shape[:-1])), np.float32)
 
 
-def _glu_fwd(gate, up, act, y=None):
-    """kernels.fused_glu's buffers: the output only (given by the teacher)."""
-    return np.zeros(gate.shape, gate.dtype) if y is None else y
+def _rmsnorm_bwd(dy, h, w, rstd, dres=None, dx=None, blocks=None, threads=None):
+    dx = np.zeros(h.shape, dy.dtype) if dx is None else dx
+    dw = np.zeros(w.shape, np.float32)
+    partial = np.empty(min(rstd.size, 528) * w.size, np.float32)
+    del partial
+    return dx, dw
 
 
 def _rope_apply(x, style, cos=None, sin=None, positions=None, base=None, inverse=False, out=None):
-    """kernels.fused_rope: in place, nothing allocated."""
     return x if out is None else out
+
+
+def _glu_fwd(gate, up, act, y=None):
+    F = gate.shape[-1] if up is not None else gate.shape[-1] // 2
+    return np.zeros(gate.shape[:-1] + (F,), gate.dtype) if y is None else y
+
+
+def _glu_bwd(dy, gate, up, act, dgate=None, dup=None):
+    return np.zeros(dy.shape, dy.dtype), np.zeros(dy.shape, dy.dtype)
+
+
+def _kd_loss_rows(s, t, targets, kd_weight, ce_weight, kind="kl", temperature=1.0, beta=0.5, ds=None, threads=None):
+    ds = np.empty_like(s) if ds is None else ds
+    n = s.shape[0]
+    return np.zeros(n, np.float32), np.zeros(n, np.float32), ds, np.zeros(n, np.float32)
 
 
 def _embedding_rows(w_raw, qtype, ids):
@@ -112,6 +133,7 @@ def gpu_allocations(monkeypatch):
     """-> measure(model, **plan_args): the plans, then the experiment under GPU-like allocations."""
 
     def measure(model, batch, seq, step_batch, student, chunk_tokens, checkpoint):
+        monkeypatch.setattr(fused_ops, "ON_HOST", True)                  # the student's GPU path: its fused ops
         kw = dict(chunk_tokens=chunk_tokens, checkpoint=checkpoint)
         fwd, step = (planner.make_plan(model, b, seq, student, **kw) for b in (batch, step_batch))
         real_choose = dispatch.choose
@@ -123,13 +145,14 @@ def gpu_allocations(monkeypatch):
         monkeypatch.setattr(flash_attention, "choose_path", lambda q, path=None: "mma")
         # the teacher's GPU path (fused kernels, float16 product inputs) on NumPy arrays
         monkeypatch.setattr(teacher_forward, "_gpu", lambda x: x.flags.c_contiguous)
-        monkeypatch.setattr(fused_ops, "ON_HOST", True)
-        monkeypatch.setattr(fused_rmsnorm, "rmsnorm_fwd", _rmsnorm_fwd)
-        monkeypatch.setattr(fused_glu, "glu_fwd", _glu_fwd)
-        monkeypatch.setattr(fused_rope, "rope_apply", _rope_apply)
         monkeypatch.setattr(flash_attention_mma, "mma_attention_forward", _mma_attention_forward)
         monkeypatch.setattr(flash_attention_mma, "mma_attention_backward", _mma_attention_backward)
         monkeypatch.setattr(AdamW, "_update", lambda self, *args: None)
+        for mod, name, fn in ((fused_rmsnorm, "rmsnorm_fwd", _rmsnorm_fwd), (fused_rmsnorm, "rmsnorm_bwd", _rmsnorm_bwd),
+                              (fused_rope, "rope_apply", _rope_apply), (fused_glu, "glu_fwd", _glu_fwd),
+                              (fused_glu, "glu_bwd", _glu_bwd), (fused_kd_loss, "kd_loss_rows", _kd_loss_rows),
+                              (fused_linear_loss, "add_outer", lambda gW, ds, hc: gW)):
+            monkeypatch.setattr(mod, name, fn)
         data = {name: model.tensor_data(name) for name in model.tensors}
         monkeypatch.setattr(model, "tensor_data", lambda name: data[name].copy())     # the upload's copy
         kernels.release_scratch()
@@ -138,6 +161,7 @@ def gpu_allocations(monkeypatch):
         for b in planner.BACKENDS:
             exp.section(b, fwd, step if b == "native" else None)
         assert not exp.outcome, exp.outcome
+        assert step.student["fused_ops"]
         return exp.compare(fwd, step), fwd, step
 
     yield measure
@@ -156,14 +180,15 @@ def _counts(plan, row):
 
 @pytest.mark.parametrize("checkpoint", [True, False])
 def test_tiny_teacher_every_row(gpu_allocations, checkpoint):
-    """reproduce-memory --tiny's teacher and student; two loss chunks (the previous ds and dW still bound)."""
+    """reproduce-memory --tiny's teacher and student; two loss chunks (the fused head drops a chunk's
+    buffers before the next one's product, so the second chunk holds no more than the first)."""
     rows, fwd, step = gpu_allocations(ModelFile.open(rm.tiny_manifest()), 1, 32, 1, rm.TINY["student"], 16, checkpoint)
     _check(rows)
     assert "LM head + loss" in _counts(step, "distill: student forward/backward peak")
-    assert "after 16" in _counts(step, "loss chunk working set")
+    assert "(16 tokens)" in _counts(step, "loss chunk working set")
 
 
-@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (ffn"), (False, "LM head + loss")])
+@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (end"), (False, "block backward (ffn_up")])
 def test_attention_heavy_student(gpu_allocations, tmp_path, checkpoint, where):
     """8 heads at T = 88 and a small vocabulary: [B, H, T, T] scores would outweigh the rest (they
     did before flash attention); with 16-bit q, k, v and a [B, H, T] log-sum-exp they do not."""

@@ -277,6 +277,80 @@ def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: st
 
 def block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
     """What block_forward's cache keeps for the backward (the block's input x included); the
+    products' inputs (normed, normed2, attention output) and the GLU's gate, up and output at ``lo``
+    bytes an element (the fused GLU reads and writes the products' precision; in bf16 the attention
+    output is kept twice: float32 in the flash cache, bf16 for its product)."""
+    s, r = _sizes(cfg, B, T), lo / F32
+    return dict(input_normed_mid_normed2=int((2 + 2 * r) * s["ND"]),
+                attn_out=s["NQ"] + (0 if lo == F32 else int(r * s["NQ"])), qkv_16bit=s["QKV16"], lse=s["L"],
+                gate_up_glu=int(3 * r * s["NF"]),
+                prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
+                prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
+
+
+def block_forward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
+    """block_forward on the fused ops (GPU) at its fullest moments, the block's input x included:
+      attention  the flash attention kernel: x, h (the norm writes it at lo), q, k (roped in place), v,
+                 their 16-bit copies, o and the row log-sum-exp (+ the q/k norms' inputs)
+      ffn        the fused GLU: the attention half's cache, q, k, v and the attention output (locals
+                 still bound), x2, h2, gate, up and the GLU output (all at lo; no temporaries)
+      end        x + f: the whole cache, q, k, v, a, f and the new x"""
+    s, cache, r = _sizes(cfg, B, T), block_cache_bytes(cfg, B, T, lo), lo / F32
+    ND, NQ, NKV, NF, QKV16, L = (s[k] for k in ("ND", "NQ", "NKV", "NF", "QKV16", "L"))
+    attn_cache = int((1 + r) * ND) + NQ + QKV16 + L + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
+    return {
+        "attention": dict(input_and_normed=int((1 + r) * ND), q_k_and_v=NQ + 2 * NKV, qkv_16bit=QKV16,
+                          o_and_lse=NQ + L, prenorm_q_k=cache["prenorm_q_k"]),
+        "ffn": dict(attention_cache=attn_cache, q_k_v_and_attn_out=NQ + 2 * NKV + ND,
+                    mid_and_normed2=int((1 + r) * ND), gate_up_and_glu=int(3 * r * NF)),
+        "end": dict(cache=sum(cache.values()), q_k_v_attn_out_ffn_out_and_new_x=NQ + 2 * NKV + 3 * ND),
+    }
+
+
+def block_backward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
+    """block_backward on the fused ops at its fullest moments, besides the block's cache and the incoming grad dx:
+      ffn        the fused GLU backward: (the post-FFN norm's grad,) d(GLU output), d gate and d up (at lo)
+      ffn_up     ffn_up's linear_backward: d gate, d up, the gate's dx and the up's dx [N, D] and its
+                 weight grad [F, D] (float32; in bf16 made in bf16, then its float32 copy)
+      ffn_sum    the two dx added: d gate, d up, both dx and their sum
+      attention  the flash attention backward kernel: dx after the FFN half (+ the post-attention
+                 norm's grad), do, its 16-bit copy, rowsum(do * o) per head, dq, dk and dv
+                 (rope's backward rotates dq, dk in place afterwards)"""
+    s, r = _sizes(cfg, B, T), lo / F32
+    post = s["ND"] if cfg.post_norms else 0
+    return {
+        "ffn": dict(post_norm_grad=post, glu_out_grad_dgate_dup=int(3 * r * s["NF"])),
+        "ffn_up": dict(post_norm_grad=post, dgate_dup=int(2 * r * s["NF"]), dx_gate_and_up=2 * s["ND"],
+                       weight_grad=cfg.d_ff * cfg.d_model * (F32 + (lo if lo != F32 else 0))),
+        "ffn_sum": dict(post_norm_grad=post, dgate_dup=int(2 * r * s["NF"]), dx_gate_up_and_sum=3 * s["ND"]),
+        "attention": dict(mid_grad=s["ND"], post_norm_grad=post, do_and_dq=2 * s["NQ"], do_16bit=s["NQ"] // 2,
+                          drow=s["L"], dk_dv=2 * s["NKV"]),
+    }
+
+
+def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32) -> dict:
+    """Student._fused_head_backward (ops/fused_linear_loss.py), chunk by chunk (teacher_head(n): the
+    teacher's lm_head buffers for n tokens). Per chunk of n tokens, S = the student's logits s [n, V]
+    at lo (the loss kernel writes ds over s, so s/ds is one buffer); each chunk's buffers are dropped
+    before the next chunk's product, so no stage holds two chunks:
+      teacher    s and the teacher's lm_head for the chunk
+      loss       s/ds and the teacher's float32 logits [n, V] (the kernel keeps nothing else of size V)
+      backward   s/ds and ds @ W [n, D] (gW += ds^T h accumulates in place: cuBLAS, no [V, D] temporary)"""
+    V, D = cfg.vocab_size, cfg.d_model
+    stages = {}
+    for n, p in _chunks(N, C):
+        S, later = n * V * lo, (f" after {p}" if p else "")
+        stages[f"teacher head ({n} tokens{later})"] = dict(logits=S, **{f"teacher_{k}": v for k, v in teacher_head(n).items()})
+        stages[f"loss ({n} tokens{later})"] = dict(logits_ds=S, teacher_logits=n * V * F32)
+        stages[f"head backward ({n} tokens{later})"] = dict(logits_ds=S, dh_chunk=n * D * lo)
+    return stages
+
+
+# -- the student on the reference ops (NumPy: the CPU, where the fused kernels do not run) --------
+# make_plan(..., fused_ops=False) models these: CuPy temporaries of every elementwise op.
+
+def _reference_block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
+    """What block_forward's cache keeps for the backward (the block's input x included); the
     products' inputs (normed, normed2, attention output, GLU output) at ``lo`` bytes an element
     (in bf16 the attention output is kept twice: float32 in the flash cache, bf16 for its product)."""
     s, r = _sizes(cfg, B, T), lo / F32
@@ -287,14 +361,14 @@ def block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
                 prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
 
 
-def block_forward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
-    """block_forward at its fullest moments, the block's input x included:
+def _reference_block_forward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
+    """The reference ops' (NumPy, the CPU) block_forward at its fullest moments, the block's input x included:
       attention  the flash attention kernel: x, h, roped q, k, v, their 16-bit copies, o and the
                  row log-sum-exp (+ the q/k norms' inputs)
       ffn        the GLU's activation: the attention half's cache, the roped q, k, v and attention
                  output (locals still bound), x2, h2, gate, up and the activation's temporaries
       end        x + f: the whole cache, the roped q, k, v, a, f and the new x"""
-    s, cache = _sizes(cfg, B, T), block_cache_bytes(cfg, B, T)
+    s, cache = _sizes(cfg, B, T), _reference_block_cache_bytes(cfg, B, T)
     ND, NQ, NKV, NF, QKV16, L = (s[k] for k in ("ND", "NQ", "NKV", "NF", "QKV16", "L"))
     attn_cache = 2 * ND + NQ + QKV16 + L + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
     return {
@@ -306,7 +380,7 @@ def block_forward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
     }
 
 
-def block_backward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
+def _reference_block_backward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
     """block_backward at its fullest moments, besides the block's cache and the incoming grad dx:
       ffn        glu_backward: (the post-FFN norm's grad,) d(GLU output) and the activation-grad temporaries
       attention  the flash attention backward kernel: dx after the FFN half (+ the post-attention
@@ -320,8 +394,8 @@ def block_backward_stages(cfg: ModelConfig, B: int, T: int) -> dict:
     }
 
 
-def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32) -> dict:
-    """Student._head_backward, chunk by chunk (U(n) = n x V float32; teacher_head(n): the
+def _reference_loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32) -> dict:
+    """The reference ops' Student._head_backward (the CPU), chunk by chunk (U(n) = n x V float32; teacher_head(n): the
     teacher's lm_head buffers for n tokens):
       loss       losses.chunk_loss (kind kl, alpha 0): s, t, ds, both log-softmaxes, q, p and
                  _plogp_diff's mask (bool), difference and where-result: 9.25 U
@@ -430,12 +504,14 @@ class Plan:
 def make_plan(teacher, batch: int, seq: int, student=None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
               checkpoint: bool = True, teacher_backend: str = "native", precision: str = "fp32",
-              gpus: int = 1) -> Plan:
+              gpus: int = 1, fused_ops: bool | None = None) -> Plan:
     """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
     dict (see parse_student_spec), or a list of teacher block numbers such as distill's
     student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
     ('n_layers=4', as distill's default student). chunk_tokens None: the student's own choice.
-    precision: the student's, "fp32" or "bf16" (student/precision.py).
+    precision: the student's, "fp32" or "bf16" (student/precision.py). fused_ops: whether the
+    student runs the fused kernels (student.model.uses_fused_ops: a GPU) or the reference ops;
+    None: as the student would here.
     gpus > 1 (data parallelism): ``batch`` is the global batch and the plan is one GPU's: the whole
     teacher, a student replica with its grads and AdamW moments, and batch / gpus sequences'
     activations (NCCL sums the grads in place; its own channel buffers are not counted)."""
@@ -458,13 +534,24 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
     plan = Plan(teacher={"source": info.path, "architecture": info.config.architecture,
                          "tensor_count": len(info.tensors), "total_tensor_bytes": info.total_tensor_bytes,
                          "n_elements": info.n_elements},
-                student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec, "precision": precision},
+                student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec, "precision": precision,
+                         "fused_ops": _student_fused(fused_ops)},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
                 teacher_backend=teacher_backend, gpus=gpus)
     _add_teacher_rows(plan, info)
     _add_step_rows(plan, info, scfg, n_params)
     return plan
+
+
+def _student_fused(fused_ops) -> bool:
+    """The student's op set as student.model.uses_fused_ops picks it here (None), or as given."""
+    if fused_ops is not None:
+        return bool(fused_ops)
+    from .. import backend
+    from ..student.ops import fused
+
+    return backend.on_gpu() or fused.ON_HOST
 
 
 def _add_teacher_rows(plan: Plan, info: ModelFile) -> None:
@@ -512,29 +599,37 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
     plan.add("distill: teacher trunk peak", base + sum(bufs.values()),
              f"teacher + student state + teacher {_stage_text(name, bufs)}", measured=True)
 
-    cache = sum(block_cache_bytes(cfg, B, T, lo).values())
+    fused = plan.student.get("fused_ops", True)
+    cache_bytes, fwd_stages, bwd_stages, stages_of_loss = (
+        (block_cache_bytes, block_forward_stages, block_backward_stages, loss_stages) if fused else
+        (_reference_block_cache_bytes, lambda c, b, t, lo: _reference_block_forward_stages(c, b, t),
+         lambda c, b, t, lo: _reference_block_backward_stages(c, b, t), _reference_loss_stages))
+    cache = sum(cache_bytes(cfg, B, T, lo).values())
     plan.add("student activations (checkpointing on)", (L + 1) * ND + cache,
              "each block's input [N, D] + the final norm's input + one block's cache, recomputed in the backward")
     plan.add("student activations (checkpointing off)", L * cache + ND,
-             "every block's cache (" + ", ".join(k for k, v in block_cache_bytes(cfg, B, T, lo).items() if v)
+             "every block's cache (" + ", ".join(k for k, v in cache_bytes(cfg, B, T, lo).items() if v)
              + ") + the final norm's input")
-    loss_name, loss = _largest(loss_stages(cfg, N, plan.chunk_tokens, lambda n: lm_head_bytes(info, b, n), lo))
-    if lo != F32:
+    loss_name, loss = _largest(stages_of_loss(cfg, N, plan.chunk_tokens, lambda n: lm_head_bytes(info, b, n), lo))
+    if not fused and lo != F32:
         loss = dict(loss, low_hidden=N * cfg.d_model * lo)     # the final hidden's bf16 copy, held through the head
+    head = "Student._fused_head_backward" if fused else "Student._head_backward"
     loss = plan.add("loss chunk working set", sum(loss.values()),
-                    f"Student._head_backward over chunks of {plan.chunk_tokens} tokens: {_stage_text(loss_name, loss)}")
-    (fwd_name, fwd), (bwd_name, bwd) = (_largest(f(cfg, B, T)) for f in (block_forward_stages, block_backward_stages))
+                    f"{head} over chunks of {plan.chunk_tokens} tokens: {_stage_text(loss_name, loss)}")
+    (fwd_name, fwd), (bwd_name, bwd) = (_largest(f(cfg, B, T, lo)) for f in (fwd_stages, bwd_stages))
     fwd, bwd = sum(fwd.values()), sum(bwd.values())
+    # fused: the final norm writes h at lo and the head's dh is at lo (float32 after it); reference: float32
+    h = N * cfg.d_model * (lo if fused else F32)
     if plan.checkpoint:     # saved: each block's input; then the final norm's input, h and dh; dx in the backward
         moments = {f"block forward ({fwd_name}; earlier inputs, the previous block's cache)":
                    (L - 1) * ND + (cache - ND if L > 1 else 0) + fwd,
-                   "LM head + loss (inputs, final norm's input, h, dh)": (L + 3) * ND + loss,
-                   f"block recompute ({fwd_name}; inputs, h, dh, dx)": (L + 3) * ND + fwd,
-                   f"block backward ({bwd_name}; inputs, h, dh, dx, the recomputed cache)": (L + 3) * ND + cache + bwd}
+                   "LM head + loss (inputs, final norm's input, h, dh)": (L + 1) * ND + 2 * h + loss,
+                   f"block recompute ({fwd_name}; inputs, h, dh, dx)": (L + 2) * ND + h + fwd,
+                   f"block backward ({bwd_name}; inputs, h, dh, dx, the recomputed cache)": (L + 2) * ND + h + cache + bwd}
     else:
         moments = {f"block forward ({fwd_name}; earlier caches)": (L - 1) * cache + fwd,
-                   "LM head + loss (caches, final norm's input, h, dh)": L * cache + 3 * ND + loss,
-                   f"block backward ({bwd_name}; caches, h, dh, dx)": L * cache + 4 * ND + bwd}
+                   "LM head + loss (caches, final norm's input, h, dh)": L * cache + ND + 2 * h + loss,
+                   f"block backward ({bwd_name}; caches, h, dh, dx)": L * cache + 3 * ND + h + bwd}
     where = max(moments, key=moments.get)
     held = scratch + N * info.config.d_model * F32 + s["rope"]        # + logits_fn's hidden [N, D_teacher]
     fb = plan.add("distill: student forward/backward peak", base + held + moments[where],

@@ -23,6 +23,13 @@ the weights (``self.compute``, refreshed from the fp32 master before each forwar
 inputs, accumulate in fp32 and keep their inputs for the backward in bfloat16; everything else
 (norms, rope, softmax, GLU, the loss, grad accumulation) runs in float32. The precision change
 happens in two helpers only, ``_linear`` and ``_linear_backward`` (and the LM head beside them).
+Ops (``_Batch.ops``): NumPy arrays and float64 run the reference ops of ops/* (``_ReferenceOps``);
+CuPy float32/bf16 runs ops/fused.py's kernels under the same names (math in float32 inside each
+kernel), and the wiring differs in five places: the norms write the products' bf16 input directly,
+``x + a`` is added inside the FFN norm's kernel, each norm's backward adds the residual stream's
+gradient, the GLU reads the bf16 gate/up products and writes its bf16 output (so gate, up and the
+GLU output are kept in bf16), rope rotates in place, and the LM head + loss is fused_linear_loss
+(the loss kernel writes ds over s: no other [chunk, V] buffer of the student's).
 Memory: ``checkpoint=True`` keeps only each block's input and recomputes the block in the
 backward; the LM head, the loss and their backward run over ``chunk_tokens`` tokens at a time,
 so [chunk, V] is the largest logits buffer.
@@ -39,7 +46,9 @@ from ..errors import Q4KError
 from .losses import LossConfig, SparseTargets, chunk_loss, finish_parts, masked_sum, token_weights
 from .ops import (embedding_backward, embedding_forward, glu_backward, glu_forward, linear_backward, linear_forward, rmsnorm_backward, rmsnorm_forward,
                   rope_backward, rope_forward, rope_tables)
+from .ops import fused as fused_ops
 from .ops.flash_attention import flash_attention_backward, flash_attention_forward
+from .ops.fused_linear_loss import fused_linear_loss
 from .params import FlatBuffer
 from .precision import Precision
 
@@ -51,12 +60,61 @@ def chunk_size(vocab_size: int, n_tokens: int, chunk_tokens: int | None = None) 
     return chunk_tokens or max(1, min(n_tokens, LOGITS_BUDGET // vocab_size))
 
 
+class _ReferenceOps:
+    """The reference ops of ops/* under ops/fused.py's names (NumPy, float64 checks): the CPU path.
+    Each looks this module's global up when called, so wrapping it (bench student's timers) works."""
+
+    @staticmethod
+    def rmsnorm_backward(dy, cache):
+        return rmsnorm_backward(dy, cache)
+
+    @staticmethod
+    def glu_forward(gate, up, act):
+        return glu_forward(gate, up, act)
+
+    @staticmethod
+    def glu_backward(dy, cache):
+        return glu_backward(dy, cache)
+
+    @staticmethod
+    def rmsnorm_forward(x, w, eps, dtype=None):
+        return rmsnorm_forward(x, w, eps)
+
+    @staticmethod
+    def add_rmsnorm_forward(x, res, w, eps, dtype=None):
+        """-> (rmsnorm(res + x), res + x, cache)."""
+        h = res + x
+        y, cache = rmsnorm_forward(h, w, eps)
+        return y, h, cache
+
+    @staticmethod
+    def add_rmsnorm_backward(dy, cache, dh):
+        dx, dw = rmsnorm_backward(dy, cache)
+        return dh + dx, dw
+
+    @staticmethod
+    def rope_forward(x, cos, sin, style, out=None):
+        return rope_forward(x, cos, sin, style)
+
+    @staticmethod
+    def rope_backward(dy, cos, sin, style, out=None):
+        return rope_backward(dy, cos, sin, style)
+
+
+def uses_fused_ops(xp, prec: Precision) -> bool:
+    """The fused kernels for CuPy float32/bf16 (or NumPy under ``fused_ops.ON_HOST``, the simulator
+    tests); the reference ops on the CPU and for float64."""
+    return prec.name != "fp64" and (xp is not np or fused_ops.ON_HOST)
+
+
 class _Batch:
-    """What every block of one batch shares: the padding mask, rope tables and the precision."""
+    """What every block of one batch shares: the padding mask, rope tables, the precision and the ops."""
 
     def __init__(self, cfg, ids, attention_mask, xp, prec: Precision):
         self.B, self.T = ids.shape
         self.prec = prec
+        self.fused = uses_fused_ops(xp, prec)
+        self.ops = fused_ops if self.fused else _ReferenceOps
         self.key_mask = None if attention_mask is None else xp.asarray(attention_mask).astype(bool)
         positions = xp.arange(self.T)
         self.tables = {base: rope_tables(positions, cfg.head_dim, base, xp)
@@ -65,37 +123,50 @@ class _Batch:
 
 # -- one block ---------------------------------------------------------------------------------
 # The cache of a block holds each norm's and linear's cache under its tensor's stem
-# ("ffn_down" for blk.N.ffn_down.weight), so the backward finds both by one name.
+# ("ffn_down" for blk.N.ffn_down.weight), so the backward finds both by one name. ``ops`` is the
+# batch's op set (_Batch.ops): the same calls run the reference ops or the fused kernels.
 
-def _norm(x, p, c, stem, eps):
-    y, c[stem] = rmsnorm_forward(x, p[f"{stem}.weight"], eps)
+def _norm(x, p, c, stem, eps, ops, dtype=None):
+    """rmsnorm(x) * w; ``dtype``: the output's storage where a fused kernel can write it directly."""
+    y, c[stem] = ops.rmsnorm_forward(x, p[f"{stem}.weight"], eps, dtype=dtype)
     return y
 
 
-def _norm_backward(dy, c, g, stem):
+def _norm_backward(dy, c, g, stem, ops):
     """-> dx; adds the weight's grad into ``g``."""
-    dx, dw = rmsnorm_backward(dy, c[stem])
+    dx, dw = ops.rmsnorm_backward(dy, c[stem])
     g[f"{stem}.weight"] += dw
     return dx
 
 
-def _linear(x, p, c, stem, prec):
+def _add_norm_backward(dy, c, g, stem, ops, dres):
+    """dy of a norm's output, dres the residual stream's own grad -> dres + the norm's dx (one
+    kernel on the fused path); adds the weight's grad into ``g``."""
+    dx, dw = ops.add_rmsnorm_backward(dy, c[stem], dh=dres)
+    g[f"{stem}.weight"] += dw
+    return dx
+
+
+def _linear(x, p, c, stem, prec, high=True):
     """x [..., K] -> float32 [..., N]: the product in the low precision (its cached input too),
-    the bias added in float32."""
+    the bias added in float32. ``high=False``: the product's low-precision output as it is (for a
+    fused op that reads bf16; no bias)."""
     y, c[stem] = linear_forward(prec.low(x), p[f"{stem}.weight"])
+    if not high:
+        return prec.low(y)
     y = prec.high(y)
     bias = p.get(f"{stem}.bias")
     return y if bias is None else y + bias
 
 
-def _linear_backward(dy, c, g, stem, prec):
-    """dy float32 [..., N] -> dx float32 [..., K]; adds the weight's (and the bias's, summed in
-    float32) grad into ``g``."""
+def _linear_backward(dy, c, g, stem, prec, high=True):
+    """dy float32 [..., N] -> dx float32 [..., K] (low precision with ``high=False``); adds the
+    weight's (and the bias's, summed in float32) grad into ``g``."""
     dx, dw, _ = linear_backward(prec.low(dy), c[stem])
     g[f"{stem}.weight"] += prec.high(dw)
     if f"{stem}.bias" in g:
         g[f"{stem}.bias"] += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
-    return prec.high(dx)
+    return prec.high(dx) if high else prec.low(dx)
 
 
 def _attention_path(q, prec):
@@ -107,56 +178,63 @@ def _attention_path(q, prec):
 def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     """x [B, T, D] -> (x [B, T, D], cache). ``p``: this block's params by short name."""
     B, T, D = x.shape
-    eps, c, prec = cfg.norm_eps, {}, batch.prec
-    h = prec.low(_norm(x, p, c, "attn_norm", eps))          # one low copy, shared by q, k and v
+    eps, c, prec, ops = cfg.norm_eps, {}, batch.prec, batch.ops
+    lo = prec.low_dtype if prec.mixed else None
+    h = prec.low(_norm(x, p, c, "attn_norm", eps, ops, lo))   # one low copy, shared by q, k and v
     q, k, v = (_linear(h, p, c, f"attn_{n}", prec).reshape(B, T, heads, cfg.head_dim)
                for n, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)))
     if cfg.qk_norm:
-        q, k = _norm(q, p, c, "attn_q_norm", eps), _norm(k, p, c, "attn_k_norm", eps)
+        q, k = _norm(q, p, c, "attn_q_norm", eps, ops), _norm(k, p, c, "attn_k_norm", eps, ops)
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
-    q, k = rope_forward(q, cos, sin, cfg.rope_style), rope_forward(k, cos, sin, cfg.rope_style)
+    q = ops.rope_forward(q, cos, sin, cfg.rope_style, out=q)     # in place on the fused path
+    k = ops.rope_forward(k, cos, sin, cfg.rope_style, out=k)     # (q, k are fresh, in no cache)
     o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale,
                                            path=_attention_path(q, prec))
     a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output", prec)
     if cfg.post_norms:
-        a = _norm(a, p, c, "post_attention_norm", eps)
-    x = x + a
-    h = prec.low(_norm(x, p, c, "ffn_norm", eps))           # shared by gate and up
-    m, c["glu"] = glu_forward(_linear(h, p, c, "ffn_gate", prec), _linear(h, p, c, "ffn_up", prec), cfg.act)
+        a = _norm(a, p, c, "post_attention_norm", eps, ops)
+    h, x, c["ffn_norm"] = ops.add_rmsnorm_forward(a, x, p["ffn_norm.weight"], eps, dtype=lo)   # x = x + a
+    h = prec.low(h)                                          # shared by gate and up
+    glu_in = dict(prec=prec, high=not batch.fused)           # fused: the GLU reads and writes bf16
+    m, c["glu"] = ops.glu_forward(_linear(h, p, c, "ffn_gate", **glu_in), _linear(h, p, c, "ffn_up", **glu_in),
+                                  cfg.act)
     f = _linear(m, p, c, "ffn_down", prec)
     if cfg.post_norms:
-        f = _norm(f, p, c, "post_ffw_norm", eps)
+        f = _norm(f, p, c, "post_ffw_norm", eps, ops)
     return x + f, c
 
 
-def _ffn_backward(cfg, dx, c, g, prec):
-    """The FFN half: residual grad dx [B, T, D] -> its share through ffn_norm."""
-    df = _norm_backward(dx, c, g, "post_ffw_norm") if cfg.post_norms else dx
-    dgate, dup = glu_backward(_linear_backward(df, c, g, "ffn_down", prec), c["glu"])
+def _ffn_backward(cfg, dx, c, g, batch):
+    """The FFN half: residual grad dx [B, T, D] -> dx + its share through ffn_norm."""
+    prec, ops, high = batch.prec, batch.ops, not batch.fused
+    df = _norm_backward(dx, c, g, "post_ffw_norm", ops) if cfg.post_norms else dx
+    dgate, dup = ops.glu_backward(_linear_backward(df, c, g, "ffn_down", prec, high), c["glu"])
     dh = _linear_backward(dgate, c, g, "ffn_gate", prec) + _linear_backward(dup, c, g, "ffn_up", prec)
-    return _norm_backward(dh, c, g, "ffn_norm")
+    return _add_norm_backward(dh, c, g, "ffn_norm", ops, dx)
 
 
 def _attn_backward(cfg, layer, dx, c, g, batch):
-    """The attention half: residual grad dx [B, T, D] -> its share through attn_norm."""
+    """The attention half: residual grad dx [B, T, D] -> dx + its share through attn_norm."""
     B, T, D = dx.shape
-    da = _norm_backward(dx, c, g, "post_attention_norm") if cfg.post_norms else dx
+    ops = batch.ops
+    da = _norm_backward(dx, c, g, "post_attention_norm", ops) if cfg.post_norms else dx
     do = _linear_backward(da, c, g, "attn_output", batch.prec)
     dq, dk, dv = flash_attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), c["attn"])
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
-    dq, dk = rope_backward(dq, cos, sin, cfg.rope_style), rope_backward(dk, cos, sin, cfg.rope_style)
+    dq = ops.rope_backward(dq, cos, sin, cfg.rope_style, out=dq)
+    dk = ops.rope_backward(dk, cos, sin, cfg.rope_style, out=dk)
     if cfg.qk_norm:
-        dq, dk = _norm_backward(dq, c, g, "attn_q_norm"), _norm_backward(dk, c, g, "attn_k_norm")
+        dq, dk = _norm_backward(dq, c, g, "attn_q_norm", ops), _norm_backward(dk, c, g, "attn_k_norm", ops)
     dh = 0
     for n, d in (("q", dq), ("k", dk), ("v", dv)):
         dh = dh + _linear_backward(d.reshape(B, T, -1), c, g, f"attn_{n}", batch.prec)
-    return _norm_backward(dh, c, g, "attn_norm")
+    return _add_norm_backward(dh, c, g, "attn_norm", ops, dx)
 
 
 def block_backward(cfg: ModelConfig, layer: int, dx, cache, g: dict, batch: _Batch):
     """dx [B, T, D] (grad of the block output) -> grad of the block input; adds into ``g``."""
-    dx = dx + _ffn_backward(cfg, dx, cache, g, batch.prec)
-    return dx + _attn_backward(cfg, layer, dx, cache, g, batch)
+    dx = _ffn_backward(cfg, dx, cache, g, batch)
+    return _attn_backward(cfg, layer, dx, cache, g, batch)
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -269,7 +347,8 @@ class Student:
             x_in = x
             x, cache = block_forward(cfg, layer, self.block_params(layer), x, batch)
             saved.append({"none": None, "inputs": x_in, "caches": cache}[keep])
-        h, norm_cache = rmsnorm_forward(x, self.params["output_norm.weight"], cfg.norm_eps)
+        lo = self.prec.low_dtype if self.prec.mixed else None               # the head multiplies h in bf16
+        h, norm_cache = batch.ops.rmsnorm_forward(x, self.params["output_norm.weight"], cfg.norm_eps, dtype=lo)
         return h.reshape(-1, cfg.d_model), (batch, saved, emb_cache, norm_cache)
 
     def _ids(self, input_ids, attention_mask):
@@ -315,8 +394,9 @@ class Student:
             ids, attention_mask, keep="inputs" if self.checkpoint else "caches")
         mask = None if attention_mask is None else xp.asarray(attention_mask)
         w = token_weights(ids, mask, loss_cfg, None if loss_mask is None else xp.asarray(loss_mask), token_counts)
-        dh, kd_sum, ce_sum = self._head_backward(h, teacher_logits_or_fn, loss_cfg, w)
-        dx, dw = rmsnorm_backward(dh.reshape(batch.B, batch.T, -1), norm_cache)
+        head = self._fused_head_backward if batch.fused else self._head_backward
+        dh, kd_sum, ce_sum = head(h, teacher_logits_or_fn, loss_cfg, w)
+        dx, dw = batch.ops.rmsnorm_backward(dh.reshape(batch.B, batch.T, -1), norm_cache)
         self.grads["output_norm.weight"] += dw
         for layer in reversed(range(cfg.n_layers)):
             cache = saved[layer]
@@ -364,3 +444,15 @@ class Student:
             kd_sum += masked_sum(kd, w["kd_mask"][sl])
             ce_sum += masked_sum(ce, w["ce_mask"][sl])
         return dh, kd_sum, ce_sum
+
+    def _fused_head_backward(self, h, teacher, loss_cfg, w):
+        """_head_backward on the fused kernels (ops/fused_linear_loss.py): per chunk s = h W^T in the
+        low precision, the loss kernel writes ds over s, dh = ds W, and gW += ds^T h accumulates in
+        float32 straight into the grad buffer. Teacher-cache chunks (SparseTargets) take the
+        reference chunk loss inside the same loop."""
+        def chunk(start, stop):
+            return self._teacher_chunk(teacher, start, stop)
+
+        dh, _, kd_sum, ce_sum = fused_linear_loss(self.prec.low(h), self._head_weight(), None if teacher is None else chunk,
+                                                  loss_cfg, w, self._chunk(h.shape[0]), gW=self._head_weight(grads=True))
+        return self.prec.high(dh), kd_sum, ce_sum

@@ -1,7 +1,7 @@
 """The ops of ops/* on the fused kernels (kernels/fused_*.py), with the same signatures and caches.
 
-    y, cache = rmsnorm_forward(x, w, eps)            dx, dw = rmsnorm_backward(dy, cache)
-    y, h, cache = add_rmsnorm_forward(x, res, w, eps) dx, dw = add_rmsnorm_backward(dy, cache, dh=None)
+    y, cache = rmsnorm_forward(x, w, eps, dtype=None)            dx, dw = rmsnorm_backward(dy, cache)
+    y, h, cache = add_rmsnorm_forward(x, res, w, eps, dtype=None) dx, dw = add_rmsnorm_backward(dy, cache, dh=None)
         h = x + res (the residual stream, kept); dx is the gradient of x and of res alike; dh is the
         gradient that reaches h from the rest of the residual stream (added to dx).
     y = rope_forward(x, cos, sin, style, out=None)   dx = rope_backward(dy, cos, sin, style, out=None)
@@ -44,13 +44,19 @@ class NormCache(NamedTuple):
     rstd: object     # float32 [rows]
 
 
-def rmsnorm_forward(x, w, eps):
-    """x [..., D], w [D] -> (y [..., D], cache)."""
+def _out(x, dtype):
+    """An output like x in ``dtype`` (None: the kernel's default, x's type)."""
+    return None if dtype is None or dtype == x.dtype else array_module(x).empty(x.shape, dtype=dtype)
+
+
+def rmsnorm_forward(x, w, eps, dtype=None):
+    """x [..., D], w [D] -> (y [..., D], cache). ``dtype``: y's storage (bfloat16 for the next
+    product: the kernel writes it, no separate cast); the reference op keeps x's."""
     if not _fusable(x, w):
         return _rmsnorm.rmsnorm_forward(x, w, eps)
     from kernels.fused_rmsnorm import rmsnorm_fwd
 
-    y, h, rstd = rmsnorm_fwd(x, w, eps)
+    y, h, rstd = rmsnorm_fwd(x, w, eps, y=_out(x, dtype))
     return y, NormCache(h, w, rstd)
 
 
@@ -63,15 +69,15 @@ def rmsnorm_backward(dy, cache):
     return rmsnorm_bwd(dy if dy.flags.c_contiguous else dy.copy(), cache.h, cache.w, cache.rstd)
 
 
-def add_rmsnorm_forward(x, res, w, eps):
-    """x, res [..., D], w [D] -> (y [..., D], h = x + res [..., D], cache)."""
+def add_rmsnorm_forward(x, res, w, eps, dtype=None):
+    """x, res [..., D], w [D] -> (y [..., D], h = x + res [..., D], cache); ``dtype``: y's storage."""
     if not _fusable(x, res, w):
         h = x + res
         y, cache = _rmsnorm.rmsnorm_forward(h, w, eps)
         return y, h, cache
     from kernels.fused_rmsnorm import rmsnorm_fwd
 
-    y, h, rstd = rmsnorm_fwd(x, w, eps, residual=res)
+    y, h, rstd = rmsnorm_fwd(x, w, eps, residual=res, y=_out(x, dtype))
     return y, h, NormCache(h, w, rstd)
 
 

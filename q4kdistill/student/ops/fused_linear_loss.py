@@ -11,7 +11,8 @@
             dh_c = ds @ W                   [n, D]
             gW  += ds.T @ h_c               [V, D]  (one GemmEx into the float32 gW on the GPU: no
                                                      [V, D] temporary, FP32 accumulation)
-        so [chunk, V] is the only logits buffer. Row losses are summed on the device; one host
+        so [chunk, V] is the only logits buffer (with the teacher's chunk while the loss runs; each
+        chunk's buffers are dropped before the next chunk's product). Row losses are summed on the device; one host
         read at the end.
 
 Top-k (cfg.top_k < V): the teacher's k largest logits are gathered ([n, k], the same indices as
@@ -25,7 +26,7 @@ import numpy as np
 
 from ...backend import array_module
 from ...errors import Q4KError
-from ..losses import LOG_FLOOR, LossConfig, _top_k_index, log_softmax
+from ..losses import LOG_FLOOR, LossConfig, SparseTargets, _top_k_index, chunk_loss, log_softmax
 
 LOGITS_BUDGET = 2 ** 26   # default chunk: about this many logits (Student's rule)
 
@@ -120,6 +121,8 @@ def _teacher_chunk(teacher, start, stop, V, xp):
     if teacher is None:
         return None
     t = teacher(start, stop) if callable(teacher) else teacher.reshape(-1, teacher.shape[-1])[start:stop]
+    if isinstance(t, SparseTargets):                  # a teacher cache's top-k: the reference loss takes it
+        return t.to(xp)
     if tuple(t.shape) != (stop - start, V):
         raise Q4KError(f"teacher logits for tokens {start}:{stop} have shape {tuple(t.shape)}, "
                        f"expected {(stop - start, V)} (same vocabulary as the student?)")
@@ -128,7 +131,8 @@ def _teacher_chunk(teacher, start, stop, V, xp):
 
 def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_tokens=None, gW=None):
     """h [N, D] final hidden states, W [V, D] head weight, teacher [N, V] logits / fn(start, stop) ->
-    [stop - start, V] / None (CE only); weights from losses.token_weights.
+    [stop - start, V] (or losses.SparseTargets, a teacher cache's top-k: losses.chunk_loss runs
+    that chunk) / None (CE only); weights from losses.token_weights.
 
     -> (dh [N, D] in h's dtype, gW [V, D] (+= into the given gW, else a new float32 array),
         kd_sum, ce_sum) with the row sums masked by weights["kd_mask"] / ["ce_mask"] (floats)."""
@@ -148,10 +152,17 @@ def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_token
         sl = slice(start, stop)
         hc = h[sl]                                                   # [n, D]
         s = hc @ W.T                                                 # [n, V]
-        kd, ce, ds = fused_chunk_loss(s, _teacher_chunk(teacher, start, stop, V, xp), weights["targets"][sl],
-                                      weights["kd_weight"][sl], weights["ce_weight"][sl], cfg, out=s)
+        t = _teacher_chunk(teacher, start, stop, V, xp)
+        rows = (weights["targets"][sl], weights["kd_weight"][sl], weights["ce_weight"][sl], cfg)
+        if isinstance(t, SparseTargets):                             # losses.chunk_loss in float32, ds back in s's type
+            kd, ce, ds = chunk_loss(_f32(s), t, *rows)
+            ds = _like(ds, s)
+        else:
+            kd, ce, ds = fused_chunk_loss(s, t, *rows, out=s)
+        del t                                                        # the teacher's chunk: used
         dh[sl] = ds @ W                                              # [n, D]
         add_outer(gW, ds, hc)                                        # gW [V, D] += ds.T @ h_c
         kd_sum += xp.where(weights["kd_mask"][sl], kd, 0.0).sum()
         ce_sum += xp.where(weights["ce_mask"][sl], ce, 0.0).sum()
+        del s, ds                                                    # the next chunk's s never meets this one
     return dh, gW, float(kd_sum), float(ce_sum)
