@@ -454,11 +454,14 @@ def test_gpu_student_grads_match_reference_attention(monkeypatch, family, path, 
     teacher = cupy.asarray(rng.standard_normal((2 * 700, cfg.vocab_size)).astype(np.float32))
     loss_cfg = LossConfig("kl", alpha=0.3)
     s = Student.from_config(cfg, seed=2, xp=cupy)
+    # an fp32 student keeps FP32 attention by default (the block path); here the kernels are what is tested
+    monkeypatch.setattr(student_mod, "_attention_path", lambda q, prec: path)
     if path:
         monkeypatch.setenv("Q4KDISTILL_ATTENTION", path)
     loss, g, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
     got = {n: v.get() for n, v in g.items()}
-    monkeypatch.setattr(student_mod, "flash_attention_forward", attention_forward)
+    monkeypatch.setattr(student_mod, "flash_attention_forward",
+                        lambda *args, path=None, **kw: attention_forward(*args, **kw))
     monkeypatch.setattr(student_mod, "flash_attention_backward", attention_backward)
     loss_ref, g_ref, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
     assert loss == pytest.approx(loss_ref, rel=1e-4)
