@@ -25,6 +25,7 @@ used (``counter``): never read a CPU record as GPU bytes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import ctypes
 import itertools
 import time
@@ -265,6 +266,10 @@ class MemoryMeter:
             self._fold()
             MemoryMeter._open.remove(rec)
             rec.seconds = time.perf_counter() - t0
+            # end bytes: what is still referenced. Unreachable cycles (objects that wrap device
+            # arrays) would otherwise count until Python's collector happens to run: on the H200,
+            # 0.43 GB of them after a 7B teacher forward, against the 0.136 GB kept scratch.
+            gc.collect()
             rec.end_bytes = self.counter.current()
             rec.reserved_bytes = self.counter.reserved()
             rec.driver_used_after, _ = _driver_used()
