@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -48,3 +49,23 @@ def manifest_7b_path():
         return os.path.abspath(shared)
     from q4kdistill.data import MANIFEST_7B
     return MANIFEST_7B
+
+
+@contextlib.contextmanager
+def traced_peak():
+    """``with traced_peak() as peak:`` ... ``peak()``: host bytes allocated at the most inside the
+    block (tracemalloc), leaving tracing as it was (the memory meter may be tracing already)."""
+    import tracemalloc
+
+    was = tracemalloc.is_tracing()
+    if not was:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    result = {}
+    try:
+        yield lambda: result.get("peak", tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        result["peak"] = tracemalloc.get_traced_memory()[1] - base
+        if not was:
+            tracemalloc.stop()

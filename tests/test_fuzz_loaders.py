@@ -12,7 +12,6 @@ import json
 import math
 import os
 import tempfile
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from q4kdistill.formats.model_file import ModelFile
 from q4kdistill.train import checkpoint
 from q4kdistill.train.loop import DistillConfig
 from q4kdistill.train.options import RULES, typed_settings
+from conftest import traced_peak
 
 PEAK_BYTES = 32 << 20
 DENSE = dict.fromkeys(("*", "attn_v", "ffn_down", "output", "token_embd"), "F32")
@@ -44,15 +44,14 @@ def tiny_path(arch="gemma3") -> str:
 
 def bounded(fn):
     """fn() under tracemalloc: its result (or the Q4KError it raised) and an asserted peak."""
-    tracemalloc.start()
-    try:
-        return fn()
-    except Q4KError as exc:
-        return exc
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert peak < PEAK_BYTES, f"{peak:,} bytes allocated"
+    with traced_peak() as traced:
+        try:
+            result = fn()
+        except Q4KError as exc:
+            result = exc
+    peak = traced()
+    assert peak < PEAK_BYTES, f"{peak:,} bytes allocated"
+    return result
 
 
 # hostile metadata values: wrong types, negative, huge, non-finite, nested

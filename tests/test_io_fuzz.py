@@ -4,7 +4,6 @@ import functools
 import os
 import struct
 import tempfile
-import tracemalloc
 
 import gguf
 import numpy as np
@@ -22,6 +21,7 @@ from q4kdistill.formats import quants
 from q4kdistill.formats import synthetic
 from q4kdistill.errors import FileFormatError, Q4KError
 from q4kdistill.formats.model_file import ModelFile
+from conftest import traced_peak
 
 PEAK_BYTES = 48 << 20
 INTERESTING = [0, 1, 2, 3, 4, 5, 8, 9, 12, 13, 30, 31, 32, 64, 255, 256, 2 ** 16 - 1, 2 ** 31, 2 ** 32 - 1,
@@ -94,14 +94,12 @@ def exercise_bytes(raw: bytes, name: str):
         path = os.path.join(d, name)
         with open(path, "wb") as f:
             f.write(raw)
-        tracemalloc.start()
-        try:
-            exercise(path)
-        except Q4KError:
-            pass
-        finally:
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
+        with traced_peak() as traced:
+            try:
+                exercise(path)
+            except Q4KError:
+                pass
+        peak = traced()
     assert peak < PEAK_BYTES, f"{peak} bytes allocated"
 
 

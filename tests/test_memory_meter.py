@@ -115,7 +115,7 @@ def test_meter_phases_on_the_host_counter():
     assert 8 * n <= inner.peak_bytes - inner.start_bytes < 8 * n + 2_000_000
     assert inner.end_bytes - inner.start_bytes < 1_000_000
     assert 16 * n + 4 * n <= outer.peak_bytes - outer.start_bytes < 20 * n + 2_000_000
-    assert 4 * n <= outer.end_bytes - outer.start_bytes < 4 * n + 1_000_000
+    assert 4 * n - 100_000 <= outer.end_bytes - outer.start_bytes < 4 * n + 1_000_000   # (other objects may be freed meanwhile)
     assert [r.name for r in meter.records] == ["inner", "outer"] and meter.record("outer") is outer
     assert outer.driver_used_before is None and outer.reserved_bytes is None
     del kept

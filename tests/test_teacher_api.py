@@ -2,7 +2,6 @@
 resident bytes, chunked logits, vocabulary checks, errors, and that the native path never
 decodes (and keeps) a whole weight matrix."""
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from q4kdistill.formats import synthetic
 from q4kdistill.errors import Q4KError
 from q4kdistill.formats.model_file import ModelFile
 from q4kdistill.teacher.model import Teacher
+from conftest import traced_peak
 
 QTYPES = {"token_embd": "Q8_0", "attn_k": "Q5_0", "attn_output": "F16", "ffn_gate": "BF16"}
 
@@ -175,12 +175,9 @@ def _forward_peak_bytes(path):
     kernels.cpu.SLAB_BYTES = 1 << 20
     teacher = Teacher.load(path, device="cpu", log=None)
     resident = teacher.resident_bytes
-    tracemalloc.start()
-    try:
+    with traced_peak() as traced:
         logits = teacher.logits_for_batch(np.array([[5, 300, 20000, 32767]]))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced()
     kept_blocks = all(w.data.dtype == np.uint8 for w in teacher.weights.values() if w.quantized)
     return logits.shape, peak, teacher.resident_bytes == resident, kept_blocks
 

@@ -22,6 +22,7 @@ from q4kdistill.formats import synthetic
 from q4kdistill.formats.model_file import ModelFile
 from q4kdistill.train import checkpoint
 from q4kdistill.train.loop import DistillConfig
+from conftest import traced_peak
 
 DENSE = dict.fromkeys(("*", "attn_v", "ffn_down", "output", "token_embd"), "F32")
 SMALL = dict(n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
@@ -226,7 +227,6 @@ def test_hostile_checkpoints(tiny, tmp_path, capsys):
 
 def test_bomb_is_refused_with_little_memory(tiny, tmp_path):
     """The member list is checked before anything is decompressed: a bounded peak in-process."""
-    import tracemalloc
 
     good = student_checkpoint(tmp_path / "good", tiny)
     with zipfile.ZipFile(good) as z, zipfile.ZipFile(tmp_path / "b.npz", "w") as out:
@@ -234,11 +234,9 @@ def test_bomb_is_refused_with_little_memory(tiny, tmp_path):
             out.writestr(n, z.read(n))
         with out.open("/params/token_embd.weight.npy.x", "w", force_zip64=True) as f:
             f.write(bytes(1 << 20))
-    tracemalloc.start()
-    with pytest.raises(Exception, match="unexpected member"):
+    with traced_peak() as traced, pytest.raises(Exception, match="unexpected member"):
         checkpoint.load_student(tmp_path / "b.npz")
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    peak = traced()
     assert peak < 4 << 20
 
 

@@ -82,12 +82,16 @@ class HostCounter:
             tracemalloc.start()
 
     def current(self) -> int:
+        if not tracemalloc.is_tracing():        # someone stopped it (a caller's own bounded-memory check)
+            tracemalloc.start()
         return tracemalloc.get_traced_memory()[0]
 
     def reserved(self) -> int | None:
         return None
 
     def take_peak(self) -> int:
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
         return peak
