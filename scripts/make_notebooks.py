@@ -668,6 +668,64 @@ MEMORY_BUDGET = [
             failed = [c["claim"] for c in headline if c["result"] == "FAIL"]
             assert not failed, f"claims that do not hold on {report['device']}: {failed}"
     """),
+    md("""
+        ## Long context: tokens/s and peak memory against T, ours and the peer
+
+        The rows `q4kdistill bench step` wrote on an H200 (docs/bench/step_h200_*.json: our step and the
+        transformers + torch step in the same run). With flash attention our peak grows linearly in T;
+        the peer's step runs out of the card's 141 GB at 1 x 32768. Re-run `bench step --json` on your
+        card and point `STEP_JSON` at it to redraw this for yours.
+    """),
+    code("""
+        import json
+
+        import q4kdistill
+
+        BENCH = Path(q4kdistill.__file__).resolve().parents[1] / "docs" / "bench"
+        STEP_JSON = sorted(BENCH.glob("step_h200_2026-12-04_*.json")) if BENCH.exists() else []
+        rows = [r for f in STEP_JSON if "fused" not in f.name for r in json.load(open(f))["rows"]
+                if r["kind"] == "step" and r["student"].startswith("fresh")]
+        if not rows:
+            print("no bench step rows next to this package (docs/bench is in the repository)")
+        else:
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+            for side, mark in (("ours", "o-"), ("peer", "s--")):
+                pts = sorted(((int(r["shape"].split("x")[1]), r) for r in rows if r["side"] == side),
+                             key=lambda p: p[0])                 # x: the sequence length T
+                ok = [(n, r) for n, r in pts if r["status"] == "ok"]
+                a1.plot([n for n, _ in ok], [r["tokens_per_s"] for _, r in ok], mark, label=side)
+                a2.plot([n for n, _ in ok], [r["peak_bytes"] / 1e9 for _, r in ok], mark, label=side)
+                for n, r in pts:
+                    if r["status"] != "ok":
+                        a2.annotate(r["status"].upper(), (n, 141), ha="center")
+            a1.set(xscale="log", xlabel="sequence length T (8x512, 2x4096, 1x8192, 1x32768)", ylabel="tokens/s",
+                   title="step speed")
+            a2.set(xscale="log", xlabel="sequence length T", ylabel="peak GB", title="step peak memory")
+            a2.axhline(141, color="grey", lw=0.8)
+            a1.legend(); a2.legend()
+            fig.tight_layout()
+            fig.savefig(OUT / "03_long_context.png", dpi=100)
+    """),
+    md("""
+        ## Fit the GPU you have: `plan --fit`
+
+        For the 7B manifest teacher and the 0.5B-layout student: the settings `plan --fit` picks for a
+        range of budgets, and their predicted peaks (the planner only, so this runs anywhere). The
+        measured peaks for 16 and 24 GB on an H200 are in docs/memory.md.
+    """),
+    code("""
+        from q4kdistill.memory import fit as fit_mod
+
+        budgets = [16, 24, 32, 48, 80] if SIZE == "gpu" else [16, 24, 48]
+        choices = [fit_mod.fit(MANIFEST_7B, b * 10 ** 9, seq=512, student="params=0.5e9") for b in budgets]
+        for b, c in zip(budgets, choices):
+            print(f"{b:>3} GB: {c.line()}")
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot(budgets, [c.batch * c.seq for c in choices], "o-")
+        ax.set(xlabel="budget (GB)", ylabel="tokens per step", title="plan --fit, 7B teacher + 0.5B student, seq 512")
+        fig.tight_layout()
+        fig.savefig(OUT / "03_fit.png", dpi=100)
+    """),
 ]
 
 
