@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     model = planner.open_teacher(source)
     memory.install()
     meter = memory.MemoryMeter()
+    memory.release_cached()
     base = meter.current_bytes()
     teacher = Teacher.load(model, backend="native", log=None)
     rows = [_case(model, teacher, int(b), s, student, args.steps, base, meter, print) for s in seqs for b in budgets]

@@ -683,7 +683,7 @@ MEMORY_BUDGET = [
 
         BENCH = Path(q4kdistill.__file__).resolve().parents[1] / "docs" / "bench"
         STEP_JSON = sorted(BENCH.glob("step_h200_2026-12-04_*.json")) if BENCH.exists() else []
-        rows = [r for f in STEP_JSON if "fused" not in f.name for r in json.load(open(f))["rows"]
+        rows = [r for f in STEP_JSON if not any(w in f.name for w in ("fused", "retime")) for r in json.load(open(f))["rows"]
                 if r["kind"] == "step" and r["student"].startswith("fresh")]
         if not rows:
             print("no bench step rows next to this package (docs/bench is in the repository)")
@@ -710,8 +710,9 @@ MEMORY_BUDGET = [
         ## Fit the GPU you have: `plan --fit`
 
         For the 7B manifest teacher and the 0.5B-layout student: the settings `plan --fit` picks for a
-        range of budgets, and their predicted peaks (the planner only, so this runs anywhere). The
-        measured peaks for 16 and 24 GB on an H200 are in docs/memory.md.
+        range of budgets, and their predicted peaks (the planner only, so this runs anywhere). Below it,
+        the peaks measured on an H200 with CuPy's pool capped at each budget (`scripts/fit_budgets.py`,
+        docs/bench/fit_h200_*.json).
     """),
     code("""
         from q4kdistill.memory import fit as fit_mod
@@ -725,6 +726,30 @@ MEMORY_BUDGET = [
         ax.set(xlabel="budget (GB)", ylabel="tokens per step", title="plan --fit, 7B teacher + 0.5B student, seq 512")
         fig.tight_layout()
         fig.savefig(OUT / "03_fit.png", dpi=100)
+    """),
+    code("""
+        FIT_JSON = sorted(BENCH.glob("fit_h200_*.json")) if BENCH.exists() else []
+        fit_rows = [r for f in FIT_JSON for r in json.load(open(f))["rows"] if r.get("measured_peak_bytes")]
+        if not fit_rows:
+            print("no measured fit rows next to this package (docs/bench is in the repository)")
+        else:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            for seq, mark in ((512, "o"), (4096, "s")):
+                pts = [r for r in fit_rows if r["seq"] == seq]
+                ax.plot([r["budget_bytes"] / GB for r in pts], [r["measured_peak_bytes"] / GB for r in pts], mark,
+                        label=f"measured, seq {seq}")
+                ax.plot([r["budget_bytes"] / GB for r in pts], [r["predicted_peak_bytes"] / GB for r in pts], "x", color="k")
+            lim = max(r["budget_bytes"] for r in fit_rows) / GB
+            ax.plot([0, lim], [0, lim], ":", color="grey", label="the budget")
+            ax.set(xlabel="budget (GB)", ylabel="step peak (GB)", title="plan --fit on an H200: x predicted, markers measured")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(OUT / "03_fit_measured.png", dpi=100)
+            for r in sorted(fit_rows, key=lambda r: (r["seq"], r["budget_bytes"])):
+                print(f"{r['budget_bytes'] / GB:4.0f} GB seq {r['seq']:>4}: batch {r['batch']:>3}, predicted "
+                      f"{r['predicted_peak_bytes'] / GB:6.2f}, measured {r['measured_peak_bytes'] / GB:6.2f} GB, "
+                      f"{'held' if r['held'] else 'OVER'}")
+            assert all(r["held"] for r in fit_rows)
     """),
 ]
 

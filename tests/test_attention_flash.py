@@ -464,7 +464,19 @@ def test_gpu_student_grads_match_reference_attention(monkeypatch, family, path, 
                         lambda *args, path=None, **kw: attention_forward(*args, **kw))
     monkeypatch.setattr(student_mod, "flash_attention_backward", attention_backward)
     loss_ref, g_ref, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
+    g_ref = {n: v.get() for n, v in g_ref.items()}        # the next call reuses the gradient buffers
     assert loss == pytest.approx(loss_ref, rel=1e-4)
+    # what rounding the tensor cores' inputs (q, k, v, dO) to fp16 alone costs: the reference attention on
+    # rounded inputs. gemma3's q/k norms make the scores large, so its rounding error is larger than qwen2's;
+    # the kernel may be at most 4x that (a wrong tile or mask gives errors of order 1)
+    def rounded(x):
+        return x.astype(cupy.float16).astype(x.dtype)
+
+    monkeypatch.setattr(student_mod, "flash_attention_forward", lambda q, k, v, *args, path=None, **kw:
+                        attention_forward(rounded(q), rounded(k), rounded(v), *args, **kw))
+    monkeypatch.setattr(student_mod, "flash_attention_backward", lambda do, cache: attention_backward(rounded(do), cache))
+    _, g_rnd, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
     for name, want in g_ref.items():
-        err = rel_error(got[name], want.get())
-        assert err <= bound, f"{name}: {err:.2e}"
+        err = rel_error(got[name], want)
+        floor = rel_error(g_rnd[name].get(), want) if path is None else 0.0
+        assert err <= max(bound, 4 * floor), f"{name}: {err:.2e} (fp16 inputs alone: {floor:.2e})"

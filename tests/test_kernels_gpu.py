@@ -193,7 +193,7 @@ def test_declared_workspace_is_what_the_counter_sees(pool, name, qtype, x_dtype)
     pool's 512-byte blocks), and what stays after it is the decode scratch alone."""
     import cupy as cp
 
-    from q4kdistill import memory
+    from q4kdistill.memory import meter as memory
 
     counter = memory.install()
     v = kernels.get(name)

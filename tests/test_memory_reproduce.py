@@ -84,3 +84,10 @@ def test_tiny_run_on_the_gpu_counts_pool_bytes(capsys):
     native = {r["name"]: r for r in report["rows"]}["teacher resident (native)"]
     assert native["measured_bytes"] >= native["predicted_bytes"]          # the pool rounds up to 512 bytes
     assert native["measured_bytes"] < native["predicted_bytes"] + 512 * 32
+
+
+def test_within_compares_to_the_measurement_and_a_zero_row_only_to_zero():
+    from q4kdistill.memory.reproduce import within
+
+    assert within(0, 0) and not within(5, 0)
+    assert within(109, 100) and within(91, 100) and not within(111, 100) and not within(89, 100)

@@ -83,12 +83,12 @@ def test_native_forward_peak_on_each_card(manifest_7b_path, on_card, card):
 # and ffn_down Q6_K [3584, 18944]: every decode-to-scratch variant holds the fp16 matrix (FFN bytes)
 # and x in fp16 [M, K]; the fused GEMVs here allocate nothing.
 TABLE_ENTRIES = {
-    (H200, "Q4_K"): [(1, "gemv_chunk_r4w4", 0, 0), (8, "gemv_warp_r4w4", 0, 0),
-                     (16, "dequant_f16_cublas", FFN, 2 * 16 * 3584), (64, "dequant_f16_cublas", FFN, 2 * 64 * 3584),
-                     (512, "dequant_f16_cublas", FFN, 2 * 512 * 3584), (4096, "dequant_f16_cublas", FFN, 2 * 4096 * 3584)],
-    (H200, "Q6_K"): [(1, "gemv_chunk_r2w4", 0, 0), (8, "dequant_f16_cublas", FFN, 2 * 8 * 18944),
+    (H200, "Q4_K"): [(1, "gemv_f32_linked_r4w4", 0, 0), (8, "dequant_f16_cublas", FFN, 2 * 8 * 3584),
+                     (16, "dequant_f16_cublas", FFN, 2 * 16 * 3584), (64, "dequant_linked_cublas", FFN, 2 * 64 * 3584),
+                     (512, "dequant_linked_cublas", FFN, 2 * 512 * 3584), (4096, "dequant_linked_cublas", FFN, 2 * 4096 * 3584)],
+    (H200, "Q6_K"): [(1, "gemv_chunk_r4w4", 0, 0), (8, "dequant_f16_cublas", FFN, 2 * 8 * 18944),
                      (16, "dequant_f16_cublas", FFN, 2 * 16 * 18944), (64, "dequant_f16_cublas", FFN, 2 * 64 * 18944),
-                     (512, "dequant_f16_cublas", FFN, 2 * 512 * 18944), (4096, "dequant_f16_cublas", FFN, 2 * 4096 * 18944)],
+                     (512, "dequant_linked_cublas", FFN, 2 * 512 * 18944), (4096, "dequant_linked_cublas", FFN, 2 * 4096 * 18944)],
     (H100, "Q4_K"): [(1, "gemv_f32_linked_r2w4", 0, 0), (8, "dequant_linked_cublas", FFN, 2 * 8 * 3584),
                      (16, "dequant_linked_cublas", FFN, 2 * 16 * 3584), (64, "dequant_linked_cublas", FFN, 2 * 64 * 3584),
                      (512, "dequant_linked_cublas", FFN, 2 * 512 * 3584), (4096, "dequant_linked_cublas", FFN, 2 * 4096 * 3584)],

@@ -20,6 +20,14 @@ from __future__ import annotations
 DEFAULTS = dict(batch=1, seq=512, step_batch=8, student="params=0.5e9")
 TINY = dict(batch=1, seq=32, step_batch=2, student="d_model=64,n_layers=2,d_ff=128,n_heads=4,n_kv_heads=2")
 WITHIN = 0.10                       # every prediction within 10 % of its measurement
+
+
+def within(predicted: int, measured: int) -> bool:
+    """The prediction is within WITHIN of the measurement; a row measured at 0 bytes (no decode
+    scratch at a size the GEMVs take) holds only if 0 was predicted."""
+    if measured == 0:
+        return predicted == 0
+    return abs(predicted / measured - 1) <= WITHIN
 CLAIMS_7B = (("teacher forward peak (native)", 1, 5.5e9, "teacher forward peak at 1x512 <= 5.5 GB"),
              ("distill step peak", 8, 16e9, "distillation step at 8x512 with a ~0.5B student <= 16 GB"))
 
@@ -130,6 +138,7 @@ class _Experiment:
             self.log(f"  {b}: skipped ({self.outcome[b]['note']})")
             return
         ids = _random_ids(self.model.config.vocab_size, fwd_plan.batch, fwd_plan.seq)
+        memory.release_cached()         # garbage an earlier caller left is not in the baseline (a phase collects it)
         base = self.meter.current_bytes()
         with self.meter.phase(f"load ({b})") as load:
             teacher = Teacher.load(self.model, backend=b, log=None)
@@ -240,7 +249,7 @@ def check_claims(report: dict, info) -> list:
         else:
             claim(text, None if got is None else got <= limit, "not measured" if got is None else f"{got / 1e9:.3f} GB")
     for r in report["rows"]:
-        ok = None if r["measured_bytes"] is None else abs(r["predicted_bytes"] / r["measured_bytes"] - 1) <= WITHIN
+        ok = None if r["measured_bytes"] is None else within(r["predicted_bytes"], r["measured_bytes"])
         detail = ("not measured" if ok is None else
                   f"predicted {r['predicted_bytes'] / 1e9:.3f} GB, measured {r['measured_bytes'] / 1e9:.3f} GB")
         claim(f"prediction within {WITHIN:.0%}: {r['name']}", ok, detail)
