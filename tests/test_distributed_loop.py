@@ -16,24 +16,17 @@ from q4kdistill.train import checkpoint
 from q4kdistill.train import distributed as dist
 from q4kdistill.train import loop as D
 
-DENSE = dict.fromkeys(("*", "attn_v", "ffn_down", "output", "token_embd"), "F32")
-SMALL = dict(n_layers=3, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=256)
+from _helpers_distill import write_corpus, write_teacher
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.gguf"
-    return synthetic.write_gguf(path, synthetic.tiny_config("gemma3", **SMALL), qtypes=DENSE, seed=1)
+    return write_teacher(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        text = "\n".join(" ".join(rng.choice(synthetic._WORDS, rng.integers(5, 15))) + "." for _ in range(40))
-        (root / f"doc{i:02d}.txt").write_text(text)
-    return str(root)
+    return write_corpus(tmp_path_factory)
 
 
 def config(teacher, corpus, out, steps=20, **kw):
