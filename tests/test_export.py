@@ -68,7 +68,7 @@ def llama_cpp_logits(path, ids):
 
 def our_logits(path, ids):
     cfg, params = export.read_student(path)
-    student = Student(cfg)
+    student = Student(cfg, dtype=np.float32)       # float32 as llama.cpp; the bars are cosines >= 0.998
     for name, view in student.params.items():
         view[...] = params[name]
     return student.forward(np.asarray(ids)[None])[0].astype(np.float64)
@@ -91,6 +91,23 @@ def test_tensor_types_follow_llama_cpp():
     assert export.tensor_type("blk.0.attn_q.weight", (64, 64), T.F16, True) == T.F16
     with pytest.raises(Q4KError, match="choose one of"):
         export.export_type("q5_k")
+
+
+def test_tokenizer_fields_are_gguf_readers_keys_types_and_values(teacher_files):
+    """Our header parser gives what gguf.GGUFReader gives for every tokenizer.* key (it is ~30x faster
+    on a 262k vocabulary); the token arrays are cut to the student's vocabulary."""
+    import gguf
+
+    reader = gguf.GGUFReader(teacher_files["llama"])
+    want = {k: (f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+            for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    got = {k: (v, t, sub) for k, v, t, sub in export.tokenizer_fields(teacher_files["llama"], V)}
+    assert got.keys() == want.keys() and "tokenizer.ggml.tokens" in got
+    for k, (v, t, sub) in got.items():
+        assert (t, sub) == want[k][1:], k
+        assert v == (want[k][0][:V] if isinstance(want[k][0], list) and len(want[k][0]) > V else want[k][0]), k
+    cut = {k: v for k, v, *_ in export.tokenizer_fields(teacher_files["llama"], V - 3)}
+    assert len(cut["tokenizer.ggml.tokens"]) == len(cut["tokenizer.ggml.scores"]) == V - 3
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
@@ -160,7 +177,7 @@ def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_pat
     teacher = Teacher.load(gemma_path, log=None)
     tokenizer = export.tokenizer_fields(gemma_path, teacher.vocab_size)
     ids = Tokenizer.from_gguf(gemma_path).encode(TEXT)
-    student = Student.from_teacher(teacher, [0, 5, 11, 17])
+    student = Student.from_teacher(teacher, [0, 5, 11, 17], dtype=np.float32)
     for kind, worst_min in (("f32", 0.9999), ("f16", 0.9999)):
         path = tmp_path / f"gemma-student-{kind}.gguf"
         export.write_student(path, student.config, student.params, kind, tokenizer)
@@ -170,7 +187,7 @@ def test_students_of_the_real_gemma_teacher_run_in_llama_cpp(gemma_path, tmp_pat
         path.unlink()
     assert llm.create_completion("The capital of France is", max_tokens=3)["usage"]["completion_tokens"] >= 1
 
-    whole = Student.from_teacher(teacher, range(teacher.config.n_layers))
+    whole = Student.from_teacher(teacher, range(teacher.config.n_layers), dtype=np.float32)
     path = tmp_path / "gemma-q4_k.gguf"
     types = export.write_student(path, whole.config, whole.params, "q4_k", tokenizer)
     assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q4_K"   # 640 % 256

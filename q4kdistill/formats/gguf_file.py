@@ -55,6 +55,7 @@ class GGUFHeader:
     alignment: int
     data_offset: int        # where tensor data starts
     file_size: int
+    types: dict = dataclasses.field(default_factory=dict)   # key -> (value type, item type of an array or None)
 
 
 def read_header(path, summarize: bool = False) -> GGUFHeader:
@@ -84,12 +85,15 @@ def parse_header(buf, path, summarize: bool = False) -> GGUFHeader:
         raise FileFormatError(path, f"unsupported GGUF version {version} (2 and 3 are)")
     n_tensors = cur.count("tensor count", min_item=24, limit=1 << 20)
     n_kv = cur.count("metadata count", min_item=13, limit=1 << 20)
-    metadata = {}
+    metadata, types = {}, {}
     for _ in range(n_kv):
         key = cur.string("metadata key")
         if key in metadata:
             raise FileFormatError(path, f"metadata key {key!r} appears twice")
-        metadata[key] = cur.value(cur.scalar(VT.UINT32, f"type of {key!r}"), key, summarize, 0)
+        vtype = cur.scalar(VT.UINT32, f"type of {key!r}")
+        item = cur.peek_u32() if vtype == VT.ARRAY else None
+        metadata[key] = cur.value(vtype, key, summarize, 0)      # checks both types
+        types[key] = (VT(vtype), None if item is None else VT(item))
     alignment = _alignment(metadata, path)
     tensors = {}
     for _ in range(n_tensors):
@@ -101,7 +105,7 @@ def parse_header(buf, path, summarize: bool = False) -> GGUFHeader:
     if data_offset > len(buf):
         raise FileFormatError(path, f"data section starts at byte {data_offset}, past the end of the file ({len(buf)} bytes)")
     tensors = {name: dataclasses.replace(info, offset=info.offset + data_offset) for name, info in tensors.items()}
-    return GGUFHeader(version, metadata, tensors, alignment, data_offset, len(buf))
+    return GGUFHeader(version, metadata, tensors, alignment, data_offset, len(buf), types)
 
 
 def _alignment(metadata, path) -> int:
@@ -128,6 +132,12 @@ class _Cursor:
         (value,) = st.unpack_from(self.buf, self.pos)
         self.pos += st.size
         return value
+
+    def peek_u32(self):
+        """The next u32 without moving (None past the end: reading it for real then says what is missing)."""
+        if self.pos + 4 > len(self.buf):
+            return None
+        return _STRUCT[VT.UINT32].unpack_from(self.buf, self.pos)[0]
 
     def count(self, what, min_item, limit):
         """A u64 count of items of at least ``min_item`` bytes each: they must fit in the file."""
