@@ -54,29 +54,30 @@ def rel(out, ref):
 
 
 # -- the twin in the simulator ------------------------------------------------------------------
-# (bm, bn, wm, wn, stages): 4 warps of one m16n8 tile each; 2 warps of 1 x 2 tiles with a 3-slot
-# ring; 1 warp of 2 x 1 tiles with no ring (stages = 1, as the 128x64 Q6_K variant)
-TILES = [(32, 16, 16, 8, 2), (16, 32, 16, 16, 3), (32, 8, 32, 8, 1)]
-
-
 simulator = pytest.mark.skipif(not linked.SIMULATOR, reason="the twin is the simulator's check (a GPU runs the C)")
+
+# (bm, bn, wm, wn, stages, K, M): 2 x 2 warps of one m16n8 tile each, M spanning two CTA rows;
+# 2 warps of 1 x 2 tiles with a 3-slot ring over two super-blocks (8 K steps), one x row; 1 warp of 2 x 1
+# tiles with no ring (stages = 1, as the 128x64 Q6_K variant). A super-block is 4 K steps: every
+# ring wraps. N = 20 is not a multiple of any tile. (The simulator runs a thread per Python thread:
+# one M per tile keeps this at seconds.)
+TILES = [(32, 16, 16, 8, 2, 256, 37), (16, 32, 16, 16, 3, 512, 1), (32, 8, 32, 8, 1, 256, 5)]
 
 
 @simulator
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("tile", TILES)
 def test_twin_matches_float64_reference(qtype, tile):
-    bm, bn, wm, wn, stages = tile
+    bm, bn, wm, wn, stages, K, M = tile
     rng = np.random.default_rng([bm, bn, stages, len(qtype), 17])
-    N, K = 20, 512                       # N: not a multiple of the tile; K: two super-blocks (8 steps)
+    N = 20
     w = aligned(quants.random_blocks(qtype, N, K, rng))
-    for M in (1, 5, 37):
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        out = np.full((M, N), np.nan, np.float32)
-        gemm_mma_twin(x, w, qtype, N, out, bm=bm, bn=bn, wm=wm, wn=wn, stages=stages)
-        exact, rounded = references(x, w, qtype)
-        assert rel(out, rounded) <= 1e-5, (qtype, tile, M)
-        assert rel(out, exact) <= 2e-3, (qtype, tile, M)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    out = np.full((M, N), np.nan, np.float32)
+    gemm_mma_twin(x, w, qtype, N, out, bm=bm, bn=bn, wm=wm, wn=wn, stages=stages)
+    exact, rounded = references(x, w, qtype)
+    assert rel(out, rounded) <= 1e-5, (qtype, tile)
+    assert rel(out, exact) <= 2e-3, (qtype, tile)
 
 
 @simulator
@@ -85,7 +86,7 @@ def test_twin_single_super_block_and_fp16_x():
     16-byte chunk, the last row's last chunk clipped at the end of W), x given as fp16."""
     rng = np.random.default_rng(5)
     for qtype in ("Q4_K", "Q6_K"):
-        N, K, M = 11, 256, 18
+        N, K, M = 11, 256, 3
         w = aligned(quants.random_blocks(qtype, N, K, rng))
         x = rng.standard_normal((M, K)).astype(np.float16)
         out = np.full((M, N), np.nan, np.float32)
