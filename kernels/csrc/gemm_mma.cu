@@ -83,7 +83,7 @@ static __device__ __forceinline__ const u8* gm_w_chunk(const u8* w, int row_byte
         src = b16 + (c < 5 ? Q6_K_QL + 64 * hf + 16 * c : c < 8 ? Q6_K_QH + 32 * hf + 16 * (c - 5)
                                                                  : Q6_K_SCALES + 16 * (c - 8));
     }
-    valid = int(min(size_t(16), w_bytes - src));
+    valid = w_bytes - src < 16 ? int(w_bytes - src) : 16;    // src < w_bytes always
     return w + src;
 }
 
