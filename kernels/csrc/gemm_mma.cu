@@ -26,6 +26,9 @@
 #include "block_decode.cuh"
 
 // ---- PTX --------------------------------------------------------------------------------------
+// tests/gemm_mma_emulate.cpp defines GM_EMULATE and host versions of these six (a warp of host
+// threads exchanging fragments), to run this file on the CPU.
+#ifndef GM_EMULATE
 static __device__ __forceinline__ u32 gm_smem(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -51,6 +54,8 @@ static __device__ __forceinline__ void gm_mma(float (&c)[4], const u32 (&a)[4], 
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif
 
 // ---- what a quarter of a W super-block stages, and its decode into B fragments ----------------
 // GmW<4> (Q4_K), quarter q: chunk 0 = the 16-byte head (d, dmin, scales), chunks 1-2 = qs bytes
