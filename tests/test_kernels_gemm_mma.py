@@ -2,6 +2,8 @@
 
 * simulator: kernels/gemm_mma_twin.py (the C's tiling, fragment ownership, K loop and edge guards,
   mma done in FP32) against float64 references, on tiny tiles;
+* CPU emulation: the C file itself built with tests/gemm_mma_emulate.cpp (g++; a host thread per CUDA
+  thread, mma.sync / ldmatrix / cp.async emulated per the PTX manual), every registered tile;
 * offline: the C compiles for sm_90a for both types and every registered tile without spills;
 * GPU (@pytest.mark.gpu): the registered linked variants at real sizes, and no memory kept.
 
@@ -105,6 +107,65 @@ def test_twin_rejects_bad_input():
         gemm_mma_twin(x, aligned(np.zeros(4 * 144 + 1, np.uint8))[1:].reshape(4, 144), "Q4_K", 4, out)
     with pytest.raises(Q4KError, match=r"x must be"):
         gemm_mma_twin(np.zeros((2, 512), np.float32), w, "Q4_K", 4, out)
+
+
+# -- the CUDA C itself on the CPU: tests/gemm_mma_emulate.cpp ------------------------------------
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """kernels/csrc/gemm_mma.cu built with a host emulation of mma.sync / ldmatrix / cp.async."""
+    import ctypes
+    from pathlib import Path
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not installed")
+    out = tmp_path_factory.mktemp("gm_emu") / "gm_emu.so"
+    harness = Path(__file__).with_name("gemm_mma_emulate.cpp")
+    run = subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f"-I{linked.CSRC}",
+                          f'-DGM_SOURCE="{linked.CSRC / "gemm_mma.cu"}"', str(harness), "-o", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return ctypes.CDLL(str(out))
+
+
+def emulate(lib, qtype, tile, w, x16, N):
+    """out [M, N] of gemm_mma<qtype, *tile> run by the emulation (x16: fp16 [M, K])."""
+    import ctypes
+
+    M, K = x16.shape
+    out = np.full((M, N), np.nan, np.float32)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    assert lib.emu_gemm(int(qtype[1]), *tile, ptr(w), w.shape[1], N, K, M, ptr(x16), ptr(out)) == 0, tile
+    return out
+
+
+def _emulated_cases():
+    """Every registered tile (ring depth as launched) with M over one and two CTA rows, and the small
+    tile of the twin tests."""
+    for name in VARIANTS:
+        p = kernels.get(name).params
+        for q in ("Q4_K", "Q6_K"):
+            tile = (p["bm"], p["bn"], p["wm"], p["wn"], linked.gemm_mma_stages(q, p["bm"], p["bn"]))
+            yield q, tile, (1, 37, 100) if p["bm"] == 64 else (5, 130)
+    for q in ("Q4_K", "Q6_K"):
+        yield q, (32, 16, 16, 8, 2), (37,)
+
+
+@pytest.mark.parametrize("qtype,tile,ms", list(_emulated_cases()))
+def test_cuda_source_emulated_matches_float64_reference(emulated, qtype, tile, ms):
+    """The C kernel as the GPU runs it (the emulation aborts on a misaligned or out-of-W cp.async);
+    N = 70 is not a multiple of any tile, K = 512 is two super-blocks (8 K steps: every ring wraps).
+    The bounds are the twin's. (What the emulation cannot see: the asynchrony of cp.async, i.e. a
+    wait_group depth, and the hardware's own fragment mapping, which it takes from the PTX manual.)"""
+    rng = np.random.default_rng([tile[0], tile[1], tile[4], len(qtype)])
+    N, K = 70, 512
+    w = aligned(quants.random_blocks(qtype, N, K, rng))
+    for M in ms:
+        x16 = aligned(rng.standard_normal((M, K)).astype(np.float16))
+        out = emulate(emulated, qtype, tile, w, x16, N)
+        exact, rounded = references(x16, w, qtype)
+        assert rel(out, rounded) <= 1e-5, (qtype, tile, M)
+        assert rel(out, exact) <= 2e-3, (qtype, tile, M)
 
 
 # -- registration and the ring sizes ------------------------------------------------------------
