@@ -86,15 +86,16 @@ def _gemm(bm, bn, tm, tn):
         description=f"fused tiled GEMM, {bm}x{bn} tile, {tm}x{tn} per thread; decode to shared memory, FP32 FMA")
 
 
-def _gemm_mma(bm, bn, wm=32, wn=32):
+def _gemm_mma(bm, bn, wm=32, wn=32, suffix=""):
     # fp16 x and W (decoded once to fp16, as the scratch holds it), FP32 accumulation: the error of
     # dequant_linked_cublas, so its bound. M >= 16: below that a warp's m16 tiles are mostly padding.
+    # Taller warp tiles (wm = 64) decode each B fragment once for 4 mma instead of 2.
     warps = (bm // wm) * (bn // wn)
     return Variant(
-        name=f"gemm_mma_linked_{bm}x{bn}", qtypes=LINKED_QTYPES, fn=gemm_mma_linked, m_min=16, rel_err=2e-3,
+        name=f"gemm_mma_linked_{bm}x{bn}{suffix}", qtypes=LINKED_QTYPES, fn=gemm_mma_linked, m_min=16, rel_err=2e-3,
         workspace=gemm_mma_workspace, accepts=F16_IN, device="gpu", simulated=False,
         params={"bm": bm, "bn": bn, "wm": wm, "wn": wn},
-        description=f"linked CUDA C: fused GEMM, {bm}x{bn} tile, {warps} warps; W decoded into fp16 mma fragments "
+        description=f"linked CUDA C: fused GEMM, {bm}x{bn} tile, {warps} warps of {wm}x{wn}; W decoded into fp16 mma fragments "
                     f"from a cp.async ring, no scratch (not yet run on a GPU)")
 
 
@@ -106,6 +107,7 @@ BUILTIN = [
     _mma_k8(2), _mma_k8(4), _mma_rows(4),
     _f32(1, 4), _f32(2, 4), _f32(2, 2), _f32(4, 4),
     _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4), _gemm_mma(64, 64), _gemm_mma(128, 64),
+    _gemm_mma(128, 64, 64, 32, suffix="w4"),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
             params={"dtype": "float16"}, rel_err=2e-3, workspace=dequant_workspace,
             description="decode into one reusable fp16 scratch, then cuBLAS GemmEx (fp16 in, FP32 accumulate/out)"),

@@ -176,6 +176,7 @@ extern "C" int emu_gemm(int q, int bm, int bn, int wm, int wn, int stages, const
     w_lo = w, w_hi = w + size_t(n) * rb, x_lo = reinterpret_cast<const u8*>(x), x_hi = x_lo + size_t(M) * K * 2;
     GM_CASE(4, 64, 64, 32, 32, 3) GM_CASE(6, 64, 64, 32, 32, 2)
     GM_CASE(4, 128, 64, 32, 32, 2) GM_CASE(6, 128, 64, 32, 32, 1)
+    GM_CASE(4, 128, 64, 64, 32, 2) GM_CASE(6, 128, 64, 64, 32, 1)
     GM_CASE(4, 32, 16, 16, 8, 2) GM_CASE(6, 32, 16, 16, 8, 2)
     return 1;
 }

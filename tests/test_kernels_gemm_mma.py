@@ -170,7 +170,7 @@ def test_cuda_source_emulated_matches_float64_reference(emulated, qtype, tile, m
 
 # -- registration and the ring sizes ------------------------------------------------------------
 def test_variants_registered_without_scratch():
-    assert VARIANTS == ["gemm_mma_linked_64x64", "gemm_mma_linked_128x64"]
+    assert VARIANTS == ["gemm_mma_linked_64x64", "gemm_mma_linked_128x64", "gemm_mma_linked_128x64w4"]
     bound = kernels.get("dequant_linked_cublas").rel_err
     for name in VARIANTS:
         v = kernels.get(name)
