@@ -4,7 +4,8 @@ csrc/gemm_mma.cu (linked CUDA C, GPU only) computes out[M, N] = x[M, K] @ W[N, K
 Q4_K / Q6_K rows, x fp16, on the tensor cores. The simulator cannot run C, so this kernel repeats
 it step for step for CI:
 
-    CTA tile      block (bx, by) owns out[by*BM : +BM, bx*BN : +BN]; warp (wm, wn) = (warp % (BM/WM),
+    CTA tile      block b owns out[tm*BM : +BM, tn*BN : +BN], (tm, tn) = tile_of(b) (the C's grouped
+                  order, gm_tile); warp (wm, wn) = (warp % (BM/WM),
                   warp // (BM/WM)) owns a WM x WN warp tile of MI x NI m16n8 tiles
     K loop        steps of 64 weights (quarter q = step % 4 of super-block step // 4), a ring of
                   STAGES slots; "cp.async" = a copy of the same 16-byte chunks (zero-filled past M
@@ -55,9 +56,24 @@ def _u32(b, r, at):
     return _u16(b, r, at) | (_u16(b, r, at + 2) << U(16))
 
 
+GROUP = 8                               # M tiles that sweep the N tiles together (csrc GM_GROUP)
+
+
+def tile_order(b, tiles_m, tiles_n):
+    """(tm, tn) of CTA b: as csrc gm_tile, groups of GROUP M tiles, M fastest inside a group."""
+    per_group = GROUP * tiles_n
+    first = b // per_group * GROUP
+    rows = min(tiles_m - first, GROUP)
+    inside = b % per_group
+    return first + inside % rows, inside // rows
+
+
+tile_of = cuda.jit(device=True, inline=True)(tile_order)
+
+
 @functools.lru_cache(maxsize=None)
 def twin_kernel(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int):
-    """The twin for one (qtype, tile, ring depth): grid = (ceil(N / bn), ceil(M / bm)) blocks of
+    """The twin for one (qtype, tile, ring depth): grid = ceil(M / bm) * ceil(N / bn) blocks of
     32 * (bm / wm) * (bn / wn) threads; arguments (w flat uint8, row_bytes, N, K, M, x fp16 bits
     flat uint16 [M * K], out flat float32 [M * N])."""
     q4 = qtype == "Q4_K"
@@ -135,7 +151,8 @@ def twin_kernel(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int):
         lane, warp = tid % 32, tid // 32
         wm_, wn_ = warp % WARPS_M, warp // WARPS_M
         g, t = lane // 4, lane % 4
-        m0, n0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        tm, tn = tile_of(cuda.blockIdx.x, (M + BM - 1) // BM, (n_out + BN - 1) // BN)
+        m0, n0 = tm * BM, tn * BN
         steps = K // 64
         w_bytes = n_out * row_bytes
         for i in range(MI):
@@ -210,6 +227,6 @@ def gemm_mma_twin(x, w_raw, qtype, n_out, out, bm=32, bn=16, wm=16, wn=8, stages
         raise Q4KError(f"gemm_mma_twin: x must be [M, {K}] and out float32 [M, {n_out}], C-contiguous")
     xp = np if isinstance(x, np.ndarray) else __import__("cupy")
     x16 = xp.ascontiguousarray(x, dtype=np.float16).reshape(-1).view(np.uint16)
-    launch(twin_kernel(q, bm, bn, wm, wn, stages), (-(-n_out // bn), -(-M // bm)), 32 * warps,
+    launch(twin_kernel(q, bm, bn, wm, wn, stages), -(-n_out // bn) * -(-M // bm), 32 * warps,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16, out.reshape(-1))
     return out

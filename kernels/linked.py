@@ -537,8 +537,8 @@ def gemm_mma_source(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int)
 
 @functools.lru_cache(maxsize=None)
 def gemm_mma_kernel(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int):
-    """The Numba kernel for gemm_mma<...>: grid = (ceil(n_out / bn), ceil(M / bm)) blocks of
-    32 * (bm / wm) * (bn / wn) threads."""
+    """The Numba kernel for gemm_mma<...>: grid = ceil(M / bm) * ceil(n_out / bn) blocks (1-D, the C
+    orders the tiles) of 32 * (bm / wm) * (bn / wn) threads."""
     file, name, extra = gemm_mma_source(qtype, bm, bn, wm, wn, stages)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR),
                              link=[source_with(extra, file)], abi="c")
@@ -576,7 +576,7 @@ def gemm_mma_linked(x, w_raw, qtype, n_out, out, bm=64, bn=64, wm=32, wn=32):
     if address(x16) % 16:
         x16 = x16.copy()
     stages = gemm_mma_stages(q, bm, bn)
-    launch(gemm_mma_kernel(q, bm, bn, wm, wn, stages), (-(-n_out // bn), -(-M // bm)), 32 * warps,
+    launch(gemm_mma_kernel(q, bm, bn, wm, wn, stages), -(-n_out // bn) * -(-M // bm), 32 * warps,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), out)
     return out
 

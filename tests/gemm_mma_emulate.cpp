@@ -166,7 +166,7 @@ static void run_grid(int gx, int gy, int threads, const std::function<void()>& b
 // and a small one (2 x 2 warps of one m16n8 tile, no ring) that keeps CI fast.
 #define GM_CASE(Q_, BM_, BN_, WM_, WN_, S_)                                                                        \
     if (q == Q_ && bm == BM_ && bn == BN_ && wm == WM_ && wn == WN_ && stages == S_) {                             \
-        run_grid((n + BN_ - 1) / BN_, (M + BM_ - 1) / BM_, 32 * (BM_ / WM_) * (BN_ / WN_),                         \
+        run_grid((n + BN_ - 1) / BN_ * ((M + BM_ - 1) / BM_), 1, 32 * (BM_ / WM_) * (BN_ / WN_),                 \
                  [&] { gemm_mma<Q_, BM_, BN_, WM_, WN_, S_>(w, rb, n, K, M, x, out); });                          \
         return 0;                                                                                                  \
     }

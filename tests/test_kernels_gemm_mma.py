@@ -147,8 +147,8 @@ def _emulated_cases():
         for q in ("Q4_K", "Q6_K"):
             tile = (p["bm"], p["bn"], p["wm"], p["wn"], linked.gemm_mma_stages(q, p["bm"], p["bn"]))
             yield q, tile, (1, 37, 100) if p["bm"] == 64 else (5, 130)
-    for q in ("Q4_K", "Q6_K"):
-        yield q, (32, 16, 16, 8, 2), (37,)
+    for q in ("Q4_K", "Q6_K"):                 # 300 rows: 10 M tiles, a full group of 8 and a short one
+        yield q, (32, 16, 16, 8, 2), (37, 300)
 
 
 @pytest.mark.parametrize("qtype,tile,ms", list(_emulated_cases()))
@@ -166,6 +166,16 @@ def test_cuda_source_emulated_matches_float64_reference(emulated, qtype, tile, m
         exact, rounded = references(x16, w, qtype)
         assert rel(out, rounded) <= 1e-5, (qtype, tile, M)
         assert rel(out, exact) <= 2e-3, (qtype, tile, M)
+
+
+def test_tile_order_covers_every_tile_once():
+    """The grouped CTA order (gemm_mma_twin.tile_order = csrc gm_tile) is a bijection onto the tiles."""
+    from kernels.gemm_mma_twin import GROUP, tile_order
+
+    for tiles_m, tiles_n in ((1, 1), (1, 7), (3, 5), (GROUP, 2), (GROUP + 3, 4), (2 * GROUP + 1, 1), (64, 296)):
+        seen = [tile_order(b, tiles_m, tiles_n) for b in range(tiles_m * tiles_n)]
+        assert sorted(seen) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)], (tiles_m, tiles_n)
+    assert [tile_order(b, 20, 3)[0] for b in range(10)] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]   # M fastest in a group
 
 
 # -- registration and the ring sizes ------------------------------------------------------------
