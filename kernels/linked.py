@@ -29,6 +29,7 @@ source, the registry entries and the error for a CPU call are in order.
     decode_f16_linked(w_raw, qtype, K, out16)                  Q4_K / Q6_K -> fp16 [n, K]
     dequant_linked_cublas(x, w_raw, qtype, n_out, out)         decode_f16_linked + cuBLAS
     gemm_mma_linked(x, w_raw, qtype, n_out, out, bm, bn, wm, wn)  Q4_K / Q6_K, any M, fp16 x, mma, no scratch
+                                                               (its Numba twin: gemm_mma_twin.py)
 """
 from __future__ import annotations
 
