@@ -10,7 +10,7 @@
 Bounds. The C rounds x and each decoded weight once to fp16 (relative 2^-11 each) and accumulates
 in FP32, as dequant_linked_cublas does, so both hold the same bound (2e-3 on ||out - ref|| / ||ref||
 against the exact float64 product; random signs make the norm error ~ 2^-11 ~ 5e-4). Against a
-float64 product of the fp16-rounded x and W the twin differs only by FP32 summation order and the
+float64 product of the fp16-rounded x and W the twin and the emulated C differ only by FP32 summation order and the
 last fp32 bit of a decoded weight before its rounding (a rare fp16 ulp): 1e-5 there (seen: ~1e-7),
 while an indexing error (a wrong scale, nibble, row, lane address or fragment owner) gives O(1).
 """
