@@ -7,8 +7,8 @@ from .gemm import gemm, gemm_workspace
 from .gemv import gemv, gemv_workspace
 from .gemv_chunk import CHUNKS, gemv_chunk, gemv_chunk_workspace
 from .gemv_dp4a import gemv_dp4a, gemv_dp4a_workspace
-from .linked import (dequant_linked_cublas, dequant_linked_workspace, gemv_f32_linked, gemv_f32_workspace,
-                     gemv_mma_linked, gemv_mma_rows_linked, gemv_mma_rows_workspace, gemv_mma_workspace,
+from .linked import (dequant_linked_cublas, dequant_linked_workspace, gemm_mma_linked, gemm_mma_workspace,
+                     gemv_f32_linked, gemv_f32_workspace, gemv_mma_linked, gemv_mma_rows_linked, gemv_mma_rows_workspace, gemv_mma_workspace,
                      gemv_q8_linked, gemv_q8_workspace)
 from .registry import ALL_QTYPES, Variant, register
 from .scratch import dequant_matmul, dequant_workspace
@@ -86,6 +86,19 @@ def _gemm(bm, bn, tm, tn):
         description=f"fused tiled GEMM, {bm}x{bn} tile, {tm}x{tn} per thread; decode to shared memory, FP32 FMA")
 
 
+def _gemm_mma(bm, bn, wm=32, wn=32, suffix=""):
+    # fp16 x and W (decoded once to fp16, as the scratch holds it), FP32 accumulation: the error of
+    # dequant_linked_cublas, so its bound. M >= 16: below that a warp's m16 tiles are mostly padding.
+    # Taller warp tiles (wm = 64) decode each B fragment once for 4 mma instead of 2.
+    warps = (bm // wm) * (bn // wn)
+    return Variant(
+        name=f"gemm_mma_linked_{bm}x{bn}{suffix}", qtypes=LINKED_QTYPES, fn=gemm_mma_linked, m_min=16, rel_err=2e-3,
+        workspace=gemm_mma_workspace, accepts=F16_IN, device="gpu", simulated=False,
+        params={"bm": bm, "bn": bn, "wm": wm, "wn": wn},
+        description=f"linked CUDA C: fused GEMM, {bm}x{bn} tile, {warps} warps of {wm}x{wn}; W decoded into fp16 mma fragments "
+                    f"from a cp.async ring, no scratch (not yet run on a GPU)")
+
+
 BUILTIN = [
     _gemv(1, 4), _gemv(2, 4), _gemv(4, 4, m_max=8), _gemv(2, 8),
     _chunk(1, 4), _chunk(2, 4), _chunk(4, 4, m_max=8),
@@ -93,7 +106,8 @@ BUILTIN = [
     _linked(1, 4), _linked(2, 4), _linked(4, 4), _linked(2, 2), _linked(4, 2), _mma(1), _mma(2), _mma(4),
     _mma_k8(2), _mma_k8(4), _mma_rows(4),
     _f32(1, 4), _f32(2, 4), _f32(2, 2), _f32(4, 4),
-    _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4),
+    _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4), _gemm_mma(64, 64), _gemm_mma(128, 64),
+    _gemm_mma(128, 64, 64, 32, suffix="w4"),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
             params={"dtype": "float16"}, rel_err=2e-3, workspace=dequant_workspace,
             description="decode into one reusable fp16 scratch, then cuBLAS GemmEx (fp16 in, FP32 accumulate/out)"),

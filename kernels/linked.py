@@ -10,6 +10,7 @@ device function of a csrc/ file, which NVRTC compiles when the kernel is first l
     csrc/gemv_f32.cu     Q4_K GEMV on float32 x, exact
     csrc/gemv_mma.cu     Q4_K / Q6_K GEMV on int8 x with the int8 tensor cores
     csrc/decode_cast.cu  decode to fp16, fp32 -> fp16 cast
+    csrc/gemm_mma.cu     Q4_K / Q6_K GEMM on fp16 x with the fp16 tensor cores, decode in the product
     csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated)
 
 NVRTC gets no include path, so source_with() inlines a file's ``#include "x.cuh"`` lines (each
@@ -27,6 +28,8 @@ source, the registry entries and the error for a CPU call are in order.
     gemv_f32_linked(x, w_raw, qtype, n_out, out, rows, warps)  Q4_K, M = 1..4, float32 x, exact, one kernel
     decode_f16_linked(w_raw, qtype, K, out16)                  Q4_K / Q6_K -> fp16 [n, K]
     dequant_linked_cublas(x, w_raw, qtype, n_out, out)         decode_f16_linked + cuBLAS
+    gemm_mma_linked(x, w_raw, qtype, n_out, out, bm, bn, wm, wn)  Q4_K / Q6_K, any M, fp16 x, mma, no scratch
+                                                               (its Numba twin: gemm_mma_twin.py)
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from .registry import DECODE_SCRATCH
 from .weights import address, columns, qtype_name
 
 CSRC = Path(__file__).with_name("csrc")
-JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu")
+JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu", "gemm_mma.cu")
 QTYPES = ("Q4_K", "Q6_K")                                # the types csrc/ decodes
 TEMPLATES = {q: LAYOUTS[q].c_name for q in QTYPES}       # prefix of their C functions: "q4k", "q6k"
 QUANT_THREADS = 256
@@ -509,3 +512,76 @@ def dequant_linked_workspace(qtype, M, N, K, x_dtype, out16=False, chunks=1):
     (outlives the call), x in fp16 unless it came as fp16, and (out16) CuPy's fp16 product [M, N]."""
     return {DECODE_SCRATCH["float16"]: 2 * N * K, "x float16": 0 if x_dtype == "float16" else 2 * M * K,
             "product float16": 2 * M * N if out16 else 0}
+
+
+# -- csrc/gemm_mma.cu: the fused GEMM on the fp16 tensor cores ----------------------------------
+SMEM_LIMIT = 48 * 1024                 # static shared memory per block (Numba cannot raise it)
+GEMM_W_CHUNKS = {"Q4_K": 3, "Q6_K": 10}   # 16-byte chunks of a W row one K step stages (GmW<Q>)
+
+
+def gemm_mma_stages(qtype: str, bm: int, bn: int, most: int = 3) -> int:
+    """Slots of gemm_mma's cp.async ring: the most (<= `most`) whose shared memory fits 48 KB. A slot
+    holds x [bm, 64 + 8] fp16 and `GEMM_W_CHUNKS` 16-byte chunks of each of the bn W rows."""
+    slot = bm * (64 + 8) * 2 + bn * 16 * GEMM_W_CHUNKS[qtype]
+    if slot > SMEM_LIMIT:
+        raise Q4KError(f"gemm_mma: a {bm}x{bn} tile does not fit 48 KB of shared memory for {qtype}")
+    return min(most, SMEM_LIMIT // slot)
+
+
+def gemm_mma_source(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int) -> tuple:
+    """(file, name, extern "C" wrapper) of gemm_mma<Q, bm, bn, wm, wn, stages>."""
+    name = f"{TEMPLATES[qtype]}_gemm_mma_{bm}x{bn}_w{wm}x{wn}_s{stages}"
+    return "gemm_mma.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u16* x, float* out) '
+        f'{{ gemm_mma<{qtype[1]}, {bm}, {bn}, {wm}, {wn}, {stages}>(w, rb, n, K, M, x, out); return 0; }}\n')
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_mma_kernel(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int):
+    """The Numba kernel for gemm_mma<...>: grid = ceil(M / bm) * ceil(n_out / bn) blocks (1-D, the C
+    orders the tiles) of 32 * (bm / wm) * (bn / wn) threads."""
+    file, name, extra = gemm_mma_source(qtype, bm, bn, wm, wn, stages)
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR),
+                             link=[source_with(extra, file)], abi="c")
+
+    @cuda.jit
+    def kernel(w, row_bytes, n_out, K, M, x, out):
+        fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x), data_ptr(out))
+
+    return kernel
+
+
+def gemm_tile_check(bm: int, bn: int, wm: int, wn: int):
+    """Q4KError unless (bm, bn) splits into whole warp tiles of whole m16n8 tiles, 1..8 warps."""
+    warps = (bm // wm) * (bn // wn) if wm and wn else 0
+    if wm <= 0 or wn <= 0 or bm % wm or bn % wn or wm % 16 or wn % 8 or not 1 <= warps <= 8:
+        raise Q4KError(f"gemm_mma: tile {bm}x{bn} with warp tiles {wm}x{wn} is not 1..8 warps of m16n8 tiles")
+    return warps
+
+
+def gemm_mma_linked(x, w_raw, qtype, n_out, out, bm=64, bn=64, wm=32, wn=32):
+    """out[:] = x @ W.T for Q4_K or Q6_K rows, any M: W decoded inside the product (fp16, FP32 math,
+    one rounding), fp16 x (float32 x is cast by to_f16), fp16 mma.sync with FP32 accumulation. No
+    decode scratch. W must start 16-byte aligned (as CuPy allocates), out be C-contiguous [M, n_out]."""
+    _require_gpu("gemm_mma_linked")
+    import cupy
+
+    q, K = _check(w_raw, qtype, n_out)
+    warps = gemm_tile_check(bm, bn, wm, wn)
+    if address(w_raw) % 16:
+        raise Q4KError("gemm_mma_linked needs raw weights that start 16-byte aligned")
+    if out.shape != (x.shape[0], n_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise Q4KError(f"gemm_mma_linked: out must be float32 [{x.shape[0]}, {n_out}], C-contiguous")
+    M = x.shape[0]
+    x16 = cupy.ascontiguousarray(to_f16(x))
+    if address(x16) % 16:
+        x16 = x16.copy()
+    stages = gemm_mma_stages(q, bm, bn)
+    launch(gemm_mma_kernel(q, bm, bn, wm, wn, stages), -(-n_out // bn) * -(-M // bm), 32 * warps,
+           w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), out)
+    return out
+
+
+def gemm_mma_workspace(qtype, M, N, K, x_dtype, bm=64, bn=64, wm=32, wn=32):
+    """No decode scratch: only x's fp16 copy when x comes as float32."""
+    return {"x float16": 0 if x_dtype == "float16" else 2 * M * K}
