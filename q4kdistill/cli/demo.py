@@ -40,8 +40,9 @@ def synthetic_teacher() -> str:
     if not os.path.exists(path):
         os.makedirs(CACHE, exist_ok=True)
         cfg = synthetic.tiny_config("gemma3", n_layers=4, vocab_size=512)
-        synthetic.write_gguf(path + ".tmp", cfg, seed=0)
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"           # two demos at once each write their own
+        synthetic.write_gguf(tmp, cfg, seed=0)
+        os.replace(tmp, path)
     return path
 
 

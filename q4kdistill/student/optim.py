@@ -73,6 +73,7 @@ def _fused_kernel():
 
 
 _NORM_SLICE = 1 << 24          # elements per slice of the grad-norm sum (64 MB of float32)
+_HOST_SLICE = 1 << 16          # elements per slice of the NumPy update (256 KB of float32: in cache)
 
 
 class AdamW:
@@ -123,15 +124,19 @@ class AdamW:
         if xp.__name__ == "cupy":
             _fused_kernel()(g, scale, lr, wd, cfg.beta1, cfg.beta2, c1, c2, cfg.eps, p, m, v)
             return
-        gs = g * scale
-        m *= cfg.beta1
-        m += (1.0 - cfg.beta1) * gs
-        v *= cfg.beta2
-        v += (1.0 - cfg.beta2) * gs * gs
-        upd = (m / c1) / (xp.sqrt(v / c2) + cfg.eps)
-        if wd:
-            upd += wd * p
-        p -= lr * upd
+        # NumPy: the same element-wise arithmetic over slices of _HOST_SLICE, so the temporaries stay in
+        # cache instead of ten fresh params-sized arrays per step (6.5 s -> ~1 s at 179 M parameters)
+        for i in range(0, p.size, _HOST_SLICE):
+            sl = slice(i, i + _HOST_SLICE)
+            ps, gs, ms, vs = p[sl], g[sl] * scale, m[sl], v[sl]
+            ms *= cfg.beta1
+            ms += (1.0 - cfg.beta1) * gs
+            vs *= cfg.beta2
+            vs += (1.0 - cfg.beta2) * gs * gs
+            upd = (ms / c1) / (xp.sqrt(vs / c2) + cfg.eps)
+            if wd:
+                upd += wd * ps
+            ps -= lr * upd
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:

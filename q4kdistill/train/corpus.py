@@ -143,9 +143,10 @@ def check_ids(ids: np.ndarray, path, vocab_size: int | None = None) -> None:
 
 
 def save_tokens(path, tokens) -> None:
-    """uint32 tokens -> ``.npy`` or ``.bin`` (little-endian), written then renamed (atomic)."""
+    """uint32 tokens -> ``.npy`` or ``.bin`` (little-endian), written then renamed (atomic; the
+    temporary name is this process's, so two runs filling the same token cache do not interleave)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     arr = np.asarray(tokens, dtype="<u4")
     with open(tmp, "wb") as f:
         if path.suffix.lower() == ".npy":
