@@ -11,7 +11,8 @@ from q4kdistill.train import checkpoint
 from q4kdistill.formats import synthetic
 from q4kdistill.student.model import Student
 
-from test_distill import DENSE, SMALL, args, corpus, teacher  # noqa: F401  (fixtures)
+from _helpers_distill import DENSE, SMALL
+from test_distill import args, corpus, teacher  # noqa: F401  (fixtures)
 
 
 def error_line(capsys) -> str:
