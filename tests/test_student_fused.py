@@ -51,12 +51,12 @@ def assert_grads_close(got, ref, model, rel):
         assert err <= rel * scale + 1e-7, f"{name}: max error {err:.3g} vs max |ref| {scale:.3g}"
 
 
-@pytest.mark.parametrize("family,checkpoint", [("llama", False), ("qwen2", True), ("gemma3", True)])
+@pytest.mark.parametrize("family,checkpoint", [("llama", False), ("qwen2", True), ("gemma3", False)])
 def test_wired_student_matches_reference_ops(monkeypatch, family, checkpoint):
     """Loss, parts and every gradient of the fused-wired student (fp32, simulator) within 1e-4 of the
     reference ops' run; every fused kernel is reached, and none on the default CPU path. Each family
-    once (the simulator runs a gemma3 step in ~1 min); checkpointing on for two of them, so the
-    recompute path goes through the kernels too."""
+    once (the simulator runs a gemma3 step in ~1 min); checkpointing on for qwen2, so the recompute
+    path goes through the kernels too."""
     cfg = tiny_config(family)
     rng = np.random.default_rng(3 + len(family))
     model = Student(cfg, dtype=np.float32, checkpoint=checkpoint, chunk_tokens=4)     # 10 tokens: chunks 4, 4, 2
