@@ -1,64 +1,19 @@
-// Runs kernels/csrc/flash_attention.cu on the CPU: every CUDA thread is a host thread, the warp-wide
-// instructions (mma.sync, ldmatrix, shuffles) are emulated by the 32 threads of a warp exchanging
-// their fragments through a barrier, exactly as the PTX manual defines the fragment layouts:
-//
-//   mma.m16n8k16 (A row, B col):  a0 = A[gid][2tig..+1]  a1 = A[gid+8][2tig..+1]  a2 = A[gid][2tig+8..+9]
-//                                 a3 = A[gid+8][2tig+8..+9]   b0 = B[2tig..+1][gid]  b1 = B[2tig+8..+9][gid]
-//                                 c0,c1 = C[gid][2tig..+1]  c2,c3 = C[gid+8][2tig..+1]   (lane = 4 gid + tig)
-//   ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l receives matrix i's
-//                (row l/4, cols 2(l%4)..+1), or with .trans (rows 2(l%4)..+1, col l/4)
-//
-// tests/test_attention_flash.py builds this as a shared library (g++ -std=c++20) and checks the
-// kernels' outputs against the float64 reference: the CUDA C logic (tiling, masks, online softmax,
-// fragment plumbing, the backward's atomics) is tested in CI without a GPU. Rounding of the
-// 16-bit operands is the same as on the GPU; accumulation order inside an mma is not.
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-#include <algorithm>
-#include <barrier>
-#include <functional>
-#include <memory>
+// Runs kernels/csrc/flash_attention.cu on the CPU, with the warp emulation of tests/warp_emulate.h
+// (mma.sync, ldmatrix; shuffles and atomics below). tests/test_attention_flash.py builds this as a
+// shared library (g++ -std=c++20) and checks the kernels' outputs against the float64 reference: the
+// CUDA C logic (tiling, masks, online softmax, fragment plumbing, the backward's atomics) is tested in
+// CI without a GPU.
 #include <mutex>
-#include <thread>
-#include <vector>
-
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
 
 #define FA_EMULATE
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
+#include "warp_emulate.h"
 
-using std::max;
-using std::min;
-
-struct dim3e { int x, y, z; };
-static thread_local dim3e threadIdx, blockIdx;
-static dim3e gridDim;
-
-struct alignas(16) uint4 { u32 x, y, z, w; };
 static inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return uint4{x, y, z, w}; }
 struct alignas(8) float2 { float x, y; };
 static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 
-struct Warp {
-    std::barrier<> bar{32};
-    u32 a[32][4], b[32][2];
-    uintptr_t addr[32];
-    float f[32];
-};
-static thread_local Warp* my_warp;
-static thread_local int my_lane;
-static thread_local std::barrier<>* my_block;
 static std::mutex atomic_lock;
-
-static inline void __syncthreads() { my_block->arrive_and_wait(); }
 
 static inline float atomicAdd(float* p, float v) {
     std::lock_guard<std::mutex> g(atomic_lock);
@@ -114,51 +69,10 @@ static inline void fa_red2(float* p, float a, float b) {
 }
 
 template <bool BF16>
-static inline void fa_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    Warp& w = *my_warp;
-    const int l = my_lane;
-    for (int e = 0; e < 4; ++e) w.a[l][e] = a[e];
-    w.b[l][0] = b0;
-    w.b[l][1] = b1;
-    w.bar.arrive_and_wait();
-    float A[16][16], B[16][8];
-    for (int L = 0; L < 32; ++L) {
-        const int g = L / 4, t = L % 4;
-        for (int e = 0; e < 4; ++e) {
-            const int row = g + 8 * (e & 1), col = 2 * t + 8 * (e >> 1);
-            A[row][col] = fa_half_to_float<BF16>(u16(w.a[L][e] & 0xffff));
-            A[row][col + 1] = fa_half_to_float<BF16>(u16(w.a[L][e] >> 16));
-        }
-        for (int e = 0; e < 2; ++e) {
-            B[2 * t + 8 * e][g] = fa_half_to_float<BF16>(u16(w.b[L][e] & 0xffff));
-            B[2 * t + 8 * e + 1][g] = fa_half_to_float<BF16>(u16(w.b[L][e] >> 16));
-        }
-    }
-    const int g = l / 4, t = l % 4;
-    for (int e = 0; e < 4; ++e) {
-        const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
-        float acc = c[e];
-        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-        c[e] = acc;
-    }
-    w.bar.arrive_and_wait();
-}
+static inline void fa_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) { emu_mma<fa_half_to_float<BF16>>(c, a, b0, b1); }
 
 template <bool TRANS>
-static inline void fa_ldm4(u32 (&r)[4], fa_saddr a) {
-    Warp& w = *my_warp;
-    const int l = my_lane;
-    if (a % 16) abort();                                        // ldmatrix rows are 16-byte aligned
-    w.addr[l] = a;
-    w.bar.arrive_and_wait();
-    const int g = l / 4, t = l % 4;
-    for (int i = 0; i < 4; ++i) {
-        auto at = [&](int row, int col) { return reinterpret_cast<const u16*>(w.addr[8 * i + row])[col]; };
-        r[i] = TRANS ? u32(at(2 * t, g)) | (u32(at(2 * t + 1, g)) << 16)
-                     : u32(at(g, 2 * t)) | (u32(at(g, 2 * t + 1)) << 16);
-    }
-    w.bar.arrive_and_wait();
-}
+static inline void fa_ldm4(u32 (&r)[4], fa_saddr a) { emu_ldm4<TRANS>(r, a); }
 
 // cp.async as a plain copy: the emulation checks which bytes go where, not the asynchrony
 static inline void fa_cp16(void* smem, const void* g, bool valid) {
@@ -170,29 +84,6 @@ template <int N>
 static inline void fa_cp_wait() {}
 
 #include FA_SOURCE   // kernels/csrc/flash_attention.cu (the build passes its path)
-
-// one host thread per CUDA thread, blocks one after another (their shared arrays are statics)
-static void run_grid(int gx, int gy, int gz, int threads, const std::function<void()>& body) {
-    gridDim = dim3e{gx, gy, gz};
-    for (int z = 0; z < gz; ++z)
-        for (int y = 0; y < gy; ++y)
-            for (int x = 0; x < gx; ++x) {
-                std::barrier<> block(threads);
-                std::vector<std::unique_ptr<Warp>> warps;
-                for (int i = 0; i < threads / 32; ++i) warps.emplace_back(new Warp());
-                std::vector<std::thread> pool;
-                for (int tid = 0; tid < threads; ++tid)
-                    pool.emplace_back([&, tid] {
-                        threadIdx = dim3e{tid, 0, 0};
-                        blockIdx = dim3e{x, y, z};
-                        my_warp = warps[tid / 32].get();
-                        my_lane = tid % 32;
-                        my_block = &block;
-                        body();
-                    });
-                for (auto& th : pool) th.join();
-            }
-}
 
 // The instantiations kernels/flash_attention_mma.py ships (forward_tiles / backward_tiles).
 #define FA_FWD(D_, W_, BC_)                                                                                    \

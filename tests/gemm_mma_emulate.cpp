@@ -1,12 +1,5 @@
-// Runs kernels/csrc/gemm_mma.cu on the CPU, as tests/flash_attention_emulate.cpp does for flash
-// attention: every CUDA thread is a host thread; mma.sync and ldmatrix are emulated by the 32 threads
-// of a warp exchanging fragments through a barrier, with the fragment layouts of the PTX manual:
-//
-//   mma.m16n8k16 (A row, B col):  a0 = A[g][2t..+1]  a1 = A[g+8][2t..+1]  a2 = A[g][2t+8..+9]
-//                                 a3 = A[g+8][2t+8..+9]   b0 = B[2t..+1][g]  b1 = B[2t+8..+9][g]
-//                                 c0,c1 = C[g][2t..+1]  c2,c3 = C[g+8][2t..+1]   (lane = 4 g + t)
-//   ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l receives matrix i's
-//                (row l/4, cols 2(l%4)..+1)
+// Runs kernels/csrc/gemm_mma.cu on the CPU with the warp emulation of tests/warp_emulate.h (mma.sync,
+// ldmatrix), as tests/flash_attention_emulate.cpp does for flash attention, and:
 //   cp.async with src-size: `valid` bytes copied, the rest of the 16 zero-filled; the emulation
 //                aborts on a misaligned address or a read outside W / x (the bounds are set per run)
 //
@@ -16,37 +9,11 @@
 // output with the float64 reference: the CUDA C itself (tiling, ring, byte offsets, decode, guards)
 // is tested in CI without a GPU. Rounding of the fp16 operands is the GPU's; the accumulation
 // order inside an mma is not.
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <algorithm>
-#include <barrier>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <vector>
-
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-
 #define GM_EMULATE
+#include "warp_emulate.h"
+
 #define Q4KDISTILL_COMMON_CUH      // the host versions below stand for common.cuh
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
 
-using std::max;
-using std::min;
-
-struct dim3e { int x, y, z; };
-static thread_local dim3e threadIdx, blockIdx;
-
-struct alignas(16) uint4 { u32 x, y, z, w; };
 struct alignas(8) uint2 { u32 x, y; };
 static inline uint2 make_uint2(u32 x, u32 y) { return uint2{x, y}; }
 
@@ -66,18 +33,7 @@ static inline u32 __vsub4(u32 a, u32 b) {
 }
 static inline uint2 ld8_a2(const u8* p) { uint2 r; memcpy(&r, p, 8); return r; }
 
-// ---- the warp: fragments exchanged through a barrier ----
-struct Warp {
-    std::barrier<> bar{32};
-    u32 a[32][4], b[32][2];
-    uintptr_t addr[32];
-};
-static thread_local Warp* my_warp;
-static thread_local int my_lane;
-static thread_local std::barrier<>* my_block;
 static const u8 *w_lo, *w_hi, *x_lo, *x_hi;     // the bytes cp.async may read in this run
-
-static inline void __syncthreads() { my_block->arrive_and_wait(); }
 
 static inline u32 gm_smem(const void* p) { return u32(reinterpret_cast<uintptr_t>(p)); }
 
@@ -95,78 +51,17 @@ static inline void gm_cp16(void* smem, const void* g, int valid) {
 static inline void gm_commit() {}
 template <int N> static inline void gm_wait() {}
 
-static inline void gm_ldm4(u32 (&r)[4], const void* p) {
-    Warp& w = *my_warp;
-    const int l = my_lane;
-    if (reinterpret_cast<uintptr_t>(p) % 16) abort();          // ldmatrix rows are 16-byte aligned
-    w.addr[l] = reinterpret_cast<uintptr_t>(p);
-    w.bar.arrive_and_wait();
-    const int g = l / 4, t = l % 4;
-    for (int i = 0; i < 4; ++i) {
-        const u16* row = reinterpret_cast<const u16*>(w.addr[8 * i + g]);
-        r[i] = u32(row[2 * t]) | (u32(row[2 * t + 1]) << 16);
-    }
-    w.bar.arrive_and_wait();
-}
+static inline void gm_ldm4(u32 (&r)[4], const void* p) { emu_ldm4<false>(r, reinterpret_cast<uintptr_t>(p)); }
 
-static inline void gm_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    Warp& w = *my_warp;
-    const int l = my_lane;
-    for (int e = 0; e < 4; ++e) w.a[l][e] = a[e];
-    w.b[l][0] = b0;
-    w.b[l][1] = b1;
-    w.bar.arrive_and_wait();
-    float A[16][16], B[16][8];
-    for (int L = 0; L < 32; ++L) {
-        const int g = L / 4, t = L % 4;
-        for (int e = 0; e < 4; ++e) {
-            const int row = g + 8 * (e & 1), col = 2 * t + 8 * (e >> 1);
-            A[row][col] = half_to_float(u16(w.a[L][e] & 0xffff));
-            A[row][col + 1] = half_to_float(u16(w.a[L][e] >> 16));
-        }
-        for (int e = 0; e < 2; ++e) {
-            B[2 * t + 8 * e][g] = half_to_float(u16(w.b[L][e] & 0xffff));
-            B[2 * t + 8 * e + 1][g] = half_to_float(u16(w.b[L][e] >> 16));
-        }
-    }
-    const int g = l / 4, t = l % 4;
-    for (int e = 0; e < 4; ++e) {
-        const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
-        float acc = c[e];
-        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-        c[e] = acc;
-    }
-    w.bar.arrive_and_wait();
-}
+static inline void gm_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) { emu_mma<half_to_float>(c, a, b0, b1); }
 
 #include GM_SOURCE   // kernels/csrc/gemm_mma.cu (the build passes its path and -I kernels/csrc)
-
-// one host thread per CUDA thread, blocks one after another (their shared arrays are statics)
-static void run_grid(int gx, int gy, int threads, const std::function<void()>& body) {
-    for (int y = 0; y < gy; ++y)
-        for (int x = 0; x < gx; ++x) {
-            std::barrier<> block(threads);
-            std::vector<std::unique_ptr<Warp>> warps;
-            for (int i = 0; i < threads / 32; ++i) warps.emplace_back(new Warp());
-            std::vector<std::thread> pool;
-            for (int tid = 0; tid < threads; ++tid)
-                pool.emplace_back([&, tid] {
-                    threadIdx = dim3e{tid, 0, 0};
-                    blockIdx = dim3e{x, y, 0};
-                    my_warp = warps[tid / 32].get();
-                    my_lane = tid % 32;
-                    my_block = &block;
-                    body();
-                });
-            for (auto& th : pool) th.join();
-        }
-}
 
 // The instantiations: the registered tiles (kernels/builtin.py, ring depths of linked.gemm_mma_stages)
 // and a small one (2 x 2 warps of one m16n8 tile, no ring) that keeps CI fast.
 #define GM_CASE(Q_, BM_, BN_, WM_, WN_, S_)                                                                        \
     if (q == Q_ && bm == BM_ && bn == BN_ && wm == WM_ && wn == WN_ && stages == S_) {                             \
-        run_grid((n + BN_ - 1) / BN_ * ((M + BM_ - 1) / BM_), 1, 32 * (BM_ / WM_) * (BN_ / WN_),                 \
+        run_grid((n + BN_ - 1) / BN_ * ((M + BM_ - 1) / BM_), 1, 1, 32 * (BM_ / WM_) * (BN_ / WN_),                 \
                  [&] { gemm_mma<Q_, BM_, BN_, WM_, WN_, S_>(w, rb, n, K, M, x, out); });                          \
         return 0;                                                                                                  \
     }

@@ -349,22 +349,11 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     """kernels/csrc/flash_attention.cu built with a host emulation of mma.sync / ldmatrix / shuffles."""
-    import ctypes
-    import shutil
-    import subprocess
-    from pathlib import Path
+    from _helpers_emulate import build_emulator
 
     from kernels.flash_attention_mma import SOURCE
 
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not installed")
-    out = tmp_path_factory.mktemp("fa_emu") / "fa_emu.so"
-    harness = Path(__file__).with_name("flash_attention_emulate.cpp")
-    run = subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f'-DFA_SOURCE="{SOURCE}"',
-                          str(harness), "-o", str(out)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return ctypes.CDLL(str(out))
+    return build_emulator(tmp_path_factory, "flash_attention_emulate.cpp", {"FA_SOURCE": SOURCE})
 
 
 def _bits16(x, dtype):

@@ -113,19 +113,10 @@ def test_twin_rejects_bad_input():
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     """kernels/csrc/gemm_mma.cu built with a host emulation of mma.sync / ldmatrix / cp.async."""
-    import ctypes
-    from pathlib import Path
+    from _helpers_emulate import build_emulator
 
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not installed")
-    out = tmp_path_factory.mktemp("gm_emu") / "gm_emu.so"
-    harness = Path(__file__).with_name("gemm_mma_emulate.cpp")
-    run = subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f"-I{linked.CSRC}",
-                          f'-DGM_SOURCE="{linked.CSRC / "gemm_mma.cu"}"', str(harness), "-o", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return ctypes.CDLL(str(out))
+    return build_emulator(tmp_path_factory, "gemm_mma_emulate.cpp", {"GM_SOURCE": linked.CSRC / "gemm_mma.cu"},
+                          include_dirs=[linked.CSRC])
 
 
 def emulate(lib, qtype, tile, w, x16, N):
