@@ -13,6 +13,10 @@ Method (one row per qtype x shape x M x variant):
   * TFLOP/s: 2*M*N*K / time.
   * vs cuBLAS: time of CuPy matmul on the same weights pre-dequantized to fp16 (x in fp16, same
     rotation) / time of the variant: > 1 means the variant is faster.
+  * err: before it is timed, each variant's output on the first inputs against that cuBLAS product
+    in float32, max |out - ref| / max |ref|; ``wrong`` when it exceeds ``check_bound(variant)``
+    (several times the variant's declared error bound plus the fp16 reference's own rounding):
+    ``autotune`` never picks a wrong row, however fast.
 Shapes are (K, N) as in the issue (K = inputs, N = outputs); the baseline row has variant
 "cublas_fp16".
 """
@@ -101,11 +105,28 @@ def _device_info(cp):
     return name, dev.attributes["L2CacheSize"]
 
 
-def _row(qtype, K, N, M, variant, t, wbytes, copy_bw, t_ref):
+def _row(qtype, K, N, M, variant, t, wbytes, copy_bw, t_ref, err=None, bound=None):
     gbs = wbytes / t / 1e9
     return {"qtype": qtype, "K": K, "N": N, "M": M, "variant": variant, "time_us": t * 1e6,
             "GBps": gbs, "pct_copy_bw": 100 * gbs / copy_bw, "TFLOPs": 2 * M * N * K / t / 1e12,
-            "vs_cublas_fp16": (t_ref / t) if t_ref else 1.0}
+            "vs_cublas_fp16": (t_ref / t) if t_ref else 1.0, "err": err,
+            "wrong": bool(err is not None and not err <= bound)}
+
+
+REFERENCE_ERR = 2e-3    # the cuBLAS reference's own distance from the exact product (fp16 x and weights)
+
+
+def check_bound(rel_err: float) -> float:
+    """The largest error against the fp16 cuBLAS product a variant of declared bound ``rel_err``
+    may show: 4x its bound plus the reference's own (a wrong tile, index or wait gives order 1)."""
+    return 4 * rel_err + REFERENCE_ERR
+
+
+def rel_error(out, ref) -> float:
+    """max |out - ref| / max |ref| (NaN anywhere in out -> inf). Works on NumPy and CuPy arrays."""
+    diff = abs(out.astype(np.float32) - ref.astype(np.float32)).max()
+    err = float(diff) / max(float(abs(ref).max()), 1e-30)
+    return err if math.isfinite(err) else math.inf
 
 
 def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0, also_x16=False):
@@ -140,16 +161,24 @@ def run(shapes=None, ms=None, variants=None, qtypes=None, log=print, seed=0, als
                 out = cp.empty((M, N), dtype=np.float32)
                 t_ref = timer(lambda i: cp.matmul(x16s[i % len(xs)], w16s[i % len(w16s)].T), len(xs) * len(w16s))
                 rows.append(_row(q, K, N, M, BASELINE, t_ref, w0.nbytes, copy_bw, t_ref))
+                ref = cp.matmul(x16s[0].astype(np.float32), w16s[0].T.astype(np.float32))     # [M, N]
                 for name in names:
                     v = registry.get(name)
                     if not v.supports(q, M, True):
                         continue
                     try:
+                        out.fill(np.nan)                        # a variant that writes nothing is wrong
+                        v(xs[0], ws[0], q, N, out)
+                        err = rel_error(out, ref)
                         t = timer(lambda i: v(xs[i % len(xs)], ws[i % len(ws)], q, N, out), len(xs) * len(ws))
                     except Exception as exc:   # one broken variant must not end a whole run
                         log(f"# {name} {q} {K}x{N} M={M}: {type(exc).__name__}: {exc}")
                         continue
-                    rows.append(_row(q, K, N, M, name, t, w0.nbytes, copy_bw, t_ref))
+                    row = _row(q, K, N, M, name, t, w0.nbytes, copy_bw, t_ref, err, check_bound(v.rel_err))
+                    if row["wrong"]:
+                        log(f"# {name} {q} {K}x{N} M={M}: WRONG, error {err:.3g} against cuBLAS "
+                            f"(bound {check_bound(v.rel_err):.3g}); autotune will not pick it")
+                    rows.append(row)
                     if also_x16 and "float16" in v.accepts:
                         t = timer(lambda i: v(x16s[i % len(xs)], ws[i % len(ws)], q, N, out), len(xs) * len(ws))
                         rows.append(_row(q, K, N, M, name + "[x16]", t, w0.nbytes, copy_bw, t_ref))

@@ -185,6 +185,27 @@ def test_autotune_picks_fastest_per_bucket(tmp_path):
     assert set(json.loads(path.read_text())["gpus"]) == {"GPU A", "GPU B"}
 
 
+def test_autotune_never_picks_a_wrong_row():
+    """bench.run checks each variant's output against the cuBLAS product before timing it; a row
+    over the bound is 'wrong', and the fastest wrong variant loses to a slower right one."""
+    def row(v, t, err, bound):
+        return bench._row("Q4_K", 256, 256, 4096, v, t * 1e-6, 1, 1.0, 1e-4, err, bound)
+
+    rows = [row("dequant_f16_cublas", 100, 4e-4, bench.check_bound(2e-3)),
+            row("dequant_linked_cublas", 50, 0.9, bench.check_bound(2e-3)),          # fast and wrong
+            row("dequant_f32_cublas", 300, float("inf"), bench.check_bound(1e-5))]    # NaN in its output
+    assert [r["wrong"] for r in rows] == [False, True, True]
+    assert autotune.entries_from_rows(rows)["Q4_K"][0]["variant"] == "dequant_f16_cublas"
+
+
+def test_bench_rel_error_and_bound():
+    ref = np.array([[1.0, -4.0], [2.0, 0.5]], np.float32)
+    assert bench.rel_error(ref, ref) == 0.0
+    assert bench.rel_error(ref + np.float32(0.04), ref) == pytest.approx(0.01, rel=1e-5)
+    assert bench.rel_error(np.full_like(ref, np.nan), ref) == float("inf")
+    assert bench.check_bound(1e-5) < 3e-3 < bench.check_bound(2e-2)
+
+
 @pytest.mark.skipif(backend.on_gpu(), reason="checks the message given without a GPU")
 def test_bench_table_format_and_cli_without_gpu(capsys):
     from q4kdistill import cli
