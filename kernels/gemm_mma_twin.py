@@ -32,11 +32,11 @@ from q4kdistill.errors import Q4KError
 
 from ._device import F, U, launch
 from ._ptx import f16lo, half2
+from .linked import GEMM_W_CHUNKS, GEMM_XS
 from .decode import Q4K_BYTES, Q4K_QS, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, q4_k_chunk_scales
 from .weights import address, columns, qtype_name
 
-W_CHUNKS = {"Q4_K": 3, "Q6_K": 10}      # 16-byte chunks of a W row per K step (csrc GmW<Q>::CHUNKS)
-XS = 64 + 8                             # x row stride in shared memory, halfs
+W_CHUNKS, XS = GEMM_W_CHUNKS, GEMM_XS   # 16-byte chunks of a W row per K step; x row stride (halfs)
 
 
 @cuda.jit(device=True, inline=True)

@@ -517,12 +517,13 @@ def dequant_linked_workspace(qtype, M, N, K, x_dtype, out16=False, chunks=1):
 # -- csrc/gemm_mma.cu: the fused GEMM on the fp16 tensor cores ----------------------------------
 SMEM_LIMIT = 48 * 1024                 # static shared memory per block (Numba cannot raise it)
 GEMM_W_CHUNKS = {"Q4_K": 3, "Q6_K": 10}   # 16-byte chunks of a W row one K step stages (GmW<Q>)
+GEMM_XS = 64 + 8                       # x row stride in shared memory, halfs (64 per K step + 8 of padding)
 
 
 def gemm_mma_stages(qtype: str, bm: int, bn: int, most: int = 3) -> int:
     """Slots of gemm_mma's cp.async ring: the most (<= `most`) whose shared memory fits 48 KB. A slot
     holds x [bm, 64 + 8] fp16 and `GEMM_W_CHUNKS` 16-byte chunks of each of the bn W rows."""
-    slot = bm * (64 + 8) * 2 + bn * 16 * GEMM_W_CHUNKS[qtype]
+    slot = bm * GEMM_XS * 2 + bn * 16 * GEMM_W_CHUNKS[qtype]
     if slot > SMEM_LIMIT:
         raise Q4KError(f"gemm_mma: a {bm}x{bn} tile does not fit 48 KB of shared memory for {qtype}")
     return min(most, SMEM_LIMIT // slot)

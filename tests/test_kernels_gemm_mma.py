@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import kernels
+from kernel_cases import rel_err as rel
 from kernels import linked
 from kernels.gemm_mma_twin import gemm_mma_twin
 from q4kdistill.errors import Q4KError
@@ -47,12 +48,6 @@ def references(x, w, qtype):
     x64 = np.asarray(x, np.float64)
     r16 = lambda a: np.asarray(a, np.float16).astype(np.float64)
     return x64 @ wd.T, r16(x64) @ r16(wd).T
-
-
-def rel(out, ref):
-    out = np.asarray(out, np.float64)
-    assert np.isfinite(out).all(), "non-finite output: an element was not written"
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 # -- the twin in the simulator ------------------------------------------------------------------
