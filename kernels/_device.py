@@ -16,6 +16,7 @@ Numba adds no negative-index wraparound to each load), and every literal mixed w
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 from numba import cuda
@@ -105,18 +106,172 @@ def _numba_stream(ptr: int):
     return cuda.external_stream(ptr)
 
 
+# -- launching ---------------------------------------------------------------------------------
+# Numba's own launch (kernel[grid, block, stream](*args)) types every argument and wraps every
+# CuPy array in a Numba device array through __cuda_array_interface__ on every call: measured on
+# an H200 (2026-12-04, docs/perf.md) 213-418 us of host time for a kernel of ten CuPy arrays and
+# two scalars, against 9-15 us for a CuPy elementwise op. The 7B teacher's forward launches ~450
+# kernels, so the GPU waited on Python. The fast path below does that work once per (kernel,
+# argument kinds): the first call goes through Numba (which compiles), then the compiled kernel
+# and how each argument is marshalled are kept, and later calls lay the arguments out exactly as
+# Numba's _Kernel.launch does (an array: meminfo, parent, size, itemsize, data, shape, strides;
+# a scalar: its value) and launch with one driver call:
+#   packed  every scalar an integer or float: the parameters are packed by one struct.pack_into
+#           (native alignment, which is the kernel-parameter layout) into a buffer handed to
+#           cuLaunchKernel as CU_LAUNCH_PARAM_BUFFER_POINTER (cupy.cuda.driver.launchKernel)
+#   core    otherwise (a bool): Numba's converters, launched through cuda.core as Numba does
+# Anything else (a Numba device array, a record, a kernel Numba will not name one overload for)
+# keeps Numba's path. Q4KDISTILL_SLOW_LAUNCH=1 turns the fast path off (to compare, or to rule it out).
+_PLANS: dict = {}
+_ARRAY = object()          # marshalling tag: a CuPy array, expanded into Numba's array fields
+_PASS = object()           # marshalling tag: passed as it is (bool, core path)
+_STRUCT_CODES = {"int8": "b", "uint8": "B", "int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
+                 "int64": "q", "uint64": "Q", "float32": "f", "float64": "d"}
+FAST_LAUNCH = not SIMULATOR and os.environ.get("Q4KDISTILL_SLOW_LAUNCH", "") in ("", "0")
+launch_counts = {"fast": 0, "numba": 0}
+_NDARRAY = [type(None)]    # cupy.ndarray, once CuPy is imported
+
+
+def _arg_key(a):
+    """What decides a kernel's overload and how an argument is marshalled: for a CuPy array its
+    dtype, rank and contiguity (Numba's layout), for anything else its Python type."""
+    if isinstance(a, _NDARRAY[0]):
+        f = a.flags
+        return (a.dtype.str, a.ndim, f.c_contiguous, f.f_contiguous)
+    return type(a)
+
+
+class _Packed:
+    """A kernel's parameters as one buffer for cuLaunchKernel's `extra` (kept per plan and reused:
+    the driver copies the parameters when the launch is issued)."""
+
+    def __init__(self, handle: int, fmt: str):
+        import ctypes
+        import struct
+
+        self.handle, self.st = handle, struct.Struct(fmt)
+        self.buf = ctypes.create_string_buffer(max(self.st.size, 8))
+        self.size = ctypes.c_size_t(self.st.size)
+        # CU_LAUNCH_PARAM_BUFFER_POINTER (1), &buf, CU_LAUNCH_PARAM_BUFFER_SIZE (2), &size, CU_LAUNCH_PARAM_END (0)
+        self.extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(self.buf), 2, ctypes.addressof(self.size), 0)
+        self.extra_ptr = ctypes.addressof(self.extra)
+
+
+def _make_plan(kernel, args):
+    """("packed", _Packed, kinds) or ("core", cuda.core kernel, converters) for these arguments'
+    kinds, or None (keep Numba's path)."""
+    import ctypes
+
+    try:
+        from numba.cuda import types as nt
+
+        argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+        compiled = kernel.overloads.get(argtypes)
+        if compiled is None or compiled.debug or kernel.targetoptions.get("extensions"):
+            return None
+        conv, fmt, packable = [], "@", True
+        for t, a in zip(compiled.argument_types, args):
+            if isinstance(t, nt.Array):
+                if not isinstance(a, _NDARRAY[0]):
+                    return None
+                conv.append(_ARRAY)
+                fmt += "q" * (5 + 2 * t.ndim)
+            elif isinstance(t, (nt.Integer, nt.Float)) and str(t) in _STRUCT_CODES:
+                conv.append(getattr(ctypes, "c_float" if str(t) == "float32" else "c_double" if str(t) == "float64"
+                                    else f"c_{t}"))
+                fmt += _STRUCT_CODES[str(t)]
+            elif t == nt.boolean:
+                conv.append(_PASS)
+                packable = False
+            else:
+                return None
+        cufunc = compiled._codelibrary.get_cufunc()
+        if packable:
+            return "packed", _Packed(int(cufunc.handle), fmt), tuple(c is _ARRAY for c in conv)
+        return "core", cufunc.kernel, tuple(conv)
+    except Exception:          # Numba internals moved: the plain path still works
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _core_stream(ptr: int):
+    from numba.cuda.cudadrv.driver import _to_core_stream
+
+    return _to_core_stream(_numba_stream(ptr) if ptr else 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _config(grid, block):
+    from cuda.core import LaunchConfig
+
+    return LaunchConfig(grid=grid, block=block, shmem_size=0)
+
+
+def _dim3(d):
+    if type(d) is int:
+        return d, 1, 1
+    d = tuple(d) + (1, 1)
+    return d[0], d[1], d[2]
+
+
+def _fast_launch(plan, grid, block, ptr, args):
+    kind, what, conv = plan
+    if kind == "packed":
+        from cupy.cuda import driver
+
+        vals = []
+        for is_array, a in zip(conv, args):
+            if is_array:
+                vals += (0, 0, a.size, a.itemsize, a.data.ptr)
+                vals += a.shape
+                vals += a.strides
+            else:
+                vals.append(a)
+        what.st.pack_into(what.buf, 0, *vals)
+        gx, gy, gz = _dim3(grid)
+        bx, by, bz = _dim3(block)
+        driver.launchKernel(what.handle, gx, gy, gz, bx, by, bz, 0, ptr, 0, what.extra_ptr)
+        return
+    from cuda.core import launch as core_launch
+
+    out = []
+    for c, a in zip(conv, args):
+        if c is _ARRAY:
+            out += (0, 0, a.size, a.itemsize, a.data.ptr)
+            out += a.shape
+            out += a.strides
+        elif c is _PASS:
+            out.append(a)
+        else:
+            out.append(c(a))
+    core_launch(_core_stream(ptr), _config(grid if type(grid) is int else tuple(grid),
+                                           block if type(block) is int else tuple(block)), what, *out)
+
+
 def launch(kernel, grid, block, *args):
-    """kernel[grid, block](*args) on CuPy's current stream (the simulator has no streams)."""
+    """kernel[grid, block](*args) on CuPy's current stream (the simulator has no streams), through
+    the fast path above once Numba has compiled the kernel for these argument kinds."""
     if SIMULATOR:
         kernel[grid, block](*args)
         return
     import cupy
 
     ptr = cupy.cuda.get_current_stream().ptr
+    if FAST_LAUNCH:
+        _NDARRAY[0] = cupy.ndarray
+        key = (kernel, tuple(map(_arg_key, args)))
+        plan = _PLANS.get(key, False)
+        if plan:
+            _fast_launch(plan, grid, block, ptr, args)
+            launch_counts["fast"] += 1
+            return
+    launch_counts["numba"] += 1
     if ptr == 0:
         kernel[grid, block](*args)
     else:
         kernel[grid, block, _numba_stream(ptr)](*args)
+    if FAST_LAUNCH and plan is False:
+        _PLANS[key] = _make_plan(kernel, args)
 
 
 @functools.lru_cache(maxsize=None)

@@ -170,11 +170,19 @@ def _dtype_of(x, dtype):
     return dtype
 
 
+@functools.lru_cache(maxsize=None)
+def _no_mask(device: int):
+    """The placeholder mask argument (never read), one per GPU."""
+    import cupy
+
+    return cupy.ones((1,), dtype=np.uint8)
+
+
 def _mask_arg(key_mask, B, T):
     import cupy
 
     if key_mask is None:
-        return cupy.ones((1,), dtype=np.uint8), 0
+        return _no_mask(cupy.cuda.Device().id), 0
     return cupy.ascontiguousarray(key_mask, dtype=np.uint8).reshape(B * T), 1
 
 
@@ -248,10 +256,11 @@ def mma_attention_backward(do, cache):
     do16 = to16(do, dtype, s)
     mask, has = _mask_arg(cache.key_mask, B, T)
     dq = cupy.zeros((B, T, H, D), dtype=np.float32)                # atomics add into it
-    dk = cupy.empty((B, T, KV, D), dtype=np.float32)
-    dv = cupy.empty((B, T, KV, D), dtype=np.float32)
+    acc = cupy.zeros if KV < H else cupy.empty                    # GQA: the G heads of a kv head add into dk, dv
+    dk = acc((B, T, KV, D), dtype=np.float32)
+    dv = acc((B, T, KV, D), dtype=np.float32)
     kernel, threads, keys = _backward_kernel(D, dtype == "bf16")
-    launch(kernel, (-(-T // keys), KV, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
+    launch(kernel, (-(-T // keys), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
            cupy.ascontiguousarray(cache.lse).reshape(-1), drow.reshape(-1), mask, has, T, H, KV,
            _window(cache.window, T), np.float32(cache.scale), s, dq.reshape(-1), dk.reshape(-1), dv.reshape(-1))
     return dq, dk, dv

@@ -97,7 +97,7 @@ static inline void fa_cp_wait() {}
 
 #define FA_BWD(D_, BC_, S_)                                                                                    \
     if (D == D_) {                                                                                             \
-        run_grid((T + BC_ - 1) / BC_, KV, B, 32 * (BC_ / 16) * S_, [&] {                                      \
+        run_grid((T + BC_ - 1) / BC_, H, B, 32 * (BC_ / 16) * S_, [&] {                                      \
             if (bf16) fa_backward<D_, BC_, S_, true>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV, \
                                                      window, scale, dout_scale, dq, dk, dv);                   \
             else fa_backward<D_, BC_, S_, false>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV,  \

@@ -364,8 +364,16 @@ def _bits16(x, dtype):
     return ((n + 0x7FFF + ((n >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def _dkv_buffers(B, T, H, KV, D):
+    """dk, dv as the wrapper hands them over: zeroed under GQA (the G query heads of a kv head add
+    into them), else poisoned with NaN (one writer stores every element)."""
+    fill = 0.0 if KV < H else np.nan
+    return (np.full((B, T, KV, D), fill, np.float32) for _ in range(2))
+
+
 def _emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):
-    """(o, dq, dk, dv, lse) from the emulated kernels, outputs poisoned with NaN (dq zeroed: atomics)."""
+    """(o, dq, dk, dv, lse) from the emulated kernels, outputs poisoned with NaN (dq zeroed: atomics; dk, dv
+    zeroed under GQA)."""
     import ctypes
 
     B, T, H, D = q.shape
@@ -386,8 +394,7 @@ def _emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):
     do16 = _bits16(do * s[0], dtype)
     drow = np.ascontiguousarray((do.astype(np.float32) * o).sum(axis=-1).transpose(0, 2, 1)) * s[0]   # [B, H, T]
     dq = np.zeros((B, T, H, D), np.float32)
-    dk = np.full((B, T, KV, D), np.nan, np.float32)
-    dv = np.full((B, T, KV, D), np.nan, np.float32)
+    dk, dv = _dkv_buffers(B, T, H, KV, D)
     rc = lib.emu_backward(I(D), bf, p(q16), p(k16), p(v16), p(do16), p(lse), p(drow), p(m), I(mask is not None), I(B),
                           I(T), I(H), I(KV), I(w), F(scale), p(s), p(dq), p(dk), p(dv))
     assert rc == 0, f"no emulated backward for D = {D}"

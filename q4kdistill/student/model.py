@@ -48,7 +48,7 @@ from .ops import (embedding_backward, embedding_forward, glu_backward, glu_forwa
                   rope_backward, rope_forward, rope_tables)
 from .ops import fused as fused_ops
 from .ops.flash_attention import flash_attention_backward, flash_attention_forward
-from .ops.fused_linear_loss import fused_linear_loss
+from .ops.fused_linear_loss import add_outer, fused_linear_loss
 from .params import FlatBuffer
 from .precision import Precision
 
@@ -162,11 +162,24 @@ def _linear(x, p, c, stem, prec, high=True):
 def _linear_backward(dy, c, g, stem, prec, high=True):
     """dy float32 [..., N] -> dx float32 [..., K] (low precision with ``high=False``); adds the
     weight's (and the bias's, summed in float32) grad into ``g``."""
-    dx, dw, _ = linear_backward(prec.low(dy), c[stem])
-    g[f"{stem}.weight"] += prec.high(dw)
+    if prec.mixed and not prec.emulated:
+        # dW accumulated by cuBLAS straight into the float32 grad (16-bit operands, FP32 sums): no
+        # [N, K] product rounded to 16 bits, cast and added in three more passes
+        x, w, _ = c[stem]
+        dy2 = prec.low(dy).reshape(-1, w.shape[0])                      # [M, N]
+        dx = (dy2 @ w).reshape(x.shape)
+        add_outer(g[f"{stem}.weight"], xp_contiguous(dy2), xp_contiguous(x.reshape(-1, w.shape[1])))
+    else:
+        dx, dw, _ = linear_backward(prec.low(dy), c[stem])
+        g[f"{stem}.weight"] += prec.high(dw)
     if f"{stem}.bias" in g:
         g[f"{stem}.bias"] += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
     return prec.high(dx) if high else prec.low(dx)
+
+
+def xp_contiguous(a):
+    """a, C-contiguous (a copy only where it is not)."""
+    return a if a.flags.c_contiguous else backend.array_module(a).ascontiguousarray(a)
 
 
 def _attention_path(q, prec):
