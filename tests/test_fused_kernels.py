@@ -396,6 +396,9 @@ def test_fused_linear_loss_matches_unfused_chunks(cfg, callable_teacher):
     close(gW - 0.25, dW_ref, "float32", "dW", factor=5)
     assert math.isclose(kd_sum, kd_ref, rel_tol=1e-5, abs_tol=1e-6)
     assert math.isclose(ce_sum, ce_ref, rel_tol=1e-5, abs_tol=1e-6)
+    *_, kd_dev, ce_dev = fused_linear_loss(h, W, teacher, cfg, w, chunk_tokens=step, host_sums=False)
+    assert getattr(kd_dev, "ndim", None) == 0 and getattr(ce_dev, "ndim", None) == 0   # arrays: nothing read yet
+    assert (float(kd_dev), float(ce_dev)) == (kd_sum, ce_sum)
 
 
 def test_fused_linear_loss_errors():

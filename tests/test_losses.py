@@ -77,6 +77,14 @@ def test_cross_entropy_targets_skip_padding_and_last_position():
         distill_loss(s, None, ids, mask, LossConfig(alpha=0.5))
 
 
+def test_token_counts_without_masks_are_the_counted_ones():
+    """No padding and no loss mask: n_kd, n_ce are B*T and B*(T-1) without reading the masks back
+    (no device sync on a GPU); they equal what counting the masks gives."""
+    s, t, ids, _ = sample(4)
+    w = token_weights(ids, None, LossConfig(alpha=0.5))
+    assert (w["n_kd"], w["n_ce"]) == (int(w["kd_mask"].sum()), int(w["ce_mask"].sum())) == (B * T, B * (T - 1))
+
+
 @pytest.mark.parametrize("kind", ["kl", "rkl", "jsd"])
 def test_no_nan_with_huge_logits_and_inf_masks(kind):
     s, t, ids, mask = sample(4, scale=1e4)                         # probabilities underflow to 0

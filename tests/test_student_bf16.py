@@ -164,3 +164,27 @@ def test_cupy_bfloat16_cast_is_the_emulated_rounding():
     x = (rng.standard_normal(1 << 20) * 10.0 ** rng.integers(-20, 20, 1 << 20)).astype(np.float32)
     got = prec.high(prec.low(cupy.asarray(x))).get()
     np.testing.assert_array_equal(got, round_bf16(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [True, False])
+def test_matmul_f32_is_the_fp32_product_of_the_16bit_operands(trans_b):
+    """matmul_f32 (one GemmEx, bf16 / fp16 operands, FP32 output): against float64 of the same
+    rounded operands to FP32 summation error (K = 1000: ~1e-6 relative), shapes not multiples of 8
+    on any side, the output poisoned first; a mixed pair of types is refused."""
+    import cupy
+
+    from q4kdistill.student.ops.fused_linear_loss import matmul_f32
+
+    rng = np.random.default_rng(3)
+    M, N, K = 77, 133, 1000
+    for dtype in (cupy.float16, Precision("bf16", cupy).low_dtype):
+        a = cupy.asarray(rng.standard_normal((M, K)).astype(np.float32)).astype(dtype)
+        b = cupy.asarray(rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)).astype(dtype)
+        out = cupy.full((M, N), cupy.nan, dtype=cupy.float32)
+        got = matmul_f32(a, b, trans_b, out=out)
+        a64, b64 = (x.astype(cupy.float32).get().astype(np.float64) for x in (a, b))
+        want = a64 @ (b64.T if trans_b else b64)
+        assert got is out and rel_error(got.get(), want) < 1e-5
+    with pytest.raises(Q4KError):
+        matmul_f32(a, b.astype(cupy.float16) if b.dtype != cupy.float16 else b.astype(cupy.float32), trans_b)

@@ -261,7 +261,12 @@ def token_weights(input_ids, attention_mask, cfg: LossConfig, loss_mask=None, co
     targets = xp.where(has_next, targets, -1).reshape(-1)
     kd_mask = (real if loss_mask is None else has_next).reshape(-1)
     ce_mask = has_next.reshape(-1)
-    n_kd, n_ce = (int(kd_mask.sum()), int(ce_mask.sum())) if counts is None else (int(counts[0]), int(counts[1]))
+    if counts is not None:
+        n_kd, n_ce = int(counts[0]), int(counts[1])
+    elif attention_mask is None and loss_mask is None:      # known without reading the device (no sync)
+        n_kd, n_ce = B * T, B * (T - 1)
+    else:
+        n_kd, n_ce = int(kd_mask.sum()), int(ce_mask.sum())
     kd_w = kd_mask * ((1.0 - cfg.alpha) / max(n_kd, 1))
     ce_w = ce_mask * (cfg.alpha / max(n_ce, 1))
     return dict(targets=targets, kd_mask=kd_mask, ce_mask=ce_mask, kd_weight=kd_w, ce_weight=ce_w,

@@ -23,6 +23,9 @@ the weights (``self.compute``, refreshed from the fp32 master before each forwar
 inputs, accumulate in fp32 and keep their inputs for the backward in bfloat16; everything else
 (norms, rope, softmax, GLU, the loss, grad accumulation) runs in float32. The precision change
 happens in two helpers only, ``_linear`` and ``_linear_backward`` (and the LM head beside them).
+On a GPU a product whose consumer is float32 (q, k, v, the attention and FFN outputs, dx) comes
+out of cuBLAS in float32 (matmul_f32: never rounded to bf16), and dW is accumulated by cuBLAS
+straight into the float32 grad (add_outer); a product a fused op reads in bf16 (gate, up) is bf16.
 Ops (``_Batch.ops``): NumPy arrays and float64 run the reference ops of ops/* (``_ReferenceOps``);
 CuPy float32/bf16 runs ops/fused.py's kernels under the same names (math in float32 inside each
 kernel), and the wiring differs in five places: the norms write the products' bf16 input directly,
@@ -48,7 +51,7 @@ from .ops import (embedding_backward, embedding_forward, glu_backward, glu_forwa
                   rope_backward, rope_forward, rope_tables)
 from .ops import fused as fused_ops
 from .ops.flash_attention import flash_attention_backward, flash_attention_forward
-from .ops.fused_linear_loss import add_outer, fused_linear_loss
+from .ops.fused_linear_loss import add_outer, fused_linear_loss, matmul_f32
 from .params import FlatBuffer
 from .precision import Precision
 
@@ -151,10 +154,15 @@ def _linear(x, p, c, stem, prec, high=True):
     """x [..., K] -> float32 [..., N]: the product in the low precision (its cached input too),
     the bias added in float32. ``high=False``: the product's low-precision output as it is (for a
     fused op that reads bf16; no bias)."""
-    y, c[stem] = linear_forward(prec.low(x), p[f"{stem}.weight"])
-    if not high:
-        return prec.low(y)
-    y = prec.high(y)
+    if high and prec.mixed and not prec.emulated:          # bf16 operands, FP32 output from cuBLAS directly
+        xl, w = xp_contiguous(prec.low(x)), p[f"{stem}.weight"]
+        y = matmul_f32(xl.reshape(-1, w.shape[1]), w, trans_b=True).reshape(*x.shape[:-1], w.shape[0])
+        c[stem] = (xl, w, False)                             # linear_forward's cache
+    else:
+        y, c[stem] = linear_forward(prec.low(x), p[f"{stem}.weight"])
+        if not high:
+            return prec.low(y)
+        y = prec.high(y)
     bias = p.get(f"{stem}.bias")
     return y if bias is None else y + bias
 
@@ -166,9 +174,9 @@ def _linear_backward(dy, c, g, stem, prec, high=True):
         # dW accumulated by cuBLAS straight into the float32 grad (16-bit operands, FP32 sums): no
         # [N, K] product rounded to 16 bits, cast and added in three more passes
         x, w, _ = c[stem]
-        dy2 = prec.low(dy).reshape(-1, w.shape[0])                      # [M, N]
-        dx = (dy2 @ w).reshape(x.shape)
-        add_outer(g[f"{stem}.weight"], xp_contiguous(dy2), xp_contiguous(x.reshape(-1, w.shape[1])))
+        dy2 = xp_contiguous(prec.low(dy).reshape(-1, w.shape[0]))      # [M, N]
+        dx = (matmul_f32(dy2, w, trans_b=False) if high else dy2 @ w).reshape(x.shape)
+        add_outer(g[f"{stem}.weight"], dy2, xp_contiguous(x.reshape(-1, w.shape[1])))
     else:
         dx, dw, _ = linear_backward(prec.low(dy), c[stem])
         g[f"{stem}.weight"] += prec.high(dw)
@@ -420,7 +428,9 @@ class Student:
         if cfg.embed_scale != 1.0:
             dx = dx * cfg.embed_scale
         embedding_backward(dx, emb_cache, out=self.grads["token_embd.weight"])
-        loss, parts = finish_parts(kd_sum, ce_sum, w, loss_cfg)
+        # the loss sums are read only now, with the whole backward queued: the host reads nothing from
+        # the device between the teacher's trunk and here, so it issues ahead of the GPU
+        loss, parts = finish_parts(float(kd_sum), float(ce_sum), w, loss_cfg)
         return loss, self.grads, parts
 
     def _teacher_chunk(self, teacher, start, stop):
@@ -467,5 +477,6 @@ class Student:
             return self._teacher_chunk(teacher, start, stop)
 
         dh, _, kd_sum, ce_sum = fused_linear_loss(self.prec.low(h), self._head_weight(), None if teacher is None else chunk,
-                                                  loss_cfg, w, self._chunk(h.shape[0]), gW=self._head_weight(grads=True))
+                                                  loss_cfg, w, self._chunk(h.shape[0]), gW=self._head_weight(grads=True),
+                                                  host_sums=False)   # (read after the backward is queued)
         return self.prec.high(dh), kd_sum, ce_sum

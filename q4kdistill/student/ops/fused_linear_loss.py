@@ -3,7 +3,7 @@
     fused_chunk_loss(s, t, targets, kd_weight, ce_weight, cfg, out=None)
         losses.chunk_loss's contract (every LossConfig: kl / rkl / jsd, CE, top-k, temperature),
         computed by one kernel (kernels.fused_kd_loss) that writes ds over s when out is s.
-    fused_linear_loss(h, W, teacher, cfg, weights, chunk_tokens=None, gW=None)
+    fused_linear_loss(h, W, teacher, cfg, weights, chunk_tokens=None, gW=None, host_sums=True)
         the chunk loop of Student._head_backward (the idea of Liger-Kernel's fused linear losses):
         for each chunk of n tokens
             s   = h_c @ W.T                 [n, V]  (h's dtype: bf16 products where h and W are bf16)
@@ -117,6 +117,31 @@ def add_outer(gW, ds, hc):
     return gW
 
 
+def matmul_f32(a, b, trans_b: bool, out=None):
+    """float32 a @ b.T (trans_b, b [N, K]) or a @ b (b [K, N]) for 2-D C-contiguous CuPy arrays of
+    one 16-bit type (float16 / bfloat16): one cublasGemmEx with FP32 accumulation and FP32 output,
+    so the product is neither rounded to 16 bits nor cast back in a second pass."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    M, K = a.shape
+    N = b.shape[0] if trans_b else b.shape[1]
+    if b.dtype != a.dtype or a.dtype.name not in ("float16", "bfloat16") or not (a.flags.c_contiguous and b.flags.c_contiguous):
+        raise Q4KError(f"matmul_f32 takes C-contiguous float16 / bfloat16 operands of one type, got {a.dtype}, {b.dtype}")
+    out = cupy.empty((M, N), dtype=np.float32) if out is None else out
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    t = _CUDA_TYPES[a.dtype.name]
+    # column-major: out^T [N, M] = op(b) [N, K] @ a^T [K, M]; b [N, K] row-major is (b^T, ld K) -> OP_T,
+    # b [K, N] row-major is b^T [N, K] col-major with ld N -> OP_N
+    cublas.gemmEx(handle, cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, M, K,
+                  one.ctypes.data, b.data.ptr, t, K if trans_b else N, a.data.ptr, t, K,
+                  zero.ctypes.data, out.data.ptr, _CUDA_TYPES["float32"], N,
+                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+    return out
+
+
 def _teacher_chunk(teacher, start, stop, V, xp):
     if teacher is None:
         return None
@@ -129,13 +154,15 @@ def _teacher_chunk(teacher, start, stop, V, xp):
     return xp.ascontiguousarray(xp.asarray(t))
 
 
-def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_tokens=None, gW=None):
+def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_tokens=None, gW=None, host_sums=True):
     """h [N, D] final hidden states, W [V, D] head weight, teacher [N, V] logits / fn(start, stop) ->
     [stop - start, V] (or losses.SparseTargets, a teacher cache's top-k: losses.chunk_loss runs
     that chunk) / None (CE only); weights from losses.token_weights.
 
     -> (dh [N, D] in h's dtype, gW [V, D] (+= into the given gW, else a new float32 array),
-        kd_sum, ce_sum) with the row sums masked by weights["kd_mask"] / ["ce_mask"] (floats)."""
+        kd_sum, ce_sum) with the row sums masked by weights["kd_mask"] / ["ce_mask"]: floats, or with
+        ``host_sums=False`` 0-d device arrays, so the caller can queue its backward before the one
+        read that waits for the device (the student converts them after its whole backward)."""
     xp = array_module(h)
     if h.ndim != 2 or W.ndim != 2 or h.shape[1] != W.shape[1]:
         raise Q4KError(f"fused linear loss: h {tuple(h.shape)} and W {tuple(W.shape)} must be [N, D] and [V, D]")
@@ -165,4 +192,6 @@ def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_token
         kd_sum += xp.where(weights["kd_mask"][sl], kd, 0.0).sum()
         ce_sum += xp.where(weights["ce_mask"][sl], ce, 0.0).sum()
         del s, ds                                                    # the next chunk's s never meets this one
+    if not host_sums:
+        return dh, gW, kd_sum, ce_sum
     return dh, gW, float(kd_sum), float(ce_sum)
