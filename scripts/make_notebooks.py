@@ -682,8 +682,9 @@ MEMORY_BUDGET = [
         import q4kdistill
 
         BENCH = Path(q4kdistill.__file__).resolve().parents[1] / "docs" / "bench"
-        STEP_JSON = sorted(BENCH.glob("step_h200_2026-12-04_*.json")) if BENCH.exists() else []
-        rows = [r for f in STEP_JSON if not any(w in f.name for w in ("fused", "retime")) for r in json.load(open(f))["rows"]
+        # one state of the code: the sixth stop's runs (8x512; 2x4096, 1x8192; 1x16384, 1x32768)
+        STEP_JSON = sorted(BENCH.glob("step_h200_2026-12-04_*fastlaunch.json")) if BENCH.exists() else []
+        rows = [r for f in STEP_JSON for r in json.load(open(f))["rows"]
                 if r["kind"] == "step" and r["student"].startswith("fresh")]
         if not rows:
             print("no bench step rows next to this package (docs/bench is in the repository)")
@@ -698,7 +699,7 @@ MEMORY_BUDGET = [
                 for n, r in pts:
                     if r["status"] != "ok":
                         a2.annotate(r["status"].upper(), (n, 141), ha="center")
-            a1.set(xscale="log", xlabel="sequence length T (8x512, 2x4096, 1x8192, 1x32768)", ylabel="tokens/s",
+            a1.set(xscale="log", xlabel="sequence length T (8x512, 2x4096, 1x8192, 1x16384, 1x32768)", ylabel="tokens/s",
                    title="step speed")
             a2.set(xscale="log", xlabel="sequence length T", ylabel="peak GB", title="step peak memory")
             a2.axhline(141, color="grey", lw=0.8)
