@@ -10,7 +10,8 @@ ops/flash_attention.py. The tiles per head size keep the static shared memory un
 forward double-buffers its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v,
 sm_90a; registers forward / backward):
 
-    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (133 / 224)
+    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (133 / 224; D = 64 capped
+                                                                                at 128 / 168: REGISTER_CAP)
     D <= 128   forward 4 warps x 32 keys    backward 32 keys, 2 warps per key  (174 / 163)
     D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 + 4 B spilled / 160)
 
@@ -78,15 +79,23 @@ def backward_source(D: int, bf16: bool) -> tuple:
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
 
 
+# Register caps per (pass, head size) handed to the Numba kernels (cuda.jit(max_registers=...)): fewer
+# registers per thread let more blocks share an SM; absent: the compiler's choice. Measured on an H200
+# (2026-12-04, T = 8192, 14 heads of 64, docs/perf.md): backward 236 registers (2 blocks per SM) 2.71 ms,
+# capped at 168 (3 blocks) 2.34 ms, at 128 2.67 ms; forward 133 registers 1.10 ms, at 128 (4 blocks)
+# 1.04 ms; D = 128's forward is fastest uncapped (3.10 ms; 168: 3.18, 128: 3.55).
+REGISTER_CAP: dict = {("bwd", 64): 168, ("fwd", 64): 128}
+
+
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(D: int, bf16: bool):
+def _forward_kernel(D: int, bf16: bool, max_registers=None):
     """(Numba kernel, threads per block, query rows per block)."""
     name, extra = forward_source(D, bf16)
     fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32, _F32, _PTR, _PTR),
                              link=[_source_with(extra)], abi="c")
     ptr = _data_ptr()
 
-    @cuda.jit
+    @cuda.jit(**({} if max_registers is None else {"max_registers": max_registers}))
     def kernel(q, k, v, mask, has_mask, T, H, KV, window, scale, o, lse):
         fn(ptr(q), ptr(k), ptr(v), ptr(mask), np.int32(has_mask), np.int32(T), np.int32(H), np.int32(KV),
            np.int32(window), np.float32(scale), ptr(o), ptr(lse))
@@ -96,14 +105,14 @@ def _forward_kernel(D: int, bf16: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(D: int, bf16: bool):
+def _backward_kernel(D: int, bf16: bool, max_registers=None):
     """(Numba kernel, threads per block, keys per block)."""
     name, extra = backward_source(D, bf16)
     fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
                                                _F32, _PTR, _PTR, _PTR, _PTR), link=[_source_with(extra)], abi="c")
     ptr = _data_ptr()
 
-    @cuda.jit
+    @cuda.jit(**({} if max_registers is None else {"max_registers": max_registers}))
     def kernel(q, k, v, dout, lse, drow, mask, has_mask, T, H, KV, window, scale, dout_scale, dq, dk, dv):
         fn(ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(drow), ptr(mask), np.int32(has_mask), np.int32(T),
            np.int32(H), np.int32(KV), np.int32(window), np.float32(scale), ptr(dout_scale), ptr(dq), ptr(dk), ptr(dv))
@@ -236,7 +245,7 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16"):
     mask, has = _mask_arg(key_mask, B, T)
     o = cupy.empty((B, T, H, D), dtype=np.float32)
     lse = cupy.empty((B, H, T), dtype=np.float32)
-    kernel, threads, rows = _forward_kernel(D, dtype == "bf16")
+    kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D)))
     launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
            KV, _window(window, T), np.float32(scale), o.reshape(-1), lse.reshape(-1))
     return o, lse, (q16, k16, v16, dtype)
@@ -259,7 +268,7 @@ def mma_attention_backward(do, cache):
     acc = cupy.zeros if KV < H else cupy.empty                    # GQA: the G heads of a kv head add into dk, dv
     dk = acc((B, T, KV, D), dtype=np.float32)
     dv = acc((B, T, KV, D), dtype=np.float32)
-    kernel, threads, keys = _backward_kernel(D, dtype == "bf16")
+    kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)))
     launch(kernel, (-(-T // keys), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
            cupy.ascontiguousarray(cache.lse).reshape(-1), drow.reshape(-1), mask, has, T, H, KV,
            _window(cache.window, T), np.float32(cache.scale), s, dq.reshape(-1), dk.reshape(-1), dv.reshape(-1))
