@@ -56,7 +56,7 @@ CLAIM_TINY = {
     "q4kdistill bench step --shapes 1x16384 1x32768 --only --repeats 2 --warmup 1 --json step_16k.json":
         "q4kdistill bench step --tiny --no-peer --shapes 1x24 --only --repeats 1 --warmup 1 --json {work}/step_16k.json",
     "python scripts/bench_attention.py --T 4096 8192 16384 --torch": "python scripts/bench_attention.py --tiny",
-    "python -m q4kdistill bench kernels --variants gemm_mma_linked_64x64 gemm_mma_linked_128x64 "
+    "q4kdistill bench kernels --variants gemm_mma_linked_64x64 gemm_mma_linked_128x64 "
     "gemm_mma_linked_128x64w4 dequant_linked_cublas --m 64 512 4096 --x16": "q4kdistill bench kernels --help",
     "python scripts/fit_budgets.py": "python scripts/fit_budgets.py --tiny",
     "python scripts/gpu_cache_audit.py": "python scripts/gpu_cache_audit.py --tiny",
