@@ -214,6 +214,11 @@ def _dim3(d):
     return d[0], d[1], d[2]
 
 
+def _array_fields(a) -> tuple:
+    """A CuPy array as Numba passes an array parameter: meminfo, parent, size, itemsize, data, shape, strides."""
+    return (0, 0, a.size, a.itemsize, a.data.ptr) + a.shape + a.strides
+
+
 def _fast_launch(plan, grid, block, ptr, args):
     kind, what, conv = plan
     if kind == "packed":
@@ -222,9 +227,7 @@ def _fast_launch(plan, grid, block, ptr, args):
         vals = []
         for is_array, a in zip(conv, args):
             if is_array:
-                vals += (0, 0, a.size, a.itemsize, a.data.ptr)
-                vals += a.shape
-                vals += a.strides
+                vals += _array_fields(a)
             else:
                 vals.append(a)
         what.st.pack_into(what.buf, 0, *vals)
@@ -237,9 +240,7 @@ def _fast_launch(plan, grid, block, ptr, args):
     out = []
     for c, a in zip(conv, args):
         if c is _ARRAY:
-            out += (0, 0, a.size, a.itemsize, a.data.ptr)
-            out += a.shape
-            out += a.strides
+            out += _array_fields(a)
         elif c is _PASS:
             out.append(a)
         else:

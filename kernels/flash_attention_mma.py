@@ -87,6 +87,11 @@ def backward_source(D: int, bf16: bool) -> tuple:
 REGISTER_CAP: dict = {("bwd", 64): 168, ("fwd", 64): 128}
 
 
+def _jit(max_registers):
+    """cuda.jit, with the register cap when there is one."""
+    return cuda.jit if max_registers is None else cuda.jit(max_registers=max_registers)
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_kernel(D: int, bf16: bool, max_registers=None):
     """(Numba kernel, threads per block, query rows per block)."""
@@ -95,7 +100,7 @@ def _forward_kernel(D: int, bf16: bool, max_registers=None):
                              link=[_source_with(extra)], abi="c")
     ptr = _data_ptr()
 
-    @cuda.jit(**({} if max_registers is None else {"max_registers": max_registers}))
+    @_jit(max_registers)
     def kernel(q, k, v, mask, has_mask, T, H, KV, window, scale, o, lse):
         fn(ptr(q), ptr(k), ptr(v), ptr(mask), np.int32(has_mask), np.int32(T), np.int32(H), np.int32(KV),
            np.int32(window), np.float32(scale), ptr(o), ptr(lse))
@@ -112,7 +117,7 @@ def _backward_kernel(D: int, bf16: bool, max_registers=None):
                                                _F32, _PTR, _PTR, _PTR, _PTR), link=[_source_with(extra)], abi="c")
     ptr = _data_ptr()
 
-    @cuda.jit(**({} if max_registers is None else {"max_registers": max_registers}))
+    @_jit(max_registers)
     def kernel(q, k, v, dout, lse, drow, mask, has_mask, T, H, KV, window, scale, dout_scale, dq, dk, dv):
         fn(ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(drow), ptr(mask), np.int32(has_mask), np.int32(T),
            np.int32(H), np.int32(KV), np.int32(window), np.float32(scale), ptr(dout_scale), ptr(dq), ptr(dk), ptr(dv))

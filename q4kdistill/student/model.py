@@ -155,7 +155,7 @@ def _linear(x, p, c, stem, prec, high=True):
     the bias added in float32. ``high=False``: the product's low-precision output as it is (for a
     fused op that reads bf16; no bias)."""
     if high and prec.mixed and not prec.emulated:          # bf16 operands, FP32 output from cuBLAS directly
-        xl, w = xp_contiguous(prec.low(x)), p[f"{stem}.weight"]
+        xl, w = _contiguous(prec.low(x)), p[f"{stem}.weight"]
         y = matmul_f32(xl.reshape(-1, w.shape[1]), w, trans_b=True).reshape(*x.shape[:-1], w.shape[0])
         c[stem] = (xl, w, False)                             # linear_forward's cache
     else:
@@ -174,9 +174,9 @@ def _linear_backward(dy, c, g, stem, prec, high=True):
         # dW accumulated by cuBLAS straight into the float32 grad (16-bit operands, FP32 sums): no
         # [N, K] product rounded to 16 bits, cast and added in three more passes
         x, w, _ = c[stem]
-        dy2 = xp_contiguous(prec.low(dy).reshape(-1, w.shape[0]))      # [M, N]
+        dy2 = _contiguous(prec.low(dy).reshape(-1, w.shape[0]))      # [M, N]
         dx = (matmul_f32(dy2, w, trans_b=False) if high else dy2 @ w).reshape(x.shape)
-        add_outer(g[f"{stem}.weight"], dy2, xp_contiguous(x.reshape(-1, w.shape[1])))
+        add_outer(g[f"{stem}.weight"], dy2, _contiguous(x.reshape(-1, w.shape[1])))
     else:
         dx, dw, _ = linear_backward(prec.low(dy), c[stem])
         g[f"{stem}.weight"] += prec.high(dw)
@@ -185,9 +185,9 @@ def _linear_backward(dy, c, g, stem, prec, high=True):
     return prec.high(dx) if high else prec.low(dx)
 
 
-def xp_contiguous(a):
-    """a, C-contiguous (a copy only where it is not)."""
-    return a if a.flags.c_contiguous else backend.array_module(a).ascontiguousarray(a)
+def _contiguous(a):
+    """a, C-contiguous (ascontiguousarray returns a itself when it already is)."""
+    return backend.array_module(a).ascontiguousarray(a)
 
 
 def _attention_path(q, prec):
