@@ -152,7 +152,7 @@ def embedding_rows(w_raw, qtype, ids):
     K = columns(w_raw, q, w_raw.shape[0])
     xp = backend.array_module(w_raw)
     ids = xp.asarray(ids).reshape(-1)
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= w_raw.shape[0]):
+    if ids.size and not backend.capturing(ids) and (int(ids.min()) < 0 or int(ids.max()) >= w_raw.shape[0]):
         raise Q4KError(f"embedding_rows: ids must be in [0, {w_raw.shape[0]}), got {int(ids.min())}..{int(ids.max())}")
     if xp is np:
         return cpu.decode_rows(w_raw, q, K, "float32", None, ids)

@@ -9,8 +9,10 @@
 gate and up are read as (array, row stride, column offset), so they can be two [R, F] arrays or the
 two halves of one fused [R, 2F] product (gate = gu[:, :F], up = gu[:, F:]); the backward writes
 dgate/dup the same way (two arrays, or the halves of one [R, 2F] gradient, possibly gu itself).
-A grid-stride loop, UNROLL elements per thread per step (e0 + k * gridsize, so each k is coalesced),
-all loaded before any is stored; float32 math on fp32 / bf16 / fp16 storage.
+Blocks of a 2-D grid stride over rows (y) and over column tiles of THREADS * UNROLL (x), UNROLL elements
+per thread per tile (j0 + k * threads, so each k is coalesced), all loaded before any is stored: row and
+column come from the loops, never from a division per element (the 1-D form's e // F, e % F ran the
+teacher's GLU at ~2 TB/s); float32 math on fp32 / bf16 / fp16 storage.
 """
 from __future__ import annotations
 
@@ -66,22 +68,22 @@ def glu_forward_kernel(act, g_code, u_code, y_code):
 
     @cuda.jit
     def kernel(gate, g_ld, g_off, up, u_ld, u_off, R, Fd, y):   # y [R*Fd]
-        start, step = cuda.grid(1), cuda.gridsize(1)
-        n = R * Fd
+        tid, width = cuda.threadIdx.x, cuda.blockDim.x
         gv = cuda.local.array(UNROLL, F)
         uv = cuda.local.array(UNROLL, F)
-        for e0 in range(start, n, step * UNROLL):
-            for k in range(UNROLL):                      # loads only: all in flight together
-                e = e0 + k * step
-                gv[k], uv[k] = F(0), F(0)
-                if e < n:
-                    r, j = e // Fd, e % Fd
-                    gv[k] = ld_g(gate, r * g_ld + g_off + j)
-                    uv[k] = ld_u(up, r * u_ld + u_off + j)
-            for k in range(UNROLL):
-                e = e0 + k * step
-                if e < n:
-                    st_y(y, e, f(gv[k]) * uv[k])
+        for r in range(cuda.blockIdx.y, R, cuda.gridDim.y):
+            gb, ub, yb = r * g_ld + g_off, r * u_ld + u_off, r * Fd
+            for j0 in range(cuda.blockIdx.x * width * UNROLL + tid, Fd, cuda.gridDim.x * width * UNROLL):
+                for k in range(UNROLL):                  # loads only: all in flight together
+                    j = j0 + k * width
+                    gv[k], uv[k] = F(0), F(0)
+                    if j < Fd:
+                        gv[k] = ld_g(gate, gb + j)
+                        uv[k] = ld_u(up, ub + j)
+                for k in range(UNROLL):
+                    j = j0 + k * width
+                    if j < Fd:
+                        st_y(y, yb + j, f(gv[k]) * uv[k])
 
     return kernel
 
@@ -94,26 +96,26 @@ def glu_backward_kernel(act, g_code, u_code, dy_code, dg_code, du_code):
 
     @cuda.jit
     def kernel(gate, g_ld, g_off, up, u_ld, u_off, dy, R, Fd, dg, dg_ld, dg_off, du, du_ld, du_off):
-        start, step = cuda.grid(1), cuda.gridsize(1)
-        n = R * Fd
+        tid, width = cuda.threadIdx.x, cuda.blockDim.x
         gv = cuda.local.array(UNROLL, F)
         uv = cuda.local.array(UNROLL, F)
         dv = cuda.local.array(UNROLL, F)
-        for e0 in range(start, n, step * UNROLL):
-            for k in range(UNROLL):                      # loads only: all in flight together
-                e = e0 + k * step
-                gv[k], uv[k], dv[k] = F(0), F(0), F(0)
-                if e < n:
-                    r, j = e // Fd, e % Fd
-                    gv[k] = ld_g(gate, r * g_ld + g_off + j)
-                    uv[k] = ld_u(up, r * u_ld + u_off + j)
-                    dv[k] = ld_dy(dy, e)
-            for k in range(UNROLL):                      # every read of these elements is done
-                e = e0 + k * step
-                if e < n:
-                    r, j = e // Fd, e % Fd
-                    st_dg(dg, r * dg_ld + dg_off + j, dv[k] * uv[k] * df(gv[k]))
-                    st_du(du, r * du_ld + du_off + j, dv[k] * f(gv[k]))
+        for r in range(cuda.blockIdx.y, R, cuda.gridDim.y):
+            gb, ub, yb = r * g_ld + g_off, r * u_ld + u_off, r * Fd
+            db, eb = r * dg_ld + dg_off, r * du_ld + du_off
+            for j0 in range(cuda.blockIdx.x * width * UNROLL + tid, Fd, cuda.gridDim.x * width * UNROLL):
+                for k in range(UNROLL):                  # loads only: all in flight together
+                    j = j0 + k * width
+                    gv[k], uv[k], dv[k] = F(0), F(0), F(0)
+                    if j < Fd:
+                        gv[k] = ld_g(gate, gb + j)
+                        uv[k] = ld_u(up, ub + j)
+                        dv[k] = ld_dy(dy, yb + j)
+                for k in range(UNROLL):                  # every read of these elements is done
+                    j = j0 + k * width
+                    if j < Fd:
+                        st_dg(dg, db + j, dv[k] * uv[k] * df(gv[k]))
+                        st_du(du, eb + j, dv[k] * f(gv[k]))
 
     return kernel
 
@@ -134,10 +136,13 @@ def _halves(gate, up, what):
     return storage(gate), Fd, 0, storage(up), Fd, 0, tuple(gate.shape[:-1]), Fd
 
 
-def _grid(n):
+def _grid(R, Fd):
+    """(grid (column blocks, row blocks), threads): a block covers THREADS * UNROLL columns of a row and
+    strides over rows, ~8k blocks in all (no division per element)."""
     threads = 32 if SIMULATOR else THREADS
-    per_block = threads * UNROLL
-    return max(1, min((n + per_block - 1) // per_block, 4 if SIMULATOR else 8 * 1024)), threads
+    gx = max(1, min(-(-Fd // (threads * UNROLL)), 2 if SIMULATOR else 64))
+    gy = max(1, min(R, 2 if SIMULATOR else max(1, 8 * 1024 // gx)))
+    return (gx, gy), threads
 
 
 def glu_fwd(gate, up, act, y=None):
@@ -151,7 +156,7 @@ def glu_fwd(gate, up, act, y=None):
     R = int(np.prod(lead, dtype=np.int64))
     if R * Fd:
         kernel = glu_forward_kernel(act, code_of(gate), code_of(gate if up is None else up), code_of(y))
-        launch_shared(kernel, *_grid(R * Fd), g, g_ld, g_off, u, u_ld, u_off, R, Fd, storage(y))
+        launch_shared(kernel, *_grid(R, Fd), g, g_ld, g_off, u, u_ld, u_off, R, Fd, storage(y))
     return y
 
 
@@ -179,6 +184,6 @@ def glu_bwd(dy, gate, up, act, dgate=None, dup=None):
     if R * Fd:
         kernel = glu_backward_kernel(act, code_of(gate), code_of(gate if up is None else up), code_of(dy),
                                      dg_code, du_code)
-        launch_shared(kernel, *_grid(R * Fd), g, g_ld, g_off, u, u_ld, u_off, storage(dy), R, Fd,
+        launch_shared(kernel, *_grid(R, Fd), g, g_ld, g_off, u, u_ld, u_off, storage(dy), R, Fd,
                       dg, dg_ld, dg_off, du, du_ld, du_off)
     return (dgate, None) if fused_out else (dgate, dup)

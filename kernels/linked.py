@@ -477,6 +477,7 @@ def dequant_linked_cublas(x, w_raw, qtype, n_out, out, out16=False, chunks=1):
     _require_gpu("dequant_linked_cublas")
     import cupy
 
+    from .blas import matmul
     from .scratch import gemm_f16_f32, scratch
 
     K = x.shape[1]
@@ -484,7 +485,7 @@ def dequant_linked_cublas(x, w_raw, qtype, n_out, out, out16=False, chunks=1):
     x16 = to_f16(x)
     if out16:
         decode_f16_linked(w_raw, qtype, K, w16)
-        out[:] = cupy.matmul(x16, w16.T)
+        out[:] = matmul(x16, w16, trans_b=True)
         return out
     if chunks <= 1:
         decode_f16_linked(w_raw, qtype, K, w16)
@@ -503,7 +504,7 @@ def dequant_linked_cublas(x, w_raw, qtype, n_out, out, out16=False, chunks=1):
             decode_f16_linked(w_raw[a:b], qtype, K, w16[a:b])
             ready = side.record()
         main.wait_event(ready)
-        gemm_f16_f32(x16, w16[a:b], out[:, a:], ldc=n_out)
+        gemm_f16_f32(x16, w16[a:b], out[:, a:b])
     return out
 
 

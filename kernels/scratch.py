@@ -13,6 +13,7 @@ import numpy as np
 
 from q4kdistill.backend import array_module
 
+from .blas import gemm
 from .dequant import decode_rows
 from .registry import DECODE_SCRATCH
 from .weights import padded_bytes
@@ -38,27 +39,10 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
-def gemm_f16_f32(x16, w16, out, ldc=None):
-    """out [M, N] float32 = x16 [M, K] @ w16 [N, K].T, fp16 operands, FP32 accumulate and output.
-
-    ldc: row stride of out in elements (default N); with it, out may be a column block of a wider
-    row-major matrix (its data pointer at the block's first column)."""
-    import cupy
-    from cupy_backends.cuda.libs import cublas
-
-    M, K = x16.shape
-    N = w16.shape[0]
-    ldc = N if ldc is None else ldc
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)   # run where the caller's stream is
-    # column-major view: out^T [N, M] = W [N, K] @ x^T [K, M]
-    cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, N, M, K,
-                  one.ctypes.data, w16.data.ptr, cupy.cuda.runtime.CUDA_R_16F, K,
-                  x16.data.ptr, cupy.cuda.runtime.CUDA_R_16F, K,
-                  zero.ctypes.data, out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, ldc,
-                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
-    return out
+def gemm_f16_f32(x16, w16, out):
+    """out [M, N] float32 = x16 [M, K] @ w16 [N, K].T, fp16 operands, FP32 accumulate and output
+    (blas.gemm: one cublasGemmEx). ``out`` may be a column block of a wider row-major matrix."""
+    return gemm(out, x16, w16, trans_b=True)
 
 
 def dequant_matmul(x, w_raw, qtype, n_out, out, dtype="float16"):
@@ -69,7 +53,7 @@ def dequant_matmul(x, w_raw, qtype, n_out, out, dtype="float16"):
     x16 = x.astype(np.float16) if dtype == "float16" else None     # before the decode: see dequant_workspace
     decode_rows(w_raw, qtype, K, dtype, w)
     if dtype == "float32":
-        return xp.matmul(x, w.T, out=out)
+        return gemm(out, x, w, trans_b=True)
     if xp is np:   # the simulator's stand-in for cuBLAS: same fp16 operands, float32 product
         out[:] = x16.astype(np.float32) @ w.astype(np.float32).T
         return out

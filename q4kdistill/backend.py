@@ -97,6 +97,19 @@ def to_host(a):
     return numpy.asarray(a)
 
 
+def capturing(a=None) -> bool:
+    """Whether CuPy's current stream is capturing a CUDA graph (train/cuda_graph.py). Work queued then
+    is recorded, not run, so nothing may read the device: checks that read a device array (ids in
+    range, counts) are done by the caller before the capture and skipped inside it. ``a``: an array
+    (NumPy: never capturing)."""
+    if (a is not None and not type(a).__module__.startswith("cupy")) or not on_gpu():
+        return False
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    return stream.ptr != 0 and stream.is_capturing()
+
+
 def synchronize() -> None:
     if on_gpu():
         import cupy

@@ -92,6 +92,7 @@ GPU_ONLY = [
     "q4kdistill bench kernels", "q4kdistill autotune", "q4kdistill bench student", "q4kdistill bench teacher",
     "q4kdistill bench step",
     "python scripts/probe_paths.py", "python scripts/probe_ceilings.py", "python scripts/probe_teacher_matmul.py",
+    "python scripts/probe_teacher_ops.py",
     "python scripts/ncu_targets.py gemv_dp4a_r1w4:1", "python scripts/sweep_mma.py {work}/sweep",
     "python scripts/gpu_kernels.py run {work}/gpu --no-tests",
 ]

@@ -116,6 +116,25 @@ def test_master_stays_fp32_and_the_copy_follows_each_step():
     np.testing.assert_array_equal(s.compute[w], round_bf16(s.params[w]))    # refreshed from the new master
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_copy_holds_what_the_products_multiply_and_the_planner_counts_it(family):
+    """An untied embedding is only gathered (from the master): the copy leaves it out; a tied one is the
+    LM head's weight too and is copied. The planner's row counts the same elements."""
+    from q4kdistill.memory.planner import bf16_copy_elements
+
+    rng = np.random.default_rng(6)
+    cfg, _, s = _pair(family, rng)
+    embd = "token_embd.weight"
+    assert cfg.tied_output == (family == "qwen2")
+    assert s._low_flat.size == bf16_copy_elements(cfg)
+    assert (s.compute[embd] is s.params[embd]) != cfg.tied_output
+    ids, mask = batch(rng, cfg, 2, 7)
+    s.loss_and_grads(ids, None, LossConfig(alpha=1.0), mask)
+    for name, shape in cfg.tensor_shapes().items():
+        if len(shape) >= 2 and (cfg.tied_output or name != embd):
+            np.testing.assert_array_equal(s.compute[name], round_bf16(s.params[name]), err_msg=name)
+
+
 def test_bf16_logits_are_bf16_products():
     """iter_logits: the LM head's product in bf16 (inputs and output rounded), returned as float32."""
     rng = np.random.default_rng(5)

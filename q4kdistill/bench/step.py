@@ -1,7 +1,9 @@
 """`q4kdistill bench step`: the whole distillation step, ours beside the PyTorch peer, same run, same GPU.
 
     ours   teacher.logits_fn (quantized teacher trunk; its LM head runs chunk by chunk inside the
-           loss) -> Student.loss_and_grads (chunked KD loss, hand-written backward) -> AdamW.step
+           loss) -> Student.loss_and_grads (chunked KD loss, hand-written backward) -> AdamW.step;
+           on a GPU the part before AdamW is replayed as a CUDA graph, as distill does (the first
+           warm-up step eager, the second captured; ``cuda_graph=False``: every step eager)
     peer   peer_torch.Peer.step: a bf16 transformers teacher, an autocast-bf16 student with fp32
            master weights, full-vocabulary forward KL, clip 1.0, fused AdamW (when torch imports)
 
@@ -41,6 +43,7 @@ class StepBench:
     precision: str = "auto"                    # our student's (bf16 on a GPU)
     chunk_tokens: int = 256                    # distill's default
     checkpoint: bool = False                   # distill's default
+    cuda_graph: bool = True                    # distill's default: our step replayed as a CUDA graph (GPU)
     warmup: int = 2
     repeats: int = 5
     peer: bool = True
@@ -138,23 +141,36 @@ class Ours:
     def step_row(self, label, student, opt, shape, batches) -> dict:
         from ..student.losses import LossConfig
 
+        from ..train import cuda_graph
+
         loss_cfg = LossConfig()
+        graphed = (cuda_graph.GraphedStep(self.teacher, student, loss_cfg, log=self.log)
+                   if self.bench.cuda_graph and cuda_graph.enabled() else None)
 
         def once(ids):
-            fn = self.teacher.logits_fn(ids)
-            student.loss_and_grads(ids, fn, loss_cfg)
+            if graphed is not None:                  # first call eager, second captured, then replays
+                graphed(ids)
+            else:
+                student.loss_and_grads(ids, self.teacher.logits_fn(ids), loss_cfg)
             opt.step()
 
         try:
             with self.meter.phase(f"step {label} {shape}") as rec:
-                seconds = _timed(once, batches, self.bench.warmup, self.bench.repeats, self.clock.mark, self.clock.seconds)
+                warmup = max(self.bench.warmup, 2) if graphed is not None else self.bench.warmup  # eager, capture
+                seconds = _timed(once, batches, warmup, self.bench.repeats, self.clock.mark, self.clock.seconds)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
+            if graphed is not None:
+                graphed.close()
             self.release()
             return _row("step", label, shape, "ours", note=f"OOM ({type(exc).__name__})")
+        replayed = graphed is not None and graphed.replays >= self.bench.repeats
+        if graphed is not None:
+            graphed.close()
         peak = rec.peak_bytes if self.on_gpu else None
-        return _row("step", label, shape, "ours", seconds, peak, n_params=student.n_params, precision=student.prec.name)
+        return _row("step", label, shape, "ours", seconds, peak, n_params=student.n_params, precision=student.prec.name,
+                    cuda_graph=replayed)
 
     def forward_row(self, shape, batches) -> dict:
         def once(ids):

@@ -36,6 +36,8 @@ def add_step_arguments(p) -> None:
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="our student's (auto: bf16 on a GPU)")
     g.add_argument("--chunk-tokens", type=int, default=256, metavar="C", help="our LM head + loss chunk (default %(default)s)")
     g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay our step as a CUDA graph, as distill does (default: on)")
     g.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
     g.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default %(default)s)")
     g.add_argument("--no-peer", action="store_true", help="time ours only")
@@ -59,7 +61,7 @@ def run_step(args) -> int:
     student_shape = args.student_shape or ("tiny" if args.tiny else "qwen2-0.5b")
     bench = step.StepBench(teacher=args.teacher, shapes=tuple(shapes), student_shape=student_shape,
                            cut_layers=args.cut_layers, precision=args.precision, chunk_tokens=args.chunk_tokens,
-                           checkpoint=args.checkpoint_activations, warmup=args.warmup, repeats=args.repeats,
+                           checkpoint=args.checkpoint_activations, cuda_graph=args.cuda_graph, warmup=args.warmup, repeats=args.repeats,
                            peer=not args.no_peer, tiny=args.tiny)
     report = step.run(bench, log=lambda line: print(line, file=sys.stderr))
     print(step.format_table(report), file=sys.stderr if args.json == "-" else sys.stdout)

@@ -44,6 +44,8 @@ HELPS = {
     "teacher_backend": "auto | native | dense | dequant-f32 | dequant-bf16 | dequant-f16",
     "gpus": "data-parallel ranks, one process per GPU of this host; --batch is the global batch and must split "
             "evenly (several hosts: start each rank with torchrun-style RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)",
+    "cuda_graph": "replay each step as a CUDA graph where it applies (GPU, live teacher, one GPU, no loss mask): "
+                  "the host issues one launch instead of ~2,000 (default: on)",
     "gpu_memory": "fit this GPU memory (24GB, 24GiB, or auto = the free memory now): batch, --chunk-tokens and "
                   "--checkpoint-activations not given are chosen by the planner (q4kdistill plan --fit)",
 }

@@ -48,22 +48,31 @@ class PoolCounter:
 
     def __init__(self, pool):
         self.pool = pool
+        self.private = []                 # pools of CUDA graphs (private_pool): all their bytes count
         self.peak = pool.used_bytes()
 
     def malloc(self, size):
         """cupy.cuda.set_allocator's signature: size -> cupy.cuda.MemoryPointer."""
-        mem = self.pool.malloc(size)
-        used = self.pool.used_bytes()
+        return self._counted(self.pool.malloc(size))
+
+    def private_malloc(self, pool):
+        """An allocator drawing from ``pool`` (a CUDA graph's own), counted here like the default pool."""
+        return lambda size: self._counted(pool.malloc(size))
+
+    def _counted(self, mem):
+        used = self.current()
         if used > self.peak:
             self.peak = used
         return mem
 
     def current(self) -> int:
-        return self.pool.used_bytes()
+        """Bytes in use in the default pool, plus every byte a graph's private pool holds: a captured
+        graph owns its blocks (its addresses are baked in), used or not between replays."""
+        return self.pool.used_bytes() + sum(p.total_bytes() for p in self.private)
 
     def reserved(self) -> int:
-        """Bytes the pool holds from the driver (in use + cached free blocks)."""
-        return self.pool.total_bytes()
+        """Bytes the pools hold from the driver (in use + cached free blocks)."""
+        return self.pool.total_bytes() + sum(p.total_bytes() for p in self.private)
 
     def take_peak(self) -> int:
         """The peak since the previous call; the next period starts at the current bytes."""
@@ -183,6 +192,29 @@ def install():
             counter = HostCounter()
         _counter = counter
     return _counter
+
+
+def private_pool():
+    """(pool, malloc) for a CUDA graph's capture (train/cuda_graph.py): a CuPy MemoryPool no other
+    allocation draws from, and its allocator, counted by the process-wide counter until
+    ``drop_private_pool``."""
+    import cupy
+
+    pool = cupy.cuda.MemoryPool()
+    counter = install()
+    if isinstance(counter, PoolCounter):
+        counter.private.append(pool)
+        return pool, counter.private_malloc(pool)
+    return pool, pool.malloc
+
+
+def drop_private_pool(pool) -> None:
+    """Stop counting ``pool`` and give its blocks back (its graph is gone; the device is synchronised first)."""
+    counter = install()
+    if isinstance(counter, PoolCounter) and any(p is pool for p in counter.private):
+        counter.private = [p for p in counter.private if p is not pool]
+    backend.synchronize()
+    pool.free_all_blocks()
 
 
 def driver_info():

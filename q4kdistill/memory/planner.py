@@ -577,6 +577,13 @@ def _add_teacher_rows(plan: Plan, info: ModelFile) -> None:
                  f"resident + working set: iter_logits at {B}x{T}, chunks of {C} tokens", measured=True)
 
 
+def bf16_copy_elements(cfg: ModelConfig) -> int:
+    """Elements of a bf16 student's low-precision weight copy (Student._compute_views): every matrix
+    but an untied token embedding."""
+    return sum(math.prod(shape) for name, shape in cfg.tensor_shapes().items()
+               if len(shape) >= 2 and (cfg.tied_output or name != "token_embd.weight"))
+
+
 def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int) -> None:
     """Teacher trunk (logits_fn), then loss_and_grads, then AdamW.step, as reproduce-memory runs
     them (distill.train_step also keeps the teacher's hidden [N, D] through AdamW.step)."""
@@ -587,10 +594,11 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
     params = plan.add("student params", F32 * n_params, f"{n_params:,} float32 parameters (one flat buffer)")
     grads = plan.add("student grads", F32 * n_params, "the flat float32 grad buffer")
     adam = plan.add("AdamW m and v", 2 * F32 * n_params, "two float32 moments per parameter")
-    n_matrix = sum(math.prod(shape) for shape in cfg.tensor_shapes().values() if len(shape) >= 2)
+    n_matrix = bf16_copy_elements(cfg)
     low_copy = plan.add("student bf16 weight copy", 2 * n_matrix if lo != F32 else 0,
-                        f"bf16: {n_matrix:,} matrix elements x 2 bytes, what the products multiply "
-                        "(refreshed from the master before each forward); fp32: none")
+                        f"bf16: {n_matrix:,} matrix elements x 2 bytes, what the products multiply (an untied "
+                        "embedding is gathered from the master, not copied; refreshed from the master before "
+                        "each forward); fp32: none")
     base = plan.row(f"teacher resident ({b})").predicted_bytes + params + grads + adam + low_copy
     plan.add("student state", params + grads + adam + low_copy, "params + grads + AdamW m and v (+ the bf16 copy)")
 

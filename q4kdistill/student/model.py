@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from kernels import blas
 
 from .. import backend
 from ..config import ModelConfig
@@ -175,7 +176,7 @@ def _linear_backward(dy, c, g, stem, prec, high=True):
         # [N, K] product rounded to 16 bits, cast and added in three more passes
         x, w, _ = c[stem]
         dy2 = _contiguous(prec.low(dy).reshape(-1, w.shape[0]))      # [M, N]
-        dx = (matmul_f32(dy2, w, trans_b=False) if high else dy2 @ w).reshape(x.shape)
+        dx = (matmul_f32(dy2, w, trans_b=False) if high else blas.product(dy2, w)).reshape(x.shape)
         add_outer(g[f"{stem}.weight"], dy2, _contiguous(x.reshape(-1, w.shape[1])))
     else:
         dx, dw, _ = linear_backward(prec.low(dy), c[stem])
@@ -258,6 +259,18 @@ def block_backward(cfg: ModelConfig, layer: int, dx, cache, g: dict, batch: _Bat
     return _attn_backward(cfg, layer, dx, cache, g, batch)
 
 
+class QueuedLoss:
+    """The loss of a queued forward + backward: its masked row sums (floats, or 0-d device arrays
+    not yet read) and the token weights they are normalised by."""
+
+    def __init__(self, kd_sum, ce_sum, w, loss_cfg):
+        self.kd_sum, self.ce_sum, self.w, self.loss_cfg = kd_sum, ce_sum, w, loss_cfg
+
+    def read(self):
+        """-> (loss, parts); waits for the device to have summed them."""
+        return finish_parts(float(self.kd_sum), float(self.ce_sum), self.w, self.loss_cfg)
+
+
 # -- the model ---------------------------------------------------------------------------------
 class Student:
     def __init__(self, config: ModelConfig, dtype=np.float32, xp=None, checkpoint=False, chunk_tokens=None,
@@ -278,16 +291,22 @@ class Student:
 
     def _compute_views(self):
         """-> (name -> the view the forward uses, the low-precision flat copy or None). fp32/fp64:
-        the master views themselves. bf16: the matrices (the prefix flat[:decay_stop], params.py)
-        from one low-precision copy [decay_stop], the vectors (norms, biases) from the master."""
+        the master views themselves. bf16: the matrices the products multiply (the prefix
+        flat[low_start:decay_stop], params.py) from one low-precision copy, the rest from the master:
+        the vectors (norms, biases), and an untied embedding (a gather reads the master; only a tied
+        one is also the LM head's product weight)."""
+        self._low_start = 0
         if not self.prec.mixed:
             return self.params, None
         buf = self.param_buffer
-        low = self.xp.empty(buf.decay_stop, dtype=self.prec.low_dtype)
+        embd = "token_embd.weight"
+        if not self.config.tied_output and buf.offsets.get(embd) == 0:
+            self._low_start = int(np.prod(buf.shapes[embd]))
+        low = self.xp.empty(buf.decay_stop - self._low_start, dtype=self.prec.low_dtype)
         views = dict(self.params)
         for name, shape in buf.shapes.items():
-            if len(shape) >= 2:
-                start = buf.offsets[name]
+            start = buf.offsets[name] - self._low_start
+            if len(shape) >= 2 and start >= 0:
                 views[name] = low[start:start + int(np.prod(shape))].reshape(shape)
         return views, low
 
@@ -295,7 +314,7 @@ class Student:
         """Copy the fp32 master matrices into the low-precision copy (bf16; a no-op otherwise).
         Run before every forward: the optimizer and checkpoint loads write the master only."""
         if self._low_flat is not None:
-            self.prec.assign_low(self._low_flat, self.param_buffer.flat[:self.param_buffer.decay_stop])
+            self.prec.assign_low(self._low_flat, self.param_buffer.flat[self._low_start:self.param_buffer.decay_stop])
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -389,7 +408,7 @@ class Student:
         h = prec.low(h)
         for start in range(0, h.shape[0], step):
             stop = min(start + step, h.shape[0])
-            yield start, stop, prec.high(h[start:stop] @ W.T)
+            yield start, stop, prec.high(blas.product(h[start:stop], W, trans_b=True))
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids [B, T] -> logits [B, T, V] (the whole tensor: use iter_logits for big V)."""
@@ -406,6 +425,16 @@ class Student:
         training target (instruction data; see losses.token_weights). ``token_counts`` (n_kd, n_ce):
         the counts the loss is normalised by, when these rows are one rank's share of a larger batch.
         grads: name -> view of the flat grad buffer (zeroed first unless ``accumulate``)."""
+        queued = self.queue_loss_and_grads(input_ids, teacher_logits_or_fn, loss_cfg, attention_mask, accumulate,
+                                           loss_mask, token_counts)
+        loss, parts = queued.read()
+        return loss, self.grads, parts
+
+    def queue_loss_and_grads(self, input_ids, teacher_logits_or_fn, loss_cfg: LossConfig = None, attention_mask=None,
+                             accumulate=False, loss_mask=None, token_counts=None) -> "QueuedLoss":
+        """loss_and_grads without its one read of the device: the whole forward and backward is queued
+        (the grads are written when the device gets there) and ``.read()`` of the result waits for the
+        loss sums -> (loss, parts). What a CUDA graph captures (train/cuda_graph.py)."""
         cfg, xp = self.config, self.xp
         loss_cfg = loss_cfg or LossConfig()
         ids = self._ids(input_ids, attention_mask)
@@ -428,10 +457,9 @@ class Student:
         if cfg.embed_scale != 1.0:
             dx = dx * cfg.embed_scale
         embedding_backward(dx, emb_cache, out=self.grads["token_embd.weight"])
-        # the loss sums are read only now, with the whole backward queued: the host reads nothing from
-        # the device between the teacher's trunk and here, so it issues ahead of the GPU
-        loss, parts = finish_parts(float(kd_sum), float(ce_sum), w, loss_cfg)
-        return loss, self.grads, parts
+        # the loss sums are read only by .read(), with the whole backward queued: the host reads nothing
+        # from the device between the teacher's trunk and here, so it issues ahead of the GPU
+        return QueuedLoss(kd_sum, ce_sum, w, loss_cfg)
 
     def _teacher_chunk(self, teacher, start, stop):
         if teacher is None:

@@ -99,7 +99,10 @@ class AdamW:
         xp = array_module(self.grads.flat)
         g = self.grads.flat
         step = _NORM_SLICE
-        return math.sqrt(sum(float(xp.dot(g[i:i + step], g[i:i + step])) for i in range(0, g.size, step)))
+        parts = [xp.dot(g[i:i + step], g[i:i + step]) for i in range(0, g.size, step)]
+        if xp.__name__ == "cupy" and parts:            # one read of the device, not one per slice
+            parts = xp.stack(parts).get()
+        return math.sqrt(sum(float(p) for p in parts))
 
     def step(self) -> dict:
         """One update from the current grads -> dict(lr, grad_norm, clip_scale)."""

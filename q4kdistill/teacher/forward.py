@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import kernels
+from kernels import blas
 from gguf import GGMLQuantizationType as QT
 
 from ..backend import array_module
@@ -105,7 +106,7 @@ def linear(x, w: Weight, bias: Weight | None = None):
     elif w.qtype == QT.F16 and xp.__name__ == "cupy":
         y = kernels.gemm_f16_f32(x2.astype(xp.float16), w.data, xp.empty((x2.shape[0], n_out), dtype=xp.float32))
     else:
-        y = x2.astype(xp.float32, copy=False) @ dense_f32(w).T
+        y = blas.product(x2.astype(xp.float32, copy=False), dense_f32(w), trans_b=True)
     if bias is not None:
         y += bias.data
     return y.reshape(x.shape[:-1] + (n_out,))

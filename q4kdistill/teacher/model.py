@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import forward as teacher_forward
-from ..backend import device as process_device, on_gpu, synchronize
+from ..backend import capturing, device as process_device, on_gpu, synchronize
 from ..errors import Q4KError
 from ..formats.validate import check_fits
 from .forward import Weight
@@ -158,16 +158,21 @@ class Teacher:
         ids = xp.asarray(input_ids)
         if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
             raise Q4KError(f"input_ids must be a non-empty integer array [batch, tokens], got {ids.dtype} {tuple(ids.shape)}")
-        lo, hi = int(ids.min()), int(ids.max())
-        n_vocab = self.weights["token_embd.weight"].shape[0]
-        if lo < 0 or hi >= n_vocab:
-            raise Q4KError(f"token id {lo if lo < 0 else hi} is outside the teacher's vocabulary (0..{n_vocab - 1})")
+        if not capturing(ids):            # a CUDA graph's ids were checked before the capture (check_ids)
+            self.check_ids(ids)
         if attention_mask is None:
             return ids, None
         mask = xp.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise Q4KError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
         return ids, mask.astype(bool)
+
+    def check_ids(self, ids) -> None:
+        """Every id inside the teacher's vocabulary (reads the ids: a device sync for CuPy ids)."""
+        lo, hi = int(ids.min()), int(ids.max())
+        n_vocab = self.weights["token_embd.weight"].shape[0]
+        if lo < 0 or hi >= n_vocab:
+            raise Q4KError(f"token id {lo if lo < 0 else hi} is outside the teacher's vocabulary (0..{n_vocab - 1})")
 
 
 # -- loading pieces ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 from .. import backend
 
 from . import checkpoint
+from . import cuda_graph
 from . import distributed as dist
 from .options import typed_settings, typed_value
 from .outputs import output_dir, writing
@@ -43,7 +44,7 @@ from ..finite import check_finite
 
 # Fields that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = ("out", "steps", "eval_every", "eval_batches", "save_every", "checkpoint_activations",
-                     "gpu_memory", "gpus")
+                     "gpu_memory", "gpus", "cuda_graph")
 
 
 @dataclass
@@ -82,6 +83,7 @@ class DistillConfig:
     teacher_backend: str = "auto"
     gpu_memory: str | None = None         # "24GB" or "auto": batch, chunk and checkpointing from the planner
     gpus: int = 1                         # data-parallel ranks (one per GPU); batch is the global batch
+    cuda_graph: bool = True               # replay the step as a CUDA graph where it applies (train/cuda_graph.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -497,6 +499,7 @@ class Run:
     comm: object = field(default_factory=dist.SingleProcess)   # the data-parallel group (distributed.py)
     stop_agreed: bool = False     # every rank saw a stop request at the last step (Ctrl-C on any rank)
     interrupt: object = None      # StopOnInterrupt while training: .requested after a Ctrl-C
+    graph: object = None          # cuda_graph.GraphedStep (GPU, live teacher, one rank), or None: eager steps
 
 
 def setup(cfg: DistillConfig, log) -> Run:
@@ -511,6 +514,8 @@ def setup(cfg: DistillConfig, log) -> Run:
               make_optimizer(cfg, student), make_loss_config(cfg), {}, targets=OnlineTargets(teacher))
     run.fingerprint = fingerprint(cfg, teacher, student, data_id)
     run.eval_batches = heldout_batches(cfg, heldout)
+    if cfg.cuda_graph and cuda_graph.enabled():
+        run.graph = cuda_graph.GraphedStep(teacher, student, run.loss_cfg, log=log)
     return run
 
 
@@ -582,8 +587,7 @@ def train_step(run: Run, batches) -> dict:
     if run.comm.world_size > 1:
         loss, parts = data_parallel_backward(run, batch)
     else:
-        teacher = None if run.loss_cfg.alpha == 1.0 else run.targets.targets(batch, "train")   # CE only: no teacher
-        loss, _, parts = run.student.loss_and_grads(ids, teacher, run.loss_cfg, loss_mask=batch.loss_mask)
+        loss, parts = one_rank_loss(run, batch)
     grad_norm = run.opt.grad_norm()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return {"loss": loss, "grad_norm": grad_norm, "finite": False}
@@ -591,6 +595,22 @@ def train_step(run: Run, batches) -> dict:
     seconds = time.perf_counter() - t0
     return {"loss": loss, "kd": parts["kd"], "ce": parts["ce"], "lr": info["lr"], "grad_norm": grad_norm,
             "tokens_per_s": ids.size / seconds, "seconds": seconds, "finite": True}
+
+
+def one_rank_loss(run: Run, batch) -> tuple:
+    """The batch's loss and grads on one rank -> (loss, parts): a CUDA graph's replay where one applies
+    (the live teacher, no loss mask), else eagerly, each teacher chunk checked finite where the loss reads
+    it. A replay does not check the chunks; a non-finite loss there runs the step again eagerly, so the
+    error names the row and position of the teacher's non-finite logit as it would without the graph."""
+    def eager():
+        teacher = None if run.loss_cfg.alpha == 1.0 else run.targets.targets(batch, "train")   # CE only: no teacher
+        loss, _, parts = run.student.loss_and_grads(batch.ids, teacher, run.loss_cfg, loss_mask=batch.loss_mask)
+        return loss, parts
+
+    if run.graph is None or batch.loss_mask is not None or run.loss_cfg.alpha == 1.0:
+        return eager()
+    loss, parts = run.graph(batch.ids, eager=eager)
+    return (loss, parts) if math.isfinite(loss) else eager()
 
 
 def data_parallel_backward(run: Run, batch) -> tuple:
@@ -663,6 +683,8 @@ def train(run: Run, evals: dict, progress: bool) -> dict:
             if lead:
                 metrics.write(record)
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                if run.graph is not None:        # the graph's pool would hold the step's temporaries beside the
+                    run.graph.close()            # evaluation's: give them back; the next steps re-capture
                 if lead:
                     evals[str(step)] = evaluate(run.student, run.targets, run.eval_batches)
                     metrics.write({"step": step, "eval": evals[str(step)]})

@@ -61,7 +61,7 @@ RULES = {
     "gpu_memory": Rule(str, optional=True),   # a size or "auto": parsed by memory.fit.parse_bytes
     "student_shape": Rule(str, optional=True), "precision": Rule(str, choices=("auto", "bf16", "fp32")),
     "chat_template": Rule(str, optional=True), "teacher_cache": Rule(str, optional=True),
-    "skew_alpha": Rule(float, 0, 1, below=True), "gpus": Rule(int, 1, 1024),
+    "skew_alpha": Rule(float, 0, 1, below=True), "gpus": Rule(int, 1, 1024), "cuda_graph": Rule(bool),
 }
 
 

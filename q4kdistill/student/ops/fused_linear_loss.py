@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels import blas
+
 from ...backend import array_module
 from ...errors import Q4KError
 from ..losses import LOG_FLOOR, LossConfig, SparseTargets, _top_k_index, chunk_loss, log_softmax
@@ -86,35 +88,21 @@ def fused_chunk_loss(s, t, targets, kd_weight, ce_weight, cfg: LossConfig, out=N
     return kd, ce, ds
 
 
-_CUDA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}   # cudaDataType: CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF
+_CUDA_TYPES = ("float32", "float16", "bfloat16")               # add_outer's types on cuBLAS
 
 
 def add_outer(gW, ds, hc):
     """gW [V, D] += ds [n, V].T @ hc [n, D], accumulated straight into gW.
 
-    On the GPU with a float32 gW this is one cublasGemmEx with beta = 1 (ds and hc float32, float16
-    or bfloat16; FP32 accumulation), so no [V, D] product is allocated and 16-bit products are not
-    rounded to 16 bits before they are added. Elsewhere: gW += (ds.T @ hc) in gW's dtype."""
+    On the GPU with a float32 gW this is one cublasGemmEx with beta = 1 (kernels.blas; ds and hc
+    float32, float16 or bfloat16; FP32 accumulation), so no [V, D] product is allocated and 16-bit
+    products are not rounded to 16 bits before they are added. Elsewhere: gW += (ds.T @ hc) in gW's dtype."""
     xp = array_module(gW)
-    name = ds.dtype.name
-    if (xp is np or gW.dtype != np.float32 or name not in _CUDA_TYPES or hc.dtype != ds.dtype
+    if (xp is np or gW.dtype != np.float32 or ds.dtype.name not in _CUDA_TYPES or hc.dtype != ds.dtype
             or not (gW.flags.c_contiguous and ds.flags.c_contiguous and hc.flags.c_contiguous)):
         gW += (ds.T @ hc).astype(gW.dtype, copy=False)
         return gW
-    from cupy_backends.cuda.libs import cublas
-
-    n, V = ds.shape
-    D = hc.shape[1]
-    one = np.ones(1, np.float32)
-    handle = xp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, xp.cuda.get_current_stream().ptr)
-    # column-major views: gW^T [D, V] (ld D) += hc^T [D, n] (ld D) @ (ds^T [V, n] (ld V))^T
-    t = _CUDA_TYPES[name]
-    cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, D, V, n,
-                  one.ctypes.data, hc.data.ptr, t, D, ds.data.ptr, t, V,
-                  one.ctypes.data, gW.data.ptr, _CUDA_TYPES["float32"], D,
-                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
-    return gW
+    return blas.gemm(gW, ds, hc, trans_a=True, beta=1.0)
 
 
 def matmul_f32(a, b, trans_b: bool, out=None):
@@ -122,24 +110,13 @@ def matmul_f32(a, b, trans_b: bool, out=None):
     one 16-bit type (float16 / bfloat16): one cublasGemmEx with FP32 accumulation and FP32 output,
     so the product is neither rounded to 16 bits nor cast back in a second pass."""
     import cupy
-    from cupy_backends.cuda.libs import cublas
 
-    M, K = a.shape
+    M = a.shape[0]
     N = b.shape[0] if trans_b else b.shape[1]
     if b.dtype != a.dtype or a.dtype.name not in ("float16", "bfloat16") or not (a.flags.c_contiguous and b.flags.c_contiguous):
         raise Q4KError(f"matmul_f32 takes C-contiguous float16 / bfloat16 operands of one type, got {a.dtype}, {b.dtype}")
     out = cupy.empty((M, N), dtype=np.float32) if out is None else out
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-    t = _CUDA_TYPES[a.dtype.name]
-    # column-major: out^T [N, M] = op(b) [N, K] @ a^T [K, M]; b [N, K] row-major is (b^T, ld K) -> OP_T,
-    # b [K, N] row-major is b^T [N, K] col-major with ld N -> OP_N
-    cublas.gemmEx(handle, cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, M, K,
-                  one.ctypes.data, b.data.ptr, t, K if trans_b else N, a.data.ptr, t, K,
-                  zero.ctypes.data, out.data.ptr, _CUDA_TYPES["float32"], N,
-                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
-    return out
+    return blas.gemm(out, a, b, trans_b=trans_b)
 
 
 def _teacher_chunk(teacher, start, stop, V, xp):
@@ -178,7 +155,7 @@ def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_token
         stop = min(start + step, N)
         sl = slice(start, stop)
         hc = h[sl]                                                   # [n, D]
-        s = hc @ W.T                                                 # [n, V]
+        s = blas.product(hc, W, trans_b=True)                             # [n, V]
         t = _teacher_chunk(teacher, start, stop, V, xp)
         rows = (weights["targets"][sl], weights["kd_weight"][sl], weights["ce_weight"][sl], cfg)
         if isinstance(t, SparseTargets):                             # losses.chunk_loss in float32, ds back in s's type
@@ -187,7 +164,7 @@ def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_token
         else:
             kd, ce, ds = fused_chunk_loss(s, t, *rows, out=s)
         del t                                                        # the teacher's chunk: used
-        dh[sl] = ds @ W                                              # [n, D]
+        dh[sl] = blas.product(ds, W)                                    # [n, D]
         add_outer(gW, ds, hc)                                        # gW [V, D] += ds.T @ h_c
         kd_sum += xp.where(weights["kd_mask"][sl], kd, 0.0).sum()
         ce_sum += xp.where(weights["ce_mask"][sl], ce, 0.0).sum()

@@ -1,10 +1,15 @@
-"""Linear layer y = x @ W.T + b with W [N, K] (rows = output features, GGUF's logical shape)."""
+"""Linear layer y = x @ W.T + b with W [N, K] (rows = output features, GGUF's logical shape).
+
+CuPy products go through kernels.blas (one cublasGemmEx each, capturable in a CUDA graph); NumPy's
+through ``@``."""
 from __future__ import annotations
+
+from kernels.blas import product
 
 
 def linear_forward(x, w, b=None):
     """x [..., K], w [N, K], b [N] or None -> (y [..., N], cache)."""
-    y = x.reshape(-1, w.shape[1]) @ w.T      # one [M, K] x [K, N] GEMM, whatever the leading dims
+    y = product(x.reshape(-1, w.shape[1]), w, trans_b=True)    # one [M, K] x [K, N] GEMM, whatever the leading dims
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[0]), (x, w, b is not None)
@@ -15,7 +20,7 @@ def linear_backward(dy, cache):
     x, w, has_bias = cache
     dy2 = dy.reshape(-1, w.shape[0])   # [M, N]
     x2 = x.reshape(-1, w.shape[1])     # [M, K]
-    dx = (dy2 @ w).reshape(x.shape)
-    dw = dy2.T @ x2
+    dx = product(dy2, w).reshape(x.shape)
+    dw = product(dy2, x2, trans_a=True)
     db = dy2.sum(axis=0) if has_bias else None
     return dx, dw, db
