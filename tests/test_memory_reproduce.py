@@ -37,6 +37,22 @@ def test_tiny_run_measures_every_row(tmp_path, capsys):
     assert "PASS  native resident" in rm.format_report(report)
 
 
+def test_long_step_rows_are_measured_beside_the_step(capsys):
+    """--long-step BxT: the step's four rows again at that shape, named with it, each predicted by a plan
+    at that shape and measured; a malformed shape is one line and exit 2."""
+    assert cli.main(["reproduce-memory", "--tiny", "--backends", "native", "--long-step", "1x64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in report["rows"]}
+    steps = [name for name in ROWS if name.startswith("distill")]
+    assert {f"{name} (1x64)" for name in steps} <= set(rows)
+    assert all(rows[f"{name} (1x64)"]["measured_bytes"] for name in steps)
+    long_plan = {r["name"]: r["predicted_bytes"] for r in report["plans"]["long step"]["rows"]}
+    assert all(rows[f"{name} (1x64)"]["predicted_bytes"] == long_plan[name] for name in steps)
+    assert report["long_step"] == "1x64" and [p["name"] for p in report["phases"]].count("distill step") == 4
+    assert cli.main(["reproduce-memory", "--tiny", "--long-step", "8by512"]) == 2
+    assert "--long-step: expected BxT like 8x512" in capsys.readouterr().err
+
+
 def test_out_of_memory_becomes_a_row_result(monkeypatch):
     from q4kdistill.teacher.model import Teacher
 

@@ -51,16 +51,16 @@ class StepBench:
     rows: list = field(default_factory=list)
 
 
-def parse_shapes(items) -> list:
-    """['8x512', '1x16384'] -> [(8, 512), (1, 16384)]."""
+def parse_shapes(items, flag="--shapes") -> list:
+    """['8x512', '1x16384'] -> [(8, 512), (1, 16384)]; errors name ``flag``."""
     out = []
     for item in items or []:
         try:
             b, t = (int(n) for n in item.lower().split("x"))
         except ValueError:
-            raise Q4KError(f"--shapes: expected BxT like 8x512, got {item!r}") from None
+            raise Q4KError(f"{flag}: expected BxT like 8x512, got {item!r}") from None
         if b < 1 or t < 2:
-            raise Q4KError(f"--shapes {item}: need B >= 1 and T >= 2")
+            raise Q4KError(f"{flag} {item}: need B >= 1 and T >= 2")
         out.append((b, t))
     return out
 

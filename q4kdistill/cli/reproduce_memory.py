@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, metavar="B", help="teacher forward batch (default 1)")
     p.add_argument("--seq", type=int, metavar="T", help="tokens per sequence (default 512)")
     p.add_argument("--step-batch", type=int, metavar="B", help="distillation step batch (default 8)")
+    p.add_argument("--long-step", metavar="BxT", help="also a distillation step at this shape, e.g. 1x8192 "
+                   "(the long-context step's rows, named with it)")
     add_student_arguments(p, checkpoint=True)
     p.set_defaults(precision="fp32")     # the claims' configuration; --precision bf16 measures the mixed-precision step
     p.add_argument("--backends", default="native,dequant-f32,dequant-bf16",
@@ -47,11 +49,18 @@ def run(args) -> int:
     unknown = sorted(set(backends) - {"native", "dequant-f32", "dequant-bf16"})
     if unknown or not backends:
         raise Q4KError(f"--backends {args.backends!r}: choose from native, dequant-f32, dequant-bf16")
+    long_step = None
+    if args.long_step:
+        from ..bench.step import parse_shapes
+
+        long_step = parse_shapes([args.long_step], "--long-step")[0]
+        typed_value("batch", long_step[0], "reproduce-memory --long-step")
+        typed_value("seq", long_step[1], "reproduce-memory --long-step")
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     report = reproduce(_source(args), batch=args.batch or preset["batch"], seq=args.seq or preset["seq"],
                        step_batch=args.step_batch or preset["step_batch"], student=preset["student"],
                        chunk_tokens=args.chunk_tokens, checkpoint=args.checkpoint, backends=backends, log=log,
-                       precision=args.precision)
+                       precision=args.precision, long_step=long_step)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

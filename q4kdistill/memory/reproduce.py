@@ -3,7 +3,8 @@
 Runs, in order, each in its own try (an out-of-memory error becomes that row's result):
 
   1. native teacher: load, forward at B x T (iter_logits), then a distillation step at
-     STEP_B x T with a student (teacher logits_fn -> student loss_and_grads -> AdamW step; twice)
+     STEP_B x T with a student (teacher logits_fn -> student loss_and_grads -> AdamW step; twice),
+     and with ``long_step`` (``--long-step 1x8192``) the same at that shape (rows "... (1x8192)")
   2. dequant-f32 teacher: load, forward     (skipped when the planner says the card is too small)
   3. dequant-bf16 teacher: load, forward
 
@@ -54,9 +55,11 @@ def tiny_manifest() -> dict:
 # -- the experiment -------------------------------------------------------------------------------
 
 def reproduce(source, batch=1, seq=512, step_batch=8, student="params=0.5e9", chunk_tokens=None,
-              checkpoint=True, backends=("native", "dequant-f32", "dequant-bf16"), log=print, precision="fp32") -> dict:
+              checkpoint=True, backends=("native", "dequant-f32", "dequant-bf16"), log=print, precision="fp32",
+              long_step=None) -> dict:
     """Measure, compare with the planner, check the claims -> report dict (see format_report).
-    precision: the student's (auto: bf16 on a GPU, fp32 on the CPU)."""
+    precision: the student's (auto: bf16 on a GPU, fp32 on the CPU). long_step (B, T), e.g. (1, 8192):
+    also a step at that shape with the native teacher, its rows named "... (BxT)"."""
     import datetime
 
     from .. import backend
@@ -72,16 +75,22 @@ def reproduce(source, batch=1, seq=512, step_batch=8, student="params=0.5e9", ch
                                  precision=precision)
     step_plan = planner.make_plan(exp.model, step_batch, seq, student, checkpoint=checkpoint,
                                   chunk_tokens=chunk_tokens or DistillConfig.chunk_tokens, precision=precision)
+    long_plan = None if long_step is None else planner.make_plan(
+        exp.model, long_step[0], long_step[1], student, checkpoint=checkpoint,
+        chunk_tokens=chunk_tokens or DistillConfig.chunk_tokens, precision=precision)
     log(f"reproduce-memory on {backend.gpu_name()} ({exp.meter.counter.name}): teacher {exp.model.path}, "
         f"student {step_plan.student['n_params']:,} params")
     for b in backends:
-        exp.section(b, fwd_plan, step_plan if b == "native" else None)
+        exp.section(b, fwd_plan, [p for p in (step_plan, long_plan) if p is not None] if b == "native" else [])
     report = {"device": backend.gpu_name(), "counter": exp.meter.counter.name,
               "date": datetime.date.today().isoformat(), "teacher": fwd_plan.teacher,
               "student": step_plan.student, "batch": batch, "seq": seq, "step_batch": step_batch,
               "chunk_tokens": step_plan.chunk_tokens, "checkpoint": checkpoint,
-              "rows": exp.compare(fwd_plan, step_plan), "phases": [r.to_dict() for r in exp.meter.records],
+              "rows": exp.compare(fwd_plan, step_plan, long_plan), "phases": [r.to_dict() for r in exp.meter.records],
               "plans": {"forward": fwd_plan.to_json(), "step": step_plan.to_json()}}
+    if long_plan is not None:
+        report["long_step"] = f"{long_plan.batch}x{long_plan.seq}"
+        report["plans"]["long step"] = long_plan.to_json()
     report["claims"] = check_claims(report, exp.model)
     return report
 
@@ -104,8 +113,8 @@ class _Experiment:
         self.measured = {}
         self.outcome = {}               # backend -> {"status": "skipped" | "oom" | "error", "note": ...}
 
-    def section(self, b, fwd_plan, step_plan) -> None:
-        """One teacher backend (and the step, for native); an out-of-memory error or a failure
+    def section(self, b, fwd_plan, step_plans) -> None:
+        """One teacher backend (and the steps, for native); an out-of-memory error or a failure
         becomes the outcome of the rows not measured yet."""
         import traceback
 
@@ -114,7 +123,7 @@ class _Experiment:
         from ..memory import meter as memory
 
         try:
-            self.teacher(b, fwd_plan, step_plan)
+            self.teacher(b, fwd_plan, step_plans)
         except Exception as exc:        # OOM from CuPy (MemoryError) or Numba (CudaAPIError), or a bug
             status = "oom" if _is_out_of_memory(exc) else "error"
             note = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
@@ -126,7 +135,7 @@ class _Experiment:
             kernels.release_scratch()       # the decode scratch outlives the teacher otherwise
             memory.release_cached()
 
-    def teacher(self, b, fwd_plan, step_plan) -> None:
+    def teacher(self, b, fwd_plan, step_plans) -> None:
         from ..memory import meter as memory
         from ..teacher.model import Teacher
 
@@ -150,16 +159,23 @@ class _Experiment:
         if b == "native":
             self.measured["teacher decode scratch (native)"] = fwd.end_bytes - load.end_bytes
         self.log(f"  {b}: resident {(load.end_bytes - base) / 1e9:.3f} GB, forward peak {(fwd.peak_bytes - base) / 1e9:.3f} GB")
-        if step_plan is not None:
-            self.step(teacher, step_plan, base)
+        for i, plan in enumerate(step_plans):
+            self.step(teacher, plan, base, suffix=f" ({plan.batch}x{plan.seq})" if i else "")
 
-    def step(self, teacher, plan, base) -> None:
-        """Two distillation steps as distill.py runs them; each phase keeps its larger peak."""
+    def step(self, teacher, plan, base, suffix="") -> None:
+        """Two distillation steps as distill.py runs them; each phase keeps its larger peak. ``suffix``
+        names another shape's rows ("distill step peak (1x8192)")."""
+        import gc
+
+        from ..memory import meter as memory
+
         from ..config import ModelConfig
         from ..student.losses import LossConfig
         from ..student.optim import AdamW
         from ..student.model import Student
 
+        gc.collect()                    # an earlier step's student is garbage by now: not in this one's peaks
+        memory.release_cached()
         cfg = ModelConfig.from_dict(plan.student["config"])
         ids = _random_ids(cfg.vocab_size, plan.batch, plan.seq)
         with self.meter.phase("student init"):
@@ -176,17 +192,23 @@ class _Experiment:
                 with self.meter.phase("optimizer step"):
                     opt.step()
             for phase, row in self.STEP_PHASES.items():
-                self.measured[row] = max(self.measured.get(row, 0), self.meter.record(phase).peak_bytes - base)
-        self.log(f"  distill step {plan.batch}x{plan.seq}: peak {self.measured['distill step peak'] / 1e9:.3f} GB")
+                key = row + suffix
+                self.measured[key] = max(self.measured.get(key, 0), self.meter.record(phase).peak_bytes - base)
+        del student, opt
+        self.log(f"  distill step {plan.batch}x{plan.seq}: peak {self.measured['distill step peak' + suffix] / 1e9:.3f} GB")
 
-    def compare(self, fwd_plan, step_plan) -> list:
-        """Predicted vs measured for every measured row: teacher rows at B x T, step rows at STEP_B x T."""
-        rows = [r for r in fwd_plan.rows if r.measured and r.name.startswith("teacher")]
-        rows += [r for r in step_plan.rows if r.measured and r.name.startswith("distill")]
+    def compare(self, fwd_plan, step_plan, long_plan=None) -> list:
+        """Predicted vs measured for every measured row: teacher rows at B x T, step rows at STEP_B x T
+        (and at the long step's shape, named with it)."""
+        rows = [(r, r.name) for r in fwd_plan.rows if r.measured and r.name.startswith("teacher")]
+        rows += [(r, r.name) for r in step_plan.rows if r.measured and r.name.startswith("distill")]
+        if long_plan is not None:
+            rows += [(r, f"{r.name} ({long_plan.batch}x{long_plan.seq})") for r in long_plan.rows
+                     if r.measured and r.name.startswith("distill")]
         out = []
-        for r in rows:
-            got = self.measured.get(r.name)
-            entry = {"name": r.name, "predicted_bytes": r.predicted_bytes, "measured_bytes": got,
+        for r, name in rows:
+            got = self.measured.get(name)
+            entry = {"name": name, "predicted_bytes": r.predicted_bytes, "measured_bytes": got,
                      "ratio": r.predicted_bytes / got if got else None, "status": "ok", "note": "", "counts": r.counts}
             if got is None:
                 b = next((b for b in ("dequant-f32", "dequant-bf16") if f"({b})" in r.name), "native")
