@@ -23,9 +23,9 @@ Loading a checkpoint writes params and moments in place, so a resumed run replay
 
 The replay computes what the eager step computes, kernel for kernel in the same order (tests/
 test_cuda_graph.py compares grads and losses bit for bit on the GPU). If the capture fails the shape
-runs eagerly (one warning). The caller decides where a graph applies (``usable``): CuPy only, no
-padding or loss mask (their token counts are read from the device), a live teacher (not a cache),
-one rank. ``Q4KDISTILL_CUDA_GRAPH=0`` turns it off everywhere.
+runs eagerly (one warning). The caller decides where a graph applies (train/loop.py: setup and
+one_rank_loss): a GPU, no padding or loss mask (their token counts are read from the device), a live
+teacher (not a cache), one rank. ``Q4KDISTILL_CUDA_GRAPH=0`` turns it off everywhere.
 """
 from __future__ import annotations
 
@@ -143,9 +143,3 @@ def _end_quietly(stream) -> None:
         stream.end_capture()
     except Exception:
         pass
-
-
-def usable(xp, attention_mask=None, loss_mask=None, live_teacher=True, world_size=1) -> bool:
-    """Whether a step of this kind can replay a graph (see the module doc)."""
-    return (enabled() and xp.__name__ == "cupy" and attention_mask is None and loss_mask is None
-            and live_teacher and world_size == 1)
