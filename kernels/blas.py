@@ -128,8 +128,11 @@ def gemm(out, a, b, trans_a: bool = False, trans_b: bool = False, beta: float = 
         raise ValueError(f"blas.gemm: operands {a.dtype}, {b.dtype} -> {out.dtype} not supported")
     if M == 0 or N == 0:
         return out
-    if K == 0:
-        out *= beta
+    if K == 0:                              # an empty sum: beta * out (0 * a NaN out is still NaN: fill)
+        if beta:
+            out *= beta
+        else:
+            out.fill(0)
         return out
     lda, ldb, ldc = _rows(a, "a"), _rows(b, "b"), _rows(out, "out")
     compute = COMPUTE_64F if t == "float64" else COMPUTE_32F
