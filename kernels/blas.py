@@ -102,7 +102,7 @@ def _beta(compute: int, beta: float):
 
 def _rows(a, what: str) -> int:
     """The row stride (elements) of a 2-D array whose rows are unit-stride."""
-    if a.ndim != 2 or (a.shape[1] > 1 and a.strides[1] != a.itemsize) or a.strides[0] % a.itemsize:
+    if not _unit_rows(a):
         raise ValueError(f"blas: {what} must be 2-D with unit-stride rows, got shape {a.shape} strides {a.strides}")
     return max(a.strides[0] // a.itemsize, a.shape[1], 1)
 
@@ -164,5 +164,6 @@ def product(a, b, trans_a: bool = False, trans_b: bool = False):
 
 
 def _unit_rows(a) -> bool:
-    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and a.strides[0] % a.itemsize == 0 \
-        and a.dtype.name in _TYPES
+    """2-D, each row unit-stride, rows at a non-negative stride (a reversed view is not one)."""
+    return (a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and a.strides[0] >= 0
+            and a.strides[0] % a.itemsize == 0 and a.dtype.name in _TYPES)

@@ -25,9 +25,15 @@ def test_numpy_branch_is_the_product(ta, tb):
     np.testing.assert_allclose(blas.product(a, b, ta, tb), _ref(a, b, ta, tb), rtol=1e-12)
 
 
-def test_shape_mismatch_is_refused():
+def test_shape_mismatch_is_refused_and_only_unit_stride_rows_go_to_cublas():
     with pytest.raises(ValueError, match="shapes"):
         blas.gemm(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((2, 2)))
+    a = np.zeros((4, 6), np.float32)
+    assert blas._unit_rows(a) and blas._unit_rows(a[1:3, 2:5])          # a row block / column block: yes
+    assert not blas._unit_rows(a.T) and not blas._unit_rows(a[::-1]) and not blas._unit_rows(a[:, ::2])
+    assert not blas._unit_rows(a.astype(np.int32)) and not blas._unit_rows(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="unit-stride rows"):
+        blas._rows(a[::-1], "a")
 
 
 @pytest.mark.gpu

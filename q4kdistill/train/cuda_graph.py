@@ -18,12 +18,13 @@ so every array the captured work allocates comes from a pool of its own that not
 (memory.meter.private_pool): no later array is handed an address the graph writes. Its bytes are the
 eager step's temporaries, held for the graph's life and counted by the memory meter. Arrays made before
 the capture (teacher weights, params, grads, the bf16 copy, the decode scratch) are used in place and
-kept referenced here, so a ``kernels.release_scratch()`` cannot free memory the graph still writes.
-Loading a checkpoint writes params and moments in place, so a resumed run replays the same graph.
+kept referenced here, so a ``kernels.release_scratch()`` cannot free memory the graph still writes;
+whatever writes params or AdamW moments must write them in place (checkpoint loads do).
 
-The replay computes what the eager step computes, kernel for kernel in the same order (tests/
-test_cuda_graph.py compares grads and losses bit for bit on the GPU). If the capture fails the shape
-runs eagerly (one warning). The caller decides where a graph applies (train/loop.py: setup and
+The replay runs the eager step's kernels in the same order (tests/test_cuda_graph.py: losses, grads
+and params against an interleaved eager student, within what two eager runs differ by -- the order of
+the attention's and the embedding's atomic adds). If the capture fails the shape runs eagerly (one
+warning). The caller decides where a graph applies (train/loop.py: setup and
 one_rank_loss): a GPU, no padding or loss mask (their token counts are read from the device), a live
 teacher (not a cache), one rank. ``Q4KDISTILL_CUDA_GRAPH=0`` turns it off everywhere.
 """
@@ -53,7 +54,7 @@ class GraphedStep:
     def __init__(self, teacher, student, loss_cfg, log=None):
         self.teacher, self.student, self.loss_cfg = teacher, student, loss_cfg
         self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
-        self._graphs = {}              # (B, T) -> _Captured, or None: the capture failed, run eagerly
+        self._graphs = {}              # (B, T) -> "warm" (ran eagerly once), _Captured, or None (capture failed: eager)
         self.replays = self.eager_steps = 0
 
     def __call__(self, ids, eager=None):
