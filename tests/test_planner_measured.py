@@ -159,7 +159,7 @@ def gpu_allocations(monkeypatch):
         gc.collect()
         exp = rm._Experiment(model, log=lambda line: None)
         for b in planner.BACKENDS:
-            exp.section(b, fwd, step if b == "native" else None)
+            exp.section(b, fwd, [step] if b == "native" else [])
         assert not exp.outcome, exp.outcome
         assert step.student["fused_ops"]
         return exp.compare(fwd, step), fwd, step
@@ -188,7 +188,7 @@ def test_tiny_teacher_every_row(gpu_allocations, checkpoint):
     assert "(16 tokens)" in _counts(step, "loss chunk working set")
 
 
-@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (end"), (False, "block backward (ffn_up")])
+@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (ffn_down"), (False, "block backward (ffn_up")])
 def test_attention_heavy_student(gpu_allocations, tmp_path, checkpoint, where):
     """8 heads at T = 88 and a small vocabulary: [B, H, T, T] scores would outweigh the rest (they
     did before flash attention); with 16-bit q, k, v and a [B, H, T] log-sum-exp they do not."""

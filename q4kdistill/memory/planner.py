@@ -277,13 +277,14 @@ def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: st
 
 def block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
     """What block_forward's cache keeps for the backward (the block's input x included); the
-    products' inputs (normed, normed2, attention output) and the GLU's gate, up and output at ``lo``
-    bytes an element (the fused GLU reads and writes the products' precision; in bf16 the attention
-    output is kept twice: float32 in the flash cache, bf16 for its product)."""
+    products' inputs (normed, normed2, attention output) and the GLU's gate and up at ``lo`` bytes an
+    element (the fused GLU reads and writes the products' precision; its output is made again in the
+    backward, not kept; in bf16 the attention output is kept twice: float32 in the flash cache, bf16
+    for its product)."""
     s, r = _sizes(cfg, B, T), lo / F32
     return dict(input_normed_mid_normed2=int((2 + 2 * r) * s["ND"]),
                 attn_out=s["NQ"] + (0 if lo == F32 else int(r * s["NQ"])), qkv_16bit=s["QKV16"], lse=s["L"],
-                gate_up_glu=int(3 * r * s["NF"]),
+                gate_up=int(2 * r * s["NF"]),
                 prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
                 prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
 
@@ -294,6 +295,8 @@ def block_forward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dic
                  their 16-bit copies, o and the row log-sum-exp (+ the q/k norms' inputs)
       ffn        the fused GLU: the attention half's cache, q, k, v and the attention output (locals
                  still bound), x2, h2, gate, up and the GLU output (all at lo; no temporaries)
+      ffn_down   ffn_down's product made: the whole cache, the GLU output (dropped right after: the
+                 backward makes it again), q, k, v, a and f
       end        x + f: the whole cache, q, k, v, a, f and the new x"""
     s, cache, r = _sizes(cfg, B, T), block_cache_bytes(cfg, B, T, lo), lo / F32
     ND, NQ, NKV, NF, QKV16, L = (s[k] for k in ("ND", "NQ", "NKV", "NF", "QKV16", "L"))
@@ -303,12 +306,15 @@ def block_forward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dic
                           o_and_lse=NQ + L, prenorm_q_k=cache["prenorm_q_k"]),
         "ffn": dict(attention_cache=attn_cache, q_k_v_and_attn_out=NQ + 2 * NKV + ND,
                     mid_and_normed2=int((1 + r) * ND), gate_up_and_glu=int(3 * r * NF)),
+        "ffn_down": dict(cache=sum(cache.values()), glu_out=int(r * NF), q_k_v_attn_out_and_ffn_out=NQ + 2 * NKV + 2 * ND),
         "end": dict(cache=sum(cache.values()), q_k_v_attn_out_ffn_out_and_new_x=NQ + 2 * NKV + 3 * ND),
     }
 
 
 def block_backward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
     """block_backward on the fused ops at its fullest moments, besides the block's cache and the incoming grad dx:
+      ffn_down   ffn_down's backward: (the post-FFN norm's grad,) the GLU output made again, d(GLU output)
+                 and the weight grad (as ffn_up's)
       ffn        the fused GLU backward: (the post-FFN norm's grad,) d(GLU output), d gate and d up (at lo)
       ffn_up     ffn_up's linear_backward: d gate, d up, the gate's dx and the up's dx [N, D] and its
                  weight grad [F, D] (float32; in bf16 made in bf16, then its float32 copy)
@@ -319,6 +325,8 @@ def block_backward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> di
     s, r = _sizes(cfg, B, T), lo / F32
     post = s["ND"] if cfg.post_norms else 0
     return {
+        "ffn_down": dict(post_norm_grad=post, glu_out_and_its_grad=int(2 * r * s["NF"]),
+                         weight_grad=cfg.d_ff * cfg.d_model * (F32 + (lo if lo != F32 else 0))),
         "ffn": dict(post_norm_grad=post, glu_out_grad_dgate_dup=int(3 * r * s["NF"])),
         "ffn_up": dict(post_norm_grad=post, dgate_dup=int(2 * r * s["NF"]), dx_gate_and_up=2 * s["ND"],
                        weight_grad=cfg.d_ff * cfg.d_model * (F32 + (lo if lo != F32 else 0))),

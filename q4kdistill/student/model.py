@@ -221,16 +221,37 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     m, c["glu"] = ops.glu_forward(_linear(h, p, c, "ffn_gate", **glu_in), _linear(h, p, c, "ffn_up", **glu_in),
                                   cfg.act)
     f = _linear(m, p, c, "ffn_down", prec)
+    if batch.fused and _glu_recomputable(c, cfg):   # the GLU output is made again in the backward: [N, F] less kept
+        c["ffn_down"] = (None,) + tuple(c["ffn_down"][1:])
+    del m
     if cfg.post_norms:
         f = _norm(f, p, c, "post_ffw_norm", eps, ops)
     return x + f, c
 
 
+def _glu_recomputable(c, cfg) -> bool:
+    """The GLU's cache is (gate, up, act) (not the halves of one product): its output can be made again
+    from it, bit for bit. Used on the fused path (the planner's block_cache_bytes counts it so); the
+    reference ops keep the output (their planner rows count it)."""
+    glu = c["glu"]
+    return isinstance(glu, tuple) and len(glu) == 3 and glu[2] == cfg.act and c["ffn_down"][0] is not None
+
+
 def _ffn_backward(cfg, dx, c, g, batch):
-    """The FFN half: residual grad dx [B, T, D] -> dx + its share through ffn_norm."""
+    """The FFN half: residual grad dx [B, T, D] -> dx + its share through ffn_norm. On the fused path
+    the GLU output (ffn_down's input) is made again from the kept gate and up (one elementwise pass,
+    the same kernel and inputs as the forward's: the same values) and dropped after ffn_down's backward."""
     prec, ops, high = batch.prec, batch.ops, not batch.fused
     df = _norm_backward(dx, c, g, "post_ffw_norm", ops) if cfg.post_norms else dx
-    dgate, dup = ops.glu_backward(_linear_backward(df, c, g, "ffn_down", prec, high), c["glu"])
+    kept = c["ffn_down"]
+    if kept[0] is None:
+        m = ops.glu_forward(*c["glu"])[0]
+        c["ffn_down"] = (_contiguous(prec.low(m)) if prec.mixed and not prec.emulated else prec.low(m),) + kept[1:]
+        del m
+    dglu = _linear_backward(df, c, g, "ffn_down", prec, high)
+    c["ffn_down"] = kept                                     # (the recomputed output goes)
+    dgate, dup = ops.glu_backward(dglu, c["glu"])
+    del dglu
     dh = _linear_backward(dgate, c, g, "ffn_gate", prec) + _linear_backward(dup, c, g, "ffn_up", prec)
     return _add_norm_backward(dh, c, g, "ffn_norm", ops, dx)
 
