@@ -76,6 +76,30 @@ def test_wired_student_matches_reference_ops(monkeypatch, family, checkpoint):
     assert_grads_close(grads, grads_ref, model, 1e-4)
 
 
+def test_glu_output_made_again_in_the_backward_changes_nothing(monkeypatch):
+    """The fused path drops the GLU output after ffn_down's product and makes it again in the backward
+    (model._glu_recomputable): loss and every gradient bit for bit those of keeping it (bf16, emulated:
+    the product's input is the rounded output, as ffn_down's cache held it; fp32 is covered against
+    the reference ops above)."""
+    import q4kdistill.student.model as M
+
+    cfg = tiny_config("llama")
+    rng = np.random.default_rng(12)
+    model = Student(cfg, xp=np, precision="bf16")
+    randomize(model, rng, 0.2)
+    ids, mask = batch(rng, cfg)
+    teacher = (rng.standard_normal(ids.shape + (cfg.vocab_size,)) * 2).astype(np.float32)
+    monkeypatch.setattr(fused_ops, "ON_HOST", True)
+    calls = count_kernel_calls(monkeypatch)
+    made_again = step(model, ids, teacher, LossConfig(), mask)
+    forward_glus = calls["glu_fwd"]
+    monkeypatch.setattr(M, "_glu_recomputable", lambda c, cfg: False)
+    kept = step(model, ids, teacher, LossConfig(), mask)
+    assert forward_glus == 2 * cfg.n_layers and calls["glu_fwd"] == 3 * cfg.n_layers   # once more a block
+    assert made_again[:2] == kept[:2]
+    np.testing.assert_array_equal(made_again[2], kept[2])
+
+
 def test_wired_student_takes_teacher_cache_chunks(monkeypatch):
     """A teacher callable that returns SparseTargets (a teacher cache's top-k): the fused head runs
     the reference chunk loss for those chunks and matches the reference ops' run."""
