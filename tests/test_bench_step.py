@@ -29,6 +29,10 @@ def test_bench_step_tiny_prints_the_table_and_json(capsys):
     assert all(r["precision"] == "fp32" for r in ours if r["kind"] == "step")      # the CPU's default
     assert report["teacher"]["resident_bytes"] > 0
     assert "ours tok/s" in table and "peer tok/s" in table and "cut blocks 0,1" in table
+    assert "note: our steps ran eagerly (no CUDA graph)" in table                  # the CPU: no graphs
+    assert not any(r.get("cuda_graph") for r in ours if r["kind"] == "step")
+    report["rows"] = [dict(r, cuda_graph=True) for r in rows]                      # as on a GPU
+    assert "note: our steps replayed as a CUDA graph" in step.format_table(report)
     peer = [r for r in rows if r["side"] == "peer"]
     assert len(peer) == len(ours)
     try:

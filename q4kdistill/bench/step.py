@@ -347,5 +347,11 @@ def format_table(report) -> str:
                      f"{'-' if x is None else format(x['speed'], '.2f') + 'x':>7} "
                      f"{'-' if mem_ratio is None else format(mem_ratio, '.2f') + 'x':>7}")
     notes = sorted({r["note"] for r in rows if r["status"] == "skipped"})
+    graphed = [r for r in rows if r["side"] == "ours" and r["kind"] == "step" and r["status"] == "ok"]
+    if graphed:
+        how = {bool(r.get("cuda_graph")) for r in graphed}
+        notes.append("our steps replayed as a CUDA graph after two warm-up steps (as distill does)" if how == {True}
+                     else "our steps ran eagerly (no CUDA graph)" if how == {False}
+                     else "some of our steps replayed a CUDA graph, some ran eagerly (see cuda_graph in --json)")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
