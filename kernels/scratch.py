@@ -35,6 +35,11 @@ def scratch_bytes() -> int:
     return sum(b.nbytes for b in _SCRATCH.values())
 
 
+def scratch_buffers() -> list:
+    """The scratch arrays held now (a CUDA graph that captured products writing them keeps them alive)."""
+    return list(_SCRATCH.values())
+
+
 def release_scratch() -> None:
     _SCRATCH.clear()
 

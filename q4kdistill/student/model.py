@@ -156,16 +156,22 @@ def _linear(x, p, c, stem, prec, high=True):
     the bias added in float32. ``high=False``: the product's low-precision output as it is (for a
     fused op that reads bf16; no bias)."""
     if high and prec.mixed and not prec.emulated:          # bf16 operands, FP32 output from cuBLAS directly
-        xl, w = _contiguous(prec.low(x)), p[f"{stem}.weight"]
+        xl, w = _cached_input(x, prec), p[f"{stem}.weight"]
         y = matmul_f32(xl.reshape(-1, w.shape[1]), w, trans_b=True).reshape(*x.shape[:-1], w.shape[0])
         c[stem] = (xl, w, False)                             # linear_forward's cache
     else:
-        y, c[stem] = linear_forward(prec.low(x), p[f"{stem}.weight"])
+        y, c[stem] = linear_forward(_cached_input(x, prec), p[f"{stem}.weight"])
         if not high:
             return prec.low(y)
         y = prec.high(y)
     bias = p.get(f"{stem}.bias")
     return y if bias is None else y + bias
+
+
+def _cached_input(x, prec):
+    """A product's input as _linear multiplies it and keeps it for the backward (its low-precision
+    copy; C-contiguous where cuBLAS takes it directly)."""
+    return _contiguous(prec.low(x)) if prec.mixed and not prec.emulated else prec.low(x)
 
 
 def _linear_backward(dy, c, g, stem, prec, high=True):
@@ -246,7 +252,7 @@ def _ffn_backward(cfg, dx, c, g, batch):
     kept = c["ffn_down"]
     if kept[0] is None:
         m = ops.glu_forward(*c["glu"])[0]
-        c["ffn_down"] = (_contiguous(prec.low(m)) if prec.mixed and not prec.emulated else prec.low(m),) + kept[1:]
+        c["ffn_down"] = (_cached_input(m, prec),) + kept[1:]
         del m
     dglu = _linear_backward(df, c, g, "ffn_down", prec, high)
     c["ffn_down"] = kept                                     # (the recomputed output goes)

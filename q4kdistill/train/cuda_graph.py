@@ -123,7 +123,7 @@ class GraphedStep:
             self.log(f"CUDA graph capture of the {shape[0]}x{shape[1]} step failed ({type(exc).__name__}: {first}); "
                      "this shape runs eagerly")
             return None
-        keep = list(scratch._SCRATCH.values())              # arrays made before the capture that it writes
+        keep = scratch.scratch_buffers()                    # arrays made before the capture that it writes
         return _Captured(graph, ids, queued, pool, stream, keep)
 
     def _replay(self, cap, ids):

@@ -109,13 +109,10 @@ def matmul_f32(a, b, trans_b: bool, out=None):
     """float32 a @ b.T (trans_b, b [N, K]) or a @ b (b [K, N]) for 2-D C-contiguous CuPy arrays of
     one 16-bit type (float16 / bfloat16): one cublasGemmEx with FP32 accumulation and FP32 output,
     so the product is neither rounded to 16 bits nor cast back in a second pass."""
-    import cupy
-
-    M = a.shape[0]
-    N = b.shape[0] if trans_b else b.shape[1]
     if b.dtype != a.dtype or a.dtype.name not in ("float16", "bfloat16") or not (a.flags.c_contiguous and b.flags.c_contiguous):
         raise Q4KError(f"matmul_f32 takes C-contiguous float16 / bfloat16 operands of one type, got {a.dtype}, {b.dtype}")
-    out = cupy.empty((M, N), dtype=np.float32) if out is None else out
+    if out is None:
+        return blas.matmul(a, b, trans_b=trans_b, out_dtype=np.float32)
     return blas.gemm(out, a, b, trans_b=trans_b)
 
 
