@@ -145,7 +145,9 @@ def test_vocab_check_and_truncation(tiny_path, ids):
     assert teacher.check_vocab(256, truncate=True) == 256 == teacher.vocab_size
     cut = teacher.logits_for_batch(ids)
     assert cut.shape == (2, 13, 256)
-    np.testing.assert_allclose(cut, full[..., :256], rtol=1e-6, atol=1e-6)
+    # the same rows of the LM head; BLAS may sum a [*, 256] product in another order than a
+    # [*, 389] one (seen on CI's CPU: 1.3e-6 off at |x| 0.19), so float32 rounding, not equality
+    np.testing.assert_allclose(cut, full[..., :256], rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("bad, mask, message", [
