@@ -265,7 +265,7 @@ def mma_attention_backward(do, cache):
     KV = k16.shape[2]
     _check(D)
     s = grad_scale(do)                                             # dO * s in 16 bits: no subnormals
-    drow = cupy.ascontiguousarray((as_f32(do) * cache.o).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
+    drow = cupy.ascontiguousarray((as_f32(do) * as_f32(cache.o)).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
     drow *= s
     do16 = to16(do, dtype, s)
     mask, has = _mask_arg(cache.key_mask, B, T)

@@ -8,6 +8,7 @@ Backward (dy [R, D]; dres [R, D] the gradient reaching h from the residual strea
     xhat = h * rstd,  g = dy * w
     dx   = rstd * (g - xhat * mean_j(g * xhat)) + dres     (d res = d x: both feed h by a sum)
     dw   = sum_r dy * xhat                                 float32 [D]
+rmsnorm_apply makes y again from h and rstd (the same values), for a backward that does not keep y.
 dw is reduced without atomics: each of G blocks walks rows b, b + G, ... and keeps its column sums
 in registers, writes them to a [G, D] float32 partial buffer, and a second kernel sums the G rows
 of each column in a fixed order, so the result is the same on every run.
@@ -72,6 +73,23 @@ def rmsnorm_forward_kernel(threads, nc, x_code, r_code, w_code, y_code, h_code):
             j = tid + c * threads
             if j < D:
                 st_y(y, base + j, vals[c] * rs * wv[c])
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def rmsnorm_apply_kernel(h_code, w_code, y_code):
+    """y = h * rstd * w from the forward's h and rstd: the forward's expression on the same float32
+    values (h as stored), so the same y, bit for bit. Rows on the grid's y, column tiles on its x."""
+    ld_h, ld_w, st_y = loader(h_code), loader(w_code), storer(y_code)
+
+    @cuda.jit
+    def kernel(h, w, rstd, R, D, y):                    # h, y [R*D], w [D], rstd [R]
+        tid, width = cuda.threadIdx.x, cuda.blockDim.x
+        for r in range(cuda.blockIdx.y, R, cuda.gridDim.y):
+            rs, base = rstd[r], r * D
+            for j in range(cuda.blockIdx.x * width + tid, D, cuda.gridDim.x * width):
+                st_y(y, base + j, ld_h(h, base + j) * rs * ld_w(w, j))
 
     return kernel
 
@@ -184,6 +202,24 @@ def rmsnorm_fwd(x, w, eps, residual=None, y=None, h=None, threads=None):
     launch_shared(kernel, R, t, xs, xs if residual is None else storage(residual), storage(w), D, F(1.0 / D), F(eps),
                   storage(y), storage(h), rstd)
     return y, h, rstd
+
+
+def rmsnorm_apply(h, w, rstd, y=None):
+    """y [..., D] = h * rstd * w again from rmsnorm_fwd's h and rstd (a backward that makes the norm's
+    output again instead of keeping it): the same values as the forward's y. h's type unless ``y``
+    is given."""
+    xp = array_module(h)
+    R, D, _, _ = _layout(h, w)
+    _check("rstd", rstd, (R,))
+    y = empty_as(xp, h.shape, h) if y is None else y
+    _check("y", y, h.shape)
+    if R:
+        threads = 32 if SIMULATOR else 256
+        gx = max(1, min(-(-D // threads), 2 if SIMULATOR else 64))
+        gy = max(1, min(R, 2 if SIMULATOR else max(1, 8 * 1024 // gx)))
+        kernel = rmsnorm_apply_kernel(code_of(h), code_of(w), code_of(y))
+        launch_shared(kernel, (gx, gy), threads, storage(h), storage(w), rstd, R, D, storage(y))
+    return y
 
 
 def rmsnorm_bwd(dy, h, w, rstd, dres=None, dx=None, blocks=None, threads=None):

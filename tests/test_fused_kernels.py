@@ -21,7 +21,7 @@ from q4kdistill.student.ops.rope import rope_backward, rope_forward, rope_tables
 
 from kernels.fused_glu import glu_bwd, glu_fwd
 from kernels.fused_kd_loss import kd_loss_rows
-from kernels.fused_rmsnorm import rmsnorm_bwd, rmsnorm_fwd
+from kernels.fused_rmsnorm import rmsnorm_apply, rmsnorm_bwd, rmsnorm_fwd
 from kernels.fused_rope import rope_apply
 from q4kdistill.student.ops import fused as fused_ops
 from q4kdistill.student.ops.fused_linear_loss import fused_chunk_loss, fused_linear_loss
@@ -98,6 +98,25 @@ def test_rmsnorm_matches_reference(dtype, residual, R, D, threads):
     close(dx, dxr + (f64(dres) if residual else 0.0), dtype, "dx")
     assert dw.dtype == np.float32
     close(dw, dwr, "float32", "dw", factor=4)
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("y_dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rmsnorm_apply_is_the_forwards_output(x_dtype, y_dtype, residual):
+    """rmsnorm_apply(h, w, rstd) (a backward that makes the norm's output again instead of keeping
+    it) writes the forward's y bit for bit, whatever the storage of x and y; odd D, more rows than
+    the simulator's grid (the row and column loops stride)."""
+    rng = np.random.default_rng([DTYPES.index(x_dtype), DTYPES.index(y_dtype), residual])
+    R, D = 7, 77
+    x, r = (store(rand(rng, (R, D), 3.0), x_dtype) for _ in range(2))
+    w = store(rand(rng, D), x_dtype)
+    y, h, rstd = rmsnorm_fwd(x, w, 1e-6, residual=r if residual else None, y=poisoned((R, D), y_dtype))
+    again = rmsnorm_apply(h, w, rstd, y=poisoned((R, D), y_dtype))
+    np.testing.assert_array_equal(again.view(np.uint8), y.view(np.uint8))
+    assert rmsnorm_apply(h, w, rstd).dtype == h.dtype
+    with pytest.raises(Q4KError, match="rstd"):
+        rmsnorm_apply(h, w, rstd[:-1])
 
 
 def test_rmsnorm_in_place_and_partials_over_uneven_blocks():
@@ -467,6 +486,8 @@ def test_gpu_rmsnorm_4096x896(dtype):
     close(dw, dwr, "float32", "dw", factor=20)                    # 4096-row float32 sums
     dx2, dw2 = rmsnorm_bwd(dy, h, w, rstd, dres=dres)
     assert bool((dw2 == dw).all()) and bool((dx2 == dx).all()), "backward is not deterministic"
+    again = rmsnorm_apply(h, w, rstd, y=poisoned((4096, 896), dtype, cp))
+    assert bool((again.view(cp.uint8) == y.view(cp.uint8)).all()), "rmsnorm_apply is not the forward's y"
 
 
 @pytest.mark.gpu

@@ -31,7 +31,12 @@ from q4kdistill.student.ops import fused_linear_loss
 from q4kdistill.student.optim import AdamW
 from q4kdistill.teacher import forward as teacher_forward
 
-SLACK_BYTES = 32_000        # Python objects next to the arrays
+# Python objects next to the arrays (tracemalloc counts them; the GPU's counter does not). Measured
+# 2026-12-04 at these tiny sizes: the teacher rows carry 16-28 KB of them, the student rows 84-96 KB
+# (parameter views, caches' tuples and dicts, the interpreter's caches of the code that ran), which
+# the relative slack covers only just: 32 KB left a row 1.8 KB short once the backward made two norm
+# outputs again (a row that moved by the planner's 88.3 KB, measured 88.3 KB).
+SLACK_BYTES = 40_000
 SLACK = 0.015
 
 
@@ -101,6 +106,10 @@ def _rmsnorm_bwd(dy, h, w, rstd, dres=None, dx=None, blocks=None, threads=None):
     return dx, dw
 
 
+def _rmsnorm_apply(h, w, rstd, y=None):
+    return np.zeros(h.shape, h.dtype) if y is None else y
+
+
 def _rope_apply(x, style, cos=None, sin=None, positions=None, base=None, inverse=False, out=None):
     return x if out is None else out
 
@@ -149,6 +158,7 @@ def gpu_allocations(monkeypatch):
         monkeypatch.setattr(flash_attention_mma, "mma_attention_backward", _mma_attention_backward)
         monkeypatch.setattr(AdamW, "_update", lambda self, *args: None)
         for mod, name, fn in ((fused_rmsnorm, "rmsnorm_fwd", _rmsnorm_fwd), (fused_rmsnorm, "rmsnorm_bwd", _rmsnorm_bwd),
+                              (fused_rmsnorm, "rmsnorm_apply", _rmsnorm_apply),
                               (fused_rope, "rope_apply", _rope_apply), (fused_glu, "glu_fwd", _glu_fwd),
                               (fused_glu, "glu_bwd", _glu_bwd), (fused_kd_loss, "kd_loss_rows", _kd_loss_rows),
                               (fused_linear_loss, "add_outer", lambda gW, ds, hc: gW)):
@@ -188,7 +198,7 @@ def test_tiny_teacher_every_row(gpu_allocations, checkpoint):
     assert "(16 tokens)" in _counts(step, "loss chunk working set")
 
 
-@pytest.mark.parametrize("checkpoint, where", [(True, "block forward (ffn_down"), (False, "block backward (ffn_up")])
+@pytest.mark.parametrize("checkpoint, where", [(True, "block backward (ffn_up"), (False, "block backward (ffn_up")])
 def test_attention_heavy_student(gpu_allocations, tmp_path, checkpoint, where):
     """8 heads at T = 88 and a small vocabulary: [B, H, T, T] scores would outweigh the rest (they
     did before flash attention); with 16-bit q, k, v and a [B, H, T] log-sum-exp they do not."""

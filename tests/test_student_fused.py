@@ -17,6 +17,7 @@ from q4kdistill.student.losses import LossConfig, SparseTargets
 from q4kdistill.student.ops import fused as fused_ops
 
 KERNELS = (("kernels.fused_rmsnorm", "rmsnorm_fwd"), ("kernels.fused_rmsnorm", "rmsnorm_bwd"),
+           ("kernels.fused_rmsnorm", "rmsnorm_apply"),
            ("kernels.fused_rope", "rope_apply"), ("kernels.fused_glu", "glu_fwd"), ("kernels.fused_glu", "glu_bwd"),
            ("kernels.fused_kd_loss", "kd_loss_rows"))
 
@@ -96,6 +97,40 @@ def test_glu_output_made_again_in_the_backward_changes_nothing(monkeypatch):
     monkeypatch.setattr(M, "_glu_recomputable", lambda c, cfg: False)
     kept = step(model, ids, teacher, LossConfig(), mask)
     assert forward_glus == 2 * cfg.n_layers and calls["glu_fwd"] == 3 * cfg.n_layers   # once more a block
+    assert made_again[:2] == kept[:2]
+    np.testing.assert_array_equal(made_again[2], kept[2])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_norm_outputs_made_again_in_the_backward_change_nothing(monkeypatch, precision):
+    """The fused path keeps neither norm's output (the input of q, k, v and of gate, up) for the
+    weight grads: model._drop_normed drops it, the backward makes it again from the norm's cache
+    (rmsnorm_apply: the forward's expression on the same values). Loss and every gradient bit for
+    bit those of keeping it; two remakes a block. And in bf16 the flash cache's O is the attention
+    output's kept 16-bit copy (model._share_attention_output), not a second array."""
+    import q4kdistill.student.model as M
+
+    cfg = tiny_config("llama")
+    rng = np.random.default_rng(13)
+    model = Student(cfg, xp=np, precision=precision)
+    randomize(model, rng, 0.2)
+    ids, mask = batch(rng, cfg)
+    teacher = (rng.standard_normal(ids.shape + (cfg.vocab_size,)) * 2).astype(np.float32)
+    monkeypatch.setattr(fused_ops, "ON_HOST", True)
+    calls = count_kernel_calls(monkeypatch)
+    shared = []
+    share = M._share_attention_output
+
+    def spy(c, shape, prec):
+        share(c, shape, prec)
+        shared.append(np.shares_memory(c["attn"].o, c["attn_output"][0]))
+    monkeypatch.setattr(M, "_share_attention_output", spy)
+    made_again = step(model, ids, teacher, LossConfig(), mask)
+    assert calls["rmsnorm_apply"] == 2 * cfg.n_layers
+    assert shared == [True] * cfg.n_layers        # bf16: O is the rounded copy; fp32: the one array anyway
+    monkeypatch.setattr(M, "_drop_normed", lambda c, norm, products: None)
+    kept = step(model, ids, teacher, LossConfig(), mask)
+    assert calls["rmsnorm_apply"] == 2 * cfg.n_layers                 # none the second time
     assert made_again[:2] == kept[:2]
     np.testing.assert_array_equal(made_again[2], kept[2])
 

@@ -276,14 +276,14 @@ def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: st
 # -- the student (student.py, losses.py, optim.py) -------------------------------------------------
 
 def block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
-    """What block_forward's cache keeps for the backward (the block's input x included); the
-    products' inputs (normed, normed2, attention output) and the GLU's gate and up at ``lo`` bytes an
-    element (the fused GLU reads and writes the products' precision; its output is made again in the
-    backward, not kept; in bf16 the attention output is kept twice: float32 in the flash cache, bf16
-    for its product)."""
+    """What block_forward's cache keeps for the backward (the block's input x included): x and the
+    residual stream after attention (mid), the attention output and the GLU's gate and up at ``lo``
+    bytes an element (the attention output once: in bf16 the flash cache reads its product's bf16
+    copy, model._share_attention_output), not the two norms' outputs (model._drop_normed) nor the GLU
+    output (the fused GLU reads and writes the products' precision): the backward makes those again."""
     s, r = _sizes(cfg, B, T), lo / F32
-    return dict(input_normed_mid_normed2=int((2 + 2 * r) * s["ND"]),
-                attn_out=s["NQ"] + (0 if lo == F32 else int(r * s["NQ"])), qkv_16bit=s["QKV16"], lse=s["L"],
+    return dict(input_and_mid=2 * s["ND"],
+                attn_out=int(r * s["NQ"]), qkv_16bit=s["QKV16"], lse=s["L"],
                 gate_up=int(2 * r * s["NF"]),
                 prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
                 prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs
@@ -291,18 +291,20 @@ def block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
 
 def block_forward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
     """block_forward on the fused ops (GPU) at its fullest moments, the block's input x included:
-      attention  the flash attention kernel: x, h (the norm writes it at lo), q, k (roped in place), v,
-                 their 16-bit copies, o and the row log-sum-exp (+ the q/k norms' inputs)
-      ffn        the fused GLU: the attention half's cache, q, k, v and the attention output (locals
-                 still bound), x2, h2, gate, up and the GLU output (all at lo; no temporaries)
+      attention  the flash attention kernel: x, q, k (roped in place), v, their 16-bit copies, o and the
+                 row log-sum-exp (+ the q/k norms' inputs; the normed h, written at lo, is gone once
+                 q, k and v are made)
+      ffn        the fused GLU: the attention half's cache, q, k, v and the attention block's output a
+                 (locals still bound; the float32 O is dropped once its product is made), mid, h2,
+                 gate, up and the GLU output (all at lo; no temporaries)
       ffn_down   ffn_down's product made: the whole cache, the GLU output (dropped right after: the
                  backward makes it again), q, k, v, a and f
       end        x + f: the whole cache, q, k, v, a, f and the new x"""
     s, cache, r = _sizes(cfg, B, T), block_cache_bytes(cfg, B, T, lo), lo / F32
     ND, NQ, NKV, NF, QKV16, L = (s[k] for k in ("ND", "NQ", "NKV", "NF", "QKV16", "L"))
-    attn_cache = int((1 + r) * ND) + NQ + QKV16 + L + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
+    attn_cache = ND + cache["attn_out"] + QKV16 + L + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
     return {
-        "attention": dict(input_and_normed=int((1 + r) * ND), q_k_and_v=NQ + 2 * NKV, qkv_16bit=QKV16,
+        "attention": dict(input=ND, q_k_and_v=NQ + 2 * NKV, qkv_16bit=QKV16,
                           o_and_lse=NQ + L, prenorm_q_k=cache["prenorm_q_k"]),
         "ffn": dict(attention_cache=attn_cache, q_k_v_and_attn_out=NQ + 2 * NKV + ND,
                     mid_and_normed2=int((1 + r) * ND), gate_up_and_glu=int(3 * r * NF)),
@@ -316,9 +318,10 @@ def block_backward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> di
       ffn_down   ffn_down's backward: (the post-FFN norm's grad,) the GLU output made again, d(GLU output)
                  and the weight grad (as ffn_up's)
       ffn        the fused GLU backward: (the post-FFN norm's grad,) d(GLU output), d gate and d up (at lo)
-      ffn_up     ffn_up's linear_backward: d gate, d up, the gate's dx and the up's dx [N, D] and its
-                 weight grad [F, D] (float32; in bf16 made in bf16, then its float32 copy)
-      ffn_sum    the two dx added: d gate, d up, both dx and their sum
+      ffn_up     ffn_up's linear_backward: d gate, d up, h2 made again (at lo), the gate's dx and the
+                 up's dx [N, D] and its weight grad [F, D] (float32; in bf16 made in bf16, then its
+                 float32 copy)
+      ffn_sum    the two dx added: d gate, d up, h2, both dx and their sum
       attention  the flash attention backward kernel: dx after the FFN half (+ the post-attention
                  norm's grad), do, its 16-bit copy, rowsum(do * o) per head, dq, dk and dv
                  (rope's backward rotates dq, dk in place afterwards)"""
@@ -328,9 +331,10 @@ def block_backward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> di
         "ffn_down": dict(post_norm_grad=post, glu_out_and_its_grad=int(2 * r * s["NF"]),
                          weight_grad=cfg.d_ff * cfg.d_model * (F32 + (lo if lo != F32 else 0))),
         "ffn": dict(post_norm_grad=post, glu_out_grad_dgate_dup=int(3 * r * s["NF"])),
-        "ffn_up": dict(post_norm_grad=post, dgate_dup=int(2 * r * s["NF"]), dx_gate_and_up=2 * s["ND"],
-                       weight_grad=cfg.d_ff * cfg.d_model * (F32 + (lo if lo != F32 else 0))),
-        "ffn_sum": dict(post_norm_grad=post, dgate_dup=int(2 * r * s["NF"]), dx_gate_up_and_sum=3 * s["ND"]),
+        "ffn_up": dict(post_norm_grad=post, dgate_dup=int(2 * r * s["NF"]), normed2=int(r * s["ND"]),
+                       dx_gate_and_up=2 * s["ND"], weight_grad=cfg.d_ff * cfg.d_model * (F32 + (lo if lo != F32 else 0))),
+        "ffn_sum": dict(post_norm_grad=post, dgate_dup=int(2 * r * s["NF"]), normed2=int(r * s["ND"]),
+                        dx_gate_up_and_sum=3 * s["ND"]),
         "attention": dict(mid_grad=s["ND"], post_norm_grad=post, do_and_dq=2 * s["NQ"], do_16bit=s["NQ"] // 2,
                           drow=s["L"], dk_dv=2 * s["NKV"]),
     }
@@ -360,10 +364,10 @@ def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32) -
 def _reference_block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
     """What block_forward's cache keeps for the backward (the block's input x included); the
     products' inputs (normed, normed2, attention output, GLU output) at ``lo`` bytes an element
-    (in bf16 the attention output is kept twice: float32 in the flash cache, bf16 for its product)."""
+    (the attention output once: in bf16 the flash cache reads its product's bf16 copy)."""
     s, r = _sizes(cfg, B, T), lo / F32
     return dict(input_normed_mid_normed2=int((2 + 2 * r) * s["ND"]),
-                attn_out=s["NQ"] + (0 if lo == F32 else int(r * s["NQ"])), qkv_16bit=s["QKV16"], lse=s["L"],
+                attn_out=int(r * s["NQ"]), qkv_16bit=s["QKV16"], lse=s["L"],
                 gate_up_glu=int((2 + r) * s["NF"]),
                 prenorm_q_k=s["NQ"] + s["NKV"] if cfg.qk_norm else 0,             # the q/k norms' inputs
                 prenorm_attn_out_ffn_out=2 * s["ND"] if cfg.post_norms else 0)   # the post norms' inputs

@@ -211,6 +211,8 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     h = prec.low(_norm(x, p, c, "attn_norm", eps, ops, lo))   # one low copy, shared by q, k and v
     q, k, v = (_linear(h, p, c, f"attn_{n}", prec).reshape(B, T, heads, cfg.head_dim)
                for n, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)))
+    del h
+    _drop_normed(c, "attn_norm", QKV)
     if cfg.qk_norm:
         q, k = _norm(q, p, c, "attn_q_norm", eps, ops), _norm(k, p, c, "attn_k_norm", eps, ops)
     cos, sin = batch.tables[cfg.layer_rope_base(layer)]
@@ -219,6 +221,8 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale,
                                            path=_attention_path(q, prec))
     a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output", prec)
+    _share_attention_output(c, o.shape, prec)
+    del o
     if cfg.post_norms:
         a = _norm(a, p, c, "post_attention_norm", eps, ops)
     h, x, c["ffn_norm"] = ops.add_rmsnorm_forward(a, x, p["ffn_norm.weight"], eps, dtype=lo)   # x = x + a
@@ -226,6 +230,8 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     glu_in = dict(prec=prec, high=not batch.fused)           # fused: the GLU reads and writes bf16
     m, c["glu"] = ops.glu_forward(_linear(h, p, c, "ffn_gate", **glu_in), _linear(h, p, c, "ffn_up", **glu_in),
                                   cfg.act)
+    del h
+    _drop_normed(c, "ffn_norm", GATE_UP)
     f = _linear(m, p, c, "ffn_down", prec)
     if batch.fused and _glu_recomputable(c, cfg):   # the GLU output is made again in the backward: [N, F] less kept
         c["ffn_down"] = (None,) + tuple(c["ffn_down"][1:])
@@ -233,6 +239,41 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     if cfg.post_norms:
         f = _norm(f, p, c, "post_ffw_norm", eps, ops)
     return x + f, c
+
+
+QKV, GATE_UP = ("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")
+
+
+def _drop_normed(c, norm, products):
+    """On the fused path the norm's output, the input its products keep for their weight grads, is
+    not kept: _normed_again makes it again in the backward from the norm's cache (the block's input
+    or the residual stream, and rstd: kept anyway), one elementwise pass instead of [N, D] a norm."""
+    if isinstance(c[norm], fused_ops.NormCache) and all(c[s][0] is not None for s in products):
+        for s in products:
+            c[s] = (None,) + tuple(c[s][1:])
+
+
+def _normed_again(c, norm, products, prec) -> dict:
+    """If _drop_normed dropped the norm's output, put it back into its products' caches, made again
+    (fused.rmsnorm_output: the forward's kernel expression on the same values, so the same bits) ->
+    the caches as they were, for the caller to put back after the products' backward (the remade
+    output goes with them)."""
+    kept = {s: c[s] for s in products}
+    if kept[products[0]][0] is None:
+        y = _cached_input(fused_ops.rmsnorm_output(c[norm], dtype=prec.low_dtype if prec.mixed else None), prec)
+        for s in products:
+            c[s] = (y,) + tuple(kept[s][1:])
+    return kept
+
+
+def _share_attention_output(c, shape, prec):
+    """bf16: the flash cache's O, read once in the backward for rowsum(dO * O), becomes the 16-bit
+    copy of the attention output that attn_output's product keeps anyway (FlashAttention-2 keeps O
+    in 16 bits too), so the float32 O ([N, q_dim] a block) is not kept. fp32 keeps its O as it is;
+    so does the Numba fallback, whose kernels read float32 only."""
+    kept = c["attn_output"][0]
+    if prec.mixed and kept is not None and c["attn"].path in ("mma", "blocks"):
+        c["attn"].o = kept.reshape(shape)
 
 
 def _glu_recomputable(c, cfg) -> bool:
@@ -258,7 +299,9 @@ def _ffn_backward(cfg, dx, c, g, batch):
     c["ffn_down"] = kept                                     # (the recomputed output goes)
     dgate, dup = ops.glu_backward(dglu, c["glu"])
     del dglu
+    kept = _normed_again(c, "ffn_norm", GATE_UP, prec)
     dh = _linear_backward(dgate, c, g, "ffn_gate", prec) + _linear_backward(dup, c, g, "ffn_up", prec)
+    c.update(kept)
     return _add_norm_backward(dh, c, g, "ffn_norm", ops, dx)
 
 
@@ -274,9 +317,11 @@ def _attn_backward(cfg, layer, dx, c, g, batch):
     dk = ops.rope_backward(dk, cos, sin, cfg.rope_style, out=dk)
     if cfg.qk_norm:
         dq, dk = _norm_backward(dq, c, g, "attn_q_norm", ops), _norm_backward(dk, c, g, "attn_k_norm", ops)
+    kept = _normed_again(c, "attn_norm", QKV, batch.prec)
     dh = 0
     for n, d in (("q", dq), ("k", dk), ("v", dv)):
         dh = dh + _linear_backward(d.reshape(B, T, -1), c, g, f"attn_{n}", batch.prec)
+    c.update(kept)
     return _add_norm_backward(dh, c, g, "attn_norm", ops, dx)
 
 

@@ -4,6 +4,7 @@
     y, h, cache = add_rmsnorm_forward(x, res, w, eps, dtype=None) dx, dw = add_rmsnorm_backward(dy, cache, dh=None)
         h = x + res (the residual stream, kept); dx is the gradient of x and of res alike; dh is the
         gradient that reaches h from the rest of the residual stream (added to dx).
+    y = rmsnorm_output(cache, dtype=None)            the forward's y again from its cache, bit for bit
     y = rope_forward(x, cos, sin, style, out=None)   dx = rope_backward(dy, cos, sin, style, out=None)
         ``out=x`` rotates in place.
     y, cache = glu_forward(gate, up, act)            dgate, dup = glu_backward(dy, cache)
@@ -58,6 +59,14 @@ def rmsnorm_forward(x, w, eps, dtype=None):
 
     y, h, rstd = rmsnorm_fwd(x, w, eps, y=_out(x, dtype))
     return y, NormCache(h, w, rstd)
+
+
+def rmsnorm_output(cache: NormCache, dtype=None):
+    """The forward's y again from its cache (h, w, rstd), bit for bit; ``dtype``: y's storage, as
+    given to the forward."""
+    from kernels.fused_rmsnorm import rmsnorm_apply
+
+    return rmsnorm_apply(cache.h, cache.w, cache.rstd, y=_out(cache.h, dtype))
 
 
 def rmsnorm_backward(dy, cache):
