@@ -16,7 +16,7 @@ from q4kdistill.student.losses import LossConfig
 from q4kdistill.train import cuda_graph
 
 
-def _teacher_and_students(precision, n_kv_heads=2):
+def _teacher_and_students(precision, n_kv_heads=2, tied=None):
     from q4kdistill.config import ModelConfig
     from q4kdistill.memory.reproduce import tiny_manifest
     from q4kdistill.student.model import Student
@@ -28,6 +28,8 @@ def _teacher_and_students(precision, n_kv_heads=2):
     cfg = student_config(teacher.config, parse_student_shape(
         f"layers=2,d_model=256,heads=4,kv_heads={n_kv_heads},head_dim=64,d_ff=512"))
     assert isinstance(cfg, ModelConfig)
+    if tied is not None:
+        cfg = cfg.replace(tied_output=tied)
     pair = []
     for _ in range(2):
         s = Student.from_config(cfg, seed=3, precision=precision, chunk_tokens=96)
@@ -42,13 +44,16 @@ def _rel(a, b):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_kv_heads", [2, 4])
-def test_replay_equals_eager_step(n_kv_heads):
+@pytest.mark.parametrize("n_kv_heads, tied", [(2, True), (4, True), (2, False)])
+def test_replay_equals_eager_step(n_kv_heads, tied):
+    """(untied: the embedding's grad is the gathered rows, RowGrad, which each replay rewrites and the
+    graph hands back to the student)"""
     import cupy
 
     import kernels
 
-    teacher, [(gs, gopt), (es, eopt)] = _teacher_and_students("bf16", n_kv_heads)
+    teacher, [(gs, gopt), (es, eopt)] = _teacher_and_students("bf16", n_kv_heads, tied)
+    assert (gs.embedding_rows is None) == tied
     loss_cfg = LossConfig()
     graphed = cuda_graph.GraphedStep(teacher, gs, loss_cfg)
     rng = np.random.default_rng(7)
@@ -63,6 +68,9 @@ def test_replay_equals_eager_step(n_kv_heads):
         eopt.step()
         junk = cupy.full(1 << 22, cupy.nan, dtype=cupy.float32)           # default-pool bytes between replays
         g, e = gs.grad_buffer.flat.get(), es.grad_buffer.flat.get()
+        if not tied:
+            g = np.concatenate([gs.embedding_rows.dense().get().ravel(), g])
+            e = np.concatenate([es.embedding_rows.dense().get().ravel(), e])
         assert np.isfinite(g).all() and np.isnan(junk[:4].get()).all()
         assert gl == pytest.approx(el, rel=1e-5) and gparts["kd"] == pytest.approx(eparts["kd"], rel=1e-5), step
         worst = max(worst, _rel(g, e), _rel(gs.param_buffer.flat.get(), es.param_buffer.flat.get()))

@@ -516,14 +516,15 @@ class Plan:
 def make_plan(teacher, batch: int, seq: int, student=None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
               checkpoint: bool = True, teacher_backend: str = "native", precision: str = "fp32",
-              gpus: int = 1, fused_ops: bool | None = None) -> Plan:
+              gpus: int = 1, fused_ops: bool | None = None, sparse_embedding_grad: bool | None = None) -> Plan:
     """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
     dict (see parse_student_spec), or a list of teacher block numbers such as distill's
     student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
     ('n_layers=4', as distill's default student). chunk_tokens None: the student's own choice.
     precision: the student's, "fp32" or "bf16" (student/precision.py). fused_ops: whether the
     student runs the fused kernels (student.model.uses_fused_ops: a GPU) or the reference ops;
-    None: as the student would here.
+    None: as the student would here. sparse_embedding_grad: whether an untied embedding's grad is
+    the gathered rows (Student's option); None: as the student picks it here.
     gpus > 1 (data parallelism): ``batch`` is the global batch and the plan is one GPU's: the whole
     teacher, a student replica with its grads and AdamW moments, and batch / gpus sequences'
     activations (NCCL sums the grads in place; its own channel buffers are not counted)."""
@@ -547,13 +548,24 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
                          "tensor_count": len(info.tensors), "total_tensor_bytes": info.total_tensor_bytes,
                          "n_elements": info.n_elements},
                 student={"config": scfg.to_dict(), "n_params": n_params, "spec": spec, "precision": precision,
-                         "fused_ops": _student_fused(fused_ops)},
+                         "fused_ops": _student_fused(fused_ops),
+                         "sparse_embedding_grad": _student_rows(scfg, precision, gpus, sparse_embedding_grad)},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
                 teacher_backend=teacher_backend, gpus=gpus)
     _add_teacher_rows(plan, info)
     _add_step_rows(plan, info, scfg, n_params)
     return plan
+
+
+def _student_rows(cfg: ModelConfig, precision: str, gpus: int, given) -> bool:
+    """Whether the student keeps its embedding's grad as gathered rows (Student's sparse_embedding_grad):
+    as given, else as it picks it here: an untied embedding, bf16, on a GPU, one rank."""
+    if given is not None:
+        return bool(given) and not cfg.tied_output
+    from .. import backend
+
+    return not cfg.tied_output and precision == "bf16" and gpus == 1 and backend.on_gpu()
 
 
 def _student_fused(fused_ops) -> bool:
@@ -604,7 +616,11 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
     ND = s["ND"]
     lo = 2 if plan.student.get("precision") == "bf16" else F32
     params = plan.add("student params", F32 * n_params, f"{n_params:,} float32 parameters (one flat buffer)")
-    grads = plan.add("student grads", F32 * n_params, "the flat float32 grad buffer")
+    rows = plan.student.get("sparse_embedding_grad", False)
+    embd = cfg.vocab_size * cfg.d_model if rows else 0
+    grads = plan.add("student grads", F32 * (n_params - embd), "the flat float32 grad buffer" + (
+        " without the untied embedding's [V, D]: its grad is the rows the step gathered (RowGrad), [N, D]"
+        if rows else ""))
     adam = plan.add("AdamW m and v", 2 * F32 * n_params, "two float32 moments per parameter")
     n_matrix = bf16_copy_elements(cfg)
     low_copy = plan.add("student bf16 weight copy", 2 * n_matrix if lo != F32 else 0,
@@ -655,7 +671,12 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
     fb = plan.add("distill: student forward/backward peak", base + held + moments[where],
                   f"teacher + student state + decode scratch + teacher hidden [N, D] + rope tables + {where}",
                   measured=True)
-    opt = plan.add("distill: optimizer step peak", base + scratch, "teacher + student state + decode scratch "
-                   "(the fused AdamW kernel updates in place)", measured=True)
+    # a sparse embedding grad: the gathered rows [N, D] (kept from the backward), and in AdamW their
+    # per-id sum and the gathered rows' p, m, v before the update ([U, D] each, U <= N), np.unique's
+    # sorted ids and inverse (int64 [N] each)
+    row_bytes = 5 * N * cfg.d_model * F32 + 2 * N * 8 if rows else 0
+    opt = plan.add("distill: optimizer step peak", base + scratch + row_bytes, "teacher + student state + decode scratch "
+                   "(the fused AdamW kernel updates in place" + ("; + the embedding's gathered rows, their per-id "
+                   "sums and the rows' p, m, v before the update" if rows else "") + ")", measured=True)
     plan.add("distill step peak", max(plan.row("distill: teacher trunk peak").predicted_bytes, fb, opt),
              "the largest of the three phases above", measured=True)

@@ -53,7 +53,7 @@ from .ops import (embedding_backward, embedding_forward, glu_backward, glu_forwa
 from .ops import fused as fused_ops
 from .ops.flash_attention import flash_attention_backward, flash_attention_forward
 from .ops.fused_linear_loss import add_outer, fused_linear_loss, matmul_f32
-from .params import FlatBuffer
+from .params import FlatBuffer, RowGrad
 from .precision import Precision
 
 LOGITS_BUDGET = 2 ** 26   # default chunk: about this many logits (256 tokens at V = 262,144)
@@ -346,8 +346,11 @@ class QueuedLoss:
 # -- the model ---------------------------------------------------------------------------------
 class Student:
     def __init__(self, config: ModelConfig, dtype=np.float32, xp=None, checkpoint=False, chunk_tokens=None,
-                 precision: str = "fp32"):
-        """precision: "fp32" or "bf16" (see precision.py); dtype float64 means "fp64" (gradient checks)."""
+                 precision: str = "fp32", sparse_embedding_grad=None):
+        """precision: "fp32" or "bf16" (see precision.py); dtype float64 means "fp64" (gradient checks).
+        sparse_embedding_grad: an untied embedding's grad as the rows the step gathered (a RowGrad,
+        grads["token_embd.weight"]) instead of a [V, D] array in the flat grad buffer; None: so for a
+        bf16 student on a GPU (one rank: the data-parallel all-reduce sums the flat buffer)."""
         if config.n_heads % config.n_kv_heads:
             raise Q4KError(f"n_heads {config.n_heads} is not a multiple of n_kv_heads {config.n_kv_heads}")
         self.config = config
@@ -356,9 +359,20 @@ class Student:
         self.chunk_tokens = chunk_tokens
         self.prec = Precision("fp64" if np.dtype(dtype) == np.float64 else precision, self.xp)
         self.param_buffer = FlatBuffer(config.tensor_shapes(), self.xp, self.prec.master)
-        self.grad_buffer = self.param_buffer.zeros_like()
+        embd = "token_embd.weight"
+        rows_fit = not config.tied_output and self.param_buffer.offsets.get(embd) == 0
+        if sparse_embedding_grad is None:
+            sparse_embedding_grad = rows_fit and self.prec.mixed and self.xp is not np
+        elif sparse_embedding_grad and not rows_fit:
+            raise Q4KError("a sparse embedding grad needs an untied embedding (a tied one is the LM head too, "
+                           "whose grad has every row)")
+        self.embedding_rows = RowGrad(self.param_buffer.shapes[embd], self.xp, self.prec.master) \
+            if sparse_embedding_grad else None
+        self.grad_buffer = self.param_buffer.zeros_like(without=embd if sparse_embedding_grad else None)
         self.params = self.param_buffer.views      # name -> view of the flat params (the master copy)
-        self.grads = self.grad_buffer.views        # name -> view of the flat grads
+        self.grads = dict(self.grad_buffer.views)  # name -> view of the flat grads (or the embedding's RowGrad)
+        if self.embedding_rows is not None:
+            self.grads[embd] = self.embedding_rows
         self.compute, self._low_flat = self._compute_views()    # what the forward multiplies with
 
     def _compute_views(self):
@@ -512,6 +526,8 @@ class Student:
         ids = self._ids(input_ids, attention_mask)
         if not accumulate:
             self.grad_buffer.flat.fill(0)
+            if self.embedding_rows is not None:
+                self.embedding_rows.reset()
         h, (batch, saved, emb_cache, norm_cache) = self._trunk(
             ids, attention_mask, keep="inputs" if self.checkpoint else "caches")
         mask = None if attention_mask is None else xp.asarray(attention_mask)
@@ -528,7 +544,10 @@ class Student:
             saved[layer] = None
         if cfg.embed_scale != 1.0:
             dx = dx * cfg.embed_scale
-        embedding_backward(dx, emb_cache, out=self.grads["token_embd.weight"])
+        if self.embedding_rows is not None:
+            self.embedding_rows.add(emb_cache[0], dx)              # kept as they are: no [V, D] grad
+        else:
+            embedding_backward(dx, emb_cache, out=self.grads["token_embd.weight"])
         # the loss sums are read only by .read(), with the whole backward queued: the host reads nothing
         # from the device between the teacher's trunk and here, so it issues ahead of the GPU
         return QueuedLoss(kd_sum, ce_sum, w, loss_cfg)

@@ -77,9 +77,14 @@ _HOST_SLICE = 1 << 16          # elements per slice of the NumPy update (256 KB 
 
 
 class AdamW:
-    def __init__(self, params, grads, cfg: OptimConfig = None):
-        """params, grads: FlatBuffers of one layout (params.py)."""
-        self.params, self.grads = params, grads
+    def __init__(self, params, grads, cfg: OptimConfig = None, rows=None):
+        """params, grads: FlatBuffers of one layout (params.py). ``rows``: a RowGrad, the grad of the
+        params' first tensor when ``grads`` leaves it out (grads.start > 0): that tensor's rows are
+        updated as if its dense grad were zero outside the rows the step gathered (so exactly as a
+        dense grad would update them: m and v decay, weight decay applies, every row moves)."""
+        if bool(grads.start) != (rows is not None):
+            raise Q4KError("AdamW: a grad buffer without its first tensor needs that tensor's RowGrad, and only then")
+        self.params, self.grads, self.rows = params, grads, rows
         self.cfg = cfg or OptimConfig()
         xp = array_module(params.flat)
         self.m = xp.zeros(params.size, dtype=xp.float32)
@@ -88,7 +93,7 @@ class AdamW:
 
     @classmethod
     def for_student(cls, student, cfg: OptimConfig = None) -> "AdamW":
-        return cls(student.param_buffer, student.grad_buffer, cfg)
+        return cls(student.param_buffer, student.grad_buffer, cfg, rows=student.embedding_rows)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.cfg)
@@ -100,6 +105,9 @@ class AdamW:
         g = self.grads.flat
         step = _NORM_SLICE
         parts = [xp.dot(g[i:i + step], g[i:i + step]) for i in range(0, g.size, step)]
+        if self.rows is not None:                      # + the gathered rows, summed per id
+            r = self.rows.summed()[1].reshape(-1)
+            parts.append(xp.dot(r, r))
         if xp.__name__ == "cupy" and parts:            # one read of the device, not one per slice
             parts = xp.stack(parts).get()
         return math.sqrt(sum(float(p) for p in parts))
@@ -112,26 +120,50 @@ class AdamW:
         lr = self.lr_at(self.steps)
         t = self.steps + 1
         c1, c2 = 1.0 - cfg.beta1 ** t, 1.0 - cfg.beta2 ** t
-        cut = self.params.decay_stop
-        for region, wd in ((slice(0, cut), cfg.weight_decay), (slice(cut, None), 0.0)):
+        cut, start = self.params.decay_stop, self.grads.start
+        if start:                                      # the first tensor (a matrix: weight-decayed), by rows
+            self._update_rows(start, scale, lr, cfg.weight_decay if start <= cut else 0.0, c1, c2)
+        for region, wd in ((slice(start, max(start, cut)), cfg.weight_decay), (slice(max(start, cut), None), 0.0)):
             self._update(region, scale, lr, wd, c1, c2)
         self.steps = t
         return dict(lr=lr, grad_norm=norm, clip_scale=scale)
 
     def _update(self, region, scale, lr, wd, c1, c2):
+        s = self.grads.start                           # where the grad buffer's flat begins in the layout
+        g = self.grads.flat[slice(region.start - s, None if region.stop is None else region.stop - s)]
+        self._apply(self.params.flat[region], g, self.m[region], self.v[region], scale, lr, wd, c1, c2)
+
+    def _update_rows(self, start, scale, lr, wd, c1, c2):
+        """flat[:start], a [V, D] table whose grad is self.rows: every row updated with a zero grad,
+        then the gathered rows again from their state before, with their summed grad (the same
+        arithmetic as a dense grad's update, element by element)."""
+        V, D = self.rows.shape
+        p, m, v = (a[:start].reshape(V, D) for a in (self.params.flat, self.m, self.v))
+        ids, g = self.rows.summed()
+        before = p[ids], m[ids], v[ids]                # copies (fancy indexing)
+        self._apply(p, None, m, v, scale, lr, wd, c1, c2)
+        pu, mu, vu = before
+        self._apply(pu, g, mu, vu, scale, lr, wd, c1, c2)
+        p[ids], m[ids], v[ids] = pu, mu, vu
+
+    def _apply(self, p, g, m, v, scale, lr, wd, c1, c2):
+        """AdamW on arrays p, m, v (in place) with grad g of their shape, or None: zero."""
         cfg = self.cfg
-        p, g, m, v = self.params.flat[region], self.grads.flat[region], self.m[region], self.v[region]
         if p.size == 0:
             return
         xp = array_module(p)
         if xp.__name__ == "cupy":
+            g = xp.zeros((), dtype=p.dtype) if g is None else g        # broadcast: a zero grad, no [V, D] array
             _fused_kernel()(g, scale, lr, wd, cfg.beta1, cfg.beta2, c1, c2, cfg.eps, p, m, v)
             return
         # NumPy: the same element-wise arithmetic over slices of _HOST_SLICE, so the temporaries stay in
         # cache instead of ten fresh params-sized arrays per step (6.5 s -> ~1 s at 179 M parameters)
+        p, m, v = p.reshape(-1), m.reshape(-1), v.reshape(-1)
+        g = None if g is None else g.reshape(-1)
+        zero = xp.zeros(1, dtype=p.dtype)
         for i in range(0, p.size, _HOST_SLICE):
             sl = slice(i, i + _HOST_SLICE)
-            ps, gs, ms, vs = p[sl], g[sl] * scale, m[sl], v[sl]
+            ps, gs, ms, vs = p[sl], (zero if g is None else g[sl]) * scale, m[sl], v[sl]
             ms *= cfg.beta1
             ms += (1.0 - cfg.beta1) * gs
             vs *= cfg.beta2

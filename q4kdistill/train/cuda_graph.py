@@ -44,8 +44,9 @@ def enabled() -> bool:
 
 
 class _Captured:
-    def __init__(self, graph, ids, queued, pool, stream, keep):
+    def __init__(self, graph, ids, queued, pool, stream, keep, rows=None):
         self.graph, self.ids, self.queued, self.pool, self.stream, self.keep = graph, ids, queued, pool, stream, keep
+        self.rows = rows               # the student's RowGrad pairs as captured (rewritten by each replay)
 
 
 class GraphedStep:
@@ -124,7 +125,8 @@ class GraphedStep:
                      "this shape runs eagerly")
             return None
         keep = scratch.scratch_buffers()                    # arrays made before the capture that it writes
-        return _Captured(graph, ids, queued, pool, stream, keep)
+        rows = self.student.embedding_rows                  # a sparse embedding grad: the captured pairs
+        return _Captured(graph, ids, queued, pool, stream, keep, None if rows is None else rows.state())
 
     def _replay(self, cap, ids):
         import cupy
@@ -135,6 +137,8 @@ class GraphedStep:
         cap.stream.wait_event(current.record())             # after the ids and the last optimizer step
         cap.graph.launch(cap.stream)
         current.wait_event(cap.stream.record())             # what follows (AdamW) after the grads
+        if cap.rows is not None:                            # (an eager step since may have set others)
+            self.student.embedding_rows.restore(cap.rows)
         self.replays += 1
         return cap.queued.read()
 

@@ -202,6 +202,8 @@ def build_student(cfg: DistillConfig, teacher):
     from ..student.model import Student
 
     kw = dict(checkpoint=cfg.checkpoint_activations, chunk_tokens=cfg.chunk_tokens, precision=student_precision(cfg))
+    if cfg.gpus > 1:                  # the data-parallel all-reduce sums the flat grad buffer: a dense embedding grad
+        kw["sparse_embedding_grad"] = False
     if cfg.student_shape:
         from ..student.spec import parse_student_shape, student_config
 
