@@ -33,6 +33,12 @@ def test_bench_step_tiny_prints_the_table_and_json(capsys):
     assert not any(r.get("cuda_graph") for r in ours if r["kind"] == "step")
     report["rows"] = [dict(r, cuda_graph=True) for r in rows]                      # as on a GPU
     assert "note: our steps replayed as a CUDA graph" in step.format_table(report)
+    # the planner's step peak beside ours: in the JSON always, in the table where a peak was measured
+    planned = [r["planned_bytes"] for r in ours if r["kind"] == "step"]
+    assert len(planned) == 4 and all(p > 0 for p in planned) and len(set(planned)) == 4   # 2 students x 2 shapes
+    assert "planner (memory/planner.py)" not in table                             # the CPU measures no peak
+    report["rows"] = [dict(r, peak_bytes=r["planned_bytes"] // 2) if r.get("planned_bytes") else r for r in rows]
+    assert "fresh tiny 2x32" in step.format_table(report) and "(2.000)" in step.format_table(report)
     peer = [r for r in rows if r["side"] == "peer"]
     assert len(peer) == len(ours)
     try:

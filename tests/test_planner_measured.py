@@ -223,6 +223,27 @@ def test_lm_head_in_slabs(gpu_allocations, monkeypatch, tmp_path):
     assert fwd.row("teacher decode scratch (native)").predicted_bytes == 2 * 768 * 256
 
 
+def test_untied_embedding_grad_as_rows(gpu_allocations, monkeypatch, tmp_path):
+    """A student whose untied embedding's grad is the gathered rows (params.RowGrad, what a bf16
+    student on one GPU does): the grad buffer without the [V, D], the rows kept through AdamW, and
+    there their per-id sums and the rows' p, m, v before the update (the update itself a no-op here,
+    as the fused kernel allocates nothing)."""
+    from q4kdistill.student import model as student_model
+
+    init = student_model.Student.__init__
+    monkeypatch.setattr(student_model.Student, "__init__",
+                        lambda self, config, *a, **k: init(self, config, *a, **dict(k, sparse_embedding_grad=True)))
+    monkeypatch.setattr(planner, "_student_rows", lambda cfg, precision, gpus, given: True)
+    monkeypatch.setattr(AdamW, "_apply", lambda self, *args: None)
+    path = synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2", vocab_size=2048),
+                                qtypes={"*": "Q4_K", "output": "Q6_K"})
+    rows, fwd, step = gpu_allocations(ModelFile.open(path), 1, 32, 2, "d_model=64,n_layers=2,d_ff=128,n_heads=4,"
+                                      "n_kv_heads=2,tied=0", 24, False)
+    _check(rows)
+    assert step.student["sparse_embedding_grad"]
+    assert "gathered rows" in _counts(step, "distill: optimizer step peak")
+
+
 @pytest.mark.parametrize("checkpoint", [True, False])
 def test_gemma3_teacher_and_student(gpu_allocations, tmp_path, checkpoint):
     """q/k norms, post norms, GeGLU-tanh, sliding windows, a tied Q8_0 head."""

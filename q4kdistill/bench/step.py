@@ -12,8 +12,9 @@ For each student -- (a) a fresh student of ``student_shape`` with the teacher's 
 timings of ``repeats`` steps after ``warmup`` steps, the ids rotating over a few random batches),
 the peak of GPU bytes in use over those steps (ours: q4kdistill.memory.meter's counter; the peer:
 torch.cuda.max_memory_allocated; both include the resident teacher, the student and its optimizer
-state), and ours / peer ratios. Also the teacher forward alone (every position's logits): tokens/s
-and resident bytes. Out of memory is a row's result ("OOM"), never the end of the run.
+state), and ours / peer ratios; beside our measured step peak, the planner's prediction of it
+(``planned_bytes``; memory/planner.py at that student and shape). Also the teacher forward alone
+(every position's logits): tokens/s and resident bytes. Out of memory is a row's result ("OOM"), never the end of the run.
 
 ``tiny=True`` runs on the CPU: a tiny synthetic qwen2 teacher, tiny students, perf_counter timings
 (the peer on torch's CPU when it imports), no peak bytes.
@@ -223,6 +224,7 @@ def run(bench: StepBench, log=print) -> dict:
         student, opt = ours.make_student(config, layers)
         for shape in bench.shapes:
             rows.append(ours.step_row(label, student, opt, shape, _batches(tcfg.vocab_size, shape, ours.xp)))
+            rows[-1]["planned_bytes"] = _planned(bench, model, shape, config if layers is None else layers, student)
             log(_line(rows[-1]))
         del student, opt
         ours.release()
@@ -235,6 +237,21 @@ def run(bench: StepBench, log=print) -> dict:
                         "resident_bytes": teacher_resident},
             "settings": {k: v for k, v in asdict(bench).items() if k not in ("rows", "teacher")},
             "rows": rows, "ratios": ratios(rows)}
+
+
+def _planned(bench, model, shape, student_spec, student) -> int:
+    """The planner's step peak for this student and shape (memory/planner.py), to print beside the
+    measured one: for a fresh student its ModelConfig's widths, for a cut one its teacher blocks."""
+    from ..memory import planner
+
+    spec = student_spec if isinstance(student_spec, list) else {
+        k: getattr(student_spec, k) for k in ("d_model", "n_layers", "d_ff", "n_heads", "n_kv_heads", "head_dim")}
+    if not isinstance(student_spec, list):
+        spec["tied"] = int(student_spec.tied_output)
+    plan = planner.make_plan(model, shape[0], shape[1], spec, checkpoint=bench.checkpoint,
+                             chunk_tokens=bench.chunk_tokens, precision=student.prec.name,
+                             sparse_embedding_grad=student.embedding_rows is not None)
+    return plan.row("distill step peak").predicted_bytes
 
 
 def _release_ours():
@@ -354,4 +371,9 @@ def format_table(report) -> str:
                      else "our steps ran eagerly (no CUDA graph)" if how == {False}
                      else "some of our steps replayed a CUDA graph, some ran eagerly (see cuda_graph in --json)")
     lines += [f"note: {n}" for n in notes]
+    planned = [r for r in rows if r.get("planned_bytes") and r["status"] == "ok" and r["peak_bytes"]]
+    if planned:
+        lines.append("planner (memory/planner.py) against our measured step peaks: " + "; ".join(
+            f"{r['student']} {r['shape']} {_gb(r['planned_bytes'])} / {_gb(r['peak_bytes'])} "
+            f"({r['planned_bytes'] / r['peak_bytes']:.3f})" for r in planned))
     return "\n".join(lines)
