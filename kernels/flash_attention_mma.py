@@ -1,11 +1,11 @@
 """Flash attention on the tensor cores (csrc/flash_attention.cu) behind thin Numba kernels.
 
-    mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16") -> (o, lse, (q16, k16, v16, dtype))
+    mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dtype=None) -> (o, lse, (q16, k16, v16, dtype))
     mma_attention_backward(do, cache) -> (dq, dk, dv)
     supports(D), available()     head sizes it takes; whether NVRTC compiles and runs it here
 
 Inputs: CuPy float32 (cast here to fp16 or bf16 bits), float16 (used as fp16), or uint16 (bf16 bits,
-the package's bfloat16 convention). Outputs and gradients are float32. Shapes as in
+the package's bfloat16 convention). Outputs and gradients are float32 (o also in 16 bits: out_dtype). Shapes as in
 ops/flash_attention.py. The tiles per head size keep the static shared memory under 48 KB (the
 forward double-buffers its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v,
 sm_90a; registers forward / backward):
@@ -58,14 +58,17 @@ def _data_ptr():
     return data_ptr
 
 
-def forward_source(D: int, bf16: bool) -> tuple:
-    """(name, extern "C" wrapper) of fa_forward for head size D."""
+OUTS = {None: 0, "float16": 1, "bfloat16": 2}   # the forward's o: float32, fp16 or bf16 (fa_forward's OUT)
+
+
+def forward_source(D: int, bf16: bool, out: int = 0) -> tuple:
+    """(name, extern "C" wrapper) of fa_forward for head size D, o as OUTS says."""
     warps, bc = forward_tiles(D)
-    name = f"fa_fwd_d{D}_w{warps}_c{bc}_{'bf16' if bf16 else 'fp16'}"
+    name = f"fa_fwd_d{D}_w{warps}_c{bc}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
-                  f'int has_mask, int T, int H, int KV, int window, float scale, float* o, float* lse) {{ '
-                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}>(q, k, v, has_mask ? mask : nullptr, '
-                  f'T, H, KV, window, scale, o, lse); return 0; }}\n')
+                  f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
+                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}>(q, k, v, '
+                  f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
 def backward_source(D: int, bf16: bool) -> tuple:
@@ -93,9 +96,9 @@ def _jit(max_registers):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(D: int, bf16: bool, max_registers=None):
+def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0):
     """(Numba kernel, threads per block, query rows per block)."""
-    name, extra = forward_source(D, bf16)
+    name, extra = forward_source(D, bf16, out)
     fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32, _F32, _PTR, _PTR),
                              link=[_source_with(extra)], abi="c")
     ptr = _data_ptr()
@@ -238,21 +241,27 @@ def _check(D):
                        f"whose backward share is too), got {D}")
 
 
-def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16"):
-    """-> (o float32 [B, T, H, D], lse float32 [B, H, T], (q16, k16, v16, dtype) for the backward)."""
+def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dtype=None):
+    """-> (o [B, T, H, D], lse float32 [B, H, T], (q16, k16, v16, dtype) for the backward). o is
+    float32, or with ``out_dtype`` float16 / bfloat16 (a CuPy ml_dtypes dtype) written by the kernel:
+    the float32 values rounded to nearest even, as a cast would give them, without the float32 array."""
     import cupy
 
     B, T, H, D = q.shape
     KV = k.shape[2]
     _check(D)
     dtype = _dtype_of(q, dtype)
+    out = None if out_dtype is None or np.dtype(out_dtype) == np.float32 else np.dtype(out_dtype).name
+    if out not in OUTS:
+        raise Q4KError(f"attention output dtype {out}: expected float32, float16 or bfloat16")
     q16, k16, v16 = (to16(a, dtype) for a in (q, k, v))
     mask, has = _mask_arg(key_mask, B, T)
-    o = cupy.empty((B, T, H, D), dtype=np.float32)
+    o = cupy.empty((B, T, H, D), dtype=np.float32 if out is None else out_dtype)
     lse = cupy.empty((B, H, T), dtype=np.float32)
-    kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D)))
+    kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D)), OUTS[out])
     launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
-           KV, _window(window, T), np.float32(scale), o.reshape(-1), lse.reshape(-1))
+           KV, _window(window, T), np.float32(scale), o.reshape(-1) if out is None else o.reshape(-1).view(np.uint16),
+           lse.reshape(-1))
     return o, lse, (q16, k16, v16, dtype)
 
 

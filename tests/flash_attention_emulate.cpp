@@ -115,6 +115,26 @@ extern "C" int emu_forward(int D, int bf16, const u16* q, const u16* k, const u1
     return 1;
 }
 
+// the forward writing o in 16 bits (OUT 1: fp16, 2: bf16)
+#define FA_FWD16(D_, W_, BC_)                                                                                  \
+    if (D == D_) {                                                                                             \
+        run_grid((T + 16 * W_ - 1) / (16 * W_), H, B, 32 * W_, [&] {                                         \
+            const u8* m = has_mask ? mask : nullptr;                                                           \
+            if (bf16 && out == 2) fa_forward<D_, W_, BC_, true, 2>(q, k, v, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16) fa_forward<D_, W_, BC_, true, 1>(q, k, v, m, T, H, KV, window, scale, o, lse);       \
+            else if (out == 2) fa_forward<D_, W_, BC_, false, 2>(q, k, v, m, T, H, KV, window, scale, o, lse);  \
+            else fa_forward<D_, W_, BC_, false, 1>(q, k, v, m, T, H, KV, window, scale, o, lse);               \
+        });                                                                                                    \
+        return 0;                                                                                              \
+    }
+
+extern "C" int emu_forward16(int D, int bf16, int out, const u16* q, const u16* k, const u16* v, const u8* mask,
+                             int has_mask, int B, int T, int H, int KV, int window, float scale, void* o, float* lse) {
+    FA_FWD16(64, 4, 64)
+    FA_FWD16(128, 4, 32)
+    return 1;
+}
+
 extern "C" int emu_backward(int D, int bf16, const u16* q, const u16* k, const u16* v, const u16* dout,
                             const float* lse, const float* drow, const u8* mask, int has_mask, int B, int T, int H,
                             int KV, int window, float scale, const float* dout_scale, float* dq, float* dk,

@@ -275,6 +275,31 @@ def test_gpu_numba_kernels_match_reference(B, T, H, KV, D, window, pad):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D,dtype", [(64, "bf16"), (128, "fp16")])
+def test_gpu_mma_forward_writes_o_in_16_bits_as_a_cast_would(D, dtype):
+    """out_dtype: o written by the kernel in fp16 / bf16 (what the teacher's and the bf16 student's
+    o-projection read) equals the float32 o cast, bit for bit, at 2 x 1000 tokens with GQA and padding."""
+    import cupy
+
+    from kernels.flash_attention_mma import as_f32, mma_attention_forward, to16
+    q, k, v, _, mask = make_inputs(2, 1000, 8, 2, D, seed=D, pad=[0, 37])
+    args = [cupy.asarray(x, dtype=np.float32) for x in (q, k, v)]
+    m = cupy.asarray(mask)
+    o32, lse32, _ = mma_attention_forward(*args, m, None, D ** -0.5, dtype)
+    for out, name in ((np.float16, "fp16"), (None, "bf16")):
+        if out is None:
+            from q4kdistill.student.precision import Precision
+            out = Precision("bf16", cupy).device_bf16
+            if out is None:
+                continue                                   # no ml_dtypes here
+        o16, lse, _ = mma_attention_forward(*args, m, None, D ** -0.5, dtype, out_dtype=out)
+        assert o16.dtype == out
+        want = to16(o32, name).get()
+        assert (o16.view(np.uint16).get() == want).all(), name
+        assert (lse == lse32).all() and bool(cupy.isfinite(as_f32(o16)).all())
+
+
+@pytest.mark.gpu
 def test_gpu_cupy_float64_uses_the_block_path():
     import cupy
 
@@ -331,6 +356,10 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
                 name, extra = make(D, bf16)
                 text += extra
                 names.append(name)
+        for out in (1, 2):                                 # o in fp16 (the teacher) or bf16 (a bf16 student)
+            name, extra = fm.forward_source(D, False, out)
+            text += extra
+            names.append(name)
     for name, args in re.findall(r'extern "C" __device__ int (\w+)\(([^)]*)\)', text):    # a kernel per function
         params = ", ".join(p.split()[-1].lstrip("*") for p in args.split(","))
         text += f'extern "C" __global__ void k_{name}({args}) {{ {name}({params}); }}\n'
@@ -422,6 +451,32 @@ def test_mma_kernels_emulated_on_the_cpu(emulated, B, T, H, KV, D, window, pad, 
     o, dq, dk, dv, lse = _emulated_attention(emulated, q, k, v, do, mask, window, scale, dtype)
     check_all((o, dq, dk, dv), want, EMU_BOUNDS[dtype], f"emulated mma {dtype}")
     check_lse(lse, q, k, v, mask, window, scale, 1e-2)
+
+
+@pytest.mark.parametrize("D,dtype,out", [(64, "bf16", "bf16"), (64, "fp16", "bf16"), (64, "fp16", "fp16"),
+                                         (128, "fp16", "fp16"), (128, "fp16", "bf16")])
+def test_mma_forward_writes_o_in_16_bits_as_a_cast_would(emulated, D, dtype, out):
+    """The forward's 16-bit o (template OUT: for a product that reads 16 bits) is its float32 o
+    rounded to nearest even, bit for bit, and the same log-sum-exp; a fully padded row's o is 0."""
+    import ctypes
+
+    B, T, H, KV = 1, 45, 2, 1
+    q, k, v, _, mask = make_inputs(B, T, H, KV, D, seed=D + len(out), pad=[6])
+                                                           # (keys 0..5 padded: query 0 sees no key)
+    q, k, v = (_round16(x, dtype) for x in (q, k, v))
+    o32, _, _, _, lse32 = _emulated_attention(emulated, q, k, v, np.ones_like(q), mask, None, D ** -0.5, dtype)
+    o16 = np.full((B, T, H, D), 0x7FC0, np.uint16)         # poisoned
+    lse = np.full((B, H, T), np.nan, np.float32)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)       # noqa: E731
+    I = ctypes.c_int
+    q16, k16, v16 = (_bits16(x, dtype) for x in (q, k, v))
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    rc = emulated.emu_forward16(I(D), I(dtype == "bf16"), I(2 if out == "bf16" else 1), p(q16), p(k16), p(v16), p(m),
+                                I(1), I(B), I(T), I(H), I(KV), I(T + 1), ctypes.c_float(D ** -0.5), p(o16), p(lse))
+    assert rc == 0
+    np.testing.assert_array_equal(o16, _bits16(o32, out))
+    np.testing.assert_array_equal(lse, lse32)
+    assert not o16[0, 0].any()
 
 
 # -- GPU: the student with flash attention against the same student with the reference attention --

@@ -66,13 +66,13 @@ def _dequantize_to(w_raw, qtype, n_out, out_dtype, out=None):
     return out
 
 
-def _mma_attention_forward(q, k, v, key_mask, window, scale, dtype="bf16"):
+def _mma_attention_forward(q, k, v, key_mask, window, scale, dtype="bf16", out_dtype=None):
     """kernels.flash_attention_mma's buffers: 16-bit q, k, v, the mask as uint8 (while the kernel runs),
-    o and the log-sum-exp."""
+    o (float32, or out_dtype) and the log-sum-exp."""
     B, T, H, D = q.shape
     q16, k16, v16 = (np.zeros(a.shape, np.uint16) for a in (q, k, v))
     mask = None if key_mask is None else np.ascontiguousarray(key_mask, dtype=np.uint8)
-    o, lse = np.zeros(q.shape, np.float32), np.zeros((B, H, T), np.float32)
+    o, lse = np.zeros(q.shape, out_dtype or np.float32), np.zeros((B, H, T), np.float32)
     del mask
     return o, lse, (q16, k16, v16, dtype)
 

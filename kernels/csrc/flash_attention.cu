@@ -11,6 +11,8 @@
 //
 // Layouts (elements are 16-bit: bf16 or fp16 bits; float32 where said):
 //   q, dO  [B, T, H, D]     k, v  [B, T, KV, D]     o, dq  float [B, T, H, D]   dk, dv  float [B, T, KV, D]
+//   (the forward's template OUT: o float32 (0), or fp16 (1) / bf16 (2) bits, the float32 value rounded to
+//   nearest even: what a cast of the float32 o gives, for a product that reads 16 bits anyway)
 //   lse, drow  float [B, H, T] (lse natural log, +inf for a query that sees no key; drow = rowsum(dO * O))
 //   mask  u8 [B, T] or null (1 = real key). Query head h reads kv head h / (H / KV).
 //   Key j is visible to query i iff j <= i, i - j < window (window = T + 1: no window) and mask[b, j].
@@ -187,9 +189,9 @@ static __device__ __forceinline__ bool fa_visible(int i, int j, int T, int windo
     return i < T && j <= i && i - j < window && (mask_b == nullptr || mask_b[j]);
 }
 
-template <int D, int WARPS, int BC, bool BF16>
+template <int D, int WARPS, int BC, bool BF16, int OUT = 0>
 static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
-                                                  int H, int KV, int window, float scale, float* o, float* lse) {
+                                                  int H, int KV, int window, float scale, void* o, float* lse) {
     constexpr int BR = 16 * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
     __shared__ __align__(16) u16 ks[2][BC][D + 8];                // two stages: tile n+1 lands during tile n
     __shared__ __align__(16) u16 vs[2][BC][D + 8];
@@ -310,11 +312,16 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
     for (int r = 0; r < 2; ++r) {
         if (rows[r] >= T) continue;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        float* orow = o + ((size_t(b) * T + rows[r]) * H + h) * D;
+        const size_t orow = ((size_t(b) * T + rows[r]) * H + h) * D;
         #pragma unroll
-        for (int t = 0; t < DT; ++t)
-            *reinterpret_cast<float2*>(orow + 8 * t + 2 * tig) =
-                make_float2(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+        for (int t = 0; t < DT; ++t) {
+            if (OUT == 0)
+                *reinterpret_cast<float2*>(static_cast<float*>(o) + orow + 8 * t + 2 * tig) =
+                    make_float2(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+            else                                                 // two 16-bit values in one word
+                *reinterpret_cast<u32*>(static_cast<u16*>(o) + orow + 8 * t + 2 * tig) =
+                    fa_pack<OUT == 2>(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+        }
         if (tig == 0)
             lse[(size_t(b) * H + h) * T + rows[r]] = l[r] > 0.f ? m[r] * FA_LN2 + logf(l[r]) : FA_INF;
     }

@@ -233,10 +233,10 @@ def teacher_trunk_stages(info: ModelFile, B: int, T: int, backend: str, scratch:
     """hidden_states (teacher/forward.py, the GPU path) at its fullest moments in a block; each holds
     the float32 residual stream x, the normalised input h in float16 (what the products take), the
     decode scratch and the rope tables:
-      attention    the flash attention kernel: roped q, k, v (float32), their 16-bit copies, o and the
-                   row log-sum-exp
-      attn_output  its product: q, k, v, o and o in float16, and the 16-bit copies and log-sum-exp that
-                   the dropped attention cache (bound to `_`) still holds
+      attention    the flash attention kernel: roped q, k, v (float32), their 16-bit copies, o (written
+                   in float16, what the product reads) and the row log-sum-exp
+      attn_output  its product: q, k, v, o, and the 16-bit copies and log-sum-exp that the dropped
+                   attention cache (bound to `_`) still holds
       ffn          the fused GLU: gate, up (float32) and its float16 output (no temporaries)
       ffn_down     its product: the GLU output (gate and up are deleted first)"""
     cfg, s = info.config, _sizes(info.config, B, T)
@@ -244,8 +244,9 @@ def teacher_trunk_stages(info: ModelFile, B: int, T: int, backend: str, scratch:
     w = {n: Matrix(info.tensors[f"blk.0.{n}.weight"], backend) for n in ("attn_output", "ffn_down")}
     common = dict(decode_scratch=scratch, rope_tables=s["rope"], x_and_normed16=s["ND"] + s["ND"] // 2)
     return {
-        "attention": dict(common, q_and_o=2 * s["NQ"], k_and_v=2 * s["NKV"], qkv_16bit=s["QKV16"], lse=s["L"]),
-        "attn_output": dict(common, q_o_and_o16=2 * s["NQ"] + s["NQ"] // 2, k_and_v=2 * s["NKV"],
+        "attention": dict(common, q_and_o16=s["NQ"] + s["NQ"] // 2, k_and_v=2 * s["NKV"], qkv_16bit=s["QKV16"],
+                          lse=s["L"]),
+        "attn_output": dict(common, q_and_o16=s["NQ"] + s["NQ"] // 2, k_and_v=2 * s["NKV"],
                             qkv_16bit=s["QKV16"], lse=s["L"],
                             product=w["attn_output"].linear(N, s["ND"], x_dtype="float16")),
         "ffn": dict(common, gate_and_up=2 * s["NF"], glu16=s["NF"] // 2),
@@ -291,9 +292,9 @@ def block_cache_bytes(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
 
 def block_forward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dict:
     """block_forward on the fused ops (GPU) at its fullest moments, the block's input x included:
-      attention  the flash attention kernel: x, q, k (roped in place), v, their 16-bit copies, o and the
-                 row log-sum-exp (+ the q/k norms' inputs; the normed h, written at lo, is gone once
-                 q, k and v are made)
+      attention  the flash attention kernel: x, q, k (roped in place), v, their 16-bit copies, o (the
+                 kernel writes it at lo) and the row log-sum-exp (+ the q/k norms' inputs; the normed h,
+                 written at lo, is gone once q, k and v are made)
       ffn        the fused GLU: the attention half's cache, q, k, v and the attention block's output a
                  (locals still bound; the float32 O is dropped once its product is made), mid, h2,
                  gate, up and the GLU output (all at lo; no temporaries)
@@ -305,7 +306,7 @@ def block_forward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> dic
     attn_cache = ND + cache["attn_out"] + QKV16 + L + cache["prenorm_q_k"] + cache["prenorm_attn_out_ffn_out"] // 2
     return {
         "attention": dict(input=ND, q_k_and_v=NQ + 2 * NKV, qkv_16bit=QKV16,
-                          o_and_lse=NQ + L, prenorm_q_k=cache["prenorm_q_k"]),
+                          o_and_lse=int(r * NQ) + L, prenorm_q_k=cache["prenorm_q_k"]),
         "ffn": dict(attention_cache=attn_cache, q_k_v_and_attn_out=NQ + 2 * NKV + ND,
                     mid_and_normed2=int((1 + r) * ND), gate_up_and_glu=int(3 * r * NF)),
         "ffn_down": dict(cache=sum(cache.values()), glu_out=int(r * NF), q_k_v_attn_out_and_ffn_out=NQ + 2 * NKV + 2 * ND),

@@ -219,7 +219,8 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     q = ops.rope_forward(q, cos, sin, cfg.rope_style, out=q)     # in place on the fused path
     k = ops.rope_forward(k, cos, sin, cfg.rope_style, out=k)     # (q, k are fresh, in no cache)
     o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale,
-                                           path=_attention_path(q, prec))
+                                           path=_attention_path(q, prec),     # bf16: the tensor cores write
+                                           out_dtype=None if prec.emulated else lo)   # o in bf16 (o-proj's input)
     a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output", prec)
     _share_attention_output(c, o.shape, prec)
     del o

@@ -176,7 +176,8 @@ def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
         k = norm(k, w["attn_k_norm.weight"], cfg.norm_eps)
     q = fused.rope_forward(q, *cos_sin, cfg.rope_style, out=q if _gpu(q) else None)
     k = fused.rope_forward(k, *cos_sin, cfg.rope_style, out=k if _gpu(k) else None)
-    o, _ = flash_attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale)   # [B, T, H, hd]
+    o, _ = flash_attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale,   # [B, T, H, hd]
+                                   out_dtype=_product_dtype(q))    # the kernels write o as the product reads it
     o = o.reshape(B, T, cfg.q_dim)
     a = linear(o.astype(_product_dtype(o) or o.dtype, copy=False), w["attn_output.weight"])
     return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a

@@ -200,9 +200,12 @@ def choose_path(q, path=None) -> str:
     return path
 
 
-def flash_attention_forward(q, k, v, key_mask, window, scale, path=None, block=BLOCK, mma_dtype="fp16"):
+def flash_attention_forward(q, k, v, key_mask, window, scale, path=None, block=BLOCK, mma_dtype="fp16",
+                            out_dtype=None):
     """q [B,T,H,D], k/v [B,T,KV,D], key_mask [B,T] bool or None, window int or None, scale
-    -> (o [B,T,H,D], FlashCache). The block path keeps the input dtype; the kernels return float32.
+    -> (o [B,T,H,D], FlashCache). The block path keeps the input dtype; the kernels return float32,
+    or on the tensor-core path ``out_dtype`` (float16 / bfloat16) when given: o written in the 16 bits
+    the next product reads (the float32 values rounded to nearest even, as a cast gives them).
     mma_dtype: what the tensor cores read for float32 inputs. "fp16" (default): 8x finer than bf16
     (2^-11 against 2^-8), so teacher logits and student gradients stay close to FP32; its range
     (|x| < 65504) holds for q, k, v, and the backward scales dO by a power of two so that small
@@ -219,7 +222,7 @@ def flash_attention_forward(q, k, v, key_mask, window, scale, path=None, block=B
         return o, FlashCache(q, k, v, o, lse, key_mask, window, scale, path, block)
     if path == "mma":
         from kernels.flash_attention_mma import mma_attention_forward
-        o, lse, extra = mma_attention_forward(q, k, v, key_mask, window, scale, mma_dtype)
+        o, lse, extra = mma_attention_forward(q, k, v, key_mask, window, scale, mma_dtype, out_dtype)
         return o, FlashCache(None, None, None, o, lse, key_mask, window, scale, path, extra)
     from kernels.flash_attention import numba_attention_forward
     o, lse = numba_attention_forward(q, k, v, key_mask, window, scale)
