@@ -25,8 +25,7 @@ from numba import cuda
 from q4kdistill.backend import array_module
 from q4kdistill.errors import Q4KError
 
-from ._device import SIMULATOR
-from .fused_io import F, code_of, empty_as, launch_shared, loader, storage, storer
+from .fused_io import F, code_of, empty_as, launch_shared, loader, row_grid, storage, storer
 
 ACTS = ("silu", "gelu_tanh")
 THREADS = 256
@@ -139,10 +138,7 @@ def _halves(gate, up, what):
 def _grid(R, Fd):
     """(grid (column blocks, row blocks), threads): a block covers THREADS * UNROLL columns of a row and
     strides over rows, ~8k blocks in all (no division per element)."""
-    threads = 32 if SIMULATOR else THREADS
-    gx = max(1, min(-(-Fd // (threads * UNROLL)), 2 if SIMULATOR else 64))
-    gy = max(1, min(R, 2 if SIMULATOR else max(1, 8 * 1024 // gx)))
-    return (gx, gy), threads
+    return row_grid(R, Fd, UNROLL, THREADS)
 
 
 def glu_fwd(gate, up, act, y=None):

@@ -16,6 +16,7 @@ r * C + j. Device functions, each with a path the simulator can run:
         shared float32 array of ``reduce_slots(threads)`` entries, free again when they return.
 
 Host side: ``code_of(a)``, ``storage(a)`` (the array the kernel indexes), ``threads_for(n)``,
+``row_grid`` (rows x column tiles),
 ``launch_shared`` (a launch whose arguments may alias: outputs written in place over inputs).
 """
 from __future__ import annotations
@@ -90,6 +91,16 @@ def launch_shared(kernel, grid, block, *args):
 
         args = [FakeCUDAArray(a) if isinstance(a, np.ndarray) and a.ndim > 0 else a for a in args]
     launch(kernel, grid, block, *args)
+
+
+def row_grid(R: int, columns: int, per_thread: int = 1, threads: int = 256):
+    """(grid (column blocks, row blocks), threads) for a kernel whose blocks stride over rows (y) and
+    over column tiles of threads * per_thread (x): ~8k blocks in all, row and column from the loops,
+    no division per element (the simulator: 32 threads, at most 2 x 2 blocks)."""
+    threads = 32 if SIMULATOR else threads
+    gx = max(1, min(-(-columns // (threads * per_thread)), 2 if SIMULATOR else 64))
+    gy = max(1, min(R, 2 if SIMULATOR else max(1, 8 * 1024 // gx)))
+    return (gx, gy), threads
 
 
 def reduce_slots(threads: int) -> int:

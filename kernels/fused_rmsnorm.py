@@ -30,7 +30,7 @@ from q4kdistill.backend import array_module
 from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR
-from .fused_io import (F, block_reducers, code_of, empty_as, launch_shared, loader, reduce_slots, rounder,
+from .fused_io import (F, block_reducers, code_of, empty_as, launch_shared, loader, reduce_slots, rounder, row_grid,
                        storage, storer, threads_for)
 
 NONE = -1   # storage code of an absent array (residual, dres)
@@ -214,11 +214,8 @@ def rmsnorm_apply(h, w, rstd, y=None):
     y = empty_as(xp, h.shape, h) if y is None else y
     _check("y", y, h.shape)
     if R:
-        threads = 32 if SIMULATOR else 256
-        gx = max(1, min(-(-D // threads), 2 if SIMULATOR else 64))
-        gy = max(1, min(R, 2 if SIMULATOR else max(1, 8 * 1024 // gx)))
         kernel = rmsnorm_apply_kernel(code_of(h), code_of(w), code_of(y))
-        launch_shared(kernel, (gx, gy), threads, storage(h), storage(w), rstd, R, D, storage(y))
+        launch_shared(kernel, *row_grid(R, D), storage(h), storage(w), rstd, R, D, storage(y))
     return y
 
 

@@ -14,7 +14,8 @@ the peak of GPU bytes in use over those steps (ours: q4kdistill.memory.meter's c
 torch.cuda.max_memory_allocated; both include the resident teacher, the student and its optimizer
 state), and ours / peer ratios; beside our measured step peak, the planner's prediction of it
 (``planned_bytes``; memory/planner.py at that student and shape). Also the teacher forward alone
-(every position's logits): tokens/s and resident bytes. Out of memory is a row's result ("OOM"), never the end of the run.
+(every position's logits): tokens/s and resident bytes. Out of memory is a row's result ("OOM"),
+never the end of the run.
 
 ``tiny=True`` runs on the CPU: a tiny synthetic qwen2 teacher, tiny students, perf_counter timings
 (the peer on torch's CPU when it imports), no peak bytes.
@@ -224,7 +225,7 @@ def run(bench: StepBench, log=print) -> dict:
         student, opt = ours.make_student(config, layers)
         for shape in bench.shapes:
             rows.append(ours.step_row(label, student, opt, shape, _batches(tcfg.vocab_size, shape, ours.xp)))
-            rows[-1]["planned_bytes"] = _planned(bench, model, shape, config if layers is None else layers, student)
+            rows[-1]["planned_bytes"] = _planned(bench, model, shape, layers, student)
             log(_line(rows[-1]))
         del student, opt
         ours.release()
@@ -239,15 +240,13 @@ def run(bench: StepBench, log=print) -> dict:
             "rows": rows, "ratios": ratios(rows)}
 
 
-def _planned(bench, model, shape, student_spec, student) -> int:
+def _planned(bench, model, shape, layers, student) -> int:
     """The planner's step peak for this student and shape (memory/planner.py), to print beside the
-    measured one: for a fresh student its ModelConfig's widths, for a cut one its teacher blocks."""
+    measured one: the fresh student's --student-shape, or the cut one's teacher blocks."""
     from ..memory import planner
+    from ..student.spec import parse_student_shape
 
-    spec = student_spec if isinstance(student_spec, list) else {
-        k: getattr(student_spec, k) for k in ("d_model", "n_layers", "d_ff", "n_heads", "n_kv_heads", "head_dim")}
-    if not isinstance(student_spec, list):
-        spec["tied"] = int(student_spec.tied_output)
+    spec = parse_student_shape(bench.student_shape) if layers is None else layers
     plan = planner.make_plan(model, shape[0], shape[1], spec, checkpoint=bench.checkpoint,
                              chunk_tokens=bench.chunk_tokens, precision=student.prec.name,
                              sparse_embedding_grad=student.embedding_rows is not None)

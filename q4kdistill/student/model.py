@@ -219,8 +219,8 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     q = ops.rope_forward(q, cos, sin, cfg.rope_style, out=q)     # in place on the fused path
     k = ops.rope_forward(k, cos, sin, cfg.rope_style, out=k)     # (q, k are fresh, in no cache)
     o, c["attn"] = flash_attention_forward(q, k, v, batch.key_mask, cfg.layer_window(layer), cfg.scale,
-                                           path=_attention_path(q, prec),     # bf16: the tensor cores write
-                                           out_dtype=None if prec.emulated else lo)   # o in bf16 (o-proj's input)
+                                           path=_attention_path(q, prec),
+                                           out_dtype=None if prec.emulated else lo)   # bf16: o as o-proj reads it
     a = _linear(o.reshape(B, T, cfg.q_dim), p, c, "attn_output", prec)
     _share_attention_output(c, o.shape, prec)
     del o
@@ -235,7 +235,7 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
     _drop_normed(c, "ffn_norm", GATE_UP)
     f = _linear(m, p, c, "ffn_down", prec)
     if batch.fused and _glu_recomputable(c, cfg):   # the GLU output is made again in the backward: [N, F] less kept
-        c["ffn_down"] = (None,) + tuple(c["ffn_down"][1:])
+        _drop_inputs(c, ("ffn_down",))
     del m
     if cfg.post_norms:
         f = _norm(f, p, c, "post_ffw_norm", eps, ops)
@@ -245,26 +245,37 @@ def block_forward(cfg: ModelConfig, layer: int, p: dict, x, batch: _Batch):
 QKV, GATE_UP = ("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")
 
 
+def _drop_inputs(c, stems):
+    """The input these products keep for their weight grads is not kept: the backward makes it
+    again (_inputs_again)."""
+    for s in stems:
+        c[s] = (None,) + tuple(c[s][1:])
+
+
+def _inputs_again(c, stems, make, prec) -> dict:
+    """If the forward dropped these products' input, put it back into their caches, made again by
+    ``make()`` (the forward's kernel on the same values: the same bits) -> the caches as they were,
+    for the caller to put back after the products' backward (the remade input goes with them)."""
+    kept = {s: c[s] for s in stems}
+    if kept[stems[0]][0] is None:
+        y = _cached_input(make(), prec)
+        for s in stems:
+            c[s] = (y,) + tuple(kept[s][1:])
+    return kept
+
+
 def _drop_normed(c, norm, products):
-    """On the fused path the norm's output, the input its products keep for their weight grads, is
-    not kept: _normed_again makes it again in the backward from the norm's cache (the block's input
-    or the residual stream, and rstd: kept anyway), one elementwise pass instead of [N, D] a norm."""
+    """On the fused path the norm's output, the input its products keep, is not kept: _normed_again
+    makes it again from the norm's cache (the block's input or the residual stream, and rstd: kept
+    anyway), one elementwise pass instead of [N, D] a norm."""
     if isinstance(c[norm], fused_ops.NormCache) and all(c[s][0] is not None for s in products):
-        for s in products:
-            c[s] = (None,) + tuple(c[s][1:])
+        _drop_inputs(c, products)
 
 
 def _normed_again(c, norm, products, prec) -> dict:
-    """If _drop_normed dropped the norm's output, put it back into its products' caches, made again
-    (fused.rmsnorm_output: the forward's kernel expression on the same values, so the same bits) ->
-    the caches as they were, for the caller to put back after the products' backward (the remade
-    output goes with them)."""
-    kept = {s: c[s] for s in products}
-    if kept[products[0]][0] is None:
-        y = _cached_input(fused_ops.rmsnorm_output(c[norm], dtype=prec.low_dtype if prec.mixed else None), prec)
-        for s in products:
-            c[s] = (y,) + tuple(kept[s][1:])
-    return kept
+    """_inputs_again for a norm's output (fused.rmsnorm_output, at the forward's storage type)."""
+    lo = prec.low_dtype if prec.mixed else None
+    return _inputs_again(c, products, lambda: fused_ops.rmsnorm_output(c[norm], dtype=lo), prec)
 
 
 def _share_attention_output(c, shape, prec):
@@ -291,13 +302,9 @@ def _ffn_backward(cfg, dx, c, g, batch):
     the same kernel and inputs as the forward's: the same values) and dropped after ffn_down's backward."""
     prec, ops, high = batch.prec, batch.ops, not batch.fused
     df = _norm_backward(dx, c, g, "post_ffw_norm", ops) if cfg.post_norms else dx
-    kept = c["ffn_down"]
-    if kept[0] is None:
-        m = ops.glu_forward(*c["glu"])[0]
-        c["ffn_down"] = (_cached_input(m, prec),) + kept[1:]
-        del m
+    kept = _inputs_again(c, ("ffn_down",), lambda: ops.glu_forward(*c["glu"])[0], prec)
     dglu = _linear_backward(df, c, g, "ffn_down", prec, high)
-    c["ffn_down"] = kept                                     # (the recomputed output goes)
+    c.update(kept)                                           # (the recomputed output goes)
     dgate, dup = ops.glu_backward(dglu, c["glu"])
     del dglu
     kept = _normed_again(c, "ffn_norm", GATE_UP, prec)
