@@ -77,13 +77,20 @@ def plot(r, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, gap) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True, height_ratios=(3, 1.3))
     for p in ("fp32", "bf16"):
         ax.plot(r["steps"], r["teacher_kl"][p], marker="o", label=p)
-    ax.set_xlabel("step")
+    ax.set_yscale("log")                               # step 0 (~28 nats) would flatten the rest
     ax.set_ylabel("held-out teacher-KL (nats/token)")
     ax.set_title(f"bf16 vs fp32 student, {r['device']}")
     ax.legend()
+    rel = [100 * (b - a) / a for a, b in zip(r["teacher_kl"]["fp32"], r["teacher_kl"]["bf16"])]
+    gap.plot(r["steps"], rel, marker="o", color="k")
+    for bound in (-100 * r["within"], 100 * r["within"]):
+        gap.axhline(bound, color="r", linestyle=":")
+    gap.axhline(0, color="grey", linewidth=0.5)
+    gap.set_ylabel("bf16 vs fp32 (%)")
+    gap.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -512,7 +512,7 @@ def test_gpu_student_grads_match_reference_attention(monkeypatch, family, path, 
     loss, g, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
     got = {n: v.get() for n, v in g.items()}
     monkeypatch.setattr(student_mod, "flash_attention_forward",
-                        lambda *args, path=None, **kw: attention_forward(*args, **kw))
+                        lambda *args, path=None, out_dtype=None, **kw: attention_forward(*args, **kw))
     monkeypatch.setattr(student_mod, "flash_attention_backward", attention_backward)
     loss_ref, g_ref, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)
     g_ref = {n: v.get() for n, v in g_ref.items()}        # the next call reuses the gradient buffers
@@ -523,7 +523,7 @@ def test_gpu_student_grads_match_reference_attention(monkeypatch, family, path, 
     def rounded(x):
         return x.astype(cupy.float16).astype(x.dtype)
 
-    monkeypatch.setattr(student_mod, "flash_attention_forward", lambda q, k, v, *args, path=None, **kw:
+    monkeypatch.setattr(student_mod, "flash_attention_forward", lambda q, k, v, *args, path=None, out_dtype=None, **kw:
                         attention_forward(rounded(q), rounded(k), rounded(v), *args, **kw))
     monkeypatch.setattr(student_mod, "flash_attention_backward", lambda do, cache: attention_backward(rounded(do), cache))
     _, g_rnd, _ = s.loss_and_grads(ids, lambda a, b: teacher[a:b], loss_cfg, attention_mask=mask)

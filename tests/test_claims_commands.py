@@ -60,6 +60,10 @@ CLAIM_TINY = {
     "gemm_mma_linked_128x64w4 dequant_linked_cublas --m 64 512 4096 --x16": "q4kdistill bench kernels --help",
     "python scripts/fit_budgets.py": "python scripts/fit_budgets.py --tiny",
     "python scripts/gpu_cache_audit.py": "python scripts/gpu_cache_audit.py --tiny",
+    "q4kdistill reproduce-memory --long-step 1x8192 --backends native --json":
+        "q4kdistill reproduce-memory --tiny --long-step 1x40 --backends native --json",
+    "python scripts/compare_precision.py --json --plot docs/precision.png":
+        "python scripts/compare_precision.py --tiny --json --plot {work}/precision.png",
 }
 
 # sub-command -> its tiny run (None: needs a GPU)

@@ -203,3 +203,18 @@ def test_distill_student_layers_reach_the_planner_as_blocks(manifest_7b_path):
     assert planner.make_plan(manifest_7b_path, 1, 64, "n_layers=5").student["config"]["n_layers"] == 5
     default = planner.make_plan(manifest_7b_path, 1, 64)
     assert default.student["n_params"] == planner.make_plan(manifest_7b_path, 1, 64, [0, 9, 18, 27]).student["n_params"]
+
+
+def test_a_gpu_plan_counts_the_cublas_workspace():
+    """kernels.blas keeps its own cuBLAS workspace from the first product on (measured on an H200: the
+    decode-scratch row was 32 MiB short without it); a CPU plan has none."""
+    from kernels.blas import WORKSPACE
+
+    manifest = "q4kdistill/data/deepseek-r1-distill-qwen-7b-q4_k_m.manifest.json"
+    gpu, cpu = (planner.make_plan(manifest, 8, 512, "qwen2-0.5b", precision="bf16", fused_ops=True, gpu=g)
+                for g in (True, False))
+    assert gpu.blas_workspace == WORKSPACE == 32 << 20 and cpu.blas_workspace == 0
+    for name in ("teacher decode scratch (native)", "teacher forward peak (native)", "distill: teacher trunk peak",
+                 "distill step peak", "distill: optimizer step peak"):
+        assert gpu.row(name).predicted_bytes - cpu.row(name).predicted_bytes == WORKSPACE, name
+    assert gpu.row("teacher resident (native)").predicted_bytes == cpu.row("teacher resident (native)").predicted_bytes

@@ -127,3 +127,34 @@ def test_planner_counts_the_rows_not_the_table():
     tied = planner.make_plan(manifest, 8, 512, "d_model=896,n_layers=2,d_ff=4864,n_heads=14,n_kv_heads=2,tied=1",
                              precision="bf16", sparse_embedding_grad=True)
     assert not tied.student["sparse_embedding_grad"]
+
+
+@pytest.mark.gpu
+def test_gpu_rows_and_adamw_match_the_dense_grad():
+    """The same on CuPy with a bf16 student (the case the rows are for): cupy.unique, the per-id sum and
+    AdamW's broadcast zero grad. The per-id sums and the dense add.at add repeated ids atomically, in
+    any order: float32 rounding."""
+    import cupy
+
+    cfg = tiny_config("llama", vocab_size=301, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96)
+    models = []
+    for sparse in (True, False):
+        m = Student(cfg, xp=cupy, precision="bf16", sparse_embedding_grad=sparse)
+        rng = np.random.default_rng(5)
+        for name, view in m.params.items():
+            view[...] = cupy.asarray(rng.standard_normal(view.shape) * 0.2 + name.endswith("norm.weight"))
+        models.append(m)
+    assert models[0].embedding_rows is not None and models[1].embedding_rows is None
+    opt_cfg = OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.1, grad_clip=1.0)
+    opts = [AdamW.for_student(m, opt_cfg) for m in models]
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        ids = rng.integers(0, 40, (2, 33))             # repeated ids; most of the 301 rows get no grad
+        teacher = (rng.standard_normal(ids.shape + (cfg.vocab_size,)) * 2).astype(np.float32)
+        norms = []
+        for m, opt in zip(models, opts):
+            m.loss_and_grads(cupy.asarray(ids), cupy.asarray(teacher), LossConfig())
+            norms.append(opt.step()["grad_norm"])
+        assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    for a, b in zip(*[(m.param_buffer.flat, o.m, o.v) for m, o in zip(models, opts)]):
+        np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(b), rtol=1e-4, atol=1e-7)

@@ -80,13 +80,13 @@ def run(args) -> int:
         if args.gpus != 1:
             raise Q4KError("--fit searches one GPU's settings: give --fit without --gpus, then multiply the batch")
         return _run_fit(args)
-    # a plan is for a GPU: auto is bf16, the fused ops, an untied embedding's grad as rows on one GPU
+    # a plan is for a GPU: auto is bf16, the fused ops, an untied embedding's grad as rows on one GPU, cuBLAS's workspace
     precision = "fp32" if args.precision == "fp32" else "bf16"
     plan = planner.make_plan(args.teacher, args.batch or 1, args.seq, student_spec(args),
                              chunk_tokens=args.chunk_tokens or DistillConfig.chunk_tokens,
                              checkpoint=bool(args.checkpoint), teacher_backend=args.teacher_backend,
                              precision=precision, gpus=args.gpus, fused_ops=True,
-                             sparse_embedding_grad=precision == "bf16" and args.gpus == 1)
+                             sparse_embedding_grad=precision == "bf16" and args.gpus == 1, gpu=True)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
         return 0

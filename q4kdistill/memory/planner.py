@@ -211,13 +211,15 @@ def lm_head_bytes(info: ModelFile, backend: str, n: int, replaced_scratch: int =
     return dict(logits=n * V * F32, slab_product=w.linear(n, n * w.rows * F32, replaced_scratch))
 
 
-def teacher_scratch(info: ModelFile, backend: str, N: int, C: int) -> tuple:
+def teacher_scratch(info: ModelFile, backend: str, N: int, C: int, workspace: int = 0) -> tuple:
     """(after the blocks, after the head too): the decode scratch a forward at N tokens with
-    head chunks of C tokens leaves behind (native only)."""
+    head chunks of C tokens leaves behind (native only), + ``workspace``: kernels.blas's cuBLAS
+    workspace (a GPU's; allocated at the first product and kept, like the scratch)."""
     if backend != "native":
-        return 0, 0
+        return workspace, workspace
     trunk = [(Matrix(t, backend), N) for n, t in info.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
-    return decode_scratch(trunk), decode_scratch(trunk + [(head_matrix(info, backend), min(C, N))])
+    return (decode_scratch(trunk) + workspace,
+            decode_scratch(trunk + [(head_matrix(info, backend), min(C, N))]) + workspace)
 
 
 def _chunks(N: int, C: int) -> list:
@@ -267,9 +269,9 @@ def teacher_head_stages(info: ModelFile, B: int, T: int, backend: str, C: int, s
             for n, p in _chunks(B * T, C)}
 
 
-def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: str) -> dict:
+def teacher_stages(info: ModelFile, B: int, T: int, head_chunk: int, backend: str, workspace: int = 0) -> dict:
     """Every stage of a first teacher forward (Teacher.iter_logits at B x T, head chunks of ``head_chunk``)."""
-    scratch = teacher_scratch(info, backend, B * T, head_chunk)
+    scratch = teacher_scratch(info, backend, B * T, head_chunk, workspace)
     return {**teacher_trunk_stages(info, B, T, backend, scratch[0]),
             **teacher_head_stages(info, B, T, backend, head_chunk, scratch)}
 
@@ -474,6 +476,7 @@ class Plan:
     teacher_backend: str
     rows: list = field(default_factory=list)
     gpus: int = 1               # data-parallel ranks: the rows are one GPU's, ``batch`` its share
+    blas_workspace: int = 0     # kernels.blas's cuBLAS workspace (a GPU's), kept from the first product on
 
     def add(self, name, predicted_bytes, counts, measured=False) -> int:
         self.rows.append(Row(name, int(predicted_bytes), counts, measured))
@@ -501,7 +504,7 @@ class Plan:
         return {"teacher": self.teacher, "student": self.student, "batch": self.batch, "seq": self.seq,
                 "chunk_tokens": self.chunk_tokens, "teacher_chunk_tokens": self.teacher_chunk_tokens,
                 "checkpoint": self.checkpoint, "teacher_backend": self.teacher_backend,
-                "gpus": self.gpus, "global_batch": self.batch * self.gpus,
+                "gpus": self.gpus, "global_batch": self.batch * self.gpus, "blas_workspace": self.blas_workspace,
                 "teacher_resident_bytes": self.teacher_resident_bytes,
                 "teacher_forward_peak_bytes": self.teacher_forward_peak_bytes,
                 "distill_step_peak_bytes": self.distill_step_peak_bytes,
@@ -517,7 +520,8 @@ class Plan:
 def make_plan(teacher, batch: int, seq: int, student=None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
               checkpoint: bool = True, teacher_backend: str = "native", precision: str = "fp32",
-              gpus: int = 1, fused_ops: bool | None = None, sparse_embedding_grad: bool | None = None) -> Plan:
+              gpus: int = 1, fused_ops: bool | None = None, sparse_embedding_grad: bool | None = None,
+              gpu: bool | None = None) -> Plan:
     """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
     dict (see parse_student_spec), or a list of teacher block numbers such as distill's
     student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
@@ -525,7 +529,8 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
     precision: the student's, "fp32" or "bf16" (student/precision.py). fused_ops: whether the
     student runs the fused kernels (student.model.uses_fused_ops: a GPU) or the reference ops;
     None: as the student would here. sparse_embedding_grad: whether an untied embedding's grad is
-    the gathered rows (Student's option); None: as the student picks it here.
+    the gathered rows (Student's option); None: as the student picks it here. gpu: whether the plan is
+    a GPU's (its products go through kernels.blas, whose cuBLAS workspace stays allocated); None: here.
     gpus > 1 (data parallelism): ``batch`` is the global batch and the plan is one GPU's: the whole
     teacher, a student replica with its grads and AdamW moments, and batch / gpus sequences'
     activations (NCCL sums the grads in place; its own channel buffers are not counted)."""
@@ -553,7 +558,7 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
                          "sparse_embedding_grad": _student_rows(scfg, precision, gpus, sparse_embedding_grad)},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
-                teacher_backend=teacher_backend, gpus=gpus)
+                teacher_backend=teacher_backend, gpus=gpus, blas_workspace=_blas_workspace(gpu))
     _add_teacher_rows(plan, info)
     _add_step_rows(plan, info, scfg, n_params)
     return plan
@@ -567,6 +572,19 @@ def _student_rows(cfg: ModelConfig, precision: str, gpus: int, given) -> bool:
     from .. import backend
 
     return not cfg.tied_output and precision == "bf16" and gpus == 1 and backend.on_gpu()
+
+
+def _blas_workspace(gpu) -> int:
+    """kernels.blas.WORKSPACE on a GPU (as given, or here), else 0: the CPU's products use none."""
+    from .. import backend
+
+    if gpu is None:
+        gpu = backend.on_gpu()
+    if not gpu:
+        return 0
+    from kernels.blas import WORKSPACE
+
+    return WORKSPACE
 
 
 def _student_fused(fused_ops) -> bool:
@@ -591,12 +609,14 @@ def _add_teacher_rows(plan: Plan, info: ModelFile) -> None:
                  "resident so far + the tensor being loaded" + ("" if b == "native" else
                  ": its uploaded blocks and its decoded result (kernels.dequantize_to)"), measured=True)
     slab = head_matrix(info, "native").rows
-    plan.add("teacher decode scratch (native)", teacher_scratch(info, "native", B * T, C)[1],
+    ws = plan.blas_workspace
+    plan.add("teacher decode scratch (native)", teacher_scratch(info, "native", B * T, C, ws)[1],
              "kernels' reusable decode buffers, kept after the forward: the largest matrix a decode-to-scratch "
-             f"product decoded (the LM head {f'in slabs of {slab} rows' if slab < _head(info).shape[0] else 'whole'})",
+             f"product decoded (the LM head {f'in slabs of {slab} rows' if slab < _head(info).shape[0] else 'whole'})"
+             + (f" + the cuBLAS workspace of kernels.blas ({ws >> 20} MiB)" if ws else ""),
              measured=True)
     for b in BACKENDS:
-        name, bufs = _largest(teacher_stages(info, B, T, C, b))
+        name, bufs = _largest(teacher_stages(info, B, T, C, b, ws))
         work = plan.add(f"teacher forward working set ({b})", sum(bufs.values()), _stage_text(name, bufs))
         plan.add(f"teacher forward peak ({b})", resident[b] + work,
                  f"resident + working set: iter_logits at {B}x{T}, chunks of {C} tokens", measured=True)
@@ -631,7 +651,7 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
     base = plan.row(f"teacher resident ({b})").predicted_bytes + params + grads + adam + low_copy
     plan.add("student state", params + grads + adam + low_copy, "params + grads + AdamW m and v (+ the bf16 copy)")
 
-    scratch = teacher_scratch(info, b, N, plan.chunk_tokens)[1]      # the head's slabs run inside the loss
+    scratch = teacher_scratch(info, b, N, plan.chunk_tokens, plan.blas_workspace)[1]   # the head's slabs run inside the loss
     name, bufs = _largest(teacher_trunk_stages(info, B, T, b, scratch))
     plan.add("distill: teacher trunk peak", base + sum(bufs.values()),
              f"teacher + student state + teacher {_stage_text(name, bufs)}", measured=True)
