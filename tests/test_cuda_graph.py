@@ -222,3 +222,52 @@ def test_distill_replays_the_step_and_learns_the_same(tmp_path_factory, tmp_path
     eager = run(tmp_path / "eager", "--no-cuda-graph")
     assert len(replays) == 4 and len(graphed) == len(eager) == 6
     np.testing.assert_allclose(graphed, eager, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_teacher_trunk_replays_as_it_runs_eagerly():
+    """Teacher.use_cuda_graphs: the third forward of a shape on replays the trunk; the logits equal the
+    eager teacher's for fresh ids each time (a graph that baked in its capture's ids fails), eager
+    allocations (NaN-filled) land between the replays, a masked batch stays eager, and turning the
+    graphs off gives the pool's bytes back."""
+    import cupy
+
+    from q4kdistill.memory import meter
+    from q4kdistill.memory.reproduce import tiny_manifest
+    from q4kdistill.teacher.model import Teacher
+
+    graphed, eager = Teacher.load(tiny_manifest(), log=None), Teacher.load(tiny_manifest(), log=None)
+    assert graphed.use_cuda_graphs(True)
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        ids = cupy.asarray(rng.integers(0, graphed.vocab_size, (2, 96)))
+        junk = cupy.full((1 << 20,), np.nan, np.float32)         # the default pool, between replays
+        got = [c.get() for _, _, c in graphed.iter_logits(ids, chunk_tokens=64)]
+        want = [c.get() for _, _, c in eager.iter_logits(ids, chunk_tokens=64)]
+        del junk
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert graphed._trunk_graphs.replays == 4            # eager, capture + replay, 3 replays
+    mask = cupy.ones((2, 96), bool)
+    mask[0, :5] = False
+    a = graphed.logits_for_batch(ids, mask).get()
+    b = np.concatenate([c.get() for _, _, c in graphed.iter_logits(ids, mask)])
+    np.testing.assert_allclose(a.reshape(b.shape), b, rtol=1e-6, atol=1e-6)
+    assert graphed._trunk_graphs.replays == 4
+    pools = [c.pool for c in graphed._trunk_graphs._graphs.values() if isinstance(c, cuda_graph._Captured)]
+    held = pools[0].total_bytes()                        # what the counter counts of a graph's pool
+    assert len(pools) == 1 and held > 0
+    counted = meter.install().current()
+    graphed.use_cuda_graphs(False)                       # the pool's blocks back, and no longer counted
+    assert graphed._trunk_graphs is None and pools[0].total_bytes() == 0
+    assert meter.install().current() <= counted - held
+
+
+def test_teacher_graphs_are_off_on_the_cpu():
+    from q4kdistill.memory.reproduce import tiny_manifest
+    from q4kdistill.teacher.model import Teacher
+
+    t = Teacher.load(tiny_manifest(), device="cpu", log=None)
+    assert not t.use_cuda_graphs(True) and t._trunk_graphs is None
+    ids = np.random.default_rng(0).integers(0, t.vocab_size, (1, 9))
+    assert next(t.iter_logits(ids))[2].shape == (9, t.vocab_size)

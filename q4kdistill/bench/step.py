@@ -179,6 +179,7 @@ class Ours:
             for _ in self.teacher.iter_logits(ids):
                 pass
 
+        graphed = self.bench.cuda_graph and self.teacher.use_cuda_graphs(True, log=self.log)   # the trunk, replayed
         try:
             seconds = _timed(once, batches, self.bench.warmup, self.bench.repeats, self.clock.mark, self.clock.seconds)
         except Exception as exc:
@@ -186,7 +187,11 @@ class Ours:
                 raise
             self.release()
             return _row("teacher forward", "-", shape, "ours", note=f"OOM ({type(exc).__name__})")
-        return _row("teacher forward", "-", shape, "ours", seconds, resident_bytes=self.teacher.resident_bytes)
+        finally:
+            replays = self.teacher._trunk_graphs.replays if graphed else 0
+            self.teacher.use_cuda_graphs(False)
+        return _row("teacher forward", "-", shape, "ours", seconds, resident_bytes=self.teacher.resident_bytes,
+                    cuda_graph=replays >= self.bench.repeats)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -369,6 +374,12 @@ def format_table(report) -> str:
         notes.append("our steps replayed as a CUDA graph after two warm-up steps (as distill does)" if how == {True}
                      else "our steps ran eagerly (no CUDA graph)" if how == {False}
                      else "some of our steps replayed a CUDA graph, some ran eagerly (see cuda_graph in --json)")
+    forwards = [r for r in rows if r["side"] == "ours" and r["kind"] == "teacher forward" and r["status"] == "ok"]
+    if forwards:
+        how = {bool(r.get("cuda_graph")) for r in forwards}
+        notes.append("our teacher forward's trunk replayed as a CUDA graph (Teacher.use_cuda_graphs), its LM head "
+                     "chunks eager" if how == {True} else "our teacher forward ran eagerly" if how == {False}
+                     else "our teacher forward replayed a CUDA graph in some rows (see cuda_graph in --json)")
     lines += [f"note: {n}" for n in notes]
     planned = [r for r in rows if r.get("planned_bytes") and r["status"] == "ok" and r["peak_bytes"]]
     if planned:

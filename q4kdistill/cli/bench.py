@@ -37,7 +37,7 @@ def add_step_arguments(p) -> None:
     g.add_argument("--chunk-tokens", type=int, default=256, metavar="C", help="our LM head + loss chunk (default %(default)s)")
     g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="replay our step as a CUDA graph, as distill does (default: on)")
+                   help="replay our step as a CUDA graph, as distill does, and our teacher forward's trunk (default: on)")
     g.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
     g.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default %(default)s)")
     g.add_argument("--no-peer", action="store_true", help="time ours only")

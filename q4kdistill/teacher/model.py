@@ -49,6 +49,7 @@ class Teacher:
         self.source = source
         self.layers = [_layer_weights(weights, i) for i in range(config.n_layers)]
         self._head = weights["token_embd.weight" if config.tied_output else "output.weight"]
+        self._trunk_graphs = None                # train.cuda_graph.GraphedTrunk (use_cuda_graphs)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -117,9 +118,28 @@ class Teacher:
         self._head = self._head.rows(0, min(other_size, self.vocab_size))
         return self.vocab_size
 
+    def use_cuda_graphs(self, on: bool = True, log=None) -> bool:
+        """Replay the trunk as a CUDA graph per [B, T] shape from the third forward of a shape on
+        (train.cuda_graph.GraphedTrunk), for loops that run the teacher alone; batches with an
+        attention mask and forwards inside another capture stay eager. The graph keeps the trunk's
+        working set allocated until ``use_cuda_graphs(False)``. Returns whether graphs are on (a GPU,
+        and Q4KDISTILL_CUDA_GRAPH not 0)."""
+        from ..train import cuda_graph
+
+        if self._trunk_graphs is not None:
+            self._trunk_graphs.close()
+            self._trunk_graphs = None
+        if on and cuda_graph.enabled() and self.xp is not np:
+            self._trunk_graphs = cuda_graph.GraphedTrunk(self, log=log)
+        return self._trunk_graphs is not None
+
     def hidden_states(self, input_ids, attention_mask=None):
         """[B, T] ids -> float32 [B, T, D] after the final norm."""
         ids, mask = self._inputs(input_ids, attention_mask)
+        return self._trunk(ids, mask)
+
+    def _trunk(self, ids, mask=None):
+        """hidden_states on ids already checked (a device array of this teacher's xp)."""
         return teacher_forward.hidden_states(self.weights, self.layers, self.config, ids, mask)
 
     def logits_fn(self, input_ids, attention_mask=None):
@@ -150,7 +170,11 @@ class Teacher:
         return weight_to_f32(self.weights[name])
 
     def _flat_hidden(self, input_ids, attention_mask):
-        h = self.hidden_states(input_ids, attention_mask)
+        graphs = self._trunk_graphs
+        if graphs is not None and attention_mask is None and not capturing():
+            h = graphs(self._inputs(input_ids, None)[0])       # ids checked here, once
+        else:
+            h = self.hidden_states(input_ids, attention_mask)
         return h.reshape(-1, h.shape[-1])                       # [B*T, D]
 
     def _inputs(self, input_ids, attention_mask):

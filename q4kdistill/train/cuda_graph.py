@@ -27,6 +27,10 @@ the attention's and the embedding's atomic adds). If the capture fails the shape
 warning). The caller decides where a graph applies (train/loop.py: setup and
 one_rank_loss): a GPU, no padding or loss mask (their token counts are read from the device), a live
 teacher (not a cache), one rank. ``Q4KDISTILL_CUDA_GRAPH=0`` turns it off everywhere.
+
+GraphedTrunk does the same for the teacher's trunk alone, for loops that only run the teacher
+(Teacher.use_cuda_graphs: bench step's teacher-forward row, cache-teacher): ~28 x 15 launches of a
+7B forward become one.
 """
 from __future__ import annotations
 
@@ -75,14 +79,8 @@ class GraphedStep:
 
     def close(self) -> None:
         """Drop every graph and give its pool's blocks back."""
-        from ..memory import meter
-
         graphs, self._graphs = self._graphs, {}
-        for cap in graphs.values():
-            if isinstance(cap, _Captured):
-                pool = cap.pool
-                cap.graph = cap.queued = cap.ids = cap.keep = None
-                meter.drop_private_pool(pool)
+        _close(graphs)
 
     @property
     def captured_shapes(self) -> list:
@@ -97,50 +95,119 @@ class GraphedStep:
         return loss, parts
 
     def _capture(self, shape):
-        import cupy
-
         from kernels import scratch
 
-        from ..memory import meter
-
-        ids = cupy.zeros(shape, dtype=cupy.int64)           # the static input (default pool: lives with us)
-        meter.release_cached()       # the eager step's cached blocks go back before the graph's pool takes its own
-        pool, malloc = meter.private_pool()
-        stream = cupy.cuda.Stream(non_blocking=True)
-        try:
-            with cupy.cuda.using_allocator(malloc), stream:
-                stream.begin_capture()
-                try:
-                    queued = self.student.queue_loss_and_grads(ids, self.teacher.logits_fn(ids), self.loss_cfg)
-                except BaseException:
-                    _end_quietly(stream)
-                    raise
-                graph = stream.end_capture()
-            graph.upload(stream)
-            stream.synchronize()
-        except Exception as exc:
-            meter.drop_private_pool(pool)
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            self.log(f"CUDA graph capture of the {shape[0]}x{shape[1]} step failed ({type(exc).__name__}: {first}); "
-                     "this shape runs eagerly")
+        got = capture(shape, lambda ids: self.student.queue_loss_and_grads(ids, self.teacher.logits_fn(ids), self.loss_cfg),
+                      self.log, "step")
+        if got is None:
             return None
+        graph, ids, queued, pool, stream = got
         keep = scratch.scratch_buffers()                    # arrays made before the capture that it writes
         rows = self.student.embedding_rows                  # a sparse embedding grad: the captured pairs
         return _Captured(graph, ids, queued, pool, stream, keep, None if rows is None else rows.state())
 
     def _replay(self, cap, ids):
-        import cupy
-
         self.teacher.check_ids(ids)                         # the captured embedding does not check them
-        current = cupy.cuda.get_current_stream()
-        cap.ids[...] = cupy.asarray(ids)
-        cap.stream.wait_event(current.record())             # after the ids and the last optimizer step
-        cap.graph.launch(cap.stream)
-        current.wait_event(cap.stream.record())             # what follows (AdamW) after the grads
+        replay(cap, ids)
         if cap.rows is not None:                            # (an eager step since may have set others)
             self.student.embedding_rows.restore(cap.rows)
         self.replays += 1
         return cap.queued.read()
+
+
+class GraphedTrunk:
+    """The teacher's trunk (embedding .. final norm, Teacher.hidden_states) as a CUDA graph per [B, T]
+    shape, for teacher-only loops (Teacher.use_cuda_graphs): the first call of a shape runs eagerly,
+    the second captures, later calls replay. The hidden states a replay returns are the graph's own
+    output array, rewritten by the next call of the same shape: use them (the LM head's chunks)
+    before the next forward. No attention mask (the caller runs those eagerly)."""
+
+    def __init__(self, teacher, log=None):
+        self.teacher = teacher
+        self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
+        self._graphs = {}
+        self.replays = 0
+
+    def __call__(self, ids):
+        """ids: [B, T] checked by the caller (Teacher._inputs) -> float32 [B, T, D]."""
+        shape = tuple(int(n) for n in ids.shape)
+        state = self._graphs.get(shape)
+        if state is None:
+            self._graphs[shape] = "warm"
+        elif state == "warm":
+            self._graphs[shape] = state = self._capture(shape)
+        if not isinstance(state, _Captured):
+            return self.teacher._trunk(ids)
+        replay(state, ids)
+        self.replays += 1
+        return state.queued
+
+    def _capture(self, shape):
+        from kernels import scratch
+
+        got = capture(shape, self.teacher._trunk, self.log, "teacher forward")
+        if got is None:
+            return "eager"
+        graph, ids, hidden, pool, stream = got
+        return _Captured(graph, ids, hidden, pool, stream, scratch.scratch_buffers())
+
+    def close(self) -> None:
+        _close(self._graphs)
+        self._graphs = {}
+
+
+def capture(shape, fn, log, what):
+    """fn(ids) on a static int64 ids array of ``shape``, captured on a stream of its own with every
+    allocation from a private pool -> (graph, ids, fn's result, pool, stream), or None (logged) when
+    the capture fails."""
+    import cupy
+
+    from ..memory import meter
+
+    ids = cupy.zeros(shape, dtype=cupy.int64)           # the static input (default pool: lives with the graph)
+    meter.release_cached()       # the eager run's cached blocks go back before the graph's pool takes its own
+    pool, malloc = meter.private_pool()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    try:
+        with cupy.cuda.using_allocator(malloc), stream:
+            stream.begin_capture()
+            try:
+                result = fn(ids)
+            except BaseException:
+                _end_quietly(stream)
+                raise
+            graph = stream.end_capture()
+        graph.upload(stream)
+        stream.synchronize()
+    except Exception as exc:
+        meter.drop_private_pool(pool)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        log(f"CUDA graph capture of the {shape[0]}x{shape[1]} {what} failed ({type(exc).__name__}: {first}); "
+            "this shape runs eagerly")
+        return None
+    return graph, ids, result, pool, stream
+
+
+def replay(cap, ids) -> None:
+    """Copy ``ids`` into the graph's input and launch it, ordered after the current stream's work and
+    before what the current stream queues next."""
+    import cupy
+
+    current = cupy.cuda.get_current_stream()
+    cap.ids[...] = cupy.asarray(ids)
+    cap.stream.wait_event(current.record())
+    cap.graph.launch(cap.stream)
+    current.wait_event(cap.stream.record())
+
+
+def _close(graphs: dict) -> None:
+    from ..memory import meter
+
+    for cap in graphs.values():
+        if isinstance(cap, _Captured):
+            pool = cap.pool
+            cap.graph = cap.queued = cap.ids = cap.keep = None
+            meter.drop_private_pool(pool)
 
 
 def _end_quietly(stream) -> None:

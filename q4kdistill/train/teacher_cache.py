@@ -144,11 +144,15 @@ def write_cache(teacher, datasets: dict, out, top_k: int, temperature=1.0, batch
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, disable=not progress,
                desc="teacher top-k", dynamic_ncols=True)
-    for split, i in todo:
-        d = datasets[split]
-        index = np.arange(i * SHARD_SEQUENCES, min((i + 1) * SHARD_SEQUENCES, len(d)))
-        _write_npz(out / shard_name(split, i), **_run_shard(teacher, d, index, top_k, temperature, batch, meta))
-        bar.update(len(index) * seq)
+    teacher.use_cuda_graphs(True)           # a GPU: the trunk replayed per batch shape (unmasked batches)
+    try:
+        for split, i in todo:
+            d = datasets[split]
+            index = np.arange(i * SHARD_SEQUENCES, min((i + 1) * SHARD_SEQUENCES, len(d)))
+            _write_npz(out / shard_name(split, i), **_run_shard(teacher, d, index, top_k, temperature, batch, meta))
+            bar.update(len(index) * seq)
+    finally:
+        teacher.use_cuda_graphs(False)
     bar.close()
     size = sum(f.stat().st_size for f in out.glob("*-*.npz"))
     tokens_bytes = sum((out / f"{s}.tokens.npz").stat().st_size for s in datasets)
