@@ -142,12 +142,33 @@ def test_distill_step_plan_adds_up(manifest_7b_path):
     assert plan.row("distill: optimizer step peak").predicted_bytes == B7_BYTES + 16 * n + scratch
     no_ckpt = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=256, checkpoint=False)
     assert no_ckpt.distill_step_peak_bytes > step + 5e9                  # 24 blocks of caches at 8x512
-    # the fused head holds one chunk's s/ds [n, V] beside the teacher's head for the chunk (its logits
-    # [n, V] and a slab's product): no second chunk, no [V, D] temporary
-    bigger_chunks = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=1024, fused_ops=True)
+    # the fused head makes the teacher's logits for a chunk (its head: logits [n, V] and a slab's product)
+    # before the chunk's s/ds [n, V], then holds both: no second chunk, no [V, D] temporary
+    bigger_chunks = planner.make_plan(manifest_7b_path, 8, 512, "params=0.5e9", chunk_tokens=1024, fused_ops=True,
+                                      gpu=False)
     U = 1024 * 152064 * 4
     teacher_head = planner.lm_head_bytes(planner.open_teacher(manifest_7b_path), "native", 1024)
-    assert bigger_chunks.row("loss chunk working set").predicted_bytes == U + sum(teacher_head.values())
+    assert bigger_chunks.row("loss chunk working set").predicted_bytes == max(2 * U, sum(teacher_head.values()))
+
+
+def test_a_gpu_step_plans_the_teachers_logits_in_spans(manifest_7b_path):
+    """On a GPU Teacher.logits_fn multiplies 1024 tokens at once into float16 (teacher.model.head_span):
+    the span is made before the chunk's s, and held through the loss and the backward of every chunk
+    but its last."""
+    V, D = 152064, 896
+    info = planner.open_teacher(manifest_7b_path)
+    plans = [planner.make_plan(manifest_7b_path, 8, 512, "qwen2-0.5b", chunk_tokens=256, precision="bf16",
+                               fused_ops=True, gpu=g) for g in (True, False)]
+    assert plans[0].head_span == (1024, 2) and plans[1].head_span is None
+    span = planner.lm_head_bytes(info, "native", 1024, itemsize=2)
+    assert span["logits"] == 1024 * V * 2
+    stages = {"teacher head": sum(span.values()), "loss": 256 * V * 2 + 1024 * V * 2,
+              "head backward": 256 * V * 2 + 256 * D * 2 + 1024 * V * 2}
+    got = plans[0].row("loss chunk working set")
+    assert got.predicted_bytes == max(stages.values()) and "'head backward (256 tokens)'" in got.counts
+    per_call = planner.lm_head_bytes(info, "native", 256)
+    assert plans[1].row("loss chunk working set").predicted_bytes == max(sum(per_call.values()), 2 * 256 * V * 2 + 0,
+                                                                         256 * V * 2 + 256 * V * 4)
 
 
 def test_student_specs(manifest_7b_path):
@@ -205,10 +226,13 @@ def test_distill_student_layers_reach_the_planner_as_blocks(manifest_7b_path):
     assert default.student["n_params"] == planner.make_plan(manifest_7b_path, 1, 64, [0, 9, 18, 27]).student["n_params"]
 
 
-def test_a_gpu_plan_counts_the_cublas_workspace():
+def test_a_gpu_plan_counts_the_cublas_workspace(monkeypatch):
     """kernels.blas keeps its own cuBLAS workspace from the first product on (measured on an H200: the
     decode-scratch row was 32 MiB short without it); a CPU plan has none."""
     from kernels.blas import WORKSPACE
+    from q4kdistill.teacher import model as teacher_model
+
+    monkeypatch.setattr(teacher_model, "HEAD_SPAN_TOKENS", 0)      # the GPU's other difference (its own test)
 
     manifest = "q4kdistill/data/deepseek-r1-distill-qwen-7b-q4_k_m.manifest.json"
     gpu, cpu = (planner.make_plan(manifest, 8, 512, "qwen2-0.5b", precision="bf16", fused_ops=True, gpu=g)

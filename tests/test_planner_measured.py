@@ -223,6 +223,26 @@ def test_lm_head_in_slabs(gpu_allocations, monkeypatch, tmp_path):
     assert fwd.row("teacher decode scratch (native)").predicted_bytes == 2 * 768 * 256
 
 
+def test_teacher_logits_in_spans(gpu_allocations, monkeypatch, tmp_path):
+    """A GPU step's teacher logits: Teacher.logits_fn multiplies a span of tokens at once into float16
+    (teacher.model.head_span, forced here: 40 tokens, so the 16-token chunks take spans 0-40 and
+    32-64), a Q6_K head of 2048 rows in slabs of 768; the span made before each chunk's s and held
+    while later chunks read it."""
+    from q4kdistill.teacher import model as teacher_model
+
+    monkeypatch.setattr(teacher_forward, "HEAD_ROWS", 768)
+    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu: (40, np.float16))
+    path = synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2", vocab_size=2048),
+                                qtypes={"*": "Q4_K", "output": "Q6_K"})
+    rows, fwd, step = gpu_allocations(ModelFile.open(path), 1, 32, 2, "d_model=64,n_layers=1,d_ff=128,n_heads=4,"
+                                      "n_kv_heads=2", 16, True)
+    _check(rows)
+    assert step.head_span == (40, 2)
+    assert "LM head + loss" in _counts(step, "distill: student forward/backward peak")
+    # at least a chunk's float32 s/ds beside the span's 40 float16 rows (per-call 16-token chunks: 262,144 at most)
+    assert step.row("loss chunk working set").predicted_bytes >= 16 * 2048 * 4 + 40 * 2048 * 2
+
+
 def test_untied_embedding_grad_as_rows(gpu_allocations, monkeypatch, tmp_path):
     """A student whose untied embedding's grad is the gathered rows (params.RowGrad, what a bf16
     student on one GPU does): the grad buffer without the [V, D], the rows kept through AdamW, and

@@ -199,3 +199,37 @@ def test_native_forward_never_holds_a_decoded_matrix(tmp_path):
     assert shape == (1, 4, 32768)
     assert peak < decoded_table / 4, f"forward peaked at {peak / 1e6:.1f} MB (the decoded table is {decoded_table / 1e6:.1f} MB)"
     assert same_resident and kept_blocks
+
+
+@pytest.mark.parametrize("head_rows", [None, 100])            # one product; slabs of 100 vocabulary rows
+def test_logits_fn_in_spans_is_the_logits_rounded(teacher, ids, monkeypatch, head_rows):
+    """head_span (a GPU's policy, forced here): each call's rows are views of one span's logits made
+    at once in float16 -- the float32 logits rounded, bit for bit -- asked in increasing or any order;
+    a span is let go after its last row (no reference kept past it)."""
+    from q4kdistill.teacher import forward as teacher_forward
+    from q4kdistill.teacher import model as teacher_model
+
+    if head_rows:
+        monkeypatch.setattr(teacher_forward, "HEAD_ROWS", head_rows)
+    assert teacher_model.head_span(False) is None                # the CPU: float32 per call
+    want = teacher.logits_for_batch(ids).reshape(-1, teacher.vocab_size)
+    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu: (10, np.float16))
+    fn = teacher.logits_fn(ids)
+    assert isinstance(fn, teacher_model.SpanLogits)
+    N = want.shape[0]                         # 26 tokens asked 4 at a time: spans 0-10, 8-18, 16-26
+    made = []
+    real = teacher_forward.lm_head
+    monkeypatch.setattr(teacher_forward, "lm_head", lambda h, w, dtype=None: made.append(h.shape[0]) or real(h, w, dtype))
+    h = teacher._flat_hidden(ids, None)
+
+    def rounded(a, b, start, stop):       # the float32 product of the same rows (BLAS sums by row count)
+        return real(h[a:b], teacher._head)[start - a:stop - a].astype(np.float16)
+
+    for start, span in zip(range(0, N, 4), [(0, 10)] * 2 + [(8, 18)] * 2 + [(16, 26)] * 3):
+        got = fn(start, min(start + 4, N))
+        assert got.dtype == np.float16 and (fn.first, fn.stop if fn.logits is not None else span[1]) == span
+        np.testing.assert_array_equal(got, rounded(*span, start, min(start + 4, N)))
+        np.testing.assert_allclose(got, want[start:start + 4], rtol=2e-3, atol=2e-3)
+        assert (fn.logits is None) == (min(start + 4, N) >= span[1])
+    assert made == [10, 10, 10] and fn.logits is None            # 8:12 straddles a span: a new one from 8
+    np.testing.assert_array_equal(fn(3, 5), rounded(3, 13, 3, 5))                  # out of order: made again

@@ -200,15 +200,17 @@ def head_matrix(info: ModelFile, backend: str) -> Matrix:
     return Matrix(t, backend, rows=HEAD_ROWS) if whole.quantized and whole.rows > HEAD_ROWS else whole
 
 
-def lm_head_bytes(info: ModelFile, backend: str, n: int, replaced_scratch: int = 0) -> dict:
+def lm_head_bytes(info: ModelFile, backend: str, n: int, replaced_scratch: int = 0, itemsize: int = F32) -> dict:
     """teacher_forward.lm_head for n tokens at its fullest, besides h and the decode scratch: a
-    quantized head above HEAD_ROWS rows fills an [n, V] output slab by slab (one slab's product
-    and its x_fp16 at a time); any other head is one linear(). replaced_scratch: the trunk's
-    scratch buffer, when the head's product grows it (the first forward)."""
+    quantized head above HEAD_ROWS rows fills an [n, V] output (float32, or ``itemsize`` bytes a logit)
+    slab by slab (one slab's float32 product and its x_fp16 at a time); any other head is one linear()
+    (and its cast to a 16-bit output). replaced_scratch: the trunk's scratch buffer, when the head's
+    product grows it (the first forward)."""
     V, w = _head(info).shape[0], head_matrix(info, backend)
     if w.rows == V:
-        return dict(logits=w.linear(n, n * V * F32, replaced_scratch))
-    return dict(logits=n * V * F32, slab_product=w.linear(n, n * w.rows * F32, replaced_scratch))
+        cast = n * V * itemsize if itemsize != F32 else 0
+        return dict(logits=w.linear(n, n * V * F32, replaced_scratch), cast_logits=cast)
+    return dict(logits=n * V * itemsize, slab_product=w.linear(n, n * w.rows * F32, replaced_scratch))
 
 
 def teacher_scratch(info: ModelFile, backend: str, N: int, C: int, workspace: int = 0) -> tuple:
@@ -343,21 +345,25 @@ def block_backward_stages(cfg: ModelConfig, B: int, T: int, lo: int = F32) -> di
     }
 
 
-def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32) -> dict:
-    """Student._fused_head_backward (ops/fused_linear_loss.py), chunk by chunk (teacher_head(n): the
-    teacher's lm_head buffers for n tokens). Per chunk of n tokens, S = the student's logits s [n, V]
-    at lo (the loss kernel writes ds over s, so s/ds is one buffer); each chunk's buffers are dropped
-    before the next chunk's product, so no stage holds two chunks:
-      teacher    s and the teacher's lm_head for the chunk
-      loss       s/ds and the teacher's float32 logits [n, V] (the kernel keeps nothing else of size V)
-      backward   s/ds and ds @ W [n, D] (gW += ds^T h accumulates in place: cuBLAS, no [V, D] temporary)"""
+def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32, span=None) -> dict:
+    """Student._fused_head_backward (ops/fused_linear_loss.py), chunk by chunk (teacher_head(n, itemsize):
+    the teacher's lm_head buffers for n tokens). Per chunk of n tokens, S = the student's logits s [n, V]
+    at lo (the loss kernel writes ds over s, so s/ds is one buffer); the teacher's logits are asked
+    for before s is made, and each chunk's buffers are dropped before the next chunk's:
+      teacher    the teacher's lm_head for the chunk (span: for a span of R = max(n, tokens) rows)
+      loss       s/ds and the teacher's logits (float32 [n, V]; span: the span's R rows at its itemsize)
+      backward   s/ds and ds @ W [n, D] (gW += ds^T h accumulates in place: cuBLAS, no [V, D] temporary),
+                 and the span while later chunks still read it (R >= 2n)
+    span: (tokens, bytes per logit) of Teacher.logits_fn's spans (teacher.model.head_span), or None."""
     V, D = cfg.vocab_size, cfg.d_model
     stages = {}
     for n, p in _chunks(N, C):
         S, later = n * V * lo, (f" after {p}" if p else "")
-        stages[f"teacher head ({n} tokens{later})"] = dict(logits=S, **{f"teacher_{k}": v for k, v in teacher_head(n).items()})
-        stages[f"loss ({n} tokens{later})"] = dict(logits_ds=S, teacher_logits=n * V * F32)
-        stages[f"head backward ({n} tokens{later})"] = dict(logits_ds=S, dh_chunk=n * D * lo)
+        R, isz = (n, F32) if span is None else (min(max(n, span[0]), N), span[1])
+        kept = R * V * isz if R >= 2 * n else 0
+        stages[f"teacher head ({n} tokens{later})"] = {f"teacher_{k}": v for k, v in teacher_head(R, isz).items()}
+        stages[f"loss ({n} tokens{later})"] = dict(logits_ds=S, teacher_logits=R * V * isz)
+        stages[f"head backward ({n} tokens{later})"] = dict(logits_ds=S, dh_chunk=n * D * lo, teacher_span=kept)
     return stages
 
 
@@ -477,6 +483,7 @@ class Plan:
     rows: list = field(default_factory=list)
     gpus: int = 1               # data-parallel ranks: the rows are one GPU's, ``batch`` its share
     blas_workspace: int = 0     # kernels.blas's cuBLAS workspace (a GPU's), kept from the first product on
+    head_span: tuple = None     # (tokens, bytes per logit) of the teacher's logits_fn spans in a step (a GPU's)
 
     def add(self, name, predicted_bytes, counts, measured=False) -> int:
         self.rows.append(Row(name, int(predicted_bytes), counts, measured))
@@ -505,6 +512,7 @@ class Plan:
                 "chunk_tokens": self.chunk_tokens, "teacher_chunk_tokens": self.teacher_chunk_tokens,
                 "checkpoint": self.checkpoint, "teacher_backend": self.teacher_backend,
                 "gpus": self.gpus, "global_batch": self.batch * self.gpus, "blas_workspace": self.blas_workspace,
+                "head_span": self.head_span,
                 "teacher_resident_bytes": self.teacher_resident_bytes,
                 "teacher_forward_peak_bytes": self.teacher_forward_peak_bytes,
                 "distill_step_peak_bytes": self.distill_step_peak_bytes,
@@ -558,7 +566,8 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
                          "sparse_embedding_grad": _student_rows(scfg, precision, gpus, sparse_embedding_grad)},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
-                teacher_backend=teacher_backend, gpus=gpus, blas_workspace=_blas_workspace(gpu))
+                teacher_backend=teacher_backend, gpus=gpus, blas_workspace=_blas_workspace(gpu),
+                head_span=_head_span(gpu))
     _add_teacher_rows(plan, info)
     _add_step_rows(plan, info, scfg, n_params)
     return plan
@@ -572,6 +581,17 @@ def _student_rows(cfg: ModelConfig, precision: str, gpus: int, given) -> bool:
     from .. import backend
 
     return not cfg.tied_output and precision == "bf16" and gpus == 1 and backend.on_gpu()
+
+
+def _head_span(gpu):
+    """teacher.model.head_span as the plan's device (given, or here) sees it: (tokens, bytes per logit) or None."""
+    from .. import backend
+    from ..teacher import model as teacher_model
+
+    import numpy as np
+
+    span = teacher_model.head_span(backend.on_gpu() if gpu is None else bool(gpu))
+    return None if span is None else (int(span[0]), np.dtype(span[1]).itemsize)
 
 
 def _blas_workspace(gpu) -> int:
@@ -667,7 +687,9 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
     plan.add("student activations (checkpointing off)", L * cache + ND,
              "every block's cache (" + ", ".join(k for k, v in cache_bytes(cfg, B, T, lo).items() if v)
              + ") + the final norm's input")
-    loss_name, loss = _largest(stages_of_loss(cfg, N, plan.chunk_tokens, lambda n: lm_head_bytes(info, b, n), lo))
+    head_bytes = lambda n, itemsize=F32: lm_head_bytes(info, b, n, itemsize=itemsize)      # noqa: E731
+    loss_name, loss = _largest(stages_of_loss(cfg, N, plan.chunk_tokens, head_bytes, lo, **(
+        dict(span=plan.head_span) if fused else {})))
     if not fused and lo != F32:
         loss = dict(loss, low_hidden=N * cfg.d_model * lo)     # the final hidden's bf16 copy, held through the head
     head = "Student._fused_head_backward" if fused else "Student._head_backward"

@@ -572,7 +572,8 @@ class Student:
         if tuple(t.shape) != (stop - start, self.config.vocab_size):
             raise Q4KError(f"teacher logits for tokens {start}:{stop} have shape {tuple(t.shape)}, "
                            f"expected {(stop - start, self.config.vocab_size)} (same vocabulary as the student?)")
-        return self.xp.asarray(t)
+        t = self.xp.asarray(t)
+        return t if t.dtype == np.float32 or t.dtype == np.float64 else t.astype(np.float32)   # the reference loss: float32
 
     def _head_backward(self, h, teacher, loss_cfg, w):
         """LM head + loss + their backward, chunk by chunk. h [N, D] -> (dh [N, D], kd sum, ce sum).

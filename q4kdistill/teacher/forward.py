@@ -112,14 +112,16 @@ def linear(x, w: Weight, bias: Weight | None = None):
     return y.reshape(x.shape[:-1] + (n_out,))
 
 
-def lm_head(h, w: Weight):
-    """h [..., D] -> float32 logits [..., V], the vocabulary HEAD_ROWS rows at a time."""
+def lm_head(h, w: Weight, dtype=None):
+    """h [..., D] -> logits [..., V] (float32, or ``dtype``: each product's float32 slab rounded as
+    it is written), the vocabulary HEAD_ROWS rows at a time."""
     xp = array_module(h)
     V = w.shape[0]
     if not w.quantized or V <= HEAD_ROWS:
-        return linear(h, w)
+        y = linear(h, w)
+        return y if dtype is None or y.dtype == dtype else y.astype(dtype)
     h2 = h.reshape(-1, h.shape[-1])                          # [M, D]
-    out = xp.empty((h2.shape[0], V), dtype=xp.float32)       # [M, V]
+    out = xp.empty((h2.shape[0], V), dtype=dtype or xp.float32)   # [M, V]
     for r0 in range(0, V, HEAD_ROWS):
         out[:, r0:r0 + HEAD_ROWS] = linear(h2, w.rows(r0, r0 + HEAD_ROWS))
     return out.reshape(h.shape[:-1] + (V,))

@@ -152,8 +152,8 @@ def fused_linear_loss(h, W, teacher, cfg: LossConfig, weights: dict, chunk_token
         stop = min(start + step, N)
         sl = slice(start, stop)
         hc = h[sl]                                                   # [n, D]
-        s = blas.product(hc, W, trans_b=True)                             # [n, V]
-        t = _teacher_chunk(teacher, start, stop, V, xp)
+        t = _teacher_chunk(teacher, start, stop, V, xp)              # first: its product's buffers never meet s
+        s = blas.product(hc, W, trans_b=True)                        # [n, V]
         rows = (weights["targets"][sl], weights["kd_weight"][sl], weights["ce_weight"][sl], cfg)
         if isinstance(t, SparseTargets):                             # losses.chunk_loss in float32, ds back in s's type
             kd, ce, ds = chunk_loss(_f32(s), t, *rows)
