@@ -7,13 +7,15 @@
 Inputs: CuPy float32 (cast here to fp16 or bf16 bits), float16 (used as fp16), or uint16 (bf16 bits,
 the package's bfloat16 convention). Outputs and gradients are float32 (o also in 16 bits: out_dtype). Shapes as in
 ops/flash_attention.py. The tiles per head size keep the static shared memory under 48 KB (the
-forward double-buffers its K/V tiles with cp.async) and the registers at most 255 (nvcc -Xptxas -v,
-sm_90a; registers forward / backward):
+forward double-buffers its K/V tiles with cp.async) and the registers at most 255 (nvcc 13.0 -Xptxas -v,
+sm_90a; registers forward / backward; MT: m16 tiles = 16 query rows per warp, forward_mtiles):
 
-    D <= 64    forward 4 warps x 64 keys    backward 64 keys, 4 warps          (133 / 224; D = 64 capped
-                                                                                at 128 / 168: REGISTER_CAP)
-    D <= 128   forward 4 warps x 32 keys    backward 32 keys, 2 warps per key  (174 / 163)
-    D <= 256   forward 4 warps x 16 keys    backward 16 keys, 4 warps per key  (255 + 4 B spilled / 160)
+    D <= 64    forward 4 warps x 64 keys, MT 2   backward 64 keys, 4 warps          (255 / 240)
+    D <= 128   forward 4 warps x 32 keys, MT 1   backward 32 keys, 2 warps per key  (174 / 168)
+    D <= 256   forward 4 warps x 16 keys, MT 1   backward 16 keys, 4 warps per key  (255 + 4 B spilled / 163)
+
+D = 64's forward with MT 1 (Q4KDISTILL_FA_FWD_MT=1): 133 registers. REGISTER_CAP caps that at 128
+and the backward at 168; MT 2 needs ~246 (a cap of 240 spills 40 B): uncapped, 2 blocks per SM.
 
 The simulator cannot run C: it runs the FP32 twin (flash_attention.py); the CPU suite runs this C
 through tests/flash_attention_emulate.cpp.
@@ -21,6 +23,7 @@ through tests/flash_attention_emulate.cpp.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +38,24 @@ DTYPES = ("bf16", "fp16")
 _PTR, _I32, _F32 = types.voidptr, types.int32, types.float32
 
 
-def forward_tiles(D: int) -> tuple:
-    """(warps, keys per tile) of fa_forward for head size D (tests/flash_attention_emulate.cpp
-    instantiates the same)."""
-    return (4, 64) if D <= 64 else (4, 32) if D <= 128 else (4, 16)
+MT_ENV = "Q4KDISTILL_FA_FWD_MT"
+
+
+def forward_mtiles(D: int) -> int:
+    """m16 tiles per warp of fa_forward (query rows per warp / 16) for head size D: 1 above 64
+    (registers: module doc); else $Q4KDISTILL_FA_FWD_MT (1 or 2) where set, 2 where not. Read at
+    every launch, so one process can run both."""
+    env = os.environ.get(MT_ENV, "").strip()
+    if env and env not in ("1", "2"):
+        raise Q4KError(f"{MT_ENV}={env!r}: expected 1 or 2")
+    return 1 if D > 64 else int(env) if env else 2
+
+
+def forward_tiles(D: int, mt: int | None = None) -> tuple:
+    """(warps, keys per tile, m16 tiles per warp) of fa_forward for head size D; mt None:
+    forward_mtiles(D) (tests/flash_attention_emulate.cpp instantiates the same)."""
+    warps, bc = (4, 64) if D <= 64 else (4, 32) if D <= 128 else (4, 16)
+    return warps, bc, forward_mtiles(D) if mt is None else mt
 
 
 def backward_tiles(D: int) -> tuple:
@@ -61,13 +78,14 @@ def _data_ptr():
 OUTS = {None: 0, "float16": 1, "bfloat16": 2}   # the forward's o: float32, fp16 or bf16 (fa_forward's OUT)
 
 
-def forward_source(D: int, bf16: bool, out: int = 0) -> tuple:
-    """(name, extern "C" wrapper) of fa_forward for head size D, o as OUTS says."""
-    warps, bc = forward_tiles(D)
-    name = f"fa_fwd_d{D}_w{warps}_c{bc}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
+def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None) -> tuple:
+    """(name, extern "C" wrapper) of fa_forward for head size D, o as OUTS says, mt m16 tiles per
+    warp (None: forward_mtiles(D))."""
+    warps, bc, mt = forward_tiles(D, mt)
+    name = f"fa_fwd_d{D}_w{warps}_c{bc}_m{mt}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
-                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}>(q, k, v, '
+                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}, {mt}>(q, k, v, '
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
@@ -82,12 +100,13 @@ def backward_source(D: int, bf16: bool) -> tuple:
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
 
 
-# Register caps per (pass, head size) handed to the Numba kernels (cuda.jit(max_registers=...)): fewer
-# registers per thread let more blocks share an SM; absent: the compiler's choice. Measured on an H200
-# (2026-12-04, T = 8192, 14 heads of 64, docs/perf.md): backward 236 registers (2 blocks per SM) 2.71 ms,
-# capped at 168 (3 blocks) 2.34 ms, at 128 2.67 ms; forward 133 registers 1.10 ms, at 128 (4 blocks)
-# 1.04 ms; D = 128's forward is fastest uncapped (3.10 ms; 168: 3.18, 128: 3.55).
-REGISTER_CAP: dict = {("bwd", 64): 168, ("fwd", 64): 128}
+# Register caps per ("bwd", head size) / ("fwd", head size, m16 tiles per warp) handed to the Numba kernels
+# (cuda.jit(max_registers=...)): fewer registers per thread let more blocks share an SM; absent: the
+# compiler's choice. Measured on an H200 (2026-12-04, T = 8192, 14 heads of 64, docs/perf.md): backward 236
+# registers (2 blocks per SM) 2.71 ms, capped at 168 (3 blocks) 2.34 ms, at 128 2.67 ms; forward (MT = 1) 133
+# registers 1.10 ms, at 128 (4 blocks) 1.04 ms; D = 128's forward is fastest uncapped (3.10 ms; 168: 3.18,
+# 128: 3.55). MT = 2 needs ~246 registers (nvcc 13.0: a cap of 240 spills 40 bytes): no cap.
+REGISTER_CAP: dict = {("bwd", 64): 168, ("fwd", 64, 1): 128}
 
 
 def _jit(max_registers):
@@ -96,9 +115,9 @@ def _jit(max_registers):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0):
+def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: int = 1):
     """(Numba kernel, threads per block, query rows per block)."""
-    name, extra = forward_source(D, bf16, out)
+    name, extra = forward_source(D, bf16, out, mt)
     fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32, _F32, _PTR, _PTR),
                              link=[_source_with(extra)], abi="c")
     ptr = _data_ptr()
@@ -108,8 +127,8 @@ def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0):
         fn(ptr(q), ptr(k), ptr(v), ptr(mask), np.int32(has_mask), np.int32(T), np.int32(H), np.int32(KV),
            np.int32(window), np.float32(scale), ptr(o), ptr(lse))
 
-    warps = forward_tiles(D)[0]
-    return kernel, 32 * warps, 16 * warps
+    warps = forward_tiles(D, mt)[0]
+    return kernel, 32 * warps, 16 * mt * warps
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,7 +277,8 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dt
     mask, has = _mask_arg(key_mask, B, T)
     o = cupy.empty((B, T, H, D), dtype=np.float32 if out is None else out_dtype)
     lse = cupy.empty((B, H, T), dtype=np.float32)
-    kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D)), OUTS[out])
+    mt = forward_mtiles(D)
+    kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt)
     launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
            KV, _window(window, T), np.float32(scale), o.reshape(-1) if out is None else o.reshape(-1).view(np.uint16),
            lse.reshape(-1))

@@ -85,12 +85,14 @@ static inline void fa_cp_wait() {}
 
 #include FA_SOURCE   // kernels/csrc/flash_attention.cu (the build passes its path)
 
-// The instantiations kernels/flash_attention_mma.py ships (forward_tiles / backward_tiles).
-#define FA_FWD(D_, W_, BC_)                                                                                    \
-    if (D == D_) {                                                                                             \
-        run_grid((T + 16 * W_ - 1) / (16 * W_), H, B, 32 * W_, [&] {                                         \
-            if (bf16) fa_forward<D_, W_, BC_, true>(q, k, v, has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); \
-            else fa_forward<D_, W_, BC_, false>(q, k, v, has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); \
+// The instantiations kernels/flash_attention_mma.py ships (forward_tiles / backward_tiles); the forward's
+// MT (m16 tiles per warp: 16 MT query rows per warp) is picked by the caller.
+#define FA_FWD(D_, W_, BC_, MT_)                                                                               \
+    if (D == D_ && mt == MT_) {                                                                                \
+        run_grid((T + 16 * MT_ * W_ - 1) / (16 * MT_ * W_), H, B, 32 * W_, [&] {                             \
+            const u8* m = has_mask ? mask : nullptr;                                                           \
+            if (bf16) fa_forward<D_, W_, BC_, true, 0, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);       \
+            else fa_forward<D_, W_, BC_, false, 0, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);           \
         });                                                                                                    \
         return 0;                                                                                              \
     }
@@ -106,32 +108,36 @@ static inline void fa_cp_wait() {}
         return 0;                                                                                              \
     }
 
-extern "C" int emu_forward(int D, int bf16, const u16* q, const u16* k, const u16* v, const u8* mask, int has_mask,
-                           int B, int T, int H, int KV, int window, float scale, float* o, float* lse) {
-    FA_FWD(32, 4, 64)
-    FA_FWD(64, 4, 64)
-    FA_FWD(128, 4, 32)
-    FA_FWD(256, 4, 16)
+extern "C" int emu_forward(int D, int mt, int bf16, const u16* q, const u16* k, const u16* v, const u8* mask,
+                           int has_mask, int B, int T, int H, int KV, int window, float scale, float* o, float* lse) {
+    FA_FWD(32, 4, 64, 1)
+    FA_FWD(32, 4, 64, 2)
+    FA_FWD(64, 4, 64, 1)
+    FA_FWD(64, 4, 64, 2)
+    FA_FWD(128, 4, 32, 1)
+    FA_FWD(256, 4, 16, 1)
     return 1;
 }
 
 // the forward writing o in 16 bits (OUT 1: fp16, 2: bf16)
-#define FA_FWD16(D_, W_, BC_)                                                                                  \
-    if (D == D_) {                                                                                             \
-        run_grid((T + 16 * W_ - 1) / (16 * W_), H, B, 32 * W_, [&] {                                         \
+#define FA_FWD16(D_, W_, BC_, MT_)                                                                             \
+    if (D == D_ && mt == MT_) {                                                                                \
+        run_grid((T + 16 * MT_ * W_ - 1) / (16 * MT_ * W_), H, B, 32 * W_, [&] {                             \
             const u8* m = has_mask ? mask : nullptr;                                                           \
-            if (bf16 && out == 2) fa_forward<D_, W_, BC_, true, 2>(q, k, v, m, T, H, KV, window, scale, o, lse); \
-            else if (bf16) fa_forward<D_, W_, BC_, true, 1>(q, k, v, m, T, H, KV, window, scale, o, lse);       \
-            else if (out == 2) fa_forward<D_, W_, BC_, false, 2>(q, k, v, m, T, H, KV, window, scale, o, lse);  \
-            else fa_forward<D_, W_, BC_, false, 1>(q, k, v, m, T, H, KV, window, scale, o, lse);               \
+            if (bf16 && out == 2) fa_forward<D_, W_, BC_, true, 2, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16) fa_forward<D_, W_, BC_, true, 1, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);  \
+            else if (out == 2) fa_forward<D_, W_, BC_, false, 2, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse); \
+            else fa_forward<D_, W_, BC_, false, 1, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);          \
         });                                                                                                    \
         return 0;                                                                                              \
     }
 
-extern "C" int emu_forward16(int D, int bf16, int out, const u16* q, const u16* k, const u16* v, const u8* mask,
-                             int has_mask, int B, int T, int H, int KV, int window, float scale, void* o, float* lse) {
-    FA_FWD16(64, 4, 64)
-    FA_FWD16(128, 4, 32)
+extern "C" int emu_forward16(int D, int mt, int bf16, int out, const u16* q, const u16* k, const u16* v,
+                             const u8* mask, int has_mask, int B, int T, int H, int KV, int window, float scale,
+                             void* o, float* lse) {
+    FA_FWD16(64, 4, 64, 1)
+    FA_FWD16(64, 4, 64, 2)
+    FA_FWD16(128, 4, 32, 1)
     return 1;
 }
 

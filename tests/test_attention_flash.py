@@ -351,13 +351,13 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
     text = fm.SOURCE.read_text()
     names = []
     for D in (64, 128, 256):
+        mts = (1, 2) if D <= 64 else (1,)                  # the forward's m16 tiles per warp (forward_mtiles)
+        sources = []
         for bf16 in (True, False) if D == 64 else (True,):
-            for make in (fm.forward_source, fm.backward_source):
-                name, extra = make(D, bf16)
-                text += extra
-                names.append(name)
+            sources += [fm.backward_source(D, bf16)] + [fm.forward_source(D, bf16, 0, mt) for mt in mts]
         for out in (1, 2):                                 # o in fp16 (the teacher) or bf16 (a bf16 student)
-            name, extra = fm.forward_source(D, False, out)
+            sources += [fm.forward_source(D, False, out, mt) for mt in mts]
+        for name, extra in sources:
             text += extra
             names.append(name)
     for name, args in re.findall(r'extern "C" __device__ int (\w+)\(([^)]*)\)', text):    # a kernel per function
@@ -370,8 +370,10 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", out.stderr, re.S)
     assert sorted(n for n, _ in spills) == sorted(f"k_{n}" for n in names)
-    # at most a word or two (the D = 256 forward: 128 accumulators and 64 Q fragment registers per thread)
+    # at most a word or two (the D = 256 forward: 128 accumulators and 64 Q fragment registers per thread);
+    # none for the forward with 32 query rows per warp (MT = 2, the default for D <= 64)
     assert all(int(b) <= 8 for _, b in spills), spills
+    assert all(int(b) == 0 for n, b in spills if "_m2_" in n), spills
 
 
 # -- the CUDA C kernels themselves, on the CPU: tests/flash_attention_emulate.cpp ---------------
@@ -400,9 +402,9 @@ def _dkv_buffers(B, T, H, KV, D):
     return (np.full((B, T, KV, D), fill, np.float32) for _ in range(2))
 
 
-def _emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):
-    """(o, dq, dk, dv, lse) from the emulated kernels, outputs poisoned with NaN (dq zeroed: atomics; dk, dv
-    zeroed under GQA)."""
+def _emulated_attention(lib, q, k, v, do, mask, window, scale, dtype, mt=1):
+    """(o, dq, dk, dv, lse) from the emulated kernels (the forward with mt m16 tiles per warp), outputs
+    poisoned with NaN (dq zeroed: atomics; dk, dv zeroed under GQA)."""
     import ctypes
 
     B, T, H, D = q.shape
@@ -415,9 +417,9 @@ def _emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):
     p = lambda a: a.ctypes.data_as(ctypes.c_void_p)             # noqa: E731
     I, F = ctypes.c_int, ctypes.c_float
     bf = I(dtype == "bf16")
-    rc = lib.emu_forward(I(D), bf, p(q16), p(k16), p(v16), p(m), I(mask is not None), I(B), I(T), I(H), I(KV), I(w),
-                         F(scale), p(o), p(lse))
-    assert rc == 0, f"no emulated forward for D = {D}"
+    rc = lib.emu_forward(I(D), I(mt), bf, p(q16), p(k16), p(v16), p(m), I(mask is not None), I(B), I(T), I(H), I(KV),
+                         I(w), F(scale), p(o), p(lse))
+    assert rc == 0, f"no emulated forward for D = {D}, MT = {mt}"
     # as the wrapper: dO and drow times the power of two that brings max |dO| into [1, 2)
     s = np.array([2.0 ** -np.floor(np.log2(np.abs(do).max()))], np.float32)
     do16 = _bits16(do * s[0], dtype)
@@ -438,24 +440,28 @@ EMU_CASES = [   # B, T, H, KV, D, window, pad, dtype: tiles cross T, GQA, window
     (1, 41, 2, 1, 256, 20, [3], "bf16"),
     (1, 150, 2, 1, 64, None, None, "bf16"),        # tiles below the diagonal: the unmasked fast path
     (1, 200, 2, 1, 32, 150, None, "fp16"),         # ... and next to a window's edge
+    (2, 203, 4, 2, 64, 45, [0, 7], "fp16"),        # a window inside a warp's 32 rows; m-tiles past T
 ]
+# the forward's m16 tiles per warp: 1 and 2 where D <= 64 (forward_mtiles), 1 above
+EMU_MT_CASES = [c + (mt,) for c in EMU_CASES for mt in ((1, 2) if c[4] <= 64 else (1,))]
 
 
-@pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype", EMU_CASES)
-def test_mma_kernels_emulated_on_the_cpu(emulated, B, T, H, KV, D, window, pad, dtype):
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype,mt", EMU_MT_CASES)
+def test_mma_kernels_emulated_on_the_cpu(emulated, B, T, H, KV, D, window, pad, dtype, mt):
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D, pad=pad)
     do = do * 1e-7                         # gradients this small are fp16 subnormals unless scaled (kept unrounded)
     q, k, v = (_round16(x, dtype) for x in (q, k, v))
     scale = D ** -0.5
     want = reference(q, k, v, do, mask, window, scale)
-    o, dq, dk, dv, lse = _emulated_attention(emulated, q, k, v, do, mask, window, scale, dtype)
-    check_all((o, dq, dk, dv), want, EMU_BOUNDS[dtype], f"emulated mma {dtype}")
+    o, dq, dk, dv, lse = _emulated_attention(emulated, q, k, v, do, mask, window, scale, dtype, mt)
+    check_all((o, dq, dk, dv), want, EMU_BOUNDS[dtype], f"emulated mma {dtype} MT {mt}")
     check_lse(lse, q, k, v, mask, window, scale, 1e-2)
 
 
-@pytest.mark.parametrize("D,dtype,out", [(64, "bf16", "bf16"), (64, "fp16", "bf16"), (64, "fp16", "fp16"),
-                                         (128, "fp16", "fp16"), (128, "fp16", "bf16")])
-def test_mma_forward_writes_o_in_16_bits_as_a_cast_would(emulated, D, dtype, out):
+@pytest.mark.parametrize("D,dtype,out,mt", [(64, "bf16", "bf16", 1), (64, "fp16", "bf16", 1), (64, "fp16", "fp16", 1),
+                                            (64, "bf16", "bf16", 2), (64, "fp16", "bf16", 2), (64, "fp16", "fp16", 2),
+                                            (128, "fp16", "fp16", 1), (128, "fp16", "bf16", 1)])
+def test_mma_forward_writes_o_in_16_bits_as_a_cast_would(emulated, D, dtype, out, mt):
     """The forward's 16-bit o (template OUT: for a product that reads 16 bits) is its float32 o
     rounded to nearest even, bit for bit, and the same log-sum-exp; a fully padded row's o is 0."""
     import ctypes
@@ -464,15 +470,16 @@ def test_mma_forward_writes_o_in_16_bits_as_a_cast_would(emulated, D, dtype, out
     q, k, v, _, mask = make_inputs(B, T, H, KV, D, seed=D + len(out), pad=[6])
                                                            # (keys 0..5 padded: query 0 sees no key)
     q, k, v = (_round16(x, dtype) for x in (q, k, v))
-    o32, _, _, _, lse32 = _emulated_attention(emulated, q, k, v, np.ones_like(q), mask, None, D ** -0.5, dtype)
+    o32, _, _, _, lse32 = _emulated_attention(emulated, q, k, v, np.ones_like(q), mask, None, D ** -0.5, dtype, mt)
     o16 = np.full((B, T, H, D), 0x7FC0, np.uint16)         # poisoned
     lse = np.full((B, H, T), np.nan, np.float32)
     p = lambda a: a.ctypes.data_as(ctypes.c_void_p)       # noqa: E731
     I = ctypes.c_int
     q16, k16, v16 = (_bits16(x, dtype) for x in (q, k, v))
     m = np.ascontiguousarray(mask, dtype=np.uint8)
-    rc = emulated.emu_forward16(I(D), I(dtype == "bf16"), I(2 if out == "bf16" else 1), p(q16), p(k16), p(v16), p(m),
-                                I(1), I(B), I(T), I(H), I(KV), I(T + 1), ctypes.c_float(D ** -0.5), p(o16), p(lse))
+    rc = emulated.emu_forward16(I(D), I(mt), I(dtype == "bf16"), I(2 if out == "bf16" else 1), p(q16), p(k16),
+                                p(v16), p(m), I(1), I(B), I(T), I(H), I(KV), I(T + 1), ctypes.c_float(D ** -0.5),
+                                p(o16), p(lse))
     assert rc == 0
     np.testing.assert_array_equal(o16, _bits16(o32, out))
     np.testing.assert_array_equal(lse, lse32)

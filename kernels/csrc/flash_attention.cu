@@ -24,13 +24,19 @@
 // so the C fragments of two adjacent n-tiles, packed to 16 bits, are the A fragment of the next
 // product with k over those 16 columns (P -> P V, dS^T -> dS^T Q): no trip through shared memory.
 //
-// fa_forward<D, WARPS, BC>: one block per (query tile of 16*WARPS rows, head, batch); warp w owns
-//   16 query rows, its Q fragments in registers for the whole block. Key tiles of BC rows of K and
-//   V go to shared memory by cp.async in two stages (tile n + 1 lands while tile n is multiplied);
-//   fragments come out of shared memory by ldmatrix. Per tile: S = Q K^T (registers), masked, online softmax
-//   in base 2 (running max m and partial sums l per row; the quad of lanes sharing a row reduce by
-//   shuffles), O = O * exp2(m - m') + P V. Tiles entirely above the diagonal or left of the window
-//   are never loaded. Query tiles run heaviest first (causal: the last tiles see the most keys).
+// fa_forward<D, WARPS, BC, BF16, OUT, MT>: one block per (query tile of 16*MT*WARPS rows, head, batch);
+//   warp w owns 16*MT query rows as MT m16 tiles, their Q fragments in registers for the whole block.
+//   Key tiles of BC rows of K and V go to shared memory by cp.async in two stages (tile n + 1 lands while
+//   tile n is multiplied); fragments come out of shared memory by ldmatrix. Per tile and m-tile: S = Q K^T
+//   (registers), masked, online softmax in base 2 (running max m and partial sums l per row; the quad of
+//   lanes sharing a row reduce by shuffles), O = O * exp2(m - m') + P V. Each K and V fragment loaded
+//   feeds one mma per m-tile: MT = 2 (FlashAttention-2's 32 rows per warp for D = 64) halves the ldmatrix
+//   traffic per FLOP and gives each warp two independent softmax chains, for twice the Q, S and O
+//   registers (D = 64: 255 registers per thread, 133 with MT = 1; nvcc 13.0, sm_90a). A warp skips a
+//   key tile that none of its rows sees; an m-tile that sees none of it (past T, the window's edge; on the
+//   diagonal never, with BC a multiple of 32) is multiplied anyway: its P is 0. Tiles entirely above the
+//   diagonal or left of the window are never loaded. Query tiles run heaviest first (causal: the last
+//   tiles see the most keys).
 // fa_backward<D, BC, DSPLIT>: parallel over key tiles and query heads (FlashAttention-2's grid): a
 //   block holds one key tile of one query head's kv head and walks the query tiles that see it, with
 //   dK and dV in registers. Without GQA (G = H / KV = 1) it is their only writer and stores them;
@@ -189,10 +195,10 @@ static __device__ __forceinline__ bool fa_visible(int i, int j, int T, int windo
     return i < T && j <= i && i - j < window && (mask_b == nullptr || mask_b[j]);
 }
 
-template <int D, int WARPS, int BC, bool BF16, int OUT = 0>
+template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1>
 static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                   int H, int KV, int window, float scale, void* o, float* lse) {
-    constexpr int BR = 16 * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
+    constexpr int RW = 16 * MT, BR = RW * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
     __shared__ __align__(16) u16 ks[2][BC][D + 8];                // two stages: tile n+1 lands during tile n
     __shared__ __align__(16) u16 vs[2][BC][D + 8];
     constexpr int STAGE_BYTES = BC * (D + 8) * 2;
@@ -202,25 +208,34 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
     const int lm_lo = fa_lm_lo(lane), lm_hi = fa_lm_hi(lane);   // this lane's ldmatrix row / column offsets
     const int lm_n = lm_hi + lm_lo % 8, lm_k = lm_lo - lm_lo % 8;   // ... for B from [n][k] rows
     const fa_saddr k_nk0 = fa_smem(&ks[0][lm_n][lm_k]), v_kn0 = fa_smem(&vs[0][lm_lo][lm_hi]);
-    const int i0 = tile * BR, wi0 = i0 + 16 * warp;
-    const int rows[2] = {wi0 + gid, wi0 + gid + 8};
+    const int i0 = tile * BR, wi0 = i0 + RW * warp;               // this warp's rows wi0 .. wi0 + RW - 1
+    int rows[MT][2];                                             // m-tile mt: rows wi0 + 16 mt + gid (+ 8)
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) rows[mt][0] = wi0 + 16 * mt + gid, rows[mt][1] = wi0 + 16 * mt + gid + 8;
     const u16* qb = q + size_t(b) * T * H * D;
     const u16* kb = k + size_t(b) * T * KV * D;
     const u16* vb = v + size_t(b) * T * KV * D;
     const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
 
-    u32 qa[KD][4];                                               // this warp's 16 rows of Q as A fragments
+    u32 qa[MT][KD][4];                                           // this warp's RW rows of Q as A fragments
     #pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
+    for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = rows[e & 1], col = 16 * kk + 2 * tig + 8 * (e >> 1);
-            qa[kk][e] = r < T ? *reinterpret_cast<const u32*>(qb + (size_t(r) * H + h) * D + col) : 0u;
-        }
-    float acc[DT][4];
+        for (int kk = 0; kk < KD; ++kk)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = rows[mt][e & 1], col = 16 * kk + 2 * tig + 8 * (e >> 1);
+                qa[mt][kk][e] = r < T ? *reinterpret_cast<const u32*>(qb + (size_t(r) * H + h) * D + col) : 0u;
+            }
+    float acc[MT][DT][4];
+    float m[MT][2], l[MT][2];
     #pragma unroll
-    for (int t = 0; t < DT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-    float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f};
+    for (int mt = 0; mt < MT; ++mt) {
+        #pragma unroll
+        for (int t = 0; t < DT; ++t) acc[mt][t][0] = acc[mt][t][1] = acc[mt][t][2] = acc[mt][t][3] = 0.f;
+        m[mt][0] = m[mt][1] = -FA_INF;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
     const float sl2 = scale * FA_LOG2E;
 
     const int i1 = min(T, i0 + BR);
@@ -239,92 +254,124 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
         fa_cp_wait<1>();                                         // this thread's pieces of tile j0 have landed
         __syncthreads();                                         // ... and every thread's
         const fa_saddr k_nk = k_nk0 + stage * STAGE_BYTES, v_kn = v_kn0 + stage * STAGE_BYTES;
-        if (wi0 < T && j0 <= wi0 + 15 && wi0 - (j0 + BC - 1) < window) {   // anything visible to this warp
-            // every (row, key) pair of the tile visible: no padding mask, below the diagonal, inside the window
-            const bool all_visible = mask_b == nullptr && wi0 + 15 < T && j0 + BC - 1 <= wi0 && wi0 + 15 - j0 < window;
-            float s[NT][4];
+        if (wi0 < T && j0 <= wi0 + RW - 1 && wi0 - (j0 + BC - 1) < window) {   // anything visible to this warp
+            // (an m-tile that sees none of the tile's keys is multiplied anyway: its P is 0, m and l stay)
+            // per m-tile: every (row, key) pair visible (no padding mask, below the diagonal, inside the window)
+            bool all_visible[MT];
             #pragma unroll
-            for (int t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+            for (int mt = 0; mt < MT; ++mt) {
+                const int r0 = wi0 + 16 * mt;
+                all_visible[mt] = mask_b == nullptr && r0 + 15 < T && j0 + BC - 1 <= r0 && r0 + 15 - j0 < window;
+            }
+            float s[MT][NT][4];
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                #pragma unroll
+                for (int t = 0; t < NT; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
             #pragma unroll
             for (int kk = 0; kk < KD; ++kk)
                 #pragma unroll
                 for (int t = 0; t < NT; t += 2) {                    // S = Q K^T: K rows are B's columns
-                    u32 kf[4];
+                    u32 kf[4];                                       // (one load, an mma per m-tile)
                     fa_ldm4<false>(kf, k_nk + 2 * ((8 * t) * (D + 8) + 16 * kk));
-                    fa_mma<BF16>(s[t], qa[kk], kf[0], kf[1]);
-                    fa_mma<BF16>(s[t + 1], qa[kk], kf[2], kf[3]);
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        fa_mma<BF16>(s[mt][t], qa[mt][kk], kf[0], kf[1]);
+                        fa_mma<BF16>(s[mt][t + 1], qa[mt][kk], kf[2], kf[3]);
+                    }
                 }
-            float mx[2] = {m[0], m[1]};
+            float mx[MT][2], alpha[MT][2], base[MT][2];
             #pragma unroll
-            for (int t = 0; t < NT; ++t)
+            for (int mt = 0; mt < MT; ++mt) {
+                mx[mt][0] = m[mt][0], mx[mt][1] = m[mt][1];
                 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int j = j0 + 8 * t + 2 * tig + (e & 1);
-                    const bool seen = all_visible || fa_visible(rows[e >> 1], j, T, window, mask_b);
-                    const float x = seen ? s[t][e] * sl2 : -FA_INF;
-                    s[t][e] = x;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
-                }
-            float alpha[2], base[2];
-            #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));   // the 4 lanes of a row
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                base[r] = mx[r] == -FA_INF ? 0.f : mx[r];
-                alpha[r] = fa_exp2(m[r] - base[r]);                  // m = -inf: 0
-                m[r] = mx[r];
-                l[r] *= alpha[r];
+                for (int t = 0; t < NT; ++t)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = j0 + 8 * t + 2 * tig + (e & 1);
+                        const bool seen = all_visible[mt] || fa_visible(rows[mt][e >> 1], j, T, window, mask_b);
+                        const float x = seen ? s[mt][t][e] * sl2 : -FA_INF;
+                        s[mt][t][e] = x;
+                        mx[mt][e >> 1] = fmaxf(mx[mt][e >> 1], x);
+                    }
             }
             #pragma unroll
-            for (int t = 0; t < DT; ++t) {
-                acc[t][0] *= alpha[0]; acc[t][1] *= alpha[0];
-                acc[t][2] *= alpha[1]; acc[t][3] *= alpha[1];
-            }
-            #pragma unroll
-            for (int t = 0; t < NT; ++t)
+            for (int mt = 0; mt < MT; ++mt)
                 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[t][e] = fa_exp2(s[t][e] - base[e >> 1]);        // hidden: exp2(-inf) = 0
-                    l[e >> 1] += s[t][e];
+                for (int r = 0; r < 2; ++r) {
+                    mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 1));   // the 4 lanes of a row
+                    mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 2));
+                    base[mt][r] = mx[mt][r] == -FA_INF ? 0.f : mx[mt][r];
+                    alpha[mt][r] = fa_exp2(m[mt][r] - base[mt][r]);      // m = -inf: 0
+                    m[mt][r] = mx[mt][r];
+                    l[mt][r] *= alpha[mt][r];
                 }
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                #pragma unroll
+                for (int t = 0; t < DT; ++t) {
+                    acc[mt][t][0] *= alpha[mt][0]; acc[mt][t][1] *= alpha[mt][0];
+                    acc[mt][t][2] *= alpha[mt][1]; acc[mt][t][3] *= alpha[mt][1];
+                }
+                #pragma unroll
+                for (int t = 0; t < NT; ++t)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[mt][t][e] = fa_exp2(s[mt][t][e] - base[mt][e >> 1]);   // hidden: exp2(-inf) = 0
+                        l[mt][e >> 1] += s[mt][t][e];
+                    }
+            }
             #pragma unroll
             for (int kc = 0; kc < BC / 16; ++kc) {                   // O += P V, P from the S registers
-                const u32 pa[4] = {fa_pack<BF16>(s[2 * kc][0], s[2 * kc][1]), fa_pack<BF16>(s[2 * kc][2], s[2 * kc][3]),
-                                   fa_pack<BF16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                                   fa_pack<BF16>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+                u32 pa[MT][4];
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    pa[mt][0] = fa_pack<BF16>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                    pa[mt][1] = fa_pack<BF16>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                    pa[mt][2] = fa_pack<BF16>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                    pa[mt][3] = fa_pack<BF16>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+                }
                 #pragma unroll
                 for (int t = 0; t < DT; t += 2) {
-                    u32 vf[4];
+                    u32 vf[4];                                       // (one load, an mma per m-tile)
                     fa_ldm4<true>(vf, v_kn + 2 * ((16 * kc) * (D + 8) + 8 * t));
-                    fa_mma<BF16>(acc[t], pa, vf[0], vf[1]);
-                    fa_mma<BF16>(acc[t + 1], pa, vf[2], vf[3]);
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        fa_mma<BF16>(acc[mt][t], pa[mt], vf[0], vf[1]);
+                        fa_mma<BF16>(acc[mt][t + 1], pa[mt], vf[2], vf[3]);
+                    }
                 }
             }
         }
         __syncthreads();                                         // every warp done with this stage before its refill
     }
     #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (rows[r] >= T) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        const size_t orow = ((size_t(b) * T + rows[r]) * H + h) * D;
+    for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int t = 0; t < DT; ++t) {
-            if (OUT == 0)
-                *reinterpret_cast<float2*>(static_cast<float*>(o) + orow + 8 * t + 2 * tig) =
-                    make_float2(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
-            else                                                 // two 16-bit values in one word
-                *reinterpret_cast<u32*>(static_cast<u16*>(o) + orow + 8 * t + 2 * tig) =
-                    fa_pack<OUT == 2>(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+        for (int r = 0; r < 2; ++r) {
+            l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
+            l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
         }
-        if (tig == 0)
-            lse[(size_t(b) * H + h) * T + rows[r]] = l[r] > 0.f ? m[r] * FA_LN2 + logf(l[r]) : FA_INF;
-    }
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (rows[mt][r] >= T) continue;
+            const float inv = l[mt][r] > 0.f ? 1.f / l[mt][r] : 0.f;
+            const size_t orow = ((size_t(b) * T + rows[mt][r]) * H + h) * D;
+            #pragma unroll
+            for (int t = 0; t < DT; ++t) {
+                if (OUT == 0)
+                    *reinterpret_cast<float2*>(static_cast<float*>(o) + orow + 8 * t + 2 * tig) =
+                        make_float2(acc[mt][t][2 * r] * inv, acc[mt][t][2 * r + 1] * inv);
+                else                                             // two 16-bit values in one word
+                    *reinterpret_cast<u32*>(static_cast<u16*>(o) + orow + 8 * t + 2 * tig) =
+                        fa_pack<OUT == 2>(acc[mt][t][2 * r] * inv, acc[mt][t][2 * r + 1] * inv);
+            }
+            if (tig == 0)
+                lse[(size_t(b) * H + h) * T + rows[mt][r]] =
+                    l[mt][r] > 0.f ? m[mt][r] * FA_LN2 + logf(l[mt][r]) : FA_INF;
+        }
 }
 
 template <int D, int BC, int DSPLIT, bool BF16>
