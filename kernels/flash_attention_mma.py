@@ -41,14 +41,25 @@ _PTR, _I32, _F32 = types.voidptr, types.int32, types.float32
 MT_ENV = "Q4KDISTILL_FA_FWD_MT"
 
 
-def forward_mtiles(D: int) -> int:
-    """m16 tiles per warp of fa_forward (query rows per warp / 16) for head size D: 1 above 64
-    (registers: module doc); else $Q4KDISTILL_FA_FWD_MT (1 or 2) where set, 2 where not. Read at
-    every launch, so one process can run both."""
+MT2_MAX_T = 2048      # forward_mtiles: sequences longer than this take MT 1 (H200 measurements below)
+
+
+def forward_mtiles(D: int, T: int | None = None) -> int:
+    """m16 tiles per warp of fa_forward (query rows per warp / 16) for head size D and sequence
+    length T: 1 above D = 64 (registers: module doc); else $Q4KDISTILL_FA_FWD_MT (1 or 2) where set
+    (read at every launch, so one process can run both), else 2 up to T = MT2_MAX_T (None: any T)
+    and 1 above. Measured on an H200 (2026-12-04, 14 heads of 64, 2 kv heads, causal; docs/perf.md,
+    ninth stop): 8 x 512 forward 0.177 ms (MT 1, 128 registers, 4 blocks an SM) -> 0.123 ms (MT 2,
+    255 registers, 2 blocks: each K/V tile loaded for twice the rows); 1 x 8192 1.163 -> 1.468 ms (at
+    long T the half occupancy costs more than the shared loads save)."""
     env = os.environ.get(MT_ENV, "").strip()
     if env and env not in ("1", "2"):
         raise Q4KError(f"{MT_ENV}={env!r}: expected 1 or 2")
-    return 1 if D > 64 else int(env) if env else 2
+    if D > 64:
+        return 1
+    if env:
+        return int(env)
+    return 2 if T is None or T <= MT2_MAX_T else 1
 
 
 def forward_tiles(D: int, mt: int | None = None) -> tuple:
@@ -277,7 +288,7 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dt
     mask, has = _mask_arg(key_mask, B, T)
     o = cupy.empty((B, T, H, D), dtype=np.float32 if out is None else out_dtype)
     lse = cupy.empty((B, H, T), dtype=np.float32)
-    mt = forward_mtiles(D)
+    mt = forward_mtiles(D, T)
     kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt)
     launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
            KV, _window(window, T), np.float32(scale), o.reshape(-1) if out is None else o.reshape(-1).view(np.uint16),

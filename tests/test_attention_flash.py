@@ -538,3 +538,16 @@ def test_gpu_student_grads_match_reference_attention(monkeypatch, family, path, 
         err = rel_error(got[name], want)
         floor = rel_error(g_rnd[name].get(), want) if path is None else 0.0
         assert err <= max(bound, 4 * floor), f"{name}: {err:.2e} (fp16 inputs alone: {floor:.2e})"
+
+
+def test_forward_m_tiles_by_head_size_length_and_environment(monkeypatch):
+    from kernels import flash_attention_mma as M
+
+    monkeypatch.delenv(M.MT_ENV, raising=False)
+    assert [M.forward_mtiles(64, T) for T in (None, 512, M.MT2_MAX_T, M.MT2_MAX_T + 1, 8192)] == [2, 2, 2, 1, 1]
+    assert M.forward_mtiles(128, 512) == M.forward_mtiles(256, None) == 1         # registers
+    monkeypatch.setenv(M.MT_ENV, "2")
+    assert M.forward_mtiles(64, 8192) == 2 and M.forward_mtiles(128, 512) == 1
+    monkeypatch.setenv(M.MT_ENV, "3")
+    with pytest.raises(Q4KError, match="expected 1 or 2"):
+        M.forward_mtiles(64, 512)

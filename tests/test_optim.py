@@ -103,6 +103,30 @@ def test_fused_cupy_step_matches_numpy():
     assert np.allclose(cupy.asnumpy(b.v), a.v, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.gpu
+def test_gpu_grad_norm_is_one_float64_pass():
+    """AdamW.grad_norm on CuPy: one float64 reduction over the flat grads (no copy of them), against
+    NumPy's float64 norm: large, odd-sized, with values of very different sizes."""
+    import cupy
+
+    from q4kdistill.memory import meter
+
+    rng = np.random.default_rng(9)
+    n = (1 << 25) + 12345
+    host = (rng.standard_normal(n) * np.exp(rng.uniform(-8, 8, n))).astype(np.float32)
+    shapes = {"w": (n,)}
+    p, g = FlatBuffer(shapes, cupy, np.float32), FlatBuffer(shapes, cupy, np.float32)
+    g.flat[...] = cupy.asarray(host)
+    opt = AdamW(p, g, OptimConfig())
+    want = float(np.linalg.norm(host.astype(np.float64)))
+    counter = meter.install()
+    before = counter.current()
+    assert opt.grad_norm() == pytest.approx(want, rel=1e-12)
+    assert counter.current() - before < (1 << 20)          # no params-sized array left behind
+    g.flat[...] = 0
+    assert opt.grad_norm() == 0.0
+
+
 def test_host_update_in_slices_is_bit_identical(monkeypatch):
     """The NumPy update runs over slices of _HOST_SLICE elements: the same arithmetic element by
     element, so slicing at 7 (slices that cut the decay boundary) changes no bit against one slice."""

@@ -2,6 +2,7 @@
 resident bytes, chunked logits, vocabulary checks, errors, and that the native path never
 decodes (and keeps) a whole weight matrix."""
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -204,8 +205,9 @@ def test_native_forward_never_holds_a_decoded_matrix(tmp_path):
 @pytest.mark.parametrize("head_rows", [None, 100])            # one product; slabs of 100 vocabulary rows
 def test_logits_fn_in_spans_is_the_logits_rounded(teacher, ids, monkeypatch, head_rows):
     """head_span (a GPU's policy, forced here): each call's rows are views of one span's logits made
-    at once in float16 -- the float32 logits rounded, bit for bit -- asked in increasing or any order;
-    a span is let go after its last row (no reference kept past it)."""
+    at once in float16 -- the float32 logits rounded, bit for bit -- asked in increasing or any order.
+    One buffer serves every span while the caller lets its views go; a view still held gets the next
+    span a fresh buffer (it never changes under the caller); the buffer goes with the last row."""
     from q4kdistill.teacher import forward as teacher_forward
     from q4kdistill.teacher import model as teacher_model
 
@@ -219,17 +221,40 @@ def test_logits_fn_in_spans_is_the_logits_rounded(teacher, ids, monkeypatch, hea
     N = want.shape[0]                         # 26 tokens asked 4 at a time: spans 0-10, 8-18, 16-26
     made = []
     real = teacher_forward.lm_head
-    monkeypatch.setattr(teacher_forward, "lm_head", lambda h, w, dtype=None: made.append(h.shape[0]) or real(h, w, dtype))
+    monkeypatch.setattr(teacher_forward, "lm_head",
+                        lambda h, w, dtype=None, out=None: made.append(h.shape[0]) or real(h, w, dtype, out))
     h = teacher._flat_hidden(ids, None)
 
     def rounded(a, b, start, stop):       # the float32 product of the same rows (BLAS sums by row count)
         return real(h[a:b], teacher._head)[start - a:stop - a].astype(np.float16)
 
+    previous = None
     for start, span in zip(range(0, N, 4), [(0, 10)] * 2 + [(8, 18)] * 2 + [(16, 26)] * 3):
         got = fn(start, min(start + 4, N))
-        assert got.dtype == np.float16 and (fn.first, fn.stop if fn.logits is not None else span[1]) == span
+        assert got.dtype == np.float16 and (fn.first, max(fn.stop, span[1])) == span
         np.testing.assert_array_equal(got, rounded(*span, start, min(start + 4, N)))
         np.testing.assert_allclose(got, want[start:start + 4], rtol=2e-3, atol=2e-3)
-        assert (fn.logits is None) == (min(start + 4, N) >= span[1])
-    assert made == [10, 10, 10] and fn.logits is None            # 8:12 straddles a span: a new one from 8
+        assert previous is None or previous() is got.base         # the same buffer for every span
+        previous = weakref.ref(got.base)                         # (a reference would count as a held view)
+        del got
+    assert made == [10, 10, 10] and fn.buffer is None            # 8:12 straddles a span: a new one from 8
+    assert previous() is None                                    # let go with the last row
+    first = fn(0, 4)                                             # held while the next span is made:
+    second = fn(12, 16)
+    assert second.base is not first.base
+    np.testing.assert_array_equal(first, rounded(0, 10, 0, 4))   # ... so the held view is unchanged
     np.testing.assert_array_equal(fn(3, 5), rounded(3, 13, 3, 5))                  # out of order: made again
+
+
+def test_head_span_from_the_environment(monkeypatch):
+    from q4kdistill.teacher import model as teacher_model
+
+    monkeypatch.delenv(teacher_model.SPAN_ENV, raising=False)
+    assert teacher_model.head_span(True) == (teacher_model.HEAD_SPAN_TOKENS, np.float16)
+    monkeypatch.setenv(teacher_model.SPAN_ENV, "512")
+    assert teacher_model.head_span(True) == (512, np.float16) and teacher_model.head_span(False) is None
+    monkeypatch.setenv(teacher_model.SPAN_ENV, "0")
+    assert teacher_model.head_span(True) is None
+    monkeypatch.setenv(teacher_model.SPAN_ENV, "lots")
+    with pytest.raises(Q4KError, match="number of tokens"):
+        teacher_model.head_span(True)

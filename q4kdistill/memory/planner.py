@@ -353,14 +353,15 @@ def loss_stages(cfg: ModelConfig, N: int, C: int, teacher_head, lo: int = F32, s
       teacher    the teacher's lm_head for the chunk (span: for a span of R = max(n, tokens) rows)
       loss       s/ds and the teacher's logits (float32 [n, V]; span: the span's R rows at its itemsize)
       backward   s/ds and ds @ W [n, D] (gW += ds^T h accumulates in place: cuBLAS, no [V, D] temporary),
-                 and the span while later chunks still read it (R >= 2n)
+                 and the span's buffer while chunks are left (one buffer serves every span: SpanLogits)
     span: (tokens, bytes per logit) of Teacher.logits_fn's spans (teacher.model.head_span), or None."""
     V, D = cfg.vocab_size, cfg.d_model
     stages = {}
     for n, p in _chunks(N, C):
         S, later = n * V * lo, (f" after {p}" if p else "")
         R, isz = (n, F32) if span is None else (min(max(n, span[0]), N), span[1])
-        kept = R * V * isz if R >= 2 * n else 0
+        more = N > n if not p else N > 2 * C          # chunks after this one (a first chunk; a middle one)
+        kept = R * V * isz if span is not None and more else 0
         stages[f"teacher head ({n} tokens{later})"] = {f"teacher_{k}": v for k, v in teacher_head(R, isz).items()}
         stages[f"loss ({n} tokens{later})"] = dict(logits_ds=S, teacher_logits=R * V * isz)
         stages[f"head backward ({n} tokens{later})"] = dict(logits_ds=S, dh_chunk=n * D * lo, teacher_span=kept)

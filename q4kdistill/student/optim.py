@@ -72,7 +72,16 @@ def _fused_kernel():
         "q4kdistill_adamw")
 
 
-_NORM_SLICE = 1 << 24          # elements per slice of the grad-norm sum (64 MB of float32)
+@functools.lru_cache(maxsize=None)
+def _square_sum_kernel():
+    """sum(x * x) in float64 over a whole array in one pass (CUB's reduction: no copy, no temporary)."""
+    import cupy
+
+    return cupy.ReductionKernel("T x", "float64 y", "(double)x * (double)x", "a + b", "y = a", "0",
+                                "q4kdistill_square_sum", reduce_type="double")
+
+
+_NORM_SLICE = 1 << 24          # elements per slice of the grad-norm sum on the host (64 MB of float32)
 _HOST_SLICE = 1 << 16          # elements per slice of the NumPy update (256 KB of float32: in cache)
 
 
@@ -99,17 +108,23 @@ class AdamW:
         return lr_at(step, self.cfg)
 
     def grad_norm(self) -> float:
-        """Global L2 norm of the grads, summed in slices: CuPy's dot/vdot copies its operands, so a
-        dot over the whole buffer would hold a second params-sized array (seen: +1.98 GB at 0.5B)."""
+        """Global L2 norm of the grads. CuPy: one float64 reduction over the flat buffer (CUB; no
+        copy: CuPy's dot copies its operands, +1.98 GB at 0.5B; and 30 cuBLAS dots over 64 MB slices
+        took 3.3 ms where one pass over the 2 GB takes ~0.6: H200, docs/perf.md ninth stop). NumPy:
+        dots over slices (a float32 dot of each, summed in float64)."""
         xp = array_module(self.grads.flat)
         g = self.grads.flat
+        if xp.__name__ == "cupy":
+            kernel = _square_sum_kernel()
+            parts = [kernel(g)] if g.size else []
+            if self.rows is not None:                  # + the gathered rows, summed per id
+                parts.append(kernel(self.rows.summed()[1]))
+            return math.sqrt(sum(float(p) for p in (xp.stack(parts).get() if parts else [])))   # one read
         step = _NORM_SLICE
         parts = [xp.dot(g[i:i + step], g[i:i + step]) for i in range(0, g.size, step)]
-        if self.rows is not None:                      # + the gathered rows, summed per id
+        if self.rows is not None:
             r = self.rows.summed()[1].reshape(-1)
             parts.append(xp.dot(r, r))
-        if xp.__name__ == "cupy" and parts:            # one read of the device, not one per slice
-            parts = xp.stack(parts).get()
         return math.sqrt(sum(float(p) for p in parts))
 
     def step(self) -> dict:

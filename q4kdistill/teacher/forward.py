@@ -25,6 +25,7 @@ from kernels import blas
 from gguf import GGMLQuantizationType as QT
 
 from ..backend import array_module
+from ..errors import Q4KError
 from ..student.ops import embedding_forward, glu_forward, rmsnorm_forward, rope_tables
 from ..student.ops import fused
 from ..student.ops.flash_attention import flash_attention_forward
@@ -112,16 +113,25 @@ def linear(x, w: Weight, bias: Weight | None = None):
     return y.reshape(x.shape[:-1] + (n_out,))
 
 
-def lm_head(h, w: Weight, dtype=None):
+def lm_head(h, w: Weight, dtype=None, out=None):
     """h [..., D] -> logits [..., V] (float32, or ``dtype``: each product's float32 slab rounded as
-    it is written), the vocabulary HEAD_ROWS rows at a time."""
+    it is written), the vocabulary HEAD_ROWS rows at a time; ``out``: a C-contiguous [M, V] array of
+    that type to write them into (h flattened to [M, D])."""
     xp = array_module(h)
     V = w.shape[0]
+    h2 = h.reshape(-1, h.shape[-1])                          # [M, D]
+    if out is not None and (tuple(out.shape) != (h2.shape[0], V) or out.dtype != (dtype or xp.float32)
+                            or not out.flags.c_contiguous):
+        raise Q4KError(f"lm_head: out must be C-contiguous {dtype or 'float32'} {(h2.shape[0], V)}, "
+                       f"got {out.dtype} {tuple(out.shape)}")
     if not w.quantized or V <= HEAD_ROWS:
         y = linear(h, w)
+        if out is not None:
+            out[...] = y.reshape(out.shape)
+            return out.reshape(h.shape[:-1] + (V,))
         return y if dtype is None or y.dtype == dtype else y.astype(dtype)
-    h2 = h.reshape(-1, h.shape[-1])                          # [M, D]
-    out = xp.empty((h2.shape[0], V), dtype=dtype or xp.float32)   # [M, V]
+    if out is None:
+        out = xp.empty((h2.shape[0], V), dtype=dtype or xp.float32)   # [M, V]
     for r0 in range(0, V, HEAD_ROWS):
         out[:, r0:r0 + HEAD_ROWS] = linear(h2, w.rows(r0, r0 + HEAD_ROWS))
     return out.reshape(h.shape[:-1] + (V,))

@@ -22,6 +22,8 @@ Inputs: input_ids int [B, T]; attention_mask [B, T] bool, True = real token, rig
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import kernels
@@ -29,7 +31,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import forward as teacher_forward
-from ..backend import capturing, device as process_device, on_gpu, synchronize
+from ..backend import array_module, capturing, device as process_device, on_gpu, synchronize
 from ..errors import Q4KError
 from ..formats.validate import check_fits
 from .forward import Weight
@@ -47,8 +49,22 @@ def head_span(on_gpu: bool):
     206 ms step on an H200, against 12.5 ms in 1024-token products (docs/perf.md, ninth stop). On a
     GPU logits_fn multiplies 1024 tokens at once and keeps them in float16 (the KD loss kernel reads
     16-bit logits; float16 holds a logit to 2^-11 of itself, bf16 teachers to 2^-8), the same bytes
-    as 512 tokens in float32. The CPU keeps float32 per call."""
-    return (HEAD_SPAN_TOKENS, np.float16) if on_gpu and HEAD_SPAN_TOKENS else None
+    as 512 tokens in float32. The CPU keeps float32 per call. $Q4KDISTILL_HEAD_SPAN sets the tokens
+    (0: off), trading the span's memory (tokens x V x 2 bytes) for the head's decodes."""
+    tokens = _env_span()
+    return (tokens, np.float16) if on_gpu and tokens else None
+
+
+SPAN_ENV = "Q4KDISTILL_HEAD_SPAN"      # tokens per span of logits_fn on a GPU; 0: float32 per call
+
+
+def _env_span() -> int:
+    raw = os.environ.get(SPAN_ENV, "").strip()
+    if not raw:
+        return HEAD_SPAN_TOKENS
+    if not raw.isdigit():
+        raise Q4KError(f"{SPAN_ENV}={raw!r}: expected a number of tokens (0: one float32 product per call)")
+    return int(raw)
 
 
 class Teacher:
@@ -221,22 +237,29 @@ class Teacher:
 
 class SpanLogits:
     """fn(start, stop) -> logits [stop-start, V]: views of one span of ``tokens`` rows' logits
-    (teacher_forward.lm_head in ``dtype``) made when a call asks for a row outside the kept span;
-    the span is let go once its last row has been handed out (the caller's view keeps it until used)."""
+    (teacher_forward.lm_head in ``dtype``), made when a call asks for a row outside the span at hand.
+    One buffer serves the batch's spans, written again for the next span once no view of it is left
+    (a caller still holding one gets a fresh buffer instead, so no view changes under it), so a CUDA
+    graph's pool sees one allocation; it is let go with the batch's last row."""
 
     def __init__(self, h, head, tokens: int, dtype):
         self.h, self.head, self.tokens, self.dtype = h, head, int(tokens), dtype
-        self.logits, self.first, self.stop = None, 0, 0
+        self.buffer, self.first, self.stop = None, 0, -1
 
     def __call__(self, start, stop):
-        if not (self.logits is not None and self.first <= start and stop <= self.stop):
-            self.logits = None                               # the old span goes before the new one is made
-            end = min(max(stop, start + self.tokens), self.h.shape[0])
-            self.logits = teacher_forward.lm_head(self.h[start:end], self.head, self.dtype)
-            self.first, self.stop = start, end
-        out = self.logits[start - self.first:stop - self.first]
-        if stop >= self.stop:
-            self.logits = None
+        N = self.h.shape[0]
+        if not (self.first <= start and stop <= self.stop):
+            end = min(max(stop, start + self.tokens), N)
+            buf, self.buffer = self.buffer, None
+            if buf is None or buf.shape[0] < end - start or sys.getrefcount(buf) > 2:   # (buf and the call's own)
+                buf = None                                   # the old one goes before the new one is made
+                buf = array_module(self.h).empty((max(end - start, min(self.tokens, N)), self.head.shape[0]),
+                                                 dtype=self.dtype)
+            self.buffer, self.first, self.stop = buf, start, end
+            teacher_forward.lm_head(self.h[start:end], self.head, self.dtype, out=buf[:end - start])
+        out = self.buffer[start - self.first:stop - self.first]
+        if stop >= N:                                        # the batch's last row: nothing more to serve
+            self.buffer, self.stop = None, -1
         return out
 
 
