@@ -112,9 +112,9 @@ def test_gpu_grad_norm_is_one_float64_pass():
     from q4kdistill.memory import meter
 
     rng = np.random.default_rng(9)
-    n = (1 << 25) + 12345
+    shapes = {"w": (4097, 8195), "b": (7,)}                   # 33.6 M odd-sized: a matrix and a vector
+    n = 4097 * 8195 + 7
     host = (rng.standard_normal(n) * np.exp(rng.uniform(-8, 8, n))).astype(np.float32)
-    shapes = {"w": (n,)}
     p, g = FlatBuffer(shapes, cupy, np.float32), FlatBuffer(shapes, cupy, np.float32)
     g.flat[...] = cupy.asarray(host)
     opt = AdamW(p, g, OptimConfig())

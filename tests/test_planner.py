@@ -152,18 +152,20 @@ def test_distill_step_plan_adds_up(manifest_7b_path):
 
 
 def test_a_gpu_step_plans_the_teachers_logits_in_spans(manifest_7b_path):
-    """On a GPU Teacher.logits_fn multiplies 1024 tokens at once into float16 (teacher.model.head_span):
-    the span is made before the chunk's s, and held through the loss and the backward of every chunk
-    but its last."""
+    """On a GPU Teacher.logits_fn multiplies HEAD_SPAN_TOKENS at once into float16 (teacher.model.head_span):
+    the span is made before the chunk's s; its buffer is held through the loss and the backward of
+    every chunk but the batch's last."""
+    from q4kdistill.teacher.model import HEAD_SPAN_TOKENS as R
+
     V, D = 152064, 896
     info = planner.open_teacher(manifest_7b_path)
     plans = [planner.make_plan(manifest_7b_path, 8, 512, "qwen2-0.5b", chunk_tokens=256, precision="bf16",
                                fused_ops=True, gpu=g) for g in (True, False)]
-    assert plans[0].head_span == (1024, 2) and plans[1].head_span is None
-    span = planner.lm_head_bytes(info, "native", 1024, itemsize=2)
-    assert span["logits"] == 1024 * V * 2
-    stages = {"teacher head": sum(span.values()), "loss": 256 * V * 2 + 1024 * V * 2,
-              "head backward": 256 * V * 2 + 256 * D * 2 + 1024 * V * 2}
+    assert plans[0].head_span == (R, 2) and plans[1].head_span is None and R >= 256
+    span = planner.lm_head_bytes(info, "native", R, itemsize=2)
+    assert span["logits"] == R * V * 2
+    stages = {"teacher head": sum(span.values()), "loss": 256 * V * 2 + R * V * 2,
+              "head backward": 256 * V * 2 + 256 * D * 2 + R * V * 2}
     got = plans[0].row("loss chunk working set")
     assert got.predicted_bytes == max(stages.values()) and "'head backward (256 tokens)'" in got.counts
     per_call = planner.lm_head_bytes(info, "native", 256)

@@ -38,7 +38,7 @@ from .forward import Weight
 
 BACKENDS = ("auto", "native", "dense", "dequant-f32", "dequant-bf16", "dequant-f16")
 DEFAULT_CHUNK_TOKENS = 1024
-HEAD_SPAN_TOKENS = 1024        # logits_fn on a GPU: the LM head's tokens per product (head_span)
+HEAD_SPAN_TOKENS = 512         # logits_fn on a GPU: the LM head's tokens per product (head_span)
 
 
 def head_span(on_gpu: bool):
@@ -46,11 +46,14 @@ def head_span(on_gpu: bool):
 
     A quantized LM head is decoded whole for every product (slab by slab into the decode scratch),
     so a step's 256-token loss chunks decoded the 7B's 152064 x 3584 head 16 times: 25.3 ms of a
-    206 ms step on an H200, against 12.5 ms in 1024-token products (docs/perf.md, ninth stop). On a
-    GPU logits_fn multiplies 1024 tokens at once and keeps them in float16 (the KD loss kernel reads
-    16-bit logits; float16 holds a logit to 2^-11 of itself, bf16 teachers to 2^-8), the same bytes
-    as 512 tokens in float32. The CPU keeps float32 per call. $Q4KDISTILL_HEAD_SPAN sets the tokens
-    (0: off), trading the span's memory (tokens x V x 2 bytes) for the head's decodes."""
+    206 ms step on an H200, against 12.5 ms in 1024-token products. On a GPU logits_fn multiplies
+    HEAD_SPAN_TOKENS at once and keeps them in float16 (the KD loss kernel reads 16-bit logits;
+    float16 holds a logit to 2^-11 of itself, bf16 teachers to 2^-8). Measured on an H200 at 8 x 512
+    (fresh 0.5B student, docs/perf.md ninth stop), tokens/s and step peak: per call (0) 19,941 and
+    17.20 GB, 512 20,328 and 17.39 GB, 1024 20,609 and 17.58 GB, the peer 20,285 and 43.83 GB: 512
+    keeps the step under 0.4x of the peer's memory. The CPU keeps float32 per call.
+    $Q4KDISTILL_HEAD_SPAN sets the tokens (0: off), trading the span's memory (tokens x V x 2 bytes)
+    for the head's decodes."""
     tokens = _env_span()
     return (tokens, np.float16) if on_gpu and tokens else None
 
