@@ -254,8 +254,9 @@ def to_f16(x):
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_kernel(qtype: str):
-    fn = cuda.declare_device(f"{TEMPLATES[qtype]}_decode_f16", types.int32(_PTR, _I32, _I32, _I32, _PTR),
+def _decode_kernel(qtype: str, staged: bool = False):
+    name = f"{TEMPLATES[qtype]}_decode_f16" + ("_staged" if staged else "")
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR),
                              link=[source_with("", "decode_cast.cu")], abi="c")
 
     @cuda.jit
@@ -447,16 +448,36 @@ def gemv_mma_rows_workspace(qtype, M, N, K, x_dtype, warps=4, stages=4, split=No
     return q8_fragments_workspace(M, K)
 
 
-def decode_f16_linked(w_raw, qtype, K, out16):
-    """out16 [n, K] float16 = the rows of w_raw decoded (FP32 math, rounded once to fp16)."""
+Q6K_DECODE_ENV = "Q4KDISTILL_Q6K_DECODE"      # "staged" | "direct" (default): q6k_decode_f16's two forms
+Q6K_STAGE_WARPS = 4                            # decode_cast.cu's: super-blocks (warps) per staged block
+
+
+def q6k_staged(staged=None) -> bool:
+    """Whether Q6_K rows decode through q6k_decode_f16_staged (given, else $Q4KDISTILL_Q6K_DECODE).
+    The same bits either way (tests/decode_emulate.cpp); the staged form is the GPU A/B's to decide
+    (docs/perf.md, ninth stop: predicted ~2x the direct form's ~1.4 TB/s, not yet run on a GPU)."""
+    if staged is not None:
+        return bool(staged)
+    env = os.environ.get(Q6K_DECODE_ENV, "direct").strip() or "direct"
+    if env not in ("staged", "direct"):
+        raise Q4KError(f"{Q6K_DECODE_ENV}={env!r}: expected staged or direct")
+    return env == "staged"
+
+
+def decode_f16_linked(w_raw, qtype, K, out16, staged=None):
+    """out16 [n, K] float16 = the rows of w_raw decoded (FP32 math, rounded once to fp16). staged (Q6_K):
+    through shared memory (q6k_staged)."""
     _require_gpu("decode_f16_linked")
     n = w_raw.shape[0]
     q, K2 = _check(w_raw, qtype, n)
     if K2 != K or out16.shape != (n, K) or out16.dtype != np.float16 or not out16.flags.c_contiguous:
         raise Q4KError(f"decode_f16_linked: out must be float16 [{n}, {K}], C-contiguous")
+    args = (w_raw.reshape(-1), w_raw.shape[1], n, K, out16.reshape(-1).view(np.uint32))
+    if q == "Q6_K" and q6k_staged(staged):           # a block of 4 warps per 4 super-blocks of a row
+        launch(_decode_kernel(q, True), (n, -(-(K // 256) // Q6K_STAGE_WARPS)), 32 * Q6K_STAGE_WARPS, *args)
+        return out16
     octs = K // 8                                   # a thread writes 8 weights
-    grid = (n, (octs + DECODE_THREADS - 1) // DECODE_THREADS)
-    launch(_decode_kernel(q), grid, DECODE_THREADS, w_raw.reshape(-1), w_raw.shape[1], n, K, out16.reshape(-1).view(np.uint32))
+    launch(_decode_kernel(q), (n, (octs + DECODE_THREADS - 1) // DECODE_THREADS), DECODE_THREADS, *args)
     return out16
 
 

@@ -107,8 +107,8 @@ def test_scratch_is_one_matrix():
     assert kernels.scratch_bytes() == 0
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
-def test_linked_decode_f16_on_gpu(pool, qtype):
+@pytest.mark.parametrize("qtype, staged", [("Q4_K", False), ("Q6_K", False), ("Q6_K", True)])
+def test_linked_decode_f16_on_gpu(pool, qtype, staged):
     """The linked C decode: FP32 math then one rounding to fp16, so within half an fp16 ulp of the
     float64 decode plus a few FP32 ulps (checked on every element, output poisoned first)."""
     import cupy as cp
@@ -119,7 +119,7 @@ def test_linked_decode_f16_on_gpu(pool, qtype):
     for n, K in ((517, K_OF[qtype]), (3, 256)):
         w = weight(pool, qtype, rng, n=n, K=K)
         out = cp.full((n, K), np.nan, dtype=cp.float16)
-        got = decode_f16_linked(cp.asarray(w), qtype, K, out).get().astype(np.float64)
+        got = decode_f16_linked(cp.asarray(w), qtype, K, out, staged=staged).get().astype(np.float64)
         ref = quants.dequantize(w, qtype).astype(np.float64)
         assert np.isfinite(got).all()
         assert np.all(np.abs(got - ref) <= 2.0**-11 * np.abs(ref) * 1.01 + 2.0**-24 + 1e-6 * np.abs(ref).max())

@@ -32,7 +32,7 @@ def _includes(text):
 def test_source_has_every_declared_function():
     jobs = {f: linked.source_text(f) for f in linked.JOBS}
     for f, fns in (("quantize_x.cu", ("q8_quantize", "q8_quantize_frag", "q8k_quantize_frag")),
-                   ("decode_cast.cu", ("q4k_decode_f16", "q6k_decode_f16", "f32_to_f16"))):
+                   ("decode_cast.cu", ("q4k_decode_f16", "q6k_decode_f16", "q6k_decode_f16_staged", "f32_to_f16"))):
         for fn in fns:
             assert f'extern "C" __device__ int {fn}(' in jobs[f]
     for tmpl in linked.TEMPLATES.values():
@@ -115,3 +115,57 @@ def test_cpu_call_is_a_clear_error():
     w = np.zeros((4, 144), np.uint8)
     with pytest.raises(Q4KError, match="GPU only"):
         linked.gemv_q8_linked(x, w, "Q4_K", 4, np.zeros((1, 4), np.float32))
+
+
+# -- decode_cast.cu's decoders on the CPU: tests/decode_emulate.cpp --------------------------------
+@pytest.fixture(scope="module")
+def decode_emulated(tmp_path_factory):
+    from _helpers_emulate import build_emulator
+
+    return build_emulator(tmp_path_factory, "decode_emulate.cpp", {"DC_SOURCE": linked.CSRC / "decode_cast.cu"},
+                          include_dirs=[linked.CSRC])
+
+
+def _emulate_decode(lib, which, w, K, threads=linked.DECODE_THREADS, offset=0):
+    """fp16 [n, K] from the emulated kernel; the rows start ``offset`` bytes into a buffer (alignment)."""
+    import ctypes
+
+    n, rb = w.shape
+    buf = np.zeros(n * rb + offset + 16, np.uint8)
+    buf[offset:offset + n * rb] = w.reshape(-1)
+    out = np.full((n, K), np.nan, np.float16)
+    assert lib.emu_decode(which, buf[offset:].ctypes.data_as(ctypes.c_void_p), rb, n, K,
+                          out.ctypes.data_as(ctypes.c_void_p), threads) == 0
+    return out
+
+
+@pytest.mark.parametrize("qtype, K", [("Q4_K", 768), ("Q6_K", 256), ("Q6_K", 768), ("Q6_K", 1280), ("Q6_K", 2048)])
+def test_decoders_emulated_on_the_cpu(decode_emulated, qtype, K):
+    """Every decoder against the float64 decode rounded once to fp16 (all but a few last-bit ties),
+    the staged Q6_K decoder bit for bit against the direct one: super-block counts per row of 1, 3
+    (odd: rows 2-byte aligned, the staged copy takes 2-byte words), 5 (a group of 4 and a partial one)
+    and 8, rows starting 2 bytes past a 4-byte boundary too."""
+    from q4kdistill.formats import quants
+
+    rng = np.random.default_rng(K)
+    n = 5
+    w = quants.quantize((rng.standard_normal((n, K)) * np.exp(rng.uniform(-3, 3, (n, 1)))).astype(np.float32), qtype)
+    ref = quants.dequantize(w, qtype).astype(np.float64)
+    direct = _emulate_decode(decode_emulated, 0 if qtype == "Q4_K" else 1, w, K)
+    assert np.isfinite(direct).all()
+    assert np.all(np.abs(direct.astype(np.float64) - ref) <= 2.0**-11 * np.abs(ref) * 1.01 + 2.0**-24)
+    assert np.mean(direct == ref.astype(np.float32).astype(np.float16)) > 0.999
+    if qtype == "Q6_K":
+        for offset in (0, 2):
+            np.testing.assert_array_equal(_emulate_decode(decode_emulated, 2, w, K, offset=offset), direct)
+
+
+def test_q6k_staged_choice(monkeypatch):
+    assert f"#define Q6K_STAGE_WARPS {linked.Q6K_STAGE_WARPS}" in linked.source_text("decode_cast.cu")
+    monkeypatch.delenv(linked.Q6K_DECODE_ENV, raising=False)
+    assert not linked.q6k_staged() and linked.q6k_staged(True)
+    monkeypatch.setenv(linked.Q6K_DECODE_ENV, "staged")
+    assert linked.q6k_staged() and not linked.q6k_staged(False)
+    monkeypatch.setenv(linked.Q6K_DECODE_ENV, "fast")
+    with pytest.raises(Q4KError, match="staged or direct"):
+        linked.q6k_staged()

@@ -37,7 +37,7 @@ using std::min;
 
 struct dim3e { int x, y, z; };
 static thread_local dim3e threadIdx, blockIdx;
-static dim3e gridDim;
+static dim3e gridDim, blockDim;
 
 struct alignas(16) uint4 { u32 x, y, z, w; };
 
@@ -106,6 +106,7 @@ static inline void emu_ldm4(u32 (&r)[4], uintptr_t a) {
 // one host thread per CUDA thread, blocks one after another (their shared arrays are statics)
 static void run_grid(int gx, int gy, int gz, int threads, const std::function<void()>& body) {
     gridDim = dim3e{gx, gy, gz};
+    blockDim = dim3e{threads, 1, 1};
     for (int z = 0; z < gz; ++z)
         for (int y = 0; y < gy; ++y)
             for (int x = 0; x < gx; ++x) {
