@@ -144,3 +144,14 @@ def test_host_update_in_slices_is_bit_identical(monkeypatch):
         runs.append((p.flat.copy(), opt.m.copy(), opt.v.copy()))
     for a, b in zip(*runs):
         assert np.array_equal(a, b)
+
+
+def test_step_with_the_callers_norm_is_the_same_step():
+    """distill reads grad_norm() first (to skip non-finite steps) and hands it to step(): the same update."""
+    rng = np.random.default_rng(6)
+    (p1, g1), (p2, g2) = buffers(rng), buffers(np.random.default_rng(6))
+    cfg = OptimConfig(lr=0.05, warmup_steps=0, total_steps=3, weight_decay=0.2, grad_clip=0.5)
+    a, b = AdamW(p1, g1, cfg), AdamW(p2, g2, cfg)
+    for _ in range(2):
+        assert a.step() == b.step(b.grad_norm())
+    np.testing.assert_array_equal(p1.flat, p2.flat)

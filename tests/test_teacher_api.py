@@ -258,3 +258,14 @@ def test_head_span_from_the_environment(monkeypatch):
     monkeypatch.setenv(teacher_model.SPAN_ENV, "lots")
     with pytest.raises(Q4KError, match="number of tokens"):
         teacher_model.head_span(True)
+
+
+def test_evaluation_and_audit_logits_stay_float32(teacher, ids, monkeypatch):
+    """logits_fn(spans=False) -- evaluation, audit, generate -- multiplies each call in float32 even
+    where a step's loss would get float16 spans."""
+    from q4kdistill.teacher import model as teacher_model
+
+    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu: (10, np.float16))
+    assert isinstance(teacher.logits_fn(ids), teacher_model.SpanLogits)
+    fn = teacher.logits_fn(ids, spans=False)
+    assert not isinstance(fn, teacher_model.SpanLogits) and fn(0, 3).dtype == np.float32

@@ -23,7 +23,7 @@ def greedy(teacher, ids: list, n: int, eos=None) -> list:
 
     out = list(ids)
     for _ in range(n):
-        fn = teacher.logits_fn(np.asarray([out], dtype=np.int64))
+        fn = teacher.logits_fn(np.asarray([out], dtype=np.int64), spans=False)
         last = check_finite(to_host(fn(len(out) - 1, len(out))), "the teacher's logits", len(out) - 1, len(out))
         nxt = int(last[0].argmax())                                   # last position only
         out.append(nxt)

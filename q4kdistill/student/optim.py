@@ -127,10 +127,12 @@ class AdamW:
             parts.append(xp.dot(r, r))
         return math.sqrt(sum(float(p) for p in parts))
 
-    def step(self) -> dict:
-        """One update from the current grads -> dict(lr, grad_norm, clip_scale)."""
+    def step(self, grad_norm: float | None = None) -> dict:
+        """One update from the current grads -> dict(lr, grad_norm, clip_scale). ``grad_norm``: the
+        caller's grad_norm() of these grads (distill reads it first to skip non-finite steps), so
+        they are not read again."""
         cfg = self.cfg
-        norm = self.grad_norm()
+        norm = self.grad_norm() if grad_norm is None else float(grad_norm)
         scale = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip else 1.0
         lr = self.lr_at(self.steps)
         t = self.steps + 1

@@ -96,7 +96,7 @@ def audit_models(tea, ref, dataset, batch=4, progress=True, **extra) -> dict:
     bar = tqdm(total=dataset.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc="audit", dynamic_ncols=True)
     for b in dataset.in_order_batches(batch):
         w = token_weights(xp.asarray(b.ids), None, LossConfig(), None if b.loss_mask is None else xp.asarray(b.loss_mask))
-        fr, ft = ref.logits_fn(b.ids), tea.logits_fn(b.ids)
+        fr, ft = ref.logits_fn(b.ids, spans=False), tea.logits_fn(b.ids, spans=False)
         for start in range(0, b.ids.size, CHUNK_TOKENS):
             stop = min(start + CHUNK_TOKENS, b.ids.size)
             out = compare_chunk(fr(start, stop), ft(start, stop), w["targets"][start:stop], w["kd_mask"][start:stop])

@@ -174,13 +174,13 @@ class Teacher:
         """hidden_states on ids already checked (a device array of this teacher's xp)."""
         return teacher_forward.hidden_states(self.weights, self.layers, self.config, ids, mask)
 
-    def logits_fn(self, input_ids, attention_mask=None):
+    def logits_fn(self, input_ids, attention_mask=None, spans: bool = True):
         """Run the trunk once; return fn(start, stop) -> [stop-start, V], the logits of tokens
         start..stop-1 of the B*T positions flattened row-major (token b*T + t): float32, or on a GPU
-        float16 slices of head_span()'s spans (ask in increasing order: one span is kept, until its
-        last token has been handed out)."""
+        (``spans``: a training step's loss) float16 slices of head_span()'s spans (ask in increasing
+        order: one span at a time is kept). spans=False: float32 per call (evaluation, audit, generate)."""
         h = self._flat_hidden(input_ids, attention_mask)       # [B*T, D]
-        span = head_span(self.xp is not np)
+        span = head_span(self.xp is not np) if spans else None
         if span is None:
             return lambda start, stop: teacher_forward.lm_head(h[start:stop], self._head)
         return SpanLogits(h, self._head, *span)

@@ -294,7 +294,7 @@ def evaluate(student, teacher, batches) -> dict:
     n_tok = n_ce = 0
     for b in batches:
         b = b if isinstance(b, Batch) else Batch(np.asarray(b), None, None)
-        t_fn = teacher.targets(b, "heldout") if hasattr(teacher, "targets") else teacher.logits_fn(b.ids)
+        t_fn = teacher.targets(b, "heldout") if hasattr(teacher, "targets") else teacher.logits_fn(b.ids, spans=False)
         w = token_weights(xp.asarray(b.ids), None, LossConfig(), None if b.loss_mask is None else xp.asarray(b.loss_mask))
         for start, stop, s in student.iter_logits(b.ids):
             t, sel = t_fn(start, stop), w["kd_mask"][start:stop]
@@ -593,7 +593,7 @@ def train_step(run: Run, batches) -> dict:
     grad_norm = run.opt.grad_norm()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return {"loss": loss, "grad_norm": grad_norm, "finite": False}
-    info = run.opt.step()
+    info = run.opt.step(grad_norm)
     seconds = time.perf_counter() - t0
     return {"loss": loss, "kd": parts["kd"], "ce": parts["ce"], "lr": info["lr"], "grad_norm": grad_norm,
             "tokens_per_s": ids.size / seconds, "seconds": seconds, "finite": True}
