@@ -39,8 +39,6 @@ _PTR, _I32, _F32 = types.voidptr, types.int32, types.float32
 
 
 MT_ENV = "Q4KDISTILL_FA_FWD_MT"
-
-
 MT2_MAX_T = 2048      # forward_mtiles: sequences longer than this take MT 1 (H200 measurements below)
 
 

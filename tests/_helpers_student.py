@@ -23,7 +23,8 @@ def tiny_config(family, **changes):
 def randomize(student, rng, scale=0.4):
     """Parameters large enough that every nonlinearity matters (norm weights around 1)."""
     for name, view in student.params.items():
-        view[...] = rng.standard_normal(view.shape) * scale + (1.0 if name.endswith("norm.weight") else 0.0)
+        values = rng.standard_normal(view.shape) * scale + (1.0 if name.endswith("norm.weight") else 0.0)
+        view[...] = student.xp.asarray(values)                 # (NumPy or CuPy params)
 
 
 def batch(rng, cfg, B=2, T=5):

@@ -142,9 +142,7 @@ def test_gpu_rows_and_adamw_match_the_dense_grad(precision):
     models = []
     for sparse in (True, False):
         m = Student(cfg, xp=cupy, precision=precision, sparse_embedding_grad=sparse)
-        rng = np.random.default_rng(5)
-        for name, view in m.params.items():
-            view[...] = cupy.asarray(rng.standard_normal(view.shape) * 0.2 + name.endswith("norm.weight"))
+        randomize(m, np.random.default_rng(5), 0.2)
         models.append(m)
     assert models[0].embedding_rows is not None and models[1].embedding_rows is None
     opt_cfg = OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.1, grad_clip=1.0)

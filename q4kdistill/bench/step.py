@@ -179,7 +179,8 @@ class Ours:
             for _ in self.teacher.iter_logits(ids):
                 pass
 
-        graphed = self.bench.cuda_graph and self.teacher.use_cuda_graphs(True, log=self.log)   # the trunk, replayed
+        if self.bench.cuda_graph:
+            self.teacher.use_cuda_graphs(True, log=self.log)  # the trunk, replayed
         try:
             seconds = _timed(once, batches, self.bench.warmup, self.bench.repeats, self.clock.mark, self.clock.seconds)
         except Exception as exc:
@@ -188,7 +189,7 @@ class Ours:
             self.release()
             return _row("teacher forward", "-", shape, "ours", note=f"OOM ({type(exc).__name__})")
         finally:
-            replays = self.teacher._trunk_graphs.replays if graphed else 0
+            replays = self.teacher.trunk_replays
             self.teacher.use_cuda_graphs(False)
         return _row("teacher forward", "-", shape, "ours", seconds, resident_bytes=self.teacher.resident_bytes,
                     cuda_graph=replays >= self.bench.repeats)

@@ -567,8 +567,7 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
                          "sparse_embedding_grad": _student_rows(scfg, precision, gpus, sparse_embedding_grad)},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
-                teacher_backend=teacher_backend, gpus=gpus, blas_workspace=_blas_workspace(gpu),
-                head_span=_head_span(gpu))
+                teacher_backend=teacher_backend, gpus=gpus, **_gpu_terms(gpu))
     _add_teacher_rows(plan, info)
     _add_step_rows(plan, info, scfg, n_params)
     return plan
@@ -584,28 +583,19 @@ def _student_rows(cfg: ModelConfig, precision: str, gpus: int, given) -> bool:
     return not cfg.tied_output and precision == "bf16" and gpus == 1 and backend.on_gpu()
 
 
-def _head_span(gpu):
-    """teacher.model.head_span as the plan's device (given, or here) sees it: (tokens, bytes per logit) or None."""
+def _gpu_terms(gpu) -> dict:
+    """What a GPU plan (gpu, or None: here) adds: kernels.blas's cuBLAS workspace (kept from the first
+    product on; the CPU's products use none) and teacher.model.head_span's (tokens, bytes per logit)."""
+    import numpy as np
+
     from .. import backend
     from ..teacher import model as teacher_model
 
-    import numpy as np
-
-    span = teacher_model.head_span(backend.on_gpu() if gpu is None else bool(gpu))
-    return None if span is None else (int(span[0]), np.dtype(span[1]).itemsize)
-
-
-def _blas_workspace(gpu) -> int:
-    """kernels.blas.WORKSPACE on a GPU (as given, or here), else 0: the CPU's products use none."""
-    from .. import backend
-
-    if gpu is None:
-        gpu = backend.on_gpu()
-    if not gpu:
-        return 0
-    from kernels.blas import WORKSPACE
-
-    return WORKSPACE
+    gpu = backend.on_gpu() if gpu is None else bool(gpu)
+    workspace, span = 0, teacher_model.head_span(gpu)
+    if gpu:
+        from kernels.blas import WORKSPACE as workspace
+    return dict(blas_workspace=workspace, head_span=None if span is None else (int(span[0]), np.dtype(span[1]).itemsize))
 
 
 def _student_fused(fused_ops) -> bool:

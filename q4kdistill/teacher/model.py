@@ -165,6 +165,11 @@ class Teacher:
             self._trunk_graphs = cuda_graph.GraphedTrunk(self, log=log)
         return self._trunk_graphs is not None
 
+    @property
+    def trunk_replays(self) -> int:
+        """Forwards whose trunk replayed a CUDA graph since use_cuda_graphs(True) (0 when off)."""
+        return self._trunk_graphs.replays if self._trunk_graphs is not None else 0
+
     def hidden_states(self, input_ids, attention_mask=None):
         """[B, T] ids -> float32 [B, T, D] after the final norm."""
         ids, mask = self._inputs(input_ids, attention_mask)

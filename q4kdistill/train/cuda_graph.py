@@ -48,43 +48,61 @@ def enabled() -> bool:
 
 
 class _Captured:
-    def __init__(self, graph, ids, queued, pool, stream, keep, rows=None):
-        self.graph, self.ids, self.queued, self.pool, self.stream, self.keep = graph, ids, queued, pool, stream, keep
-        self.rows = rows               # the student's RowGrad pairs as captured (rewritten by each replay)
+    def __init__(self, graph, ids, result, pool, stream, keep):
+        self.graph, self.ids, self.result, self.pool, self.stream, self.keep = graph, ids, result, pool, stream, keep
+        self.rows = None               # the student's RowGrad pairs as captured (rewritten by each replay)
 
 
-class GraphedStep:
+class _PerShape:
+    """A graph per [B, T] shape: the first call of a shape runs eagerly, the second captures
+    (self._capture(shape) -> _Captured, or None when the capture failed: eager from then on), later
+    calls replay."""
+
+    def __init__(self, log=None):
+        self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
+        self._graphs = {}              # (B, T) -> "warm" (ran eagerly once), _Captured, or None (capture failed: eager)
+        self.replays = 0
+
+    def _graph_for(self, ids):
+        """The _Captured to replay for ``ids``' shape, or None: run this call eagerly."""
+        shape = tuple(int(n) for n in ids.shape)
+        if shape not in self._graphs:
+            self._graphs[shape] = "warm"            # the first call of a shape: eager, then capture next time
+            return None
+        if self._graphs[shape] == "warm":
+            self._graphs[shape] = self._capture(shape)
+        return self._graphs[shape]
+
+    def close(self) -> None:
+        """Drop every graph and give its pool's blocks back."""
+        graphs, self._graphs = self._graphs, {}
+        from ..memory import meter
+
+        for cap in graphs.values():
+            if isinstance(cap, _Captured):
+                pool = cap.pool
+                cap.graph = cap.result = cap.ids = cap.keep = None
+                meter.drop_private_pool(pool)
+
+    @property
+    def captured_shapes(self) -> list:
+        return [s for s, c in self._graphs.items() if isinstance(c, _Captured)]
+
+
+class GraphedStep(_PerShape):
     """fn(ids) -> (loss, parts) with the student's grads written, by a CUDA graph per batch shape."""
 
     def __init__(self, teacher, student, loss_cfg, log=None):
+        super().__init__(log)
         self.teacher, self.student, self.loss_cfg = teacher, student, loss_cfg
-        self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
-        self._graphs = {}              # (B, T) -> "warm" (ran eagerly once), _Captured, or None (capture failed: eager)
-        self.replays = self.eager_steps = 0
+        self.eager_steps = 0
 
     def __call__(self, ids, eager=None):
         """One step on ``ids`` [B, T] (NumPy or CuPy). ``eager``: () -> (loss, parts), the caller's own
         eager step for the calls that do not replay (default: the teacher's logits straight into
         student.loss_and_grads)."""
-        shape = tuple(int(n) for n in ids.shape)
-        if shape not in self._graphs:
-            self._graphs[shape] = "warm"            # the first call of a shape: eager, then capture next time
-            return self._eager(ids, eager)
-        if self._graphs[shape] == "warm":
-            self._graphs[shape] = self._capture(shape)
-        cap = self._graphs[shape]
-        if cap is None:
-            return self._eager(ids, eager)
-        return self._replay(cap, ids)
-
-    def close(self) -> None:
-        """Drop every graph and give its pool's blocks back."""
-        graphs, self._graphs = self._graphs, {}
-        _close(graphs)
-
-    @property
-    def captured_shapes(self) -> list:
-        return [s for s, c in self._graphs.items() if isinstance(c, _Captured)]
+        cap = self._graph_for(ids)
+        return self._eager(ids, eager) if cap is None else self._replay(cap, ids)
 
     # -- the three ways a step runs ---------------------------------------------------------------
     def _eager(self, ids, eager):
@@ -95,16 +113,12 @@ class GraphedStep:
         return loss, parts
 
     def _capture(self, shape):
-        from kernels import scratch
-
-        got = capture(shape, lambda ids: self.student.queue_loss_and_grads(ids, self.teacher.logits_fn(ids), self.loss_cfg),
+        cap = capture(shape, lambda ids: self.student.queue_loss_and_grads(ids, self.teacher.logits_fn(ids), self.loss_cfg),
                       self.log, "step")
-        if got is None:
-            return None
-        graph, ids, queued, pool, stream = got
-        keep = scratch.scratch_buffers()                    # arrays made before the capture that it writes
         rows = self.student.embedding_rows                  # a sparse embedding grad: the captured pairs
-        return _Captured(graph, ids, queued, pool, stream, keep, None if rows is None else rows.state())
+        if cap is not None and rows is not None:
+            cap.rows = rows.state()
+        return cap
 
     def _replay(self, cap, ids):
         self.teacher.check_ids(ids)                         # the captured embedding does not check them
@@ -112,10 +126,10 @@ class GraphedStep:
         if cap.rows is not None:                            # (an eager step since may have set others)
             self.student.embedding_rows.restore(cap.rows)
         self.replays += 1
-        return cap.queued.read()
+        return cap.result.read()
 
 
-class GraphedTrunk:
+class GraphedTrunk(_PerShape):
     """The teacher's trunk (embedding .. final norm, Teacher.hidden_states) as a CUDA graph per [B, T]
     shape, for teacher-only loops (Teacher.use_cuda_graphs): the first call of a shape runs eagerly,
     the second captures, later calls replay. The hidden states a replay returns are the graph's own
@@ -123,44 +137,29 @@ class GraphedTrunk:
     before the next forward. No attention mask (the caller runs those eagerly)."""
 
     def __init__(self, teacher, log=None):
+        super().__init__(log)
         self.teacher = teacher
-        self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
-        self._graphs = {}
-        self.replays = 0
 
     def __call__(self, ids):
         """ids: [B, T] checked by the caller (Teacher._inputs) -> float32 [B, T, D]."""
-        shape = tuple(int(n) for n in ids.shape)
-        state = self._graphs.get(shape)
-        if state is None:
-            self._graphs[shape] = "warm"
-        elif state == "warm":
-            self._graphs[shape] = state = self._capture(shape)
-        if not isinstance(state, _Captured):
+        cap = self._graph_for(ids)
+        if cap is None:
             return self.teacher._trunk(ids)
-        replay(state, ids)
+        replay(cap, ids)
         self.replays += 1
-        return state.queued
+        return cap.result
 
     def _capture(self, shape):
-        from kernels import scratch
-
-        got = capture(shape, self.teacher._trunk, self.log, "teacher forward")
-        if got is None:
-            return "eager"
-        graph, ids, hidden, pool, stream = got
-        return _Captured(graph, ids, hidden, pool, stream, scratch.scratch_buffers())
-
-    def close(self) -> None:
-        _close(self._graphs)
-        self._graphs = {}
+        return capture(shape, self.teacher._trunk, self.log, "teacher forward")
 
 
 def capture(shape, fn, log, what):
     """fn(ids) on a static int64 ids array of ``shape``, captured on a stream of its own with every
-    allocation from a private pool -> (graph, ids, fn's result, pool, stream), or None (logged) when
-    the capture fails."""
+    allocation from a private pool -> _Captured (fn's result; the decode scratch it writes kept
+    referenced), or None (logged) when the capture fails."""
     import cupy
+
+    from kernels import scratch
 
     from ..memory import meter
 
@@ -185,7 +184,7 @@ def capture(shape, fn, log, what):
         log(f"CUDA graph capture of the {shape[0]}x{shape[1]} {what} failed ({type(exc).__name__}: {first}); "
             "this shape runs eagerly")
         return None
-    return graph, ids, result, pool, stream
+    return _Captured(graph, ids, result, pool, stream, scratch.scratch_buffers())   # arrays made before it that it writes
 
 
 def replay(cap, ids) -> None:
@@ -198,16 +197,6 @@ def replay(cap, ids) -> None:
     cap.stream.wait_event(current.record())
     cap.graph.launch(cap.stream)
     current.wait_event(cap.stream.record())
-
-
-def _close(graphs: dict) -> None:
-    from ..memory import meter
-
-    for cap in graphs.values():
-        if isinstance(cap, _Captured):
-            pool = cap.pool
-            cap.graph = cap.queued = cap.ids = cap.keep = None
-            meter.drop_private_pool(pool)
 
 
 def _end_quietly(stream) -> None:
