@@ -16,7 +16,8 @@ scratch and calls cuBLAS GemmEx (FP32 accumulate), so training sizes (M = 8 x 51
 
 Files, in reading order: decode.py (decode8 per type; the block layouts themselves are
 q4kdistill/formats/block_layouts.py), gemv.py, gemv_chunk.py, gemv_dp4a.py, gemm.py, dequant.py (the
-kernels), scratch.py (decode + cuBLAS), cpu.py (NumPy), linked.py with csrc/ (CUDA C, one file
+kernels), scratch.py (decode + cuBLAS), decode_ahead.py (stacked weights in one GEMM; a tall weight
+decoded a slab ahead of its GEMMs), cpu.py (NumPy), linked.py with csrc/ (CUDA C, one file
 per job), registry.py (Variant: what each allocates and accepts), builtin.py, dispatch.py,
 autotune.py, bench.py; the fused transformer ops: fused_io.py (storage types, block reductions),
 fused_rmsnorm.py, fused_rope.py, fused_glu.py, fused_kd_loss.py. README.md says how to add a variant.

@@ -25,11 +25,14 @@ from numba import cuda
 from q4kdistill.backend import array_module
 from q4kdistill.errors import Q4KError
 
+from ._device import SIMULATOR
+from ._ptx import half2, ld4, st4
 from .fused_io import F, code_of, empty_as, launch_shared, loader, row_grid, storage, storer
 
 ACTS = ("silu", "gelu_tanh")
 THREADS = 256
 UNROLL = 4            # elements per thread per step (step = the grid's size): loads issued together
+VECTOR = True         # glu_fwd takes the 16-byte-access kernel where it applies (tests switch it off)
 _C = F(math.sqrt(2.0 / math.pi))
 _A = F(0.044715)
 
@@ -119,6 +122,42 @@ def glu_backward_kernel(act, g_code, u_code, dy_code, dg_code, du_code):
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def glu_forward_f32_f16_kernel(act):
+    """The teacher's case, vectorised: float32 gate and up (two C-contiguous arrays), float16 y; each
+    thread takes 8 consecutive elements: four 16-byte loads, one 16-byte store (the scalar kernel's
+    4-byte loads and 2-byte stores ran the 7B's GLU at ~2.3 TB/s on an H200). Same float32 math,
+    the same rounding (round to nearest even), so the same y bit for bit."""
+    f, _ = act_functions(act)
+
+    @cuda.jit
+    def kernel(gate, up, y32, n8):                 # gate, up float32 [8 n8]; y32 uint32 [4 n8] (fp16 pairs)
+        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        while i < n8:
+            e = i * 8
+            g0, g1, g2, g3 = ld4(gate, e)
+            g4, g5, g6, g7 = ld4(gate, e + 4)
+            u0, u1, u2, u3 = ld4(up, e)
+            u4, u5, u6, u7 = ld4(up, e + 4)
+            st4(y32, i * 4, half2(f(g0) * u0, f(g1) * u1), half2(f(g2) * u2, f(g3) * u3),
+                half2(f(g4) * u4, f(g5) * u5), half2(f(g6) * u6, f(g7) * u7))
+            i += cuda.gridDim.x * cuda.blockDim.x
+
+    return kernel
+
+
+def _aligned16(a) -> bool:
+    ptr = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+    return ptr % 16 == 0
+
+
+def _vector_forward(gate, up, y) -> bool:
+    """Whether glu_fwd takes glu_forward_f32_f16_kernel: float32 gate and up, float16 y, all
+    C-contiguous, 16-byte aligned, a multiple of 8 elements."""
+    return (up is not None and gate.dtype == np.float32 and up.dtype == np.float32 and y.dtype == np.float16
+            and gate.size % 8 == 0 and all(a.flags.c_contiguous and _aligned16(a) for a in (gate, up, y)))
+
+
 # -- launchers ---------------------------------------------------------------------------------
 def _halves(gate, up, what):
     """(gate array, row stride, offset, up array, row stride, offset, lead shape, F) from either two
@@ -150,7 +189,12 @@ def glu_fwd(gate, up, act, y=None):
     if tuple(y.shape) != lead + (Fd,):
         raise Q4KError(f"glu: y has shape {tuple(y.shape)}, expected {lead + (Fd,)}")
     R = int(np.prod(lead, dtype=np.int64))
-    if R * Fd:
+    if R * Fd and VECTOR and _vector_forward(gate, up, y):
+        n8 = R * Fd // 8
+        blocks = max(1, min(-(-n8 // THREADS), 2 if SIMULATOR else 8 * 1024))
+        launch_shared(glu_forward_f32_f16_kernel(act), blocks, 32 if SIMULATOR else THREADS, storage(gate),
+                      storage(up), storage(y).view(np.uint32), n8)
+    elif R * Fd:
         kernel = glu_forward_kernel(act, code_of(gate), code_of(gate if up is None else up), code_of(y))
         launch_shared(kernel, *_grid(R, Fd), g, g_ld, g_off, u, u_ld, u_off, R, Fd, storage(y))
     return y

@@ -99,3 +99,91 @@ def rope_apply(x, style, cos=None, sin=None, positions=None, base=None, inverse=
     kernel = rope_kernel(code_of(x), code_of(out), style == "neox", tables, bool(inverse))
     launch_shared(kernel, blocks, threads, storage(x), T, H, D, cos, sin, positions, np.float64(base), storage(out), B * T)
     return out
+
+
+# -- the stacked q, k, v product's epilogue -------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def qkv_kernel(y_code, o_code, neox, has_bias):
+    ld, st = loader(y_code), storer(o_code)
+
+    @cuda.jit
+    def kernel(y, T, H, KV, D, cos, sin, bq, bk, bv, q, k, v, NT):
+        # y [NT, G*D], G = H + 2 KV heads: q's, k's, v's; q [NT*H*D], k, v [NT*KV*D]; cos, sin [T*D/2]
+        half = D // 2
+        G = H + 2 * KV
+        i = cuda.threadIdx.x % half
+        g0, gstep = cuda.threadIdx.x // half, cuda.blockDim.x // half
+        if neox:
+            a, b = i, i + half
+        else:
+            a, b = 2 * i, 2 * i + 1
+        for tok in range(cuda.blockIdx.x, NT, cuda.gridDim.x):
+            t = tok % T
+            c = F(cos[t * half + i])
+            s = F(sin[t * half + i])
+            for g in range(g0, G, gstep):
+                src = (tok * G + g) * D
+                x0, x1 = ld(y, src + a), ld(y, src + b)
+                if g < H:
+                    if has_bias:
+                        x0 += F(bq[g * D + a])
+                        x1 += F(bq[g * D + b])
+                    dst = (tok * H + g) * D
+                    st(q, dst + a, x0 * c - x1 * s)
+                    st(q, dst + b, x0 * s + x1 * c)
+                elif g < H + KV:
+                    h = g - H
+                    if has_bias:
+                        x0 += F(bk[h * D + a])
+                        x1 += F(bk[h * D + b])
+                    dst = (tok * KV + h) * D
+                    st(k, dst + a, x0 * c - x1 * s)
+                    st(k, dst + b, x0 * s + x1 * c)
+                else:
+                    h = g - H - KV
+                    if has_bias:
+                        x0 += F(bv[h * D + a])
+                        x1 += F(bv[h * D + b])
+                    dst = (tok * KV + h) * D
+                    st(v, dst + a, x0)
+                    st(v, dst + b, x1)
+
+    return kernel
+
+
+def qkv_rope_split(y, T, H, KV, D, style, cos, sin, biases=(None, None, None), outs=None, dtype=None):
+    """The epilogue of a stacked q, k, v product: y [NT, (H + 2 KV) * D] (NT = B x T tokens, each
+    row q's H heads, then k's KV, then v's KV) -> (q [NT/T, T, H, D], k, v [NT/T, T, KV, D]): the
+    biases (float arrays [H*D], [KV*D], [KV*D], or None) added, q and k rotated by cos/sin [T, D/2] as
+    rope_apply does, all written in ``dtype`` (outs: three arrays to write instead). One pass: each
+    element read once, written once, rounded once."""
+    xp = array_module(y)
+    if style not in STYLES:
+        raise Q4KError(f"unknown rope style {style!r} (expected one of {', '.join(STYLES)})")
+    G = H + 2 * KV
+    if y.ndim != 2 or y.shape[1] != G * D or D % 2 or y.shape[0] % T:
+        raise Q4KError(f"qkv_rope_split: y must be [B*T, {G * D}] with T = {T} and D even, got {tuple(y.shape)}")
+    NT = y.shape[0]
+    B = NT // T
+    shapes = ((B, T, H, D), (B, T, KV, D), (B, T, KV, D))
+    if outs is None:
+        outs = tuple(xp.empty(s, dtype=dtype or y.dtype) for s in shapes)
+    if any(tuple(o.shape) != s for o, s in zip(outs, shapes)) or len({code_of(o) for o in outs}) != 1:
+        raise Q4KError(f"qkv_rope_split: outs must be {shapes} of one dtype")
+    if tuple(cos.shape) != (T, D // 2) or tuple(sin.shape) != (T, D // 2):
+        raise Q4KError(f"qkv_rope_split: cos/sin must both be [T, D/2] = {(T, D // 2)}")
+    has_bias = biases[0] is not None
+    if has_bias and [int(b.size) for b in biases] != [H * D, KV * D, KV * D]:
+        raise Q4KError("qkv_rope_split: biases must be float32 [H*D], [KV*D], [KV*D]")
+    zero = xp.zeros(1, dtype=np.float32)
+    bq, bk, bv = (xp.ascontiguousarray(b).reshape(-1) if has_bias else zero for b in biases)
+    if NT == 0:
+        return outs
+    half = D // 2
+    threads = half * max(1, (32 if SIMULATOR else THREADS) // half)
+    blocks = min(NT, 4 if SIMULATOR else 65535)
+    kernel = qkv_kernel(code_of(y), code_of(outs[0]), style == "neox", has_bias)
+    launch_shared(kernel, blocks, threads, storage(xp.ascontiguousarray(y)), T, H, KV, D,
+                  xp.ascontiguousarray(cos).reshape(-1), xp.ascontiguousarray(sin).reshape(-1), bq, bk, bv,
+                  *(storage(o) for o in outs), NT)
+    return outs

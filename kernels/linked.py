@@ -454,8 +454,9 @@ Q6K_STAGE_WARPS = 4                            # decode_cast.cu's: super-blocks 
 
 def q6k_staged(staged=None) -> bool:
     """Whether Q6_K rows decode through q6k_decode_f16_staged (given, else $Q4KDISTILL_Q6K_DECODE).
-    The same bits either way (tests/decode_emulate.cpp); the staged form is the GPU A/B's to decide
-    (docs/perf.md, ninth stop: predicted ~2x the direct form's ~1.4 TB/s, not yet run on a GPU)."""
+    The same bits either way (tests/decode_emulate.cpp). Measured on an H200 (docs/perf.md, tenth stop,
+    scripts/probe_head_qkv.py: the 7B's whole Q6_K head): direct 497 us (3.09 TB/s), staged 704 us
+    (2.18 TB/s), so direct stays the default; the staged form is kept as an opt-in variant to study."""
     if staged is not None:
         return bool(staged)
     env = os.environ.get(Q6K_DECODE_ENV, "direct").strip() or "direct"

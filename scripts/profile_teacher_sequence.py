@@ -84,6 +84,7 @@ def instrument(clock: Clock, names: dict):
     wrap(F, "embed", lambda a: "embedding")
     wrap(F, "linear", lambda a: f"product {role(a[1])}")
     wrap(F, "lm_head", lambda a: "LM head (all slabs)")
+    wrap(F, "qkv_rope", lambda a: "product q,k,v stacked + bias/rope/fp16 epilogue")
     wrap(F, "norm", lambda a: "norm")
     wrap(F, "add_norm", lambda a: "add_norm (residual add + norm)")
     wrap(fused, "rope_forward", lambda a: "rope (q or k)")
@@ -103,6 +104,8 @@ def flops(label, args) -> float:
         return 0.0
     x, w = args[0], args[1]
     M = int(np.prod(x.shape[:-1]))
+    if isinstance(w, dict):                           # qkv_rope(h, block weights, cfg, tables)
+        return sum(2.0 * M * w[n].shape[0] * w[n].shape[1] for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
     return 2.0 * M * w.shape[0] * w.shape[1]
 
 

@@ -667,3 +667,79 @@ def test_gpu_fused_ops_keep_cupy_bfloat16():
     m, c = fused_ops.glu_forward(gu, None, "silu")
     assert m.dtype == bf16
     close(m, glu_forward(f64(gu[..., :4864]), f64(gu[..., 4864:]), "silu")[0], "bfloat16", "glu")
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(3, 40), (2, 5, 24), (3, 7)])
+def test_glu_forward_vector_kernel_is_the_scalar_kernel_bit_for_bit(act, shape, monkeypatch):
+    """float32 gate/up -> float16 y through 16-byte loads and stores (8 elements a thread) gives the
+    scalar kernel's y exactly; sizes not a multiple of 8 go to the scalar kernel."""
+    import kernels.fused_glu as fg
+
+    rng = np.random.default_rng([len(act), *shape])
+    gate, up = rand(rng, shape, 3.0), rand(rng, shape, 2.0)
+    assert fg._vector_forward(gate, up, np.empty(shape, np.float16)) == (np.prod(shape) % 8 == 0)
+    vec = glu_fwd(gate, up, act, y=poisoned(shape, "float16"))
+    monkeypatch.setattr(fg, "VECTOR", False)
+    scalar = glu_fwd(gate, up, act, y=poisoned(shape, "float16"))
+    np.testing.assert_array_equal(vec.view(np.uint16), scalar.view(np.uint16))
+    close(vec, glu_forward(f64(gate), f64(up), act)[0], "float16", "glu vector")
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("shape", [(3, 40), (2, 2, 136), (2, 6)])
+def test_rmsnorm_forward_vector_kernel(residual, shape, monkeypatch):
+    """float32 x (+ float32 residual, h = x in place) -> float16 y through 16-byte accesses: h exactly
+    the scalar kernel's, y within one fp16 rounding of it (the sum of squares runs in another order),
+    both against the float64 reference; D not a multiple of 4 goes to the scalar kernel."""
+    import kernels.fused_rmsnorm as fr
+
+    rng = np.random.default_rng([residual, *shape])
+    x0, res, w = rand(rng, shape, 2.0), rand(rng, shape), rand(rng, shape[-1:], 1.5)
+    y16 = poisoned(shape, "float16")
+    assert fr._vector_forward(x0, w, res if residual else None, y16, x0) == (shape[-1] % 4 == 0)
+    outs = {}
+    for vector in (True, False):
+        monkeypatch.setattr(fr, "VECTOR", vector)
+        x = x0.copy()
+        y, h, rstd = rmsnorm_fwd(x, w, 1e-6, residual=res if residual else None, y=poisoned(shape, "float16"),
+                                 h=x if residual else None)
+        outs[vector] = (y, h.copy(), rstd)
+    np.testing.assert_array_equal(outs[True][1], outs[False][1])
+    np.testing.assert_allclose(outs[True][2], outs[False][2], rtol=1e-6)
+    np.testing.assert_allclose(outs[True][0].astype(np.float32), outs[False][0].astype(np.float32), rtol=1e-3, atol=1e-3)
+    hx = f64(x0) + (f64(res) if residual else 0)
+    ref, _ = rmsnorm_forward(hx, f64(w), 1e-6)
+    close(outs[True][0], ref, "float16", "rmsnorm vector")
+
+
+def test_fused_linear_loss_writes_ds_over_the_teacher_span_and_adds_gW_once_a_span(monkeypatch):
+    """With a Teacher.logits_fn SpanLogits (16-bit spans) the loss writes ds over the span's rows and
+    gW gets one product a span instead of one a chunk: the same dh, gW and sums as the chunk-by-chunk
+    loop on copies of the same logits (fp16 products: fp16-level tolerance), every row counted once."""
+    from q4kdistill.student.ops import fused_linear_loss as fll
+    from q4kdistill.student.losses import token_weights
+    from q4kdistill.teacher.forward import Weight
+    from q4kdistill.teacher.model import SpanLogits
+    from gguf import GGMLQuantizationType as QT
+
+    rng = np.random.default_rng(5)
+    N, D, V, chunk, span = 24, 16, 40, 8, 16
+    h = (rng.standard_normal((N, D)) * 0.5).astype(np.float16)
+    W = (rng.standard_normal((V, D)) * 0.5).astype(np.float16)
+    ht = rng.standard_normal((N, D)).astype(np.float32)
+    head = Weight(rng.standard_normal((V, D)).astype(np.float32), QT.F32, (V, D))
+    full = (ht @ head.data.T).astype(np.float16)
+    w = token_weights(rng.integers(0, V, (4, N // 4)), None, LossConfig(alpha=0.5))
+    calls = []
+    real = fll.add_outer
+    monkeypatch.setattr(fll, "add_outer", lambda g, ds, hc: calls.append(hc.shape[0]) or real(g, ds, hc))
+    got = fused_linear_loss(h, W, SpanLogits(ht, head, span, np.float16), LossConfig(alpha=0.5), w, chunk)
+    assert calls == [16, 8]
+    calls.clear()
+    want = fused_linear_loss(h, W, lambda a, b: full[a:b].copy(), LossConfig(alpha=0.5), w, chunk)
+    assert calls == [8] * 3
+    for g, r in zip(got[:2], want[:2]):
+        np.testing.assert_allclose(g.astype(np.float32), r.astype(np.float32), rtol=0,
+                                   atol=1e-2 * float(np.abs(r.astype(np.float32)).max()))
+    assert got[2] == pytest.approx(want[2], rel=1e-6) and got[3] == pytest.approx(want[3], rel=1e-6)

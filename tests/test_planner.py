@@ -244,3 +244,21 @@ def test_a_gpu_plan_counts_the_cublas_workspace(monkeypatch):
                  "distill step peak", "distill: optimizer step peak"):
         assert gpu.row(name).predicted_bytes - cpu.row(name).predicted_bytes == WORKSPACE, name
     assert gpu.row("teacher resident (native)").predicted_bytes == cpu.row("teacher resident (native)").predicted_bytes
+
+
+def test_step_head_span_widens_where_the_step_peak_is_elsewhere(manifest_7b_path, monkeypatch):
+    """memory.planner.step_head_span: blocks cut from the 7B have their step peak in the block backward,
+    so the widest span (2048 tokens) leaves the planned peak where it is; the 0.5B-layout student's peak
+    is its loss, so it keeps the default span. Both as bench step and distill plan them."""
+    from q4kdistill.teacher.model import HEAD_SPAN_TOKENS, SPAN_ENV
+
+    monkeypatch.delenv(SPAN_ENV, raising=False)
+    kw = dict(chunk_tokens=256, precision="bf16", fused_ops=True, checkpoint=False)   # distill's defaults
+    cut = planner.step_head_span(manifest_7b_path, 8, 512, [0, 27], sparse_embedding_grad=True, **kw)
+    fresh = planner.step_head_span(manifest_7b_path, 8, 512, "qwen2-0.5b", **kw)
+    assert (cut, fresh) == (2048, HEAD_SPAN_TOKENS)
+    wide = planner.make_plan(manifest_7b_path, 8, 512, [0, 27], gpu=True, head_span_tokens=cut, sparse_embedding_grad=True, **kw)
+    base = planner.make_plan(manifest_7b_path, 8, 512, [0, 27], gpu=True, sparse_embedding_grad=True, **kw)
+    assert wide.head_span == (2048, 2) and base.head_span == (HEAD_SPAN_TOKENS, 2)
+    assert wide.row("distill step peak").predicted_bytes == base.row("distill step peak").predicted_bytes
+    assert planner.step_head_span(manifest_7b_path, 1, 256, [0, 27], sparse_embedding_grad=True, **kw) == HEAD_SPAN_TOKENS

@@ -231,7 +231,7 @@ def test_teacher_logits_in_spans(gpu_allocations, monkeypatch, tmp_path):
     from q4kdistill.teacher import model as teacher_model
 
     monkeypatch.setattr(teacher_forward, "HEAD_ROWS", 768)
-    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu: (40, np.float16))
+    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu, tokens=None: (40, np.float16))
     path = synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2", vocab_size=2048),
                                 qtypes={"*": "Q4_K", "output": "Q6_K"})
     rows, fwd, step = gpu_allocations(ModelFile.open(path), 1, 32, 2, "d_model=64,n_layers=1,d_ff=128,n_heads=4,"

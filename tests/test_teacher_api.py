@@ -215,7 +215,7 @@ def test_logits_fn_in_spans_is_the_logits_rounded(teacher, ids, monkeypatch, hea
         monkeypatch.setattr(teacher_forward, "HEAD_ROWS", head_rows)
     assert teacher_model.head_span(False) is None                # the CPU: float32 per call
     want = teacher.logits_for_batch(ids).reshape(-1, teacher.vocab_size)
-    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu: (10, np.float16))
+    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu, tokens=None: (10, np.float16))
     fn = teacher.logits_fn(ids)
     assert isinstance(fn, teacher_model.SpanLogits)
     N = want.shape[0]                         # 26 tokens asked 4 at a time: spans 0-10, 8-18, 16-26
@@ -265,7 +265,7 @@ def test_evaluation_and_audit_logits_stay_float32(teacher, ids, monkeypatch):
     where a step's loss would get float16 spans."""
     from q4kdistill.teacher import model as teacher_model
 
-    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu: (10, np.float16))
+    monkeypatch.setattr(teacher_model, "head_span", lambda on_gpu, tokens=None: (10, np.float16))
     assert isinstance(teacher.logits_fn(ids), teacher_model.SpanLogits)
     fn = teacher.logits_fn(ids, spans=False)
     assert not isinstance(fn, teacher_model.SpanLogits) and fn(0, 3).dtype == np.float32

@@ -230,9 +230,12 @@ def run(bench: StepBench, log=print) -> dict:
     for label, config, layers in students:
         student, opt = ours.make_student(config, layers)
         for shape in bench.shapes:
+            ours.teacher.span_tokens = _span(bench, model, shape, layers, student) if ours.on_gpu else None
             rows.append(ours.step_row(label, student, opt, shape, _batches(tcfg.vocab_size, shape, ours.xp)))
-            rows[-1]["planned_bytes"] = _planned(bench, model, shape, layers, student)
+            rows[-1]["planned_bytes"] = _planned(bench, model, shape, layers, student, ours.teacher.span_tokens)
+            rows[-1]["head_span"] = ours.teacher.span_tokens
             log(_line(rows[-1]))
+        ours.teacher.span_tokens = None
         del student, opt
         ours.release()
     teacher_resident = ours.teacher.resident_bytes
@@ -246,16 +249,30 @@ def run(bench: StepBench, log=print) -> dict:
             "rows": rows, "ratios": ratios(rows)}
 
 
-def _planned(bench, model, shape, layers, student) -> int:
-    """The planner's step peak for this student and shape (memory/planner.py), to print beside the
-    measured one: the fresh student's --student-shape, or the cut one's teacher blocks."""
-    from ..memory import planner
+def _plan_args(bench, shape, layers, student) -> tuple:
     from ..student.spec import parse_student_shape
 
     spec = parse_student_shape(bench.student_shape) if layers is None else layers
-    plan = planner.make_plan(model, shape[0], shape[1], spec, checkpoint=bench.checkpoint,
-                             chunk_tokens=bench.chunk_tokens, precision=student.prec.name,
-                             sparse_embedding_grad=student.embedding_rows is not None)
+    return (shape[0], shape[1], spec), dict(checkpoint=bench.checkpoint, chunk_tokens=bench.chunk_tokens,
+                                            precision=student.prec.name,
+                                            sparse_embedding_grad=student.embedding_rows is not None)
+
+
+def _span(bench, model, shape, layers, student) -> int:
+    """The teacher-logit span distill would take for this student and shape (planner.step_head_span)."""
+    from ..memory import planner
+
+    args, kw = _plan_args(bench, shape, layers, student)
+    return planner.step_head_span(model, *args, **kw)
+
+
+def _planned(bench, model, shape, layers, student, span_tokens=None) -> int:
+    """The planner's step peak for this student and shape (memory/planner.py), to print beside the
+    measured one: the fresh student's --student-shape, or the cut one's teacher blocks."""
+    from ..memory import planner
+
+    args, kw = _plan_args(bench, shape, layers, student)
+    plan = planner.make_plan(model, *args, head_span_tokens=span_tokens, **kw)
     return plan.row("distill step peak").predicted_bytes
 
 
@@ -381,6 +398,10 @@ def format_table(report) -> str:
         notes.append("our teacher forward's trunk replayed as a CUDA graph (Teacher.use_cuda_graphs), its LM head "
                      "chunks eager" if how == {True} else "our teacher forward ran eagerly" if how == {False}
                      else "our teacher forward replayed a CUDA graph in some rows (see cuda_graph in --json)")
+    spans = [r for r in rows if r.get("head_span")]
+    if spans:
+        notes.append("the teacher's logits reach our loss in float16 spans of " + ", ".join(
+            f"{r['head_span']} tokens ({r['student']} {r['shape']})" for r in spans) + " (memory.planner.step_head_span)")
     lines += [f"note: {n}" for n in notes]
     planned = [r for r in rows if r.get("planned_bytes") and r["status"] == "ok" and r["peak_bytes"]]
     if planned:

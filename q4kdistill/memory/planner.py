@@ -530,7 +530,7 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
               chunk_tokens: int | None = None, teacher_chunk_tokens: int | None = None,
               checkpoint: bool = True, teacher_backend: str = "native", precision: str = "fp32",
               gpus: int = 1, fused_ops: bool | None = None, sparse_embedding_grad: bool | None = None,
-              gpu: bool | None = None) -> Plan:
+              gpu: bool | None = None, head_span_tokens: int | None = None) -> Plan:
     """The plan for a teacher (path, manifest dict or ModelFile) and a student: a spec string or
     dict (see parse_student_spec), or a list of teacher block numbers such as distill's
     student_layers ([5]: one block, teacher block 5). Default: four blocks of the teacher's widths
@@ -540,6 +540,7 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
     None: as the student would here. sparse_embedding_grad: whether an untied embedding's grad is
     the gathered rows (Student's option); None: as the student picks it here. gpu: whether the plan is
     a GPU's (its products go through kernels.blas, whose cuBLAS workspace stays allocated); None: here.
+    head_span_tokens: the teacher's logits span in a step (Teacher.span_tokens; None: the default).
     gpus > 1 (data parallelism): ``batch`` is the global batch and the plan is one GPU's: the whole
     teacher, a student replica with its grads and AdamW moments, and batch / gpus sequences'
     activations (NCCL sums the grads in place; its own channel buffers are not counted)."""
@@ -567,7 +568,7 @@ def make_plan(teacher, batch: int, seq: int, student=None, *,
                          "sparse_embedding_grad": _student_rows(scfg, precision, gpus, sparse_embedding_grad)},
                 batch=batch, seq=seq, chunk_tokens=chunk_size(scfg.vocab_size, batch * seq, chunk_tokens),
                 teacher_chunk_tokens=teacher_chunk_tokens or DEFAULT_CHUNK_TOKENS, checkpoint=checkpoint,
-                teacher_backend=teacher_backend, gpus=gpus, **_gpu_terms(gpu))
+                teacher_backend=teacher_backend, gpus=gpus, **_gpu_terms(gpu, head_span_tokens))
     _add_teacher_rows(plan, info)
     _add_step_rows(plan, info, scfg, n_params)
     return plan
@@ -583,7 +584,7 @@ def _student_rows(cfg: ModelConfig, precision: str, gpus: int, given) -> bool:
     return not cfg.tied_output and precision == "bf16" and gpus == 1 and backend.on_gpu()
 
 
-def _gpu_terms(gpu) -> dict:
+def _gpu_terms(gpu, span_tokens=None) -> dict:
     """What a GPU plan (gpu, or None: here) adds: kernels.blas's cuBLAS workspace (kept from the first
     product on; the CPU's products use none) and teacher.model.head_span's (tokens, bytes per logit)."""
     import numpy as np
@@ -592,7 +593,7 @@ def _gpu_terms(gpu) -> dict:
     from ..teacher import model as teacher_model
 
     gpu = backend.on_gpu() if gpu is None else bool(gpu)
-    workspace, span = 0, teacher_model.head_span(gpu)
+    workspace, span = 0, teacher_model.head_span(gpu, span_tokens)
     if gpu:
         from kernels.blas import WORKSPACE as workspace
     return dict(blas_workspace=workspace, head_span=None if span is None else (int(span[0]), np.dtype(span[1]).itemsize))
@@ -714,3 +715,30 @@ def _add_step_rows(plan: Plan, info: ModelFile, cfg: ModelConfig, n_params: int)
                    "sums and the rows' p, m, v before the update" if rows else "") + ")", measured=True)
     plan.add("distill step peak", max(plan.row("distill: teacher trunk peak").predicted_bytes, fb, opt),
              "the largest of the three phases above", measured=True)
+
+
+SPAN_CHOICES = (2048, 1024)    # wider teacher-logit spans step_head_span tries, widest first
+
+
+def step_head_span(teacher, batch: int, seq: int, student=None, **plan_kw) -> int:
+    """Teacher-logit span (tokens) for a GPU distillation step of this student: the widest of
+    SPAN_CHOICES whose planned step peak is the default span's (teacher.model.HEAD_SPAN_TOKENS), i.e.
+    whose span buffer fits under a peak set elsewhere in the step, else the default.
+
+    A wider span means fewer LM-head passes of the quantized teacher and, with the loss writing its
+    gradient over the span's rows (ops/fused_linear_loss.py), fewer read-modify-writes of the student
+    head's float32 [V, D] grad: for blocks cut from the 7B (peak in their block backward) the span is
+    free up to 2048 tokens; for the 0.5B-layout student the loss is the peak and the default stays
+    (docs/perf.md, tenth stop). $Q4KDISTILL_HEAD_SPAN, when set, wins in Teacher.logits_fn anyway."""
+    from ..teacher.model import HEAD_SPAN_TOKENS
+
+    plan_kw = dict(plan_kw, gpu=True)
+    base = make_plan(teacher, batch, seq, student, head_span_tokens=HEAD_SPAN_TOKENS, **plan_kw)
+    peak = base.row("distill step peak").predicted_bytes
+    for tokens in SPAN_CHOICES:
+        if tokens <= HEAD_SPAN_TOKENS or tokens > batch * seq:
+            continue
+        plan = make_plan(teacher, batch, seq, student, head_span_tokens=tokens, **plan_kw)
+        if plan.row("distill step peak").predicted_bytes <= peak:
+            return tokens
+    return HEAD_SPAN_TOKENS

@@ -600,11 +600,10 @@ class Student:
         """_head_backward on the fused kernels (ops/fused_linear_loss.py): per chunk s = h W^T in the
         low precision, the loss kernel writes ds over s, dh = ds W, and gW += ds^T h accumulates in
         float32 straight into the grad buffer. Teacher-cache chunks (SparseTargets) take the
-        reference chunk loss inside the same loop."""
-        def chunk(start, stop):
-            return self._teacher_chunk(teacher, start, stop)
-
-        dh, _, kd_sum, ce_sum = fused_linear_loss(self.prec.low(h), self._head_weight(), None if teacher is None else chunk,
+        reference chunk loss inside the same loop. The teacher goes as it came: the kernel reads its
+        16-bit spans (Teacher.logits_fn) as they are, and writes ds over a span's rows once it has read
+        them (fused_linear_loss), so no float32 copy of a teacher chunk is made."""
+        dh, _, kd_sum, ce_sum = fused_linear_loss(self.prec.low(h), self._head_weight(), teacher,
                                                   loss_cfg, w, self._chunk(h.shape[0]), gW=self._head_weight(grads=True),
                                                   host_sums=False)   # (read after the backward is queued)
         return self.prec.high(dh), kd_sum, ce_sum

@@ -13,15 +13,20 @@ M = 1 (and up to 8 for Q4_K on some cards) a fused GEMV decodes the blocks insid
 at training sizes the kernels decode one matrix at a time into a reusable fp16 scratch and call
 cuBLAS (kernels/README.md, "What runs where"). The next product overwrites the scratch, so no
 decoded matrix is kept, and the LM head goes HEAD_ROWS rows at a time so the scratch never holds
-more than one slab. The ops (``q4kdistill.student.ops``) are the student's, with their caches dropped. Each family's extras come from ``ModelConfig``
+more than one slab (on a GPU: kernels.decode_ahead.matmul_ahead, a ring of SLOTS slabs of
+HEAD_ROWS / SLOTS rows decoded on a second stream ahead of their GEMMs, each GEMM writing its columns
+of the logits in their final type). On a GPU a block without q/k norms makes q, k and v with one
+stacked product and one epilogue kernel (bias, rope, fp16: qkv_rope). The ops (``q4kdistill.student.ops``) are the student's, with their caches dropped. Each family's extras come from ``ModelConfig``
 (q/k norms, post norms, qkv biases, sliding windows with their own rope base, embedding scale).
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import kernels
-from kernels import blas
+from kernels import blas, decode_ahead
 from gguf import GGMLQuantizationType as QT
 
 from ..backend import array_module
@@ -114,9 +119,10 @@ def linear(x, w: Weight, bias: Weight | None = None):
 
 
 def lm_head(h, w: Weight, dtype=None, out=None):
-    """h [..., D] -> logits [..., V] (float32, or ``dtype``: each product's float32 slab rounded as
-    it is written), the vocabulary HEAD_ROWS rows at a time; ``out``: a C-contiguous [M, V] array of
-    that type to write them into (h flattened to [M, D])."""
+    """h [..., D] -> logits [..., V] (float32, or ``dtype``: each product's float32 accumulator rounded
+    as it is written), the vocabulary HEAD_ROWS rows at a time (a GPU's decode + cuBLAS sizes: through
+    kernels.decode_ahead.matmul_ahead); ``out``: a C-contiguous [M, V] array of that type to write them
+    into (h flattened to [M, D])."""
     xp = array_module(h)
     V = w.shape[0]
     h2 = h.reshape(-1, h.shape[-1])                          # [M, D]
@@ -132,6 +138,11 @@ def lm_head(h, w: Weight, dtype=None, out=None):
         return y if dtype is None or y.dtype == dtype else y.astype(dtype)
     if out is None:
         out = xp.empty((h2.shape[0], V), dtype=dtype or xp.float32)   # [M, V]
+    if _gpu(h2) and decode_ahead.applies(w.qtype, h2.shape[0], HEAD_ROWS, h2.shape[1]) \
+            and out.dtype.name in ("float32", "float16"):
+        # decoded HEAD_ROWS / SLOTS rows at a time ahead of the GEMMs, each writing its columns of out
+        decode_ahead.matmul_ahead(h2, w.data, w.qtype, V, out, HEAD_ROWS // decode_ahead.SLOTS, decode_ahead.SLOTS)
+        return out.reshape(h.shape[:-1] + (V,))
     for r0 in range(0, V, HEAD_ROWS):
         out[:, r0:r0 + HEAD_ROWS] = linear(h2, w.rows(r0, r0 + HEAD_ROWS))
     return out.reshape(h.shape[:-1] + (V,))
@@ -177,9 +188,47 @@ def _product_dtype(x):
     return PRODUCT_DTYPE if _gpu(x) else None
 
 
+QKV = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+# On the GPU, for blocks without q/k norms whose q, k, v are quantized: one stacked product
+# (kernels.matmul_stacked) and one epilogue kernel (bias, rope, 16 bits: kernels.fused_rope.qkv_rope_split)
+# instead of three products, three bias adds, two ropes and three casts. Tests switch it off to compare.
+FUSED_QKV = True
+
+
+def _fused_qkv(h, w: dict, cfg) -> bool:
+    return (FUSED_QKV and _gpu(h) and not cfg.qk_norm and all(w[n].quantized for n in QKV)
+            and _mma_attention(cfg.head_dim, os.environ.get("Q4KDISTILL_ATTENTION", "").strip().lower()))
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_attention(head_dim: int, env: str) -> bool:
+    """Whether attention takes the tensor-core kernels (which read 16-bit q, k, v) for this head size."""
+    from kernels import flash_attention_mma
+
+    return env in ("", "mma") and flash_attention_mma.supports(head_dim) and flash_attention_mma.available()
+
+
+def qkv_rope(h, w: dict, cfg, cos_sin):
+    """h [B, T, D] -> (q [B, T, H, hd], k, v [B, T, KV, hd]) in PRODUCT_DTYPE, biased and rotated:
+    one stacked product, one epilogue."""
+    from kernels.decode_ahead import matmul_stacked
+    from kernels.fused_rope import qkv_rope_split
+
+    B, T, _ = h.shape
+    y = matmul_stacked(h.reshape(B * T, -1), [(w[n].data, w[n].qtype, w[n].shape[0]) for n in QKV])
+    biases = tuple(dense_f32(w[f"attn_{n}.bias"]) for n in "qkv") if "attn_q.bias" in w else (None,) * 3
+    return qkv_rope_split(y, T, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_style, *cos_sin,
+                          biases=biases, dtype=PRODUCT_DTYPE)
+
+
 def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
     """h [B, T, D] (the normalised block input) -> the attention branch [B, T, D] (before the residual add)."""
     B, T, _ = h.shape
+    if _fused_qkv(h, w, cfg):
+        q, k, v = qkv_rope(h, w, cfg, cos_sin)
+        o, _ = flash_attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale, out_dtype=PRODUCT_DTYPE)
+        a = linear(o.reshape(B, T, cfg.q_dim), w["attn_output.weight"])
+        return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a
     q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).reshape(B, T, cfg.n_heads, cfg.head_dim)
     k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)

@@ -41,30 +41,35 @@ DEFAULT_CHUNK_TOKENS = 1024
 HEAD_SPAN_TOKENS = 512         # logits_fn on a GPU: the LM head's tokens per product (head_span)
 
 
-def head_span(on_gpu: bool):
+def head_span(on_gpu: bool, tokens: int | None = None):
     """(tokens, numpy dtype) of logits_fn's spans, or None (each call multiplies its own tokens).
 
     A quantized LM head is decoded whole for every product (slab by slab into the decode scratch),
     so a step's 256-token loss chunks decoded the 7B's 152064 x 3584 head 16 times: 25.3 ms of a
     206 ms step on an H200, against 12.5 ms in 1024-token products. On a GPU logits_fn multiplies
-    HEAD_SPAN_TOKENS at once and keeps them in float16 (the KD loss kernel reads 16-bit logits;
-    float16 holds a logit to 2^-11 of itself, bf16 teachers to 2^-8). Measured on an H200 at 8 x 512
-    (fresh 0.5B student, docs/perf.md ninth stop), tokens/s and step peak: per call (0) 19,941 and
-    17.20 GB, 512 20,328 and 17.39 GB, 1024 20,609 and 17.58 GB, the peer 20,285 and 43.83 GB: 512
-    keeps the step under 0.4x of the peer's memory. The CPU keeps float32 per call.
-    $Q4KDISTILL_HEAD_SPAN sets the tokens (0: off), trading the span's memory (tokens x V x 2 bytes)
-    for the head's decodes."""
-    tokens = _env_span()
+    ``tokens`` (default HEAD_SPAN_TOKENS) at once and keeps them in float16 (the KD loss kernel reads
+    16-bit logits, and writes the student's gradient over a span's rows once it has read them:
+    student/ops/fused_linear_loss.py; float16 holds a logit to 2^-11 of itself, bf16 teachers to 2^-8).
+    Measured on an H200 at 8 x 512 (fresh 0.5B student, docs/perf.md ninth stop), tokens/s and step peak:
+    per call (0) 19,941 and 17.20 GB, 512 20,328 and 17.39 GB, 1024 20,609 and 17.58 GB, the peer 20,285
+    and 43.83 GB: 512 keeps that student under 0.4x of the peer's memory. A student whose step peak
+    lies elsewhere (blocks cut from the 7B: their block backward) takes a wider span at no memory
+    (memory.planner.step_head_span, Teacher.span_tokens; tenth stop: 2048). The CPU keeps float32 per
+    call. $Q4KDISTILL_HEAD_SPAN sets the tokens (0: off) and wins over ``tokens``, trading the span's
+    memory (tokens x V x 2 bytes) for the head's passes."""
+    env = span_from_env()
+    tokens = env if env is not None else HEAD_SPAN_TOKENS if tokens is None else int(tokens)
     return (tokens, np.float16) if on_gpu and tokens else None
 
 
 SPAN_ENV = "Q4KDISTILL_HEAD_SPAN"      # tokens per span of logits_fn on a GPU; 0: float32 per call
 
 
-def _env_span() -> int:
+def span_from_env() -> int | None:
+    """$Q4KDISTILL_HEAD_SPAN as tokens, None when unset."""
     raw = os.environ.get(SPAN_ENV, "").strip()
     if not raw:
-        return HEAD_SPAN_TOKENS
+        return None
     if not raw.isdigit():
         raise Q4KError(f"{SPAN_ENV}={raw!r}: expected a number of tokens (0: one float32 product per call)")
     return int(raw)
@@ -82,6 +87,8 @@ class Teacher:
         self.layers = [_layer_weights(weights, i) for i in range(config.n_layers)]
         self._head = weights["token_embd.weight" if config.tied_output else "output.weight"]
         self._trunk_graphs = None                # train.cuda_graph.GraphedTrunk (use_cuda_graphs)
+        self.span_tokens = None                  # logits_fn's span for a step (None: HEAD_SPAN_TOKENS); set
+                                                 # by distill / bench step from memory.planner.step_head_span
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -179,13 +186,15 @@ class Teacher:
         """hidden_states on ids already checked (a device array of this teacher's xp)."""
         return teacher_forward.hidden_states(self.weights, self.layers, self.config, ids, mask)
 
-    def logits_fn(self, input_ids, attention_mask=None, spans: bool = True):
+    def logits_fn(self, input_ids, attention_mask=None, spans: bool = True, span_tokens: int | None = None):
         """Run the trunk once; return fn(start, stop) -> [stop-start, V], the logits of tokens
         start..stop-1 of the B*T positions flattened row-major (token b*T + t): float32, or on a GPU
         (``spans``: a training step's loss) float16 slices of head_span()'s spans (ask in increasing
-        order: one span at a time is kept). spans=False: float32 per call (evaluation, audit, generate)."""
+        order: one span at a time is kept; ``span_tokens`` rows a span, default self.span_tokens, else
+        HEAD_SPAN_TOKENS).
+        spans=False: float32 per call (evaluation, audit, generate)."""
         h = self._flat_hidden(input_ids, attention_mask)       # [B*T, D]
-        span = head_span(self.xp is not np) if spans else None
+        span = head_span(self.xp is not np, span_tokens or self.span_tokens) if spans else None
         if span is None:
             return lambda start, stop: teacher_forward.lm_head(h[start:stop], self._head)
         return SpanLogits(h, self._head, *span)
@@ -253,6 +262,10 @@ class SpanLogits:
     def __init__(self, h, head, tokens: int, dtype):
         self.h, self.head, self.tokens, self.dtype = h, head, int(tokens), dtype
         self.buffer, self.first, self.stop = None, 0, -1
+
+    def covers(self, start, stop) -> bool:
+        """Whether rows start..stop-1 are in the span at hand (a call for them computes nothing)."""
+        return self.first <= start and stop <= self.stop
 
     def __call__(self, start, stop):
         N = self.h.shape[0]

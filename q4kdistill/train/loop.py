@@ -406,13 +406,7 @@ def out_of_memory_error(cfg, step, exc) -> Q4KError:
     try:
         from ..memory.planner import make_plan
 
-        if cfg.student_shape:
-            from ..student.spec import parse_student_shape
-
-            spec = parse_student_shape(cfg.student_shape)
-        else:
-            spec = "layers=" + (",".join(map(str, cfg.student_layers)) if cfg.student_layers else "4")
-        plan = make_plan(cfg.teacher, cfg.batch, cfg.seq, spec, precision=student_precision(cfg),
+        plan = make_plan(cfg.teacher, cfg.batch, cfg.seq, _plan_spec(cfg), precision=student_precision(cfg),
                          chunk_tokens=cfg.chunk_tokens, checkpoint=cfg.checkpoint_activations)
         estimate = f"the planner predicts {plan.distill_step_peak_bytes / 1e9:.2f} GB of GPU memory for this step"
     except Exception as plan_exc:                      # the estimate is a courtesy; never hide the OOM
@@ -423,6 +417,32 @@ def out_of_memory_error(cfg, step, exc) -> Q4KError:
     lower = (f"lower --batch (now {cfg.batch}), --seq (now {cfg.seq}) or --chunk-tokens (now {cfg.chunk_tokens})"
              + ("" if cfg.checkpoint_activations else ", or add --checkpoint-activations"))
     return Q4KError(f"out of {where} memory at step {step + 1} ({first}); {estimate}; {lower}")
+
+
+def _plan_spec(cfg):
+    """The student as memory.planner.make_plan takes it."""
+    if cfg.student_shape:
+        from ..student.spec import parse_student_shape
+
+        return parse_student_shape(cfg.student_shape)
+    return "layers=" + (",".join(map(str, cfg.student_layers)) if cfg.student_layers else "4")
+
+
+def step_span(cfg, student, log) -> int | None:
+    """The teacher-logit span of a GPU step for this student (memory.planner.step_head_span: the widest
+    that leaves the planned step peak where it is); None on the CPU (no spans) or where the planner
+    cannot plan this run (the default span then)."""
+    if not backend.on_gpu():
+        return None
+    from ..memory.planner import step_head_span
+
+    try:
+        return step_head_span(cfg.teacher, cfg.batch, cfg.seq, _plan_spec(cfg), precision=student_precision(cfg),
+                              chunk_tokens=cfg.chunk_tokens, checkpoint=cfg.checkpoint_activations,
+                              sparse_embedding_grad=student.embedding_rows is not None)
+    except (Q4KError, ValueError, KeyError) as exc:
+        log(f"teacher logit span: the default ({exc})")
+        return None
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------
@@ -512,6 +532,7 @@ def setup(cfg: DistillConfig, log) -> Run:
     student = build_student(cfg, teacher)
     check_vocab(cfg, teacher, student)
     check_data_vocab((train, heldout), student.config.vocab_size)
+    teacher.span_tokens = step_span(cfg, student, log)
     run = Run(cfg, teacher, tokenizer, train, heldout, train.batches(cfg.batch, seed=cfg.seed), student,
               make_optimizer(cfg, student), make_loss_config(cfg), {}, targets=OnlineTargets(teacher))
     run.fingerprint = fingerprint(cfg, teacher, student, data_id)
@@ -577,8 +598,21 @@ def start(run: Run, resume: bool, log) -> dict:
 
 def finite_logits_fn(fn, seq_len: int):
     """The teacher's fn(start, stop) -> [n, V], each chunk checked finite where the loss reads it
-    (a non-finite logit names its batch row and position)."""
-    return lambda start, stop: check_finite(fn(start, stop), "the teacher's logits", start, seq_len)
+    (a non-finite logit names its batch row and position); a SpanLogits keeps its ``covers``, so the
+    loss still writes its gradient over the span's rows (ops/fused_linear_loss.py)."""
+    return _CheckedSpans(fn, seq_len) if hasattr(fn, "covers") else \
+        (lambda start, stop: check_finite(fn(start, stop), "the teacher's logits", start, seq_len))
+
+
+class _CheckedSpans:
+    def __init__(self, fn, seq_len: int):
+        self.fn, self.seq_len = fn, seq_len
+
+    def __call__(self, start, stop):
+        return check_finite(self.fn(start, stop), "the teacher's logits", start, self.seq_len)
+
+    def covers(self, start, stop) -> bool:
+        return self.fn.covers(start, stop)
 
 
 def train_step(run: Run, batches) -> dict:
