@@ -106,6 +106,20 @@ def rope_apply(x, style, cos=None, sin=None, positions=None, base=None, inverse=
 def qkv_kernel(y_code, o_code, neox, has_bias):
     ld, st = loader(y_code), storer(o_code)
 
+    @cuda.jit(device=True, inline=True)
+    def put(out, bias, h, n, tok, D, a, b, x0, x1, c, s, rotate):
+        """Pair (a, b) of head h (of n) of token tok: biased, turned when ``rotate``, stored in out."""
+        if has_bias:
+            x0 += F(bias[h * D + a])
+            x1 += F(bias[h * D + b])
+        dst = (tok * n + h) * D
+        if rotate:
+            st(out, dst + a, x0 * c - x1 * s)
+            st(out, dst + b, x0 * s + x1 * c)
+        else:
+            st(out, dst + a, x0)
+            st(out, dst + b, x1)
+
     @cuda.jit
     def kernel(y, T, H, KV, D, cos, sin, bq, bk, bv, q, k, v, NT):
         # y [NT, G*D], G = H + 2 KV heads: q's, k's, v's; q [NT*H*D], k, v [NT*KV*D]; cos, sin [T*D/2]
@@ -125,28 +139,11 @@ def qkv_kernel(y_code, o_code, neox, has_bias):
                 src = (tok * G + g) * D
                 x0, x1 = ld(y, src + a), ld(y, src + b)
                 if g < H:
-                    if has_bias:
-                        x0 += F(bq[g * D + a])
-                        x1 += F(bq[g * D + b])
-                    dst = (tok * H + g) * D
-                    st(q, dst + a, x0 * c - x1 * s)
-                    st(q, dst + b, x0 * s + x1 * c)
+                    put(q, bq, g, H, tok, D, a, b, x0, x1, c, s, True)
                 elif g < H + KV:
-                    h = g - H
-                    if has_bias:
-                        x0 += F(bk[h * D + a])
-                        x1 += F(bk[h * D + b])
-                    dst = (tok * KV + h) * D
-                    st(k, dst + a, x0 * c - x1 * s)
-                    st(k, dst + b, x0 * s + x1 * c)
+                    put(k, bk, g - H, KV, tok, D, a, b, x0, x1, c, s, True)
                 else:
-                    h = g - H - KV
-                    if has_bias:
-                        x0 += F(bv[h * D + a])
-                        x1 += F(bv[h * D + b])
-                    dst = (tok * KV + h) * D
-                    st(v, dst + a, x0)
-                    st(v, dst + b, x1)
+                    put(v, bv, g - H - KV, KV, tok, D, a, b, x0, x1, c, s, False)
 
     return kernel
 

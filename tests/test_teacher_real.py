@@ -113,14 +113,25 @@ def test_matches_transformers(ours, hf_logits, record_property):
     assert m["top1"] >= 0.995, m
 
 
-def test_matches_llama_cpp(ours, llama_cpp_logits, record_property):
+def test_matches_llama_cpp(ours, llama_cpp_logits, record_property, request):
+    """Against llama.cpp (its own quantized-activation path): cos_mean >= 0.998, cos_min >= 0.99, top-1
+    >= 93 %, or, where the llama.cpp build itself lies further from the float32 reference than that, as
+    close to it as transformers fp32 is (llama-cpp-python 0.3.36 put one of the 324 positions at cosine
+    0.98180 from transformers; ours at 0.98180 too: 2026-12-04)."""
     m = agreement(ours, llama_cpp_logits)
     record_property("vs_llama_cpp", m)
     print("vs llama.cpp:", m)
+    try:
+        yard = agreement(request.getfixturevalue("hf_logits"), llama_cpp_logits)
+    except pytest.skip.Exception:
+        yard = None
+    floor = {"cos_mean": 0.998, "cos_min": 0.99, "top1": 0.93}
+    if yard is not None:                     # the same llama.cpp build against transformers fp32
+        slack = {"cos_mean": 1e-4, "cos_min": 1e-4, "top1": 0.01}
+        floor = {k: min(v, yard[k] - slack[k]) for k, v in floor.items()}
     assert m["positions"] >= 300
-    assert m["cos_mean"] >= 0.998, m
-    assert m["cos_min"] >= 0.99, m
-    assert m["top1"] >= 0.93, m
+    for key, least in floor.items():
+        assert m[key] >= least, (key, m, yard)
 
 
 def test_transformers_vs_llama_cpp_for_scale(hf_logits, llama_cpp_logits):
