@@ -109,7 +109,8 @@ def _parts(x, parts):
 
 
 def matmul_stacked(x, parts, out=None):
-    """x [M, K] @ [W_0; W_1; ...].T -> float32 [M, sum n_i] (``out``: a C-contiguous one to fill).
+    """x [M, K] @ [W_0; W_1; ...].T -> float32 [M, sum n_i] (``out``: a C-contiguous float32 or float16
+    one to fill; float16: the FP32 accumulator rounded once as the GEMM writes it).
 
     parts: (w_raw, qtype, n_out) per weight, in the order their columns come out."""
     from .dispatch import matmul
@@ -122,8 +123,9 @@ def matmul_stacked(x, parts, out=None):
     N = sum(n for _, _, n in parts)
     if out is None:
         out = xp.empty((M, N), dtype=np.float32)
-    elif tuple(out.shape) != (M, N) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise Q4KError(f"matmul_stacked: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {tuple(out.shape)}")
+    elif tuple(out.shape) != (M, N) or out.dtype.name not in ("float32", "float16") or not out.flags.c_contiguous:
+        raise Q4KError(f"matmul_stacked: out must be C-contiguous float32 or float16 {(M, N)}, "
+                       f"got {out.dtype} {tuple(out.shape)}")
     if M == 0:
         return out
     if xp is not np and _use_linked([q for _, q, _ in parts], M, N, K):
@@ -137,7 +139,7 @@ def matmul_stacked(x, parts, out=None):
             r0 += n
         return gemm_f16_f32(to_f16(x), w16, out)
     c0 = 0
-    for w_raw, q, n in parts:          # each weight as matmul would multiply it alone
+    for w_raw, q, n in parts:          # each weight as matmul would multiply it alone (float32, then out's type)
         out[:, c0:c0 + n] = matmul(x, w_raw, q, n)
         c0 += n
     return out

@@ -26,7 +26,7 @@ from q4kdistill.backend import array_module
 from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR
-from ._ptx import half2, ld4, st4
+from ._ptx import f16hi, f16lo, half2, ld4, st4
 from .fused_io import F, code_of, empty_as, launch_shared, loader, row_grid, storage, storer
 
 ACTS = ("silu", "gelu_tanh")
@@ -146,16 +146,39 @@ def glu_forward_f32_f16_kernel(act):
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def glu_forward_f16_f16_kernel(act):
+    """As glu_forward_f32_f16_kernel for float16 gate and up (the GEMMs' outputs written in 16 bits):
+    two 16-byte loads and one 16-byte store a thread, 8 elements; float32 math on the widened values."""
+    f, _ = act_functions(act)
+
+    @cuda.jit
+    def kernel(gate32, up32, y32, n8):             # gate32, up32, y32 uint32 [4 n8]: fp16 pairs
+        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        while i < n8:
+            a0, a1, a2, a3 = ld4(gate32, i * 4)
+            b0, b1, b2, b3 = ld4(up32, i * 4)
+            st4(y32, i * 4, half2(f(f16lo(a0)) * f16lo(b0), f(f16hi(a0)) * f16hi(b0)),
+                half2(f(f16lo(a1)) * f16lo(b1), f(f16hi(a1)) * f16hi(b1)),
+                half2(f(f16lo(a2)) * f16lo(b2), f(f16hi(a2)) * f16hi(b2)),
+                half2(f(f16lo(a3)) * f16lo(b3), f(f16hi(a3)) * f16hi(b3)))
+            i += cuda.gridDim.x * cuda.blockDim.x
+
+    return kernel
+
+
 def _aligned16(a) -> bool:
     ptr = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
     return ptr % 16 == 0
 
 
 def _vector_forward(gate, up, y) -> bool:
-    """Whether glu_fwd takes glu_forward_f32_f16_kernel: float32 gate and up, float16 y, all
-    C-contiguous, 16-byte aligned, a multiple of 8 elements."""
-    return (up is not None and gate.dtype == np.float32 and up.dtype == np.float32 and y.dtype == np.float16
-            and gate.size % 8 == 0 and all(a.flags.c_contiguous and _aligned16(a) for a in (gate, up, y)))
+    """Whether glu_fwd takes a 16-byte-access kernel: float32 (glu_forward_f32_f16_kernel) or float16
+    (glu_forward_f16_f16_kernel) gate and up, float16 y, all C-contiguous, 16-byte aligned, a multiple
+    of 8 elements."""
+    return (up is not None and gate.dtype == up.dtype and gate.dtype in (np.float32, np.float16)
+            and y.dtype == np.float16 and gate.size % 8 == 0
+            and all(a.flags.c_contiguous and _aligned16(a) for a in (gate, up, y)))
 
 
 # -- launchers ---------------------------------------------------------------------------------
@@ -192,8 +215,11 @@ def glu_fwd(gate, up, act, y=None):
     if R * Fd and VECTOR and _vector_forward(gate, up, y):
         n8 = R * Fd // 8
         blocks = max(1, min(-(-n8 // THREADS), 2 if SIMULATOR else 8 * 1024))
-        launch_shared(glu_forward_f32_f16_kernel(act), blocks, 32 if SIMULATOR else THREADS, storage(gate),
-                      storage(up), storage(y).view(np.uint32), n8)
+        if gate.dtype == np.float32:
+            kernel, g, u = glu_forward_f32_f16_kernel(act), storage(gate), storage(up)
+        else:
+            kernel, g, u = glu_forward_f16_f16_kernel(act), storage(gate).view(np.uint32), storage(up).view(np.uint32)
+        launch_shared(kernel, blocks, 32 if SIMULATOR else THREADS, g, u, storage(y).view(np.uint32), n8)
     elif R * Fd:
         kernel = glu_forward_kernel(act, code_of(gate), code_of(gate if up is None else up), code_of(y))
         launch_shared(kernel, *_grid(R, Fd), g, g_ld, g_off, u, u_ld, u_off, R, Fd, storage(y))

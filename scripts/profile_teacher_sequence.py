@@ -85,6 +85,7 @@ def instrument(clock: Clock, names: dict):
     wrap(F, "linear", lambda a: f"product {role(a[1])}")
     wrap(F, "lm_head", lambda a: "LM head (all slabs)")
     wrap(F, "qkv_rope", lambda a: "product q,k,v stacked + bias/rope/fp16 epilogue")
+    wrap(F, "_product16", lambda a: f"product {role(a[1])}")          # $Q4KDISTILL_GLU_INPUTS=float16
     wrap(F, "norm", lambda a: "norm")
     wrap(F, "add_norm", lambda a: "add_norm (residual add + norm)")
     wrap(fused, "rope_forward", lambda a: "rope (q or k)")

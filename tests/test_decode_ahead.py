@@ -67,6 +67,8 @@ def test_matmul_stacked_is_the_products_side_by_side():
     got = decode_ahead.matmul_stacked(x, parts, out=out)
     want = np.concatenate([kernels.matmul(x, w, q, n) for w, q, n in parts], axis=1)
     np.testing.assert_array_equal(got, want)
+    half = decode_ahead.matmul_stacked(x, parts, out=np.full((5, 80), np.nan, np.float16))
+    np.testing.assert_array_equal(half, want.astype(np.float16))
     with pytest.raises(Q4KError, match="does not take"):
         decode_ahead.matmul_stacked(x[:, :256], parts)
     with pytest.raises(Q4KError, match="out must be"):
@@ -208,3 +210,38 @@ def test_gpu_teacher_fused_qkv_matches_the_separate_ops(family, tmp_path, monkey
     assert not calls
     assert cosine_rows(fused, sep).min() >= 0.99999
     np.testing.assert_allclose(fused, sep, rtol=0, atol=2e-3 * np.abs(sep).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen2 Q4_K/Q6_K", "llama-mha-tied"])
+def test_gpu_teacher_glu_inputs_in_float16(family, tmp_path, monkeypatch):
+    """$Q4KDISTILL_GLU_INPUTS=float16 (gate and up written in 16 bits by their GEMMs) against the default
+    float32 products: one more fp16 rounding of each GLU input, cosine >= 0.9999 at every position."""
+    from q4kdistill import backend
+    from q4kdistill.formats import synthetic
+    from q4kdistill.teacher import forward
+    from q4kdistill.teacher.model import Teacher
+    from test_teacher_forward import write_family
+    from test_teacher_real import cosine_rows
+
+    path = (synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2"), seed=12) if " " in family
+            else write_family(family, tmp_path, seed=12))
+    t = Teacher.load(path, device="cuda", log=None)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, t.vocab_size, (2, 80))
+    want = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
+    monkeypatch.setenv(forward.GLU_INPUTS_ENV, "float16")
+    calls = []
+    real = forward._product16
+    monkeypatch.setattr(forward, "_product16", lambda *a: calls.append(1) or real(*a))
+    got = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
+    assert calls
+    assert cosine_rows(got, want).min() >= 0.9999
+
+
+def test_glu_inputs_setting_is_checked(monkeypatch):
+    from q4kdistill.teacher import forward
+
+    monkeypatch.setenv(forward.GLU_INPUTS_ENV, "bf16")
+    with pytest.raises(Q4KError, match="GLU_INPUTS"):
+        forward._glu_inputs16(np.zeros((1, 1, 4), np.float32), {})

@@ -743,3 +743,19 @@ def test_fused_linear_loss_writes_ds_over_the_teacher_span_and_adds_gW_once_a_sp
         np.testing.assert_allclose(g.astype(np.float32), r.astype(np.float32), rtol=0,
                                    atol=1e-2 * float(np.abs(r.astype(np.float32)).max()))
     assert got[2] == pytest.approx(want[2], rel=1e-6) and got[3] == pytest.approx(want[3], rel=1e-6)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_glu_forward_vector_kernel_on_float16_inputs(act, monkeypatch):
+    """float16 gate/up (the GEMMs' opt-in 16-bit outputs) through the 16-byte kernel: the scalar
+    kernel's y bit for bit, and the float64 reference on the values stored."""
+    import kernels.fused_glu as fg
+
+    rng = np.random.default_rng([len(act), 16])
+    gate, up = rand(rng, (3, 24), 3.0).astype(np.float16), rand(rng, (3, 24), 2.0).astype(np.float16)
+    assert fg._vector_forward(gate, up, np.empty((3, 24), np.float16))
+    vec = glu_fwd(gate, up, act, y=poisoned((3, 24), "float16"))
+    monkeypatch.setattr(fg, "VECTOR", False)
+    scalar = glu_fwd(gate, up, act, y=poisoned((3, 24), "float16"))
+    np.testing.assert_array_equal(vec.view(np.uint16), scalar.view(np.uint16))
+    close(vec, glu_forward(f64(gate), f64(up), act)[0], "float16", "glu vector fp16")

@@ -244,9 +244,35 @@ def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
     return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a
 
 
+GLU_INPUTS_ENV = "Q4KDISTILL_GLU_INPUTS"   # float32 (default) or float16: the gate and up products' output
+
+
+def _glu_inputs16(h, w: dict) -> bool:
+    """Whether gate and up are written in float16 by their GEMMs (opt-in, $Q4KDISTILL_GLU_INPUTS=float16):
+    the GLU reads half the bytes (the 7B at 8x512: 310 MB a block instead of 620), but gate and up must
+    then fit float16's range as the GLU's output already must. Off by default until a GPU A/B and the
+    real gemma-3 parity have had their say (docs/perf.md, tenth stop 4)."""
+    how = os.environ.get(GLU_INPUTS_ENV, "").strip() or "float32"
+    if how not in ("float32", "float16"):
+        raise Q4KError(f"{GLU_INPUTS_ENV}={how!r}: expected float32 or float16")
+    return how == "float16" and _gpu(h) and w["ffn_gate.weight"].quantized and w["ffn_up.weight"].quantized
+
+
+def _product16(h, wt: Weight):
+    """h [B, T, D] @ W.T written in float16 (kernels.decode_ahead.matmul_stacked of the one weight)."""
+    from kernels.decode_ahead import matmul_stacked
+
+    h2 = h.reshape(-1, h.shape[-1])
+    out = array_module(h).empty((h2.shape[0], wt.shape[0]), dtype=PRODUCT_DTYPE)
+    return matmul_stacked(h2, [(wt.data, wt.qtype, wt.shape[0])], out=out).reshape(h.shape[:-1] + (wt.shape[0],))
+
+
 def ffn_block(h, w: dict, cfg):
     """h [B, T, D] (the normalised residual) -> the feed-forward branch [B, T, D] (before the residual add)."""
-    gate, up = linear(h, w["ffn_gate.weight"]), linear(h, w["ffn_up.weight"])         # [B, T, F]
+    if _glu_inputs16(h, w):
+        gate, up = _product16(h, w["ffn_gate.weight"]), _product16(h, w["ffn_up.weight"])
+    else:
+        gate, up = linear(h, w["ffn_gate.weight"]), linear(h, w["ffn_up.weight"])     # [B, T, F]
     if _gpu(gate):
         from kernels.fused_glu import glu_fwd
 
