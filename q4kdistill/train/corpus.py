@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -144,9 +145,10 @@ def check_ids(ids: np.ndarray, path, vocab_size: int | None = None) -> None:
 
 def save_tokens(path, tokens) -> None:
     """uint32 tokens -> ``.npy`` or ``.bin`` (little-endian), written then renamed (atomic; the
-    temporary name is this process's, so two runs filling the same token cache do not interleave)."""
+    temporary name is this process's and thread's, so two runs filling the same token cache do not
+    interleave, nor two thread ranks of one process: distributed.LocalGroup)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     arr = np.asarray(tokens, dtype="<u4")
     with open(tmp, "wb") as f:
         if path.suffix.lower() == ".npy":
