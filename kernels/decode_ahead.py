@@ -25,8 +25,7 @@ With out float16 each GEMM writes its columns rounded once from the FP32 accumul
 slab in between.
 
 On NumPy (the CPU and the simulator) both run the same loops in order, the decode through
-dequant.decode_rows (the Numba kernels under the simulator) or cpu.decode_rows, the product in NumPy
-on the same fp16-rounded operands.
+dispatch.dequantize_to, the product in NumPy on the same fp16-rounded operands.
 """
 from __future__ import annotations
 
@@ -78,23 +77,6 @@ def _use_linked(qtypes, M: int, N: int, K: int) -> bool:
 
     return all(q in QTYPES and choose(q, M, N, K, on_gpu=True) in _STACKABLE for q in qtypes) \
         and linked_available()
-
-
-def _decode_host(w_raw, q: str, K: int, out16):
-    """The NumPy form of the linked decode: the same fp16 rows (decoded in float32, rounded once)."""
-    from . import cpu, dequant
-
-    if backend.array_module(w_raw) is np and not _simulated():
-        out16[...] = cpu.decode_rows(w_raw, q, K, "float32", None)
-    else:
-        out16[...] = dequant.decode_rows(w_raw, q, K, "float32", None)
-    return out16
-
-
-def _simulated() -> bool:
-    from ._device import SIMULATOR
-
-    return SIMULATOR
 
 
 def _parts(x, parts):
@@ -165,13 +147,14 @@ def matmul_ahead(x, w_raw, qtype, n_out, out, slab_rows: int = SLAB_ROWS, slots:
     slab_rows = min(slab_rows, -(-n_out // 16) * 16)
     bounds = list(range(0, n_out, slab_rows)) + [n_out]
     if xp is np:
+        from .dispatch import dequantize_to
         from .scratch import scratch
 
         w16 = scratch(np, min(slots, len(bounds) - 1) * slab_rows * K, np.float16).reshape(-1, slab_rows, K)
         x16 = x.astype(np.float16).astype(np.float32)
         for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             slab = w16[j % slots, :b - a]
-            _decode_host(w_raw[a:b], q, K, slab)
+            slab[...] = dequantize_to(w_raw[a:b], q, b - a, np.float32)   # decoded in float32, rounded once
             out[:, a:b] = x16 @ slab.astype(np.float32).T
         return out
     import cupy
@@ -202,9 +185,3 @@ def matmul_ahead(x, w_raw, qtype, n_out, out, slab_rows: int = SLAB_ROWS, slots:
         gemm(out[:, a:b], x16, w16[slot, :b - a], trans_b=True)
         _event(dev, "read", slot).record(main)
     return out
-
-
-def ahead_workspace(K: int, n_out: int, slab_rows: int = SLAB_ROWS, slots: int = SLOTS) -> int:
-    """Scratch bytes matmul_ahead asks of the shared decode scratch."""
-    slab_rows = min(slab_rows, -(-n_out // 16) * 16)
-    return 2 * min(slots, -(-n_out // slab_rows)) * slab_rows * K

@@ -27,7 +27,7 @@ from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR
 from ._ptx import f16hi, f16lo, half2, ld4, st4
-from .fused_io import F, code_of, empty_as, launch_shared, loader, row_grid, storage, storer
+from .fused_io import F, aligned16, code_of, empty_as, launch_shared, loader, row_grid, storage, storer
 
 ACTS = ("silu", "gelu_tanh")
 THREADS = 256
@@ -167,18 +167,13 @@ def glu_forward_f16_f16_kernel(act):
     return kernel
 
 
-def _aligned16(a) -> bool:
-    ptr = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
-    return ptr % 16 == 0
-
-
 def _vector_forward(gate, up, y) -> bool:
     """Whether glu_fwd takes a 16-byte-access kernel: float32 (glu_forward_f32_f16_kernel) or float16
     (glu_forward_f16_f16_kernel) gate and up, float16 y, all C-contiguous, 16-byte aligned, a multiple
     of 8 elements."""
     return (up is not None and gate.dtype == up.dtype and gate.dtype in (np.float32, np.float16)
             and y.dtype == np.float16 and gate.size % 8 == 0
-            and all(a.flags.c_contiguous and _aligned16(a) for a in (gate, up, y)))
+            and all(a.flags.c_contiguous and aligned16(a) for a in (gate, up, y)))
 
 
 # -- launchers ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ r * C + j. Device functions, each with a path the simulator can run:
         every thread of the block calls them and gets the block's total / maximum; ``buf`` is a
         shared float32 array of ``reduce_slots(threads)`` entries, free again when they return.
 
-Host side: ``code_of(a)``, ``storage(a)`` (the array the kernel indexes), ``threads_for(n)``,
+Host side: ``code_of(a)``, ``storage(a)`` (the array the kernel indexes), ``aligned16(a)``, ``threads_for(n)``,
 ``row_grid`` (rows x column tiles),
 ``launch_shared`` (a launch whose arguments may alias: outputs written in place over inputs).
 """
@@ -68,6 +68,13 @@ def storage(a):
 def empty_as(xp, shape, like):
     """A new array of ``like``'s dtype (a CuPy bfloat16 input gives a bfloat16 output, uint16 bits give bits)."""
     return xp.empty(shape, dtype=like.dtype)
+
+
+def aligned16(a) -> bool:
+    """Whether a's data starts on a 16-byte boundary (the 16-byte loads and stores of ld4 / st4)."""
+    from .weights import address
+
+    return address(a) % 16 == 0
 
 
 def threads_for(n: int, most: int = 512) -> int:

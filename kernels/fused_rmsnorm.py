@@ -31,8 +31,8 @@ from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR, f32_bits
 from ._ptx import half2, ld4, st4
-from .fused_io import (F, block_reducers, code_of, empty_as, launch_shared, loader, reduce_slots, rounder, row_grid,
-                       storage, storer, threads_for)
+from .fused_io import (F, aligned16, block_reducers, code_of, empty_as, launch_shared, loader, reduce_slots, rounder,
+                       row_grid, storage, storer, threads_for)
 
 NONE = -1   # storage code of an absent array (residual, dres)
 VECTOR = True   # rmsnorm_fwd takes the 16-byte-access kernel where it applies (tests switch it off)
@@ -129,16 +129,12 @@ def rmsnorm_forward_v4_kernel(threads, nc4, has_r):
     return kernel
 
 
-def _aligned16(a) -> bool:
-    return (a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr) % 16 == 0
-
-
 def _vector_forward(x, w, residual, y, h) -> bool:
     f32 = np.dtype(np.float32)
     arrays = [x, w, y] + ([residual] if residual is not None else [])
     return (VECTOR and x.dtype == f32 and w.dtype == f32 and y.dtype == np.float16 and x.shape[-1] % 4 == 0
             and (residual is None or (residual.dtype == f32 and h is x))
-            and all(a.flags.c_contiguous and _aligned16(a) for a in arrays))
+            and all(a.flags.c_contiguous and aligned16(a) for a in arrays))
 
 
 @functools.lru_cache(maxsize=None)

@@ -172,8 +172,10 @@ def qkv_rope_split(y, T, H, KV, D, style, cos, sin, biases=(None, None, None), o
     has_bias = biases[0] is not None
     if has_bias and [int(b.size) for b in biases] != [H * D, KV * D, KV * D]:
         raise Q4KError("qkv_rope_split: biases must be float32 [H*D], [KV*D], [KV*D]")
-    zero = xp.zeros(1, dtype=np.float32)
-    bq, bk, bv = (xp.ascontiguousarray(b).reshape(-1) if has_bias else zero for b in biases)
+    if has_bias:
+        bq, bk, bv = (xp.ascontiguousarray(b).reshape(-1) for b in biases)
+    else:
+        bq = bk = bv = xp.zeros(1, dtype=np.float32)           # never read
     if NT == 0:
         return outs
     half = D // 2

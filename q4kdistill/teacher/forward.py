@@ -21,7 +21,6 @@ stacked product and one epilogue kernel (bias, rope, fp16: qkv_rope). The ops (`
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ from ..backend import array_module
 from ..errors import Q4KError
 from ..student.ops import embedding_forward, glu_forward, rmsnorm_forward, rope_tables
 from ..student.ops import fused
-from ..student.ops.flash_attention import flash_attention_forward
+from ..student.ops.flash_attention import device_path, flash_attention_forward
 
 # On the GPU the ops between the products are the fused kernels (kernels/fused_*.py), the residual
 # stream stays float32, and what feeds a product (norm outputs, attention output, GLU output) is
@@ -196,16 +195,9 @@ FUSED_QKV = True
 
 
 def _fused_qkv(h, w: dict, cfg) -> bool:
+    """Whether this block takes qkv_rope: the tensor-core attention (it reads the 16-bit q, k, v) on a GPU."""
     return (FUSED_QKV and _gpu(h) and not cfg.qk_norm and all(w[n].quantized for n in QKV)
-            and _mma_attention(cfg.head_dim, os.environ.get("Q4KDISTILL_ATTENTION", "").strip().lower()))
-
-
-@functools.lru_cache(maxsize=None)
-def _mma_attention(head_dim: int, env: str) -> bool:
-    """Whether attention takes the tensor-core kernels (which read 16-bit q, k, v) for this head size."""
-    from kernels import flash_attention_mma
-
-    return env in ("", "mma") and flash_attention_mma.supports(head_dim) and flash_attention_mma.available()
+            and device_path(cfg.head_dim) == "mma")
 
 
 def qkv_rope(h, w: dict, cfg, cos_sin):
@@ -226,17 +218,15 @@ def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
     B, T, _ = h.shape
     if _fused_qkv(h, w, cfg):
         q, k, v = qkv_rope(h, w, cfg, cos_sin)
-        o, _ = flash_attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale, out_dtype=PRODUCT_DTYPE)
-        a = linear(o.reshape(B, T, cfg.q_dim), w["attn_output.weight"])
-        return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a
-    q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).reshape(B, T, cfg.n_heads, cfg.head_dim)
-    k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-    v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q = norm(q, w["attn_q_norm.weight"], cfg.norm_eps)
-        k = norm(k, w["attn_k_norm.weight"], cfg.norm_eps)
-    q = fused.rope_forward(q, *cos_sin, cfg.rope_style, out=q if _gpu(q) else None)
-    k = fused.rope_forward(k, *cos_sin, cfg.rope_style, out=k if _gpu(k) else None)
+    else:
+        q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = norm(q, w["attn_q_norm.weight"], cfg.norm_eps)
+            k = norm(k, w["attn_k_norm.weight"], cfg.norm_eps)
+        q = fused.rope_forward(q, *cos_sin, cfg.rope_style, out=q if _gpu(q) else None)
+        k = fused.rope_forward(k, *cos_sin, cfg.rope_style, out=k if _gpu(k) else None)
     o, _ = flash_attention_forward(q, k, v, key_mask, cfg.layer_window(layer), cfg.scale,   # [B, T, H, hd]
                                    out_dtype=_product_dtype(q))    # the kernels write o as the product reads it
     o = o.reshape(B, T, cfg.q_dim)

@@ -269,7 +269,7 @@ class SpanLogits:
 
     def __call__(self, start, stop):
         N = self.h.shape[0]
-        if not (self.first <= start and stop <= self.stop):
+        if not self.covers(start, stop):
             end = min(max(stop, start + self.tokens), N)
             buf, self.buffer = self.buffer, None
             if buf is None or buf.shape[0] < end - start or sys.getrefcount(buf) > 2:   # (buf and the call's own)

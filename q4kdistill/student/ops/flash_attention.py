@@ -189,6 +189,12 @@ def choose_path(q, path=None) -> str:
     on_cupy = array_module(q) is not np
     if path is None and (not on_cupy or q.dtype == np.float64):
         return "blocks"
+    return device_path(q.shape[-1], on_cupy, path)
+
+
+def device_path(head_dim: int, on_cupy: bool = True, path=None) -> str:
+    """choose_path for float32 / 16-bit inputs of this head size: ``path``, else $Q4KDISTILL_ATTENTION,
+    else "mma" where the tensor-core kernels compile for it, else "numba"."""
     path = path or os.environ.get("Q4KDISTILL_ATTENTION", "").strip().lower() or None
     if path not in (None, "numba", "mma", "blocks"):
         raise Q4KError(f"Q4KDISTILL_ATTENTION={path!r}: expected numba, mma or blocks")
@@ -196,7 +202,7 @@ def choose_path(q, path=None) -> str:
         raise Q4KError("attention path 'mma' needs CuPy arrays on a GPU")
     if path is None:
         from kernels import flash_attention_mma
-        path = "mma" if flash_attention_mma.supports(q.shape[-1]) and flash_attention_mma.available() else "numba"
+        path = "mma" if flash_attention_mma.supports(head_dim) and flash_attention_mma.available() else "numba"
     return path
 
 

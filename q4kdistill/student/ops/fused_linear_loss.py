@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import blas
+from kernels.weights import address
 
 from ...backend import array_module
 from ...errors import Q4KError
@@ -120,7 +121,7 @@ def _add_held(gW, held, h):
     runs = []
     for start, stop, ds in held:
         last = runs[-1] if runs else None
-        if last and last[1] == start and _address(last[2]) + last[2].nbytes == _address(ds) and last[2].strides == ds.strides:
+        if last and last[1] == start and address(last[2]) + last[2].nbytes == address(ds) and last[2].strides == ds.strides:
             first = last[2]                                          # one view from first's row over both
             whole = xp.lib.stride_tricks.as_strided(first, shape=(stop - last[0], ds.shape[1]), strides=first.strides)
             runs[-1] = (last[0], stop, whole)
@@ -129,10 +130,6 @@ def _add_held(gW, held, h):
     held.clear()
     for start, stop, ds in runs:
         add_outer(gW, ds, h[start:stop])
-
-
-def _address(a) -> int:
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
 
 
 def matmul_f32(a, b, trans_b: bool, out=None):
