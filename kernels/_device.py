@@ -201,10 +201,10 @@ def _core_stream(ptr: int):
 
 
 @functools.lru_cache(maxsize=4096)
-def _config(grid, block):
+def _config(grid, block, shared=0):
     from cuda.core import LaunchConfig
 
-    return LaunchConfig(grid=grid, block=block, shmem_size=0)
+    return LaunchConfig(grid=grid, block=block, shmem_size=shared)
 
 
 def _dim3(d):
@@ -219,7 +219,7 @@ def _array_fields(a) -> tuple:
     return (0, 0, a.size, a.itemsize, a.data.ptr) + a.shape + a.strides
 
 
-def _fast_launch(plan, grid, block, ptr, args):
+def _fast_launch(plan, grid, block, ptr, args, shared=0):
     kind, what, conv = plan
     if kind == "packed":
         from cupy.cuda import driver
@@ -233,7 +233,7 @@ def _fast_launch(plan, grid, block, ptr, args):
         what.st.pack_into(what.buf, 0, *vals)
         gx, gy, gz = _dim3(grid)
         bx, by, bz = _dim3(block)
-        driver.launchKernel(what.handle, gx, gy, gz, bx, by, bz, 0, ptr, 0, what.extra_ptr)
+        driver.launchKernel(what.handle, gx, gy, gz, bx, by, bz, shared, ptr, 0, what.extra_ptr)
         return
     from cuda.core import launch as core_launch
 
@@ -246,31 +246,57 @@ def _fast_launch(plan, grid, block, ptr, args):
         else:
             out.append(c(a))
     core_launch(_core_stream(ptr), _config(grid if type(grid) is int else tuple(grid),
-                                           block if type(block) is int else tuple(block)), what, *out)
+                                           block if type(block) is int else tuple(block), shared), what, *out)
 
 
-def launch(kernel, grid, block, *args):
+STATIC_SHARED = 48 * 1024     # dynamic shared memory a kernel may take without raising its limit
+_SHARED_RAISED: dict = {}
+
+
+def _raise_shared_limit(kernel, args, shared: int):
+    """Compile `kernel` for these arguments (if Numba has not yet) and let it take `shared` bytes of
+    dynamic shared memory (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES: above 48 KB a launch
+    fails without it). Kept per (kernel, argument kinds): the attribute only ever grows."""
+    key = (kernel, tuple(map(_arg_key, args)))
+    if _SHARED_RAISED.get(key, 0) >= shared:
+        return
+    from cupy.cuda import driver
+
+    argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+    compiled = kernel.overloads.get(argtypes) or kernel.compile(argtypes)
+    handle = int(compiled._codelibrary.get_cufunc().handle)
+    driver.funcSetAttribute(handle, 8, int(shared))      # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    _SHARED_RAISED[key] = shared
+
+
+def launch(kernel, grid, block, *args, shared: int = 0):
     """kernel[grid, block](*args) on CuPy's current stream (the simulator has no streams), through
-    the fast path above once Numba has compiled the kernel for these argument kinds."""
+    the fast path above once Numba has compiled the kernel for these argument kinds. `shared`: bytes
+    of dynamic shared memory (above 48 KB the kernel's limit is raised first)."""
     if SIMULATOR:
-        kernel[grid, block](*args)
+        if shared:
+            kernel[grid, block, 0, shared](*args)
+        else:
+            kernel[grid, block](*args)
         return
     import cupy
 
     ptr = cupy.cuda.get_current_stream().ptr
+    _NDARRAY[0] = cupy.ndarray
+    if shared > STATIC_SHARED:
+        _raise_shared_limit(kernel, args, shared)
     if FAST_LAUNCH:
-        _NDARRAY[0] = cupy.ndarray
         key = (kernel, tuple(map(_arg_key, args)))
         plan = _PLANS.get(key, False)
         if plan:
-            _fast_launch(plan, grid, block, ptr, args)
+            _fast_launch(plan, grid, block, ptr, args, shared)
             launch_counts["fast"] += 1
             return
     launch_counts["numba"] += 1
     if ptr == 0:
-        kernel[grid, block](*args)
+        kernel[grid, block, 0, shared](*args)
     else:
-        kernel[grid, block, _numba_stream(ptr)](*args)
+        kernel[grid, block, _numba_stream(ptr), shared](*args)
     if FAST_LAUNCH and plan is False:
         _PLANS[key] = _make_plan(kernel, args)
 

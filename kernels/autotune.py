@@ -54,3 +54,28 @@ def write_table(path, gpu: str, entries: dict, meta: dict) -> dict:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(table, indent=1) + "\n")
     return table
+
+
+def pin(source, path, gpu: str, variant: str, m_from: int, qtypes=None) -> dict:
+    """Write to `path` the table at `source` (dispatch.table_path() form; missing: empty) with `variant`
+    chosen for every M >= m_from of `qtypes` (default: the types it decodes) on `gpu`; the entries
+    below m_from stay. For A/B runs of a variant the table does not pick (point $Q4KDISTILL_TUNING at
+    `path`, then dispatch.reload_table())."""
+    from q4kdistill.errors import Q4KError
+
+    from .registry import get
+
+    v = get(variant)
+    src = Path(source)
+    table = json.loads(src.read_text()) if src.exists() else {}
+    table.setdefault("format", 1)
+    per_gpu = table.setdefault("gpus", {}).setdefault(gpu, {})
+    for q in qtypes or v.qtypes:
+        if q not in v.qtypes:
+            raise Q4KError(f"{variant} does not decode {q}")
+        keep = [e for e in per_gpu.get(q, []) if e.get("m_max") is not None and e["m_max"] < m_from]
+        per_gpu[q] = keep + [{"m_max": None, "variant": variant, "pinned": True}]
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(table, indent=1) + "\n")
+    return table

@@ -8,6 +8,7 @@ from .gemv import gemv, gemv_workspace
 from .gemv_chunk import CHUNKS, gemv_chunk, gemv_chunk_workspace
 from .gemv_dp4a import gemv_dp4a, gemv_dp4a_workspace
 from .linked import (dequant_linked_cublas, dequant_linked_workspace, gemm_mma_linked, gemm_mma_workspace,
+                     gemm_wgmma_linked, gemm_wgmma_workspace,
                      gemv_f32_linked, gemv_f32_workspace, gemv_mma_linked, gemv_mma_rows_linked, gemv_mma_rows_workspace, gemv_mma_workspace,
                      gemv_q8_linked, gemv_q8_workspace)
 from .registry import ALL_QTYPES, Variant, register
@@ -99,6 +100,20 @@ def _gemm_mma(bm, bn, wm=32, wn=32, suffix=""):
                     f"from a cp.async ring, no scratch (not yet run on a GPU)")
 
 
+def _gemm_wgmma(name, bn, swz=1, what=""):
+    # fp16 x; W decoded to fp16 with its scales rounded to fp16 (one more rounding than the scratch,
+    # well inside the same bound: ~4e-4 against the exact product on random blocks), FP32 accumulation.
+    # bn = 0: 256 columns for Q4_K, 128 for Q6_K (its staged super-blocks do not fit 256 beside the rings).
+    tile = "256 (Q4_K) / 128 (Q6_K)" if not bn else str(bn)
+    return Variant(
+        name=name, qtypes=LINKED_QTYPES, fn=gemm_wgmma_linked, m_min=64, rel_err=2e-3,
+        workspace=gemm_wgmma_workspace, accepts=F16_IN, device="gpu", simulated=False,
+        params={"bn": bn, "nwg": 2, "stages": 4, "swz": swz},
+        description=f"linked CUDA C, sm_90 only: fused GEMM on wgmma, 128 x {tile} tile, W decoded once per CTA "
+                    f"and K step into shared memory{what}, cp.async rings in dynamic shared memory, no scratch "
+                    f"(its twin: gemm_wgmma_twin.py)")
+
+
 BUILTIN = [
     _gemv(1, 4), _gemv(2, 4), _gemv(4, 4, m_max=8), _gemv(2, 8),
     _chunk(1, 4), _chunk(2, 4), _chunk(4, 4, m_max=8),
@@ -108,6 +123,8 @@ BUILTIN = [
     _f32(1, 4), _f32(2, 4), _f32(2, 2), _f32(4, 4),
     _gemm(64, 64, 4, 4), _gemm(128, 64, 8, 4), _gemm_mma(64, 64), _gemm_mma(128, 64),
     _gemm_mma(128, 64, 64, 32, suffix="w4"),
+    _gemm_wgmma("gemm_wgmma_linked", 0), _gemm_wgmma("gemm_wgmma_linked_n128", 128),
+    _gemm_wgmma("gemm_wgmma_linked_plain", 0, swz=0, what=" (no swizzle: the fallback layout)"),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
             params={"dtype": "float16"}, rel_err=2e-3, workspace=dequant_workspace,
             description="decode into one reusable fp16 scratch, then cuBLAS GemmEx (fp16 in, FP32 accumulate/out)"),

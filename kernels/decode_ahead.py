@@ -5,6 +5,10 @@ decoded slab by slab ahead of its GEMMs.
     matmul_ahead(x, w_raw, qtype, n_out, out, slab_rows=4096, slots=4)
                                               x @ W.T into out (float32 or float16, [M, n_out])
 
+Where the GPU's tuning table picks a fused wgmma GEMM (linked.gemm_wgmma_linked: W decoded inside the
+product, no scratch) for a product, both call it instead, writing each weight's column block of out
+directly (float32 or float16).
+
 Both use the shared decode scratch of scratch.py (one fp16 buffer, sized by the largest matrix a
 product has decoded), so neither keeps more decoded bytes than a plain product of the same rows.
 
@@ -65,9 +69,26 @@ def _side(dev: int):
 
 
 def applies(qtype, M: int, N: int, K: int) -> bool:
-    """Whether matmul_ahead decodes through the linked kernels for a ``qtype`` weight multiplied N rows
-    at a time by M tokens here (a GPU whose table picks a decode + cuBLAS variant at these sizes)."""
-    return backend.on_gpu() and _use_linked([qtype_name(qtype)], M, N, K)
+    """Whether matmul_ahead runs on the GPU's own paths for a ``qtype`` weight multiplied N rows at a
+    time by M tokens here: the table picks a decode + cuBLAS variant (the ring of slabs) or a fused
+    wgmma GEMM (one call, no scratch) at these sizes."""
+    q = qtype_name(qtype)
+    return backend.on_gpu() and (_use_linked([q], M, N, K) or _fused(q, M, N, K) is not None)
+
+
+def _fused(q: str, M: int, N: int, K: int):
+    """The fused wgmma variant the table picks for this product here, or None."""
+    from .dispatch import choose, linked_available
+    from .linked import QTYPES, wgmma_available
+
+    if q not in QTYPES:
+        return None
+    name = choose(q, M, N, K, on_gpu=True)
+    if not name.startswith("gemm_wgmma_linked") or not linked_available() or not wgmma_available():
+        return None
+    from .registry import get
+
+    return get(name)
 
 
 def _use_linked(qtypes, M: int, N: int, K: int) -> bool:
@@ -120,6 +141,15 @@ def matmul_stacked(x, parts, out=None):
             decode_f16_linked(w_raw, q, K, w16[r0:r0 + n])
             r0 += n
         return gemm_f16_f32(to_f16(x), w16, out)
+    fused = [_fused(q, M, n, K) for _, q, n in parts] if xp is not np else [None]
+    if all(v is not None for v in fused):  # fused GEMMs writing their column blocks (no scratch, no temporaries)
+        from .linked import gemm_wgmma_linked, to_f16
+
+        x16, c0 = to_f16(x), 0
+        for (w_raw, q, n), v in zip(parts, fused):
+            gemm_wgmma_linked(x16, w_raw, q, n, out[:, c0:c0 + n], **v.params)
+            c0 += n
+        return out
     c0 = 0
     for w_raw, q, n in parts:          # each weight as matmul would multiply it alone (float32, then out's type)
         out[:, c0:c0 + n] = matmul(x, w_raw, q, n)
@@ -160,9 +190,12 @@ def matmul_ahead(x, w_raw, qtype, n_out, out, slab_rows: int = SLAB_ROWS, slots:
     import cupy
 
     from .blas import gemm
-    from .linked import decode_f16_linked, to_f16
+    from .linked import decode_f16_linked, gemm_wgmma_linked, to_f16
     from .scratch import scratch
 
+    fused = _fused(q, M, n_out, K)
+    if fused is not None:                    # the table's fused GEMM: W read as stored, no slabs
+        return gemm_wgmma_linked(x, w_raw, q, n_out, out, **fused.params)
     n_slabs = len(bounds) - 1
     ring = min(slots, n_slabs)
     w16 = scratch(cupy, ring * slab_rows * K, np.float16).reshape(ring, slab_rows, K)

@@ -11,6 +11,7 @@ device function of a csrc/ file, which NVRTC compiles when the kernel is first l
     csrc/gemv_mma.cu     Q4_K / Q6_K GEMV on int8 x with the int8 tensor cores
     csrc/decode_cast.cu  decode to fp16, fp32 -> fp16 cast
     csrc/gemm_mma.cu     Q4_K / Q6_K GEMM on fp16 x with the fp16 tensor cores, decode in the product
+    csrc/gemm_wgmma.cu   Q4_K / Q6_K GEMM on fp16 x with Hopper's wgmma, W decoded once per CTA tile
     csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated)
 
 NVRTC gets no include path, so source_with() inlines a file's ``#include "x.cuh"`` lines (each
@@ -30,6 +31,8 @@ source, the registry entries and the error for a CPU call are in order.
     dequant_linked_cublas(x, w_raw, qtype, n_out, out)         decode_f16_linked + cuBLAS
     gemm_mma_linked(x, w_raw, qtype, n_out, out, bm, bn, wm, wn)  Q4_K / Q6_K, any M, fp16 x, mma, no scratch
                                                                (its Numba twin: gemm_mma_twin.py)
+    gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn, nwg, stages, swz)  the same on sm_90 with wgmma,
+                                                               fp32 or fp16 out (its twin: gemm_wgmma_twin.py)
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ from .registry import DECODE_SCRATCH
 from .weights import address, columns, qtype_name
 
 CSRC = Path(__file__).with_name("csrc")
-JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu", "gemm_mma.cu")
+JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu", "gemm_mma.cu", "gemm_wgmma.cu")
 QTYPES = ("Q4_K", "Q6_K")                                # the types csrc/ decodes
 TEMPLATES = {q: LAYOUTS[q].c_name for q in QTYPES}       # prefix of their C functions: "q4k", "q6k"
 QUANT_THREADS = 256
@@ -607,5 +610,105 @@ def gemm_mma_linked(x, w_raw, qtype, n_out, out, bm=64, bn=64, wm=32, wn=32):
 
 
 def gemm_mma_workspace(qtype, M, N, K, x_dtype, bm=64, bn=64, wm=32, wn=32):
+    """No decode scratch: only x's fp16 copy when x comes as float32."""
+    return {"x float16": 0 if x_dtype == "float16" else 2 * M * K}
+
+
+# -- csrc/gemm_wgmma.cu: the fused GEMM on Hopper's warpgroup tensor cores ------------------------
+WGMMA_SMEM_LIMIT = 227 * 1024          # dynamic shared memory a block may have on sm_90
+WGMMA_W_ROW = {"Q4_K": 144, "Q6_K": 240}   # staged bytes of one W row's super-block (GwW<Q>::ROW)
+
+
+def gemm_wgmma_smem(qtype: str, bn: int, nwg: int, stages: int) -> int:
+    """Dynamic shared memory of gemm_wgmma<...> (GwSmem::BYTES): the x ring (stages x 64 nwg rows x
+    64 fp16), two decoded W tiles (bn x 64 fp16), two staged super-blocks of the bn W rows, and
+    1024 bytes to align the base."""
+    return stages * 64 * nwg * 128 + 2 * bn * 128 + 2 * bn * WGMMA_W_ROW[qtype] + 1024
+
+
+def gemm_wgmma_check(qtype: str, bn: int, nwg: int, stages: int, swz: int):
+    """Q4KError unless gemm_wgmma<qtype, bn, nwg, stages, swz> is a shape the C instantiates."""
+    if bn not in (32, 64, 128, 256) or nwg not in (1, 2) or not 3 <= stages <= 6 or swz not in (0, 1):
+        raise Q4KError(f"gemm_wgmma: bn {bn} (32, 64, 128, 256), nwg {nwg} (1, 2), stages {stages} (3..6), "
+                       f"swz {swz} (0, 1) is not a shape the kernel has")
+    need = gemm_wgmma_smem(qtype, bn, nwg, stages)
+    if need > WGMMA_SMEM_LIMIT:
+        raise Q4KError(f"gemm_wgmma: {qtype} with bn {bn}, {stages} stages needs {need} bytes of shared memory "
+                       f"(at most {WGMMA_SMEM_LIMIT})")
+    return need
+
+
+def gemm_wgmma_source(qtype: str, bn: int, nwg: int, stages: int, swz: int, out16: bool) -> tuple:
+    """(file, name, extern "C" wrapper) of gemm_wgmma<Q, bn, nwg, stages, swz, out16>."""
+    name = f"{TEMPLATES[qtype]}_gemm_wgmma_n{bn}_g{nwg}_s{stages}_z{swz}_o{16 if out16 else 32}"
+    return "gemm_wgmma.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u16* x, void* out, int ldo) '
+        f'{{ gemm_wgmma<{qtype[1]}, {bn}, {nwg}, {stages}, {swz}, {int(out16)}>(w, rb, n, K, M, x, out, ldo); return 0; }}\n')
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_wgmma_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int, out16: bool):
+    """The Numba kernel for gemm_wgmma<...>: grid = ceil(M / (64 nwg)) * ceil(n_out / bn) blocks (1-D,
+    the C orders the tiles) of 128 nwg threads, gemm_wgmma_smem(...) bytes of dynamic shared memory."""
+    file, name, extra = gemm_wgmma_source(qtype, bn, nwg, stages, swz, out16)
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32),
+                             link=[source_with(extra, file)], abi="c")
+
+    @cuda.jit
+    def kernel(w, row_bytes, n_out, K, M, x, out, ldo):
+        fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x), data_ptr(out),
+           np.int32(ldo))
+
+    return kernel
+
+
+def wgmma_available() -> bool:
+    """Whether this GPU runs wgmma (compute capability 9.0: H100, H200, GH200)."""
+    if SIMULATOR:
+        return False
+    try:
+        return tuple(cuda.get_current_device().compute_capability) == (9, 0)
+    except Exception:
+        return False
+
+
+WGMMA_BN = {"Q4_K": 256, "Q6_K": 128}   # the widest tile each type fits (bn = 0 picks it)
+
+
+def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1):
+    """out[:] = x @ W.T for Q4_K or Q6_K rows on an sm_90 GPU: each CTA decodes its W tile once a K step
+    into shared memory (fp16; the scales rounded to fp16 too) for wgmma (fp16 in, FP32 accumulate),
+    x (fp16; float32 x is cast by to_f16) through a cp.async ring. No decode scratch. out: float32 or
+    float16 [M, n_out] with unit-stride rows (C-contiguous, or a column block of a wider matrix). W must
+    start 16-byte aligned (as CuPy allocates)."""
+    _require_gpu("gemm_wgmma_linked")
+    import cupy
+
+    q, K = _check(w_raw, qtype, n_out)
+    bn = bn or WGMMA_BN[q]
+    smem = gemm_wgmma_check(q, bn, nwg, stages, swz)
+    if not wgmma_available():
+        raise Q4KError("gemm_wgmma_linked needs a compute capability 9.0 GPU (wgmma): H100 / H200")
+    if address(w_raw) % 16:
+        raise Q4KError("gemm_wgmma_linked needs raw weights that start 16-byte aligned")
+    M = x.shape[0]
+    item = out.itemsize if out.dtype in (np.float32, np.float16) else 0
+    if (out.shape != (M, n_out) or not item or out.ndim != 2 or out.strides[1] != item
+            or out.strides[0] % item or out.strides[0] < n_out * item):
+        raise Q4KError(f"gemm_wgmma_linked: out must be float32 or float16 [{M}, {n_out}] with unit-stride rows")
+    if M == 0 or n_out == 0:
+        return out
+    x16 = cupy.ascontiguousarray(to_f16(x))
+    if address(x16) % 16:
+        x16 = x16.copy()
+    out16 = out.dtype == np.float16
+    ldo = out.strides[0] // item
+    flat = cupy.ndarray(((M - 1) * ldo + n_out,), dtype=np.uint16 if out16 else np.float32, memptr=out.data)
+    launch(gemm_wgmma_kernel(q, bn, nwg, stages, swz, out16), -(-n_out // bn) * -(-M // (64 * nwg)), 128 * nwg,
+           w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
+    return out
+
+
+def gemm_wgmma_workspace(qtype, M, N, K, x_dtype, **params):
     """No decode scratch: only x's fp16 copy when x comes as float32."""
     return {"x float16": 0 if x_dtype == "float16" else 2 * M * K}
