@@ -207,26 +207,32 @@ def twin_kernel(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int):
     return kernel
 
 
+def twin_operands(name: str, x, w_raw, qtype, n_out, out, decodes) -> tuple:
+    """(qtype name, K, M, x as flat fp16 bits) after the checks both GEMM twins make: a type in
+    `decodes`, C-contiguous raw weights starting 16-byte aligned, x [M, K], out [M, n_out] C-contiguous."""
+    q = qtype_name(qtype)
+    if q not in decodes:
+        raise Q4KError(f"{name} decodes {', '.join(decodes)}, not {q}")
+    K = columns(w_raw, q, n_out)
+    if not w_raw.flags.c_contiguous or address(w_raw) % 16:
+        raise Q4KError(f"{name} needs C-contiguous raw weights that start 16-byte aligned")
+    M = x.shape[0]
+    if x.ndim != 2 or x.shape[1] != K or out.shape != (M, n_out) or not out.flags.c_contiguous:
+        raise Q4KError(f"{name}: x must be [M, {K}] and out float32 [M, {n_out}], C-contiguous")
+    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
+    return q, K, M, xp.ascontiguousarray(x, dtype=np.float16).reshape(-1).view(np.uint16)
+
+
 def gemm_mma_twin(x, w_raw, qtype, n_out, out, bm=32, bn=16, wm=16, wn=8, stages=2):
     """out[:] = x @ W.T as csrc/gemm_mma.cu computes it (x rounded to fp16, W decoded to fp16), with
     the tensor-core product replaced by FP32 multiply-adds. x: float32 or float16 [M, K]; W raw
     Q4_K / Q6_K rows starting 16-byte aligned; out float32 [M, n_out], C-contiguous."""
     from .linked import gemm_tile_check
 
-    q = qtype_name(qtype)
-    if q not in W_CHUNKS:
-        raise Q4KError(f"gemm_mma_twin decodes {', '.join(W_CHUNKS)}, not {q}")
-    K = columns(w_raw, q, n_out)
+    q, K, M, x16 = twin_operands("gemm_mma_twin", x, w_raw, qtype, n_out, out, W_CHUNKS)
     warps = gemm_tile_check(bm, bn, wm, wn)
-    if not w_raw.flags.c_contiguous or address(w_raw) % 16:
-        raise Q4KError("gemm_mma_twin needs C-contiguous raw weights that start 16-byte aligned")
     if stages < 1:
         raise Q4KError(f"gemm_mma_twin: stages must be >= 1, got {stages}")
-    M = x.shape[0]
-    if x.ndim != 2 or x.shape[1] != K or out.shape != (M, n_out) or not out.flags.c_contiguous:
-        raise Q4KError(f"gemm_mma_twin: x must be [M, {K}] and out float32 [M, {n_out}], C-contiguous")
-    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
-    x16 = xp.ascontiguousarray(x, dtype=np.float16).reshape(-1).view(np.uint16)
     launch(twin_kernel(q, bm, bn, wm, wn, stages), -(-n_out // bn) * -(-M // bm), 32 * warps,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16, out.reshape(-1))
     return out

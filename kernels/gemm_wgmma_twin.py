@@ -39,9 +39,9 @@ from q4kdistill.errors import Q4KError
 from ._device import F, U, launch
 from ._ptx import f16lo, half2
 from .decode import Q4K_BYTES, Q4K_QS, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, q4_k_chunk_scales
-from .gemm_mma_twin import tile_of
+from .gemm_mma_twin import tile_of, twin_operands
 from .linked import WGMMA_W_ROW, gemm_wgmma_check
-from .weights import address, columns, qtype_name
+from .weights import qtype_name
 
 W_CHUNKS = {"Q4_K": Q4K_BYTES // 16, "Q6_K": 14}    # 16-byte chunks staged per row and super-block
 
@@ -224,18 +224,8 @@ def gemm_wgmma_twin(x, w_raw, qtype, n_out, out, bn=32, nwg=1, stages=3, swz=1):
     """out[:] = x @ W.T as csrc/gemm_wgmma.cu computes it (x rounded to fp16, W decoded to fp16 with
     fp16 scales), wgmma replaced by FP32 multiply-adds through its descriptors. x: float32 or float16
     [M, K]; W raw Q4_K / Q6_K rows starting 16-byte aligned; out float32 [M, n_out], C-contiguous."""
-    q = qtype_name(qtype)
-    if q not in W_CHUNKS:
-        raise Q4KError(f"gemm_wgmma_twin decodes {', '.join(W_CHUNKS)}, not {q}")
-    K = columns(w_raw, q, n_out)
+    q, K, M, x16 = twin_operands("gemm_wgmma_twin", x, w_raw, qtype, n_out, out, W_CHUNKS)
     gemm_wgmma_check(q, bn, nwg, stages, swz)
-    if not w_raw.flags.c_contiguous or address(w_raw) % 16:
-        raise Q4KError("gemm_wgmma_twin needs C-contiguous raw weights that start 16-byte aligned")
-    M = x.shape[0]
-    if x.ndim != 2 or x.shape[1] != K or out.shape != (M, n_out) or not out.flags.c_contiguous:
-        raise Q4KError(f"gemm_wgmma_twin: x must be [M, {K}] and out float32 [M, {n_out}], C-contiguous")
-    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
-    x16 = xp.ascontiguousarray(x, dtype=np.float16).reshape(-1).view(np.uint16)
     launch(twin_kernel(q, bn, nwg, stages, swz), -(-n_out // bn) * -(-M // (64 * nwg)), 128 * nwg,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16, out.reshape(-1), n_out)
     return out

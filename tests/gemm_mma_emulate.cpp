@@ -14,18 +14,10 @@
 
 #include "common_host.h"        // common.cuh's device helpers, on the host
 
-static const u8 *w_lo, *w_hi, *x_lo, *x_hi;     // the bytes cp.async may read in this run
-
 static inline u32 gm_smem(const void* p) { return u32(reinterpret_cast<uintptr_t>(p)); }
 
 static inline void gm_cp16(void* smem, const void* g, int valid) {
-    const u8* s = static_cast<const u8*>(g);
-    const bool in_w = s >= w_lo && s + valid <= w_hi, in_x = s >= x_lo && s + valid <= x_hi;
-    if (reinterpret_cast<uintptr_t>(smem) % 16 || reinterpret_cast<uintptr_t>(g) % 16 || valid < 0 || valid > 16 ||
-        (valid && !in_w && !in_x)) {
-        fprintf(stderr, "bad cp.async: smem %p global %p valid %d\n", smem, g, valid);
-        abort();
-    }
+    emu_check_cp16(smem, g, valid);
     memcpy(smem, g, valid);
     memset(static_cast<u8*>(smem) + valid, 0, 16 - valid);
 }
@@ -49,7 +41,7 @@ static inline void gm_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) { em
 
 extern "C" int emu_gemm(int q, int bm, int bn, int wm, int wn, int stages, const u8* w, int rb, int n, int K, int M,
                         const u16* x, float* out) {
-    w_lo = w, w_hi = w + size_t(n) * rb, x_lo = reinterpret_cast<const u8*>(x), x_hi = x_lo + size_t(M) * K * 2;
+    emu_bounds(w, size_t(n) * rb, x, size_t(M) * K * 2);
     GM_CASE(4, 64, 64, 32, 32, 3) GM_CASE(6, 64, 64, 32, 32, 2)
     GM_CASE(4, 128, 64, 32, 32, 2) GM_CASE(6, 128, 64, 32, 32, 1)
     GM_CASE(4, 128, 64, 64, 32, 2) GM_CASE(6, 128, 64, 64, 32, 1)

@@ -49,21 +49,14 @@ static inline const u8* emu_at(u32 addr) {
 }
 
 // ---- cp.async, deferred to its wait ------------------------------------------------------------
-static const u8 *w_lo, *w_hi, *x_lo, *x_hi;
 struct Copy { u8* dst; const u8* src; int valid; };
 static thread_local std::vector<Copy> cp_open;
 static thread_local std::deque<std::vector<Copy>> cp_groups;
 
 static inline void gw_cp16(void* smem, const void* g, int valid) {
-    const u8* s = static_cast<const u8*>(g);
-    const bool in_w = s >= w_lo && s + valid <= w_hi, in_x = s >= x_lo && s + valid <= x_hi;
-    if (reinterpret_cast<uintptr_t>(smem) % 16 || reinterpret_cast<uintptr_t>(g) % 16 || valid < 0 || valid > 16 ||
-        (valid && !in_w && !in_x)) {
-        fprintf(stderr, "bad cp.async: smem %p global %p valid %d\n", smem, g, valid);
-        abort();
-    }
+    emu_check_cp16(smem, g, valid);
     gw_smem(smem);
-    cp_open.push_back(Copy{static_cast<u8*>(smem), s, valid});
+    cp_open.push_back(Copy{static_cast<u8*>(smem), static_cast<const u8*>(g), valid});
 }
 static inline void gw_cp_commit() { cp_groups.push_back(std::move(cp_open)); cp_open.clear(); }
 template <int N> static inline void gw_cp_wait() {
@@ -163,7 +156,7 @@ template <int N> static inline void gw_mma_wait() {
 
 extern "C" int emu_gemm(int q, int bn, int nwg, int stages, int swz, int out16, const u8* w, int rb, int n, int K,
                         int M, const u16* x, void* out, int ldo) {
-    w_lo = w, w_hi = w + size_t(n) * rb, x_lo = reinterpret_cast<const u8*>(x), x_hi = x_lo + size_t(M) * K * 2;
+    emu_bounds(w, size_t(n) * rb, x, size_t(M) * K * 2);
     GW_CASE(4, 256, 2, 4, 1, 0) GW_CASE(4, 256, 2, 4, 0, 0) GW_CASE(4, 256, 2, 4, 1, 1)
     GW_CASE(4, 128, 2, 4, 1, 0) GW_CASE(6, 128, 2, 4, 1, 0) GW_CASE(6, 128, 2, 4, 0, 0) GW_CASE(6, 128, 2, 4, 1, 1)
     GW_CASE(4, 32, 1, 3, 1, 0) GW_CASE(4, 32, 1, 3, 0, 0) GW_CASE(6, 32, 1, 3, 1, 0) GW_CASE(6, 32, 1, 3, 0, 0)

@@ -50,3 +50,33 @@ def real_block_matrix(raw, qtype, N, K, rng):
     pool = raw.reshape(-1, f.block_bytes)                         # [n_blocks, block_bytes]
     pick = rng.integers(0, pool.shape[0], N * (K // f.block_weights))
     return np.ascontiguousarray(pool[pick].reshape(N, -1))
+
+
+def aligned(a, align=16):
+    """A copy of `a` whose data starts `align`-byte aligned and ends exactly where `a` does (a read
+    past the end of W is an IndexError in the simulator, an abort in the C emulations)."""
+    buf = np.empty(a.nbytes + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def check_twin_rejects(twin, bad_tile: dict, tile_match: str):
+    """The input errors both GEMM twins (kernels/gemm_mma_twin.py, gemm_wgmma_twin.py) raise: a type
+    they do not decode, the tile `bad_tile` (error matching `tile_match`), unaligned weights, x of
+    the wrong width."""
+    import pytest
+
+    from q4kdistill.errors import Q4KError
+
+    w = aligned(np.zeros((4, 144), np.uint8))
+    x, out = np.zeros((2, 256), np.float32), np.zeros((2, 4), np.float32)
+    with pytest.raises(Q4KError, match="decodes"):
+        twin(x, aligned(np.zeros((4, 34 * 8), np.uint8)), "Q8_0", 4, out)
+    with pytest.raises(Q4KError, match=tile_match):
+        twin(x, w, "Q4_K", 4, out, **bad_tile)
+    with pytest.raises(Q4KError, match="16-byte aligned"):
+        twin(x, aligned(np.zeros(4 * 144 + 1, np.uint8))[1:].reshape(4, 144), "Q4_K", 4, out)
+    with pytest.raises(Q4KError, match=r"x must be"):
+        twin(np.zeros((2, 512), np.float32), w, "Q4_K", 4, out)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import kernels
+from kernel_cases import aligned, check_twin_rejects
 from kernel_cases import rel_err as rel
 from kernels import linked
 from kernels.gemm_mma_twin import gemm_mma_twin
@@ -29,16 +30,6 @@ from q4kdistill.errors import Q4KError
 from q4kdistill.formats import quants
 
 VARIANTS = [n for n in kernels.variants() if n.startswith("gemm_mma_linked")]
-
-
-def aligned(a, align=16):
-    """A copy of `a` whose data starts `align`-byte aligned and ends exactly where `a` does (a read
-    past the end of W is an IndexError in the simulator)."""
-    buf = np.empty(a.nbytes + align, np.uint8)
-    off = (-buf.ctypes.data) % align
-    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 def references(x, w, qtype):
@@ -92,16 +83,7 @@ def test_twin_single_super_block_and_fp16_x():
 
 
 def test_twin_rejects_bad_input():
-    w = aligned(np.zeros((4, 144), np.uint8))
-    x, out = np.zeros((2, 256), np.float32), np.zeros((2, 4), np.float32)
-    with pytest.raises(Q4KError, match="decodes"):
-        gemm_mma_twin(x, aligned(np.zeros((4, 34 * 8), np.uint8)), "Q8_0", 4, out)
-    with pytest.raises(Q4KError, match="warp tiles"):
-        gemm_mma_twin(x, w, "Q4_K", 4, out, bm=24, bn=16, wm=24, wn=8)
-    with pytest.raises(Q4KError, match="16-byte aligned"):
-        gemm_mma_twin(x, aligned(np.zeros(4 * 144 + 1, np.uint8))[1:].reshape(4, 144), "Q4_K", 4, out)
-    with pytest.raises(Q4KError, match=r"x must be"):
-        gemm_mma_twin(np.zeros((2, 512), np.float32), w, "Q4_K", 4, out)
+    check_twin_rejects(gemm_mma_twin, {"bm": 24, "bn": 16, "wm": 24, "wn": 8}, "warp tiles")
 
 
 # -- the CUDA C itself on the CPU: tests/gemm_mma_emulate.cpp ------------------------------------

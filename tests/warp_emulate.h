@@ -103,6 +103,23 @@ static inline void emu_ldm4(u32 (&r)[4], uintptr_t a) {
     w.bar.arrive_and_wait();
 }
 
+// cp.async's checks for the GEMM emulations: 16-byte aligned addresses, 0..16 bytes read, and those
+// inside W or x (the bounds each run sets: emu_bounds)
+static const u8 *emu_w_lo, *emu_w_hi, *emu_x_lo, *emu_x_hi;
+static inline void emu_bounds(const u8* w, size_t w_bytes, const void* x, size_t x_bytes) {
+    emu_w_lo = w, emu_w_hi = w + w_bytes;
+    emu_x_lo = static_cast<const u8*>(x), emu_x_hi = emu_x_lo + x_bytes;
+}
+static inline void emu_check_cp16(const void* smem, const void* g, int valid) {
+    const u8* s = static_cast<const u8*>(g);
+    const bool in_w = s >= emu_w_lo && s + valid <= emu_w_hi, in_x = s >= emu_x_lo && s + valid <= emu_x_hi;
+    if (reinterpret_cast<uintptr_t>(smem) % 16 || reinterpret_cast<uintptr_t>(g) % 16 || valid < 0 || valid > 16 ||
+        (valid && !in_w && !in_x)) {
+        fprintf(stderr, "bad cp.async: smem %p global %p valid %d\n", smem, g, valid);
+        abort();
+    }
+}
+
 // one host thread per CUDA thread, blocks one after another (their shared arrays are statics)
 static void run_grid(int gx, int gy, int gz, int threads, const std::function<void()>& body) {
     gridDim = dim3e{gx, gy, gz};
