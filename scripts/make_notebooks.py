@@ -466,6 +466,38 @@ KERNEL_VARIANTS = [
         assert {r["variant"] for r in rows} >= {"nb_row_per_thread"}
     """),
     md("""
+        ## Decode inside the tensor-core GEMM at training sizes (`gemm_wgmma_linked`, Hopper)
+
+        At `M = B x T` in the thousands the products are compute-bound, and the shipped table decodes
+        each matrix into an fp16 scratch for cuBLAS. `gemm_wgmma_linked*` (linked CUDA C, sm_90 only:
+        `kernels/csrc/gemm_wgmma.cu`) decodes *inside* the GEMM instead: a CTA decodes each 64-wide K
+        step of its 256 (Q6_K: 128) weight rows once into a shared fp16 tile that two warpgroups'
+        `wgmma` read, while the raw blocks and x stream in by `cp.async` -- no scratch. Its Numba twin
+        (`kernels/gemm_wgmma_twin.py`) runs the same tiles, rings and decode on the simulator; below it
+        is checked on real gemma-3 Q4_K rows against a float64 product of W decoded the kernel's way
+        (fp16 scales). On an H100 / H200 the cell times the fused variants beside the scratch path and
+        cuBLAS instead (`q4kdistill bench kernels --variants ...` prints the same table).
+    """),
+    code("""
+        from kernels.gemm_wgmma_twin import decoded_as_kernel, gemm_wgmma_twin
+        from kernels.linked import wgmma_available
+
+        FUSED = ["gemm_wgmma_linked", "gemm_wgmma_linked_n128", "gemm_wgmma_linked_plain"]
+        if SIZE == "gpu" and wgmma_available():
+            rows = bench.run(shapes=[(3584, 18944), (18944, 3584)], ms=[512, 4096], qtypes=["Q4_K"],
+                             variants=FUSED + ["dequant_linked_cublas"], also_x16=True)
+            bench.print_table(rows)
+        else:                                    # the twin on real gemma-3 rows (one super-block of each)
+            w_raw = np.ascontiguousarray(real[:40, :144])
+            x = rng.standard_normal((5, 256), dtype=np.float32)
+            out = np.full((5, 40), np.nan, dtype=np.float32)
+            gemm_wgmma_twin(x, w_raw, "Q4_K", 40, out, bn=32, nwg=1, stages=3, swz=1)
+            ref = x.astype(np.float16).astype(np.float64) @ decoded_as_kernel(w_raw, "Q4_K").astype(np.float64).T
+            err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+            print(f"twin of gemm_wgmma on real Q4_K rows: rel err {err:.1e} against W decoded the kernel's way")
+            assert err <= 1e-5
+    """),
+    md("""
         ## The roofline
 
         A weight-streaming kernel reads `N*K*144/256` bytes of Q4_K and does `2*M*N*K` FLOPs, so
