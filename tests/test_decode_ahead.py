@@ -245,3 +245,37 @@ def test_glu_inputs_setting_is_checked(monkeypatch):
     monkeypatch.setenv(forward.GLU_INPUTS_ENV, "bf16")
     with pytest.raises(Q4KError, match="GLU_INPUTS"):
         forward._glu_inputs16(np.zeros((1, 1, 4), np.float32), {})
+    monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "half")
+    with pytest.raises(Q4KError, match="QKV_PRODUCT"):
+        forward._setting16(forward.QKV_PRODUCT_ENV)
+    monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "float16")
+    assert forward._setting16(forward.QKV_PRODUCT_ENV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen2 Q4_K/Q6_K", "llama-mha-tied"])
+def test_gpu_teacher_qkv_product_in_float16(family, tmp_path, monkeypatch):
+    """$Q4KDISTILL_QKV_PRODUCT=float16 (the stacked q/k/v product written in 16 bits, then biased and
+    rotated by qkv_rope_split) against the default: cosine >= 0.9999 at every position."""
+    from q4kdistill import backend
+    from q4kdistill.formats import synthetic
+    from q4kdistill.teacher import forward
+    from q4kdistill.teacher.model import Teacher
+    from test_teacher_forward import write_family
+    from test_teacher_real import cosine_rows
+
+    path = (synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2"), seed=13) if " " in family
+            else write_family(family, tmp_path, seed=13))
+    t = Teacher.load(path, device="cuda", log=None)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, t.vocab_size, (2, 80))
+    want = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
+    monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "float16")
+    seen = []
+    import kernels.fused_rope as fr
+
+    orig = fr.qkv_rope_split
+    monkeypatch.setattr(fr, "qkv_rope_split", lambda y, *a, **k: seen.append(str(y.dtype)) or orig(y, *a, **k))
+    got = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
+    assert seen and set(seen) == {"float16"}, seen
+    assert cosine_rows(got, want).min() >= 0.9999

@@ -207,7 +207,11 @@ def qkv_rope(h, w: dict, cfg, cos_sin):
     from kernels.fused_rope import qkv_rope_split
 
     B, T, _ = h.shape
-    y = matmul_stacked(h.reshape(B * T, -1), [(w[n].data, w[n].qtype, w[n].shape[0]) for n in QKV])
+    parts = [(w[n].data, w[n].qtype, w[n].shape[0]) for n in QKV]
+    out = None
+    if _setting16(QKV_PRODUCT_ENV):
+        out = array_module(h).empty((B * T, sum(p[2] for p in parts)), dtype=PRODUCT_DTYPE)
+    y = matmul_stacked(h.reshape(B * T, -1), parts, out=out)
     biases = tuple(dense_f32(w[f"attn_{n}.bias"]) for n in "qkv") if "attn_q.bias" in w else (None,) * 3
     return qkv_rope_split(y, T, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_style, *cos_sin,
                           biases=biases, dtype=PRODUCT_DTYPE)
@@ -235,17 +239,25 @@ def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
 
 
 GLU_INPUTS_ENV = "Q4KDISTILL_GLU_INPUTS"   # float32 (default) or float16: the gate and up products' output
+QKV_PRODUCT_ENV = "Q4KDISTILL_QKV_PRODUCT"  # float32 (default) or float16: the stacked q/k/v product's output
+
+
+def _setting16(env: str) -> bool:
+    """Whether $env asks for float16 (float32, the default, or float16; anything else is an error)."""
+    how = os.environ.get(env, "").strip() or "float32"
+    if how not in ("float32", "float16"):
+        raise Q4KError(f"{env}={how!r}: expected float32 or float16")
+    return how == "float16"
 
 
 def _glu_inputs16(h, w: dict) -> bool:
     """Whether gate and up are written in float16 by their GEMMs (opt-in, $Q4KDISTILL_GLU_INPUTS=float16):
     the GLU reads half the bytes (the 7B at 8x512: 310 MB a block instead of 620), but gate and up must
     then fit float16's range as the GLU's output already must. Off by default until a GPU A/B and the
-    real gemma-3 parity have had their say (docs/perf.md, tenth stop 4)."""
-    how = os.environ.get(GLU_INPUTS_ENV, "").strip() or "float32"
-    if how not in ("float32", "float16"):
-        raise Q4KError(f"{GLU_INPUTS_ENV}={how!r}: expected float32 or float16")
-    return how == "float16" and _gpu(h) and w["ffn_gate.weight"].quantized and w["ffn_up.weight"].quantized
+    real gemma-3 parity have had their say (docs/perf.md, tenth stop 4). Likewise
+    $Q4KDISTILL_QKV_PRODUCT=float16 for the stacked q/k/v product that qkv_rope_split reads (the 7B at
+    8x512: 38 MB a block written and read instead of 75; the biases and rope then act on fp16 values)."""
+    return _setting16(GLU_INPUTS_ENV) and _gpu(h) and w["ffn_gate.weight"].quantized and w["ffn_up.weight"].quantized
 
 
 def _product16(h, wt: Weight):
