@@ -17,6 +17,7 @@ error (a wrong scale, nibble, row, chunk, swizzle or fragment owner) gives O(1).
 product: the variants' 2e-3 (seen ~4e-4: one more rounding than the scratch's decode, the scales').
 """
 import ctypes
+import functools
 import re
 import shutil
 import subprocess
@@ -229,6 +230,14 @@ def _sm90():
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _weights(qtype, N, K):
+    """Random blocks [N, K] and their decode as the kernel does it (NumPy: seconds at 7B sizes, so once
+    per shape for all variants)."""
+    w = quants.random_blocks(qtype, N, K, np.random.default_rng([N, K, len(qtype)]))
+    return w, decoded_as_kernel(w, qtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
@@ -239,10 +248,8 @@ def test_linked_on_gpu(name, qtype, N, K):
     import cupy as cp
 
     rng = np.random.default_rng([N, K, len(name), len(qtype)])
-    w = quants.random_blocks(qtype, N, K, rng)
-    wd = cp.asarray(w)
-    w16 = cp.asarray(decoded_as_kernel(w, qtype), dtype=cp.float64)
-    v = kernels.get(name)
+    w, w16 = _weights(qtype, N, K)
+    wd, w16 = cp.asarray(w), cp.asarray(w16, dtype=cp.float64)
     pool = cp.get_default_memory_pool()
     for M in (64, 100, 512, 4096):
         x = cp.asarray(rng.standard_normal((M, K), dtype=np.float32)).astype(cp.float16)
