@@ -10,7 +10,7 @@ file checks only that.
 """
 import numpy as np
 import pytest
-from numba import cuda
+from numba import cuda, float32
 
 from kernels import _device
 
@@ -89,3 +89,43 @@ def test_numba_device_arrays_keep_numbas_path():
     cuda.synchronize()
     np.testing.assert_allclose(out.copy_to_host(), _expected(a, b2, c[:, :2], n, 1, 2, 3.0, False), rtol=1e-6)
     assert _device.launch_counts["numba"] - before["numba"] == 2
+
+
+@cuda.jit
+def _reverse_through_shared(x, out):
+    """out = x reversed within each block, through the block's dynamic shared memory."""
+    buf = cuda.shared.array(0, float32)     # a Numba type: the simulator sizes it by itemsize
+    t, n = cuda.threadIdx.x, cuda.blockDim.x
+    i = cuda.blockIdx.x * n + t
+    buf[t] = x[i]
+    cuda.syncthreads()
+    out[i] = buf[n - 1 - t]
+
+
+def _shared_roundtrip(xp, block, shared):
+    x = xp.arange(4 * block, dtype=np.float32)
+    out = xp.full(4 * block, np.nan, dtype=np.float32)
+    _device.launch(_reverse_through_shared, 4, block, x, out, shared=shared)
+    want = np.arange(4 * block, dtype=np.float32).reshape(4, block)[:, ::-1].reshape(-1)
+    got = out if xp is np else xp.asnumpy(out)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_dynamic_shared_memory_in_the_simulator():
+    """launch(..., shared=bytes) gives the kernel that much dynamic shared memory (the simulator's path)."""
+    if not _device.SIMULATOR:
+        pytest.skip("a GPU runs the gpu test below")
+    _shared_roundtrip(np, 32, 32 * 4)
+
+
+@pytest.mark.gpu
+def test_dynamic_shared_memory_above_48_kb():
+    """Above 48 KB the kernel's limit is raised first (cuFuncSetAttribute): 1024 threads x 64 KB; the
+    second launch takes the fast path with the same size."""
+    import cupy as cp
+
+    block, shared = 1024, 64 * 1024
+    before = _device.launch_counts["fast"]
+    _shared_roundtrip(cp, block, shared)
+    _shared_roundtrip(cp, block, shared)
+    assert _device.launch_counts["fast"] == before + (1 if _device.FAST_LAUNCH else 0)
