@@ -212,14 +212,31 @@ def test_gpu_teacher_fused_qkv_matches_the_separate_ops(family, tmp_path, monkey
     np.testing.assert_allclose(fused, sep, rtol=0, atol=2e-3 * np.abs(sep).max())
 
 
+def _product16_hooks(setting, monkeypatch, seen):
+    """(env name, hook): the hook records the dtype of the 16-bit products the setting switches on."""
+    from q4kdistill.teacher import forward
+
+    if setting == "glu":
+        real = forward._product16
+        monkeypatch.setattr(forward, "_product16", lambda *a: seen.append("float16") or real(*a))
+        return forward.GLU_INPUTS_ENV
+    import kernels.fused_rope as fr
+
+    orig = fr.qkv_rope_split
+    monkeypatch.setattr(fr, "qkv_rope_split", lambda y, *a, **k: seen.append(str(y.dtype)) or orig(y, *a, **k))
+    return forward.QKV_PRODUCT_ENV
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["glu", "qkv"])
 @pytest.mark.parametrize("family", ["qwen2 Q4_K/Q6_K", "llama-mha-tied"])
-def test_gpu_teacher_glu_inputs_in_float16(family, tmp_path, monkeypatch):
-    """$Q4KDISTILL_GLU_INPUTS=float16 (gate and up written in 16 bits by their GEMMs) against the default
-    float32 products: one more fp16 rounding of each GLU input, cosine >= 0.9999 at every position."""
+def test_gpu_teacher_products_in_float16(setting, family, tmp_path, monkeypatch):
+    """$Q4KDISTILL_GLU_INPUTS=float16 (gate and up written in 16 bits by their GEMMs) and
+    $Q4KDISTILL_QKV_PRODUCT=float16 (the stacked q/k/v product, then biased and rotated by
+    qkv_rope_split) against the default float32 products: one more fp16 rounding of those values,
+    cosine >= 0.9999 at every position."""
     from q4kdistill import backend
     from q4kdistill.formats import synthetic
-    from q4kdistill.teacher import forward
     from q4kdistill.teacher.model import Teacher
     from test_teacher_forward import write_family
     from test_teacher_real import cosine_rows
@@ -230,12 +247,10 @@ def test_gpu_teacher_glu_inputs_in_float16(family, tmp_path, monkeypatch):
     rng = np.random.default_rng(3)
     ids = rng.integers(0, t.vocab_size, (2, 80))
     want = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
-    monkeypatch.setenv(forward.GLU_INPUTS_ENV, "float16")
-    calls = []
-    real = forward._product16
-    monkeypatch.setattr(forward, "_product16", lambda *a: calls.append(1) or real(*a))
+    seen = []
+    monkeypatch.setenv(_product16_hooks(setting, monkeypatch, seen), "float16")
     got = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
-    assert calls
+    assert seen and set(seen) == {"float16"}, seen
     assert cosine_rows(got, want).min() >= 0.9999
 
 
@@ -250,32 +265,3 @@ def test_glu_inputs_setting_is_checked(monkeypatch):
         forward._setting16(forward.QKV_PRODUCT_ENV)
     monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "float16")
     assert forward._setting16(forward.QKV_PRODUCT_ENV)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", ["qwen2 Q4_K/Q6_K", "llama-mha-tied"])
-def test_gpu_teacher_qkv_product_in_float16(family, tmp_path, monkeypatch):
-    """$Q4KDISTILL_QKV_PRODUCT=float16 (the stacked q/k/v product written in 16 bits, then biased and
-    rotated by qkv_rope_split) against the default: cosine >= 0.9999 at every position."""
-    from q4kdistill import backend
-    from q4kdistill.formats import synthetic
-    from q4kdistill.teacher import forward
-    from q4kdistill.teacher.model import Teacher
-    from test_teacher_forward import write_family
-    from test_teacher_real import cosine_rows
-
-    path = (synthetic.write_gguf(tmp_path / "q.gguf", synthetic.tiny_config("qwen2"), seed=13) if " " in family
-            else write_family(family, tmp_path, seed=13))
-    t = Teacher.load(path, device="cuda", log=None)
-    rng = np.random.default_rng(4)
-    ids = rng.integers(0, t.vocab_size, (2, 80))
-    want = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
-    monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "float16")
-    seen = []
-    import kernels.fused_rope as fr
-
-    orig = fr.qkv_rope_split
-    monkeypatch.setattr(fr, "qkv_rope_split", lambda y, *a, **k: seen.append(str(y.dtype)) or orig(y, *a, **k))
-    got = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
-    assert seen and set(seen) == {"float16"}, seen
-    assert cosine_rows(got, want).min() >= 0.9999
