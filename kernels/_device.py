@@ -157,6 +157,13 @@ class _Packed:
         self.extra_ptr = ctypes.addressof(self.extra)
 
 
+def _compiled(kernel, args, compile: bool = False):
+    """Numba's compiled kernel for these arguments' types (compiled now if `compile`), or None."""
+    argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+    found = kernel.overloads.get(argtypes)
+    return kernel.compile(argtypes) if found is None and compile else found
+
+
 def _make_plan(kernel, args):
     """("packed", _Packed, kinds) or ("core", cuda.core kernel, converters) for these arguments'
     kinds, or None (keep Numba's path)."""
@@ -165,8 +172,7 @@ def _make_plan(kernel, args):
     try:
         from numba.cuda import types as nt
 
-        argtypes = tuple(kernel.typeof_pyval(a) for a in args)
-        compiled = kernel.overloads.get(argtypes)
+        compiled = _compiled(kernel, args)
         if compiled is None or compiled.debug or kernel.targetoptions.get("extensions"):
             return None
         conv, fmt, packable = [], "@", True
@@ -253,18 +259,15 @@ STATIC_SHARED = 48 * 1024     # dynamic shared memory a kernel may take without 
 _SHARED_RAISED: dict = {}
 
 
-def _raise_shared_limit(kernel, args, shared: int):
+def _raise_shared_limit(kernel, key, args, shared: int):
     """Compile `kernel` for these arguments (if Numba has not yet) and let it take `shared` bytes of
     dynamic shared memory (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES: above 48 KB a launch
-    fails without it). Kept per (kernel, argument kinds): the attribute only ever grows."""
-    key = (kernel, tuple(map(_arg_key, args)))
+    fails without it). Kept per (kernel, argument kinds) = `key`: the attribute only ever grows."""
     if _SHARED_RAISED.get(key, 0) >= shared:
         return
     from cupy.cuda import driver
 
-    argtypes = tuple(kernel.typeof_pyval(a) for a in args)
-    compiled = kernel.overloads.get(argtypes) or kernel.compile(argtypes)
-    handle = int(compiled._codelibrary.get_cufunc().handle)
+    handle = int(_compiled(kernel, args, compile=True)._codelibrary.get_cufunc().handle)
     driver.funcSetAttribute(handle, 8, int(shared))      # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     _SHARED_RAISED[key] = shared
 
@@ -283,10 +286,10 @@ def launch(kernel, grid, block, *args, shared: int = 0):
 
     ptr = cupy.cuda.get_current_stream().ptr
     _NDARRAY[0] = cupy.ndarray
+    key = (kernel, tuple(map(_arg_key, args)))
     if shared > STATIC_SHARED:
-        _raise_shared_limit(kernel, args, shared)
+        _raise_shared_limit(kernel, key, args, shared)
     if FAST_LAUNCH:
-        key = (kernel, tuple(map(_arg_key, args)))
         plan = _PLANS.get(key, False)
         if plan:
             _fast_launch(plan, grid, block, ptr, args, shared)

@@ -8,7 +8,7 @@ from .gemv import gemv, gemv_workspace
 from .gemv_chunk import CHUNKS, gemv_chunk, gemv_chunk_workspace
 from .gemv_dp4a import gemv_dp4a, gemv_dp4a_workspace
 from .linked import (dequant_linked_cublas, dequant_linked_workspace, gemm_mma_linked, gemm_mma_workspace,
-                     gemm_wgmma_linked, gemm_wgmma_workspace,
+                     gemm_wgmma_linked,
                      gemv_f32_linked, gemv_f32_workspace, gemv_mma_linked, gemv_mma_rows_linked, gemv_mma_rows_workspace, gemv_mma_workspace,
                      gemv_q8_linked, gemv_q8_workspace)
 from .registry import ALL_QTYPES, Variant, register
@@ -107,7 +107,7 @@ def _gemm_wgmma(name, bn, swz=1, what=""):
     tile = "256 (Q4_K) / 128 (Q6_K)" if not bn else str(bn)
     return Variant(
         name=name, qtypes=LINKED_QTYPES, fn=gemm_wgmma_linked, m_min=64, rel_err=2e-3,
-        workspace=gemm_wgmma_workspace, accepts=F16_IN, device="gpu", simulated=False,
+        workspace=gemm_mma_workspace, accepts=F16_IN, device="gpu", simulated=False,
         params={"bn": bn, "nwg": 2, "stages": 4, "swz": swz},
         description=f"linked CUDA C, sm_90 only: fused GEMM on wgmma, 128 x {tile} tile, W decoded once per CTA "
                     f"and K step into shared memory{what}, cp.async rings in dynamic shared memory, no scratch "

@@ -5,7 +5,7 @@ Q4_K / Q6_K rows, x fp16, on the tensor cores. The simulator cannot run C, so th
 it step for step for CI:
 
     CTA tile      block b owns out[tm*BM : +BM, tn*BN : +BN], (tm, tn) = tile_of(b) (the C's grouped
-                  order, gm_tile); warp (wm, wn) = (warp % (BM/WM),
+                  order, csrc/tile_order.cuh); warp (wm, wn) = (warp % (BM/WM),
                   warp // (BM/WM)) owns a WM x WN warp tile of MI x NI m16n8 tiles
     K loop        steps of 64 weights (quarter q = step % 4 of super-block step // 4), a ring of
                   STAGES slots; "cp.async" = a copy of the same 16-byte chunks (zero-filled past M
@@ -56,11 +56,11 @@ def _u32(b, r, at):
     return _u16(b, r, at) | (_u16(b, r, at + 2) << U(16))
 
 
-GROUP = 8                               # M tiles that sweep the N tiles together (csrc GM_GROUP)
+GROUP = 8                               # M tiles that sweep the N tiles together (csrc TILE_GROUP)
 
 
 def tile_order(b, tiles_m, tiles_n):
-    """(tm, tn) of CTA b: as csrc gm_tile, groups of GROUP M tiles, M fastest inside a group."""
+    """(tm, tn) of CTA b: as csrc grouped_tile, groups of GROUP M tiles, M fastest inside a group."""
     per_group = GROUP * tiles_n
     first = b // per_group * GROUP
     rows = min(tiles_m - first, GROUP)

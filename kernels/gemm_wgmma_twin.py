@@ -234,33 +234,12 @@ def gemm_wgmma_twin(x, w_raw, qtype, n_out, out, bn=32, nwg=1, stages=3, swz=1):
 def decoded_as_kernel(w_raw, qtype: str) -> np.ndarray:
     """W [N, K] as float16, decoded the way csrc/gemm_wgmma.cu (and its twin) decode it: each
     sub-block scale (d * sc, dmin * m; d * S) computed in FP32 and rounded to fp16, then each weight
-    (q * D - Dm; (q - 32) * D) rounded once. The tests' tight reference (NumPy, CPU)."""
+    (q * D - Dm; (q - 32) * D) rounded once: the reference codec with its scales rounded. The tests'
+    tight reference (NumPy, CPU)."""
+    from q4kdistill.formats import quants
+
     q = qtype_name(qtype)
-    w = np.asarray(w_raw, np.uint8)
-    n = w.shape[0]
-    f16 = lambda a: a.astype(np.float32).astype(np.float16).astype(np.float64)
-    if q == "Q4_K":
-        b = w.reshape(n, -1, Q4K_BYTES)
-        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        s = b[..., 4:16].astype(np.int32)
-        sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
-        mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
-        D, Dm = f16(d[..., None] * sc), f16(dmin[..., None] * mn)              # [n, blocks, 8]
-        qs = b[..., Q4K_QS:Q4K_QS + 128].reshape(n, -1, 4, 32).astype(np.int32)
-        quants = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, -1, 8, 32)     # sub-block 2j, 2j + 1
-        out = quants * D[..., None] - Dm[..., None]
-    elif q == "Q6_K":
-        b = w.reshape(n, -1, Q6K_BYTES)
-        d = b[..., Q6K_D:Q6K_D + 2].copy().view(np.float16)[..., 0].astype(np.float32)
-        S = b[..., Q6K_SCALES:Q6K_SCALES + 16].view(np.int8).astype(np.float32)
-        D = f16(d[..., None] * S)                                              # [n, blocks, 16]
-        ql = b[..., Q6K_QL:Q6K_QL + 128].reshape(n, -1, 2, 64).astype(np.int32)
-        qh = b[..., Q6K_QH:Q6K_QH + 64].reshape(n, -1, 2, 32).astype(np.int32)
-        runs = [(ql[..., :32] & 15) | ((qh & 3) << 4), (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4),
-                (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4), (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4)]
-        quants = np.stack(runs, axis=3).reshape(n, -1, 16, 16) - 32                # [n, blocks, 16 sub-blocks, 16]
-        out = quants * D[..., None]
-    else:
+    if q not in W_CHUNKS:
         raise Q4KError(f"decoded_as_kernel decodes Q4_K and Q6_K, not {q}")
-    return out.reshape(n, -1).astype(np.float16)
+    to16 = lambda a: a.astype(np.float16).astype(np.float32)
+    return quants.dequantize(np.asarray(w_raw, np.uint8), q, round_scales=to16).astype(np.float16)

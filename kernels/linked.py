@@ -12,7 +12,7 @@ device function of a csrc/ file, which NVRTC compiles when the kernel is first l
     csrc/decode_cast.cu  decode to fp16, fp32 -> fp16 cast
     csrc/gemm_mma.cu     Q4_K / Q6_K GEMM on fp16 x with the fp16 tensor cores, decode in the product
     csrc/gemm_wgmma.cu   Q4_K / Q6_K GEMM on fp16 x with Hopper's wgmma, W decoded once per CTA tile
-    csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated)
+    csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated), tile_order.cuh, wgmma_ops.cuh (generated)
 
 NVRTC gets no include path, so source_with() inlines a file's ``#include "x.cuh"`` lines (each
 header once) and appends what the caller adds. Templates are instantiated on demand: for
@@ -609,8 +609,8 @@ def gemm_mma_linked(x, w_raw, qtype, n_out, out, bm=64, bn=64, wm=32, wn=32):
     return out
 
 
-def gemm_mma_workspace(qtype, M, N, K, x_dtype, bm=64, bn=64, wm=32, wn=32):
-    """No decode scratch: only x's fp16 copy when x comes as float32."""
+def gemm_mma_workspace(qtype, M, N, K, x_dtype, **params):
+    """No decode scratch: only x's fp16 copy when x comes as float32 (both fused GEMMs, any tile)."""
     return {"x float16": 0 if x_dtype == "float16" else 2 * M * K}
 
 
@@ -707,8 +707,3 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1)
     launch(gemm_wgmma_kernel(q, bn, nwg, stages, swz, out16), -(-n_out // bn) * -(-M // (64 * nwg)), 128 * nwg,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
     return out
-
-
-def gemm_wgmma_workspace(qtype, M, N, K, x_dtype, **params):
-    """No decode scratch: only x's fp16 copy when x comes as float32."""
-    return {"x float16": 0 if x_dtype == "float16" else 2 * M * K}

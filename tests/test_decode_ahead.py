@@ -15,7 +15,7 @@ from kernels.fused_rope import qkv_rope_split
 from q4kdistill.errors import Q4KError
 from q4kdistill.formats import quants
 from q4kdistill.student.ops.rope import rope_forward, rope_tables
-from test_fused_kernels import BOUND, close, f64, poisoned, store
+from test_fused_kernels import close, poisoned
 
 
 def decoded(w, q, n):

@@ -137,7 +137,7 @@ def test_cuda_source_emulated_matches_float64_reference(emulated, qtype, tile, m
 
 
 def test_tile_order_covers_every_tile_once():
-    """The grouped CTA order (gemm_mma_twin.tile_order = csrc gm_tile) is a bijection onto the tiles."""
+    """The grouped CTA order (gemm_mma_twin.tile_order = csrc grouped_tile) is a bijection onto the tiles."""
     from kernels.gemm_mma_twin import GROUP, tile_order
 
     for tiles_m, tiles_n in ((1, 1), (1, 7), (3, 5), (GROUP, 2), (GROUP + 3, 4), (2 * GROUP + 1, 1), (64, 296)):

@@ -221,15 +221,6 @@ def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------
-def _sm90():
-    try:
-        import cupy as cp
-
-        return cp.cuda.Device().compute_capability == "90"
-    except Exception:
-        return False
-
-
 @functools.lru_cache(maxsize=None)
 def _weights(qtype, N, K):
     """Random blocks [N, K] and their decode as the kernel does it (NumPy: seconds at 7B sizes, so once
@@ -243,7 +234,7 @@ def _weights(qtype, N, K):
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("N,K", [(3584, 3584), (18944, 3584), (3584, 18944), (1031, 3584)])
 def test_linked_on_gpu(name, qtype, N, K):
-    if not _sm90():
+    if not linked.wgmma_available():
         pytest.skip("wgmma needs an sm_90 GPU")
     import cupy as cp
 
@@ -269,7 +260,7 @@ def test_linked_on_gpu(name, qtype, N, K):
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_fp16_out_on_gpu(qtype):
-    if not _sm90():
+    if not linked.wgmma_available():
         pytest.skip("wgmma needs an sm_90 GPU")
     import cupy as cp
 
@@ -305,7 +296,7 @@ def test_teacher_products_take_the_pinned_fused_gemm(tmp_path, monkeypatch):
     """With the table pinning gemm_wgmma_linked: decode_ahead.matmul_stacked (q, k, v) writes each
     weight's column block and matmul_ahead (the LM head) writes out in one call, float32 and float16,
     matching the kernel-decoded float64 product."""
-    if not _sm90():
+    if not linked.wgmma_available():
         pytest.skip("wgmma needs an sm_90 GPU")
     import cupy as cp
 

@@ -7,7 +7,7 @@
 // the simulator checks the indexing in CI; kernels/linked.py (gemm_mma_linked) launches this one.
 //
 // Tiling. A CTA of (BM / WM) x (BN / WN) warps owns out[m0 : m0 + BM, n0 : n0 + BN] (a 1-D grid
-// of ceil(M / BM) * ceil(N / BN) CTAs in grouped order, gm_tile); warp (wm, wn) owns a WM x WN warp tile = MI x NI mma tiles of
+// of ceil(M / BM) * ceil(N / BN) CTAs in grouped order, tile_order.cuh); warp (wm, wn) owns a WM x WN warp tile = MI x NI mma tiles of
 // m16n8 (MI = WM / 16, NI = WN / 8), their FP32 accumulators in registers. The K loop steps one
 // quarter super-block (64 weights) at a time: step s = super-block s / 4, quarter q = s % 4.
 // Each step stages, through a ring of STAGES slots filled with cp.async (global -> shared, 16 bytes
@@ -24,6 +24,7 @@
 // 48 KB of static shared memory (Numba cannot raise the limit) bound BM x BN and STAGES:
 // linked.gemm_mma_stages picks the deepest ring (<= 3) that fits; static_assert below.
 #include "block_decode.cuh"
+#include "tile_order.cuh"
 
 // ---- PTX --------------------------------------------------------------------------------------
 // tests/gemm_mma_emulate.cpp defines GM_EMULATE and host versions of these six (a warp of host
@@ -121,18 +122,6 @@ static __device__ __forceinline__ void gm_q6_frag(const u8* r, int o, int q, int
     b1 = out[1];
 }
 
-// ---- which tile a CTA owns --------------------------------------------------------------------
-// CTA b of the 1-D grid: groups of GM_GROUP consecutive M tiles sweep the N tiles together, M
-// fastest inside a group, so the CTAs resident at once share W tiles in L2 and W comes from memory
-// about ceil(M / (GM_GROUP * BM)) times (x [M, K] fp16 is the smaller operand at prefill sizes).
-constexpr int GM_GROUP = 8;
-static __device__ __forceinline__ void gm_tile(int b, int tiles_m, int tiles_n, int& tm, int& tn) {
-    const int per_group = GM_GROUP * tiles_n, first = b / per_group * GM_GROUP;
-    const int rows = min(tiles_m - first, GM_GROUP), in = b % per_group;   // the last group may be short
-    tm = first + in % rows;
-    tn = in / rows;
-}
-
 // ---- the kernel body --------------------------------------------------------------------------
 template <int Q, int BM, int BN, int STAGES>
 struct GmSmem {
@@ -178,7 +167,7 @@ static __device__ __forceinline__ void gemm_mma(const u8* __restrict__ w, int ro
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M, g = lane >> 2, t = lane & 3;
     int tm, tn;
-    gm_tile(blockIdx.x, (M + BM - 1) / BM, (n_out + BN - 1) / BN, tm, tn);
+    grouped_tile(blockIdx.x, (M + BM - 1) / BM, (n_out + BN - 1) / BN, tm, tn);
     const int m0 = tm * BM, n0 = tn * BN, steps = K / 64;
     const size_t w_bytes = size_t(n_out) * row_bytes;
     float acc[MI][NI][4];

@@ -13,8 +13,8 @@
 // sm_90a only (wgmma); kernels/gemm_wgmma_twin.py is the same algorithm in Numba for the simulator,
 // tests/gemm_wgmma_emulate.cpp runs this file on the CPU (wgmma executed at its wait_group).
 //
-// Tiling. CTA b of a 1-D grid owns out[m0 : m0 + BM, n0 : n0 + BN] (grouped order gw_tile, as
-// gemm_mma.cu's gm_tile); NWG warpgroups of 128 threads, warpgroup g owns rows m0 + 64 g .. + 64
+// Tiling. CTA b of a 1-D grid owns out[m0 : m0 + BM, n0 : n0 + BN] (grouped order: tile_order.cuh);
+// NWG warpgroups of 128 threads, warpgroup g owns rows m0 + 64 g .. + 64
 // with BN / 2 FP32 accumulators a thread (one wgmma m64nBNk16 per 16 of K).
 //
 // Shared memory (from a 1024-byte aligned base):
@@ -61,6 +61,7 @@
 // Error: x and every decoded weight rounded to fp16 (the scales too), FP32 accumulation: the bound of
 // dequant_linked_cublas (2e-3 on ||out - ref|| / ||ref||) holds.
 #include "block_decode.cuh"
+#include "tile_order.cuh"
 #include "wgmma_ops.cuh"
 
 typedef unsigned long long u64;
@@ -151,15 +152,6 @@ struct GwSmem {
     static constexpr int BYTES = W_OFF + 2 * W + 1024;       // + the alignment of the base
     static_assert(A % 1024 == 0 && B % 1024 == 0, "1024-byte aligned tiles");
 };
-
-// which tile CTA b owns: groups of GW_GROUP M tiles sweep the N tiles together (gemm_mma's order)
-constexpr int GW_GROUP = 8;
-static __device__ __forceinline__ void gw_tile(int b, int tiles_m, int tiles_n, int& tm, int& tn) {
-    const int per_group = GW_GROUP * tiles_n, first = b / per_group * GW_GROUP;
-    const int rows = min(tiles_m - first, GW_GROUP), in = b % per_group;
-    tm = first + in % rows;
-    tn = in / rows;
-}
 
 // ---- loads --------------------------------------------------------------------------------------
 // x rows m0 .. + BM, columns 64 s .. + 64 -> tile a (zero rows past M)
@@ -311,7 +303,7 @@ static __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ w, int 
 
     const int tid = threadIdx.x, wg = tid >> 7;
     int tm, tn;
-    gw_tile(blockIdx.x, (M + BM - 1) / BM, (n_out + BN - 1) / BN, tm, tn);
+    grouped_tile(blockIdx.x, (M + BM - 1) / BM, (n_out + BN - 1) / BN, tm, tn);
     const int m0 = tm * BM, n0 = tn * BN, steps = K / 64, blocks = K / 256;
     const size_t w_bytes = size_t(n_out) * row_bytes;
 

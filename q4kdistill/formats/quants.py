@@ -308,11 +308,15 @@ class Q4_K(Codec, qtype=GGMLQuantizationType.Q4_K):
         return np.concatenate([lo, (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)], axis=-1)
 
     @classmethod
-    def decode_blocks(cls, blocks):
+    def decode_blocks(cls, blocks, round_scales=None):
+        """round_scales: applied to the sub-block scales d * sc and dmin * m (float32) before use, to
+        model a kernel that rounds them (kernels/gemm_wgmma_twin.decoded_as_kernel: to fp16)."""
         n = blocks.shape[0]
         sc, mn = cls.get_scale_min(cls.field(blocks, "scales"))
         d = (_fp16_at(blocks, cls.fp16_offsets[0]) * sc.astype(_F32))[:, :, None]     # [n, 8, 1]
         dm = (_fp16_at(blocks, cls.fp16_offsets[1]) * mn.astype(_F32))[:, :, None]    # [n, 8, 1]
+        if round_scales is not None:
+            d, dm = round_scales(d), round_scales(dm)
         q = _nibbles(cls.field(blocks, "qs").reshape(n, 4, 32)).reshape(n, 8, 32).astype(_F32)
         return (d * q - dm).reshape(n, QK_K)
 
@@ -366,12 +370,15 @@ class Q6_K(Codec, qtype=GGMLQuantizationType.Q6_K):
     _QH_SHIFTS = np.array([0, 2, 4, 6], np.uint8)[:, None]              # [4, 1]
 
     @classmethod
-    def decode_blocks(cls, blocks):
+    def decode_blocks(cls, blocks, round_scales=None):
+        """round_scales: as Q4_K's, applied to the sub-block scales d * S."""
         n = blocks.shape[0]
         low = _nibbles(cls.field(blocks, "ql").reshape(n, 2, 64)).reshape(n, 2, 4, 32)      # [n, h, 4, l]
         high = (cls.field(blocks, "qh").reshape(n, 2, 1, 32) >> cls._QH_SHIFTS) & 3        # [n, h, 4, l]
         q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(_F32)
         d = (_fp16_at(blocks, cls.fp16_offsets[0]) * cls.field(blocks, "scales").view(np.int8).astype(_F32))[:, :, None]
+        if round_scales is not None:
+            d = round_scales(d)
         return (d * q).reshape(n, QK_K)
 
     @classmethod
@@ -503,12 +510,14 @@ def _as_bytes(data, q) -> np.ndarray:
     raise Q4KError(f"{q.name} data must be raw uint8 bytes{typed}, got {a.dtype}")
 
 
-def dequantize(data, qtype, shape=None) -> np.ndarray:
+def dequantize(data, qtype, shape=None, round_scales=None) -> np.ndarray:
     """Raw GGUF bytes -> float32 weights.
 
     data: uint8 [..., row_bytes] as gguf's GGUFReader gives it (float types may also come as
           typed arrays), or a flat uint8 buffer together with ``shape``.
     shape: optional logical shape, e.g. (rows, cols); defaults to data.shape[:-1] + (cols,).
+    round_scales: Q4_K / Q6_K only: a function applied to the float32 sub-block scales before use
+          (to model a kernel that rounds them; None: the reference decode).
     """
     codec = _codec(qtype)
     q = codec.qtype
@@ -528,8 +537,11 @@ def dequantize(data, qtype, shape=None) -> np.ndarray:
     blocks = raw.reshape(-1, codec.type_size)                            # [n_blocks, type_size]
     out = np.empty((blocks.shape[0], codec.block_size), _F32)
     step = _CHUNK_WEIGHTS // codec.block_size
+    if round_scales is not None and q.name not in ("Q4_K", "Q6_K"):
+        raise Q4KError(f"round_scales applies to Q4_K and Q6_K, not {q.name}")
+    kw = {} if round_scales is None else {"round_scales": round_scales}
     for i in range(0, blocks.shape[0], step):
-        out[i:i + step] = codec.decode_blocks(blocks[i:i + step])
+        out[i:i + step] = codec.decode_blocks(blocks[i:i + step], **kw)
     return out.reshape(shape)
 
 

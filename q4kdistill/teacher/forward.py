@@ -202,7 +202,9 @@ def _fused_qkv(h, w: dict, cfg) -> bool:
 
 def qkv_rope(h, w: dict, cfg, cos_sin):
     """h [B, T, D] -> (q [B, T, H, hd], k, v [B, T, KV, hd]) in PRODUCT_DTYPE, biased and rotated:
-    one stacked product, one epilogue."""
+    one stacked product, one epilogue. The product is float32 unless $Q4KDISTILL_QKV_PRODUCT=float16
+    (opt-in, as $Q4KDISTILL_GLU_INPUTS: the 7B at 8x512 writes and reads 38 MB a block instead of 75;
+    the biases and rope then act on fp16 values; docs/perf.md, eleventh stop)."""
     from kernels.decode_ahead import matmul_stacked
     from kernels.fused_rope import qkv_rope_split
 
@@ -254,9 +256,7 @@ def _glu_inputs16(h, w: dict) -> bool:
     """Whether gate and up are written in float16 by their GEMMs (opt-in, $Q4KDISTILL_GLU_INPUTS=float16):
     the GLU reads half the bytes (the 7B at 8x512: 310 MB a block instead of 620), but gate and up must
     then fit float16's range as the GLU's output already must. Off by default until a GPU A/B and the
-    real gemma-3 parity have had their say (docs/perf.md, tenth stop 4). Likewise
-    $Q4KDISTILL_QKV_PRODUCT=float16 for the stacked q/k/v product that qkv_rope_split reads (the 7B at
-    8x512: 38 MB a block written and read instead of 75; the biases and rope then act on fp16 values)."""
+    real gemma-3 parity have had their say (docs/perf.md, tenth stop 4)."""
     return _setting16(GLU_INPUTS_ENV) and _gpu(h) and w["ffn_gate.weight"].quantized and w["ffn_up.weight"].quantized
 
 
