@@ -17,8 +17,13 @@ sm_90a; registers forward / backward; MT: m16 tiles = 16 query rows per warp, fo
 D = 64's forward with MT 1 (Q4KDISTILL_FA_FWD_MT=1): 133 registers. REGISTER_CAP caps that at 128
 and the backward at 168; MT 2 needs ~246 (a cap of 240 spills 40 B): uncapped, 2 blocks per SM.
 
+On an sm_90 GPU the forward can run on the warpgroup tensor cores instead (csrc/flash_attention_wgmma.cu,
+FlashAttention-3's consumer algorithm: wgmma reads Q and K from shared memory and P from registers,
+tiles in dynamic shared memory; D = 64 and 128, WGMMA_TILES): $Q4KDISTILL_FA_FWD=wgmma picks it
+(forward_kind), "mma" or unset keeps the mma.sync forward until a GPU run has measured it.
+
 The simulator cannot run C: it runs the FP32 twin (flash_attention.py); the CPU suite runs this C
-through tests/flash_attention_emulate.cpp.
+through tests/flash_attention_emulate.cpp and tests/flash_attention_wgmma_emulate.cpp.
 """
 from __future__ import annotations
 
@@ -123,12 +128,8 @@ def _jit(max_registers):
     return cuda.jit if max_registers is None else cuda.jit(max_registers=max_registers)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: int = 1):
-    """(Numba kernel, threads per block, query rows per block)."""
-    name, extra = forward_source(D, bf16, out, mt)
-    fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32, _F32, _PTR, _PTR),
-                             link=[_source_with(extra)], abi="c")
+def _forward_jit(fn, max_registers=None):
+    """The Numba kernel around a linked forward `fn` (fa_forward's or faw_forward's extern "C" wrapper)."""
     ptr = _data_ptr()
 
     @_jit(max_registers)
@@ -136,8 +137,66 @@ def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: in
         fn(ptr(q), ptr(k), ptr(v), ptr(mask), np.int32(has_mask), np.int32(T), np.int32(H), np.int32(KV),
            np.int32(window), np.float32(scale), ptr(o), ptr(lse))
 
+    return kernel
+
+
+_FORWARD_SIG = types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32, _F32, _PTR, _PTR)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: int = 1):
+    """(Numba kernel, threads per block, query rows per block)."""
+    name, extra = forward_source(D, bf16, out, mt)
+    fn = cuda.declare_device(name, _FORWARD_SIG, link=[_source_with(extra)], abi="c")
     warps = forward_tiles(D, mt)[0]
-    return kernel, 32 * warps, 16 * mt * warps
+    return _forward_jit(fn, max_registers), 32 * warps, 16 * mt * warps
+
+
+# -- the forward on wgmma (csrc/flash_attention_wgmma.cu, sm_90) ------------------------------------------
+FWD_ENV = "Q4KDISTILL_FA_FWD"
+WGMMA_TILES = {64: (128, 2, 4), 128: (128, 2, 3)}   # D -> (keys per tile, warpgroups, K/V slots) of faw_forward
+WGMMA_SMEM_LIMIT = 227 * 1024
+
+
+def wgmma_smem(D: int, bn: int, nwg: int, stages: int) -> int:
+    """Dynamic shared memory of faw_forward<D, bn, nwg, stages> (FawSmem::BYTES): the Q tile (64 nwg rows),
+    stages slots of a K and a V tile (bn rows each), 16-bit, and 1024 bytes to align the base."""
+    return 64 * nwg * D * 2 + 2 * stages * bn * D * 2 + 1024
+
+
+def forward_kind(D: int) -> str:
+    """"wgmma" where $Q4KDISTILL_FA_FWD=wgmma, the head size has a wgmma tile (64, 128) and the GPU is
+    an sm_90 (H100, H200); else "mma". Read at every launch."""
+    env = os.environ.get(FWD_ENV, "").strip()
+    if env not in ("", "mma", "wgmma"):
+        raise Q4KError(f"{FWD_ENV}={env!r}: expected mma or wgmma")
+    if env != "wgmma" or D not in WGMMA_TILES:
+        return "mma"
+    from .linked import wgmma_available
+
+    return "wgmma" if wgmma_available() else "mma"
+
+
+def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None) -> tuple:
+    """(name, extern "C" wrapper) of faw_forward for head size D (tiles: (keys per tile, warpgroups,
+    slots); None: WGMMA_TILES[D]), o as OUTS says."""
+    bn, nwg, st = tiles or WGMMA_TILES[D]
+    name = f"faw_fwd_d{D}_n{bn}_g{nwg}_s{st}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
+    return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
+                  f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
+                  f'faw_forward<{D}, {bn}, {nwg}, {st}, {"true" if bf16 else "false"}, {out}>(q, k, v, '
+                  f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0):
+    """(Numba kernel, threads per block, query rows per block, dynamic shared memory bytes)."""
+    from .linked import source_with
+
+    bn, nwg, st = WGMMA_TILES[D]
+    name, extra = wgmma_forward_source(D, bf16, out)
+    fn = cuda.declare_device(name, _FORWARD_SIG, link=[source_with(extra, "flash_attention_wgmma.cu")], abi="c")
+    return _forward_jit(fn), 128 * nwg, 64 * nwg, wgmma_smem(D, bn, nwg, st)
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,11 +345,15 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dt
     mask, has = _mask_arg(key_mask, B, T)
     o = cupy.empty((B, T, H, D), dtype=np.float32 if out is None else out_dtype)
     lse = cupy.empty((B, H, T), dtype=np.float32)
-    mt = forward_mtiles(D, T)
-    kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt)
+    if forward_kind(D) == "wgmma":
+        kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out])
+    else:
+        mt = forward_mtiles(D, T)
+        kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt)
+        smem = 0
     launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
            KV, _window(window, T), np.float32(scale), o.reshape(-1) if out is None else o.reshape(-1).view(np.uint16),
-           lse.reshape(-1))
+           lse.reshape(-1), shared=smem)
     return o, lse, (q16, k16, v16, dtype)
 
 

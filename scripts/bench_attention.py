@@ -3,7 +3,12 @@
 
     python3 scripts/bench_attention.py                      # GPU: the 0.5B student's heads, T = 2k..32k
     python3 scripts/bench_attention.py --T 8192 --H 4 --KV 1 --D 256 --window 512   # gemma-3 local layers
+    python3 scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths mma wgmma --torch   # the 7B teacher's
     python3 scripts/bench_attention.py --tiny               # CPU: NumPy block path, small T
+
+Paths: mma (csrc/flash_attention.cu), wgmma (the forward of csrc/flash_attention_wgmma.cu through
+$Q4KDISTILL_FA_FWD=wgmma, sm_90 only, D = 64 / 128; the backward is mma's; its o is checked against
+mma's in the run), numba (the FP32 fallback).
 
 Timings: CUDA events around each call, median of --reps after --warmup calls (CPU: perf_counter).
 FLOPs counted over visible (query, key) pairs: 4 * B * H * D * pairs for the forward (2 products),
@@ -107,10 +112,41 @@ def torch_sdpa(B, T, H, KV, D, warmup, reps):
     return f_ms, both - f_ms
 
 
+class _fwd_env:
+    """$Q4KDISTILL_FA_FWD set to `kind` (None: left as it is) until restore()."""
+
+    def __init__(self, kind):
+        import os
+
+        from kernels.flash_attention_mma import FWD_ENV
+
+        self.key, self.old = FWD_ENV, os.environ.get(FWD_ENV)
+        if kind is not None:
+            os.environ[FWD_ENV] = kind
+
+    def restore(self):
+        import os
+
+        if self.old is None:
+            os.environ.pop(self.key, None)
+        else:
+            os.environ[self.key] = self.old
+
+
+def _o_vs_mma(q, k, v, args, scale, o):
+    """max |o - o_mma| / max |o_mma|: the wgmma forward's output against the mma forward's on the same inputs."""
+    import cupy
+
+    env = _fwd_env("mma")
+    ref, _ = flash_attention_forward(q, k, v, None, args.window, scale, path="mma", mma_dtype=args.dtype)
+    env.restore()
+    return float(cupy.abs(o - ref).max() / cupy.abs(ref).max())
+
+
 def run_gpu(args):
     import cupy
 
-    from kernels.flash_attention_mma import to16
+    from kernels.flash_attention_mma import forward_kind, to16
 
     peak = matmul_rate(args.warmup, args.reps)
     print(f"cupy.matmul fp16 8192^3: {peak:.1f} TFLOP/s (the tensor-core rate of this run)")
@@ -127,6 +163,12 @@ def run_gpu(args):
         v32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
         do32 = rng.standard_normal((B, T, H, D), dtype=np.float32)
         for path in args.paths:
+            env = _fwd_env("wgmma" if path == "wgmma" else "mma")
+            path, label = ("mma", "wgmma") if path == "wgmma" else (path, path)
+            if label == "wgmma" and forward_kind(D) != "wgmma":
+                env.restore()
+                print(f" wgmma {T:>6}   (not here: needs an sm_90 GPU and D = 64 or 128)")
+                continue
             if path == "mma":
                 q, k, v, do = (to16(x, args.dtype) for x in (q32, k32, v32, do32))
                 if args.dtype == "fp16":
@@ -148,12 +190,15 @@ def run_gpu(args):
             grew = (pool.total_bytes() - base) / 2 ** 30
             tf_f, tf_b = flops_f / f_ms / 1e9, 2.5 * flops_f / b_ms / 1e9
             tf = 3.5 * flops_f / (f_ms + b_ms) / 1e9
-            row = dict(path=path, B=B, T=T, H=H, KV=KV, D=D, window=args.window, dtype=args.dtype, fwd_ms=f_ms,
+            row = dict(path=label, B=B, T=T, H=H, KV=KV, D=D, window=args.window, dtype=args.dtype, fwd_ms=f_ms,
                        bwd_ms=b_ms, cast_ms=cast, fwd_tflops=tf_f, bwd_tflops=tf_b, tflops=tf, of_peak=tf / peak,
                        peak_tflops=peak, pool_gib=grew, gpu=backend.gpu_name())
+            if label == "wgmma":
+                row["o_vs_mma"] = _o_vs_mma(q, k, v, args, scale, state["o"])
             rows.append(row)
-            print(f"{path:>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {cast:8.3f} {tf_f:9.1f} {tf_b:9.1f} {tf:9.1f} "
-                  f"{tf / peak:8.1%} {grew:9.2f}")
+            env.restore()
+            print(f"{label:>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {cast:8.3f} {tf_f:9.1f} {tf_b:9.1f} {tf:9.1f} "
+                  f"{tf / peak:8.1%} {grew:9.2f}" + (f"   o vs mma {row['o_vs_mma']:.2e}" if "o_vs_mma" in row else ""))
             state.clear()
         if args.torch:
             r = torch_sdpa(args.B, T, args.H, args.KV, args.D, args.warmup, args.reps)
@@ -200,8 +245,8 @@ def main(argv=None):
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="fp16")
-    p.add_argument("--paths", nargs="+", default=["mma"], choices=["mma", "numba", "blocks"],
-                   help="numba: the FP32 fallback (slow beyond T = 8192)")
+    p.add_argument("--paths", nargs="+", default=["mma"], choices=["mma", "wgmma", "numba", "blocks"],
+                   help="wgmma: the sm_90 forward (+ mma's backward); numba: the FP32 fallback (slow beyond T = 8192)")
     p.add_argument("--torch", action="store_true", help="time torch SDPA too (needs a CUDA torch)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)

@@ -195,6 +195,37 @@ static __device__ __forceinline__ bool fa_visible(int i, int j, int T, int windo
     return i < T && j <= i && i - j < window && (mask_b == nullptr || mask_b[j]);
 }
 
+// The forward's end for one m16 tile of a warp (rows[r]: the thread's rows gid, gid + 8; acc[t][e] =
+// O[rows[e >> 1]][8 t + 2 tig + (e & 1)] unnormalised, m: the row max in log2 units, l: the thread's part
+// of the row sum): l summed over the 4 lanes of a row, o = acc / l (float32, or 16 bits as OUT says),
+// lse = m ln 2 + ln l (+inf and o = 0 for a row that sees no key). Rows past T are not written.
+template <int D, int OUT>
+static __device__ __forceinline__ void fa_finish_rows(const float (&acc)[D / 8][4], const float (&m)[2], float (&l)[2],
+                                                      const int (&rows)[2], int b, int h, int T, int H, int tig,
+                                                      void* o, float* lse) {
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= T) continue;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const size_t orow = ((size_t(b) * T + rows[r]) * H + h) * D;
+        #pragma unroll
+        for (int t = 0; t < D / 8; ++t) {
+            if (OUT == 0)
+                *reinterpret_cast<float2*>(static_cast<float*>(o) + orow + 8 * t + 2 * tig) =
+                    make_float2(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+            else                                                 // two 16-bit values in one word
+                *reinterpret_cast<u32*>(static_cast<u16*>(o) + orow + 8 * t + 2 * tig) =
+                    fa_pack<OUT == 2>(acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+        }
+        if (tig == 0) lse[(size_t(b) * H + h) * T + rows[r]] = l[r] > 0.f ? m[r] * FA_LN2 + logf(l[r]) : FA_INF;
+    }
+}
+
 template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1>
 static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                   int H, int KV, int window, float scale, void* o, float* lse) {
@@ -346,32 +377,7 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
         __syncthreads();                                         // every warp done with this stage before its refill
     }
     #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
-            l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
-        }
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            if (rows[mt][r] >= T) continue;
-            const float inv = l[mt][r] > 0.f ? 1.f / l[mt][r] : 0.f;
-            const size_t orow = ((size_t(b) * T + rows[mt][r]) * H + h) * D;
-            #pragma unroll
-            for (int t = 0; t < DT; ++t) {
-                if (OUT == 0)
-                    *reinterpret_cast<float2*>(static_cast<float*>(o) + orow + 8 * t + 2 * tig) =
-                        make_float2(acc[mt][t][2 * r] * inv, acc[mt][t][2 * r + 1] * inv);
-                else                                             // two 16-bit values in one word
-                    *reinterpret_cast<u32*>(static_cast<u16*>(o) + orow + 8 * t + 2 * tig) =
-                        fa_pack<OUT == 2>(acc[mt][t][2 * r] * inv, acc[mt][t][2 * r + 1] * inv);
-            }
-            if (tig == 0)
-                lse[(size_t(b) * H + h) * T + rows[mt][r]] =
-                    l[mt][r] > 0.f ? m[mt][r] * FA_LN2 + logf(l[mt][r]) : FA_INF;
-        }
+    for (int mt = 0; mt < MT; ++mt) fa_finish_rows<D, OUT>(acc[mt], m[mt], l[mt], rows[mt], b, h, T, H, tig, o, lse);
 }
 
 template <int D, int BC, int DSPLIT, bool BF16>

@@ -62,49 +62,11 @@
 // dequant_linked_cublas (2e-3 on ||out - ref|| / ||ref||) holds.
 #include "block_decode.cuh"
 #include "tile_order.cuh"
-#include "wgmma_ops.cuh"
-
-typedef unsigned long long u64;
+#include "wgmma_ptx.cuh"
 
 // ---- PTX --------------------------------------------------------------------------------------
-// tests/gemm_wgmma_emulate.cpp defines GW_EMULATE and host versions of these.
+// (the shared wrappers: wgmma_ptx.cuh; tests/gemm_wgmma_emulate.cpp defines GW_EMULATE and host versions)
 #ifndef GW_EMULATE
-static __device__ __forceinline__ u32 gw_smem(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// the block's dynamic shared memory (launched with GwSmem<...>::BYTES of it)
-static __device__ __forceinline__ u8* gw_dynamic_smem() {
-    extern __shared__ __align__(16) u8 gw_dyn[];
-    return gw_dyn;
-}
-
-// 16 bytes global -> shared, of which the first `valid` (0..16) are read, the rest zero-filled
-static __device__ __forceinline__ void gw_cp16(void* smem, const void* g, int valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(gw_smem(smem)), "l"(g), "r"(valid) : "memory");
-}
-static __device__ __forceinline__ void gw_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-static __device__ __forceinline__ void gw_cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-static __device__ __forceinline__ void gw_fence_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-static __device__ __forceinline__ void gw_mma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-static __device__ __forceinline__ void gw_mma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-static __device__ __forceinline__ void gw_mma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
-template <int N>
-static __device__ __forceinline__ void gw_mma(float (&d)[N / 2], u64 a, u64 b) { GwMma<N>::run(d, a, b); }
-
-// keep the compiler from moving accumulator accesses across the asynchronous wgmma (CUTLASS's
-// warpgroup_fence_operand)
-template <int R>
-static __device__ __forceinline__ void gw_pin(float (&d)[R]) {
-    #pragma unroll
-    for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
 // fp16x2 arithmetic on packed words
 static __device__ __forceinline__ u32 h2_sub(u32 a, u32 b) {
     u32 r;
@@ -133,9 +95,7 @@ static __device__ __forceinline__ u32 gw_chunk(int r, int c) {
 // the matrix descriptor of a K-major fp16 tile whose (row 0, column 16 kk) is at `tile`
 template <int SWZ>
 static __device__ __forceinline__ u64 gw_desc(const u8* tile, int kk) {
-    const u32 start = gw_smem(tile) + (SWZ ? 32u : 256u) * u32(kk);
-    return u64((start & 0x3FFFFu) >> 4) | (u64((SWZ ? 16u : 128u) >> 4) << 16) | (u64(1024u >> 4) << 32) |
-           (u64(SWZ ? 1u : 0u) << 62);
+    return gw_make_desc(gw_smem(tile) + (SWZ ? 32u : 256u) * u32(kk), SWZ ? 16u : 128u, 1024u, SWZ);
 }
 
 template <int Q> struct GwW;

@@ -1,0 +1,248 @@
+// Flash attention forward on Hopper's warpgroup tensor cores (wgmma, sm_90a): FlashAttention-3's
+// consumer algorithm without its producer warpgroup. The same problem, masks, outputs and log-sum-exp
+// as fa_forward in flash_attention.cu (whose helpers it uses), for head sizes 64 and 128.
+//
+// Why a second forward: fa_forward issues mma.sync with fragments loaded by ldmatrix, so at most 4
+// KB of shared-memory loads feed each warp's 16-row products and the 48 KB static shared memory
+// caps its tiles at 64 x 64 (D = 64) and 64 x 32 (D = 128); it measured 100-140 TFLOP/s at T = 8192
+// on the H200 (docs/perf.md, sixth and ninth stops), a third of torch's SDPA. wgmma reads both
+// operands of S = Q K^T from shared memory itself and P of O += P V from registers, 64 rows per
+// warpgroup and up to 256 columns per instruction, from tiles in dynamic shared memory (> 48 KB:
+// kernels/_device.launch(shared=)).
+//
+// Tiling. CTA = NWG warpgroups (128 threads each) over BM = 64 NWG query rows of one head of one
+// sequence, walking key tiles of BN keys. Launch: grid (ceil(T / BM), H, B), 128 NWG threads,
+// FawSmem<...>::BYTES of dynamic shared memory. Query tiles run heaviest first (causal: the last
+// tiles see the most keys); a CTA walks the key tiles from the window's first to its own diagonal.
+//
+// Shared memory (1024-byte aligned base): Q [BM x D], then STAGES slots of K [BN x D] and V [BN x D].
+// All three in one layout: the 16-byte chunk c (columns 8c .. 8c + 7) of row r sits at
+//     faw_chunk(r, c) = (c / 8) ROWS 128 + 128 r + 16 ((c % 8) ^ (r % 8))
+// i.e. 64-column blocks of 128-byte rows with the 128-byte swizzle; read by the descriptors as
+//   Q  (A, K-major):  k16 slice kk of warpgroup g at block kk / 4, row 64 g, + 32 (kk % 4); SBO 1024
+//   K  (B, K-major, N = keys):  slice kk at block kk / 4, + 32 (kk % 4); SBO 1024
+//   V  (B, MN-major, N = D, K = keys):  keys 16 kc .. + 15 at 2048 kc; SBO 1024 (the next 8 keys),
+//      LBO = BN 128 (the next 64 columns of D); imm-trans-b = 1
+// (the same bytes, read K-major or MN-major: the 128-byte rows of 64 columns are K-major rows of K
+// and MN-major k-rows of V; cute::make_gmma_desc reads them the same way).
+//
+// The key loop (tile t = keys j_first + BN t; slot t % STAGES; the 16-bit P of tile t - 1 in
+// registers pa). Per thread, with the accumulators S [BN / 2] and O [D / 2] (the m64nNk16 layout:
+// s[4 n + e] = S[16 w + g + 8 (e >> 1), 8 n + 2 i + (e & 1)]):
+//   1. cp.async.wait_group STAGES - 3 (this thread's copies of tile t landed); fence.proxy.async
+//      (they are visible to wgmma); __syncthreads (everyone's, and every warpgroup is past the wait
+//      that ended tile t - 2's P V: its slot is free)
+//   2. cp.async of tile t + STAGES - 2 into that slot; commit
+//   3. wgmma.fence; S = Q K_t^T (D / 16 wgmma, the first with scale-d 0); commit
+//   4. t > 0: O += P_{t-1} V_{t-1} (BN / 16 wgmma, A = pa); commit
+//   5. wgmma.wait_group 1 (S is done; P V still runs): mask, row max (the 4 lanes of a row by
+//      shuffles), P = exp2(S log2e scale - m) in place, l = l alpha + row sums
+//   6. wgmma.wait_group 0: O *= alpha (O holds P_{t-1} V_{t-1}, in the old max's units); pa = P
+// after the last tile: O += P V of it; O / l -> o, m + log l -> lse.
+// Step 5's exponentials run while the tensor cores do step 4 (FlashAttention-3's intra-warpgroup
+// overlap); the two warpgroups share the K/V slots and meet at step 1's barrier.
+// tests/flash_attention_wgmma_emulate.cpp runs this file on the CPU (cp.async and wgmma deferred to
+// their waits, descriptors decoded by the PTX manual's rules).
+#include "flash_attention.cu"
+#include "wgmma_ptx.cuh"
+
+template <bool B> struct FawConst { static constexpr bool value = B; };
+
+template <int D, int BN, int NWG, int STAGES>
+struct FawSmem {
+    static constexpr int BM = 64 * NWG;
+    static constexpr int Q = BM * D * 2, KV = BN * D * 2;           // bytes: the Q tile, one K (or V) tile
+    static constexpr int Q_OFF = 0, K_OFF = Q, V_OFF = Q + STAGES * KV;
+    static constexpr int BYTES = V_OFF + STAGES * KV + 1024;         // + the alignment of the base
+    static_assert(Q % 1024 == 0 && KV % 1024 == 0, "1024-byte aligned tiles");
+};
+
+// byte offset of the 16-byte chunk c (columns 8c .. 8c + 7) of row r in a tile of ROWS rows
+template <int ROWS>
+static __device__ __forceinline__ u32 faw_chunk(int r, int c) {
+    return u32((c >> 3) * ROWS * 128 + 128 * r + 16 * ((c & 7) ^ (r & 7)));
+}
+
+// rows r0 .. r0 + ROWS of head `head` of a [T, heads, D] matrix -> tile (zero rows past T), by cp.async
+template <int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void faw_load(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
+    constexpr int CH = D / 8;
+    #pragma unroll
+    for (int i = tid; i < ROWS * CH; i += THREADS) {
+        const int r = i / CH, c = i % CH;
+        const bool ok = r0 + r < T;
+        gw_cp16(tile + faw_chunk<ROWS>(r, c), ok ? g + (size_t(r0 + r) * heads + head) * D + 8 * c : g, ok ? 16 : 0);
+    }
+}
+
+// S = Q K^T of this warpgroup's 64 rows against a K tile: D / 16 wgmma, the first with scale-d 0
+template <int D, int BN, int BM, bool BF16>
+static __device__ __forceinline__ void faw_qk(float (&s)[BN / 2], u32 q_at, u32 k_at) {
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        gw_mma<BN, BF16>(s, gw_make_desc(q_at + (kk >> 2) * BM * 128 + 32 * (kk & 3), 16, 1024, 1),
+                         gw_make_desc(k_at + (kk >> 2) * BN * 128 + 32 * (kk & 3), 16, 1024, 1), kk > 0);
+}
+
+// O += P V over a tile of BN keys: BN / 16 wgmma, P's A fragments from registers, V MN-major
+template <int D, int BN, bool BF16>
+static __device__ __forceinline__ void faw_pv(float (&acc)[D / 2], const u32 (&pa)[BN / 16][4], u32 v_at) {
+    #pragma unroll
+    for (int kc = 0; kc < BN / 16; ++kc) gw_mma_rs<D, BF16>(acc, pa[kc], gw_make_desc(v_at + 2048 * kc, BN * 128, 1024, 1));
+}
+
+// The online softmax of one tile, on S (the thread's s[4 n + e] = S[rows[e >> 1]][j0 + 8 n + 2 tig + (e & 1)]):
+// masked scores in log2 units, the row max over the 4 lanes of a row, S = exp2(S - max) in place,
+// alpha = exp2(old max - new max), l = l alpha + the thread's part of the row sum.
+template <int NT>
+static __device__ __forceinline__ void faw_softmax(float (&S)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                   const int (&rows)[2], bool all_visible, int j0, int tig, int T,
+                                                   int window, const u8* mask_b, float sl2) {
+    float mx[2] = {m[0], m[1]}, base[2];
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int j = j0 + 8 * n + 2 * tig + (e & 1);
+            const bool seen = all_visible || fa_visible(rows[e >> 1], j, T, window, mask_b);
+            const float x = seen ? S[n][e] * sl2 : -FA_INF;
+            S[n][e] = x;
+            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));   // the 4 lanes of a row
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        base[r] = mx[r] == -FA_INF ? 0.f : mx[r];
+        alpha[r] = fa_exp2(m[r] - base[r]);                             // m = -inf: 0
+        m[r] = mx[r];
+        l[r] *= alpha[r];
+    }
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            S[n][e] = fa_exp2(S[n][e] - base[e >> 1]);                  // hidden: exp2(-inf) = 0
+            l[e >> 1] += S[n][e];
+        }
+}
+
+// O *= alpha (per row), and P (= S after faw_softmax) to 16 bits as the A fragments of keys 16 kc ..
+template <int NT, int DT, bool BF16>
+static __device__ __forceinline__ void faw_rescale_pack(float (&O)[DT][4], const float (&S)[NT][4], u32 (&pa)[NT / 2][4],
+                                                        const float (&alpha)[2]) {
+    #pragma unroll
+    for (int n = 0; n < DT; ++n) {
+        O[n][0] *= alpha[0]; O[n][1] *= alpha[0];
+        O[n][2] *= alpha[1]; O[n][3] *= alpha[1];
+    }
+    #pragma unroll
+    for (int kc = 0; kc < NT / 2; ++kc) {
+        pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);
+        pa[kc][1] = fa_pack<BF16>(S[2 * kc][2], S[2 * kc][3]);
+        pa[kc][2] = fa_pack<BF16>(S[2 * kc + 1][0], S[2 * kc + 1][1]);
+        pa[kc][3] = fa_pack<BF16>(S[2 * kc + 1][2], S[2 * kc + 1][3]);
+    }
+}
+
+template <int D, int BN, int NWG, int STAGES, bool BF16, int OUT = 0>
+static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
+                                                   int H, int KV, int window, float scale, void* o, float* lse) {
+    using L = FawSmem<D, BN, NWG, STAGES>;
+    constexpr int BM = L::BM, THREADS = 128 * NWG, NT = BN / 8, DT = D / 8;
+    static_assert(D == 64 || D == 128, "head sizes 64 and 128 (O's wgmma is m64nDk16)");
+    static_assert(BN == 64 || BN == 128, "key tiles of 64 or 128");
+    static_assert(STAGES >= 3 && NWG >= 1 && NWG <= 2, "3+ slots: tile t - 1's V is read while t + STAGES - 2 lands");
+    static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
+    u8* const base = gw_dynamic_smem();
+    u8* const sm = base + ((1024u - (gw_smem(base) & 1023u)) & 1023u);
+    u8* const Qs = sm + L::Q_OFF;
+    u8* const Ks = sm + L::K_OFF;
+    u8* const Vs = sm + L::V_OFF;
+
+    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const int kvh = h / (H / KV);
+    const int i0 = tile * BM, r0 = i0 + 64 * wg + 16 * warp;      // this warp's rows r0 .. r0 + 15
+    const int rows[2] = {r0 + gid, r0 + gid + 8};
+    const u16* kb = k + size_t(b) * T * KV * D;
+    const u16* vb = v + size_t(b) * T * KV * D;
+    const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
+    const float sl2 = scale * FA_LOG2E;
+
+    const int i1 = min(T, i0 + BM);
+    const int j_first = (max(0, i0 - window + 1) / BN) * BN;
+    const int ntiles = (i1 - j_first + BN - 1) / BN;              // >= 1: i0 < T
+
+    // prologue: group 0 = Q and tile 0, groups 1 .. STAGES - 3 = tiles 1 ..
+    faw_load<BM, D, THREADS>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, tid);
+    #pragma unroll
+    for (int t = 0; t < STAGES - 2; ++t) {
+        if (t < ntiles) {
+            faw_load<BN, D, THREADS>(Ks + t * L::KV, kb, j_first + BN * t, T, KV, kvh, tid);
+            faw_load<BN, D, THREADS>(Vs + t * L::KV, vb, j_first + BN * t, T, KV, kvh, tid);
+        }
+        gw_cp_commit();
+    }
+
+    const u32 q_at = gw_smem(Qs) + 64 * 128 * wg;
+    float s[BN / 2], acc[D / 2];
+    u32 pa[BN / 16][4];
+    float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f}, alpha[2];
+    #pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
+    float (&O)[DT][4] = reinterpret_cast<float (&)[DT][4]>(acc);
+
+    // Tile t (FIRST: t = 0, which has no P V of a previous tile: its own copy of the body, since a wgmma
+    // in a branch of its own makes ptxas serialise the whole pipeline)
+    auto tile_step = [&](auto first, int t) {
+        constexpr bool FIRST = decltype(first)::value;
+        const int j0 = j_first + BN * t;
+        gw_cp_wait<STAGES - 3>();                                  // 1.
+        gw_fence_async();
+        __syncthreads();
+        if (t + STAGES - 2 < ntiles) {                             // 2.
+            const int ahead = t + STAGES - 2, at = ahead % STAGES;
+            faw_load<BN, D, THREADS>(Ks + at * L::KV, kb, j_first + BN * ahead, T, KV, kvh, tid);
+            faw_load<BN, D, THREADS>(Vs + at * L::KV, vb, j_first + BN * ahead, T, KV, kvh, tid);
+        }
+        gw_cp_commit();
+
+        gw_pin(s);                                                 // (every register a wgmma reads or
+        gw_pin(acc);                                               // writes is final before the fence:
+        if (!FIRST) gw_pin(pa);                                    // else ptxas serialises the wgmma)
+        gw_mma_fence();                                            // 3.
+        faw_qk<D, BN, BM, BF16>(s, q_at, gw_smem(Ks + (t % STAGES) * L::KV));
+        gw_mma_commit();
+        if (!FIRST) {
+            faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + ((t - 1) % STAGES) * L::KV));   // 4.
+            gw_mma_commit();
+        }
+        gw_mma_wait<FIRST ? 0 : 1>();                              // 5.
+        gw_pin(s);
+        // every (row, key) pair of this warp's 16 rows visible: no padding mask, below the diagonal, inside the window
+        const bool all_visible = mask_b == nullptr && r0 + 15 < T && j0 + BN - 1 <= r0 && r0 + 15 - j0 < window;
+        faw_softmax<NT>(S, m, l, alpha, rows, all_visible, j0, tig, T, window, mask_b, sl2);
+        if (!FIRST) {
+            gw_mma_wait<0>();                                      // 6.
+            gw_pin(acc);
+            gw_pin(pa);
+        }
+        faw_rescale_pack<NT, DT, BF16>(O, S, pa, alpha);
+    };
+    tile_step(FawConst<true>{}, 0);
+    for (int t = 1; t < ntiles; ++t) tile_step(FawConst<false>{}, t);
+    gw_pin(acc);                                                   // the last tile's P V
+    gw_pin(pa);
+    gw_mma_fence();
+    faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + ((ntiles - 1) % STAGES) * L::KV));
+    gw_mma_commit();
+    gw_mma_wait<0>();
+    gw_pin(acc);
+    gw_pin(pa);
+    gw_cp_wait<0>();
+    fa_finish_rows<D, OUT>(O, m, l, rows, b, h, T, H, tig, o, lse);
+}

@@ -1,0 +1,76 @@
+// What the wgmma kernels (gemm_wgmma.cu, flash_attention_wgmma.cu) share: shared-memory addresses,
+// dynamic shared memory, cp.async, the wgmma fences / groups / instructions (wgmma_ops.cuh) and the
+// matrix descriptor. tests/wgmma_emulate.h defines GW_EMULATE and host versions of the PTX wrappers
+// (cp.async and wgmma deferred to the waits that wait for them).
+#ifndef Q4KDISTILL_WGMMA_PTX_CUH
+#define Q4KDISTILL_WGMMA_PTX_CUH
+#include "wgmma_ops.cuh"
+
+typedef unsigned long long u64;
+
+#ifndef GW_EMULATE
+static __device__ __forceinline__ u32 gw_smem(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// the block's dynamic shared memory (the launch gives its size)
+static __device__ __forceinline__ u8* gw_dynamic_smem() {
+    extern __shared__ __align__(16) u8 gw_dyn[];
+    return gw_dyn;
+}
+
+// 16 bytes global -> shared, of which the first `valid` (0..16) are read, the rest zero-filled
+static __device__ __forceinline__ void gw_cp16(void* smem, const void* g, int valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(gw_smem(smem)), "l"(g), "r"(valid) : "memory");
+}
+static __device__ __forceinline__ void gw_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+static __device__ __forceinline__ void gw_cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+static __device__ __forceinline__ void gw_fence_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+static __device__ __forceinline__ void gw_mma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+static __device__ __forceinline__ void gw_mma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+static __device__ __forceinline__ void gw_mma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+// d = scale_d * d + A B^T, A and B K-major in shared memory
+template <int N, bool BF16 = false>
+static __device__ __forceinline__ void gw_mma(float (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
+    GwMma<N, BF16>::run(d, a, b, scale_d);
+}
+// d = scale_d * d + A B, A in registers (m16n8k16 A fragments), B MN-major in shared memory
+template <int N, bool BF16 = false>
+static __device__ __forceinline__ void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int scale_d = 1) {
+    GwMmaRS<N, BF16>::run(d, a, b, scale_d);
+}
+
+// keep the compiler from moving accesses to registers a wgmma in flight writes (accumulators) or reads
+// (A fragments) across the asynchronous wgmma (CUTLASS's warpgroup_fence_operand): after a wait, the
+// values count as written there, and registers read in flight stay allocated until then
+template <int R>
+static __device__ __forceinline__ void gw_pin(float (&d)[R]) {
+    #pragma unroll
+    for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int R>
+static __device__ __forceinline__ void gw_pin(u32 (&d)[R][4]) {
+    #pragma unroll
+    for (int i = 0; i < R; ++i)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[i][e])::"memory");
+}
+#endif
+
+// The 64-bit matrix descriptor of an operand whose first element is at shared address `start`
+// (16-byte aligned): start >> 4 in bits 0-13, LBO >> 4 in 16-29, SBO >> 4 in 32-45, base offset 0 (the
+// 128-byte swizzle's atoms are 1024-byte aligned), swizzle mode in 62-63 (1: 128-byte swizzle, 0: none).
+// K-major, 128-byte swizzle: rows of 128 bytes, SBO the step between 8-row groups, LBO unused;
+// no swizzle: 8 x 16-byte core matrices, LBO the step to the next one along K, SBO between 8-row groups.
+// MN-major, 128-byte swizzle: 128-byte rows hold 64 consecutive M/N elements of one k, LBO the step
+// between 64-element M/N blocks, SBO between 8-k groups (cute::make_gmma_desc<Major::MN>).
+static __device__ __forceinline__ u64 gw_make_desc(u32 start, u32 lbo, u32 sbo, int swz128) {
+    return u64((start & 0x3FFFFu) >> 4) | (u64((lbo & 0x3FFFFu) >> 4) << 16) | (u64((sbo & 0x3FFFFu) >> 4) << 32) |
+           (u64(swz128 ? 1u : 0u) << 62);
+}
+#endif

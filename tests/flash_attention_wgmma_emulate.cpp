@@ -1,0 +1,56 @@
+// Runs kernels/csrc/flash_attention_wgmma.cu on the CPU: a host thread per CUDA thread (tests/warp_emulate.h),
+// flash_attention.cu's helpers as tests/fa_emulate.h has them, cp.async and wgmma as tests/wgmma_emulate.h
+// emulates them (deferred to the waits that wait for them; descriptors, K-major and MN-major, decoded
+// by the PTX manual's rules; A-from-register fragments exchanged across the warpgroup).
+// tests/test_attention_flash.py builds this with g++ and compares with the float64 reference.
+#define FA_EMULATE
+#define GW_EMULATE
+#include "warp_emulate.h"
+
+#include "common_host.h"
+#include "fa_emulate.h"
+#include "wgmma_emulate.h"
+
+#include FAW_SOURCE   // kernels/csrc/flash_attention_wgmma.cu (the build passes its path and -I kernels/csrc)
+
+// The instantiations kernels/flash_attention_mma.py ships (WGMMA_TILES) and small ones that keep CI fast;
+// q, k, v are copied into one buffer, the only memory cp.async may read.
+#define FAW_CASE(D_, BN_, NWG_, ST_)                                                                         \
+    if (D == D_ && bn == BN_ && nwg == NWG_ && stages == ST_) {                                              \
+        if (FawSmem<D_, BN_, NWG_, ST_>::BYTES > int(sizeof(emu_dyn))) return 2;                              \
+        run_grid((T + 64 * NWG_ - 1) / (64 * NWG_), H, B, 128 * NWG_, [&] {                                  \
+            if (bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, true, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16 && out == 2) faw_forward<D_, BN_, NWG_, ST_, true, 2>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (!bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, false, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else faw_forward<D_, BN_, NWG_, ST_, false, 1>(qq, kk, vv, m, T, H, KV, window, scale, o, lse);  \
+        });                                                                                                  \
+        return 0;                                                                                            \
+    }
+
+// out: 0 o float32, 1 fp16 bits (fp16 inputs only), 2 bf16 bits (bf16 inputs only)
+extern "C" int emu_wgmma_forward(int D, int bn, int nwg, int stages, int bf16, int out, const u16* q, const u16* k,
+                                 const u16* v, const u8* mask, int has_mask, int B, int T, int H, int KV, int window,
+                                 float scale, void* o, float* lse) {
+    if (out != 0 && out != (bf16 ? 2 : 1)) return 3;
+    const size_t nq = size_t(B) * T * H * D, nk = size_t(B) * T * KV * D;
+    std::vector<u16> all(nq + 2 * nk);
+    memcpy(all.data(), q, 2 * nq);
+    memcpy(all.data() + nq, k, 2 * nk);
+    memcpy(all.data() + nq + nk, v, 2 * nk);
+    const u16 *qq = all.data(), *kk = qq + nq, *vv = kk + nk;
+    emu_bounds(reinterpret_cast<const u8*>(qq), 2 * all.size(), qq, 0);
+    const u8* m = has_mask ? mask : nullptr;
+    FAW_CASE(64, 64, 1, 3)
+    FAW_CASE(64, 64, 2, 4)
+    FAW_CASE(128, 64, 1, 3)
+    FAW_CASE(64, 128, 2, 4)
+    FAW_CASE(128, 128, 2, 3)
+    return 1;
+}
+
+// FawSmem<...>::BYTES of an instantiated tile (0: none), for the wrapper's wgmma_smem to be checked against
+extern "C" int emu_wgmma_smem(int D, int bn, int nwg, int stages) {
+#define FAW_SMEM(D_, BN_, NWG_, ST_) if (D == D_ && bn == BN_ && nwg == NWG_ && stages == ST_) return FawSmem<D_, BN_, NWG_, ST_>::BYTES;
+    FAW_SMEM(64, 64, 1, 3) FAW_SMEM(64, 64, 2, 4) FAW_SMEM(128, 64, 1, 3) FAW_SMEM(64, 128, 2, 4) FAW_SMEM(128, 128, 2, 3)
+    return 0;
+}

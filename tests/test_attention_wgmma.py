@@ -1,0 +1,187 @@
+"""The flash attention forward on Hopper's wgmma (kernels/csrc/flash_attention_wgmma.cu) against the
+float64 reference (ops/attention.py) and against the mma.sync forward.
+
+    CPU     the CUDA C itself through tests/flash_attention_wgmma_emulate.cpp (g++; cp.async and wgmma
+            deferred to the waits that wait for them, descriptors decoded by the PTX manual's rules, the
+            A fragments of P exchanged across the warpgroup): odd T, GQA, windows, padding, a fully
+            padded sequence, every shipped tile and small ones; bf16 2e-2, fp16 2e-3 (as the mma forward)
+    nvcc    the shipped instantiations for sm_90a: no spills, at most 255 registers, and no ptxas note
+            that it serialised the wgmma pipeline (C7513 / C7514) or injected a warpgroup.arrive (C7519)
+    GPU     (gpu mark, sm_90 only) against the float64 reference and the mma forward at real sizes
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from kernels import flash_attention_mma as fm
+from kernels import linked
+from q4kdistill.errors import Q4KError
+from test_attention_flash import EMU_BOUNDS, _bits16, _round16, check_lse, make_inputs, reference, rel_err
+
+SMALL_TILES = [(64, 64, 1, 3), (64, 64, 2, 4), (128, 64, 1, 3)]   # (D, keys, warpgroups, slots) the harness has too
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from _helpers_emulate import build_emulator
+
+    return build_emulator(tmp_path_factory, "flash_attention_wgmma_emulate.cpp",
+                          {"FAW_SOURCE": linked.CSRC / "flash_attention_wgmma.cu"}, include_dirs=[linked.CSRC])
+
+
+def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0):
+    """(o, lse) of the emulated faw_forward<tiles>, outputs poisoned with NaN; out: 0 float32 o, else 16-bit bits."""
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    q16, k16, v16 = (_bits16(x, dtype) for x in (q, k, v))
+    m = np.ones(1, np.uint8) if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    o = np.full((B, T, H, D), np.nan, np.float32) if out == 0 else np.full((B, T, H, D), 0xFFFF, np.uint16)
+    lse = np.full((B, H, T), np.nan, np.float32)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)             # noqa: E731
+    I, F = ctypes.c_int, ctypes.c_float
+    rc = lib.emu_wgmma_forward(I(D), *(I(t) for t in tiles[1:]), I(dtype == "bf16"), I(out), p(q16), p(k16), p(v16),
+                               p(m), I(mask is not None), I(B), I(T), I(H), I(KV), I(T + 1 if window is None else window),
+                               F(scale), p(o), p(lse))
+    assert rc == 0, f"no emulated wgmma forward for {tiles}, out {out} (rc {rc})"
+    return o, lse
+
+
+CASES = [   # B, T, H, KV, D, window, pad, dtype, tiles
+    (1, 70, 2, 1, 64, None, None, "bf16", (64, 64, 1, 3)),
+    (2, 37, 2, 2, 64, 9, [0, 37], "fp16", (64, 64, 1, 3)),          # a fully padded sequence
+    (1, 200, 4, 2, 128, None, [6], "bf16", (128, 64, 1, 3)),         # GQA, 4 key tiles: every slot refilled
+    (2, 203, 4, 2, 64, 45, [0, 7], "fp16", (64, 64, 2, 4)),          # a window inside a tile, two warpgroups
+    (1, 300, 2, 1, 64, 150, None, "fp16", (64,) + fm.WGMMA_TILES[64]),
+    (1, 300, 2, 1, 128, None, [3], "bf16", (128,) + fm.WGMMA_TILES[128]),
+    (1, 129, 2, 2, 128, None, None, "fp16", (128,) + fm.WGMMA_TILES[128]),   # one row past a 128-row tile
+]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype,tiles", CASES)
+def test_emulated_wgmma_forward_matches_float64_reference(emulated, B, T, H, KV, D, window, pad, dtype, tiles):
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D + len(tiles), pad=pad)
+    q, k, v = (_round16(x, dtype) for x in (q, k, v))
+    scale = D ** -0.5
+    want = reference(q, k, v, do, mask, window, scale)[0]
+    o, lse = emulated_forward(emulated, q, k, v, mask, window, scale, dtype, tiles)
+    err = rel_err(o, want)
+    assert err < EMU_BOUNDS[dtype], f"wgmma {tiles} {dtype}: o relative error {err:.3g}"
+    check_lse(lse, q, k, v, mask, window, scale, 1e-2)
+    if pad is not None and max(pad) >= T:                  # a sequence whose queries see no key: o = 0, lse = +inf
+        b = pad.index(max(pad))
+        assert (o[b] == 0).all() and np.isinf(lse[b]).all()
+
+
+@pytest.mark.parametrize("D,dtype", [(64, "bf16"), (64, "fp16"), (128, "fp16"), (128, "bf16")])
+def test_emulated_wgmma_forward_writes_o_in_16_bits_as_a_cast_would(emulated, D, dtype):
+    B, T, H, KV = 1, 150, 2, 1
+    q, k, v, _, mask = make_inputs(B, T, H, KV, D, seed=D + len(dtype), pad=[6])
+    tiles = (D,) + fm.WGMMA_TILES[D]
+    o32, lse32 = emulated_forward(emulated, q, k, v, mask, None, D ** -0.5, dtype, tiles)
+    o16, lse = emulated_forward(emulated, q, k, v, mask, None, D ** -0.5, dtype, tiles, out=2 if dtype == "bf16" else 1)
+    assert (o16 == _bits16(o32, dtype)).all()
+    assert np.array_equal(lse, lse32)
+
+
+def test_wrapper_shared_memory_is_the_kernels(emulated):
+    for tiles in SMALL_TILES + [(D,) + t for D, t in fm.WGMMA_TILES.items()]:
+        assert emulated.emu_wgmma_smem(*tiles) == fm.wgmma_smem(*tiles), tiles
+        assert fm.wgmma_smem(*tiles) <= fm.WGMMA_SMEM_LIMIT
+
+
+def test_forward_kind_by_environment(monkeypatch):
+    monkeypatch.delenv(fm.FWD_ENV, raising=False)
+    assert fm.forward_kind(64) == fm.forward_kind(128) == "mma"            # opt-in until a GPU has timed it
+    monkeypatch.setenv(fm.FWD_ENV, "wgmma")
+    want = "wgmma" if linked.wgmma_available() else "mma"
+    assert fm.forward_kind(64) == fm.forward_kind(128) == want
+    assert fm.forward_kind(256) == fm.forward_kind(32) == "mma"            # no wgmma tile for these
+    monkeypatch.setenv(fm.FWD_ENV, "fast")
+    with pytest.raises(Q4KError, match="expected mma or wgmma"):
+        fm.forward_kind(64)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
+    text = linked.source_text("flash_attention_wgmma.cu")
+    names = []
+    for D in fm.WGMMA_TILES:
+        for bf16 in (True, False):
+            for out in (0, 2 if bf16 else 1):
+                name, extra = fm.wgmma_forward_source(D, bf16, out)
+                params = "q, k, v, mask, has_mask, T, H, KV, window, scale, o, lse"
+                text += extra + (f'extern "C" __global__ void k_{name}(const u16* q, const u16* k, const u16* v, '
+                                 f'const u8* mask, int has_mask, int T, int H, int KV, int window, float scale, '
+                                 f'void* o, float* lse) {{ {name}({params}); }}\n')
+                names.append(f"k_{name}")
+    src = tmp_path / "faw.cu"
+    src.write_text(text)
+    r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c", "-o",
+                        str(tmp_path / "faw.o"), str(src)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+    assert not re.search(r"C751[3479]|serializ", r.stderr), "ptxas serialised the wgmma pipeline:\n" + r.stderr[-3000:]
+    stats = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
+                       r.stderr, re.S)
+    assert sorted(s[0] for s in stats) == sorted(names)
+    for fn, spills, regs in stats:
+        assert int(spills) == 0 and int(regs) <= 255, (fn, spills, regs)
+
+
+# -- on a GPU (sm_90) ---------------------------------------------------------------------------------
+def _need_wgmma():
+    if not linked.wgmma_available():
+        pytest.skip("needs an sm_90 GPU (H100 / H200)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(2, 1000, 8, 2, 64, None, [0, 37]), (1, 1537, 8, 1, 128, None, [5]),
+                                                   (1, 2100, 4, 4, 128, 512, None), (1, 777, 14, 2, 64, 100, [3])])
+def test_gpu_wgmma_forward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype):
+    import cupy
+
+    from test_attention_flash import _reference_gpu
+    _need_wgmma()
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D, pad=pad)
+    q, k, v = (_round16(x, dtype) for x in (q, k, v))
+    scale = D ** -0.5
+    want = _reference_gpu(q, k, v, do, mask, window, scale)[0]
+    args = [cupy.asarray(x, dtype=np.float32) for x in (q, k, v)]
+    m = None if mask is None else cupy.asarray(mask)
+    got = {}
+    for kind in ("wgmma", "mma"):
+        monkeypatch.setenv(fm.FWD_ENV, kind)
+        assert fm.forward_kind(D) == kind
+        o, lse, _ = fm.mma_attention_forward(*args, m, window, scale, dtype)
+        got[kind] = (o.get(), lse.get())
+    err = rel_err(got["wgmma"][0], want)
+    assert err < 3e-2 if dtype == "bf16" else err < 3e-3, f"wgmma {dtype}: {err:.3g}"
+    assert rel_err(got["wgmma"][0], got["mma"][0].astype(np.float64)) < (2e-2 if dtype == "bf16" else 2e-3)
+    seen = np.isfinite(got["mma"][1])
+    assert (np.isfinite(got["wgmma"][1]) == seen).all()
+    assert np.abs(got["wgmma"][1][seen] - got["mma"][1][seen]).max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_wgmma_forward_16_bit_o_and_a_long_sequence(monkeypatch):
+    """The teacher's use: D = 128, 28 heads over 4 kv heads, 8192 tokens, o in fp16: the kernel's o is its
+    float32 o cast, and both agree with the mma forward."""
+    import cupy
+
+    _need_wgmma()
+    monkeypatch.setenv(fm.FWD_ENV, "wgmma")
+    rng = cupy.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 8192, h, 128), dtype=np.float32) for h in (28, 4, 4))
+    o32, lse32, _ = fm.mma_attention_forward(q, k, v, None, None, 128 ** -0.5, "fp16")
+    o16, lse, _ = fm.mma_attention_forward(q, k, v, None, None, 128 ** -0.5, "fp16", out_dtype=np.float16)
+    assert (o16.view(np.uint16) == fm.to16(o32, "fp16")).all() and (lse == lse32).all()
+    monkeypatch.setenv(fm.FWD_ENV, "mma")
+    ref, lse_ref, _ = fm.mma_attention_forward(q, k, v, None, None, 128 ** -0.5, "fp16")
+    assert float(cupy.abs(o32 - ref).max() / cupy.abs(ref).max()) < 2e-3
+    assert float(cupy.abs(lse - lse_ref).max()) < 1e-2

@@ -1,0 +1,185 @@
+// Host versions of kernels/csrc/wgmma_ptx.cuh for the CPU emulations of the wgmma kernels
+// (tests/gemm_wgmma_emulate.cpp, tests/flash_attention_wgmma_emulate.cpp), with the asynchronous parts
+// run as late as the hardware may run them:
+//   cp.async     queued per thread; a group's copies happen at the cp.async.wait_group that waits
+//                for it (or never, if none does): a wait depth one too shallow reads stale bytes.
+//                Aborts on a misaligned address or a read outside the bounds the harness set.
+//   wgmma        queued per thread with the accumulator it writes; a group runs at the
+//                wgmma.wait_group that waits for it, reading shared memory through the descriptors
+//                then; it also reads the operands at issue, and aborts if they changed in between
+//                (the kernel overwrote a tile, or an A register, that a wgmma in flight still reads).
+//                A from registers: the 128 threads of the warpgroup exchange their fragments at issue
+//                (the instruction is warpgroup-wide), A[16 w + g + 8 (e & 1)][2 i + 8 (e >> 1) + h] of
+//                thread 32 w + 4 g + i from its a[e] (half h).
+//   descriptors  decoded by the PTX manual's rules, independently of the kernels' layout code:
+//                K-major: no swizzle (core matrices of 8 rows x 16 bytes; LBO between core matrices
+//                along K, SBO between 8-row groups) and the 128-byte swizzle (8-row atoms of 128-byte
+//                rows, SBO between atoms); MN-major with the 128-byte swizzle (128-byte rows of 64
+//                M/N elements per k, LBO between 64-element M/N blocks, SBO between 8-k groups;
+//                cute's canonical ((8,n),(8,k)):((1,LBO),(8,SBO)) in 16-byte units). The swizzle is of
+//                the address: bits 4-6 XOR bits 7-9.
+//   accumulator  thread t of a warpgroup (warp w, lane 4 g + i) holds D[16 w + g + 8 (e >> 1),
+//                8 j + 2 i + (e & 1)] in d[4 j + e].
+#pragma once
+#include <deque>
+
+typedef unsigned long long u64;
+
+// ---- dynamic shared memory: one buffer (blocks run one after another), at a shared-window address
+// that is 16- but not 1024-byte aligned, so the kernels' own alignment is exercised
+alignas(1024) static u8 emu_dyn[232448 + 2048];
+static const u32 EMU_BIAS = 0x1230;
+static u8* gw_dynamic_smem() { return emu_dyn + 0; }
+static inline u32 gw_smem(const void* p) {
+    const u8* b = static_cast<const u8*>(p);
+    if (b < emu_dyn || b >= emu_dyn + sizeof(emu_dyn)) { fprintf(stderr, "not shared memory: %p\n", p); abort(); }
+    return u32(b - emu_dyn) + EMU_BIAS;
+}
+static inline const u8* emu_at(u32 addr) {
+    if (addr < EMU_BIAS || addr - EMU_BIAS + 2 > sizeof(emu_dyn)) { fprintf(stderr, "descriptor address %u\n", addr); abort(); }
+    return emu_dyn + (addr - EMU_BIAS);
+}
+
+// ---- cp.async, deferred to its wait ------------------------------------------------------------
+struct Copy { u8* dst; const u8* src; int valid; };
+static thread_local std::vector<Copy> cp_open;
+static thread_local std::deque<std::vector<Copy>> cp_groups;
+
+static inline void gw_cp16(void* smem, const void* g, int valid) {
+    emu_check_cp16(smem, g, valid);
+    gw_smem(smem);
+    cp_open.push_back(Copy{static_cast<u8*>(smem), static_cast<const u8*>(g), valid});
+}
+static inline void gw_cp_commit() { cp_groups.push_back(std::move(cp_open)); cp_open.clear(); }
+template <int N> static inline void gw_cp_wait() {
+    while (int(cp_groups.size()) > N) {
+        for (const Copy& c : cp_groups.front()) {
+            memcpy(c.dst, c.src, c.valid);
+            memset(c.dst + c.valid, 0, 16 - c.valid);
+        }
+        cp_groups.pop_front();
+    }
+}
+
+static inline void gw_fence_async() {}
+static inline void gw_mma_fence() {}
+template <int R> static inline void gw_pin(float (&)[R]) {}
+template <int R> static inline void gw_pin(u32 (&)[R][4]) {}
+
+// ---- wgmma, deferred to its wait -----------------------------------------------------------------
+static inline float emu_16(u16 h, bool bf16) {
+    if (!bf16) return half_to_float(h);
+    const u32 n = u32(h) << 16;
+    float f;
+    memcpy(&f, &n, 4);
+    return f;
+}
+
+static inline u32 emu_swizzle(u32 a, int swz) { return swz == 1 ? a ^ (((a >> 7) & 7) << 4) : a; }
+
+static void emu_desc(u64 desc, u32& start, u32& lbo, u32& sbo, int& swz) {
+    start = u32(desc & 0x3FFF) << 4, lbo = u32((desc >> 16) & 0x3FFF) << 4, sbo = u32((desc >> 32) & 0x3FFF) << 4;
+    swz = int(desc >> 62);
+    const int base_off = int((desc >> 49) & 7);
+    if (base_off) { fprintf(stderr, "descriptor base offset %d\n", base_off); abort(); }
+    if (swz > 1) { fprintf(stderr, "swizzle mode %d not emulated\n", swz); abort(); }
+}
+
+// element (row, k) of a K-major operand, k < 16
+static float emu_operand(u64 desc, int row, int k, bool bf16 = false) {
+    u32 start, lbo, sbo;
+    int swz;
+    emu_desc(desc, start, lbo, sbo, swz);
+    const u32 a = swz == 0 ? start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2
+                           : emu_swizzle(start + (row / 8) * sbo + (row % 8) * 128 + k * 2, 1);
+    u16 h;
+    memcpy(&h, emu_at(a), 2);
+    return emu_16(h, bf16);
+}
+
+// element (k, n) of an MN-major operand (128-byte swizzle only), k < 16
+static float emu_operand_mn(u64 desc, int k, int n, bool bf16) {
+    u32 start, lbo, sbo;
+    int swz;
+    emu_desc(desc, start, lbo, sbo, swz);
+    if (swz != 1) { fprintf(stderr, "MN-major without the 128-byte swizzle is not emulated\n"); abort(); }
+    const u32 a = emu_swizzle(start + (n / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (n % 64) * 2, 1);
+    u16 h;
+    memcpy(&h, emu_at(a), 2);
+    return emu_16(h, bf16);
+}
+
+// the warpgroup's A fragments, exchanged at a register-A wgmma's issue
+struct EmuWarpgroup { std::barrier<> bar{128}; u32 a[128][4]; };
+static EmuWarpgroup emu_warpgroups[4];
+
+struct Mma {
+    float* d;
+    int n, scale_d;
+    bool bf16, rs;
+    u64 a, b;
+    std::vector<float> A;             // rs: the 64 x 16 A gathered at issue
+    const u32* my_a;                  // rs: this thread's registers, which must not change in flight
+    u32 my_a_seen[4];
+    std::vector<float> seen;
+};
+static thread_local std::vector<Mma> mma_open;
+static thread_local std::deque<std::vector<Mma>> mma_groups;
+
+// this thread's products: p[4 j + e] = sum_k A[row, k] B(k, col)
+static std::vector<float> emu_products(const Mma& m) {
+    const int t = threadIdx.x & 127, warp = t / 32, lane = t % 32, g = lane / 4, i = lane % 4;
+    std::vector<float> p(m.n / 2);
+    for (int j = 0; j < m.n / 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+            const int row = 16 * warp + g + 8 * (e >> 1), col = 8 * j + 2 * i + (e & 1);
+            float s = 0.0f;
+            for (int k = 0; k < 16; ++k) {
+                const float a = m.rs ? m.A[row * 16 + k] : emu_operand(m.a, row, k, m.bf16);
+                const float b = m.rs ? emu_operand_mn(m.b, k, col, m.bf16) : emu_operand(m.b, col, k, m.bf16);
+                s += a * b;
+            }
+            p[4 * j + e] = s;
+        }
+    return p;
+}
+
+template <int N, bool BF16 = false>
+static inline void gw_mma(float (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
+    Mma m{d, N, scale_d, BF16, false, a, b, {}, nullptr, {}, {}};
+    m.seen = emu_products(m);
+    mma_open.push_back(std::move(m));
+}
+
+template <int N, bool BF16 = false>
+static inline void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int scale_d = 1) {
+    const int t = threadIdx.x & 127;
+    EmuWarpgroup& wg = emu_warpgroups[threadIdx.x / 128];
+    for (int e = 0; e < 4; ++e) wg.a[t][e] = a[e];
+    wg.bar.arrive_and_wait();
+    Mma m{d, N, scale_d, BF16, true, 0, b, std::vector<float>(64 * 16), a, {a[0], a[1], a[2], a[3]}, {}};
+    for (int u = 0; u < 128; ++u) {
+        const int w = u / 32, g = (u % 32) / 4, i = u % 4;
+        for (int e = 0; e < 4; ++e)
+            for (int h = 0; h < 2; ++h)
+                m.A[(16 * w + g + 8 * (e & 1)) * 16 + 2 * i + 8 * (e >> 1) + h] = emu_16(u16(wg.a[u][e] >> (16 * h)), BF16);
+    }
+    wg.bar.arrive_and_wait();
+    m.seen = emu_products(m);
+    mma_open.push_back(std::move(m));
+}
+
+static inline void gw_mma_commit() { mma_groups.push_back(std::move(mma_open)); mma_open.clear(); }
+template <int N> static inline void gw_mma_wait() {
+    while (int(mma_groups.size()) > N) {
+        for (const Mma& m : mma_groups.front()) {
+            const std::vector<float> p = emu_products(m);
+            if (p != m.seen || (m.rs && memcmp(m.my_a, m.my_a_seen, 16))) {
+                fprintf(stderr, "a wgmma's operands changed while it was in flight\n");
+                abort();
+            }
+            for (int i = 0; i < m.n / 2; ++i) m.d[i] = (m.scale_d ? m.d[i] : 0.0f) + p[i];
+        }
+        mma_groups.pop_front();
+    }
+}
