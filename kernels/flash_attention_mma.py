@@ -20,7 +20,9 @@ and the backward at 168; MT 2 needs ~246 (a cap of 240 spills 40 B): uncapped, 2
 On an sm_90 GPU the forward can run on the warpgroup tensor cores instead (csrc/flash_attention_wgmma.cu,
 FlashAttention-3's consumer algorithm: wgmma reads Q and K from shared memory and P from registers,
 tiles in dynamic shared memory; D = 64 and 128, WGMMA_TILES): $Q4KDISTILL_FA_FWD=wgmma picks it
-(forward_kind), "mma" or unset keeps the mma.sync forward until a GPU run has measured it.
+(forward_kind), "mma" or unset keeps the mma.sync forward until a GPU run has measured it; likewise
+its backward (FlashAttention-3's products: S^T, dP^T, dV, dK and dQ on wgmma, a CTA per 128 keys) with
+$Q4KDISTILL_FA_BWD=wgmma (backward_kind).
 
 The simulator cannot run C: it runs the FP32 twin (flash_attention.py); the CPU suite runs this C
 through tests/flash_attention_emulate.cpp and tests/flash_attention_wgmma_emulate.cpp.
@@ -188,6 +190,39 @@ def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None) -> tuple:
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
+BWD_ENV = "Q4KDISTILL_FA_BWD"
+WGMMA_BWD_TILE = (128, 64)       # faw_backward: keys per CTA (2 warpgroups of 64), queries per step
+
+
+def wgmma_bwd_smem(D: int) -> int:
+    """Dynamic shared memory of faw_backward<D> (FawBwdSmem::BYTES): K and V [128 x D], Q and dO [2][64 x D]
+    (16-bit), dS^T [128 x 64] (16-bit), lse and drow [2][64] (float32), and 1024 bytes to align the base."""
+    bn, bm = WGMMA_BWD_TILE
+    return 2 * bn * D * 2 + 4 * bm * D * 2 + bn * bm * 2 + 4 * bm * 4 + 1024
+
+
+def backward_kind(D: int) -> str:
+    """"wgmma" where $Q4KDISTILL_FA_BWD=wgmma, D is 64 or 128 and the GPU is an sm_90; else "mma"."""
+    env = os.environ.get(BWD_ENV, "").strip()
+    if env not in ("", "mma", "wgmma"):
+        raise Q4KError(f"{BWD_ENV}={env!r}: expected mma or wgmma")
+    if env != "wgmma" or D not in WGMMA_TILES:
+        return "mma"
+    from .linked import wgmma_available
+
+    return "wgmma" if wgmma_available() else "mma"
+
+
+def wgmma_backward_source(D: int, bf16: bool) -> tuple:
+    """(name, extern "C" wrapper) of faw_backward for head size D."""
+    name = f"faw_bwd_d{D}_{'bf16' if bf16 else 'fp16'}"
+    return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
+                  f'const float* lse, const float* drow, const u8* mask, int has_mask, int T, int H, int KV, '
+                  f'int window, float scale, const float* dout_scale, float* dq, float* dk, float* dv) {{ '
+                  f'faw_backward<{D}, {"true" if bf16 else "false"}>(q, k, v, dout, lse, drow, '
+                  f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
+
+
 @functools.lru_cache(maxsize=None)
 def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0):
     """(Numba kernel, threads per block, query rows per block, dynamic shared memory bytes)."""
@@ -199,12 +234,8 @@ def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0):
     return _forward_jit(fn), 128 * nwg, 64 * nwg, wgmma_smem(D, bn, nwg, st)
 
 
-@functools.lru_cache(maxsize=None)
-def _backward_kernel(D: int, bf16: bool, max_registers=None):
-    """(Numba kernel, threads per block, keys per block)."""
-    name, extra = backward_source(D, bf16)
-    fn = cuda.declare_device(name, types.int32(_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
-                                               _F32, _PTR, _PTR, _PTR, _PTR), link=[_source_with(extra)], abi="c")
+def _backward_jit(fn, max_registers=None):
+    """The Numba kernel around a linked backward `fn` (fa_backward's or faw_backward's extern "C" wrapper)."""
     ptr = _data_ptr()
 
     @_jit(max_registers)
@@ -212,8 +243,30 @@ def _backward_kernel(D: int, bf16: bool, max_registers=None):
         fn(ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(drow), ptr(mask), np.int32(has_mask), np.int32(T),
            np.int32(H), np.int32(KV), np.int32(window), np.float32(scale), ptr(dout_scale), ptr(dq), ptr(dk), ptr(dv))
 
+    return kernel
+
+
+_BACKWARD_SIG = types.int32(_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32, _F32, _PTR, _PTR,
+                            _PTR, _PTR)
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_kernel(D: int, bf16: bool, max_registers=None):
+    """(Numba kernel, threads per block, keys per block)."""
+    name, extra = backward_source(D, bf16)
+    fn = cuda.declare_device(name, _BACKWARD_SIG, link=[_source_with(extra)], abi="c")
     bc, dsplit = backward_tiles(D)
-    return kernel, 32 * (bc // 16) * dsplit, bc
+    return _backward_jit(fn, max_registers), 32 * (bc // 16) * dsplit, bc
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_backward_kernel(D: int, bf16: bool):
+    """(Numba kernel, threads per block, keys per block, dynamic shared memory bytes)."""
+    from .linked import source_with
+
+    name, extra = wgmma_backward_source(D, bf16)
+    fn = cuda.declare_device(name, _BACKWARD_SIG, link=[source_with(extra, "flash_attention_wgmma.cu")], abi="c")
+    return _backward_jit(fn), 256, WGMMA_BWD_TILE[0], wgmma_bwd_smem(D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -374,8 +427,13 @@ def mma_attention_backward(do, cache):
     acc = cupy.zeros if KV < H else cupy.empty                    # GQA: the G heads of a kv head add into dk, dv
     dk = acc((B, T, KV, D), dtype=np.float32)
     dv = acc((B, T, KV, D), dtype=np.float32)
-    kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)))
+    if backward_kind(D) == "wgmma":
+        kernel, threads, keys, smem = _wgmma_backward_kernel(D, dtype == "bf16")
+    else:
+        kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)))
+        smem = 0
     launch(kernel, (-(-T // keys), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
            cupy.ascontiguousarray(cache.lse).reshape(-1), drow.reshape(-1), mask, has, T, H, KV,
-           _window(cache.window, T), np.float32(cache.scale), s, dq.reshape(-1), dk.reshape(-1), dv.reshape(-1))
+           _window(cache.window, T), np.float32(cache.scale), s, dq.reshape(-1), dk.reshape(-1), dv.reshape(-1),
+           shared=smem)
     return dq, dk, dv

@@ -12,6 +12,7 @@ contents (d = A B), 1 adds to them:
     GwMma<N, BF16>    A and B from shared memory through 64-bit matrix descriptors, both K-major
     GwMmaRS<N, BF16>  A from registers (4 words a thread: the m16n8k16 A fragment of the thread's
                       warp's 16 rows), B from shared memory, MN-major (imm-trans-b = 1)
+    GwMmaTT<N, BF16>  A and B from shared memory, both MN-major (imm-trans-a = imm-trans-b = 1)
 The fragment of d a thread holds (thread t of the warpgroup, warp w = t / 32, lane = 4 g + i):
 d[4 j + e] = D[16 w + g + 8 (e >> 1), 8 j + 2 i + (e & 1)], j = 0 .. N / 8 - 1 (the PTX manual's
 m64nNk16 accumulator layout); GwMmaRS's a[e] holds A[16 w + g + 8 (e & 1), 2 i + 8 (e >> 1) + (0, 1)].
@@ -19,10 +20,11 @@ m64nNk16 accumulator layout); GwMmaRS's a[e] holds A[16 w + g + 8 (e & 1), 2 i +
 from __future__ import annotations
 
 SS_NS = (32, 64, 128, 256)       # the widths the GEMM (N = its BN) and attention's S = Q K^T (N = keys) use
-RS_NS = (64, 128)                # attention's O += P V (N = the head size)
+RS_NS = (64, 128)                # attention's O += P V, dV += P^T dO, dK += dS^T Q (N = the head size)
+TT_NS = (32, 64)                 # attention's dQ = dS K (N = the half of the head size a warpgroup owns)
 
 
-def _one(n: int, bf16: bool, rs: bool) -> str:
+def _one(n: int, bf16: bool, rs: bool, tt: bool = False) -> str:
     regs = n // 2
     kind = "bf16" if bf16 else "f16"
     outs = ", ".join(f"%{i}" for i in range(regs))
@@ -31,10 +33,11 @@ def _one(n: int, bf16: bool, rs: bool) -> str:
         a_arg = "const unsigned (&a)[4]"
         ins = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d)'
     else:
-        a_ops, b_op, p_op, tail = f"%{regs}", f"%{regs + 1}", regs + 2, "1, 1, 0, 0"
+        a_ops, b_op, p_op, tail = f"%{regs}", f"%{regs + 1}", regs + 2, "1, 1, 1, 1" if tt else "1, 1, 0, 0"
         a_arg = "unsigned long long a"
         ins = '"l"(a), "l"(b), "r"(scale_d)'
-    lines = [f"template <> struct {'GwMmaRS' if rs else 'GwMma'}<{n}, {'true' if bf16 else 'false'}> {{",
+    struct = "GwMmaRS" if rs else "GwMmaTT" if tt else "GwMma"
+    lines = [f"template <> struct {struct}<{n}, {'true' if bf16 else 'false'}> {{",
              f"    static __device__ __forceinline__ void run(float (&d)[{regs}], {a_arg}, unsigned long long b, "
              "int scale_d = 1) {",
              '        asm volatile("{\\n.reg .pred p;\\n"',
@@ -56,18 +59,21 @@ def header() -> str:
              "// GwMma<N, BF16>::run(d, desc_a, desc_b, scale_d): d[N / 2] = scale_d * d + A[64 x 16] @ B[N x 16].T,",
              "//   A and B K-major in shared memory (fp16, or bf16 with BF16);",
              "// GwMmaRS<N, BF16>::run(d, a[4], desc_b, scale_d): the same with A from registers and B MN-major",
-             "//   (B[16 x N] stored N-contiguous: imm-trans-b = 1).",
+             "//   (B[16 x N] stored N-contiguous: imm-trans-b = 1);",
+             "// GwMmaTT<N, BF16>::run(d, desc_a, desc_b, scale_d): A and B from shared memory, both MN-major",
+             "//   (A[64 x 16] stored M-contiguous, B N-contiguous: imm-trans-a = imm-trans-b = 1).",
              "// Both asynchronous: they belong to the open wgmma group; wgmma.commit_group / wait_group order them.",
              "#ifndef Q4KDISTILL_WGMMA_OPS_CUH",
              "#define Q4KDISTILL_WGMMA_OPS_CUH",
              "",
              "template <int N, bool BF16 = false> struct GwMma;",
              "template <int N, bool BF16 = false> struct GwMmaRS;",
+             "template <int N, bool BF16 = false> struct GwMmaTT;",
              ""]
-    for rs, ns in ((False, SS_NS), (True, RS_NS)):
+    for rs, tt, ns in ((False, False, SS_NS), (True, False, RS_NS), (False, True, TT_NS)):
         for n in ns:
             for bf16 in (False, True):
-                parts += [_one(n, bf16, rs), ""]
+                parts += [_one(n, bf16, rs, tt), ""]
     parts.append("#endif")
     return "\n".join(parts) + "\n"
 

@@ -6,9 +6,9 @@
     python3 scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths mma wgmma --torch   # the 7B teacher's
     python3 scripts/bench_attention.py --tiny               # CPU: NumPy block path, small T
 
-Paths: mma (csrc/flash_attention.cu), wgmma (the forward of csrc/flash_attention_wgmma.cu through
-$Q4KDISTILL_FA_FWD=wgmma, sm_90 only, D = 64 / 128; the backward is mma's; its o is checked against
-mma's in the run), numba (the FP32 fallback).
+Paths: mma (csrc/flash_attention.cu), wgmma (csrc/flash_attention_wgmma.cu through $Q4KDISTILL_FA_FWD and
+$Q4KDISTILL_FA_BWD=wgmma, sm_90 only, D = 64 / 128; its o is checked against mma's in the run), numba (the
+FP32 fallback).
 
 Timings: CUDA events around each call, median of --reps after --warmup calls (CPU: perf_counter).
 FLOPs counted over visible (query, key) pairs: 4 * B * H * D * pairs for the forward (2 products),
@@ -112,32 +112,33 @@ def torch_sdpa(B, T, H, KV, D, warmup, reps):
     return f_ms, both - f_ms
 
 
-class _fwd_env:
-    """$Q4KDISTILL_FA_FWD set to `kind` (None: left as it is) until restore()."""
+class _kernels_env:
+    """$Q4KDISTILL_FA_FWD and $Q4KDISTILL_FA_BWD set to `kind` ("mma" or "wgmma") until restore()."""
 
     def __init__(self, kind):
         import os
 
-        from kernels.flash_attention_mma import FWD_ENV
+        from kernels.flash_attention_mma import BWD_ENV, FWD_ENV
 
-        self.key, self.old = FWD_ENV, os.environ.get(FWD_ENV)
-        if kind is not None:
-            os.environ[FWD_ENV] = kind
+        self.old = {key: os.environ.get(key) for key in (FWD_ENV, BWD_ENV)}
+        for key in self.old:
+            os.environ[key] = kind
 
     def restore(self):
         import os
 
-        if self.old is None:
-            os.environ.pop(self.key, None)
-        else:
-            os.environ[self.key] = self.old
+        for key, old in self.old.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def _o_vs_mma(q, k, v, args, scale, o):
     """max |o - o_mma| / max |o_mma|: the wgmma forward's output against the mma forward's on the same inputs."""
     import cupy
 
-    env = _fwd_env("mma")
+    env = _kernels_env("mma")
     ref, _ = flash_attention_forward(q, k, v, None, args.window, scale, path="mma", mma_dtype=args.dtype)
     env.restore()
     return float(cupy.abs(o - ref).max() / cupy.abs(ref).max())
@@ -163,7 +164,7 @@ def run_gpu(args):
         v32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
         do32 = rng.standard_normal((B, T, H, D), dtype=np.float32)
         for path in args.paths:
-            env = _fwd_env("wgmma" if path == "wgmma" else "mma")
+            env = _kernels_env("wgmma" if path == "wgmma" else "mma")
             path, label = ("mma", "wgmma") if path == "wgmma" else (path, path)
             if label == "wgmma" and forward_kind(D) != "wgmma":
                 env.restore()
@@ -246,7 +247,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="fp16")
     p.add_argument("--paths", nargs="+", default=["mma"], choices=["mma", "wgmma", "numba", "blocks"],
-                   help="wgmma: the sm_90 forward (+ mma's backward); numba: the FP32 fallback (slow beyond T = 8192)")
+                   help="wgmma: the sm_90 kernels; numba: the FP32 fallback (slow beyond T = 8192)")
     p.add_argument("--torch", action="store_true", help="time torch SDPA too (needs a CUDA torch)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)

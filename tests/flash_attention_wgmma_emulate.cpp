@@ -48,9 +48,38 @@ extern "C" int emu_wgmma_forward(int D, int bn, int nwg, int stages, int bf16, i
     return 1;
 }
 
+// the backward (faw_backward<D, BF16>): dq zeroed by the caller, dk / dv too under GQA
+extern "C" int emu_wgmma_backward(int D, int bf16, const u16* q, const u16* k, const u16* v, const u16* dout,
+                                  const float* lse, const float* drow, const u8* mask, int has_mask, int B, int T, int H,
+                                  int KV, int window, float scale, const float* dout_scale, float* dq, float* dk,
+                                  float* dv) {
+    const size_t nq = size_t(B) * T * H * D, nk = size_t(B) * T * KV * D;
+    std::vector<u16> all(2 * nq + 2 * nk);
+    memcpy(all.data(), q, 2 * nq);
+    memcpy(all.data() + nq, dout, 2 * nq);
+    memcpy(all.data() + 2 * nq, k, 2 * nk);
+    memcpy(all.data() + 2 * nq + nk, v, 2 * nk);
+    const u16 *qq = all.data(), *dd = qq + nq, *kk = dd + nq, *vv = kk + nk;
+    emu_bounds(reinterpret_cast<const u8*>(qq), 2 * all.size(), qq, 0);
+    const u8* m = has_mask ? mask : nullptr;
+#define FAW_BWD(D_)                                                                                            \
+    if (D == D_) {                                                                                             \
+        run_grid((T + 127) / 128, H, B, 256, [&] {                                                            \
+            if (bf16) faw_backward<D_, true>(qq, kk, vv, dd, lse, drow, m, T, H, KV, window, scale, dout_scale, dq, dk, dv); \
+            else faw_backward<D_, false>(qq, kk, vv, dd, lse, drow, m, T, H, KV, window, scale, dout_scale, dq, dk, dv); \
+        });                                                                                                    \
+        return 0;                                                                                              \
+    }
+    FAW_BWD(64)
+    FAW_BWD(128)
+    return 1;
+}
+
 // FawSmem<...>::BYTES of an instantiated tile (0: none), for the wrapper's wgmma_smem to be checked against
 extern "C" int emu_wgmma_smem(int D, int bn, int nwg, int stages) {
 #define FAW_SMEM(D_, BN_, NWG_, ST_) if (D == D_ && bn == BN_ && nwg == NWG_ && stages == ST_) return FawSmem<D_, BN_, NWG_, ST_>::BYTES;
     FAW_SMEM(64, 64, 1, 3) FAW_SMEM(64, 64, 2, 4) FAW_SMEM(128, 64, 1, 3) FAW_SMEM(64, 128, 2, 4) FAW_SMEM(128, 128, 2, 3)
     return 0;
 }
+
+extern "C" int emu_wgmma_bwd_smem(int D) { return D == 64 ? FawBwdSmem<64>::BYTES : D == 128 ? FawBwdSmem<128>::BYTES : 0; }

@@ -1,10 +1,11 @@
-"""The flash attention forward on Hopper's wgmma (kernels/csrc/flash_attention_wgmma.cu) against the
-float64 reference (ops/attention.py) and against the mma.sync forward.
+"""Flash attention on Hopper's wgmma (kernels/csrc/flash_attention_wgmma.cu), forward and backward, against
+the float64 reference (ops/attention.py) and against the mma.sync kernels.
 
     CPU     the CUDA C itself through tests/flash_attention_wgmma_emulate.cpp (g++; cp.async and wgmma
             deferred to the waits that wait for them, descriptors decoded by the PTX manual's rules, the
-            A fragments of P exchanged across the warpgroup): odd T, GQA, windows, padding, a fully
-            padded sequence, every shipped tile and small ones; bf16 2e-2, fp16 2e-3 (as the mma forward)
+            A fragments of P exchanged across the warpgroup, a wgmma reading shared memory another
+            thread wrote with no barrier in between aborts): odd T, GQA, windows, padding, a fully
+            padded sequence, every shipped tile and small ones; bf16 2e-2, fp16 2e-3 (as the mma kernels)
     nvcc    the shipped instantiations for sm_90a: no spills, at most 255 registers, and no ptxas note
             that it serialised the wgmma pipeline (C7513 / C7514) or injected a warpgroup.arrive (C7519)
     GPU     (gpu mark, sm_90 only) against the float64 reference and the mma forward at real sizes
@@ -93,6 +94,66 @@ def test_wrapper_shared_memory_is_the_kernels(emulated):
     for tiles in SMALL_TILES + [(D,) + t for D, t in fm.WGMMA_TILES.items()]:
         assert emulated.emu_wgmma_smem(*tiles) == fm.wgmma_smem(*tiles), tiles
         assert fm.wgmma_smem(*tiles) <= fm.WGMMA_SMEM_LIMIT
+    for D in fm.WGMMA_TILES:
+        assert emulated.emu_wgmma_bwd_smem(D) == fm.wgmma_bwd_smem(D) <= fm.WGMMA_SMEM_LIMIT
+
+
+def emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):
+    """(o, dq, dk, dv, lse): the emulated wgmma forward (shipped tiles) and backward, prepared as
+    mma_attention_backward prepares them (dO and drow scaled by a power of two; dq zeroed; dk, dv
+    zeroed under GQA, else poisoned with NaN)."""
+    from test_attention_flash import _dkv_buffers
+
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    o, lse = emulated_forward(lib, q, k, v, mask, window, scale, dtype, (D,) + fm.WGMMA_TILES[D])
+    s = np.array([2.0 ** -np.floor(np.log2(np.abs(do).max()))], np.float32)
+    q16, k16, v16, do16 = (_bits16(x, dtype) for x in (q, k, v, do * s[0]))
+    drow = np.ascontiguousarray((do.astype(np.float32) * o).sum(axis=-1).transpose(0, 2, 1)) * s[0]   # [B, H, T]
+    m = np.ones(1, np.uint8) if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    dq = np.zeros((B, T, H, D), np.float32)
+    dk, dv = _dkv_buffers(B, T, H, KV, D)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)             # noqa: E731
+    I, F = ctypes.c_int, ctypes.c_float
+    rc = lib.emu_wgmma_backward(I(D), I(dtype == "bf16"), p(q16), p(k16), p(v16), p(do16), p(lse), p(drow), p(m),
+                                I(mask is not None), I(B), I(T), I(H), I(KV), I(T + 1 if window is None else window),
+                                F(scale), p(s), p(dq), p(dk), p(dv))
+    assert rc == 0, f"no emulated wgmma backward for D = {D}"
+    return o, dq, dk, dv, lse
+
+
+BWD_CASES = [   # B, T, H, KV, D, window, pad, dtype
+    (1, 70, 2, 1, 64, None, None, "bf16"),
+    (2, 37, 2, 2, 64, 9, [0, 37], "fp16"),          # a fully padded sequence
+    (1, 200, 4, 2, 128, None, [6], "bf16"),         # GQA: the query heads of a kv head add into dk, dv
+    (2, 203, 4, 2, 64, 45, [0, 7], "fp16"),         # a window inside a query tile; key tiles past T
+    (1, 300, 2, 1, 128, 150, [3], "fp16"),
+    (1, 257, 2, 1, 64, None, None, "fp16"),         # 3 key tiles, the last one key long
+]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype", BWD_CASES)
+def test_emulated_wgmma_backward_matches_float64_reference(emulated, B, T, H, KV, D, window, pad, dtype):
+    from test_attention_flash import check_all
+
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D + 1, pad=pad)
+    do = do * 1e-7                         # gradients this small are fp16 subnormals unless scaled
+    q, k, v = (_round16(x, dtype) for x in (q, k, v))
+    scale = D ** -0.5
+    want = reference(q, k, v, do, mask, window, scale)
+    o, dq, dk, dv, lse = emulated_attention(emulated, q, k, v, do, mask, window, scale, dtype)
+    check_all((o, dq, dk, dv), want, EMU_BOUNDS[dtype], f"emulated wgmma {dtype}")
+
+
+def test_backward_kind_by_environment(monkeypatch):
+    monkeypatch.delenv(fm.BWD_ENV, raising=False)
+    assert fm.backward_kind(64) == fm.backward_kind(128) == "mma"
+    monkeypatch.setenv(fm.BWD_ENV, "wgmma")
+    want = "wgmma" if linked.wgmma_available() else "mma"
+    assert fm.backward_kind(64) == fm.backward_kind(128) == want and fm.backward_kind(256) == "mma"
+    monkeypatch.setenv(fm.BWD_ENV, "x")
+    with pytest.raises(Q4KError, match="expected mma or wgmma"):
+        fm.backward_kind(64)
 
 
 def test_forward_kind_by_environment(monkeypatch):
@@ -120,6 +181,15 @@ def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
                                  f'const u8* mask, int has_mask, int T, int H, int KV, int window, float scale, '
                                  f'void* o, float* lse) {{ {name}({params}); }}\n')
                 names.append(f"k_{name}")
+    bwd_params = "q, k, v, dout, lse, drow, mask, has_mask, T, H, KV, window, scale, dout_scale, dq, dk, dv"
+    for D in fm.WGMMA_TILES:
+        for bf16 in (True, False):
+            name, extra = fm.wgmma_backward_source(D, bf16)
+            text += extra + (f'extern "C" __global__ void k_{name}(const u16* q, const u16* k, const u16* v, '
+                             f'const u16* dout, const float* lse, const float* drow, const u8* mask, int has_mask, '
+                             f'int T, int H, int KV, int window, float scale, const float* dout_scale, float* dq, '
+                             f'float* dk, float* dv) {{ {name}({bwd_params}); }}\n')
+            names.append(f"k_{name}")
     src = tmp_path / "faw.cu"
     src.write_text(text)
     r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c", "-o",
@@ -185,3 +255,32 @@ def test_gpu_wgmma_forward_16_bit_o_and_a_long_sequence(monkeypatch):
     ref, lse_ref, _ = fm.mma_attention_forward(q, k, v, None, None, 128 ** -0.5, "fp16")
     assert float(cupy.abs(o32 - ref).max() / cupy.abs(ref).max()) < 2e-3
     assert float(cupy.abs(lse - lse_ref).max()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(2, 1000, 8, 2, 64, None, [0, 37]), (1, 1537, 8, 1, 128, None, [5]),
+                                                   (1, 2100, 4, 4, 128, 512, None), (1, 777, 14, 2, 64, 100, [3])])
+def test_gpu_wgmma_backward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype):
+    """Both wgmma kernels (forward and backward) against the float64 reference, and their gradients
+    against the mma.sync kernels' on the same inputs."""
+    import cupy
+
+    from q4kdistill.student.ops.flash_attention import flash_attention_backward, flash_attention_forward
+    from test_attention_flash import BOUNDS, _reference_gpu, check_all
+    _need_wgmma()
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D + 1, pad=pad)
+    q, k, v, do = (_round16(x, dtype) for x in (q, k, v, do))
+    scale = D ** -0.5
+    want = _reference_gpu(q, k, v, do, mask, window, scale)
+    args = [cupy.asarray(x, dtype=np.float32) for x in (q, k, v)]
+    m = None if mask is None else cupy.asarray(mask)
+    got = {}
+    for kind in ("wgmma", "mma"):
+        monkeypatch.setenv(fm.FWD_ENV, kind)
+        monkeypatch.setenv(fm.BWD_ENV, kind)
+        assert fm.backward_kind(D) == kind
+        o, cache = flash_attention_forward(*args, m, window, scale, path="mma", mma_dtype=dtype)
+        got[kind] = [x.get() for x in (o,) + flash_attention_backward(cupy.asarray(do, dtype=np.float32), cache)]
+    check_all(got["wgmma"], want, BOUNDS[dtype], f"wgmma {dtype}")
+    check_all(got["wgmma"], [x.astype(np.float64) for x in got["mma"]], BOUNDS[dtype], f"wgmma vs mma {dtype}")

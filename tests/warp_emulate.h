@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <functional>
 #include <memory>
@@ -50,7 +51,14 @@ struct Warp {
 };
 static thread_local Warp* my_warp;
 static thread_local int my_lane;
-static thread_local std::barrier<>* my_block;
+// The block barrier counts its phases: emu_epoch names the stretch between two __syncthreads, so
+// the wgmma emulation can tell a shared-memory write that no barrier separates from a read.
+static std::atomic<long> emu_epoch{1};
+struct EmuEpochTick {
+    void operator()() noexcept { emu_epoch.fetch_add(1); }
+};
+using EmuBlockBarrier = std::barrier<EmuEpochTick>;
+static thread_local EmuBlockBarrier* my_block;
 
 static inline void __syncthreads() { my_block->arrive_and_wait(); }
 
@@ -127,7 +135,7 @@ static void run_grid(int gx, int gy, int gz, int threads, const std::function<vo
     for (int z = 0; z < gz; ++z)
         for (int y = 0; y < gy; ++y)
             for (int x = 0; x < gx; ++x) {
-                std::barrier<> block(threads);
+                EmuBlockBarrier block(threads);
                 std::vector<std::unique_ptr<Warp>> warps;
                 for (int i = 0; i < threads / 32; ++i) warps.emplace_back(new Warp());
                 std::vector<std::thread> pool;

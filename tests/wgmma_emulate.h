@@ -8,9 +8,12 @@
 //                wgmma.wait_group that waits for it, reading shared memory through the descriptors
 //                then; it also reads the operands at issue, and aborts if they changed in between
 //                (the kernel overwrote a tile, or an A register, that a wgmma in flight still reads).
+//                A MN-major (both operands transposed) for attention's dQ = dS K.
 //                A from registers: the 128 threads of the warpgroup exchange their fragments at issue
 //                (the instruction is warpgroup-wide), A[16 w + g + 8 (e & 1)][2 i + 8 (e >> 1) + h] of
 //                thread 32 w + 4 g + i from its a[e] (half h).
+//   races        a wgmma reading, at its issue, shared memory that another thread wrote (by cp.async or
+//                gw_st32) with no __syncthreads in between aborts.
 //   descriptors  decoded by the PTX manual's rules, independently of the kernels' layout code:
 //                K-major: no swizzle (core matrices of 8 rows x 16 bytes; LBO between core matrices
 //                along K, SBO between 8-row groups) and the 128-byte swizzle (8-row atoms of 128-byte
@@ -35,9 +38,36 @@ static inline u32 gw_smem(const void* p) {
     if (b < emu_dyn || b >= emu_dyn + sizeof(emu_dyn)) { fprintf(stderr, "not shared memory: %p\n", p); abort(); }
     return u32(b - emu_dyn) + EMU_BIAS;
 }
+// Who wrote each byte of it last, and in which barrier epoch (warp_emulate.h's emu_epoch): (epoch << 16) | (thread
+// + 1), 0 where unknown (never written, or by a store the emulation does not see). A wgmma that reads, at its
+// issue, a byte another thread wrote in the same epoch read it with no __syncthreads in between: a race.
+static std::atomic<uint64_t> emu_writer[sizeof(emu_dyn)];
+static inline void emu_wrote(const void* p, int n) {
+    const size_t at = static_cast<const u8*>(p) - emu_dyn;
+    const uint64_t tag = (uint64_t(emu_epoch.load()) << 16) | uint64_t(threadIdx.x + 1);
+    for (int i = 0; i < n; ++i) emu_writer[at + i].store(tag);
+}
+static thread_local bool emu_issuing = false;                    // emu_products at a wgmma's issue
 static inline const u8* emu_at(u32 addr) {
     if (addr < EMU_BIAS || addr - EMU_BIAS + 2 > sizeof(emu_dyn)) { fprintf(stderr, "descriptor address %u\n", addr); abort(); }
-    return emu_dyn + (addr - EMU_BIAS);
+    const size_t at = addr - EMU_BIAS;
+    if (emu_issuing)
+        for (int i = 0; i < 2; ++i) {
+            const uint64_t tag = emu_writer[at + i].load();
+            if (tag && (tag >> 16) == uint64_t(emu_epoch.load()) && int(tag & 0xFFFF) != threadIdx.x + 1) {
+                fprintf(stderr, "a wgmma of thread %d reads shared memory thread %d wrote with no barrier in between\n",
+                        threadIdx.x, int(tag & 0xFFFF) - 1);
+                abort();
+            }
+        }
+    return emu_dyn + at;
+}
+
+// a 4-byte store to shared memory that wgmma will read (csrc/wgmma_ptx.cuh's gw_st32)
+static inline void gw_st32(void* smem, u32 v) {
+    gw_smem(smem);
+    memcpy(smem, &v, 4);
+    emu_wrote(smem, 4);
 }
 
 // ---- cp.async, deferred to its wait ------------------------------------------------------------
@@ -56,6 +86,7 @@ template <int N> static inline void gw_cp_wait() {
         for (const Copy& c : cp_groups.front()) {
             memcpy(c.dst, c.src, c.valid);
             memset(c.dst + c.valid, 0, 16 - c.valid);
+            emu_wrote(c.dst, 16);
         }
         cp_groups.pop_front();
     }
@@ -116,7 +147,7 @@ static EmuWarpgroup emu_warpgroups[4];
 struct Mma {
     float* d;
     int n, scale_d;
-    bool bf16, rs;
+    bool bf16, rs, tt;                // tt: A and B both MN-major (shared memory)
     u64 a, b;
     std::vector<float> A;             // rs: the 64 x 16 A gathered at issue
     const u32* my_a;                  // rs: this thread's registers, which must not change in flight
@@ -135,8 +166,9 @@ static std::vector<float> emu_products(const Mma& m) {
             const int row = 16 * warp + g + 8 * (e >> 1), col = 8 * j + 2 * i + (e & 1);
             float s = 0.0f;
             for (int k = 0; k < 16; ++k) {
-                const float a = m.rs ? m.A[row * 16 + k] : emu_operand(m.a, row, k, m.bf16);
-                const float b = m.rs ? emu_operand_mn(m.b, k, col, m.bf16) : emu_operand(m.b, col, k, m.bf16);
+                const float a = m.rs ? m.A[row * 16 + k] : m.tt ? emu_operand_mn(m.a, k, row, m.bf16)
+                                                                : emu_operand(m.a, row, k, m.bf16);
+                const float b = m.rs || m.tt ? emu_operand_mn(m.b, k, col, m.bf16) : emu_operand(m.b, col, k, m.bf16);
                 s += a * b;
             }
             p[4 * j + e] = s;
@@ -144,10 +176,25 @@ static std::vector<float> emu_products(const Mma& m) {
     return p;
 }
 
+// the products at issue, checking that no other thread wrote an operand byte since the last barrier
+static std::vector<float> emu_issue(const Mma& m) {
+    emu_issuing = true;
+    std::vector<float> p = emu_products(m);
+    emu_issuing = false;
+    return p;
+}
+
 template <int N, bool BF16 = false>
 static inline void gw_mma(float (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
-    Mma m{d, N, scale_d, BF16, false, a, b, {}, nullptr, {}, {}};
-    m.seen = emu_products(m);
+    Mma m{d, N, scale_d, BF16, false, false, a, b, {}, nullptr, {}, {}};
+    m.seen = emu_issue(m);
+    mma_open.push_back(std::move(m));
+}
+
+template <int N, bool BF16 = false>
+static inline void gw_mma_tt(float (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
+    Mma m{d, N, scale_d, BF16, false, true, a, b, {}, nullptr, {}, {}};
+    m.seen = emu_issue(m);
     mma_open.push_back(std::move(m));
 }
 
@@ -157,7 +204,7 @@ static inline void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int sc
     EmuWarpgroup& wg = emu_warpgroups[threadIdx.x / 128];
     for (int e = 0; e < 4; ++e) wg.a[t][e] = a[e];
     wg.bar.arrive_and_wait();
-    Mma m{d, N, scale_d, BF16, true, 0, b, std::vector<float>(64 * 16), a, {a[0], a[1], a[2], a[3]}, {}};
+    Mma m{d, N, scale_d, BF16, true, false, 0, b, std::vector<float>(64 * 16), a, {a[0], a[1], a[2], a[3]}, {}};
     for (int u = 0; u < 128; ++u) {
         const int w = u / 32, g = (u % 32) / 4, i = u % 4;
         for (int e = 0; e < 4; ++e)
@@ -165,7 +212,7 @@ static inline void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int sc
                 m.A[(16 * w + g + 8 * (e & 1)) * 16 + 2 * i + 8 * (e >> 1) + h] = emu_16(u16(wg.a[u][e] >> (16 * h)), BF16);
     }
     wg.bar.arrive_and_wait();
-    m.seen = emu_products(m);
+    m.seen = emu_issue(m);
     mma_open.push_back(std::move(m));
 }
 

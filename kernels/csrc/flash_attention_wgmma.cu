@@ -246,3 +246,227 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     gw_cp_wait<0>();
     fa_finish_rows<D, OUT>(O, m, l, rows, b, h, T, H, tig, o, lse);
 }
+
+// ==== The backward =================================================================================
+// faw_backward<D, BF16>: FlashAttention-2's grid as fa_backward has it (a CTA per key tile of BN = 128
+// keys and query head, heaviest key tiles first; dQ and, under GQA, dK / dV added with
+// red.global.add.v2.f32 into zeroed buffers), FlashAttention-3's products on wgmma. Two warpgroups, each
+// owning 64 of the keys, walk the query tiles of BM = 64 queries that see the key tile; K and V stay in
+// shared memory, Q, dO (and lse log2e, drow) of query tile i + 1 land in the other of two stages while
+// tile i is computed. Per query tile, per warpgroup (keys 64 w ..; accumulators in the m64nNk16 layout):
+//   1. cp.async.wait_group 0, fence.proxy.async, __syncthreads (tile i landed everywhere; everyone is
+//      past tile i - 1's last wgmma wait, so its stage and the dS tile are free)
+//   2. cp.async of Q, dO of tile i + 1 into the other stage; lse, drow of tile i + 1 read into registers
+//   3. S^T = K_w Q^T and dP^T = V_w dO^T (SS, K-major, N = 64 queries; one group); wait
+//   4. P^T = exp2(S^T scale log2e - lse log2e) masked, dS^T = P^T (dP^T - drow) (registers)
+//   5. P^T and dS^T to 16-bit A fragments; dS^T to shared memory ([key][query]: 128-byte rows, swizzled)
+//   6. dV += P^T dO and dK += dS^T Q (RS: B = dO, Q MN-major, N = D); commit (not waited yet)
+//   7. fence.proxy.async, __syncthreads (both warpgroups' dS written)
+//   8. dQ[:, D/2 w ..] = dS K[:, D/2 w ..] (TT: A = dS read MN-major, M = 64 queries, K = 128 keys;
+//      B = K MN-major, N = D / 2); commit; wait 0 (6 and 8 done; D = 128 waits for 6 before 8, so that
+//      the P^T, dS^T fragments are dead before dQ's accumulators live: 251 registers, no spills)
+//   9. dQ * scale / dout_scale -> red.add into dq; lse, drow of tile i + 1 -> shared memory
+// dK = scale sum dS^T Q, dV = sum P^T dO leave at the end (unscaled by *dout_scale as fa_backward does).
+// Shared memory (1024-byte aligned): K [BN x D], V [BN x D] (faw_chunk layout), Q [2][BM x D], dO [2][BM x D],
+// dS^T [BN x BM] (row = key: 128 bytes of 64 queries, chunk (q / 8) ^ (key % 8)), lse, drow [2][BM] floats.
+template <int D>
+struct FawBwdSmem {
+    static constexpr int BN = 128, BM = 64;
+    static constexpr int KV = BN * D * 2, QD = BM * D * 2, DS = BN * BM * 2;
+    static constexpr int K_OFF = 0, V_OFF = KV, Q_OFF = 2 * KV, DO_OFF = Q_OFF + 2 * QD, DS_OFF = DO_OFF + 2 * QD;
+    static constexpr int L_OFF = DS_OFF + DS, BYTES = L_OFF + 4 * BM * 4 + 1024;
+    static_assert(KV % 1024 == 0 && QD % 1024 == 0 && DS % 1024 == 0, "1024-byte aligned tiles");
+};
+
+template <int D, bool BF16>
+static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
+                                                    const float* lse, const float* drow, const u8* mask, int T, int H,
+                                                    int KV, int window, float scale, const float* dout_scale,
+                                                    float* dq, float* dk, float* dv) {
+    using L = FawBwdSmem<D>;
+    constexpr int BN = L::BN, BM = L::BM, THREADS = 256, NT = BM / 8, DT = D / 8, DH = D / 2;
+    static_assert(D == 64 || D == 128, "head sizes 64 and 128");
+    static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
+    u8* const base = gw_dynamic_smem();
+    u8* const sm = base + ((1024u - (gw_smem(base) & 1023u)) & 1023u);
+    u8* const Ks = sm + L::K_OFF;
+    u8* const Vs = sm + L::V_OFF;
+    u8* const Qs = sm + L::Q_OFF;
+    u8* const Ds = sm + L::DO_OFF;
+    u8* const Ss = sm + L::DS_OFF;
+    float* const ls = reinterpret_cast<float*>(sm + L::L_OFF);   // [2][BM] lse log2e, then [2][BM] drow
+
+    const int G = H / KV, lin = blockIdx.y * gridDim.x + blockIdx.x;   // gridDim.x * gridDim.y = key tiles x H
+    const int tile = lin / H, h = lin % H, kvh = h / G, b = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const int j0 = tile * BN, k0 = j0 + 64 * wg + 16 * warp;     // this warp's keys k0 .. k0 + 15
+    const int keys[2] = {k0 + gid, k0 + gid + 8};
+    const u16* qb = q + size_t(b) * T * H * D;
+    const u16* db = dout + size_t(b) * T * H * D;
+    const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
+    const float sl2 = scale * FA_LOG2E;
+    const float unscale = 1.f / *dout_scale;                    // dO (and drow) arrive multiplied by *dout_scale
+    const float* lse_h = lse + (size_t(b) * H + h) * T;
+    const float* drow_h = drow + (size_t(b) * H + h) * T;
+
+    const int i_start = (j0 / BM) * BM, i_end = min(T, j0 + BN - 1 + window);
+    const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
+
+    // prologue: K, V and query tile 0 in one group; lse, drow of tile 0 straight into shared memory
+    faw_load<BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
+    faw_load<BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
+    gw_cp_commit();
+    if (tid < BM) {
+        const bool in = i_start + tid < T;
+        ls[tid] = in ? lse_h[i_start + tid] * FA_LOG2E : FA_INF;
+        ls[2 * BM + tid] = in ? drow_h[i_start + tid] : 0.f;
+    }
+
+    float dka[D / 2], dva[D / 2], s[BM / 2], dp[BM / 2], dqa[DH / 2];
+    u32 pa[BM / 16][4], sa[BM / 16][4];
+    #pragma unroll
+    for (int i = 0; i < D / 2; ++i) dka[i] = dva[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < BM / 2; ++i) s[i] = dp[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < DH / 2; ++i) dqa[i] = 0.f;
+    float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
+    float (&DP)[NT][4] = reinterpret_cast<float (&)[NT][4]>(dp);
+    const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
+
+    for (int it = 0; it < nq; ++it) {
+        const int i0 = i_start + BM * it, st = it & 1;
+        gw_cp_wait<0>();                                           // 1.
+        gw_fence_async();
+        __syncthreads();
+        float nl = FA_INF, nd = 0.f;                               // 2.
+        if (it + 1 < nq) {
+            faw_load<BM, D, THREADS>(Qs + (st ^ 1) * L::QD, qb, i0 + BM, T, H, h, tid);
+            faw_load<BM, D, THREADS>(Ds + (st ^ 1) * L::QD, db, i0 + BM, T, H, h, tid);
+            if (tid < BM && i0 + BM + tid < T) nl = lse_h[i0 + BM + tid] * FA_LOG2E, nd = drow_h[i0 + BM + tid];
+        }
+        gw_cp_commit();
+
+        const u32 q_at = gw_smem(Qs + st * L::QD), do_at = gw_smem(Ds + st * L::QD);
+        gw_pin(s);
+        gw_pin(dp);
+        gw_mma_fence();                                            // 3.
+        #pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32 a_off = (kk >> 2) * BN * 128 + 64 * 128 * wg + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+            gw_mma<BM, BF16>(s, gw_make_desc(k_at + a_off, 16, 1024, 1), gw_make_desc(q_at + b_off, 16, 1024, 1), kk > 0);
+            gw_mma<BM, BF16>(dp, gw_make_desc(v_at + a_off, 16, 1024, 1), gw_make_desc(do_at + b_off, 16, 1024, 1), kk > 0);
+        }
+        gw_mma_commit();
+        gw_mma_wait<0>();
+        gw_pin(s);
+        gw_pin(dp);
+
+        // 4. every (key, query) pair of this warp's 16 keys visible: no padding mask, keys below the diagonal, in the window
+        const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
+        const float* lq = ls + st * BM;
+        const float* dr = ls + 2 * BM + st * BM;
+        #pragma unroll
+        for (int n = 0; n < NT; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = 8 * n + 2 * tig + (e & 1), i = i0 + r;
+                const bool seen = all_visible || fa_visible(i, keys[e >> 1], T, window, mask_b);
+                const float p = seen ? fa_exp2(S[n][e] * sl2 - lq[r]) : 0.f;
+                S[n][e] = p;                                       // P^T
+                DP[n][e] = p * (DP[n][e] - dr[r]);                 // dS^T (unscaled)
+            }
+        #pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) {                     // 5.
+            pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);
+            pa[kc][1] = fa_pack<BF16>(S[2 * kc][2], S[2 * kc][3]);
+            pa[kc][2] = fa_pack<BF16>(S[2 * kc + 1][0], S[2 * kc + 1][1]);
+            pa[kc][3] = fa_pack<BF16>(S[2 * kc + 1][2], S[2 * kc + 1][3]);
+            sa[kc][0] = fa_pack<BF16>(DP[2 * kc][0], DP[2 * kc][1]);
+            sa[kc][1] = fa_pack<BF16>(DP[2 * kc][2], DP[2 * kc][3]);
+            sa[kc][2] = fa_pack<BF16>(DP[2 * kc + 1][0], DP[2 * kc + 1][1]);
+            sa[kc][3] = fa_pack<BF16>(DP[2 * kc + 1][2], DP[2 * kc + 1][3]);
+        }
+        #pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc)                       // dS^T rows (keys) of this thread
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = 64 * wg + 16 * warp + gid + 8 * (e & 1), qc = 2 * kc + (e >> 1);   // query chunk
+                gw_st32(Ss + 128 * key + 16 * (qc ^ (key & 7)) + 4 * tig, sa[kc][e]);
+            }
+
+        gw_pin(dka);                                               // 6.
+        gw_pin(dva);
+        gw_pin(pa);
+        gw_pin(sa);
+        gw_mma_fence();
+        #pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) {
+            gw_mma_rs<D, BF16>(dva, pa[kc], gw_make_desc(do_at + 2048 * kc, BM * 128, 1024, 1));
+            gw_mma_rs<D, BF16>(dka, sa[kc], gw_make_desc(q_at + 2048 * kc, BM * 128, 1024, 1));
+        }
+        gw_mma_commit();
+
+        gw_fence_async();                                          // 7.
+        __syncthreads();
+        if (D > 64) {                       // D = 128: P^T, dS^T fragments die before dQ's accumulators live
+            gw_mma_wait<0>();               // (else 48 bytes spill at 255 registers: nvcc 13.0, sm_90a)
+            gw_pin(dka);
+            gw_pin(dva);
+            gw_pin(pa);
+            gw_pin(sa);
+        }
+
+        gw_pin(dqa);                                               // 8.
+        gw_mma_fence();
+        {
+            const u32 kcol = k_at + (DH * wg / 64) * BN * 128 + (DH * wg % 64) * 2;   // K columns DH w ..
+            #pragma unroll
+            for (int kc = 0; kc < BN / 16; ++kc)
+                gw_mma_tt<DH, BF16>(dqa, gw_make_desc(s_at + 2048 * kc, BM * 128, 1024, 1),
+                                    gw_make_desc(kcol + 2048 * kc, BN * 128, 1024, 1), kc > 0);
+        }
+        gw_mma_commit();
+        gw_mma_wait<0>();
+        gw_pin(dqa);
+        gw_pin(dka);
+        gw_pin(dva);
+        gw_pin(pa);
+        gw_pin(sa);
+
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {                              // 9.
+            const int i = i0 + 16 * warp + gid + 8 * r;
+            if (i >= T) continue;
+            float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + DH * wg;
+            #pragma unroll
+            for (int n = 0; n < DH / 8; ++n)
+                fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * (scale * unscale), dqa[4 * n + 2 * r + 1] * (scale * unscale));
+        }
+        if (tid < BM) ls[(st ^ 1) * BM + tid] = nl, ls[2 * BM + (st ^ 1) * BM + tid] = nd;
+    }
+    gw_cp_wait<0>();
+
+    const float (&DK)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dka);
+    const float (&DV)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dva);
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= T) continue;
+        const size_t row = (size_t(b) * T + keys[r]) * KV + kvh;
+        #pragma unroll
+        for (int n = 0; n < DT; ++n) {
+            const int col = 8 * n + 2 * tig;
+            const float a0 = DK[n][2 * r] * (scale * unscale), a1 = DK[n][2 * r + 1] * (scale * unscale);
+            const float v0 = DV[n][2 * r] * unscale, v1 = DV[n][2 * r + 1] * unscale;
+            if (G == 1) {
+                *reinterpret_cast<float2*>(dk + row * D + col) = make_float2(a0, a1);
+                *reinterpret_cast<float2*>(dv + row * D + col) = make_float2(v0, v1);
+            } else {                                             // G query heads share this kv head
+                fa_red2(dk + row * D + col, a0, a1);
+                fa_red2(dv + row * D + col, v0, v1);
+            }
+        }
+    }
+}

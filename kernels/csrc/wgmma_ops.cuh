@@ -3,13 +3,16 @@
 // GwMma<N, BF16>::run(d, desc_a, desc_b, scale_d): d[N / 2] = scale_d * d + A[64 x 16] @ B[N x 16].T,
 //   A and B K-major in shared memory (fp16, or bf16 with BF16);
 // GwMmaRS<N, BF16>::run(d, a[4], desc_b, scale_d): the same with A from registers and B MN-major
-//   (B[16 x N] stored N-contiguous: imm-trans-b = 1).
+//   (B[16 x N] stored N-contiguous: imm-trans-b = 1);
+// GwMmaTT<N, BF16>::run(d, desc_a, desc_b, scale_d): A and B from shared memory, both MN-major
+//   (A[64 x 16] stored M-contiguous, B N-contiguous: imm-trans-a = imm-trans-b = 1).
 // Both asynchronous: they belong to the open wgmma group; wgmma.commit_group / wait_group order them.
 #ifndef Q4KDISTILL_WGMMA_OPS_CUH
 #define Q4KDISTILL_WGMMA_OPS_CUH
 
 template <int N, bool BF16 = false> struct GwMma;
 template <int N, bool BF16 = false> struct GwMmaRS;
+template <int N, bool BF16 = false> struct GwMmaTT;
 
 template <> struct GwMma<32, false> {
     static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d = 1) {
@@ -224,6 +227,62 @@ template <> struct GwMmaRS<128, true> {
                        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+    }
+};
+
+template <> struct GwMmaTT<32, false> {
+    static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d = 1) {
+        asm volatile("{\n.reg .pred p;\n"
+                     "setp.ne.b32 p, %18, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                     "%16, %17, p, 1, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                     : "l"(a), "l"(b), "r"(scale_d));
+    }
+};
+
+template <> struct GwMmaTT<32, true> {
+    static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d = 1) {
+        asm volatile("{\n.reg .pred p;\n"
+                     "setp.ne.b32 p, %18, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                     "%16, %17, p, 1, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                     : "l"(a), "l"(b), "r"(scale_d));
+    }
+};
+
+template <> struct GwMmaTT<64, false> {
+    static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a, unsigned long long b, int scale_d = 1) {
+        asm volatile("{\n.reg .pred p;\n"
+                     "setp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                     "%32, %33, p, 1, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(a), "l"(b), "r"(scale_d));
+    }
+};
+
+template <> struct GwMmaTT<64, true> {
+    static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a, unsigned long long b, int scale_d = 1) {
+        asm volatile("{\n.reg .pred p;\n"
+                     "setp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                     "%32, %33, p, 1, 1, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(a), "l"(b), "r"(scale_d));
     }
 };
 

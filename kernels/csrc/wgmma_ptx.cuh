@@ -25,6 +25,8 @@ static __device__ __forceinline__ u8* gw_dynamic_smem() {
 static __device__ __forceinline__ void gw_cp16(void* smem, const void* g, int valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(gw_smem(smem)), "l"(g), "r"(valid) : "memory");
 }
+// a 4-byte store to shared memory that a wgmma will read (the emulation tracks these for races)
+static __device__ __forceinline__ void gw_st32(void* smem, u32 v) { *static_cast<u32*>(smem) = v; }
 static __device__ __forceinline__ void gw_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 static __device__ __forceinline__ void gw_cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
@@ -43,6 +45,12 @@ static __device__ __forceinline__ void gw_mma(float (&d)[N / 2], u64 a, u64 b, i
 template <int N, bool BF16 = false>
 static __device__ __forceinline__ void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int scale_d = 1) {
     GwMmaRS<N, BF16>::run(d, a, b, scale_d);
+}
+
+// d = scale_d * d + A B, A (M-contiguous) and B (N-contiguous) both MN-major in shared memory
+template <int N, bool BF16 = false>
+static __device__ __forceinline__ void gw_mma_tt(float (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
+    GwMmaTT<N, BF16>::run(d, a, b, scale_d);
 }
 
 // keep the compiler from moving accesses to registers a wgmma in flight writes (accumulators) or reads
