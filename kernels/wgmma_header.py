@@ -21,7 +21,7 @@ from __future__ import annotations
 
 SS_NS = (32, 64, 128, 256)       # the widths the GEMM (N = its BN) and attention's S = Q K^T (N = keys) use
 RS_NS = (64, 128)                # attention's O += P V, dV += P^T dO, dK += dS^T Q (N = the head size)
-TT_NS = (32, 64)                 # attention's dQ = dS K (N = the half of the head size a warpgroup owns)
+TT_NS = (64,)                    # attention's dQ = dS K (N = 64 columns a warpgroup owns)
 
 
 def _one(n: int, bf16: bool, rs: bool, tt: bool = False) -> str:

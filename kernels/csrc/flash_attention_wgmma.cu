@@ -262,8 +262,9 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
 //   5. P^T and dS^T to 16-bit A fragments; dS^T to shared memory ([key][query]: 128-byte rows, swizzled)
 //   6. dV += P^T dO and dK += dS^T Q (RS: B = dO, Q MN-major, N = D); commit (not waited yet)
 //   7. fence.proxy.async, __syncthreads (both warpgroups' dS written)
-//   8. dQ[:, D/2 w ..] = dS K[:, D/2 w ..] (TT: A = dS read MN-major, M = 64 queries, K = 128 keys;
-//      B = K MN-major, N = D / 2); commit; wait 0 (6 and 8 done; D = 128 waits for 6 before 8, so that
+//   8. D = 128: dQ[:, 64 w ..] = dS K[:, 64 w ..] (TT: A = dS read MN-major, M = 64 queries, K = 128 keys;
+//      B = K MN-major, N = 64); D = 64: dQ += dS[:, keys of w] K[keys of w, :] (K = 64, N = 64; both
+//      warpgroups add into dq); commit; wait 0 (6 and 8 done; D = 128 waits for 6 before 8, so that
 //      the P^T, dS^T fragments are dead before dQ's accumulators live: 251 registers, no spills)
 //   9. dQ * scale / dout_scale -> red.add into dq; lse, drow of tile i + 1 -> shared memory
 // dK = scale sum dS^T Q, dV = sum P^T dO leave at the end (unscaled by *dout_scale as fa_backward does).
@@ -284,7 +285,12 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
                                                     int KV, int window, float scale, const float* dout_scale,
                                                     float* dq, float* dk, float* dv) {
     using L = FawBwdSmem<D>;
-    constexpr int BN = L::BN, BM = L::BM, THREADS = 256, NT = BM / 8, DT = D / 8, DH = D / 2;
+    constexpr int BN = L::BN, BM = L::BM, THREADS = 256, NT = BM / 8, DT = D / 8;
+    // dQ = dS K: D = 128 splits its columns between the warpgroups (N = 64 each); D = 64 splits the keys (each
+    // warpgroup its own 64, N = 64, both adding into dq): an MN-major operand of 32 columns would be half a
+    // 128-byte swizzle atom, which cute::make_gmma_desc does not make
+    constexpr bool KSPLIT = D == 64;
+    constexpr int DQN = KSPLIT ? D : D / 2;
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     u8* const base = gw_dynamic_smem();
@@ -324,14 +330,14 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         ls[2 * BM + tid] = in ? drow_h[i_start + tid] : 0.f;
     }
 
-    float dka[D / 2], dva[D / 2], s[BM / 2], dp[BM / 2], dqa[DH / 2];
+    float dka[D / 2], dva[D / 2], s[BM / 2], dp[BM / 2], dqa[DQN / 2];
     u32 pa[BM / 16][4], sa[BM / 16][4];
     #pragma unroll
     for (int i = 0; i < D / 2; ++i) dka[i] = dva[i] = 0.f;
     #pragma unroll
     for (int i = 0; i < BM / 2; ++i) s[i] = dp[i] = 0.f;
     #pragma unroll
-    for (int i = 0; i < DH / 2; ++i) dqa[i] = 0.f;
+    for (int i = 0; i < DQN / 2; ++i) dqa[i] = 0.f;
     float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
     float (&DP)[NT][4] = reinterpret_cast<float (&)[NT][4]>(dp);
     const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
@@ -421,12 +427,11 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
 
         gw_pin(dqa);                                               // 8.
         gw_mma_fence();
-        {
-            const u32 kcol = k_at + (DH * wg / 64) * BN * 128 + (DH * wg % 64) * 2;   // K columns DH w ..
-            #pragma unroll
-            for (int kc = 0; kc < BN / 16; ++kc)
-                gw_mma_tt<DH, BF16>(dqa, gw_make_desc(s_at + 2048 * kc, BM * 128, 1024, 1),
-                                    gw_make_desc(kcol + 2048 * kc, BN * 128, 1024, 1), kc > 0);
+        #pragma unroll
+        for (int kc = 0; kc < (KSPLIT ? 4 : 8); ++kc) {            // keys 16 kc .. (KSPLIT: of this warpgroup's 64)
+            const u32 at = 2048 * (kc + (KSPLIT ? 4 * wg : 0));
+            gw_mma_tt<DQN, BF16>(dqa, gw_make_desc(s_at + at, BM * 128, 1024, 1),
+                                 gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128) + at, BN * 128, 1024, 1), kc > 0);
         }
         gw_mma_commit();
         gw_mma_wait<0>();
@@ -440,9 +445,9 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         for (int r = 0; r < 2; ++r) {                              // 9.
             const int i = i0 + 16 * warp + gid + 8 * r;
             if (i >= T) continue;
-            float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + DH * wg;
+            float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + (KSPLIT ? 0 : DQN * wg);
             #pragma unroll
-            for (int n = 0; n < DH / 8; ++n)
+            for (int n = 0; n < DQN / 8; ++n)
                 fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * (scale * unscale), dqa[4 * n + 2 * r + 1] * (scale * unscale));
         }
         if (tid < BM) ls[(st ^ 1) * BM + tid] = nl, ls[2 * BM + (st ^ 1) * BM + tid] = nd;

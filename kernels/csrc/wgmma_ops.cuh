@@ -230,32 +230,6 @@ template <> struct GwMmaRS<128, true> {
     }
 };
 
-template <> struct GwMmaTT<32, false> {
-    static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d = 1) {
-        asm volatile("{\n.reg .pred p;\n"
-                     "setp.ne.b32 p, %18, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-                     "%16, %17, p, 1, 1, 1, 1;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-                     : "l"(a), "l"(b), "r"(scale_d));
-    }
-};
-
-template <> struct GwMmaTT<32, true> {
-    static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d = 1) {
-        asm volatile("{\n.reg .pred p;\n"
-                     "setp.ne.b32 p, %18, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-                     "%16, %17, p, 1, 1, 1, 1;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-                     : "l"(a), "l"(b), "r"(scale_d));
-    }
-};
-
 template <> struct GwMmaTT<64, false> {
     static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a, unsigned long long b, int scale_d = 1) {
         asm volatile("{\n.reg .pred p;\n"
