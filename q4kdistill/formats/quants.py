@@ -308,17 +308,24 @@ class Q4_K(Codec, qtype=GGMLQuantizationType.Q4_K):
         return np.concatenate([lo, (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)], axis=-1)
 
     @classmethod
-    def decode_blocks(cls, blocks, round_scales=None):
-        """round_scales: applied to the sub-block scales d * sc and dmin * m (float32) before use, to
-        model a kernel that rounds them (kernels/gemm_wgmma_twin.decoded_as_kernel: to fp16)."""
+    def parts(cls, blocks):
+        """(q, D, M): w = D q - M per sub-block; q float32 [n, 8, 32] in 0..15, D = d sc and M = dmin m
+        float32 [n, 8, 1] (Q6_K.parts has the same form)."""
         n = blocks.shape[0]
         sc, mn = cls.get_scale_min(cls.field(blocks, "scales"))
         d = (_fp16_at(blocks, cls.fp16_offsets[0]) * sc.astype(_F32))[:, :, None]     # [n, 8, 1]
         dm = (_fp16_at(blocks, cls.fp16_offsets[1]) * mn.astype(_F32))[:, :, None]    # [n, 8, 1]
+        q = _nibbles(cls.field(blocks, "qs").reshape(n, 4, 32)).reshape(n, 8, 32).astype(_F32)
+        return q, d, dm
+
+    @classmethod
+    def decode_blocks(cls, blocks, round_scales=None):
+        """round_scales: applied to the sub-block scales d * sc and dmin * m (float32) before use, to
+        model a kernel that rounds them (kernels/gemm_wgmma_twin.decoded_as_kernel: to fp16)."""
+        q, d, dm = cls.parts(blocks)
         if round_scales is not None:
             d, dm = round_scales(d), round_scales(dm)
-        q = _nibbles(cls.field(blocks, "qs").reshape(n, 4, 32)).reshape(n, 8, 32).astype(_F32)
-        return (d * q - dm).reshape(n, QK_K)
+        return (d * q - dm).reshape(blocks.shape[0], QK_K)
 
     @classmethod
     def encode_blocks(cls, x):
@@ -370,16 +377,31 @@ class Q6_K(Codec, qtype=GGMLQuantizationType.Q6_K):
     _QH_SHIFTS = np.array([0, 2, 4, 6], np.uint8)[:, None]              # [4, 1]
 
     @classmethod
-    def decode_blocks(cls, blocks, round_scales=None):
-        """round_scales: as Q4_K's, applied to the sub-block scales d * S."""
+    def _quants(cls, blocks):
+        """The 6-bit quants, 0..63, float32 [n, 16, 16] (sub-block s = 16 weights)."""
         n = blocks.shape[0]
         low = _nibbles(cls.field(blocks, "ql").reshape(n, 2, 64)).reshape(n, 2, 4, 32)      # [n, h, 4, l]
         high = (cls.field(blocks, "qh").reshape(n, 2, 1, 32) >> cls._QH_SHIFTS) & 3        # [n, h, 4, l]
-        q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(_F32)
-        d = (_fp16_at(blocks, cls.fp16_offsets[0]) * cls.field(blocks, "scales").view(np.int8).astype(_F32))[:, :, None]
+        return (low | (high << 4)).reshape(n, 16, 16).astype(_F32)
+
+    @classmethod
+    def _scales(cls, blocks):
+        return (_fp16_at(blocks, cls.fp16_offsets[0]) * cls.field(blocks, "scales").view(np.int8).astype(_F32))[:, :, None]
+
+    @classmethod
+    def parts(cls, blocks):
+        """(q, D, M): w = D q - M per 16-weight sub-block, q float32 [n, 16, 16] in 0..63 (unsigned), D = d S
+        float32 [n, 16, 1], M = 32 D (Q4_K.parts' form)."""
+        d = cls._scales(blocks)
+        return cls._quants(blocks), d, _F32(32) * d
+
+    @classmethod
+    def decode_blocks(cls, blocks, round_scales=None):
+        """round_scales: as Q4_K's, applied to the sub-block scales d * S."""
+        d = cls._scales(blocks)
         if round_scales is not None:
             d = round_scales(d)
-        return (d * q).reshape(n, QK_K)
+        return (d * (cls._quants(blocks) - _F32(32))).reshape(blocks.shape[0], QK_K)
 
     @classmethod
     def encode_blocks(cls, x):
