@@ -64,6 +64,7 @@ CLAIM_TINY = {
         "q4kdistill reproduce-memory --tiny --long-step 1x40 --backends native --json",
     "python scripts/compare_precision.py --json --plot docs/precision.png":
         "python scripts/compare_precision.py --tiny --json --plot {work}/precision.png",
+    "python scripts/probe_int8_accuracy.py": "python scripts/probe_int8_accuracy.py --tiny",
 }
 
 # sub-command -> its tiny run (None: needs a GPU)
