@@ -17,10 +17,10 @@ The weights stay Q4_K / Q6_K in memory; w8 exists only in the kernel's shared me
     quantize_x(x, block=XB) -> (x8 int8 [M, K], dx float32 [M, K / block])   (csrc/quantize_x.cu's rule)
     matmul(x, w_raw, qtype, x_block=XB) -> float32 [M, n]
 
-requant_rows does what the kernel's fp16x2 decode would: per sub-block A = fp16(D / dw) and
-C = fp16(-M / dw) (w = D q - M: quants.Codec.parts), t = fp16(q A + C) (one fused multiply-add,
-rounded once), w8 = rint(t) (adding 1536 in fp16, whose spacing is 1 there). dw = bound / 126, bound
-the largest |w| the super-block's scales allow, so |t| stays below 127 after the roundings.
+requant_rows does what the kernel's fp16x2 decode does (csrc/gemm_wgmma_s8.cu): per sub-block
+A = fp16(D / dw) and C = fp16(-M / dw) (w = D q - M: quants.Codec.parts), t = fp16(q A + C) (one fused
+multiply-add, rounded once), w8 = rint(t) (adding 1536 in fp16, whose spacing is 1 there). dw = bound / 126,
+bound the largest |w| the super-block's scales allow, so |t| stays below 127 after the roundings.
 """
 from __future__ import annotations
 
@@ -39,22 +39,25 @@ def _f16(a):
 
 
 def requant_rows(w_raw, qtype):
-    """Raw Q4_K / Q6_K rows uint8 [n, row_bytes] -> (w8 int8 [n, K], dw float32 [n, K / 256])."""
+    """Raw Q4_K / Q6_K rows uint8 [n, row_bytes] -> (w8 int8 [n, K], dw float32 [n, K / 256]), in the
+    kernel's float32 and fp16 arithmetic: bound, dw = bound / 126 and 1 / dw in float32, A and C rounded
+    to fp16 from their float32 products, t = fp16(q A + C) (an exact fma rounded once), w8 = rint(t)."""
     codec = _codec(qtype)
     if codec.qtype.name not in QTYPES:
         raise Q4KError(f"requant_rows takes {' or '.join(QTYPES)}, not {codec.qtype.name}")
     raw = np.ascontiguousarray(w_raw, dtype=np.uint8)
     n = raw.shape[0]
     blocks = raw.reshape(-1, codec.type_size)
-    q, D, M = (a.astype(np.float64) for a in codec.parts(blocks))       # [nb, S, L], [nb, S, 1], [nb, S, 1]
-    qmax = 15.0 if codec.qtype.name == "Q4_K" else 63.0
-    bound = np.maximum(np.abs(D * qmax - M), np.abs(M)).max(axis=(1, 2))   # [nb]: max |w| the scales allow
-    dw = (bound / LEVELS).astype(np.float32).astype(np.float64)
-    inv = np.divide(1.0, dw, out=np.zeros_like(dw), where=dw > 0)[:, None, None]
-    A, C = _f16(D * inv), _f16(-M * inv)
-    t = _f16(q * A + C)                                                 # one rounding, as fma.rn.f16x2
-    w8 = np.rint(t).astype(np.int8)                                     # ties to even, as fp16 at spacing 1
-    return w8.reshape(n, -1), dw.astype(np.float32).reshape(n, -1)
+    q, D, M = codec.parts(blocks)                                     # float32 [nb, S, L], [nb, S, 1], [nb, S, 1]
+    qmax = np.float32(15 if codec.qtype.name == "Q4_K" else 63)
+    bound = np.maximum(np.abs(D * qmax - M), np.abs(M)).max(axis=(1, 2))     # [nb] float32: max |w| the scales allow
+    dw = (bound / np.float32(LEVELS)).astype(np.float32)
+    inv = np.divide(np.float32(1), dw, out=np.zeros_like(dw), where=dw > 0)[:, None, None]
+    A = _f16((D * inv).astype(np.float32))
+    C = _f16((-M * inv).astype(np.float32))
+    t = _f16(q.astype(np.float64) * A + C)                            # one rounding, as fma.rn.f16x2
+    w8 = np.rint(t).astype(np.int8)                                   # ties to even, as fp16 at spacing 1
+    return w8.reshape(n, -1), dw.reshape(n, -1)
 
 
 def quantize_x(x, block: int = XB):
