@@ -96,6 +96,7 @@ static inline void gw_fence_async() {}
 static inline void gw_mma_fence() {}
 template <int R> static inline void gw_pin(float (&)[R]) {}
 template <int R> static inline void gw_pin(u32 (&)[R][4]) {}
+template <int R> static inline void gw_pin(int (&)[R]) {}
 
 // ---- wgmma, deferred to its wait -----------------------------------------------------------------
 static inline float emu_16(u16 h, bool bf16) {
@@ -128,6 +129,15 @@ static float emu_operand(u64 desc, int row, int k, bool bf16 = false) {
     return emu_16(h, bf16);
 }
 
+// element (row, k) of a K-major int8 operand with the 128-byte swizzle, k < 32
+static int emu_operand_s8(u64 desc, int row, int k) {
+    u32 start, lbo, sbo;
+    int swz;
+    emu_desc(desc, start, lbo, sbo, swz);
+    if (swz != 1) { fprintf(stderr, "int8 operands without the 128-byte swizzle are not emulated\n"); abort(); }
+    return int(static_cast<signed char>(*emu_at(emu_swizzle(start + (row / 8) * sbo + (row % 8) * 128 + k, 1))));
+}
+
 // element (k, n) of an MN-major operand (128-byte swizzle only), k < 16
 static float emu_operand_mn(u64 desc, int k, int n, bool bf16) {
     u32 start, lbo, sbo;
@@ -145,7 +155,7 @@ struct EmuWarpgroup { std::barrier<> bar{128}; u32 a[128][4]; };
 static EmuWarpgroup emu_warpgroups[4];
 
 struct Mma {
-    float* d;
+    float* d;                         // (int8: di, s32 accumulators)
     int n, scale_d;
     bool bf16, rs, tt;                // tt: A and B both MN-major (shared memory)
     u64 a, b;
@@ -153,6 +163,7 @@ struct Mma {
     const u32* my_a;                  // rs: this thread's registers, which must not change in flight
     u32 my_a_seen[4];
     std::vector<float> seen;
+    int* di = nullptr;                // s8: m64nNk32 on int8 operands, s32 accumulators
 };
 static thread_local std::vector<Mma> mma_open;
 static thread_local std::deque<std::vector<Mma>> mma_groups;
@@ -165,6 +176,12 @@ static std::vector<float> emu_products(const Mma& m) {
         for (int e = 0; e < 4; ++e) {
             const int row = 16 * warp + g + 8 * (e >> 1), col = 8 * j + 2 * i + (e & 1);
             float s = 0.0f;
+            if (m.di) {                                         // int8: exact integer sums over k32
+                int si = 0;
+                for (int k = 0; k < 32; ++k) si += emu_operand_s8(m.a, row, k) * emu_operand_s8(m.b, col, k);
+                p[4 * j + e] = float(si);                       // |si| <= 32 * 128 * 128: exact in float
+                continue;
+            }
             for (int k = 0; k < 16; ++k) {
                 const float a = m.rs ? m.A[row * 16 + k] : m.tt ? emu_operand_mn(m.a, k, row, m.bf16)
                                                                 : emu_operand(m.a, row, k, m.bf16);
@@ -216,6 +233,14 @@ static inline void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int sc
     mma_open.push_back(std::move(m));
 }
 
+template <int N>
+static inline void gw_mma_s8(int (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
+    Mma m{nullptr, N, scale_d, false, false, false, a, b, {}, nullptr, {}, {}};
+    m.di = d;
+    m.seen = emu_issue(m);
+    mma_open.push_back(std::move(m));
+}
+
 static inline void gw_mma_commit() { mma_groups.push_back(std::move(mma_open)); mma_open.clear(); }
 template <int N> static inline void gw_mma_wait() {
     while (int(mma_groups.size()) > N) {
@@ -225,7 +250,10 @@ template <int N> static inline void gw_mma_wait() {
                 fprintf(stderr, "a wgmma's operands changed while it was in flight\n");
                 abort();
             }
-            for (int i = 0; i < m.n / 2; ++i) m.d[i] = (m.scale_d ? m.d[i] : 0.0f) + p[i];
+            for (int i = 0; i < m.n / 2; ++i) {
+                if (m.di) m.di[i] = (m.scale_d ? m.di[i] : 0) + int(p[i]);
+                else m.d[i] = (m.scale_d ? m.d[i] : 0.0f) + p[i];
+            }
         }
         mma_groups.pop_front();
     }

@@ -5,7 +5,8 @@
 // GwMmaRS<N, BF16>::run(d, a[4], desc_b, scale_d): the same with A from registers and B MN-major
 //   (B[16 x N] stored N-contiguous: imm-trans-b = 1);
 // GwMmaTT<N, BF16>::run(d, desc_a, desc_b, scale_d): A and B from shared memory, both MN-major
-//   (A[64 x 16] stored M-contiguous, B N-contiguous: imm-trans-a = imm-trans-b = 1).
+//   (A[64 x 16] stored M-contiguous, B N-contiguous: imm-trans-a = imm-trans-b = 1);
+// GwMmaS8<N>::run(d, desc_a, desc_b, scale_d): m64nNk32 on int8 A, B (K-major), s32 d[N / 2].
 // Both asynchronous: they belong to the open wgmma group; wgmma.commit_group / wait_group order them.
 #ifndef Q4KDISTILL_WGMMA_OPS_CUH
 #define Q4KDISTILL_WGMMA_OPS_CUH
@@ -13,6 +14,7 @@
 template <int N, bool BF16 = false> struct GwMma;
 template <int N, bool BF16 = false> struct GwMmaRS;
 template <int N, bool BF16 = false> struct GwMmaTT;
+template <int N> struct GwMmaS8;
 
 template <> struct GwMma<32, false> {
     static __device__ __forceinline__ void run(float (&d)[16], unsigned long long a, unsigned long long b, int scale_d = 1) {
@@ -256,6 +258,25 @@ template <> struct GwMmaTT<64, true> {
                        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
                        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(a), "l"(b), "r"(scale_d));
+    }
+};
+
+template <> struct GwMmaS8<128> {
+    static __device__ __forceinline__ void run(int (&d)[64], unsigned long long a, unsigned long long b, int scale_d = 1) {
+        asm volatile("{\n.reg .pred p;\n"
+                     "setp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                     "%64, %65, p;\n}\n"
+                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+                       "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+                       "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+                       "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+                       "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+                       "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+                       "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+                       "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
                      : "l"(a), "l"(b), "r"(scale_d));
     }
 };

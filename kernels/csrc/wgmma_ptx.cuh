@@ -53,6 +53,12 @@ static __device__ __forceinline__ void gw_mma_tt(float (&d)[N / 2], u64 a, u64 b
     GwMmaTT<N, BF16>::run(d, a, b, scale_d);
 }
 
+// d = scale_d * d + A B^T on int8 A and B (K-major, shared memory), s32 accumulators, k32 an instruction
+template <int N>
+static __device__ __forceinline__ void gw_mma_s8(int (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
+    GwMmaS8<N>::run(d, a, b, scale_d);
+}
+
 // keep the compiler from moving accesses to registers a wgmma in flight writes (accumulators) or reads
 // (A fragments) across the asynchronous wgmma (CUTLASS's warpgroup_fence_operand): after a wait, the
 // values count as written there, and registers read in flight stay allocated until then
@@ -60,6 +66,11 @@ template <int R>
 static __device__ __forceinline__ void gw_pin(float (&d)[R]) {
     #pragma unroll
     for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int R>
+static __device__ __forceinline__ void gw_pin(int (&d)[R]) {
+    #pragma unroll
+    for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 template <int R>
 static __device__ __forceinline__ void gw_pin(u32 (&d)[R][4]) {
