@@ -8,7 +8,7 @@ from .gemv import gemv, gemv_workspace
 from .gemv_chunk import CHUNKS, gemv_chunk, gemv_chunk_workspace
 from .gemv_dp4a import gemv_dp4a, gemv_dp4a_workspace
 from .linked import (dequant_linked_cublas, dequant_linked_workspace, gemm_mma_linked, gemm_mma_workspace,
-                     gemm_wgmma_linked,
+                     gemm_wgmma_linked, gemm_wgmma_s8_linked, gemm_wgmma_s8_workspace,
                      gemv_f32_linked, gemv_f32_workspace, gemv_mma_linked, gemv_mma_rows_linked, gemv_mma_rows_workspace, gemv_mma_workspace,
                      gemv_q8_linked, gemv_q8_workspace)
 from .registry import ALL_QTYPES, Variant, register
@@ -125,6 +125,11 @@ BUILTIN = [
     _gemm_mma(128, 64, 64, 32, suffix="w4"),
     _gemm_wgmma("gemm_wgmma_linked", 0), _gemm_wgmma("gemm_wgmma_linked_n128", 128),
     _gemm_wgmma("gemm_wgmma_linked_plain", 0, swz=0, what=" (no swizzle: the fallback layout)"),
+    Variant(name="gemm_wgmma_s8_linked", qtypes=LINKED_QTYPES, fn=gemm_wgmma_s8_linked, m_min=64, rel_err=2e-2,
+            workspace=gemm_wgmma_s8_workspace, accepts=F16_IN, device="gpu", simulated=False,
+            description="linked CUDA C, sm_90 only: int8 GEMM on wgmma, x to int8 per 256, each W super-block "
+                        "re-quantized to int8 in the kernel (kernels/requant8.py), one rescale per 256 of K, no "
+                        "scratch (its twin: gemm_s8_twin.py; ~1e-2 relative error)"),
     Variant(name="dequant_f16_cublas", qtypes=ALL_QTYPES, fn=dequant_matmul, device="gpu",
             params={"dtype": "float16"}, rel_err=2e-3, workspace=dequant_workspace,
             description="decode into one reusable fp16 scratch, then cuBLAS GemmEx (fp16 in, FP32 accumulate/out)"),

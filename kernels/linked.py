@@ -55,7 +55,8 @@ from .registry import DECODE_SCRATCH
 from .weights import address, columns, qtype_name
 
 CSRC = Path(__file__).with_name("csrc")
-JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu", "gemm_mma.cu", "gemm_wgmma.cu")
+JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu", "gemm_mma.cu", "gemm_wgmma.cu",
+        "gemm_wgmma_s8.cu")
 QTYPES = ("Q4_K", "Q6_K")                                # the types csrc/ decodes
 TEMPLATES = {q: LAYOUTS[q].c_name for q in QTYPES}       # prefix of their C functions: "q4k", "q6k"
 QUANT_THREADS = 256
@@ -707,3 +708,73 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1)
     launch(gemm_wgmma_kernel(q, bn, nwg, stages, swz, out16), -(-n_out // bn) * -(-M // (64 * nwg)), 128 * nwg,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
     return out
+
+
+# -- csrc/gemm_wgmma_s8.cu: the int8 GEMM with W re-quantized per super-block in the kernel -----------------
+def gemm_wgmma_s8_smem(qtype: str) -> int:
+    """Dynamic shared memory of gemm_wgmma_s8<Q> (GsSmem::BYTES): the x8 ring (4 x 128 rows x 128 bytes), two
+    w8 tiles (128 x 128 bytes), two staged super-blocks of the 128 W rows, two slots of 128 dx and of 128 dw,
+    and 1024 bytes to align the base."""
+    return 4 * 128 * 128 + 2 * 128 * 128 + 2 * 128 * WGMMA_W_ROW[qtype] + 2 * 128 * 4 + 2 * 128 * 4 + 1024
+
+
+def gemm_wgmma_s8_source(qtype: str, out16: bool) -> tuple:
+    """(file, name, extern "C" wrapper) of gemm_wgmma_s8<Q, out16>."""
+    name = f"{TEMPLATES[qtype]}_gemm_wgmma_s8_o{16 if out16 else 32}"
+    return "gemm_wgmma_s8.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const signed char* x8, '
+        f'const float* dx, int Mp, void* out, int ldo) {{ gemm_wgmma_s8<{qtype[1]}, {int(out16)}>(w, rb, n, K, M, x8, '
+        f'dx, Mp, out, ldo); return 0; }}\n')
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_wgmma_s8_kernel(qtype: str, out16: bool):
+    """The Numba kernel for gemm_wgmma_s8<...>: grid = ceil(M / 128) * ceil(n_out / 128) blocks (1-D) of 256
+    threads, gemm_wgmma_s8_smem(qtype) bytes of dynamic shared memory."""
+    file, name, extra = gemm_wgmma_s8_source(qtype, out16)
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32, _PTR, _I32),
+                             link=[source_with(extra, file)], abi="c")
+
+    @cuda.jit
+    def kernel(w, row_bytes, n_out, K, M, x8, dx, Mp, out, ldo):
+        fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x8), data_ptr(dx),
+           np.int32(Mp), data_ptr(out), np.int32(ldo))
+
+    return kernel
+
+
+def gemm_wgmma_s8_linked(x, w_raw, qtype, n_out, out):
+    """out[:] ~ x @ W.T for Q4_K or Q6_K rows on an sm_90 GPU through int8: x quantized per 256 values
+    (gemm_s8_twin.quantize_s8), each W super-block re-quantized to int8 in the kernel (kernels/requant8.py is
+    the same arithmetic in NumPy), s32 products on wgmma, one float32 rescale per super-block. Relative error
+    ~1e-2 against the exact product (the int8 roundings); out float32 or float16 [M, n_out] with unit-stride
+    rows. No decode scratch: the int8 copy of x and its scales are the workspace."""
+    _require_gpu("gemm_wgmma_s8_linked")
+    from .gemm_s8_twin import quantize_s8
+
+    q, K = _check(w_raw, qtype, n_out)
+    if not wgmma_available():
+        raise Q4KError("gemm_wgmma_s8_linked needs a compute capability 9.0 GPU (wgmma): H100 / H200")
+    if address(w_raw) % 16:
+        raise Q4KError("gemm_wgmma_s8_linked needs raw weights that start 16-byte aligned")
+    M = x.shape[0]
+    item = out.itemsize if out.dtype in (np.float32, np.float16) else 0
+    if (out.shape != (M, n_out) or not item or out.ndim != 2 or out.strides[1] != item
+            or out.strides[0] % item or out.strides[0] < n_out * item):
+        raise Q4KError(f"gemm_wgmma_s8_linked: out must be float32 or float16 [{M}, {n_out}] with unit-stride rows")
+    if M == 0 or n_out == 0:
+        return out
+    import cupy
+
+    x8, dx, Mp = quantize_s8(x)
+    out16 = out.dtype == np.float16
+    ldo = out.strides[0] // item
+    flat = cupy.ndarray(((M - 1) * ldo + n_out,), dtype=np.uint16 if out16 else np.float32, memptr=out.data)
+    launch(gemm_wgmma_s8_kernel(q, out16), -(-n_out // 128) * -(-M // 128), 256, w_raw.reshape(-1), w_raw.shape[1],
+           n_out, K, M, x8.reshape(-1), dx.reshape(-1), Mp, flat, ldo, shared=gemm_wgmma_s8_smem(q))
+    return out
+
+
+def gemm_wgmma_s8_workspace(qtype, M, N, K, x_dtype, **params):
+    """No decode scratch: x's int8 copy and its scales (one float per 256 values, rows padded to 4)."""
+    return {"x int8": M * K, "x scales": 4 * (K // 256) * (-(-M // 4) * 4)}

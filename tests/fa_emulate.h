@@ -8,7 +8,6 @@
 static inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return uint4{x, y, z, w}; }
 struct alignas(8) float2 { float x, y; };
 static inline float2 make_float2(float x, float y) { return float2{x, y}; }
-static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 
 static std::mutex atomic_lock;
 

@@ -41,6 +41,7 @@ static thread_local dim3e threadIdx, blockIdx;
 static dim3e gridDim, blockDim;
 
 struct alignas(16) uint4 { u32 x, y, z, w; };
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 
 // ---- the warp: fragments exchanged through a barrier ----
 struct Warp {

@@ -48,11 +48,11 @@ static inline void emu_wrote(const void* p, int n) {
     for (int i = 0; i < n; ++i) emu_writer[at + i].store(tag);
 }
 static thread_local bool emu_issuing = false;                    // emu_products at a wgmma's issue
-static inline const u8* emu_at(u32 addr) {
-    if (addr < EMU_BIAS || addr - EMU_BIAS + 2 > sizeof(emu_dyn)) { fprintf(stderr, "descriptor address %u\n", addr); abort(); }
+static inline const u8* emu_at(u32 addr, int bytes = 2) {
+    if (addr < EMU_BIAS || addr - EMU_BIAS + bytes > sizeof(emu_dyn)) { fprintf(stderr, "descriptor address %u\n", addr); abort(); }
     const size_t at = addr - EMU_BIAS;
     if (emu_issuing)
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < bytes; ++i) {
             const uint64_t tag = emu_writer[at + i].load();
             if (tag && (tag >> 16) == uint64_t(emu_epoch.load()) && int(tag & 0xFFFF) != threadIdx.x + 1) {
                 fprintf(stderr, "a wgmma of thread %d reads shared memory thread %d wrote with no barrier in between\n",
@@ -97,6 +97,7 @@ static inline void gw_mma_fence() {}
 template <int R> static inline void gw_pin(float (&)[R]) {}
 template <int R> static inline void gw_pin(u32 (&)[R][4]) {}
 template <int R> static inline void gw_pin(int (&)[R]) {}
+static inline void gw_opaque_zero(int& x) { x = 0; }
 
 // ---- wgmma, deferred to its wait -----------------------------------------------------------------
 static inline float emu_16(u16 h, bool bf16) {
@@ -135,7 +136,7 @@ static int emu_operand_s8(u64 desc, int row, int k) {
     int swz;
     emu_desc(desc, start, lbo, sbo, swz);
     if (swz != 1) { fprintf(stderr, "int8 operands without the 128-byte swizzle are not emulated\n"); abort(); }
-    return int(static_cast<signed char>(*emu_at(emu_swizzle(start + (row / 8) * sbo + (row % 8) * 128 + k, 1))));
+    return int(static_cast<signed char>(*emu_at(emu_swizzle(start + (row / 8) * sbo + (row % 8) * 128 + k, 1), 1)));
 }
 
 // element (k, n) of an MN-major operand (128-byte swizzle only), k < 16

@@ -46,8 +46,6 @@
 #include "flash_attention.cu"
 #include "wgmma_ptx.cuh"
 
-template <bool B> struct FawConst { static constexpr bool value = B; };
-
 template <int D, int BN, int NWG, int STAGES>
 struct FawSmem {
     static constexpr int BM = 64 * NWG;
@@ -233,8 +231,8 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
         }
         faw_rescale_pack<NT, DT, BF16>(O, S, pa, alpha);
     };
-    tile_step(FawConst<true>{}, 0);
-    for (int t = 1; t < ntiles; ++t) tile_step(FawConst<false>{}, t);
+    tile_step(GwConst<true>{}, 0);
+    for (int t = 1; t < ntiles; ++t) tile_step(GwConst<false>{}, t);
     gw_pin(acc);                                                   // the last tile's P V
     gw_pin(pa);
     gw_mma_fence();

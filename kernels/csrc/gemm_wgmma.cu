@@ -78,6 +78,11 @@ static __device__ __forceinline__ u32 h2_mul(u32 a, u32 b) {
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
 }
+static __device__ __forceinline__ u32 h2_add(u32 a, u32 b) {
+    u32 r;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
 static __device__ __forceinline__ u32 h2_fma(u32 a, u32 b, u32 c) {
     u32 r;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
@@ -242,6 +247,47 @@ static __device__ __forceinline__ void gw_decode(u8* b, const u8* wr, const u8* 
     }
 }
 
+// ---- the epilogue (both wgmma GEMMs) ---------------------------------------------------------------
+// d[4 j + e] -> out[m0 + 64 wg + 16 warp + g + 8 (e >> 1), n0 + 8 j + 2 i + (e & 1)] for m < M, n < n_out:
+// float32 (OUT16 = 0) or fp16 bits (OUT16 = 1), rows ldo elements apart (pairs: 8- / 4-byte stores where every
+// row starts aligned for them)
+template <int BN, int OUT16>
+static __device__ __forceinline__ void gw_store_tile(const float (&d)[BN / 2], void* __restrict__ out, int ldo, int M,
+                                                     int n_out, int m0, int n0, int tid) {
+    const int wg = tid >> 7;
+    const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, i2 = 2 * (lane & 3);
+    const bool pairs = (n_out & 1) == 0 && (ldo & 1) == 0 &&
+                       (reinterpret_cast<size_t>(out) & (OUT16 ? 3 : 7)) == 0;
+    #pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        #pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m0 + 64 * wg + 16 * warp + g + 8 * half, n = n0 + 8 * j + i2;
+            const float v0 = d[4 * j + 2 * half], v1 = d[4 * j + 2 * half + 1];
+            if (m >= M || n >= n_out) continue;
+            const size_t at = size_t(m) * ldo + n;
+            if (OUT16) {
+                u16* o = reinterpret_cast<u16*>(out) + at;
+                if (pairs) {
+                    *reinterpret_cast<u32*>(o) = pack_half2(v0, v1);
+                } else {
+                    const u32 p = pack_half2(v0, v1);
+                    o[0] = u16(p & 0xFFFFu);
+                    if (n + 1 < n_out) o[1] = u16(p >> 16);
+                }
+            } else {
+                float* o = reinterpret_cast<float*>(out) + at;
+                if (pairs) {
+                    *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+                } else {
+                    o[0] = v0;
+                    if (n + 1 < n_out) o[1] = v1;
+                }
+            }
+        }
+    }
+}
+
 // ---- the kernel body ----------------------------------------------------------------------------
 // out[m * ldo + n] for m < M, n < n_out: float32 (OUT16 = 0) or fp16 bits (OUT16 = 1); ldo >= n_out (a
 // column block of a wider matrix: ldo its row length).
@@ -317,37 +363,5 @@ static __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ w, int 
     gw_pin(d);
     gw_cp_wait<0>();
 
-    // epilogue: d[4 j + e] = out[m0 + 64 wg + 16 warp + g + 8 (e >> 1), n0 + 8 j + 2 i + (e & 1)]
-    // (pairs: 8- / 4-byte stores where every row starts aligned for them)
-    const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, i2 = 2 * (lane & 3);
-    const bool pairs = (n_out & 1) == 0 && (ldo & 1) == 0 &&
-                       (reinterpret_cast<size_t>(out) & (OUT16 ? 3 : 7)) == 0;
-    #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-        #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int m = m0 + 64 * wg + 16 * warp + g + 8 * half, n = n0 + 8 * j + i2;
-            const float v0 = d[4 * j + 2 * half], v1 = d[4 * j + 2 * half + 1];
-            if (m >= M || n >= n_out) continue;
-            const size_t at = size_t(m) * ldo + n;
-            if (OUT16) {
-                u16* o = reinterpret_cast<u16*>(out) + at;
-                if (pairs) {
-                    *reinterpret_cast<u32*>(o) = pack_half2(v0, v1);
-                } else {
-                    const u32 p = pack_half2(v0, v1);
-                    o[0] = u16(p & 0xFFFFu);
-                    if (n + 1 < n_out) o[1] = u16(p >> 16);
-                }
-            } else {
-                float* o = reinterpret_cast<float*>(out) + at;
-                if (pairs) {
-                    *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-                } else {
-                    o[0] = v0;
-                    if (n + 1 < n_out) o[1] = v1;
-                }
-            }
-        }
-    }
+    gw_store_tile<BN, OUT16>(d, out, ldo, M, n_out, m0, n0, tid);
 }

@@ -8,6 +8,9 @@
 
 typedef unsigned long long u64;
 
+// a compile-time flag as a type, for generic lambdas that unroll a loop body's variants
+template <bool B> struct GwConst { static constexpr bool value = B; };
+
 #ifndef GW_EMULATE
 static __device__ __forceinline__ u32 gw_smem(const void* p) {
     u32 a;
@@ -58,6 +61,9 @@ template <int N>
 static __device__ __forceinline__ void gw_mma_s8(int (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
     GwMmaS8<N>::run(d, a, b, scale_d);
 }
+
+// x = 0 through an instruction the compiler cannot see through, so that accumulators never share a register
+static __device__ __forceinline__ void gw_opaque_zero(int& x) { asm volatile("mov.b32 %0, 0;" : "=r"(x)); }
 
 // keep the compiler from moving accesses to registers a wgmma in flight writes (accumulators) or reads
 // (A fragments) across the asynchronous wgmma (CUTLASS's warpgroup_fence_operand): after a wait, the
