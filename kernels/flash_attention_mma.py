@@ -166,17 +166,21 @@ def wgmma_smem(D: int, bn: int, nwg: int, stages: int) -> int:
     return 64 * nwg * D * 2 + 2 * stages * bn * D * 2 + 1024
 
 
-def forward_kind(D: int) -> str:
-    """"wgmma" where $Q4KDISTILL_FA_FWD=wgmma, the head size has a wgmma tile (64, 128) and the GPU is
-    an sm_90 (H100, H200); else "mma". Read at every launch."""
-    env = os.environ.get(FWD_ENV, "").strip()
+def _kind(env_name: str, D: int) -> str:
+    env = os.environ.get(env_name, "").strip()
     if env not in ("", "mma", "wgmma"):
-        raise Q4KError(f"{FWD_ENV}={env!r}: expected mma or wgmma")
+        raise Q4KError(f"{env_name}={env!r}: expected mma or wgmma")
     if env != "wgmma" or D not in WGMMA_TILES:
         return "mma"
     from .linked import wgmma_available
 
     return "wgmma" if wgmma_available() else "mma"
+
+
+def forward_kind(D: int) -> str:
+    """"wgmma" where $Q4KDISTILL_FA_FWD=wgmma, the head size has a wgmma tile (64, 128) and the GPU is
+    an sm_90 (H100, H200); else "mma". Read at every launch."""
+    return _kind(FWD_ENV, D)
 
 
 def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None) -> tuple:
@@ -203,14 +207,7 @@ def wgmma_bwd_smem(D: int) -> int:
 
 def backward_kind(D: int) -> str:
     """"wgmma" where $Q4KDISTILL_FA_BWD=wgmma, D is 64 or 128 and the GPU is an sm_90; else "mma"."""
-    env = os.environ.get(BWD_ENV, "").strip()
-    if env not in ("", "mma", "wgmma"):
-        raise Q4KError(f"{BWD_ENV}={env!r}: expected mma or wgmma")
-    if env != "wgmma" or D not in WGMMA_TILES:
-        return "mma"
-    from .linked import wgmma_available
-
-    return "wgmma" if wgmma_available() else "mma"
+    return _kind(BWD_ENV, D)
 
 
 def wgmma_backward_source(D: int, bf16: bool) -> tuple:

@@ -676,6 +676,27 @@ def wgmma_available() -> bool:
 WGMMA_BN = {"Q4_K": 256, "Q6_K": 128}   # the widest tile each type fits (bn = 0 picks it)
 
 
+def _wgmma_call(what, w_raw, x, out, n_out):
+    """The checks both wgmma GEMMs make before a launch (an sm_90 GPU, W 16-byte aligned, out float32 or float16
+    [M, n_out] with unit-stride rows) -> (flat view of out for the C, its row length ldo, out16)."""
+    import cupy
+
+    if not wgmma_available():
+        raise Q4KError(f"{what} needs a compute capability 9.0 GPU (wgmma): H100 / H200")
+    if address(w_raw) % 16:
+        raise Q4KError(f"{what} needs raw weights that start 16-byte aligned")
+    M = x.shape[0]
+    item = out.itemsize if out.dtype in (np.float32, np.float16) else 0
+    if (out.shape != (M, n_out) or not item or out.ndim != 2 or out.strides[1] != item
+            or out.strides[0] % item or out.strides[0] < n_out * item):
+        raise Q4KError(f"{what}: out must be float32 or float16 [{M}, {n_out}] with unit-stride rows")
+    out16 = out.dtype == np.float16
+    ldo = out.strides[0] // item
+    if M == 0 or n_out == 0:
+        return None, ldo, out16
+    return cupy.ndarray(((M - 1) * ldo + n_out,), dtype=np.uint16 if out16 else np.float32, memptr=out.data), ldo, out16
+
+
 def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1):
     """out[:] = x @ W.T for Q4_K or Q6_K rows on an sm_90 GPU: each CTA decodes its W tile once a K step
     into shared memory (fp16; the scales rounded to fp16 too) for wgmma (fp16 in, FP32 accumulate),
@@ -688,23 +709,13 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1)
     q, K = _check(w_raw, qtype, n_out)
     bn = bn or WGMMA_BN[q]
     smem = gemm_wgmma_check(q, bn, nwg, stages, swz)
-    if not wgmma_available():
-        raise Q4KError("gemm_wgmma_linked needs a compute capability 9.0 GPU (wgmma): H100 / H200")
-    if address(w_raw) % 16:
-        raise Q4KError("gemm_wgmma_linked needs raw weights that start 16-byte aligned")
-    M = x.shape[0]
-    item = out.itemsize if out.dtype in (np.float32, np.float16) else 0
-    if (out.shape != (M, n_out) or not item or out.ndim != 2 or out.strides[1] != item
-            or out.strides[0] % item or out.strides[0] < n_out * item):
-        raise Q4KError(f"gemm_wgmma_linked: out must be float32 or float16 [{M}, {n_out}] with unit-stride rows")
-    if M == 0 or n_out == 0:
+    flat, ldo, out16 = _wgmma_call("gemm_wgmma_linked", w_raw, x, out, n_out)
+    if flat is None:
         return out
+    M = x.shape[0]
     x16 = cupy.ascontiguousarray(to_f16(x))
     if address(x16) % 16:
         x16 = x16.copy()
-    out16 = out.dtype == np.float16
-    ldo = out.strides[0] // item
-    flat = cupy.ndarray(((M - 1) * ldo + n_out,), dtype=np.uint16 if out16 else np.float32, memptr=out.data)
     launch(gemm_wgmma_kernel(q, bn, nwg, stages, swz, out16), -(-n_out // bn) * -(-M // (64 * nwg)), 128 * nwg,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
     return out
@@ -753,23 +764,11 @@ def gemm_wgmma_s8_linked(x, w_raw, qtype, n_out, out):
     from .gemm_s8_twin import quantize_s8
 
     q, K = _check(w_raw, qtype, n_out)
-    if not wgmma_available():
-        raise Q4KError("gemm_wgmma_s8_linked needs a compute capability 9.0 GPU (wgmma): H100 / H200")
-    if address(w_raw) % 16:
-        raise Q4KError("gemm_wgmma_s8_linked needs raw weights that start 16-byte aligned")
-    M = x.shape[0]
-    item = out.itemsize if out.dtype in (np.float32, np.float16) else 0
-    if (out.shape != (M, n_out) or not item or out.ndim != 2 or out.strides[1] != item
-            or out.strides[0] % item or out.strides[0] < n_out * item):
-        raise Q4KError(f"gemm_wgmma_s8_linked: out must be float32 or float16 [{M}, {n_out}] with unit-stride rows")
-    if M == 0 or n_out == 0:
+    flat, ldo, out16 = _wgmma_call("gemm_wgmma_s8_linked", w_raw, x, out, n_out)
+    if flat is None:
         return out
-    import cupy
-
+    M = x.shape[0]
     x8, dx, Mp = quantize_s8(x)
-    out16 = out.dtype == np.float16
-    ldo = out.strides[0] // item
-    flat = cupy.ndarray(((M - 1) * ldo + n_out,), dtype=np.uint16 if out16 else np.float32, memptr=out.data)
     launch(gemm_wgmma_s8_kernel(q, out16), -(-n_out // 128) * -(-M // 128), 256, w_raw.reshape(-1), w_raw.shape[1],
            n_out, K, M, x8.reshape(-1), dx.reshape(-1), Mp, flat, ldo, shared=gemm_wgmma_s8_smem(q))
     return out

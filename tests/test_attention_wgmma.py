@@ -13,9 +13,6 @@ the float64 reference (ops/attention.py) and against the mma.sync kernels.
 from __future__ import annotations
 
 import ctypes
-import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -168,8 +165,8 @@ def test_forward_kind_by_environment(monkeypatch):
         fm.forward_kind(64)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
+    from _helpers_nvcc import ptxas_sm90a
     text = linked.source_text("flash_attention_wgmma.cu")
     names = []
     for D in fm.WGMMA_TILES:
@@ -190,17 +187,7 @@ def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
                              f'int T, int H, int KV, int window, float scale, const float* dout_scale, float* dq, '
                              f'float* dk, float* dv) {{ {name}({bwd_params}); }}\n')
             names.append(f"k_{name}")
-    src = tmp_path / "faw.cu"
-    src.write_text(text)
-    r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c", "-o",
-                        str(tmp_path / "faw.o"), str(src)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
-    assert not re.search(r"C751[3479]|serializ", r.stderr), "ptxas serialised the wgmma pipeline:\n" + r.stderr[-3000:]
-    stats = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
-                       r.stderr, re.S)
-    assert sorted(s[0] for s in stats) == sorted(names)
-    for fn, spills, regs in stats:
-        assert int(spills) == 0 and int(regs) <= 255, (fn, spills, regs)
+    ptxas_sm90a(tmp_path, text, names)
 
 
 # -- on a GPU (sm_90) ---------------------------------------------------------------------------------

@@ -18,9 +18,6 @@ product: the variants' 2e-3 (seen ~4e-4: one more rounding than the scratch's de
 """
 import ctypes
 import functools
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +194,8 @@ def test_cpu_call_is_a_clear_error():
 
 
 # -- the CUDA C offline: registered instantiations, sm_90a --------------------------------------------
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
+    from _helpers_nvcc import ptxas_sm90a
     text = linked.source_text("gemm_wgmma.cu")
     names = []
     insts = {(q, inst[:4] + (o16,)) for q, inst in _registered() for o16 in (0, 1)}
@@ -207,17 +204,7 @@ def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
         text += wrapper + (f'extern "C" __global__ void k_{fn}(const u8* w, int rb, int n, int K, int M, '
                            f'const u16* x, void* out, int ldo) {{ {fn}(w, rb, n, K, M, x, out, ldo); }}\n')
         names.append(f"k_{fn}")
-    src = tmp_path / "gemm_wgmma.cu"
-    src.write_text(text)
-    r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c", "-o",
-                        str(tmp_path / "g.o"), str(src)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
-    assert "C7517" not in r.stderr and "serializ" not in r.stderr, "ptxas serialised the wgmma pipeline"
-    stats = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
-                       r.stderr, re.S)
-    assert sorted(s[0] for s in stats) == sorted(names)
-    for fn, spills, regs in stats:
-        assert int(spills) == 0 and int(regs) <= 255, (fn, spills, regs)
+    ptxas_sm90a(tmp_path, text, names)
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------

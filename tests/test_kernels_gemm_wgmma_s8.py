@@ -12,9 +12,6 @@ int8-activation variant) against kernels/requant8.py, the same arithmetic in Num
 from __future__ import annotations
 
 import ctypes
-import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -128,8 +125,8 @@ def test_registered_without_scratch_and_with_its_bound():
     assert table["Q4_K"][0]["variant"] == "dequant_linked_cublas"
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
+    from _helpers_nvcc import ptxas_sm90a
     text = linked.source_text("gemm_wgmma_s8.cu")
     names = []
     for q in ("Q4_K", "Q6_K"):
@@ -139,17 +136,7 @@ def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
                                f'const signed char* x8, const float* dx, int Mp, void* out, int ldo) '
                                f'{{ {fn}(w, rb, n, K, M, x8, dx, Mp, out, ldo); }}\n')
             names.append(f"k_{fn}")
-    src = tmp_path / "gs8.cu"
-    src.write_text(text)
-    r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c", "-o",
-                        str(tmp_path / "g.o"), str(src)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
-    assert not re.search(r"C751\d|serializ", r.stderr), "ptxas serialised the wgmma pipeline:\n" + r.stderr[-3000:]
-    stats = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
-                       r.stderr, re.S)
-    assert sorted(s[0] for s in stats) == sorted(names)
-    for fn, spills, regs in stats:
-        assert int(spills) == 0 and int(regs) <= 255, (fn, spills, regs)
+    ptxas_sm90a(tmp_path, text, names)
 
 
 def test_cpu_call_is_a_clear_error():

@@ -152,8 +152,7 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     static_assert(BN == 64 || BN == 128, "key tiles of 64 or 128");
     static_assert(STAGES >= 3 && NWG >= 1 && NWG <= 2, "3+ slots: tile t - 1's V is read while t + STAGES - 2 lands");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
-    u8* const base = gw_dynamic_smem();
-    u8* const sm = base + ((1024u - (gw_smem(base) & 1023u)) & 1023u);
+    u8* const sm = gw_aligned_smem();
     u8* const Qs = sm + L::Q_OFF;
     u8* const Ks = sm + L::K_OFF;
     u8* const Vs = sm + L::V_OFF;
@@ -291,8 +290,7 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
     constexpr int DQN = KSPLIT ? D : D / 2;
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
-    u8* const base = gw_dynamic_smem();
-    u8* const sm = base + ((1024u - (gw_smem(base) & 1023u)) & 1023u);
+    u8* const sm = gw_aligned_smem();
     u8* const Ks = sm + L::K_OFF;
     u8* const Vs = sm + L::V_OFF;
     u8* const Qs = sm + L::Q_OFF;

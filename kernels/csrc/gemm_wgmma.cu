@@ -301,8 +301,7 @@ static __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ w, int 
     static_assert(STAGES >= 3 && STAGES <= 6, "the ring needs 3..6 slots (see the K loop above)");
     static_assert(BN % 32 == 0 && BN <= 256 && NWG >= 1 && NWG <= 2, "wgmma widths 32..256, 1 or 2 warpgroups");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
-    u8* const base = gw_dynamic_smem();
-    u8* const sm = base + ((1024u - (gw_smem(base) & 1023u)) & 1023u);
+    u8* const sm = gw_aligned_smem();
     u8* const As = sm + L::A_OFF;
     u8* const Bs = sm + L::B_OFF;
     u8* const Ws = sm + L::W_OFF;

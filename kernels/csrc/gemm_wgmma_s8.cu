@@ -184,8 +184,7 @@ static __device__ __forceinline__ void gemm_wgmma_s8(const u8* __restrict__ w, i
     using L = GsSmem<Q>;
     constexpr int BM = L::BM, BN = L::BN, THREADS = 256, R = BN / 2;
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
-    u8* const base = gw_dynamic_smem();
-    u8* const sm = base + ((1024u - (gw_smem(base) & 1023u)) & 1023u);
+    u8* const sm = gw_aligned_smem();
     u8* const As = sm + L::A_OFF;
     u8* const Bs = sm + L::B_OFF;
     u8* const Ws = sm + L::W_OFF;

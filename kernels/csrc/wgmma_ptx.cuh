@@ -87,6 +87,13 @@ static __device__ __forceinline__ void gw_pin(u32 (&d)[R][4]) {
 }
 #endif
 
+// the block's dynamic shared memory from its first 1024-byte boundary (the 128-byte swizzle's atoms are
+// 1024-byte aligned; the launch gives 1024 bytes more than the tiles need)
+static __device__ __forceinline__ u8* gw_aligned_smem() {
+    u8* const base = gw_dynamic_smem();
+    return base + ((1024u - (gw_smem(base) & 1023u)) & 1023u);
+}
+
 // The 64-bit matrix descriptor of an operand whose first element is at shared address `start`
 // (16-byte aligned): start >> 4 in bits 0-13, LBO >> 4 in 16-29, SBO >> 4 in 32-45, base offset 0 (the
 // 128-byte swizzle's atoms are 1024-byte aligned), swizzle mode in 62-63 (1: 128-byte swizzle, 0: none).
