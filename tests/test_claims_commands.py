@@ -104,7 +104,8 @@ GPU_ONLY = [
 # a tiny script run may end with 1 when it ran but its verdict is negative
 SCRIPT_TINY_RC = {"evidence_kd_vs_ce.py": (0, 1)}
 # CPU modes of GPU scripts, run beside --help
-SCRIPT_CPU_RUNS = {"gpu_kernels.py": ["report {root}/docs/bench/kernels_h100_2026-11-26_timerfix.csv"]}
+SCRIPT_CPU_RUNS = {"gpu_kernels.py": ["report {root}/docs/bench/kernels_h100_2026-11-26_timerfix.csv"],
+                   "gpu_session.py": ["--list"]}
 
 
 # -- reading the docs --------------------------------------------------------------------------
