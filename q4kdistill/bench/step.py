@@ -23,6 +23,7 @@ never the end of the run.
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 
@@ -224,6 +225,9 @@ def run(bench: StepBench, log=print) -> dict:
     students = ours.students()
     rows = []
     log(f"bench step on {backend.gpu_name()}: teacher {model.path} ({tcfg.architecture}, {tcfg.n_layers} blocks)")
+    environment = {k: v for k, v in sorted(os.environ.items()) if k.startswith("Q4KDISTILL_")}
+    if environment:
+        log("settings from the environment: " + " ".join(f"{k}={v}" for k, v in environment.items()))
     for shape in bench.shapes:
         rows.append(ours.forward_row(shape, _batches(tcfg.vocab_size, shape, ours.xp)))
         log(_line(rows[-1]))
@@ -246,6 +250,7 @@ def run(bench: StepBench, log=print) -> dict:
             "teacher": {"source": model.path, "architecture": tcfg.architecture, "n_layers": tcfg.n_layers,
                         "resident_bytes": teacher_resident},
             "settings": {k: v for k, v in asdict(bench).items() if k not in ("rows", "teacher")},
+            "environment": environment,
             "rows": rows, "ratios": ratios(rows)}
 
 
