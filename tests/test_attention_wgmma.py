@@ -271,3 +271,27 @@ def test_gpu_wgmma_backward_matches_reference_and_mma(monkeypatch, B, T, H, KV, 
         got[kind] = [x.get() for x in (o,) + flash_attention_backward(cupy.asarray(do, dtype=np.float32), cache)]
     check_all(got["wgmma"], want, BOUNDS[dtype], f"wgmma {dtype}")
     check_all(got["wgmma"], [x.astype(np.float64) for x in got["mma"]], BOUNDS[dtype], f"wgmma vs mma {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "gemma3-swa"])
+def test_gpu_teacher_with_wgmma_attention_matches_numpy(name, tmp_path, monkeypatch):
+    """The teacher with $Q4KDISTILL_FA_FWD=wgmma (its attention on the wgmma forward, 16-bit o) against its
+    NumPy path, as tests/test_teacher_gpu.py holds the default kernels (the tiny families: 64-wide heads;
+    gemma3-swa: sliding windows)."""
+    from q4kdistill.teacher.model import Teacher
+    from test_teacher_forward import write_family
+    from test_teacher_gpu import padded
+    from test_teacher_real import cosine_rows
+
+    _need_wgmma()
+    monkeypatch.setenv(fm.FWD_ENV, "wgmma")
+    path = write_family(name, tmp_path, seed=9)
+    cpu, gpu = Teacher.load(path, device="cpu", log=None), Teacher.load(path, device="cuda", log=None)
+    if gpu.config.head_dim not in fm.WGMMA_TILES:
+        pytest.skip(f"head size {gpu.config.head_dim} has no wgmma tile")
+    ids, mask = padded(cpu.vocab_size, 4, 200, seed=4)                 # 2 query tiles of 128, padding
+    want = cpu.logits_for_batch(ids, mask)[mask]
+    from q4kdistill import backend
+    got = backend.to_host(gpu.logits_for_batch(ids, mask))[mask]
+    assert np.isfinite(got).all() and cosine_rows(got, want).min() >= 0.9999
