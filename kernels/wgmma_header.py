@@ -26,52 +26,45 @@ TT_NS = (64,)                    # attention's dQ = dS K (N = 64 columns a warpg
 S8_NS = (128,)                   # the int8 GEMM (csrc/gemm_wgmma_s8.cu: N = its BN)
 
 
-def _one(n: int, bf16: bool, rs: bool, tt: bool = False) -> str:
+def _wrapper(struct: str, n: int, acc: str, a_arg: str, instr: str, a_ops: str, b_op: str, tail: str, ins: str) -> str:
+    """One explicit specialisation: run(d, a, b, scale_d) around a wgmma with N / 2 accumulators d (acc: "float"
+    ("+f") or "int" ("+r")), scale-d from a predicate set from scale_d."""
     regs = n // 2
-    kind = "bf16" if bf16 else "f16"
     outs = ", ".join(f"%{i}" for i in range(regs))
-    if rs:
-        a_ops, b_op, p_op, tail = f"{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}", f"%{regs + 4}", regs + 5, "1, 1, 1"
-        a_arg = "const unsigned (&a)[4]"
-        ins = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d)'
-    else:
-        a_ops, b_op, p_op, tail = f"%{regs}", f"%{regs + 1}", regs + 2, "1, 1, 1, 1" if tt else "1, 1, 0, 0"
-        a_arg = "unsigned long long a"
-        ins = '"l"(a), "l"(b), "r"(scale_d)'
-    struct = "GwMmaRS" if rs else "GwMmaTT" if tt else "GwMma"
-    lines = [f"template <> struct {struct}<{n}, {'true' if bf16 else 'false'}> {{",
-             f"    static __device__ __forceinline__ void run(float (&d)[{regs}], {a_arg}, unsigned long long b, "
+    p_op = regs + a_ops.count("%") + 1
+    lines = [f"template <> struct {struct} {{",
+             f"    static __device__ __forceinline__ void run({acc} (&d)[{regs}], {a_arg}, unsigned long long b, "
              "int scale_d = 1) {",
              '        asm volatile("{\\n.reg .pred p;\\n"',
              f'                     "setp.ne.b32 p, %{p_op}, 0;\\n"',
-             f'                     "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{kind}.{kind} "',
+             f'                     "{instr} "',
              f'                     "{{{outs}}}, "',
-             f'                     "{a_ops}, {b_op}, p, {tail};\\n}}\\n"']
-    cons = [f'"+f"(d[{i}])' for i in range(regs)]
+             f'                     "{a_ops}, {b_op}, p{tail};\\n}}\\n"']
+    cons = [f'"+{"f" if acc == "float" else "r"}"(d[{i}])' for i in range(regs)]
     rows = [", ".join(cons[i:i + 8]) for i in range(0, regs, 8)]
     lines.append("                     : " + (",\n                       ".join(rows)))
-    lines.append(f"                     : {ins});")
+    lines.append(f"                     : {ins}, \"r\"(scale_d));")
     lines += ["    }", "};"]
     return "\n".join(lines)
+
+
+def _one(n: int, bf16: bool, rs: bool, tt: bool = False) -> str:
+    regs, kind = n // 2, ("bf16" if bf16 else "f16")
+    struct = f"{'GwMmaRS' if rs else 'GwMmaTT' if tt else 'GwMma'}<{n}, {'true' if bf16 else 'false'}>"
+    instr = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{kind}.{kind}"
+    if rs:
+        return _wrapper(struct, n, "float", "const unsigned (&a)[4]", instr,
+                        f"{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}", f"%{regs + 4}", ", 1, 1, 1",
+                        '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)')
+    return _wrapper(struct, n, "float", "unsigned long long a", instr, f"%{regs}", f"%{regs + 1}",
+                    ", 1, 1, 1, 1" if tt else ", 1, 1, 0, 0", '"l"(a), "l"(b)')
 
 
 def _s8(n: int) -> str:
     regs = n // 2
-    outs = ", ".join(f"%{i}" for i in range(regs))
-    lines = [f"template <> struct GwMmaS8<{n}> {{",
-             f"    static __device__ __forceinline__ void run(int (&d)[{regs}], unsigned long long a, unsigned long long b, "
-             "int scale_d = 1) {",
-             '        asm volatile("{\\n.reg .pred p;\\n"',
-             f'                     "setp.ne.b32 p, %{regs + 2}, 0;\\n"',
-             f'                     "wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 "',
-             f'                     "{{{outs}}}, "',
-             f'                     "%{regs}, %{regs + 1}, p;\\n}}\\n"']
-    cons = [f'"+r"(d[{i}])' for i in range(regs)]
-    rows = [", ".join(cons[i:i + 8]) for i in range(0, regs, 8)]
-    lines.append("                     : " + (",\n                       ".join(rows)))
-    lines.append('                     : "l"(a), "l"(b), "r"(scale_d));')
-    lines += ["    }", "};"]
-    return "\n".join(lines)
+    return _wrapper(f"GwMmaS8<{n}>", n, "int", "unsigned long long a",
+                    f"wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8", f"%{regs}", f"%{regs + 1}", "",
+                    '"l"(a), "l"(b)')
 
 
 def header() -> str:

@@ -380,6 +380,19 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
     for (int mt = 0; mt < MT; ++mt) fa_finish_rows<D, OUT>(acc[mt], m[mt], l[mt], rows[mt], b, h, T, H, tig, o, lse);
 }
 
+// two columns (at, at + 1) of a key row's dK and dV: stored where one query head owns the kv head (G = 1),
+// added where the G query heads of a kv head share it (dk, dv zeroed by the caller)
+static __device__ __forceinline__ void fa_put_dkdv(float* dk, float* dv, size_t at, float k0, float k1, float v0,
+                                                   float v1, int G) {
+    if (G == 1) {
+        *reinterpret_cast<float2*>(dk + at) = make_float2(k0, k1);
+        *reinterpret_cast<float2*>(dv + at) = make_float2(v0, v1);
+    } else {
+        fa_red2(dk + at, k0, k1);
+        fa_red2(dv + at, v0, v1);
+    }
+}
+
 template <int D, int BC, int DSPLIT, bool BF16>
 static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                    const float* lse, const float* drow, const u8* mask, int T, int H,
@@ -536,15 +549,8 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
         #pragma unroll
         for (int t = 0; t < DPT; ++t) {
             const int col = d0 + 8 * t + 2 * tig;
-            const float k0 = dka[t][2 * r] * (scale * unscale), k1 = dka[t][2 * r + 1] * (scale * unscale);
-            const float v0 = dva[t][2 * r] * unscale, v1 = dva[t][2 * r + 1] * unscale;
-            if (G == 1) {
-                *reinterpret_cast<float2*>(dk + row * D + col) = make_float2(k0, k1);
-                *reinterpret_cast<float2*>(dv + row * D + col) = make_float2(v0, v1);
-            } else {                                             // G query heads share this kv head
-                fa_red2(dk + row * D + col, k0, k1);
-                fa_red2(dv + row * D + col, v0, v1);
-            }
+            fa_put_dkdv(dk, dv, row * D + col, dka[t][2 * r] * (scale * unscale), dka[t][2 * r + 1] * (scale * unscale),
+                        dva[t][2 * r] * unscale, dva[t][2 * r + 1] * unscale, G);
         }
     }
 }

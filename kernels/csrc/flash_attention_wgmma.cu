@@ -459,15 +459,8 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         #pragma unroll
         for (int n = 0; n < DT; ++n) {
             const int col = 8 * n + 2 * tig;
-            const float a0 = DK[n][2 * r] * (scale * unscale), a1 = DK[n][2 * r + 1] * (scale * unscale);
-            const float v0 = DV[n][2 * r] * unscale, v1 = DV[n][2 * r + 1] * unscale;
-            if (G == 1) {
-                *reinterpret_cast<float2*>(dk + row * D + col) = make_float2(a0, a1);
-                *reinterpret_cast<float2*>(dv + row * D + col) = make_float2(v0, v1);
-            } else {                                             // G query heads share this kv head
-                fa_red2(dk + row * D + col, a0, a1);
-                fa_red2(dv + row * D + col, v0, v1);
-            }
+            fa_put_dkdv(dk, dv, row * D + col, DK[n][2 * r] * (scale * unscale), DK[n][2 * r + 1] * (scale * unscale),
+                        DV[n][2 * r] * unscale, DV[n][2 * r + 1] * unscale, G);
         }
     }
 }
