@@ -52,8 +52,8 @@ PARTS = {
                            "'{out}/pin.json', 'NVIDIA H200', 'gemm_wgmma_linked', 65)\"", {}, 30),
         ("teacher_fused_gemm", f"{PY} q4kdistill bench step --shapes 8x512 --only --no-peer "
                                "--json {out}/step_fused_gemm.json", {"Q4KDISTILL_TUNING": "{out}/pin.json"}, 150)],
-    5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_real.py tests/test_teacher_gpu.py "
-                          "tests/test_attention_wgmma.py -k 'gpu or real'", {}, 540)],
+    5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_gpu.py tests/test_teacher_cache.py tests/test_audit.py",
+         {}, 540)],
 }
 
 
