@@ -193,10 +193,13 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
     float (&O)[DT][4] = reinterpret_cast<float (&)[DT][4]>(acc);
 
-    // Tile t (FIRST: t = 0, which has no P V of a previous tile: its own copy of the body, since a wgmma
-    // in a branch of its own makes ptxas serialise the whole pipeline)
-    auto tile_step = [&](auto first, int t) {
-        constexpr bool FIRST = decltype(first)::value;
+    // Tile t. Tile 0 has no previous tile's P V: it multiplies P = 0 (pa zeroed) by tile 0's V instead, so that
+    // every iteration issues the same two wgmma groups (a group issued in a branch of its own makes ptxas
+    // serialise the pipeline; NVRTC compiles no lambda to give tile 0 its own copy of the body). V is finite
+    // (rows past T are zero-filled), so 0 V adds zeros to the zero O.
+    #pragma unroll
+    for (int i = 0; i < BN / 16; ++i) pa[i][0] = pa[i][1] = pa[i][2] = pa[i][3] = 0u;
+    for (int t = 0; t < ntiles; ++t) {
         const int j0 = j_first + BN * t;
         gw_cp_wait<STAGES - 3>();                                  // 1.
         gw_fence_async();
@@ -210,28 +213,22 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
 
         gw_pin(s);                                                 // (every register a wgmma reads or
         gw_pin(acc);                                               // writes is final before the fence:
-        if (!FIRST) gw_pin(pa);                                    // else ptxas serialises the wgmma)
+        gw_pin(pa);                                                // else ptxas serialises the wgmma)
         gw_mma_fence();                                            // 3.
         faw_qk<D, BN, BM, BF16>(s, q_at, gw_smem(Ks + (t % STAGES) * L::KV));
         gw_mma_commit();
-        if (!FIRST) {
-            faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + ((t - 1) % STAGES) * L::KV));   // 4.
-            gw_mma_commit();
-        }
-        gw_mma_wait<FIRST ? 0 : 1>();                              // 5.
+        faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
+        gw_mma_commit();                                           // 4. (tile 0: P = 0 times its own V)
+        gw_mma_wait<1>();                                          // 5.
         gw_pin(s);
         // every (row, key) pair of this warp's 16 rows visible: no padding mask, below the diagonal, inside the window
         const bool all_visible = mask_b == nullptr && r0 + 15 < T && j0 + BN - 1 <= r0 && r0 + 15 - j0 < window;
         faw_softmax<NT>(S, m, l, alpha, rows, all_visible, j0, tig, T, window, mask_b, sl2);
-        if (!FIRST) {
-            gw_mma_wait<0>();                                      // 6.
-            gw_pin(acc);
-            gw_pin(pa);
-        }
+        gw_mma_wait<0>();                                          // 6.
+        gw_pin(acc);
+        gw_pin(pa);
         faw_rescale_pack<NT, DT, BF16>(O, S, pa, alpha);
-    };
-    tile_step(GwConst<true>{}, 0);
-    for (int t = 1; t < ntiles; ++t) tile_step(GwConst<false>{}, t);
+    }
     gw_pin(acc);                                                   // the last tile's P V
     gw_pin(pa);
     gw_mma_fence();

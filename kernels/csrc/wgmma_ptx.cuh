@@ -8,8 +8,6 @@
 
 typedef unsigned long long u64;
 
-// a compile-time flag as a type, for generic lambdas that unroll a loop body's variants
-template <bool B> struct GwConst { static constexpr bool value = B; };
 
 #ifndef GW_EMULATE
 static __device__ __forceinline__ u32 gw_smem(const void* p) {
