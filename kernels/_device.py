@@ -265,10 +265,14 @@ def _raise_shared_limit(kernel, key, args, shared: int):
     fails without it). Kept per (kernel, argument kinds) = `key`: the attribute only ever grows."""
     if _SHARED_RAISED.get(key, 0) >= shared:
         return
-    from cupy.cuda import driver
+    from numba.cuda.cudadrv.driver import binding, driver
 
-    handle = int(_compiled(kernel, args, compile=True)._codelibrary.get_cufunc().handle)
-    driver.funcSetAttribute(handle, 8, int(shared))      # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    # Numba loads kernels as a library's CUkernel (cuLaunchKernel takes it for a CUfunction, cuFuncSetAttribute
+    # does not: CUDA_ERROR_INVALID_HANDLE on the H200), so the attribute goes through cuKernelSetAttribute, as
+    # Numba's own set_shared_memory_carveout does
+    cufunc = _compiled(kernel, args, compile=True)._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, int(shared), cufunc.handle, cufunc.device.id)
     _SHARED_RAISED[key] = shared
 
 

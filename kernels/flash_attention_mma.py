@@ -19,10 +19,10 @@ and the backward at 168; MT 2 needs ~246 (a cap of 240 spills 40 B): uncapped, 2
 
 On an sm_90 GPU the forward can run on the warpgroup tensor cores instead (csrc/flash_attention_wgmma.cu,
 FlashAttention-3's consumer algorithm: wgmma reads Q and K from shared memory and P from registers,
-tiles in dynamic shared memory; D = 64 and 128, WGMMA_TILES): $Q4KDISTILL_FA_FWD=wgmma picks it
-(forward_kind), "mma" or unset keeps the mma.sync forward until a GPU run has measured it; likewise
-its backward (FlashAttention-3's products: S^T, dP^T, dV, dK and dQ on wgmma, a CTA per 128 keys) with
-$Q4KDISTILL_FA_BWD=wgmma (backward_kind).
+tiles in dynamic shared memory; D = 64 and 128, WGMMA_TILES), and its backward (FlashAttention-3's products:
+S^T, dP^T, dV, dK and dQ on wgmma, a CTA per 128 keys). They are the default for D = 128 (WGMMA_DEFAULT:
+1.7x / 2.1x the mma kernels on an H200), not for D = 64 (no gain measured); $Q4KDISTILL_FA_FWD and
+$Q4KDISTILL_FA_BWD = mma | wgmma choose either way (forward_kind, backward_kind).
 
 The simulator cannot run C: it runs the FP32 twin (flash_attention.py); the CPU suite runs this C
 through tests/flash_attention_emulate.cpp and tests/flash_attention_wgmma_emulate.cpp.
@@ -166,11 +166,16 @@ def wgmma_smem(D: int, bn: int, nwg: int, stages: int) -> int:
     return 64 * nwg * D * 2 + 2 * stages * bn * D * 2 + 1024
 
 
+WGMMA_DEFAULT = (128,)   # head sizes whose attention runs on wgmma unless $Q4KDISTILL_FA_FWD / _BWD say "mma":
+# H200, 2026-12-05, T = 8192 (docs/perf.md twelfth stop): D = 128 forward 2.54 against 4.30 ms (mma), backward 5.80
+# against 12.38; D = 64 1.13 / 2.60 against 1.05 / 2.66 (no gain, so it stays on mma.sync)
+
+
 def _kind(env_name: str, D: int) -> str:
     env = os.environ.get(env_name, "").strip()
     if env not in ("", "mma", "wgmma"):
         raise Q4KError(f"{env_name}={env!r}: expected mma or wgmma")
-    if env != "wgmma" or D not in WGMMA_TILES:
+    if D not in WGMMA_TILES or env == "mma" or (env == "" and D not in WGMMA_DEFAULT):
         return "mma"
     from .linked import wgmma_available
 
@@ -178,8 +183,8 @@ def _kind(env_name: str, D: int) -> str:
 
 
 def forward_kind(D: int) -> str:
-    """"wgmma" where $Q4KDISTILL_FA_FWD=wgmma, the head size has a wgmma tile (64, 128) and the GPU is
-    an sm_90 (H100, H200); else "mma". Read at every launch."""
+    """"wgmma" on an sm_90 GPU (H100, H200) for a head size with a wgmma tile (64, 128) where
+    $Q4KDISTILL_FA_FWD=wgmma, or where it is unset and D is in WGMMA_DEFAULT; else "mma". Read at every launch."""
     return _kind(FWD_ENV, D)
 
 
@@ -206,7 +211,7 @@ def wgmma_bwd_smem(D: int) -> int:
 
 
 def backward_kind(D: int) -> str:
-    """"wgmma" where $Q4KDISTILL_FA_BWD=wgmma, D is 64 or 128 and the GPU is an sm_90; else "mma"."""
+    """The same rule as forward_kind, for the backward and $Q4KDISTILL_FA_BWD."""
     return _kind(BWD_ENV, D)
 
 

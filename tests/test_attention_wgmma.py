@@ -144,7 +144,10 @@ def test_emulated_wgmma_backward_matches_float64_reference(emulated, B, T, H, KV
 
 def test_backward_kind_by_environment(monkeypatch):
     monkeypatch.delenv(fm.BWD_ENV, raising=False)
-    assert fm.backward_kind(64) == fm.backward_kind(128) == "mma"
+    here = "wgmma" if linked.wgmma_available() else "mma"
+    assert fm.backward_kind(64) == "mma" and fm.backward_kind(128) == here         # the measured default
+    monkeypatch.setenv(fm.BWD_ENV, "mma")
+    assert fm.backward_kind(128) == "mma"
     monkeypatch.setenv(fm.BWD_ENV, "wgmma")
     want = "wgmma" if linked.wgmma_available() else "mma"
     assert fm.backward_kind(64) == fm.backward_kind(128) == want and fm.backward_kind(256) == "mma"
@@ -155,7 +158,10 @@ def test_backward_kind_by_environment(monkeypatch):
 
 def test_forward_kind_by_environment(monkeypatch):
     monkeypatch.delenv(fm.FWD_ENV, raising=False)
-    assert fm.forward_kind(64) == fm.forward_kind(128) == "mma"            # opt-in until a GPU has timed it
+    here = "wgmma" if linked.wgmma_available() else "mma"
+    assert fm.forward_kind(64) == "mma" and fm.forward_kind(128) == here          # D = 128 by default (measured)
+    monkeypatch.setenv(fm.FWD_ENV, "mma")
+    assert fm.forward_kind(128) == "mma"
     monkeypatch.setenv(fm.FWD_ENV, "wgmma")
     want = "wgmma" if linked.wgmma_available() else "mma"
     assert fm.forward_kind(64) == fm.forward_kind(128) == want

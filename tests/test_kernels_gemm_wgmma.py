@@ -241,7 +241,9 @@ def test_linked_on_gpu(name, qtype, N, K):
         assert pool.used_bytes() == before, (name, M, "memory kept after the call")
         ref = x.astype(cp.float64) @ w16.T
         err = float(cp.linalg.norm(out.astype(cp.float64) - ref) / cp.linalg.norm(ref))
-        assert bool(cp.isfinite(out).all()) and err <= 1e-5, (name, qtype, N, K, M, err)
+        # FP32 accumulation on the tensor cores over K up to 18944 (H200: 2.2e-5 at K = 18944; the CPU emulation's
+        # exact-order sums 1e-7); the variants' bound against the exact product is 2e-3
+        assert bool(cp.isfinite(out).all()) and err <= 1e-4, (name, qtype, N, K, M, err)
 
 
 @pytest.mark.gpu

