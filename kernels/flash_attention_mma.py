@@ -126,8 +126,10 @@ REGISTER_CAP: dict = {("bwd", 64): 168, ("fwd", 64, 1): 128}
 
 
 def _jit(max_registers):
-    """cuda.jit, with the register cap when there is one."""
-    return cuda.jit if max_registers is None else cuda.jit(max_registers=max_registers)
+    """linked.linked_jit (link-time optimisation), with the register cap when there is one."""
+    from .linked import linked_jit
+
+    return linked_jit(max_registers)
 
 
 def _forward_jit(fn, max_registers=None):

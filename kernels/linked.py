@@ -75,6 +75,36 @@ def data_ptr(typingctx, a):
     return sig, codegen
 
 
+def lto_available() -> bool:
+    """Whether numba-cuda links with nvJitLink here (the ``nvidia-nvjitlink`` wheel, which the ``gpu`` extra
+    installs through ``numba-cuda[cu13]``, or a CUDA toolkit's libnvJitLink)."""
+    from numba.cuda.decorators import _have_nvjitlink
+
+    return bool(_have_nvjitlink())
+
+
+_warned_no_lto = []
+
+
+def linked_jit(max_registers=None):
+    """cuda.jit for a Numba kernel that calls linked CUDA C, with link-time optimisation: NVRTC compiles the C
+    to LTO-IR and nvJitLink inlines it into the kernel, so ptxas sees one kernel. Without it the C is a
+    separately compiled ABI function: ptxas spills around the call and serialises every wgmma pipeline
+    (its note C7509, "the presence of Extern calls"), which measured the wgmma kernels at a third of their
+    count. Without nvJitLink: a plain link and one warning."""
+    lto = lto_available()
+    if not lto and not SIMULATOR and not _warned_no_lto:
+        _warned_no_lto.append(True)
+        import warnings
+
+        warnings.warn("q4kdistill: nvJitLink not found (pip install nvidia-nvjitlink): the linked CUDA C kernels "
+                      "are linked without LTO, and the wgmma ones run serialised", RuntimeWarning, stacklevel=2)
+    opts = {"lto": True} if lto else {}
+    if max_registers is not None:
+        opts["max_registers"] = max_registers
+    return cuda.jit(**opts)
+
+
 def _require_gpu(what: str):
     if SIMULATOR:
         raise Q4KError(f"{what} links CUDA C and runs on a GPU only (the Numba simulator cannot run it)")
@@ -132,7 +162,7 @@ def _quantize_kernel():
     fn = cuda.declare_device("q8_quantize", types.int32(_PTR, _PTR, _PTR, _I32, _PTR, _I32),
                              link=[source_with("", "quantize_x.cu")], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(x, xq, xds, nblocks, zero, n_zero):
         fn(data_ptr(x), data_ptr(xq), data_ptr(xds), np.int32(nblocks), data_ptr(zero), np.int32(n_zero))
 
@@ -146,7 +176,7 @@ def _quantize_frag_kernel(per256: bool = False):
                              types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR, _I32),
                              link=[source_with("", "quantize_x.cu")], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(x, M, K, n_tiles, xf, dsf, zero, n_zero):
         fn(data_ptr(x), np.int32(M), np.int32(K), np.int32(n_tiles), data_ptr(xf), data_ptr(dsf), data_ptr(zero),
            np.int32(n_zero))
@@ -191,7 +221,7 @@ def gemv_kernel(qtype: str, M: int, rows: int, warps: int):
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR, _PTR),
                              link=[source_with(extra, file)], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(w, row_bytes, n_out, K, xq, xds, out):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), data_ptr(xq), data_ptr(xds), data_ptr(out))
 
@@ -204,7 +234,7 @@ def f32_kernel(M: int, rows: int, warps: int):
     file, name, extra = f32_source(M, rows, warps)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR, _PTR), link=[source_with(extra, file)], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(w, row_bytes, n_out, K, x, out):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), data_ptr(x), data_ptr(out))
 
@@ -221,7 +251,7 @@ def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _PTR),
                              link=[source_with(extra, file)], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(w, row_bytes, n_out, K, M, xq, xds, out):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(xq), data_ptr(xds),
            data_ptr(out))
@@ -233,7 +263,7 @@ def mma_kernel(qtype: str, n_tiles: int, warps: int, stages: int = 4, rows: bool
 def _cast_kernel():
     fn = cuda.declare_device("f32_to_f16", types.int32(_PTR, _PTR, _I32), link=[source_with("", "decode_cast.cu")], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(x, out, n8):
         fn(data_ptr(x), data_ptr(out), np.int32(n8))
 
@@ -263,7 +293,7 @@ def _decode_kernel(qtype: str, staged: bool = False):
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _PTR),
                              link=[source_with("", "decode_cast.cu")], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(w, row_bytes, n_rows, K, out):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_rows), np.int32(K), data_ptr(out))
 
@@ -572,7 +602,7 @@ def gemm_mma_kernel(qtype: str, bm: int, bn: int, wm: int, wn: int, stages: int)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR),
                              link=[source_with(extra, file)], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(w, row_bytes, n_out, K, M, x, out):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x), data_ptr(out))
 
@@ -655,7 +685,7 @@ def gemm_wgmma_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int, out1
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32),
                              link=[source_with(extra, file)], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(w, row_bytes, n_out, K, M, x, out, ldo):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x), data_ptr(out),
            np.int32(ldo))
@@ -746,7 +776,7 @@ def gemm_wgmma_s8_kernel(qtype: str, out16: bool):
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32, _PTR, _I32),
                              link=[source_with(extra, file)], abi="c")
 
-    @cuda.jit
+    @linked_jit()
     def kernel(w, row_bytes, n_out, K, M, x8, dx, Mp, out, ldo):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x8), data_ptr(dx),
            np.int32(Mp), data_ptr(out), np.int32(ldo))

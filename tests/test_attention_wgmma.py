@@ -301,3 +301,30 @@ def test_gpu_teacher_with_wgmma_attention_matches_numpy(name, tmp_path, monkeypa
     from q4kdistill import backend
     got = backend.to_host(gpu.logits_for_batch(ids, mask))[mask]
     assert np.isfinite(got).all() and cosine_rows(got, want).min() >= 0.9999
+
+
+
+@pytest.mark.gpu
+def test_gpu_wgmma_kernels_are_built_with_link_time_optimisation():
+    """On the GPU the linked C must be inlined into the Numba kernel (nvJitLink): linked as a separate ABI
+    function, the forward spills to local memory and ptxas serialises its wgmma pipeline (kernels/link_check.py,
+    tests/test_link_check.py)."""
+    import cupy
+
+    if not linked.wgmma_available():
+        pytest.skip("needs an sm_90 GPU")
+    assert linked.lto_available(), "nvJitLink not found: pip install nvidia-nvjitlink (the gpu extra has it)"
+    rng = cupy.random.default_rng(0)
+    q = rng.standard_normal((1, 256, 2, 128), dtype=np.float32)
+    kv = rng.standard_normal((1, 256, 1, 128), dtype=np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(fm.FWD_ENV, "wgmma")
+        mp.setenv(fm.BWD_ENV, "wgmma")
+        o, lse, extra = fm.mma_attention_forward(q, kv, kv, None, None, 128 ** -0.5, "bf16")
+        cache = type("Cache", (), dict(extra=extra, o=o, lse=lse, key_mask=None, window=None, scale=128 ** -0.5))
+        fm.mma_attention_backward(cupy.ones_like(q), cache)
+    cupy.cuda.Device().synchronize()
+    for kernel in (fm._wgmma_forward_kernel(128, True, 0)[0], fm._wgmma_backward_kernel(128, True)[0]):
+        local = kernel.get_local_mem_per_thread()
+        regs = kernel.get_regs_per_thread()
+        assert local and all(v == 0 for v in local.values()), (local, regs)

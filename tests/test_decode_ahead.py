@@ -233,10 +233,11 @@ def _product16_hooks(setting, monkeypatch, seen):
 def test_gpu_teacher_products_in_float16(setting, family, tmp_path, monkeypatch):
     """$Q4KDISTILL_GLU_INPUTS=float16 (gate and up written in 16 bits by their GEMMs) and
     $Q4KDISTILL_QKV_PRODUCT=float16 (the stacked q/k/v product, then biased and rotated by
-    qkv_rope_split) against the default float32 products: one more fp16 rounding of those values,
+    qkv_rope_split; both the default) against float32 products: one more fp16 rounding of those values,
     cosine >= 0.9999 at every position."""
     from q4kdistill import backend
     from q4kdistill.formats import synthetic
+    from q4kdistill.teacher import forward
     from q4kdistill.teacher.model import Teacher
     from test_teacher_forward import write_family
     from test_teacher_real import cosine_rows
@@ -246,6 +247,8 @@ def test_gpu_teacher_products_in_float16(setting, family, tmp_path, monkeypatch)
     t = Teacher.load(path, device="cuda", log=None)
     rng = np.random.default_rng(3)
     ids = rng.integers(0, t.vocab_size, (2, 80))
+    monkeypatch.setenv(forward.GLU_INPUTS_ENV, "float32")
+    monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "float32")
     want = backend.to_host(t.logits_for_batch(ids)).reshape(-1, t.vocab_size)
     seen = []
     monkeypatch.setenv(_product16_hooks(setting, monkeypatch, seen), "float16")
@@ -265,3 +268,7 @@ def test_glu_inputs_setting_is_checked(monkeypatch):
         forward._setting16(forward.QKV_PRODUCT_ENV)
     monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "float16")
     assert forward._setting16(forward.QKV_PRODUCT_ENV)
+    monkeypatch.setenv(forward.QKV_PRODUCT_ENV, "float32")
+    assert not forward._setting16(forward.QKV_PRODUCT_ENV)
+    monkeypatch.delenv(forward.QKV_PRODUCT_ENV)
+    assert forward._setting16(forward.QKV_PRODUCT_ENV)      # float16 by default

@@ -202,9 +202,9 @@ def _fused_qkv(h, w: dict, cfg) -> bool:
 
 def qkv_rope(h, w: dict, cfg, cos_sin):
     """h [B, T, D] -> (q [B, T, H, hd], k, v [B, T, KV, hd]) in PRODUCT_DTYPE, biased and rotated:
-    one stacked product, one epilogue. The product is float32 unless $Q4KDISTILL_QKV_PRODUCT=float16
-    (opt-in, as $Q4KDISTILL_GLU_INPUTS: the 7B at 8x512 writes and reads 38 MB a block instead of 75;
-    the biases and rope then act on fp16 values; docs/perf.md, eleventh stop)."""
+    one stacked product, one epilogue. The product is written in float16 unless $Q4KDISTILL_QKV_PRODUCT=float32
+    (the 7B at 8x512 writes and reads 38 MB a block instead of 75; the biases and rope then act on fp16 values;
+    docs/perf.md, eleventh and thirteenth stops)."""
     from kernels.decode_ahead import matmul_stacked
     from kernels.fused_rope import qkv_rope_split
 
@@ -240,23 +240,24 @@ def attention_block(h, w: dict, cfg, layer, key_mask, cos_sin):
     return norm(a, w["post_attention_norm.weight"], cfg.norm_eps) if cfg.post_norms else a
 
 
-GLU_INPUTS_ENV = "Q4KDISTILL_GLU_INPUTS"   # float32 (default) or float16: the gate and up products' output
-QKV_PRODUCT_ENV = "Q4KDISTILL_QKV_PRODUCT"  # float32 (default) or float16: the stacked q/k/v product's output
+GLU_INPUTS_ENV = "Q4KDISTILL_GLU_INPUTS"   # float16 (default) or float32: the gate and up products' output
+QKV_PRODUCT_ENV = "Q4KDISTILL_QKV_PRODUCT"  # float16 (default) or float32: the stacked q/k/v product's output
 
 
 def _setting16(env: str) -> bool:
-    """Whether $env asks for float16 (float32, the default, or float16; anything else is an error)."""
-    how = os.environ.get(env, "").strip() or "float32"
+    """Whether $env asks for float16 (float16, the default, or float32; anything else is an error). Default
+    since the thirteenth stop: on the H200 the 7B teacher at 8x512 went 0.97x -> 1.01x of the peer with both,
+    and the real gemma-3 file's GPU parity held (docs/perf.md)."""
+    how = os.environ.get(env, "").strip() or "float16"
     if how not in ("float32", "float16"):
         raise Q4KError(f"{env}={how!r}: expected float32 or float16")
     return how == "float16"
 
 
 def _glu_inputs16(h, w: dict) -> bool:
-    """Whether gate and up are written in float16 by their GEMMs (opt-in, $Q4KDISTILL_GLU_INPUTS=float16):
-    the GLU reads half the bytes (the 7B at 8x512: 310 MB a block instead of 620), but gate and up must
-    then fit float16's range as the GLU's output already must. Off by default until a GPU A/B and the
-    real gemma-3 parity have had their say (docs/perf.md, tenth stop 4)."""
+    """Whether gate and up are written in float16 by their GEMMs (the default; $Q4KDISTILL_GLU_INPUTS=float32
+    keeps them float32): the GLU reads half the bytes (the 7B at 8x512: 310 MB a block instead of 620), but
+    gate and up must then fit float16's range as the GLU's output already must."""
     return _setting16(GLU_INPUTS_ENV) and _gpu(h) and w["ffn_gate.weight"].quantized and w["ffn_up.weight"].quantized
 
 

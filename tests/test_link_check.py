@@ -1,0 +1,95 @@
+"""The wgmma kernels as the GPU links them (NVRTC -> LTO-IR, Numba kernel, nvJitLink), read on the CPU:
+no serialised wgmma pipeline, no spills, <= 255 registers. tests/_helpers_nvcc.py checks the C alone in
+whole-program mode; this checks the link the GPU runs (kernels/link_check.py). Skips where NVRTC, NVVM or
+nvJitLink do not load (the test extra installs the nvidia-cuda-nvrtc and nvidia-nvjitlink wheels)."""
+import pytest
+from numba import types
+
+from kernels import link_check, linked
+from kernels import flash_attention_mma as fam
+
+pytestmark = pytest.mark.skipif(not link_check.available(), reason="needs NVRTC, NVVM and nvJitLink")
+
+P, I = types.voidptr, types.int32
+
+
+def _attention(kind, D, bf16):
+    if kind == "fwd":
+        name, extra = fam.wgmma_forward_source(D, bf16, 0)
+        sig = fam._FORWARD_SIG
+    else:
+        name, extra = fam.wgmma_backward_source(D, bf16)
+        sig = fam._BACKWARD_SIG
+    return linked.source_with(extra, "flash_attention_wgmma.cu"), name, sig
+
+
+def _gemm(qtype, s8):
+    if s8:
+        file, name, extra = linked.gemm_wgmma_s8_source(qtype, False)
+        sig = types.int32(P, I, I, I, I, P, P, I, P, I)
+    else:
+        file, name, extra = linked.gemm_wgmma_source(qtype, linked.WGMMA_BN[qtype], 2, 4, 1, False)
+        sig = types.int32(P, I, I, I, I, P, P, I)
+    return linked.source_with(extra, file), name, sig
+
+
+CASES = {
+    "attention_fwd_d128_bf16": lambda: _attention("fwd", 128, True),
+    "attention_fwd_d64_fp16": lambda: _attention("fwd", 64, False),
+    "attention_bwd_d128_bf16": lambda: _attention("bwd", 128, True),
+    "attention_bwd_d64_bf16": lambda: _attention("bwd", 64, True),
+    "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
+    "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
+    "gemm_wgmma_s8_q4k": lambda: _gemm("Q4_K", True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_wgmma_kernel_linked_as_on_the_gpu(case):
+    path, name, sig = CASES[case]()
+    v = link_check.verdict(path, name, sig)
+    assert not v["notes"], f"{case}: ptxas serialised the wgmma pipeline: {v['notes']}"
+    assert v["spill_bytes"] == 0 and v["stack_bytes"] == 0, (case, v["spill_bytes"], v["stack_bytes"], v["log"][-2000:])
+    assert v["registers"] is not None and v["registers"] <= 255, (case, v["registers"])
+
+
+def test_the_check_sees_a_serialised_pipeline(tmp_path):
+    """The check can fail: a wgmma group whose accumulator an ordinary instruction writes while it is in flight
+    is serialised by ptxas (C7510), and the verdict reports it."""
+    src = tmp_path / "bad.cu"
+    src.write_text(open(linked.source_with("", "flash_attention_wgmma.cu")).read() + r'''
+extern "C" __device__ int bad_wgmma(float* out, int n) {
+    __shared__ __align__(1024) unsigned short a[64 * 64], b[64 * 64];
+    float d[32];
+    for (int i = 0; i < 32; ++i) d[i] = 0.f;
+    a[threadIdx.x] = 0; b[threadIdx.x] = 0;
+    __syncthreads();
+    gw_mma_fence();
+    gw_mma<64>(d, gw_make_desc(gw_smem(a), 16, 1024, 1), gw_make_desc(gw_smem(b), 16, 1024, 1), 0);
+    gw_mma_commit();
+    d[n & 31] += 1.f;                      // written while the wgmma that writes it is in flight
+    gw_mma_wait<0>();
+    for (int i = 0; i < 32; ++i) out[32 * threadIdx.x + i] = d[i];
+    return 0;
+}
+''')
+    v = link_check.verdict(str(src), "bad_wgmma", types.int32(P, I))
+    assert v["notes"], v["log"][-2000:]
+
+
+def test_without_lto_the_same_function_spills_and_serialises():
+    """Why kernels/linked.linked_jit asks for LTO: compiled as the separate ABI function a plain link makes of
+    it (nvcc -rdc), the forward spills and ptxas serialises its pipeline (the twelfth stop's GPU runs)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    path, name, _ = _attention("fwd", 128, True)
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-rdc=true", "-c", "-Xptxas", "-v",
+                            "-o", f"{d}/k.o", path], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "C7509" in r.stderr and "spill" in r.stderr, r.stderr[-2000:]
