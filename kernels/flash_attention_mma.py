@@ -190,14 +190,29 @@ def forward_kind(D: int) -> str:
     return _kind(FWD_ENV, D)
 
 
-def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None) -> tuple:
+SCHED_ENV = "Q4KDISTILL_FA_SCHED"
+SCHEDS = (12, 13)   # the wgmma kernels' instruction schedule: 12 the twelfth stop's (timed, the default), 13 this
+# stop's (opt-in until timed): loads unrolled, the mask tested once a tile, tree reductions, the exponentials kept
+# before the wait for P V (docs/perf.md, thirteenth stop)
+
+
+def sched() -> int:
+    """$Q4KDISTILL_FA_SCHED (12 or 13; 12 when unset), read at each launch."""
+    env = os.environ.get(SCHED_ENV, "").strip() or "12"
+    if env not in tuple(map(str, SCHEDS)):
+        raise Q4KError(f"{SCHED_ENV}={env!r}: expected one of {', '.join(map(str, SCHEDS))}")
+    return int(env)
+
+
+def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None, schedule: int = 12) -> tuple:
     """(name, extern "C" wrapper) of faw_forward for head size D (tiles: (keys per tile, warpgroups,
-    slots); None: WGMMA_TILES[D]), o as OUTS says."""
+    slots); None: WGMMA_TILES[D]), o as OUTS says, in instruction schedule `schedule` (SCHEDS)."""
     bn, nwg, st = tiles or WGMMA_TILES[D]
-    name = f"faw_fwd_d{D}_n{bn}_g{nwg}_s{st}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
+    name = (f"faw_fwd_d{D}_n{bn}_g{nwg}_s{st}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
+            + ("" if schedule == 12 else f"_v{schedule}"))
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
-                  f'faw_forward<{D}, {bn}, {nwg}, {st}, {"true" if bf16 else "false"}, {out}>(q, k, v, '
+                  f'faw_forward<{D}, {bn}, {nwg}, {st}, {"true" if bf16 else "false"}, {out}, {schedule}>(q, k, v, '
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
@@ -217,23 +232,23 @@ def backward_kind(D: int) -> str:
     return _kind(BWD_ENV, D)
 
 
-def wgmma_backward_source(D: int, bf16: bool) -> tuple:
-    """(name, extern "C" wrapper) of faw_backward for head size D."""
-    name = f"faw_bwd_d{D}_{'bf16' if bf16 else 'fp16'}"
+def wgmma_backward_source(D: int, bf16: bool, schedule: int = 12) -> tuple:
+    """(name, extern "C" wrapper) of faw_backward for head size D, in instruction schedule `schedule`."""
+    name = f"faw_bwd_d{D}_{'bf16' if bf16 else 'fp16'}" + ("" if schedule == 12 else f"_v{schedule}")
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
                   f'const float* lse, const float* drow, const u8* mask, int has_mask, int T, int H, int KV, '
                   f'int window, float scale, const float* dout_scale, float* dq, float* dk, float* dv) {{ '
-                  f'faw_backward<{D}, {"true" if bf16 else "false"}>(q, k, v, dout, lse, drow, '
+                  f'faw_backward<{D}, {"true" if bf16 else "false"}, {schedule}>(q, k, v, dout, lse, drow, '
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
 
 
 @functools.lru_cache(maxsize=None)
-def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0):
+def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0, schedule: int = 12):
     """(Numba kernel, threads per block, query rows per block, dynamic shared memory bytes)."""
     from .linked import source_with
 
     bn, nwg, st = WGMMA_TILES[D]
-    name, extra = wgmma_forward_source(D, bf16, out)
+    name, extra = wgmma_forward_source(D, bf16, out, schedule=schedule)
     fn = cuda.declare_device(name, _FORWARD_SIG, link=[source_with(extra, "flash_attention_wgmma.cu")], abi="c")
     return _forward_jit(fn), 128 * nwg, 64 * nwg, wgmma_smem(D, bn, nwg, st)
 
@@ -264,11 +279,11 @@ def _backward_kernel(D: int, bf16: bool, max_registers=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _wgmma_backward_kernel(D: int, bf16: bool):
+def _wgmma_backward_kernel(D: int, bf16: bool, schedule: int = 12):
     """(Numba kernel, threads per block, keys per block, dynamic shared memory bytes)."""
     from .linked import source_with
 
-    name, extra = wgmma_backward_source(D, bf16)
+    name, extra = wgmma_backward_source(D, bf16, schedule)
     fn = cuda.declare_device(name, _BACKWARD_SIG, link=[source_with(extra, "flash_attention_wgmma.cu")], abi="c")
     return _backward_jit(fn), 256, WGMMA_BWD_TILE[0], wgmma_bwd_smem(D)
 
@@ -403,7 +418,7 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dt
     o = cupy.empty((B, T, H, D), dtype=np.float32 if out is None else out_dtype)
     lse = cupy.empty((B, H, T), dtype=np.float32)
     if forward_kind(D) == "wgmma":
-        kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out])
+        kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out], sched())
     else:
         mt = forward_mtiles(D, T)
         kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt)
@@ -432,7 +447,7 @@ def mma_attention_backward(do, cache):
     dk = acc((B, T, KV, D), dtype=np.float32)
     dv = acc((B, T, KV, D), dtype=np.float32)
     if backward_kind(D) == "wgmma":
-        kernel, threads, keys, smem = _wgmma_backward_kernel(D, dtype == "bf16")
+        kernel, threads, keys, smem = _wgmma_backward_kernel(D, dtype == "bf16", sched())
     else:
         kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)))
         smem = 0

@@ -15,14 +15,18 @@
 
 // The instantiations kernels/flash_attention_mma.py ships (WGMMA_TILES) and small ones that keep CI fast;
 // q, k, v are copied into one buffer, the only memory cp.async may read.
+#ifndef FAW_SCHED
+#define FAW_SCHED 12   // the instruction schedule (kernels/flash_attention_mma.py SCHEDS)
+#endif
+
 #define FAW_CASE(D_, BN_, NWG_, ST_)                                                                         \
     if (D == D_ && bn == BN_ && nwg == NWG_ && stages == ST_) {                                              \
         if (FawSmem<D_, BN_, NWG_, ST_>::BYTES > int(sizeof(emu_dyn))) return 2;                              \
         run_grid((T + 64 * NWG_ - 1) / (64 * NWG_), H, B, 128 * NWG_, [&] {                                  \
-            if (bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, true, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
-            else if (bf16 && out == 2) faw_forward<D_, BN_, NWG_, ST_, true, 2>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
-            else if (!bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, false, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
-            else faw_forward<D_, BN_, NWG_, ST_, false, 1>(qq, kk, vv, m, T, H, KV, window, scale, o, lse);  \
+            if (bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, true, 0, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16 && out == 2) faw_forward<D_, BN_, NWG_, ST_, true, 2, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (!bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, false, 0, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else faw_forward<D_, BN_, NWG_, ST_, false, 1, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse);  \
         });                                                                                                  \
         return 0;                                                                                            \
     }
@@ -65,8 +69,8 @@ extern "C" int emu_wgmma_backward(int D, int bf16, const u16* q, const u16* k, c
 #define FAW_BWD(D_)                                                                                            \
     if (D == D_) {                                                                                             \
         run_grid((T + 127) / 128, H, B, 256, [&] {                                                            \
-            if (bf16) faw_backward<D_, true>(qq, kk, vv, dd, lse, drow, m, T, H, KV, window, scale, dout_scale, dq, dk, dv); \
-            else faw_backward<D_, false>(qq, kk, vv, dd, lse, drow, m, T, H, KV, window, scale, dout_scale, dq, dk, dv); \
+            if (bf16) faw_backward<D_, true, FAW_SCHED>(qq, kk, vv, dd, lse, drow, m, T, H, KV, window, scale, dout_scale, dq, dk, dv); \
+            else faw_backward<D_, false, FAW_SCHED>(qq, kk, vv, dd, lse, drow, m, T, H, KV, window, scale, dout_scale, dq, dk, dv); \
         });                                                                                                    \
         return 0;                                                                                              \
     }

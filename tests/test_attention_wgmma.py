@@ -25,12 +25,14 @@ from test_attention_flash import EMU_BOUNDS, _bits16, _round16, check_lse, make_
 SMALL_TILES = [(64, 64, 1, 3), (64, 64, 2, 4), (128, 64, 1, 3)]   # (D, keys, warpgroups, slots) the harness has too
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+@pytest.fixture(scope="module", params=fm.SCHEDS)
+def emulated(tmp_path_factory, request):
+    """The emulated kernels in each instruction schedule (fm.SCHEDS): every emulated test runs on both."""
     from _helpers_emulate import build_emulator
 
     return build_emulator(tmp_path_factory, "flash_attention_wgmma_emulate.cpp",
-                          {"FAW_SOURCE": linked.CSRC / "flash_attention_wgmma.cu"}, include_dirs=[linked.CSRC])
+                          {"FAW_SOURCE": linked.CSRC / "flash_attention_wgmma.cu"}, include_dirs=[linked.CSRC],
+                          defines={"FAW_SCHED": request.param})
 
 
 def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0):
@@ -171,23 +173,33 @@ def test_forward_kind_by_environment(monkeypatch):
         fm.forward_kind(64)
 
 
+def test_schedule_setting(monkeypatch):
+    monkeypatch.delenv(fm.SCHED_ENV, raising=False)
+    assert fm.sched() == 12
+    monkeypatch.setenv(fm.SCHED_ENV, "13")
+    assert fm.sched() == 13
+    monkeypatch.setenv(fm.SCHED_ENV, "14")
+    with pytest.raises(Q4KError, match="FA_SCHED"):
+        fm.sched()
+
+
 def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
     from _helpers_nvcc import ptxas_sm90a
     text = linked.source_text("flash_attention_wgmma.cu")
     names = []
-    for D in fm.WGMMA_TILES:
+    for D, sched in ((D, sched) for D in fm.WGMMA_TILES for sched in fm.SCHEDS):
         for bf16 in (True, False):
             for out in (0, 2 if bf16 else 1):
-                name, extra = fm.wgmma_forward_source(D, bf16, out)
+                name, extra = fm.wgmma_forward_source(D, bf16, out, schedule=sched)
                 params = "q, k, v, mask, has_mask, T, H, KV, window, scale, o, lse"
                 text += extra + (f'extern "C" __global__ void k_{name}(const u16* q, const u16* k, const u16* v, '
                                  f'const u8* mask, int has_mask, int T, int H, int KV, int window, float scale, '
                                  f'void* o, float* lse) {{ {name}({params}); }}\n')
                 names.append(f"k_{name}")
     bwd_params = "q, k, v, dout, lse, drow, mask, has_mask, T, H, KV, window, scale, dout_scale, dq, dk, dv"
-    for D in fm.WGMMA_TILES:
+    for D, sched in ((D, sched) for D in fm.WGMMA_TILES for sched in fm.SCHEDS):
         for bf16 in (True, False):
-            name, extra = fm.wgmma_backward_source(D, bf16)
+            name, extra = fm.wgmma_backward_source(D, bf16, sched)
             text += extra + (f'extern "C" __global__ void k_{name}(const u16* q, const u16* k, const u16* v, '
                              f'const u16* dout, const float* lse, const float* drow, const u8* mask, int has_mask, '
                              f'int T, int H, int KV, int window, float scale, const float* dout_scale, float* dq, '
@@ -206,11 +218,13 @@ def _need_wgmma():
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(2, 1000, 8, 2, 64, None, [0, 37]), (1, 1537, 8, 1, 128, None, [5]),
                                                    (1, 2100, 4, 4, 128, 512, None), (1, 777, 14, 2, 64, 100, [3])])
-def test_gpu_wgmma_forward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype):
+@pytest.mark.parametrize("schedule", fm.SCHEDS)
+def test_gpu_wgmma_forward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype, schedule):
     import cupy
 
     from test_attention_flash import _reference_gpu
     _need_wgmma()
+    monkeypatch.setenv(fm.SCHED_ENV, str(schedule))
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D, pad=pad)
     q, k, v = (_round16(x, dtype) for x in (q, k, v))
     scale = D ** -0.5
@@ -254,7 +268,8 @@ def test_gpu_wgmma_forward_16_bit_o_and_a_long_sequence(monkeypatch):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(2, 1000, 8, 2, 64, None, [0, 37]), (1, 1537, 8, 1, 128, None, [5]),
                                                    (1, 2100, 4, 4, 128, 512, None), (1, 777, 14, 2, 64, 100, [3])])
-def test_gpu_wgmma_backward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype):
+@pytest.mark.parametrize("schedule", fm.SCHEDS)
+def test_gpu_wgmma_backward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype, schedule):
     """Both wgmma kernels (forward and backward) against the float64 reference, and their gradients
     against the mma.sync kernels' on the same inputs."""
     import cupy
@@ -262,6 +277,7 @@ def test_gpu_wgmma_backward_matches_reference_and_mma(monkeypatch, B, T, H, KV, 
     from q4kdistill.student.ops.flash_attention import flash_attention_backward, flash_attention_forward
     from test_attention_flash import BOUNDS, _reference_gpu, check_all
     _need_wgmma()
+    monkeypatch.setenv(fm.SCHED_ENV, str(schedule))
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D + 1, pad=pad)
     q, k, v, do = (_round16(x, dtype) for x in (q, k, v, do))
     scale = D ** -0.5

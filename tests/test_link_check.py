@@ -13,12 +13,12 @@ pytestmark = pytest.mark.skipif(not link_check.available(), reason="needs NVRTC,
 P, I = types.voidptr, types.int32
 
 
-def _attention(kind, D, bf16):
+def _attention(kind, D, bf16, schedule=12):
     if kind == "fwd":
-        name, extra = fam.wgmma_forward_source(D, bf16, 0)
+        name, extra = fam.wgmma_forward_source(D, bf16, 0, schedule=schedule)
         sig = fam._FORWARD_SIG
     else:
-        name, extra = fam.wgmma_backward_source(D, bf16)
+        name, extra = fam.wgmma_backward_source(D, bf16, schedule)
         sig = fam._BACKWARD_SIG
     return linked.source_with(extra, "flash_attention_wgmma.cu"), name, sig
 
@@ -38,6 +38,10 @@ CASES = {
     "attention_fwd_d64_fp16": lambda: _attention("fwd", 64, False),
     "attention_bwd_d128_bf16": lambda: _attention("bwd", 128, True),
     "attention_bwd_d64_bf16": lambda: _attention("bwd", 64, True),
+    "attention_fwd_d128_bf16_v13": lambda: _attention("fwd", 128, True, 13),
+    "attention_fwd_d64_fp16_v13": lambda: _attention("fwd", 64, False, 13),
+    "attention_bwd_d128_bf16_v13": lambda: _attention("bwd", 128, True, 13),
+    "attention_bwd_d64_bf16_v13": lambda: _attention("bwd", 64, True, 13),
     "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
     "gemm_wgmma_s8_q4k": lambda: _gemm("Q4_K", True),
@@ -93,3 +97,38 @@ def test_without_lto_the_same_function_spills_and_serialises():
                             "-o", f"{d}/k.o", path], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "C7509" in r.stderr and "spill" in r.stderr, r.stderr[-2000:]
+
+
+def _wheel_tool(name):
+    """A CUDA tool installed as an nvidia-* wheel (site-packages/nvidia/cu13/bin/name), or None."""
+    import glob
+    import site
+    import sys
+
+    for root in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
+        hits = glob.glob(f"{root}/nvidia/cu*/bin/{name}")
+        if hits:
+            return hits[0]
+    return None
+
+
+def test_schedule_13_keeps_the_exponentials_before_the_wait_for_p_v(tmp_path):
+    """The thirteenth stop's forward (kernels/csrc/flash_attention_wgmma.cu, SCHED 13): in the linked SASS every
+    MUFU.EX2 of the loop lies between the wait for S (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for P V, so the
+    exponentials overlap P V on the tensor cores; in schedule 12 ptxas moved them all after it."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvdisasm") or _wheel_tool("nvdisasm")
+    if tool is None:
+        pytest.skip("needs nvdisasm (CUDA toolkit or the nvidia-cuda-nvdisasm wheel)")
+    between = {}
+    for schedule in (12, 13):
+        cubin = tmp_path / f"f{schedule}.cubin"
+        link_check.verdict(*_attention("fwd", 128, True, schedule), cubin=str(cubin))
+        lines = subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
+        w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
+        w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
+        ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
+        between[schedule] = sum(w1 < i < w0 for i in ex2) / len(ex2)
+    assert between[13] > 0.9 and between[12] < 0.1, between

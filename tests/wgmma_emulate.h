@@ -93,6 +93,7 @@ template <int N> static inline void gw_cp_wait() {
 }
 
 static inline void gw_fence_async() {}
+static inline void gw_schedule_fence() {}
 static inline void gw_mma_fence() {}
 template <int R> static inline void gw_pin(float (&)[R]) {}
 template <int R> static inline void gw_pin(u32 (&)[R][4]) {}

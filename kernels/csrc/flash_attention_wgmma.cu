@@ -61,9 +61,10 @@ static __device__ __forceinline__ u32 faw_chunk(int r, int c) {
     return u32((c >> 3) * ROWS * 128 + 128 * r + 16 * ((c & 7) ^ (r & 7)));
 }
 
-// rows r0 .. r0 + ROWS of head `head` of a [T, heads, D] matrix -> tile (zero rows past T), by cp.async
+// rows r0 .. r0 + ROWS of head `head` of a [T, heads, D] matrix -> tile (zero rows past T), by cp.async (the twelfth
+// stop's form, kept while the thirteenth's is opt-in: its loop's trip count depends on tid, so nvcc leaves it rolled)
 template <int ROWS, int D, int THREADS>
-static __device__ __forceinline__ void faw_load(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
+static __device__ __forceinline__ void faw_load_v12(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
     constexpr int CH = D / 8;
     #pragma unroll
     for (int i = tid; i < ROWS * CH; i += THREADS) {
@@ -71,6 +72,23 @@ static __device__ __forceinline__ void faw_load(u8* tile, const u16* g, int r0, 
         const bool ok = r0 + r < T;
         gw_cp16(tile + faw_chunk<ROWS>(r, c), ok ? g + (size_t(r0 + r) * heads + head) * D + 8 * c : g, ok ? 16 : 0);
     }
+}
+
+// rows r0 .. r0 + ROWS of head `head` of a [T, heads, D] matrix -> tile (zero rows past T), by cp.async. Thread tid
+// copies chunk tid % CH of rows tid / CH + k THREADS / CH: a fixed trip count (it unrolls whatever tid is), one
+// global pointer stepped by a row stride, and shared offsets that differ by constants (THREADS / CH is a multiple
+// of 8, so the swizzle's r % 8 is the same for all k)
+template <int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void faw_load(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
+    constexpr int CH = D / 8, N = ROWS * CH, RS = THREADS / CH;
+    static_assert(N % THREADS == 0 && THREADS % CH == 0 && RS % 8 == 0, "every thread copies the same chunk column");
+    const int rr = tid / CH, c = tid % CH;
+    const size_t stride = size_t(heads) * D;
+    const u16* p = g + size_t(r0 + rr) * stride + size_t(head) * D + 8 * c;
+    u8* const t = tile + faw_chunk<ROWS>(rr, c);
+    #pragma unroll
+    for (int k = 0; k < N / THREADS; ++k)   // past T: 0 bytes read, 16 zeroed (the address is not accessed, as CUTLASS's zfill)
+        gw_cp16(t + k * RS * 128, p + size_t(k * RS) * stride, r0 + rr + k * RS < T ? 16 : 0);
 }
 
 // S = Q K^T of this warpgroup's 64 rows against a K tile: D / 16 wgmma, the first with scale-d 0
@@ -89,13 +107,73 @@ static __device__ __forceinline__ void faw_pv(float (&acc)[D / 2], const u32 (&p
     for (int kc = 0; kc < BN / 16; ++kc) gw_mma_rs<D, BF16>(acc, pa[kc], gw_make_desc(v_at + 2048 * kc, BN * 128, 1024, 1));
 }
 
-// The online softmax of one tile, on S (the thread's s[4 n + e] = S[rows[e >> 1]][j0 + 8 n + 2 tig + (e & 1)]):
-// masked scores in log2 units, the row max over the 4 lanes of a row, S = exp2(S - max) in place,
-// alpha = exp2(old max - new max), l = l alpha + the thread's part of the row sum.
+// A tile that is not fully visible: hidden scores -> -inf (the thread's s[4 n + e] is S[rows[e >> 1]][j0 + 8 n +
+// 2 tig + (e & 1)]). Kept out of faw_softmax so that fully visible tiles (all but the diagonal, window-edge and
+// padded ones) run no per-element test: the caller branches once a tile.
+template <int NT>
+static __device__ __forceinline__ void faw_mask(float (&S)[NT][4], const int (&rows)[2], int j0, int tig, int T,
+                                                int window, const u8* mask_b) {
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (!fa_visible(rows[e >> 1], j0 + 8 * n + 2 * tig + (e & 1), T, window, mask_b)) S[n][e] = -FA_INF;
+}
+
+// t[0] = max (SUM = false) or sum (SUM = true) of t[0 .. 2 W) as a tree, unrolled by recursion (a loop whose
+// inner bound halves is left rolled by nvcc, and t then lives in local memory)
+template <int W, bool SUM, int N>
+static __device__ __forceinline__ void faw_tree(float (&t)[N]) {
+    if constexpr (W >= 1) {
+        #pragma unroll
+        for (int n = 0; n < W; ++n) t[n] = SUM ? t[n] + t[n + W] : fmaxf(t[n], t[n + W]);
+        faw_tree<W / 2, SUM>(t);
+    }
+}
+
+// max (SUM = false) or sum (SUM = true) of the thread's 2 NT values of row r (e >> 1 == r) as a tree: NT is a power
+// of two, and a chain of 2 NT dependent instructions would stall at two warps a scheduler
+template <int NT, bool SUM>
+static __device__ __forceinline__ float faw_row_reduce(const float (&S)[NT][4], int r) {
+    static_assert((NT & (NT - 1)) == 0, "NT a power of two");
+    float t[NT];
+    #pragma unroll
+    for (int n = 0; n < NT; ++n) t[n] = SUM ? S[n][2 * r] + S[n][2 * r + 1] : fmaxf(S[n][2 * r], S[n][2 * r + 1]);
+    faw_tree<NT / 2, SUM>(t);
+    return t[0];
+}
+
+// The online softmax of one tile on the raw scores S (hidden ones -inf), in place: the row max over the thread's
+// values (a tree) and the 4 lanes of the row, m (log2 units) = max(m, row max scale log2e), P = exp2(S scale log2e
+// - m) (one FFMA and one ex2 an element), alpha = exp2(old m - m), l = l alpha + the thread's part of the row sum.
 template <int NT>
 static __device__ __forceinline__ void faw_softmax(float (&S)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                                   const int (&rows)[2], bool all_visible, int j0, int tig, int T,
-                                                   int window, const u8* mask_b, float sl2) {
+                                                   float sl2) {
+    float base[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = faw_row_reduce<NT, false>(S, r);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));           // the 4 lanes of a row
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m[r], mx * sl2);                         // sl2 > 0: max(S) sl2 = max(S sl2)
+        base[r] = mn == -FA_INF ? 0.f : mn;
+        alpha[r] = fa_exp2(m[r] - base[r]);                             // m = -inf: 0
+        m[r] = mn;
+    }
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) S[n][e] = fa_exp2(fmaf(S[n][e], sl2, -base[e >> 1]));   // hidden: exp2(-inf) = 0
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + faw_row_reduce<NT, true>(S, r);
+}
+
+// The twelfth stop's online softmax (kept while the thirteenth's is opt-in): masks tested per element, scores
+// scaled first, the row max and sum as chains.
+template <int NT>
+static __device__ __forceinline__ void faw_softmax_v12(float (&S)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                       const int (&rows)[2], bool all_visible, int j0, int tig, int T,
+                                                       int window, const u8* mask_b, float sl2) {
     float mx[2] = {m[0], m[1]}, base[2];
     #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -109,10 +187,10 @@ static __device__ __forceinline__ void faw_softmax(float (&S)[NT][4], float (&m)
         }
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));   // the 4 lanes of a row
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
         base[r] = mx[r] == -FA_INF ? 0.f : mx[r];
-        alpha[r] = fa_exp2(m[r] - base[r]);                             // m = -inf: 0
+        alpha[r] = fa_exp2(m[r] - base[r]);
         m[r] = mx[r];
         l[r] *= alpha[r];
     }
@@ -120,7 +198,7 @@ static __device__ __forceinline__ void faw_softmax(float (&S)[NT][4], float (&m)
     for (int n = 0; n < NT; ++n)
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            S[n][e] = fa_exp2(S[n][e] - base[e >> 1]);                  // hidden: exp2(-inf) = 0
+            S[n][e] = fa_exp2(S[n][e] - base[e >> 1]);
             l[e >> 1] += S[n][e];
         }
 }
@@ -143,7 +221,14 @@ static __device__ __forceinline__ void faw_rescale_pack(float (&O)[DT][4], const
     }
 }
 
-template <int D, int BN, int NWG, int STAGES, bool BF16, int OUT = 0>
+// the load a schedule uses (SCHED: 12, the twelfth stop's kernel, the default; 13, this stop's, opt-in)
+template <int SCHED, int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void faw_load_s(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
+    if constexpr (SCHED >= 13) faw_load<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
+    else faw_load_v12<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
+}
+
+template <int D, int BN, int NWG, int STAGES, bool BF16, int OUT = 0, int SCHED = 12>
 static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                    int H, int KV, int window, float scale, void* o, float* lse) {
     using L = FawSmem<D, BN, NWG, STAGES>;
@@ -172,12 +257,12 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     const int ntiles = (i1 - j_first + BN - 1) / BN;              // >= 1: i0 < T
 
     // prologue: group 0 = Q and tile 0, groups 1 .. STAGES - 3 = tiles 1 ..
-    faw_load<BM, D, THREADS>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, tid);
+    faw_load_s<SCHED, BM, D, THREADS>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, tid);
     #pragma unroll
     for (int t = 0; t < STAGES - 2; ++t) {
         if (t < ntiles) {
-            faw_load<BN, D, THREADS>(Ks + t * L::KV, kb, j_first + BN * t, T, KV, kvh, tid);
-            faw_load<BN, D, THREADS>(Vs + t * L::KV, vb, j_first + BN * t, T, KV, kvh, tid);
+            faw_load_s<SCHED, BN, D, THREADS>(Ks + t * L::KV, kb, j_first + BN * t, T, KV, kvh, tid);
+            faw_load_s<SCHED, BN, D, THREADS>(Vs + t * L::KV, vb, j_first + BN * t, T, KV, kvh, tid);
         }
         gw_cp_commit();
     }
@@ -206,8 +291,8 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
         __syncthreads();
         if (t + STAGES - 2 < ntiles) {                             // 2.
             const int ahead = t + STAGES - 2, at = ahead % STAGES;
-            faw_load<BN, D, THREADS>(Ks + at * L::KV, kb, j_first + BN * ahead, T, KV, kvh, tid);
-            faw_load<BN, D, THREADS>(Vs + at * L::KV, vb, j_first + BN * ahead, T, KV, kvh, tid);
+            faw_load_s<SCHED, BN, D, THREADS>(Ks + at * L::KV, kb, j_first + BN * ahead, T, KV, kvh, tid);
+            faw_load_s<SCHED, BN, D, THREADS>(Vs + at * L::KV, vb, j_first + BN * ahead, T, KV, kvh, tid);
         }
         gw_cp_commit();
 
@@ -223,7 +308,16 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
         gw_pin(s);
         // every (row, key) pair of this warp's 16 rows visible: no padding mask, below the diagonal, inside the window
         const bool all_visible = mask_b == nullptr && r0 + 15 < T && j0 + BN - 1 <= r0 && r0 + 15 - j0 < window;
-        faw_softmax<NT>(S, m, l, alpha, rows, all_visible, j0, tig, T, window, mask_b, sl2);
+        if constexpr (SCHED >= 13) {
+            if (!all_visible) faw_mask<NT>(S, rows, j0, tig, T, window, mask_b);
+            faw_softmax<NT>(S, m, l, alpha, sl2);
+            gw_pin(s);                                             // the softmax stays before the wait below (else the
+            gw_pin(l);                                             // compilers move it after, and P V no longer hides
+            gw_pin(alpha);                                         // its exponentials: the twelfth stop's kernel did)
+            gw_schedule_fence();
+        } else {
+            faw_softmax_v12<NT>(S, m, l, alpha, rows, all_visible, j0, tig, T, window, mask_b, sl2);
+        }
         gw_mma_wait<0>();                                          // 6.
         gw_pin(acc);
         gw_pin(pa);
@@ -264,6 +358,25 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
 // dK = scale sum dS^T Q, dV = sum P^T dO leave at the end (unscaled by *dout_scale as fa_backward does).
 // Shared memory (1024-byte aligned): K [BN x D], V [BN x D] (faw_chunk layout), Q [2][BM x D], dO [2][BM x D],
 // dS^T [BN x BM] (row = key: 128 bytes of 64 queries, chunk (q / 8) ^ (key % 8)), lse, drow [2][BM] floats.
+// P^T = exp2(S^T scale log2e - lse log2e) and dS^T = P^T (dP^T - drow) in place on the thread's S[n][e] (key keys[e >> 1],
+// query i0 + 8 n + 2 tig + (e & 1)); lq, dr: the query tile's lse log2e and drow (shared memory).
+// MASKED: hidden pairs get P = 0 by a select (an all-masked query row has lse = -inf, so exp2 gives NaN there).
+template <int NT, bool MASKED>
+static __device__ __forceinline__ void faw_p_ds(float (&S)[NT][4], float (&DP)[NT][4], const float* lq, const float* dr,
+                                                float sl2, int i0, const int (&keys)[2], int tig, int T, int window,
+                                                const u8* mask_b) {
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = 8 * n + 2 * tig + (e & 1);
+            float p = fa_exp2(fmaf(S[n][e], sl2, -lq[r]));
+            if (MASKED && !fa_visible(i0 + r, keys[e >> 1], T, window, mask_b)) p = 0.f;
+            S[n][e] = p;                                           // P^T
+            DP[n][e] = p * (DP[n][e] - dr[r]);                     // dS^T (unscaled)
+        }
+}
+
 template <int D>
 struct FawBwdSmem {
     static constexpr int BN = 128, BM = 64;
@@ -273,7 +386,7 @@ struct FawBwdSmem {
     static_assert(KV % 1024 == 0 && QD % 1024 == 0 && DS % 1024 == 0, "1024-byte aligned tiles");
 };
 
-template <int D, bool BF16>
+template <int D, bool BF16, int SCHED = 12>
 static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                     const float* lse, const float* drow, const u8* mask, int T, int H,
                                                     int KV, int window, float scale, const float* dout_scale,
@@ -312,10 +425,10 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
     const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
 
     // prologue: K, V and query tile 0 in one group; lse, drow of tile 0 straight into shared memory
-    faw_load<BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
-    faw_load<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
-    faw_load<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
-    faw_load<BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
+    faw_load_s<SCHED, BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load_s<SCHED, BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load_s<SCHED, BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
+    faw_load_s<SCHED, BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
     gw_cp_commit();
     if (tid < BM) {
         const bool in = i_start + tid < T;
@@ -342,8 +455,8 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         __syncthreads();
         float nl = FA_INF, nd = 0.f;                               // 2.
         if (it + 1 < nq) {
-            faw_load<BM, D, THREADS>(Qs + (st ^ 1) * L::QD, qb, i0 + BM, T, H, h, tid);
-            faw_load<BM, D, THREADS>(Ds + (st ^ 1) * L::QD, db, i0 + BM, T, H, h, tid);
+            faw_load_s<SCHED, BM, D, THREADS>(Qs + (st ^ 1) * L::QD, qb, i0 + BM, T, H, h, tid);
+            faw_load_s<SCHED, BM, D, THREADS>(Ds + (st ^ 1) * L::QD, db, i0 + BM, T, H, h, tid);
             if (tid < BM && i0 + BM + tid < T) nl = lse_h[i0 + BM + tid] * FA_LOG2E, nd = drow_h[i0 + BM + tid];
         }
         gw_cp_commit();
@@ -365,18 +478,25 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
 
         // 4. every (key, query) pair of this warp's 16 keys visible: no padding mask, keys below the diagonal, in the window
         const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
-        const float* lq = ls + st * BM;
-        const float* dr = ls + 2 * BM + st * BM;
-        #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        if constexpr (SCHED >= 13) {
+            if (all_visible)                                       // one branch a tile, no per-element test
+                faw_p_ds<NT, false>(S, DP, ls + st * BM, ls + 2 * BM + st * BM, sl2, i0, keys, tig, T, window, mask_b);
+            else
+                faw_p_ds<NT, true>(S, DP, ls + st * BM, ls + 2 * BM + st * BM, sl2, i0, keys, tig, T, window, mask_b);
+        } else {                                                   // the twelfth stop's form: a test per element
+            const float* lq = ls + st * BM;
+            const float* dr = ls + 2 * BM + st * BM;
             #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = 8 * n + 2 * tig + (e & 1), i = i0 + r;
-                const bool seen = all_visible || fa_visible(i, keys[e >> 1], T, window, mask_b);
-                const float p = seen ? fa_exp2(S[n][e] * sl2 - lq[r]) : 0.f;
-                S[n][e] = p;                                       // P^T
-                DP[n][e] = p * (DP[n][e] - dr[r]);                 // dS^T (unscaled)
-            }
+            for (int n = 0; n < NT; ++n)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = 8 * n + 2 * tig + (e & 1), i = i0 + r;
+                    const bool seen = all_visible || fa_visible(i, keys[e >> 1], T, window, mask_b);
+                    const float p = seen ? fa_exp2(S[n][e] * sl2 - lq[r]) : 0.f;
+                    S[n][e] = p;
+                    DP[n][e] = p * (DP[n][e] - dr[r]);
+                }
+        }
         #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {                     // 5.
             pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);

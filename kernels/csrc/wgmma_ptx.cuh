@@ -60,6 +60,13 @@ static __device__ __forceinline__ void gw_mma_s8(int (&d)[N / 2], u64 a, u64 b, 
     GwMmaS8<N>::run(d, a, b, scale_d);
 }
 
+// A point ptxas schedules nothing across, for work that must stay between two wgmma waits: ptxas hoists a
+// wgmma.wait_group above independent instructions in its basic block (it sits on the critical path of what
+// reads the accumulators), which moved the attention forward's exponentials after the wait for P V so that
+// they no longer overlapped it. fence.acq_rel.cta (MEMBAR.ALL.CTA) keeps them before it; the CTA's memory
+// operations before it are cp.async (async proxy, not waited for) and none else in that loop.
+static __device__ __forceinline__ void gw_schedule_fence() { asm volatile("fence.acq_rel.cta;" ::: "memory"); }
+
 // x = 0 through an instruction the compiler cannot see through, so that accumulators never share a register
 static __device__ __forceinline__ void gw_opaque_zero(int& x) { asm volatile("mov.b32 %0, 0;" : "=r"(x)); }
 
