@@ -122,9 +122,10 @@ struct GwSmem {
 // x rows m0 .. + BM, columns 64 s .. + 64 -> tile a (zero rows past M)
 template <int BM, int THREADS, int SWZ>
 static __device__ __forceinline__ void gw_load_a(u8* a, const u16* x, int K, int M, int m0, int s, int tid) {
+    static_assert((BM * 8) % THREADS == 0, "every thread copies the same number of chunks");
     #pragma unroll
-    for (int i = tid; i < BM * 8; i += THREADS) {
-        const int r = i >> 3, c = i & 7;
+    for (int k = 0; k < BM * 8 / THREADS; ++k) {   // a fixed trip count: unrolled whatever tid is
+        const int i = tid + k * THREADS, r = i >> 3, c = i & 7;
         const bool ok = m0 + r < M;
         gw_cp16(a + gw_chunk<SWZ>(r, c), ok ? x + size_t(m0 + r) * K + 64 * s + 8 * c : x, ok ? 16 : 0);
     }
@@ -135,10 +136,11 @@ static __device__ __forceinline__ void gw_load_a(u8* a, const u16* x, int K, int
 template <int Q, int BN, int THREADS>
 static __device__ __forceinline__ void gw_load_w(u8* wr, const u8* w, int row_bytes, size_t w_bytes, int n_out,
                                                  int n0, int j, int tid) {
-    constexpr int CH = GwW<Q>::CHUNKS;
-    #pragma unroll 2
-    for (int i = tid; i < BN * CH; i += THREADS) {
-        const int r = i / CH, c = i % CH;
+    constexpr int CH = GwW<Q>::CHUNKS, N = BN * CH;
+    #pragma unroll
+    for (int k = 0; k < (N + THREADS - 1) / THREADS; ++k) {   // a fixed trip count (unrolled); the tail guarded
+        const int i = tid + k * THREADS, r = i / CH, c = i % CH;
+        if (N % THREADS != 0 && i >= N) break;
         int valid = 0;
         const u8* src = w;
         if (n0 + r < n_out) {
@@ -235,8 +237,9 @@ static __device__ __forceinline__ void gw_decode(u8* b, const u8* wr, const u8* 
                                                  int tid) {
     const int q = t & 3;
     #pragma unroll
-    for (int u = tid; u < 2 * BN; u += THREADS) {
-        const int r = u % BN, part = u / BN;
+    for (int k = 0; k < (2 * BN + THREADS - 1) / THREADS; ++k) {   // a fixed trip count (unrolled); the tail guarded
+        const int u = tid + k * THREADS, r = u % BN, part = u / BN;
+        if ((2 * BN) % THREADS != 0 && u >= 2 * BN) break;
         const u8* wrow = wr + GwW<Q>::ROW * r;
         if (Q == 4) {
             gw_decode_q4<SWZ>(b, wrow, r, q, part);

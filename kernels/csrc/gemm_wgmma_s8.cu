@@ -147,8 +147,12 @@ static __device__ __forceinline__ void gs_decode_unit(u8* b, float* dw_out, cons
 template <int Q, int BN>
 static __device__ __forceinline__ void gs_decode(u8* b, float* dw_out, const u8* wr, const u8* w, int row_bytes, int n0,
                                                  int s, int tid) {
+    static_assert((4 * BN) % 256 == 0, "every thread decodes the same number of units");
     #pragma unroll
-    for (int u = tid; u < 4 * BN; u += 256) gs_decode_unit<Q>(b, dw_out, wr, w, row_bytes, n0, s, u % BN, u / BN);
+    for (int k = 0; k < 4 * BN / 256; ++k) {       // a fixed trip count: unrolled whatever tid is
+        const int u = tid + 256 * k;
+        gs_decode_unit<Q>(b, dw_out, wr, w, row_bytes, n0, s, u % BN, u / BN);
+    }
 }
 
 // acc += dx[row] dw[col] float(si) for the thread's accumulators (the m64nNk32 layout of gemm_wgmma's d)
