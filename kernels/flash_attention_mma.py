@@ -94,14 +94,15 @@ def _data_ptr():
 OUTS = {None: 0, "float16": 1, "bfloat16": 2}   # the forward's o: float32, fp16 or bf16 (fa_forward's OUT)
 
 
-def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None) -> tuple:
+def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None, schedule: int = 12) -> tuple:
     """(name, extern "C" wrapper) of fa_forward for head size D, o as OUTS says, mt m16 tiles per
-    warp (None: forward_mtiles(D))."""
+    warp (None: forward_mtiles(D)), instruction schedule `schedule` (SCHEDS)."""
     warps, bc, mt = forward_tiles(D, mt)
-    name = f"fa_fwd_d{D}_w{warps}_c{bc}_m{mt}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
+    name = (f"fa_fwd_d{D}_w{warps}_c{bc}_m{mt}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
+            + ("" if schedule == 12 else f"_v{schedule}"))
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
-                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}, {mt}>(q, k, v, '
+                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}, {mt}, {schedule}>(q, k, v, '
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
@@ -148,9 +149,9 @@ _FORWARD_SIG = types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: int = 1):
+def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: int = 1, schedule: int = 12):
     """(Numba kernel, threads per block, query rows per block)."""
-    name, extra = forward_source(D, bf16, out, mt)
+    name, extra = forward_source(D, bf16, out, mt, schedule)
     fn = cuda.declare_device(name, _FORWARD_SIG, link=[_source_with(extra)], abi="c")
     warps = forward_tiles(D, mt)[0]
     return _forward_jit(fn, max_registers), 32 * warps, 16 * mt * warps
@@ -191,9 +192,9 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13)   # the wgmma kernels' instruction schedule: 12 the twelfth stop's (timed, the default), 13 this
-# stop's (opt-in until timed): loads unrolled, the mask tested once a tile, tree reductions, the exponentials kept
-# before the wait for P V (docs/perf.md, thirteenth stop)
+SCHEDS = (12, 13)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the default), 13 this
+# stop's (opt-in until timed): loads unrolled, the mask tested once a tile, tree reductions; on wgmma the exponentials
+# kept before the wait for P V; both wgmma kernels and the mma.sync forward (docs/perf.md, thirteenth stop)
 
 
 def sched() -> int:
@@ -421,7 +422,8 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dt
         kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out], sched())
     else:
         mt = forward_mtiles(D, T)
-        kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt)
+        kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt,
+                                                sched())
         smem = 0
     launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
            KV, _window(window, T), np.float32(scale), o.reshape(-1) if out is None else o.reshape(-1).view(np.uint16),

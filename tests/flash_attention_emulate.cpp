@@ -3,6 +3,10 @@
 // shared library (g++ -std=c++20) and checks the kernels' outputs against the float64 reference: the
 // CUDA C logic (tiling, masks, online softmax, fragment plumbing, the backward's atomics) is tested in
 // CI without a GPU.
+#ifndef FA_SCHED
+#define FA_SCHED 12   // the forward's instruction schedule (kernels/flash_attention_mma.py SCHEDS)
+#endif
+
 #define FA_EMULATE
 #include "warp_emulate.h"
 #include "fa_emulate.h"
@@ -15,8 +19,8 @@
     if (D == D_ && mt == MT_) {                                                                                \
         run_grid((T + 16 * MT_ * W_ - 1) / (16 * MT_ * W_), H, B, 32 * W_, [&] {                             \
             const u8* m = has_mask ? mask : nullptr;                                                           \
-            if (bf16) fa_forward<D_, W_, BC_, true, 0, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);       \
-            else fa_forward<D_, W_, BC_, false, 0, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);           \
+            if (bf16) fa_forward<D_, W_, BC_, true, 0, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);       \
+            else fa_forward<D_, W_, BC_, false, 0, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);           \
         });                                                                                                    \
         return 0;                                                                                              \
     }
@@ -48,10 +52,10 @@ extern "C" int emu_forward(int D, int mt, int bf16, const u16* q, const u16* k, 
     if (D == D_ && mt == MT_) {                                                                                \
         run_grid((T + 16 * MT_ * W_ - 1) / (16 * MT_ * W_), H, B, 32 * W_, [&] {                             \
             const u8* m = has_mask ? mask : nullptr;                                                           \
-            if (bf16 && out == 2) fa_forward<D_, W_, BC_, true, 2, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse); \
-            else if (bf16) fa_forward<D_, W_, BC_, true, 1, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);  \
-            else if (out == 2) fa_forward<D_, W_, BC_, false, 2, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse); \
-            else fa_forward<D_, W_, BC_, false, 1, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);          \
+            if (bf16 && out == 2) fa_forward<D_, W_, BC_, true, 2, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16) fa_forward<D_, W_, BC_, true, 1, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);  \
+            else if (out == 2) fa_forward<D_, W_, BC_, false, 2, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse); \
+            else fa_forward<D_, W_, BC_, false, 1, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);          \
         });                                                                                                    \
         return 0;                                                                                              \
     }

@@ -377,14 +377,16 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
 
 
 # -- the CUDA C kernels themselves, on the CPU: tests/flash_attention_emulate.cpp ---------------
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """kernels/csrc/flash_attention.cu built with a host emulation of mma.sync / ldmatrix / shuffles."""
+@pytest.fixture(scope="module", params=(12, 13))
+def emulated(tmp_path_factory, request):
+    """kernels/csrc/flash_attention.cu built with a host emulation of mma.sync / ldmatrix / shuffles, the forward in
+    each instruction schedule (kernels.flash_attention_mma.SCHEDS)."""
     from _helpers_emulate import build_emulator
 
     from kernels.flash_attention_mma import SOURCE
 
-    return build_emulator(tmp_path_factory, "flash_attention_emulate.cpp", {"FA_SOURCE": SOURCE})
+    return build_emulator(tmp_path_factory, "flash_attention_emulate.cpp", {"FA_SOURCE": SOURCE},
+                          defines={"FA_SCHED": request.param})
 
 
 def _bits16(x, dtype):

@@ -1,4 +1,4 @@
-"""The wgmma kernels as the GPU links them (NVRTC -> LTO-IR, Numba kernel, nvJitLink), read on the CPU:
+"""The wgmma kernels (and the mma.sync attention forward) as the GPU links them (NVRTC -> LTO-IR, Numba kernel, nvJitLink), read on the CPU:
 no serialised wgmma pipeline, no spills, <= 255 registers. tests/_helpers_nvcc.py checks the C alone in
 whole-program mode; this checks the link the GPU runs (kernels/link_check.py). Skips where NVRTC, NVVM or
 nvJitLink do not load (the test extra installs the nvidia-cuda-nvrtc and nvidia-nvjitlink wheels)."""
@@ -33,7 +33,15 @@ def _gemm(qtype, s8):
     return linked.source_with(extra, file), name, sig
 
 
+def _mma_forward(D, bf16, schedule):
+    name, extra = fam.forward_source(D, bf16, 0, None, schedule)
+    return fam._source_with(extra), name, fam._FORWARD_SIG
+
+
 CASES = {
+    "attention_mma_fwd_d64_bf16": lambda: _mma_forward(64, True, 12),
+    "attention_mma_fwd_d64_bf16_v13": lambda: _mma_forward(64, True, 13),
+    "attention_mma_fwd_d128_fp16_v13": lambda: _mma_forward(128, False, 13),
     "attention_fwd_d128_bf16": lambda: _attention("fwd", 128, True),
     "attention_fwd_d64_fp16": lambda: _attention("fwd", 64, False),
     "attention_bwd_d128_bf16": lambda: _attention("bwd", 128, True),
@@ -49,7 +57,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_wgmma_kernel_linked_as_on_the_gpu(case):
+def test_attention_and_gemm_kernels_linked_as_on_the_gpu(case):
     path, name, sig = CASES[case]()
     v = link_check.verdict(path, name, sig)
     assert not v["notes"], f"{case}: ptxas serialised the wgmma pipeline: {v['notes']}"

@@ -177,6 +177,52 @@ static __device__ __forceinline__ void fa_async_tile(u16 (*tile)[D + 8], const u
     }
 }
 
+// fa_async_tile at a fixed trip count (schedule 13): the loop above runs over tid, so nvcc leaves it rolled; past T
+// the copy reads 0 bytes (the address is not accessed, as CUTLASS's zfill) and no pointer is selected
+template <int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void fa_async_tile13(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
+                                                       int head, int tid) {
+    constexpr int CPR = D / 8, CHUNKS = ROWS * CPR;
+    #pragma unroll
+    for (int k = 0; k < (CHUNKS + THREADS - 1) / THREADS; ++k) {
+        const int c = tid + k * THREADS;
+        if (CHUNKS % THREADS != 0 && c >= CHUNKS) break;
+        const int r = c / CPR, col = (c % CPR) * 8;
+        fa_cp16(&tile[r][col], g + (size_t(r0 + r) * heads + head) * D + col, r0 + r < T);
+    }
+}
+
+// the tile load a schedule uses (SCHED 12: the measured kernels, the default; 13: opt-in)
+template <int SCHED, int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void fa_async_tile_s(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
+                                                       int head, int tid) {
+    if constexpr (SCHED >= 13) fa_async_tile13<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
+    else fa_async_tile<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
+}
+
+// t[0] = max (SUM = false) or sum (SUM = true) of t[0 .. 2 W) as a tree, unrolled by recursion (a loop whose
+// inner bound halves is left rolled by nvcc, and t then lives in local memory)
+template <int W, bool SUM, int N>
+static __device__ __forceinline__ void fa_tree(float (&t)[N]) {
+    if constexpr (W >= 1) {
+        #pragma unroll
+        for (int n = 0; n < W; ++n) t[n] = SUM ? t[n] + t[n + W] : fmaxf(t[n], t[n + W]);
+        fa_tree<W / 2, SUM>(t);
+    }
+}
+
+// max (SUM = false) or sum (SUM = true) of the thread's 2 NT accumulator values of row r (e >> 1 == r) of an m16 tile
+// as a tree: NT is a power of two, and a chain of 2 NT dependent instructions stalls at few warps a scheduler
+template <int NT, bool SUM>
+static __device__ __forceinline__ float fa_row_reduce(const float (&S)[NT][4], int r) {
+    static_assert((NT & (NT - 1)) == 0, "NT a power of two");
+    float t[NT];
+    #pragma unroll
+    for (int n = 0; n < NT; ++n) t[n] = SUM ? S[n][2 * r] + S[n][2 * r + 1] : fmaxf(S[n][2 * r], S[n][2 * r + 1]);
+    fa_tree<NT / 2, SUM>(t);
+    return t[0];
+}
+
 // rows [r0, r0 + ROWS) of a [T, heads, D] matrix of head `head` -> tile [ROWS][D + 8], zero past T
 template <int ROWS, int D, int THREADS>
 static __device__ __forceinline__ void fa_load_tile(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
@@ -226,7 +272,7 @@ static __device__ __forceinline__ void fa_finish_rows(const float (&acc)[D / 8][
     }
 }
 
-template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1>
+template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1, int SCHED = 12>
 static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                   int H, int KV, int window, float scale, void* o, float* lse) {
     constexpr int RW = 16 * MT, BR = RW * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
@@ -272,14 +318,14 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
     const int i1 = min(T, i0 + BR);
     const int j_first = (max(0, i0 - window + 1) / BC) * BC;
     if (j_first < i1) {
-        fa_async_tile<BC, D, THREADS>(ks[0], kb, j_first, T, KV, kvh, tid);
-        fa_async_tile<BC, D, THREADS>(vs[0], vb, j_first, T, KV, kvh, tid);
+        fa_async_tile_s<SCHED, BC, D, THREADS>(ks[0], kb, j_first, T, KV, kvh, tid);
+        fa_async_tile_s<SCHED, BC, D, THREADS>(vs[0], vb, j_first, T, KV, kvh, tid);
     }
     fa_cp_commit();
     for (int j0 = j_first, stage = 0; j0 < i1; j0 += BC, stage ^= 1) {
         if (j0 + BC < i1) {                                      // the next tile into the other stage
-            fa_async_tile<BC, D, THREADS>(ks[stage ^ 1], kb, j0 + BC, T, KV, kvh, tid);
-            fa_async_tile<BC, D, THREADS>(vs[stage ^ 1], vb, j0 + BC, T, KV, kvh, tid);
+            fa_async_tile_s<SCHED, BC, D, THREADS>(ks[stage ^ 1], kb, j0 + BC, T, KV, kvh, tid);
+            fa_async_tile_s<SCHED, BC, D, THREADS>(vs[stage ^ 1], vb, j0 + BC, T, KV, kvh, tid);
         }
         fa_cp_commit();                                          // (an empty group on the last tile)
         fa_cp_wait<1>();                                         // this thread's pieces of tile j0 have landed
@@ -311,46 +357,86 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
                         fa_mma<BF16>(s[mt][t + 1], qa[mt][kk], kf[2], kf[3]);
                     }
                 }
-            float mx[MT][2], alpha[MT][2], base[MT][2];
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                mx[mt][0] = m[mt][0], mx[mt][1] = m[mt][1];
+            if constexpr (SCHED >= 13) {           // one mask branch an m-tile, tree reductions, one FFMA an element
+                float alpha[MT][2], base[MT][2];
                 #pragma unroll
-                for (int t = 0; t < NT; ++t)
+                for (int mt = 0; mt < MT; ++mt)
+                    if (!all_visible[mt])
+                        #pragma unroll
+                        for (int t = 0; t < NT; ++t)
+                            #pragma unroll
+                            for (int e = 0; e < 4; ++e)
+                                if (!fa_visible(rows[mt][e >> 1], j0 + 8 * t + 2 * tig + (e & 1), T, window, mask_b))
+                                    s[mt][t][e] = -FA_INF;
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
                     #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int j = j0 + 8 * t + 2 * tig + (e & 1);
-                        const bool seen = all_visible[mt] || fa_visible(rows[mt][e >> 1], j, T, window, mask_b);
-                        const float x = seen ? s[mt][t][e] * sl2 : -FA_INF;
-                        s[mt][t][e] = x;
-                        mx[mt][e >> 1] = fmaxf(mx[mt][e >> 1], x);
+                    for (int r = 0; r < 2; ++r) {
+                        float mx = fa_row_reduce<NT, false>(s[mt], r);
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));       // the 4 lanes of a row
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                        const float mn = fmaxf(m[mt][r], mx * sl2);                  // sl2 > 0
+                        base[mt][r] = mn == -FA_INF ? 0.f : mn;
+                        alpha[mt][r] = fa_exp2(m[mt][r] - base[mt][r]);              // m = -inf: 0
+                        m[mt][r] = mn;
                     }
-            }
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
                 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 1));   // the 4 lanes of a row
-                    mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 2));
-                    base[mt][r] = mx[mt][r] == -FA_INF ? 0.f : mx[mt][r];
-                    alpha[mt][r] = fa_exp2(m[mt][r] - base[mt][r]);      // m = -inf: 0
-                    m[mt][r] = mx[mt][r];
-                    l[mt][r] *= alpha[mt][r];
-                }
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                #pragma unroll
-                for (int t = 0; t < DT; ++t) {
-                    acc[mt][t][0] *= alpha[mt][0]; acc[mt][t][1] *= alpha[mt][0];
-                    acc[mt][t][2] *= alpha[mt][1]; acc[mt][t][3] *= alpha[mt][1];
-                }
-                #pragma unroll
-                for (int t = 0; t < NT; ++t)
+                for (int mt = 0; mt < MT; ++mt) {
                     #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        s[mt][t][e] = fa_exp2(s[mt][t][e] - base[mt][e >> 1]);   // hidden: exp2(-inf) = 0
-                        l[mt][e >> 1] += s[mt][t][e];
+                    for (int t = 0; t < DT; ++t) {
+                        acc[mt][t][0] *= alpha[mt][0]; acc[mt][t][1] *= alpha[mt][0];
+                        acc[mt][t][2] *= alpha[mt][1]; acc[mt][t][3] *= alpha[mt][1];
                     }
+                    #pragma unroll
+                    for (int t = 0; t < NT; ++t)
+                        #pragma unroll
+                        for (int e = 0; e < 4; ++e)                              // hidden: exp2(-inf) = 0
+                            s[mt][t][e] = fa_exp2(fmaf(s[mt][t][e], sl2, -base[mt][e >> 1]));
+                    #pragma unroll
+                    for (int r = 0; r < 2; ++r) l[mt][r] = l[mt][r] * alpha[mt][r] + fa_row_reduce<NT, true>(s[mt], r);
+                }
+            } else {
+                float mx[MT][2], alpha[MT][2], base[MT][2];
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mx[mt][0] = m[mt][0], mx[mt][1] = m[mt][1];
+                    #pragma unroll
+                    for (int t = 0; t < NT; ++t)
+                        #pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int j = j0 + 8 * t + 2 * tig + (e & 1);
+                            const bool seen = all_visible[mt] || fa_visible(rows[mt][e >> 1], j, T, window, mask_b);
+                            const float x = seen ? s[mt][t][e] * sl2 : -FA_INF;
+                            s[mt][t][e] = x;
+                            mx[mt][e >> 1] = fmaxf(mx[mt][e >> 1], x);
+                        }
+                }
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    #pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 1));   // the 4 lanes of a row
+                        mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 2));
+                        base[mt][r] = mx[mt][r] == -FA_INF ? 0.f : mx[mt][r];
+                        alpha[mt][r] = fa_exp2(m[mt][r] - base[mt][r]);      // m = -inf: 0
+                        m[mt][r] = mx[mt][r];
+                        l[mt][r] *= alpha[mt][r];
+                    }
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    #pragma unroll
+                    for (int t = 0; t < DT; ++t) {
+                        acc[mt][t][0] *= alpha[mt][0]; acc[mt][t][1] *= alpha[mt][0];
+                        acc[mt][t][2] *= alpha[mt][1]; acc[mt][t][3] *= alpha[mt][1];
+                    }
+                    #pragma unroll
+                    for (int t = 0; t < NT; ++t)
+                        #pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            s[mt][t][e] = fa_exp2(s[mt][t][e] - base[mt][e >> 1]);   // hidden: exp2(-inf) = 0
+                            l[mt][e >> 1] += s[mt][t][e];
+                        }
+                }
             }
             #pragma unroll
             for (int kc = 0; kc < BC / 16; ++kc) {                   // O += P V, P from the S registers

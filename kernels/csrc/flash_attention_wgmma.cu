@@ -120,29 +120,7 @@ static __device__ __forceinline__ void faw_mask(float (&S)[NT][4], const int (&r
             if (!fa_visible(rows[e >> 1], j0 + 8 * n + 2 * tig + (e & 1), T, window, mask_b)) S[n][e] = -FA_INF;
 }
 
-// t[0] = max (SUM = false) or sum (SUM = true) of t[0 .. 2 W) as a tree, unrolled by recursion (a loop whose
-// inner bound halves is left rolled by nvcc, and t then lives in local memory)
-template <int W, bool SUM, int N>
-static __device__ __forceinline__ void faw_tree(float (&t)[N]) {
-    if constexpr (W >= 1) {
-        #pragma unroll
-        for (int n = 0; n < W; ++n) t[n] = SUM ? t[n] + t[n + W] : fmaxf(t[n], t[n + W]);
-        faw_tree<W / 2, SUM>(t);
-    }
-}
-
-// max (SUM = false) or sum (SUM = true) of the thread's 2 NT values of row r (e >> 1 == r) as a tree: NT is a power
-// of two, and a chain of 2 NT dependent instructions would stall at two warps a scheduler
-template <int NT, bool SUM>
-static __device__ __forceinline__ float faw_row_reduce(const float (&S)[NT][4], int r) {
-    static_assert((NT & (NT - 1)) == 0, "NT a power of two");
-    float t[NT];
-    #pragma unroll
-    for (int n = 0; n < NT; ++n) t[n] = SUM ? S[n][2 * r] + S[n][2 * r + 1] : fmaxf(S[n][2 * r], S[n][2 * r + 1]);
-    faw_tree<NT / 2, SUM>(t);
-    return t[0];
-}
-
+// (the row reductions as trees: fa_row_reduce, flash_attention.cu)
 // The online softmax of one tile on the raw scores S (hidden ones -inf), in place: the row max over the thread's
 // values (a tree) and the 4 lanes of the row, m (log2 units) = max(m, row max scale log2e), P = exp2(S scale log2e
 // - m) (one FFMA and one ex2 an element), alpha = exp2(old m - m), l = l alpha + the thread's part of the row sum.
@@ -152,7 +130,7 @@ static __device__ __forceinline__ void faw_softmax(float (&S)[NT][4], float (&m)
     float base[2];
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float mx = faw_row_reduce<NT, false>(S, r);
+        float mx = fa_row_reduce<NT, false>(S, r);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));           // the 4 lanes of a row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mn = fmaxf(m[r], mx * sl2);                         // sl2 > 0: max(S) sl2 = max(S sl2)
@@ -165,7 +143,7 @@ static __device__ __forceinline__ void faw_softmax(float (&S)[NT][4], float (&m)
         #pragma unroll
         for (int e = 0; e < 4; ++e) S[n][e] = fa_exp2(fmaf(S[n][e], sl2, -base[e >> 1]));   // hidden: exp2(-inf) = 0
     #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + faw_row_reduce<NT, true>(S, r);
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + fa_row_reduce<NT, true>(S, r);
 }
 
 // The twelfth stop's online softmax (kept while the thirteenth's is opt-in): masks tested per element, scores
