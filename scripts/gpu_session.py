@@ -1,15 +1,17 @@
 """The GPU checks and benchmarks still due, in parts that each fit one device call (<= 10 minutes): run a
 part, keep its logs, and say which commands failed. What each part measures and why is in docs/perf.md
-(twelfth stop, "Commands for the next lease"); the figures go there with card, date and command.
+(thirteenth stop); the figures go there with card, date and command.
 
     python scripts/gpu_session.py --list                 # the parts and their commands (no GPU needed)
     python scripts/gpu_session.py --part 1 --out OUT     # run part 1, logs in OUT/part1/*.log, OUT/part1.json
 
 Parts:
-    1  GPU tests of the CPU-only kernels (wgmma attention, fused fp16 and int8 GEMMs, decode_ahead, launch)
-    2  kernel benches: the fused GEMMs beside the scratch path and cuBLAS; attention at D = 64 and 128
-    3  the step beside the peer: 8x512 and 1x8192, default kernels against the wgmma attention
-    4  the teacher's opt-in fp16 products (GLU inputs, q/k/v) at 8x512, and a table pinning the fused GEMM
+    1  GPU tests of the attention kernels in both instruction schedules (12, 13) and of the fused GEMMs
+    2  kernel benches: attention at D = 128 and 64 in schedules 12 and 13 (torch SDPA beside), the fused GEMMs
+       beside the scratch path and cuBLAS
+    3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
+    4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
+       full run on its own
     5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF)
 """
 from __future__ import annotations
@@ -24,34 +26,32 @@ import time
 from pathlib import Path
 
 PY = "python -m"
-WGMMA_ATT = {"Q4KDISTILL_FA_FWD": "wgmma", "Q4KDISTILL_FA_BWD": "wgmma"}
+
+SCHED13 = {"Q4KDISTILL_FA_SCHED": "13"}
+PART1_FILES = ("tests/test_attention_wgmma.py tests/test_attention_flash.py tests/test_kernels_gemm_wgmma.py "
+               "tests/test_kernels_gemm_wgmma_s8.py")
 
 # part -> [(name, command, extra environment, timeout s)]
 PARTS = {
-    1: [("gpu_tests", f"{PY} pytest -q -m gpu tests/test_attention_wgmma.py tests/test_kernels_gemm_wgmma.py "
-                      "tests/test_kernels_gemm_wgmma_s8.py tests/test_decode_ahead.py tests/test_kernels_launch.py", {}, 540)],
-    2: [("bench_gemm", f"{PY} q4kdistill bench kernels --variants gemm_wgmma_linked gemm_wgmma_linked_n128 "
-                       "gemm_wgmma_linked_plain gemm_wgmma_s8_linked dequant_linked_cublas --m 512 4096 --x16 "
-                       "--csv {out}/wgmma.csv", {}, 300),
+    1: [("gpu_tests", f"{PY} pytest -q -m gpu {PART1_FILES}", {}, 540)],
+    2: [("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
+                           "--torch --json {out}/att128.json", {}, 60),
+        ("attention_d128_v13", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
+                               "--json {out}/att128_v13.json", SCHED13, 60),
         ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --torch --json {out}/att64.json",
-         {}, 120),
-        ("attention_d128", "python scripts/bench_attention.py --T 512 8192 --D 128 --H 28 --KV 4 --paths mma wgmma "
-                           "--torch --json {out}/att128.json", {}, 150)],
+         {}, 60),
+        ("attention_d64_v13", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --json {out}/att64_v13.json",
+         SCHED13, 60),
+        ("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
+                       "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_s8_linked dequant_linked_cublas --x16 "
+                       "--csv {out}/wgmma.csv", {}, 240)],
     3: [("step_default", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --json {{out}}/step_default.json", {},
          280),
-        ("step_wgmma_attention", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only "
-                                 "--json {out}/step_wgmma.json", WGMMA_ATT, 280)],
-    4: [("teacher_default", f"{PY} q4kdistill bench step --shapes 8x512 --only --no-peer "
-                            "--json {out}/step_default.json", {}, 150),
-        ("teacher_glu16", f"{PY} q4kdistill bench step --shapes 8x512 --only --no-peer --json {{out}}/step_glu16.json",
-         {"Q4KDISTILL_GLU_INPUTS": "float16"}, 150),
-        ("teacher_glu_qkv16", f"{PY} q4kdistill bench step --shapes 8x512 --only --no-peer "
-                              "--json {out}/step_glu_qkv16.json",
-         {"Q4KDISTILL_GLU_INPUTS": "float16", "Q4KDISTILL_QKV_PRODUCT": "float16"}, 150),
-        ("pin_fused_gemm", "python -c \"from kernels import autotune, dispatch; autotune.pin(dispatch.table_path(), "
-                           "'{out}/pin.json', 'NVIDIA H200', 'gemm_wgmma_linked', 65)\"", {}, 30),
-        ("teacher_fused_gemm", f"{PY} q4kdistill bench step --shapes 8x512 --only --no-peer "
-                               "--json {out}/step_fused_gemm.json", {"Q4KDISTILL_TUNING": "{out}/pin.json"}, 150)],
+        ("step_v13", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --no-peer --json {{out}}/step_v13.json",
+         SCHED13, 200)],
+    4: [("gpu_suite_rest", f"{PY} pytest -q -m gpu tests " + " ".join(f"--ignore={f}" for f in PART1_FILES.split())
+         + " -p no:cacheprovider", {}, 560),
+        ("launch_test_alone", f"{PY} pytest -q -m gpu tests/test_kernels_launch.py", {}, 60)],
     5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_gpu.py tests/test_teacher_cache.py tests/test_audit.py",
          {}, 540)],
 }
