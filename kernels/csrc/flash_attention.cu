@@ -200,6 +200,16 @@ static __device__ __forceinline__ void fa_async_tile_s(u16 (*tile)[D + 8], const
     else fa_async_tile<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
 }
 
+// O *= alpha by row: acc[t][e] holds row e >> 1 of the thread's two rows of an m16 tile
+template <int DT>
+static __device__ __forceinline__ void fa_rescale(float (&acc)[DT][4], const float (&alpha)[2]) {
+    #pragma unroll
+    for (int t = 0; t < DT; ++t) {
+        acc[t][0] *= alpha[0]; acc[t][1] *= alpha[0];
+        acc[t][2] *= alpha[1]; acc[t][3] *= alpha[1];
+    }
+}
+
 // t[0] = max (SUM = false) or sum (SUM = true) of t[0 .. 2 W) as a tree, unrolled by recursion (a loop whose
 // inner bound halves is left rolled by nvcc, and t then lives in local memory)
 template <int W, bool SUM, int N>
@@ -239,6 +249,44 @@ static __device__ __forceinline__ void fa_load_tile(u16 (*tile)[D + 8], const u1
 
 static __device__ __forceinline__ bool fa_visible(int i, int j, int T, int window, const u8* mask_b) {
     return i < T && j <= i && i - j < window && (mask_b == nullptr || mask_b[j]);
+}
+
+// A tile that is not fully visible: hidden scores -> -inf (the thread's s[4 n + e] is S[rows[e >> 1]][j0 + 8 n +
+// 2 tig + (e & 1)]). Kept out of fa_online_softmax so that fully visible tiles (all but the diagonal, window-edge and
+// padded ones) run no per-element test: the caller branches once a tile.
+template <int NT>
+static __device__ __forceinline__ void fa_mask_tile(float (&S)[NT][4], const int (&rows)[2], int j0, int tig, int T,
+                                                int window, const u8* mask_b) {
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (!fa_visible(rows[e >> 1], j0 + 8 * n + 2 * tig + (e & 1), T, window, mask_b)) S[n][e] = -FA_INF;
+}
+
+// The online softmax of one tile on the raw scores S (hidden ones -inf), in place: the row max over the thread's
+// values (a tree) and the 4 lanes of the row, m (log2 units) = max(m, row max scale log2e), P = exp2(S scale log2e
+// - m) (one FFMA and one ex2 an element), alpha = exp2(old m - m), l = l alpha + the thread's part of the row sum.
+template <int NT>
+static __device__ __forceinline__ void fa_online_softmax(float (&S)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                   float sl2) {
+    float base[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = fa_row_reduce<NT, false>(S, r);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));           // the 4 lanes of a row
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m[r], mx * sl2);                         // sl2 > 0: max(S) sl2 = max(S sl2)
+        base[r] = mn == -FA_INF ? 0.f : mn;
+        alpha[r] = fa_exp2(m[r] - base[r]);                             // m = -inf: 0
+        m[r] = mn;
+    }
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) S[n][e] = fa_exp2(fmaf(S[n][e], sl2, -base[e >> 1]));   // hidden: exp2(-inf) = 0
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + fa_row_reduce<NT, true>(S, r);
 }
 
 // The forward's end for one m16 tile of a warp (rows[r]: the thread's rows gid, gid + 8; acc[t][e] =
@@ -358,42 +406,12 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
                     }
                 }
             if constexpr (SCHED >= 13) {           // one mask branch an m-tile, tree reductions, one FFMA an element
-                float alpha[MT][2], base[MT][2];
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-                    if (!all_visible[mt])
-                        #pragma unroll
-                        for (int t = 0; t < NT; ++t)
-                            #pragma unroll
-                            for (int e = 0; e < 4; ++e)
-                                if (!fa_visible(rows[mt][e >> 1], j0 + 8 * t + 2 * tig + (e & 1), T, window, mask_b))
-                                    s[mt][t][e] = -FA_INF;
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-                    #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        float mx = fa_row_reduce<NT, false>(s[mt], r);
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));       // the 4 lanes of a row
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                        const float mn = fmaxf(m[mt][r], mx * sl2);                  // sl2 > 0
-                        base[mt][r] = mn == -FA_INF ? 0.f : mn;
-                        alpha[mt][r] = fa_exp2(m[mt][r] - base[mt][r]);              // m = -inf: 0
-                        m[mt][r] = mn;
-                    }
                 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    #pragma unroll
-                    for (int t = 0; t < DT; ++t) {
-                        acc[mt][t][0] *= alpha[mt][0]; acc[mt][t][1] *= alpha[mt][0];
-                        acc[mt][t][2] *= alpha[mt][1]; acc[mt][t][3] *= alpha[mt][1];
-                    }
-                    #pragma unroll
-                    for (int t = 0; t < NT; ++t)
-                        #pragma unroll
-                        for (int e = 0; e < 4; ++e)                              // hidden: exp2(-inf) = 0
-                            s[mt][t][e] = fa_exp2(fmaf(s[mt][t][e], sl2, -base[mt][e >> 1]));
-                    #pragma unroll
-                    for (int r = 0; r < 2; ++r) l[mt][r] = l[mt][r] * alpha[mt][r] + fa_row_reduce<NT, true>(s[mt], r);
+                    if (!all_visible[mt]) fa_mask_tile<NT>(s[mt], rows[mt], j0, tig, T, window, mask_b);
+                    float alpha[2];
+                    fa_online_softmax<NT>(s[mt], m[mt], l[mt], alpha, sl2);
+                    fa_rescale(acc[mt], alpha);
                 }
             } else {
                 float mx[MT][2], alpha[MT][2], base[MT][2];
@@ -424,11 +442,7 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
                     }
                 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    #pragma unroll
-                    for (int t = 0; t < DT; ++t) {
-                        acc[mt][t][0] *= alpha[mt][0]; acc[mt][t][1] *= alpha[mt][0];
-                        acc[mt][t][2] *= alpha[mt][1]; acc[mt][t][3] *= alpha[mt][1];
-                    }
+                    fa_rescale(acc[mt], alpha[mt]);
                     #pragma unroll
                     for (int t = 0; t < NT; ++t)
                         #pragma unroll

@@ -107,45 +107,8 @@ static __device__ __forceinline__ void faw_pv(float (&acc)[D / 2], const u32 (&p
     for (int kc = 0; kc < BN / 16; ++kc) gw_mma_rs<D, BF16>(acc, pa[kc], gw_make_desc(v_at + 2048 * kc, BN * 128, 1024, 1));
 }
 
-// A tile that is not fully visible: hidden scores -> -inf (the thread's s[4 n + e] is S[rows[e >> 1]][j0 + 8 n +
-// 2 tig + (e & 1)]). Kept out of faw_softmax so that fully visible tiles (all but the diagonal, window-edge and
-// padded ones) run no per-element test: the caller branches once a tile.
-template <int NT>
-static __device__ __forceinline__ void faw_mask(float (&S)[NT][4], const int (&rows)[2], int j0, int tig, int T,
-                                                int window, const u8* mask_b) {
-    #pragma unroll
-    for (int n = 0; n < NT; ++n)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e)
-            if (!fa_visible(rows[e >> 1], j0 + 8 * n + 2 * tig + (e & 1), T, window, mask_b)) S[n][e] = -FA_INF;
-}
-
+// (schedule 13's mask and online softmax of a tile: fa_mask_tile, fa_online_softmax in flash_attention.cu)
 // (the row reductions as trees: fa_row_reduce, flash_attention.cu)
-// The online softmax of one tile on the raw scores S (hidden ones -inf), in place: the row max over the thread's
-// values (a tree) and the 4 lanes of the row, m (log2 units) = max(m, row max scale log2e), P = exp2(S scale log2e
-// - m) (one FFMA and one ex2 an element), alpha = exp2(old m - m), l = l alpha + the thread's part of the row sum.
-template <int NT>
-static __device__ __forceinline__ void faw_softmax(float (&S)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                                   float sl2) {
-    float base[2];
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = fa_row_reduce<NT, false>(S, r);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));           // the 4 lanes of a row
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mn = fmaxf(m[r], mx * sl2);                         // sl2 > 0: max(S) sl2 = max(S sl2)
-        base[r] = mn == -FA_INF ? 0.f : mn;
-        alpha[r] = fa_exp2(m[r] - base[r]);                             // m = -inf: 0
-        m[r] = mn;
-    }
-    #pragma unroll
-    for (int n = 0; n < NT; ++n)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) S[n][e] = fa_exp2(fmaf(S[n][e], sl2, -base[e >> 1]));   // hidden: exp2(-inf) = 0
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + fa_row_reduce<NT, true>(S, r);
-}
-
 // The twelfth stop's online softmax (kept while the thirteenth's is opt-in): masks tested per element, scores
 // scaled first, the row max and sum as chains.
 template <int NT>
@@ -181,15 +144,11 @@ static __device__ __forceinline__ void faw_softmax_v12(float (&S)[NT][4], float 
         }
 }
 
-// O *= alpha (per row), and P (= S after faw_softmax) to 16 bits as the A fragments of keys 16 kc ..
+// O *= alpha (per row), and P (= S after the softmax) to 16 bits as the A fragments of keys 16 kc ..
 template <int NT, int DT, bool BF16>
 static __device__ __forceinline__ void faw_rescale_pack(float (&O)[DT][4], const float (&S)[NT][4], u32 (&pa)[NT / 2][4],
                                                         const float (&alpha)[2]) {
-    #pragma unroll
-    for (int n = 0; n < DT; ++n) {
-        O[n][0] *= alpha[0]; O[n][1] *= alpha[0];
-        O[n][2] *= alpha[1]; O[n][3] *= alpha[1];
-    }
+    fa_rescale(O, alpha);
     #pragma unroll
     for (int kc = 0; kc < NT / 2; ++kc) {
         pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);
@@ -287,8 +246,8 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
         // every (row, key) pair of this warp's 16 rows visible: no padding mask, below the diagonal, inside the window
         const bool all_visible = mask_b == nullptr && r0 + 15 < T && j0 + BN - 1 <= r0 && r0 + 15 - j0 < window;
         if constexpr (SCHED >= 13) {
-            if (!all_visible) faw_mask<NT>(S, rows, j0, tig, T, window, mask_b);
-            faw_softmax<NT>(S, m, l, alpha, sl2);
+            if (!all_visible) fa_mask_tile<NT>(S, rows, j0, tig, T, window, mask_b);
+            fa_online_softmax<NT>(S, m, l, alpha, sl2);
             gw_pin(s);                                             // the softmax stays before the wait below (else the
             gw_pin(l);                                             // compilers move it after, and P V no longer hides
             gw_pin(alpha);                                         // its exponentials: the twelfth stop's kernel did)
