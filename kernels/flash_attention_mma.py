@@ -192,9 +192,11 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the default), 13 this
-# stop's (opt-in until timed): loads unrolled, the mask tested once a tile, tree reductions; on wgmma the exponentials
-# kept before the wait for P V; both wgmma kernels and the mma.sync forward (docs/perf.md, thirteenth stop)
+SCHEDS = (12, 13, 14)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the default), 13
+# this stop's (opt-in until timed): loads unrolled, the mask tested once a tile, tree reductions; on wgmma the
+# exponentials kept before the wait for P V by a fence.acq_rel.cta; both wgmma kernels and the mma.sync forward.
+# 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the tile's cp.async in flight is for a GPU to
+# say; docs/perf.md, thirteenth stop)
 
 
 def sched() -> int:

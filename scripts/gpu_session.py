@@ -7,7 +7,7 @@ part, keep its logs, and say which commands failed. What each part measures and 
 
 Parts:
     1  GPU tests of the attention kernels in both instruction schedules (12, 13) and of the fused GEMMs
-    2  kernel benches: attention at D = 128 and 64 in schedules 12 and 13 (torch SDPA beside), the fused GEMMs
+    2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 (and 14 at D = 128; torch SDPA beside), the fused GEMMs
        beside the scratch path and cuBLAS
     3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
@@ -38,6 +38,8 @@ PARTS = {
                            "--torch --json {out}/att128.json", {}, 60),
         ("attention_d128_v13", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
                                "--json {out}/att128_v13.json", SCHED13, 60),
+        ("attention_d128_v14", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
+                               "--json {out}/att128_v14.json", {"Q4KDISTILL_FA_SCHED": "14"}, 45),
         ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --torch --json {out}/att64.json",
          {}, 60),
         ("attention_d64_v13", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --json {out}/att64_v13.json",

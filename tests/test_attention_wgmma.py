@@ -25,9 +25,10 @@ from test_attention_flash import EMU_BOUNDS, _bits16, _round16, check_lse, make_
 SMALL_TILES = [(64, 64, 1, 3), (64, 64, 2, 4), (128, 64, 1, 3)]   # (D, keys, warpgroups, slots) the harness has too
 
 
-@pytest.fixture(scope="module", params=fm.SCHEDS)
+@pytest.fixture(scope="module", params=(12, 13))
 def emulated(tmp_path_factory, request):
-    """The emulated kernels in each instruction schedule (fm.SCHEDS): every emulated test runs on both."""
+    """The emulated kernels in instruction schedules 12 and 13 (fm.SCHEDS; 14 is 13 less a fence, which the
+    emulation does not see): every emulated test runs on both."""
     from _helpers_emulate import build_emulator
 
     return build_emulator(tmp_path_factory, "flash_attention_wgmma_emulate.cpp",
@@ -178,7 +179,7 @@ def test_schedule_setting(monkeypatch):
     assert fm.sched() == 12
     monkeypatch.setenv(fm.SCHED_ENV, "13")
     assert fm.sched() == 13
-    monkeypatch.setenv(fm.SCHED_ENV, "14")
+    monkeypatch.setenv(fm.SCHED_ENV, "15")
     with pytest.raises(Q4KError, match="FA_SCHED"):
         fm.sched()
 

@@ -251,7 +251,7 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
             gw_pin(s);                                             // the softmax stays before the wait below (else the
             gw_pin(l);                                             // compilers move it after, and P V no longer hides
             gw_pin(alpha);                                         // its exponentials: the twelfth stop's kernel did)
-            gw_schedule_fence();
+            if constexpr (SCHED == 13) gw_schedule_fence();        // (14: without it, to time what it costs)
         } else {
             faw_softmax_v12<NT>(S, m, l, alpha, rows, all_visible, j0, tig, T, window, mask_b, sl2);
         }
