@@ -99,7 +99,7 @@ def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None, sche
     warp (None: forward_mtiles(D)), instruction schedule `schedule` (SCHEDS)."""
     warps, bc, mt = forward_tiles(D, mt)
     name = (f"fa_fwd_d{D}_w{warps}_c{bc}_m{mt}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
-            + ("" if schedule == 12 else f"_v{schedule}"))
+            + _sched_suffix(schedule))
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
                   f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}, {mt}, {schedule}>(q, k, v, '
@@ -200,11 +200,16 @@ SCHEDS = (12, 13, 14)   # the attention kernels' instruction schedule: 12 the tw
 
 
 def sched() -> int:
-    """$Q4KDISTILL_FA_SCHED (12 or 13; 12 when unset), read at each launch."""
+    """$Q4KDISTILL_FA_SCHED (one of SCHEDS; 12 when unset), read at each launch."""
     env = os.environ.get(SCHED_ENV, "").strip() or "12"
     if env not in tuple(map(str, SCHEDS)):
         raise Q4KError(f"{SCHED_ENV}={env!r}: expected one of {', '.join(map(str, SCHEDS))}")
     return int(env)
+
+
+def _sched_suffix(schedule: int) -> str:
+    """What a kernel's C name carries of its schedule: nothing for the default 12, "_v13" / "_v14" else."""
+    return "" if schedule == 12 else f"_v{schedule}"
 
 
 def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None, schedule: int = 12) -> tuple:
@@ -212,7 +217,7 @@ def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None, schedule:
     slots); None: WGMMA_TILES[D]), o as OUTS says, in instruction schedule `schedule` (SCHEDS)."""
     bn, nwg, st = tiles or WGMMA_TILES[D]
     name = (f"faw_fwd_d{D}_n{bn}_g{nwg}_s{st}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
-            + ("" if schedule == 12 else f"_v{schedule}"))
+            + _sched_suffix(schedule))
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
                   f'faw_forward<{D}, {bn}, {nwg}, {st}, {"true" if bf16 else "false"}, {out}, {schedule}>(q, k, v, '
@@ -237,7 +242,7 @@ def backward_kind(D: int) -> str:
 
 def wgmma_backward_source(D: int, bf16: bool, schedule: int = 12) -> tuple:
     """(name, extern "C" wrapper) of faw_backward for head size D, in instruction schedule `schedule`."""
-    name = f"faw_bwd_d{D}_{'bf16' if bf16 else 'fp16'}" + ("" if schedule == 12 else f"_v{schedule}")
+    name = f"faw_bwd_d{D}_{'bf16' if bf16 else 'fp16'}" + _sched_suffix(schedule)
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
                   f'const float* lse, const float* drow, const u8* mask, int has_mask, int T, int H, int KV, '
                   f'int window, float scale, const float* dout_scale, float* dq, float* dk, float* dv) {{ '

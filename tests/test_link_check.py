@@ -91,7 +91,7 @@ extern "C" __device__ int bad_wgmma(float* out, int n) {
 
 def test_without_lto_the_same_function_spills_and_serialises():
     """Why kernels/linked.linked_jit asks for LTO: compiled as the separate ABI function a plain link makes of
-    it (nvcc -rdc), the forward spills and ptxas serialises its pipeline (the twelfth stop's GPU runs)."""
+    it (nvcc -rdc), the forward spills and ptxas serialises its pipeline."""
     import shutil
     import subprocess
     import tempfile
