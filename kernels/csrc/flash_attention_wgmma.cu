@@ -107,6 +107,22 @@ static __device__ __forceinline__ void faw_pv(float (&acc)[D / 2], const u32 (&p
     for (int kc = 0; kc < BN / 16; ++kc) gw_mma_rs<D, BF16>(acc, pa[kc], gw_make_desc(v_at + 2048 * kc, BN * 128, 1024, 1));
 }
 
+// The same two products from descriptors built once (schedule 13): qd, kd, vd describe the tiles' first bytes and
+// each instruction's operand is gw_desc_add of a constant from them (gw_make_desc per instruction cost ~9
+// uniform-datapath instructions: 158 a tile in the linked SASS for 16 wgmma)
+template <int D, int BN, int BM, bool BF16>
+static __device__ __forceinline__ void faw_qk_d(float (&s)[BN / 2], u64 qd, u64 kd) {
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        gw_mma<BN, BF16>(s, gw_desc_add(qd, (kk >> 2) * BM * 128 + 32 * (kk & 3)),
+                         gw_desc_add(kd, (kk >> 2) * BN * 128 + 32 * (kk & 3)), kk > 0);
+}
+template <int D, int BN, bool BF16>
+static __device__ __forceinline__ void faw_pv_d(float (&acc)[D / 2], const u32 (&pa)[BN / 16][4], u64 vd) {
+    #pragma unroll
+    for (int kc = 0; kc < BN / 16; ++kc) gw_mma_rs<D, BF16>(acc, pa[kc], gw_desc_add(vd, 2048 * kc));
+}
+
 // (schedule 13's mask and online softmax of a tile: fa_mask_tile, fa_online_softmax in flash_attention.cu)
 // (the row reductions as trees: fa_row_reduce, flash_attention.cu)
 // The twelfth stop's online softmax (kept while the thirteenth's is opt-in): masks tested per element, scores
@@ -205,6 +221,8 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     }
 
     const u32 q_at = gw_smem(Qs) + 64 * 128 * wg;
+    const u64 q_d = gw_make_desc(q_at, 16, 1024, 1), k_d = gw_make_desc(gw_smem(Ks), 16, 1024, 1),
+              v_d = gw_make_desc(gw_smem(Vs), BN * 128, 1024, 1);   // (schedule 13's products)
     float s[BN / 2], acc[D / 2];
     u32 pa[BN / 16][4];
     float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f}, alpha[2];
@@ -226,6 +244,16 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
         gw_cp_wait<STAGES - 3>();                                  // 1.
         gw_fence_async();
         __syncthreads();
+        if constexpr (SCHED >= 13) {     // 3., 4. before 2.: the tensor cores start while the copies are issued
+            gw_pin(s);
+            gw_pin(acc);
+            gw_pin(pa);
+            gw_mma_fence();
+            faw_qk_d<D, BN, BM, BF16>(s, q_d, gw_desc_add(k_d, (t % STAGES) * L::KV));
+            gw_mma_commit();
+            faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
+            gw_mma_commit();
+        }
         if (t + STAGES - 2 < ntiles) {                             // 2.
             const int ahead = t + STAGES - 2, at = ahead % STAGES;
             faw_load_s<SCHED, BN, D, THREADS>(Ks + at * L::KV, kb, j_first + BN * ahead, T, KV, kvh, tid);
@@ -233,14 +261,16 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
         }
         gw_cp_commit();
 
-        gw_pin(s);                                                 // (every register a wgmma reads or
-        gw_pin(acc);                                               // writes is final before the fence:
-        gw_pin(pa);                                                // else ptxas serialises the wgmma)
-        gw_mma_fence();                                            // 3.
-        faw_qk<D, BN, BM, BF16>(s, q_at, gw_smem(Ks + (t % STAGES) * L::KV));
-        gw_mma_commit();
-        faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
-        gw_mma_commit();                                           // 4. (tile 0: P = 0 times its own V)
+        if constexpr (SCHED < 13) {
+            gw_pin(s);                                             // (every register a wgmma reads or
+            gw_pin(acc);                                           // writes is final before the fence:
+            gw_pin(pa);                                            // else ptxas serialises the wgmma)
+            gw_mma_fence();                                        // 3.
+            faw_qk<D, BN, BM, BF16>(s, q_at, gw_smem(Ks + (t % STAGES) * L::KV));
+            gw_mma_commit();
+            faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
+            gw_mma_commit();                                       // 4. (tile 0: P = 0 times its own V)
+        }
         gw_mma_wait<1>();                                          // 5.
         gw_pin(s);
         // every (row, key) pair of this warp's 16 rows visible: no padding mask, below the diagonal, inside the window
@@ -263,7 +293,8 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     gw_pin(acc);                                                   // the last tile's P V
     gw_pin(pa);
     gw_mma_fence();
-    faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + ((ntiles - 1) % STAGES) * L::KV));
+    if constexpr (SCHED >= 13) faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, ((ntiles - 1) % STAGES) * L::KV));
+    else faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + ((ntiles - 1) % STAGES) * L::KV));
     gw_mma_commit();
     gw_mma_wait<0>();
     gw_pin(acc);
@@ -384,31 +415,52 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
     float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
     float (&DP)[NT][4] = reinterpret_cast<float (&)[NT][4]>(dp);
     const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
+    // (schedule 13: the descriptors built once; this warpgroup's 64 keys of K and V, stage 0 of Q and dO)
+    const u64 k_d = gw_make_desc(k_at + 64 * 128 * wg, 16, 1024, 1), v_d = gw_make_desc(v_at + 64 * 128 * wg, 16, 1024, 1),
+              q_d = gw_make_desc(gw_smem(Qs), 16, 1024, 1), do_d = gw_make_desc(gw_smem(Ds), 16, 1024, 1);
+    const u64 q_mn = gw_make_desc(gw_smem(Qs), BM * 128, 1024, 1), do_mn = gw_make_desc(gw_smem(Ds), BM * 128, 1024, 1),
+              s_mn = gw_make_desc(s_at, BM * 128, 1024, 1),
+              k_mn = gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128), BN * 128, 1024, 1);   // (MN-major reads)
 
     for (int it = 0; it < nq; ++it) {
         const int i0 = i_start + BM * it, st = it & 1;
         gw_cp_wait<0>();                                           // 1.
         gw_fence_async();
         __syncthreads();
-        float nl = FA_INF, nd = 0.f;                               // 2.
-        if (it + 1 < nq) {
+        const u32 q_at = gw_smem(Qs + st * L::QD), do_at = gw_smem(Ds + st * L::QD);
+        float nl = FA_INF, nd = 0.f;
+        if constexpr (SCHED >= 13) {      // 3. before 2.: the tensor cores start while the copies are issued
+            const u64 qd = gw_desc_add(q_d, st * L::QD), dd = gw_desc_add(do_d, st * L::QD);
+            gw_pin(s);
+            gw_pin(dp);
+            gw_mma_fence();
+            #pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+                gw_mma<BM, BF16>(s, gw_desc_add(k_d, a_off), gw_desc_add(qd, b_off), kk > 0);
+                gw_mma<BM, BF16>(dp, gw_desc_add(v_d, a_off), gw_desc_add(dd, b_off), kk > 0);
+            }
+            gw_mma_commit();
+        }
+        if (it + 1 < nq) {                                         // 2.
             faw_load_s<SCHED, BM, D, THREADS>(Qs + (st ^ 1) * L::QD, qb, i0 + BM, T, H, h, tid);
             faw_load_s<SCHED, BM, D, THREADS>(Ds + (st ^ 1) * L::QD, db, i0 + BM, T, H, h, tid);
             if (tid < BM && i0 + BM + tid < T) nl = lse_h[i0 + BM + tid] * FA_LOG2E, nd = drow_h[i0 + BM + tid];
         }
         gw_cp_commit();
 
-        const u32 q_at = gw_smem(Qs + st * L::QD), do_at = gw_smem(Ds + st * L::QD);
-        gw_pin(s);
-        gw_pin(dp);
-        gw_mma_fence();                                            // 3.
-        #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const u32 a_off = (kk >> 2) * BN * 128 + 64 * 128 * wg + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-            gw_mma<BM, BF16>(s, gw_make_desc(k_at + a_off, 16, 1024, 1), gw_make_desc(q_at + b_off, 16, 1024, 1), kk > 0);
-            gw_mma<BM, BF16>(dp, gw_make_desc(v_at + a_off, 16, 1024, 1), gw_make_desc(do_at + b_off, 16, 1024, 1), kk > 0);
+        if constexpr (SCHED < 13) {
+            gw_pin(s);
+            gw_pin(dp);
+            gw_mma_fence();                                        // 3.
+            #pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const u32 a_off = (kk >> 2) * BN * 128 + 64 * 128 * wg + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+                gw_mma<BM, BF16>(s, gw_make_desc(k_at + a_off, 16, 1024, 1), gw_make_desc(q_at + b_off, 16, 1024, 1), kk > 0);
+                gw_mma<BM, BF16>(dp, gw_make_desc(v_at + a_off, 16, 1024, 1), gw_make_desc(do_at + b_off, 16, 1024, 1), kk > 0);
+            }
+            gw_mma_commit();
         }
-        gw_mma_commit();
         gw_mma_wait<0>();
         gw_pin(s);
         gw_pin(dp);
@@ -460,8 +512,13 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         gw_mma_fence();
         #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            gw_mma_rs<D, BF16>(dva, pa[kc], gw_make_desc(do_at + 2048 * kc, BM * 128, 1024, 1));
-            gw_mma_rs<D, BF16>(dka, sa[kc], gw_make_desc(q_at + 2048 * kc, BM * 128, 1024, 1));
+            if constexpr (SCHED >= 13) {
+                gw_mma_rs<D, BF16>(dva, pa[kc], gw_desc_add(do_mn, st * L::QD + 2048 * kc));
+                gw_mma_rs<D, BF16>(dka, sa[kc], gw_desc_add(q_mn, st * L::QD + 2048 * kc));
+            } else {
+                gw_mma_rs<D, BF16>(dva, pa[kc], gw_make_desc(do_at + 2048 * kc, BM * 128, 1024, 1));
+                gw_mma_rs<D, BF16>(dka, sa[kc], gw_make_desc(q_at + 2048 * kc, BM * 128, 1024, 1));
+            }
         }
         gw_mma_commit();
 
@@ -480,8 +537,11 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         #pragma unroll
         for (int kc = 0; kc < (KSPLIT ? 4 : 8); ++kc) {            // keys 16 kc .. (KSPLIT: of this warpgroup's 64)
             const u32 at = 2048 * (kc + (KSPLIT ? 4 * wg : 0));
-            gw_mma_tt<DQN, BF16>(dqa, gw_make_desc(s_at + at, BM * 128, 1024, 1),
-                                 gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128) + at, BN * 128, 1024, 1), kc > 0);
+            if constexpr (SCHED >= 13)
+                gw_mma_tt<DQN, BF16>(dqa, gw_desc_add(s_mn, at), gw_desc_add(k_mn, at), kc > 0);
+            else
+                gw_mma_tt<DQN, BF16>(dqa, gw_make_desc(s_at + at, BM * 128, 1024, 1),
+                                     gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128) + at, BN * 128, 1024, 1), kc > 0);
         }
         gw_mma_commit();
         gw_mma_wait<0>();

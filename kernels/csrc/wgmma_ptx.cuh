@@ -110,4 +110,8 @@ static __device__ __forceinline__ u64 gw_make_desc(u32 start, u32 lbo, u32 sbo, 
     return u64((start & 0x3FFFFu) >> 4) | (u64((lbo & 0x3FFFFu) >> 4) << 16) | (u64((sbo & 0x3FFFFu) >> 4) << 32) |
            (u64(swz128 ? 1u : 0u) << 62);
 }
+// the descriptor of the same operand `bytes` further on (16-byte multiple): start + bytes in bits 0-13 (shared
+// addresses are below 2^18, so the field never carries into LBO), one integer add where gw_make_desc is ~9
+// uniform-datapath instructions; the loops build each tile's base descriptor once and step it with this
+static __device__ __forceinline__ u64 gw_desc_add(u64 desc, u32 bytes) { return desc + u64(bytes >> 4); }
 #endif
