@@ -169,6 +169,28 @@ def wgmma_smem(D: int, bn: int, nwg: int, stages: int) -> int:
     return 64 * nwg * D * 2 + 2 * stages * bn * D * 2 + 1024
 
 
+TILES_ENV = "Q4KDISTILL_FA_TILES"
+
+
+def wgmma_tiles(D: int) -> tuple:
+    """(keys per tile, warpgroups, K/V slots) of the wgmma forward for head size D: $Q4KDISTILL_FA_TILES as
+    "keys,warpgroups,slots" (keys 64 or 128, 1 or 2 warpgroups, 3+ slots, within WGMMA_SMEM_LIMIT), else
+    WGMMA_TILES[D]. Read at each launch. "64,1,3" at D = 128 takes 113 KB and 128 threads of <= 255 registers:
+    two CTAs an SM, whose products and softmax interleave unsynchronised (the overlap FlashAttention-3's
+    ping-pong schedules by barriers), at twice the K/V reads from L2 of one 128-row CTA."""
+    env = os.environ.get(TILES_ENV, "").strip()
+    if not env:
+        return WGMMA_TILES[D]
+    try:
+        bn, nwg, st = (int(x) for x in env.split(","))
+    except ValueError:
+        raise Q4KError(f"{TILES_ENV}={env!r}: expected keys,warpgroups,slots (e.g. 64,1,3)") from None
+    if bn not in (64, 128) or nwg not in (1, 2) or not 3 <= st <= 8 or wgmma_smem(D, bn, nwg, st) > WGMMA_SMEM_LIMIT:
+        raise Q4KError(f"{TILES_ENV}={env!r}: keys 64 or 128, 1 or 2 warpgroups, 3+ slots, at most "
+                       f"{WGMMA_SMEM_LIMIT} bytes of shared memory (D = {D}: {wgmma_smem(D, bn, nwg, st)})")
+    return bn, nwg, st
+
+
 WGMMA_DEFAULT = (128,)   # head sizes whose attention runs on wgmma unless $Q4KDISTILL_FA_FWD / _BWD say "mma":
 # H200, 2026-12-05, T = 8192 (docs/perf.md twelfth stop): D = 128 forward 2.54 against 4.30 ms (mma), backward 5.80
 # against 12.38; D = 64 1.13 / 2.60 against 1.05 / 2.66 (no gain, so it stays on mma.sync)
@@ -251,12 +273,13 @@ def wgmma_backward_source(D: int, bf16: bool, schedule: int = 12) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0, schedule: int = 12):
-    """(Numba kernel, threads per block, query rows per block, dynamic shared memory bytes)."""
+def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0, schedule: int = 12, tiles=None):
+    """(Numba kernel, threads per block, query rows per block, dynamic shared memory bytes); tiles as
+    wgmma_forward_source has them."""
     from .linked import source_with
 
-    bn, nwg, st = WGMMA_TILES[D]
-    name, extra = wgmma_forward_source(D, bf16, out, schedule=schedule)
+    bn, nwg, st = tiles or WGMMA_TILES[D]
+    name, extra = wgmma_forward_source(D, bf16, out, (bn, nwg, st), schedule=schedule)
     fn = cuda.declare_device(name, _FORWARD_SIG, link=[source_with(extra, "flash_attention_wgmma.cu")], abi="c")
     return _forward_jit(fn), 128 * nwg, 64 * nwg, wgmma_smem(D, bn, nwg, st)
 
@@ -426,7 +449,7 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dt
     o = cupy.empty((B, T, H, D), dtype=np.float32 if out is None else out_dtype)
     lse = cupy.empty((B, H, T), dtype=np.float32)
     if forward_kind(D) == "wgmma":
-        kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out], sched())
+        kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out], sched(), wgmma_tiles(D))
     else:
         mt = forward_mtiles(D, T)
         kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt,

@@ -184,6 +184,18 @@ def test_schedule_setting(monkeypatch):
         fm.sched()
 
 
+def test_tiles_setting(monkeypatch):
+    monkeypatch.delenv(fm.TILES_ENV, raising=False)
+    assert fm.wgmma_tiles(128) == fm.WGMMA_TILES[128]
+    monkeypatch.setenv(fm.TILES_ENV, "64,1,3")
+    assert fm.wgmma_tiles(128) == (64, 1, 3)
+    assert fm.wgmma_smem(128, 64, 1, 3) <= 114 * 1024      # two CTAs fit an SM's 228 KB with their 1 KB each
+    for bad in ("64,1", "96,1,3", "64,3,3", "64,1,2", "128,2,4", "x,y,z"):   # 128,2,4 at D = 128: 289 KB
+        monkeypatch.setenv(fm.TILES_ENV, bad)
+        with pytest.raises(Q4KError, match="FA_TILES"):
+            fm.wgmma_tiles(128)
+
+
 def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
     from _helpers_nvcc import ptxas_sm90a
     text = linked.source_text("flash_attention_wgmma.cu")
@@ -244,6 +256,30 @@ def test_gpu_wgmma_forward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D
     seen = np.isfinite(got["mma"][1])
     assert (np.isfinite(got["wgmma"][1]) == seen).all()
     assert np.abs(got["wgmma"][1][seen] - got["mma"][1][seen]).max() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", ["64,1,3", "128,2,3"])
+@pytest.mark.parametrize("schedule", fm.SCHEDS)
+def test_gpu_wgmma_forward_tiles_setting(monkeypatch, tiles, schedule):
+    """$Q4KDISTILL_FA_TILES: the 64-key, one-warpgroup forward (two CTAs an SM) gives what the default tiles
+    give (fp16: P is rounded to 16 bits against a running max that differs with the tile, so to fp16's
+    precision), causal with a window and a padding mask, a partial last tile."""
+    import cupy
+
+    _need_wgmma()
+    monkeypatch.setenv(fm.SCHED_ENV, str(schedule))
+    monkeypatch.setenv(fm.FWD_ENV, "wgmma")
+    q, k, v, _, mask = make_inputs(1, 1111, 8, 2, 128, seed=5, pad=[7])
+    args = [cupy.asarray(_round16(x, "fp16"), dtype=np.float32) for x in (q, k, v)]
+    got = []
+    for t in ("", tiles):
+        monkeypatch.setenv(fm.TILES_ENV, t)
+        o, lse, _ = fm.mma_attention_forward(*args, cupy.asarray(mask), 300, 128 ** -0.5, "fp16")
+        got.append((o.get(), lse.get()))
+    assert rel_err(got[1][0], got[0][0].astype(np.float64)) < 2e-3
+    seen = np.isfinite(got[0][1])
+    assert (np.isfinite(got[1][1]) == seen).all() and np.abs(got[1][1][seen] - got[0][1][seen]).max() < 1e-3
 
 
 @pytest.mark.gpu

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(not link_check.available(), reason="needs NVRTC,
 P, I = types.voidptr, types.int32
 
 
-def _attention(kind, D, bf16, schedule=12):
+def _attention(kind, D, bf16, schedule=12, tiles=None):
     if kind == "fwd":
-        name, extra = fam.wgmma_forward_source(D, bf16, 0, schedule=schedule)
+        name, extra = fam.wgmma_forward_source(D, bf16, 0, tiles, schedule=schedule)
         sig = fam._FORWARD_SIG
     else:
         name, extra = fam.wgmma_backward_source(D, bf16, schedule)
@@ -49,6 +49,7 @@ CASES = {
     "attention_fwd_d128_bf16_v13": lambda: _attention("fwd", 128, True, 13),
     "attention_fwd_d64_fp16_v13": lambda: _attention("fwd", 64, False, 13),
     "attention_bwd_d128_bf16_v13": lambda: _attention("bwd", 128, True, 13),
+    "attention_fwd_d128_bf16_n64_g1_v13": lambda: _attention("fwd", 128, True, 13, (64, 1, 3)),
     "attention_bwd_d64_bf16_v13": lambda: _attention("bwd", 64, True, 13),
     "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
