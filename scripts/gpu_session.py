@@ -7,12 +7,14 @@ part, keep its logs, and say which commands failed. What each part measures and 
 
 Parts:
     1  GPU tests of the attention kernels in both instruction schedules (12, 13) and of the fused GEMMs
-    2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 (and 14 at D = 128; torch SDPA beside), the fused GEMMs
-       beside the scratch path and cuBLAS
+    2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 (and 14 at D = 128, and 13 with 64-key,
+       one-warpgroup tiles: two CTAs an SM; torch SDPA beside), the fused GEMMs beside the scratch path and cuBLAS
     3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
     5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF)
+    6  ncu of the D = 128 attention forward and backward in schedule 13, with the stall samples of every SASS
+       instruction (--page source), to say where each warp still waits
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ PARTS = {
                                "--json {out}/att128_v13.json", SCHED13, 60),
         ("attention_d128_v14", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
                                "--json {out}/att128_v14.json", {"Q4KDISTILL_FA_SCHED": "14"}, 45),
+        ("attention_d128_v13_tiles64", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
+                                       "--json {out}/att128_v13_t64.json", {**SCHED13, "Q4KDISTILL_FA_TILES": "64,1,3"}, 45),
         ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --torch --json {out}/att64.json",
          {}, 60),
         ("attention_d64_v13", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --json {out}/att64_v13.json",
@@ -56,6 +60,11 @@ PARTS = {
         ("launch_test_alone", f"{PY} pytest -q -m gpu tests/test_kernels_launch.py", {}, 60)],
     5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_gpu.py tests/test_teacher_cache.py tests/test_audit.py",
          {}, 540)],
+    6: [("ncu_source_v13", "ncu --set full -k regex:^kernel --launch-skip 1 --launch-count 2 -f -o {out}/faw13 "
+                           "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma --warmup 1 "
+                           "--reps 1 && ncu --import {out}/faw13.ncu-rep --page source --csv --print-source sass "
+                           "> {out}/faw13_source.csv && ncu --import {out}/faw13.ncu-rep --page details "
+                           "> {out}/faw13_details.txt", SCHED13, 400)],
 }
 
 
