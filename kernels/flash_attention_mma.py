@@ -250,11 +250,13 @@ BWD_ENV = "Q4KDISTILL_FA_BWD"
 WGMMA_BWD_TILE = (128, 64)       # faw_backward: keys per CTA (2 warpgroups of 64), queries per step
 
 
-def wgmma_bwd_smem(D: int) -> int:
-    """Dynamic shared memory of faw_backward<D> (FawBwdSmem::BYTES): K and V [128 x D], Q and dO [2][64 x D]
-    (16-bit), dS^T [128 x 64] (16-bit), lse and drow [2][64] (float32), and 1024 bytes to align the base."""
+def wgmma_bwd_smem(D: int, schedule: int = 12) -> int:
+    """Dynamic shared memory of faw_backward<D> (schedule 12: FawBwdSmem::BYTES, 13 / 14: FawBwdSmem13::BYTES):
+    K and V [128 x D], Q and dO [stages][64 x D] (16-bit), dS^T [buffers][128 x 64] (16-bit), lse and drow
+    [stages][64] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2."""
     bn, bm = WGMMA_BWD_TILE
-    return 2 * bn * D * 2 + 4 * bm * D * 2 + bn * bm * 2 + 4 * bm * 4 + 1024
+    stages, buffers = (2, 1) if schedule == 12 else (3, 2)
+    return 2 * bn * D * 2 + 2 * stages * bm * D * 2 + buffers * bn * bm * 2 + 2 * stages * bm * 4 + 1024
 
 
 def backward_kind(D: int) -> str:
@@ -316,7 +318,7 @@ def _wgmma_backward_kernel(D: int, bf16: bool, schedule: int = 12):
 
     name, extra = wgmma_backward_source(D, bf16, schedule)
     fn = cuda.declare_device(name, _BACKWARD_SIG, link=[source_with(extra, "flash_attention_wgmma.cu")], abi="c")
-    return _backward_jit(fn), 256, WGMMA_BWD_TILE[0], wgmma_bwd_smem(D)
+    return _backward_jit(fn), 256, WGMMA_BWD_TILE[0], wgmma_bwd_smem(D, schedule)
 
 
 @functools.lru_cache(maxsize=None)

@@ -95,7 +95,7 @@ def test_wrapper_shared_memory_is_the_kernels(emulated):
         assert emulated.emu_wgmma_smem(*tiles) == fm.wgmma_smem(*tiles), tiles
         assert fm.wgmma_smem(*tiles) <= fm.WGMMA_SMEM_LIMIT
     for D in fm.WGMMA_TILES:
-        assert emulated.emu_wgmma_bwd_smem(D) == fm.wgmma_bwd_smem(D) <= fm.WGMMA_SMEM_LIMIT
+        assert emulated.emu_wgmma_bwd_smem(D) == fm.wgmma_bwd_smem(D, emulated.emu_faw_sched()) <= fm.WGMMA_SMEM_LIMIT
 
 
 def emulated_attention(lib, q, k, v, do, mask, window, scale, dtype):

@@ -221,8 +221,10 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     }
 
     const u32 q_at = gw_smem(Qs) + 64 * 128 * wg;
-    const u64 q_d = gw_make_desc(q_at, 16, 1024, 1), k_d = gw_make_desc(gw_smem(Ks), 16, 1024, 1),
-              v_d = gw_make_desc(gw_smem(Vs), BN * 128, 1024, 1);   // (schedule 13's products)
+    // (schedule 13's products; 12 builds each descriptor where it issues, as the profiled kernel did)
+    const u64 q_d = SCHED >= 13 ? gw_make_desc(q_at, 16, 1024, 1) : 0,
+              k_d = SCHED >= 13 ? gw_make_desc(gw_smem(Ks), 16, 1024, 1) : 0,
+              v_d = SCHED >= 13 ? gw_make_desc(gw_smem(Vs), BN * 128, 1024, 1) : 0;
     float s[BN / 2], acc[D / 2];
     u32 pa[BN / 16][4];
     float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f}, alpha[2];
@@ -354,8 +356,8 @@ struct FawBwdSmem {
     static_assert(KV % 1024 == 0 && QD % 1024 == 0 && DS % 1024 == 0, "1024-byte aligned tiles");
 };
 
-template <int D, bool BF16, int SCHED = 12>
-static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
+template <int D, bool BF16>
+static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                     const float* lse, const float* drow, const u8* mask, int T, int H,
                                                     int KV, int window, float scale, const float* dout_scale,
                                                     float* dq, float* dk, float* dv) {
@@ -393,10 +395,10 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
     const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
 
     // prologue: K, V and query tile 0 in one group; lse, drow of tile 0 straight into shared memory
-    faw_load_s<SCHED, BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
-    faw_load_s<SCHED, BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
-    faw_load_s<SCHED, BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
-    faw_load_s<SCHED, BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
+    faw_load_v12<BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load_v12<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load_v12<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
+    faw_load_v12<BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
     gw_cp_commit();
     if (tid < BM) {
         const bool in = i_start + tid < T;
@@ -415,77 +417,49 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
     float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
     float (&DP)[NT][4] = reinterpret_cast<float (&)[NT][4]>(dp);
     const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
-    // (schedule 13: the descriptors built once; this warpgroup's 64 keys of K and V, stage 0 of Q and dO)
-    const u64 k_d = gw_make_desc(k_at + 64 * 128 * wg, 16, 1024, 1), v_d = gw_make_desc(v_at + 64 * 128 * wg, 16, 1024, 1),
-              q_d = gw_make_desc(gw_smem(Qs), 16, 1024, 1), do_d = gw_make_desc(gw_smem(Ds), 16, 1024, 1);
-    const u64 q_mn = gw_make_desc(gw_smem(Qs), BM * 128, 1024, 1), do_mn = gw_make_desc(gw_smem(Ds), BM * 128, 1024, 1),
-              s_mn = gw_make_desc(s_at, BM * 128, 1024, 1),
-              k_mn = gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128), BN * 128, 1024, 1);   // (MN-major reads)
 
     for (int it = 0; it < nq; ++it) {
         const int i0 = i_start + BM * it, st = it & 1;
         gw_cp_wait<0>();                                           // 1.
         gw_fence_async();
         __syncthreads();
-        const u32 q_at = gw_smem(Qs + st * L::QD), do_at = gw_smem(Ds + st * L::QD);
-        float nl = FA_INF, nd = 0.f;
-        if constexpr (SCHED >= 13) {      // 3. before 2.: the tensor cores start while the copies are issued
-            const u64 qd = gw_desc_add(q_d, st * L::QD), dd = gw_desc_add(do_d, st * L::QD);
-            gw_pin(s);
-            gw_pin(dp);
-            gw_mma_fence();
-            #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-                gw_mma<BM, BF16>(s, gw_desc_add(k_d, a_off), gw_desc_add(qd, b_off), kk > 0);
-                gw_mma<BM, BF16>(dp, gw_desc_add(v_d, a_off), gw_desc_add(dd, b_off), kk > 0);
-            }
-            gw_mma_commit();
-        }
-        if (it + 1 < nq) {                                         // 2.
-            faw_load_s<SCHED, BM, D, THREADS>(Qs + (st ^ 1) * L::QD, qb, i0 + BM, T, H, h, tid);
-            faw_load_s<SCHED, BM, D, THREADS>(Ds + (st ^ 1) * L::QD, db, i0 + BM, T, H, h, tid);
+        float nl = FA_INF, nd = 0.f;                               // 2.
+        if (it + 1 < nq) {
+            faw_load_v12<BM, D, THREADS>(Qs + (st ^ 1) * L::QD, qb, i0 + BM, T, H, h, tid);
+            faw_load_v12<BM, D, THREADS>(Ds + (st ^ 1) * L::QD, db, i0 + BM, T, H, h, tid);
             if (tid < BM && i0 + BM + tid < T) nl = lse_h[i0 + BM + tid] * FA_LOG2E, nd = drow_h[i0 + BM + tid];
         }
         gw_cp_commit();
 
-        if constexpr (SCHED < 13) {
-            gw_pin(s);
-            gw_pin(dp);
-            gw_mma_fence();                                        // 3.
-            #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const u32 a_off = (kk >> 2) * BN * 128 + 64 * 128 * wg + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-                gw_mma<BM, BF16>(s, gw_make_desc(k_at + a_off, 16, 1024, 1), gw_make_desc(q_at + b_off, 16, 1024, 1), kk > 0);
-                gw_mma<BM, BF16>(dp, gw_make_desc(v_at + a_off, 16, 1024, 1), gw_make_desc(do_at + b_off, 16, 1024, 1), kk > 0);
-            }
-            gw_mma_commit();
+        const u32 q_at = gw_smem(Qs + st * L::QD), do_at = gw_smem(Ds + st * L::QD);
+        gw_pin(s);
+        gw_pin(dp);
+        gw_mma_fence();                                            // 3.
+        #pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32 a_off = (kk >> 2) * BN * 128 + 64 * 128 * wg + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+            gw_mma<BM, BF16>(s, gw_make_desc(k_at + a_off, 16, 1024, 1), gw_make_desc(q_at + b_off, 16, 1024, 1), kk > 0);
+            gw_mma<BM, BF16>(dp, gw_make_desc(v_at + a_off, 16, 1024, 1), gw_make_desc(do_at + b_off, 16, 1024, 1), kk > 0);
         }
+        gw_mma_commit();
         gw_mma_wait<0>();
         gw_pin(s);
         gw_pin(dp);
 
         // 4. every (key, query) pair of this warp's 16 keys visible: no padding mask, keys below the diagonal, in the window
         const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
-        if constexpr (SCHED >= 13) {
-            if (all_visible)                                       // one branch a tile, no per-element test
-                faw_p_ds<NT, false>(S, DP, ls + st * BM, ls + 2 * BM + st * BM, sl2, i0, keys, tig, T, window, mask_b);
-            else
-                faw_p_ds<NT, true>(S, DP, ls + st * BM, ls + 2 * BM + st * BM, sl2, i0, keys, tig, T, window, mask_b);
-        } else {                                                   // the twelfth stop's form: a test per element
-            const float* lq = ls + st * BM;
-            const float* dr = ls + 2 * BM + st * BM;
+        const float* lq = ls + st * BM;
+        const float* dr = ls + 2 * BM + st * BM;
+        #pragma unroll
+        for (int n = 0; n < NT; ++n)
             #pragma unroll
-            for (int n = 0; n < NT; ++n)
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = 8 * n + 2 * tig + (e & 1), i = i0 + r;
-                    const bool seen = all_visible || fa_visible(i, keys[e >> 1], T, window, mask_b);
-                    const float p = seen ? fa_exp2(S[n][e] * sl2 - lq[r]) : 0.f;
-                    S[n][e] = p;
-                    DP[n][e] = p * (DP[n][e] - dr[r]);
-                }
-        }
+            for (int e = 0; e < 4; ++e) {
+                const int r = 8 * n + 2 * tig + (e & 1), i = i0 + r;
+                const bool seen = all_visible || fa_visible(i, keys[e >> 1], T, window, mask_b);
+                const float p = seen ? fa_exp2(S[n][e] * sl2 - lq[r]) : 0.f;
+                S[n][e] = p;                                       // P^T
+                DP[n][e] = p * (DP[n][e] - dr[r]);                 // dS^T (unscaled)
+            }
         #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {                     // 5.
             pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);
@@ -512,13 +486,8 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         gw_mma_fence();
         #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            if constexpr (SCHED >= 13) {
-                gw_mma_rs<D, BF16>(dva, pa[kc], gw_desc_add(do_mn, st * L::QD + 2048 * kc));
-                gw_mma_rs<D, BF16>(dka, sa[kc], gw_desc_add(q_mn, st * L::QD + 2048 * kc));
-            } else {
-                gw_mma_rs<D, BF16>(dva, pa[kc], gw_make_desc(do_at + 2048 * kc, BM * 128, 1024, 1));
-                gw_mma_rs<D, BF16>(dka, sa[kc], gw_make_desc(q_at + 2048 * kc, BM * 128, 1024, 1));
-            }
+            gw_mma_rs<D, BF16>(dva, pa[kc], gw_make_desc(do_at + 2048 * kc, BM * 128, 1024, 1));
+            gw_mma_rs<D, BF16>(dka, sa[kc], gw_make_desc(q_at + 2048 * kc, BM * 128, 1024, 1));
         }
         gw_mma_commit();
 
@@ -537,11 +506,8 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
         #pragma unroll
         for (int kc = 0; kc < (KSPLIT ? 4 : 8); ++kc) {            // keys 16 kc .. (KSPLIT: of this warpgroup's 64)
             const u32 at = 2048 * (kc + (KSPLIT ? 4 * wg : 0));
-            if constexpr (SCHED >= 13)
-                gw_mma_tt<DQN, BF16>(dqa, gw_desc_add(s_mn, at), gw_desc_add(k_mn, at), kc > 0);
-            else
-                gw_mma_tt<DQN, BF16>(dqa, gw_make_desc(s_at + at, BM * 128, 1024, 1),
-                                     gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128) + at, BN * 128, 1024, 1), kc > 0);
+            gw_mma_tt<DQN, BF16>(dqa, gw_make_desc(s_at + at, BM * 128, 1024, 1),
+                                 gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128) + at, BN * 128, 1024, 1), kc > 0);
         }
         gw_mma_commit();
         gw_mma_wait<0>();
@@ -577,4 +543,267 @@ static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, 
                         DV[n][2 * r] * unscale, DV[n][2 * r + 1] * unscale, G);
         }
     }
+}
+
+// faw_backward_v13 (schedules 13, 14): the same products, masks and outputs as faw_backward_v12, pipelined so
+// that the tensor cores run while the CUDA cores add dQ into global memory and issue the copies:
+// Q, dO and lse, drow in three stages (query tile i + 2 lands while i is computed), dS^T in two. Per query
+// tile i (stage i % 3), per warpgroup:
+//   1. S_i^T = K_w Q_i^T, dP_i^T = V_w dO_i^T (SS, as v12); commit
+//   2. wgmma.wait_group 1: dQ_{i-1} (and, D = 64, dV / dK of i - 1) done while S_i, dP_i run; dQ_{i-1} ->
+//      red.add into dq
+//   3. wait 0: S_i, dP_i; P^T, dS^T (faw_p_ds) -> 16-bit A fragments; dS^T -> shared buffer i % 2; lse, drow
+//      of tile i + 1 (read into registers in tile i - 1) -> shared stage (i + 1) % 3
+//   4. dV += P^T dO_i, dK += dS^T Q_i (RS); commit
+//   5. cp.async.wait_group 0 (this thread's copies of tile i + 1), fence.proxy.async, __syncthreads: tile
+//      i + 1 and both warpgroups' dS^T_i visible; every warpgroup is past its wait for dV / dK of i - 1 (the
+//      last reader of stage (i + 2) % 3) and for dQ_{i-2} (the last reader of dS buffer i % 2)
+//   6. cp.async of Q, dO of tile i + 2 into stage (i + 2) % 3; commit; its lse, drow into registers
+//   7. D = 128: wait 0 (dV / dK of i: the P^T, dS^T fragments die before dQ's accumulators live, as v12)
+//   8. dQ_i = dS_i K (as v12, from buffer i % 2); commit (waited for at step 2 of tile i + 1)
+// Every iteration issues the same wgmma groups (a group issued in a branch makes ptxas serialise the pipeline),
+// and the one barrier a tile is step 5. Live across step 1 - 2: dK, dV, dQ, S, dP accumulators (D = 128:
+// 224 registers of 255).
+template <int D>
+struct FawBwdSmem13 {
+    static constexpr int BN = 128, BM = 64, QST = 3;
+    static constexpr int KV = BN * D * 2, QD = BM * D * 2, DS = BN * BM * 2;
+    static constexpr int K_OFF = 0, V_OFF = KV, Q_OFF = 2 * KV, DO_OFF = Q_OFF + QST * QD, DS_OFF = DO_OFF + QST * QD;
+    static constexpr int L_OFF = DS_OFF + 2 * DS, BYTES = L_OFF + 2 * QST * BM * 4 + 1024;
+    static_assert(KV % 1024 == 0 && QD % 1024 == 0 && DS % 1024 == 0, "1024-byte aligned tiles");
+};
+
+template <int D, bool BF16, int SCHED>
+static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16* k, const u16* v, const u16* dout,
+                                                        const float* lse, const float* drow, const u8* mask, int T,
+                                                        int H, int KV, int window, float scale, const float* dout_scale,
+                                                        float* dq, float* dk, float* dv) {
+    using L = FawBwdSmem13<D>;
+    constexpr int BN = L::BN, BM = L::BM, QST = L::QST, THREADS = 256, NT = BM / 8, DT = D / 8;
+    constexpr bool KSPLIT = D == 64;                               // (as faw_backward_v12)
+    constexpr int DQN = KSPLIT ? D : D / 2;
+    static_assert(D == 64 || D == 128, "head sizes 64 and 128");
+    static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
+    u8* const sm = gw_aligned_smem();
+    u8* const Ks = sm + L::K_OFF;
+    u8* const Vs = sm + L::V_OFF;
+    u8* const Qs = sm + L::Q_OFF;
+    u8* const Ds = sm + L::DO_OFF;
+    u8* const Ss = sm + L::DS_OFF;
+    float* const ls = reinterpret_cast<float*>(sm + L::L_OFF);   // [QST][BM] lse log2e, then [QST][BM] drow
+
+    const int G = H / KV, lin = blockIdx.y * gridDim.x + blockIdx.x;   // gridDim.x * gridDim.y = key tiles x H
+    const int tile = lin / H, h = lin % H, kvh = h / G, b = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const int j0 = tile * BN, k0 = j0 + 64 * wg + 16 * warp;     // this warp's keys k0 .. k0 + 15
+    const int keys[2] = {k0 + gid, k0 + gid + 8};
+    const u16* qb = q + size_t(b) * T * H * D;
+    const u16* db = dout + size_t(b) * T * H * D;
+    const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
+    const float sl2 = scale * FA_LOG2E;
+    const float unscale = 1.f / *dout_scale;                    // dO (and drow) arrive multiplied by *dout_scale
+    const float dq_scale = scale * unscale;
+    const float* lse_h = lse + (size_t(b) * H + h) * T;
+    const float* drow_h = drow + (size_t(b) * H + h) * T;
+
+    const int i_start = (j0 / BM) * BM, i_end = min(T, j0 + BN - 1 + window);
+    const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
+
+    // prologue: K, V and query tile 0 (group 0), tile 1 (group 1); lse, drow of tiles 0 and 1 into shared memory,
+    // of tile 2 into registers
+    faw_load<BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
+    faw_load<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
+    faw_load<BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
+    gw_cp_commit();
+    if (nq > 1) {
+        faw_load<BM, D, THREADS>(Qs + L::QD, qb, i_start + BM, T, H, h, tid);
+        faw_load<BM, D, THREADS>(Ds + L::QD, db, i_start + BM, T, H, h, tid);
+    }
+    gw_cp_commit();
+    float nl = FA_INF, nd = 0.f;                                   // lse log2e, drow of row tid of tile it + 1
+    if (tid < BM) {
+        #pragma unroll
+        for (int t = 0; t < 2; ++t) {
+            const int i = i_start + BM * t + tid;
+            const bool in = t < nq && i < T;
+            ls[t * BM + tid] = in ? lse_h[i] * FA_LOG2E : FA_INF;
+            ls[QST * BM + t * BM + tid] = in ? drow_h[i] : 0.f;
+        }
+    }
+
+    float dka[D / 2], dva[D / 2], s[BM / 2], dp[BM / 2], dqa[DQN / 2];
+    u32 pa[BM / 16][4], sa[BM / 16][4];
+    #pragma unroll
+    for (int i = 0; i < D / 2; ++i) dka[i] = dva[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < BM / 2; ++i) s[i] = dp[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < DQN / 2; ++i) dqa[i] = 0.f;
+    float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
+    float (&DP)[NT][4] = reinterpret_cast<float (&)[NT][4]>(dp);
+    const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
+    // the descriptors, built once: this warpgroup's 64 keys of K and V (K-major), stage 0 of Q and dO (K-major for
+    // S and dP, MN-major for dK and dV), dS^T buffer 0 and K (MN-major for dQ)
+    const u64 k_d = gw_make_desc(k_at + 64 * 128 * wg, 16, 1024, 1), v_d = gw_make_desc(v_at + 64 * 128 * wg, 16, 1024, 1),
+              q_d = gw_make_desc(gw_smem(Qs), 16, 1024, 1), do_d = gw_make_desc(gw_smem(Ds), 16, 1024, 1);
+    const u64 q_mn = gw_make_desc(gw_smem(Qs), BM * 128, 1024, 1), do_mn = gw_make_desc(gw_smem(Ds), BM * 128, 1024, 1),
+              s_mn = gw_make_desc(s_at, BM * 128, 1024, 1),
+              k_mn = gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128), BN * 128, 1024, 1);
+    const int dq_col = KSPLIT ? 0 : DQN * wg;
+
+    gw_cp_wait<1>();                                               // tile 0 (and K, V)
+    gw_fence_async();
+    __syncthreads();
+    int it = 0;
+    do {       // (nq >= 1; a do-while has no zero-trip path, whose zeroing moves of the accumulators ptxas took for
+               // writes to the in-flight dQ group's registers and serialised the pipeline: C7515)
+        const int i0 = i_start + BM * it, st = it % QST, sb = it & 1;
+        const u64 qd = gw_desc_add(q_d, st * L::QD), dd = gw_desc_add(do_d, st * L::QD);
+        gw_pin(s);                                                 // 1. (not dqa: dQ_{it-1} is in flight,
+        gw_pin(dp);                                                //  and a pin reads it: C7514)
+        gw_mma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+            gw_mma<BM, BF16>(s, gw_desc_add(k_d, a_off), gw_desc_add(qd, b_off), kk > 0);
+            gw_mma<BM, BF16>(dp, gw_desc_add(v_d, a_off), gw_desc_add(dd, b_off), kk > 0);
+        }
+        gw_mma_commit();
+
+        gw_mma_wait<0>();                                          // 2., 3.
+        gw_pin(s);
+        gw_pin(dp);
+        // 2. dQ_{it-1} -> dq
+        gw_pin(dqa);
+        gw_pin(dka);
+        gw_pin(dva);
+        if (it > 0) {
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = i0 - BM + 16 * warp + gid + 8 * r;
+                if (i >= T) continue;
+                float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + dq_col;
+                #pragma unroll
+                for (int n = 0; n < DQN / 8; ++n)
+                    fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * dq_scale, dqa[4 * n + 2 * r + 1] * dq_scale);
+            }
+        }
+
+        const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
+        const float* lq = ls + st * BM;
+        const float* dr = ls + QST * BM + st * BM;
+        if (all_visible) faw_p_ds<NT, false>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
+        else faw_p_ds<NT, true>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
+        #pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) {
+            pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);
+            pa[kc][1] = fa_pack<BF16>(S[2 * kc][2], S[2 * kc][3]);
+            pa[kc][2] = fa_pack<BF16>(S[2 * kc + 1][0], S[2 * kc + 1][1]);
+            pa[kc][3] = fa_pack<BF16>(S[2 * kc + 1][2], S[2 * kc + 1][3]);
+            sa[kc][0] = fa_pack<BF16>(DP[2 * kc][0], DP[2 * kc][1]);
+            sa[kc][1] = fa_pack<BF16>(DP[2 * kc][2], DP[2 * kc][3]);
+            sa[kc][2] = fa_pack<BF16>(DP[2 * kc + 1][0], DP[2 * kc + 1][1]);
+            sa[kc][3] = fa_pack<BF16>(DP[2 * kc + 1][2], DP[2 * kc + 1][3]);
+        }
+        u8* const sbuf = Ss + sb * L::DS;
+        #pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc)                       // dS^T rows (keys) of this thread
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = 64 * wg + 16 * warp + gid + 8 * (e & 1), qc = 2 * kc + (e >> 1);   // query chunk
+                gw_st32(sbuf + 128 * key + 16 * (qc ^ (key & 7)) + 4 * tig, sa[kc][e]);
+            }
+        if (tid < BM && it > 0) {                                  // lse, drow of tile it + 1 (read in tile it - 1;
+            const int at = (it + 1) % QST;                         // tile 1's by the prologue)
+            ls[at * BM + tid] = nl, ls[QST * BM + at * BM + tid] = nd;
+        }
+
+        gw_pin(dka);                                               // 4.
+        gw_pin(dva);
+        gw_pin(pa);
+        gw_pin(sa);
+        gw_mma_fence();
+        #pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) {
+            gw_mma_rs<D, BF16>(dva, pa[kc], gw_desc_add(do_mn, st * L::QD + 2048 * kc));
+            gw_mma_rs<D, BF16>(dka, sa[kc], gw_desc_add(q_mn, st * L::QD + 2048 * kc));
+        }
+        gw_mma_commit();
+
+        gw_cp_wait<0>();                                           // 5.
+        gw_fence_async();
+        __syncthreads();
+
+        if (it + 2 < nq) {                                         // 6.
+            const int at = (it + 2) % QST;
+            faw_load<BM, D, THREADS>(Qs + at * L::QD, qb, i0 + 2 * BM, T, H, h, tid);
+            faw_load<BM, D, THREADS>(Ds + at * L::QD, db, i0 + 2 * BM, T, H, h, tid);
+        }
+        gw_cp_commit();
+        {                                                          // (stored at step 3 of tile it + 1)
+            const int i = i0 + 2 * BM + tid;
+            nl = FA_INF, nd = 0.f;
+            if (tid < BM && it + 2 < nq && i < T) nl = lse_h[i] * FA_LOG2E, nd = drow_h[i];
+        }
+
+        if (D > 64) {                                              // 7.
+            gw_mma_wait<0>();
+            gw_pin(dka);
+            gw_pin(dva);
+            gw_pin(pa);
+            gw_pin(sa);
+        }
+
+        gw_pin(dqa);                                               // 8.
+        gw_mma_fence();
+        #pragma unroll
+        for (int kc = 0; kc < (KSPLIT ? 4 : 8); ++kc) {            // keys 16 kc .. (KSPLIT: of this warpgroup's 64)
+            const u32 at = 2048 * (kc + (KSPLIT ? 4 * wg : 0));
+            gw_mma_tt<DQN, BF16>(dqa, gw_desc_add(s_mn, sb * L::DS + at), gw_desc_add(k_mn, at), kc > 0);
+        }
+        gw_mma_commit();
+    } while (++it < nq);
+    gw_mma_wait<0>();                                              // the last tile's dQ (and D = 64: dV, dK)
+    gw_pin(dqa);
+    gw_pin(dka);
+    gw_pin(dva);
+    gw_pin(pa);
+    gw_pin(sa);
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = i_start + BM * (nq - 1) + 16 * warp + gid + 8 * r;
+        if (i >= T) continue;
+        float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + dq_col;
+        #pragma unroll
+        for (int n = 0; n < DQN / 8; ++n)
+            fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * dq_scale, dqa[4 * n + 2 * r + 1] * dq_scale);
+    }
+    gw_cp_wait<0>();
+
+    const float (&DK)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dka);
+    const float (&DV)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dva);
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= T) continue;
+        const size_t row = (size_t(b) * T + keys[r]) * KV + kvh;
+        #pragma unroll
+        for (int n = 0; n < DT; ++n) {
+            const int col = 8 * n + 2 * tig;
+            fa_put_dkdv(dk, dv, row * D + col, DK[n][2 * r] * (scale * unscale), DK[n][2 * r + 1] * (scale * unscale),
+                        DV[n][2 * r] * unscale, DV[n][2 * r + 1] * unscale, G);
+        }
+    }
+}
+
+// the backward of a schedule (kernels/flash_attention_mma.py SCHEDS): 12 the twelfth stop's, 13 / 14 pipelined
+template <int D, bool BF16, int SCHED = 12>
+static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
+                                                    const float* lse, const float* drow, const u8* mask, int T, int H,
+                                                    int KV, int window, float scale, const float* dout_scale,
+                                                    float* dq, float* dk, float* dv) {
+    if constexpr (SCHED >= 13)
+        faw_backward_v13<D, BF16, SCHED>(q, k, v, dout, lse, drow, mask, T, H, KV, window, scale, dout_scale, dq, dk, dv);
+    else
+        faw_backward_v12<D, BF16>(q, k, v, dout, lse, drow, mask, T, H, KV, window, scale, dout_scale, dq, dk, dv);
 }
