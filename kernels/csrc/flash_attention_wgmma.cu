@@ -573,6 +573,32 @@ struct FawBwdSmem13 {
     static_assert(KV % 1024 == 0 && QD % 1024 == 0 && DS % 1024 == 0, "1024-byte aligned tiles");
 };
 
+// dQ (the accumulators of the dQ product: this warp's rows of the query tile at i0, columns col0 ..) * sc -> red.add
+template <int DQN>
+static __device__ __forceinline__ void faw_red_dq(float* dq, const float (&dqa)[DQN / 2], int i0, int warp, int gid,
+                                                  int tig, int T, int H, int h, int b, int D, int col0, float sc) {
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = i0 + 16 * warp + gid + 8 * r;
+        if (i >= T) continue;
+        float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + col0;
+        #pragma unroll
+        for (int n = 0; n < DQN / 8; ++n)
+            fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * sc, dqa[4 * n + 2 * r + 1] * sc);
+    }
+}
+
+// dQ = dS K (faw_backward_v12's step 8): s_mn, k_mn the low words of the MN-major descriptors of the dS^T buffer
+// and of K (gw_desc_lo)
+template <bool KSPLIT, int DQN, bool BF16>
+static __device__ __forceinline__ void faw_dq(float (&dqa)[DQN / 2], u32 s_mn, u32 k_mn, int wg) {
+    #pragma unroll
+    for (int kc = 0; kc < (KSPLIT ? 4 : 8); ++kc) {                // keys 16 kc .. (KSPLIT: of this warpgroup's 64)
+        const u32 at = (2048 * (kc + (KSPLIT ? 4 * wg : 0))) >> 4;
+        gw_mma_tt<DQN, BF16>(dqa, gw_desc_hi<1024, 1>(s_mn + at), gw_desc_hi<1024, 1>(k_mn + at), kc > 0);
+    }
+}
+
 template <int D, bool BF16, int SCHED>
 static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                         const float* lse, const float* drow, const u8* mask, int T,
@@ -582,6 +608,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     constexpr int BN = L::BN, BM = L::BM, QST = L::QST, THREADS = 256, NT = BM / 8, DT = D / 8;
     constexpr bool KSPLIT = D == 64;                               // (as faw_backward_v12)
     constexpr int DQN = KSPLIT ? D : D / 2;
+    constexpr bool DQ_BESIDE_S = D == 64;                          // dQ_{it-1} in flight beside S_it, dP_it
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     u8* const sm = gw_aligned_smem();
@@ -645,11 +672,11 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
     // the descriptors, built once: this warpgroup's 64 keys of K and V (K-major), stage 0 of Q and dO (K-major for
     // S and dP, MN-major for dK and dV), dS^T buffer 0 and K (MN-major for dQ)
-    const u64 k_d = gw_make_desc(k_at + 64 * 128 * wg, 16, 1024, 1), v_d = gw_make_desc(v_at + 64 * 128 * wg, 16, 1024, 1),
-              q_d = gw_make_desc(gw_smem(Qs), 16, 1024, 1), do_d = gw_make_desc(gw_smem(Ds), 16, 1024, 1);
-    const u64 q_mn = gw_make_desc(gw_smem(Qs), BM * 128, 1024, 1), do_mn = gw_make_desc(gw_smem(Ds), BM * 128, 1024, 1),
-              s_mn = gw_make_desc(s_at, BM * 128, 1024, 1),
-              k_mn = gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128), BN * 128, 1024, 1);
+    // (low words only, gw_desc_hi adds SBO 1024 and the 128-byte swizzle: at D = 128 the u64 forms spilled)
+    const u32 k_d = gw_desc_lo(k_at + 64 * 128 * wg, 16), v_d = gw_desc_lo(v_at + 64 * 128 * wg, 16),
+              q_d = gw_desc_lo(gw_smem(Qs), 16), do_d = gw_desc_lo(gw_smem(Ds), 16);
+    const u32 q_mn = gw_desc_lo(gw_smem(Qs), BM * 128), do_mn = gw_desc_lo(gw_smem(Ds), BM * 128),
+              s_mn = gw_desc_lo(s_at, BM * 128), k_mn = gw_desc_lo(k_at + (KSPLIT ? 0 : wg * BN * 128), BN * 128);
     const int dq_col = KSPLIT ? 0 : DQN * wg;
 
     gw_cp_wait<1>();                                               // tile 0 (and K, V)
@@ -657,39 +684,38 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     __syncthreads();
     int it = 0;
     do {       // (nq >= 1; a do-while has no zero-trip path, whose zeroing moves of the accumulators ptxas took for
-               // writes to the in-flight dQ group's registers and serialised the pipeline: C7515)
+               // writes to in-flight accumulators and serialised the pipeline: C7515)
         const int i0 = i_start + BM * it, st = it % QST, sb = it & 1;
-        const u64 qd = gw_desc_add(q_d, st * L::QD), dd = gw_desc_add(do_d, st * L::QD);
-        gw_pin(s);                                                 // 1. (not dqa: dQ_{it-1} is in flight,
-        gw_pin(dp);                                                //  and a pin reads it: C7514)
+        gw_pin(dqa);                                               // 1. dQ_{it-1} (tile 0: of stale bytes, unused)
         gw_mma_fence();
+        faw_dq<KSPLIT, DQN, BF16>(dqa, s_mn + (((sb ^ 1) * L::DS) >> 4), k_mn, wg);
+        gw_mma_commit();
+        if constexpr (!DQ_BESIDE_S) {                              // D = 128: dQ's accumulators die before S's
+            gw_mma_wait<0>();                                      // and dP's live (beside them, 32 bytes spill)
+            gw_pin(dqa);
+            if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
+        }
+        const u32 qd = q_d + ((st * L::QD) >> 4), dd = do_d + ((st * L::QD) >> 4);
+        gw_pin(s);                                                 // 2.
+        gw_pin(dp);
+        gw_mma_fence();     // (D = 128: after the wait and dQ's reads above; else ptxas injects one, C7519)
         #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-            gw_mma<BM, BF16>(s, gw_desc_add(k_d, a_off), gw_desc_add(qd, b_off), kk > 0);
-            gw_mma<BM, BF16>(dp, gw_desc_add(v_d, a_off), gw_desc_add(dd, b_off), kk > 0);
+            gw_mma<BM, BF16>(s, gw_desc_hi<1024, 1>(k_d + (a_off >> 4)), gw_desc_hi<1024, 1>(qd + (b_off >> 4)), kk > 0);
+            gw_mma<BM, BF16>(dp, gw_desc_hi<1024, 1>(v_d + (a_off >> 4)), gw_desc_hi<1024, 1>(dd + (b_off >> 4)), kk > 0);
         }
         gw_mma_commit();
 
-        gw_mma_wait<0>();                                          // 2., 3.
-        gw_pin(s);
-        gw_pin(dp);
-        // 2. dQ_{it-1} -> dq
-        gw_pin(dqa);
-        gw_pin(dka);
-        gw_pin(dva);
-        if (it > 0) {
-            #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = i0 - BM + 16 * warp + gid + 8 * r;
-                if (i >= T) continue;
-                float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + dq_col;
-                #pragma unroll
-                for (int n = 0; n < DQN / 8; ++n)
-                    fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * dq_scale, dqa[4 * n + 2 * r + 1] * dq_scale);
-            }
+        if constexpr (DQ_BESIDE_S) {                               // 3.
+            gw_mma_wait<1>();
+            gw_pin(dqa);
+            if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
         }
 
+        gw_mma_wait<0>();                                          // 4.
+        gw_pin(s);
+        gw_pin(dp);
         const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
         const float* lq = ls + st * BM;
         const float* dr = ls + QST * BM + st * BM;
@@ -719,66 +745,47 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
             ls[at * BM + tid] = nl, ls[QST * BM + at * BM + tid] = nd;
         }
 
-        gw_pin(dka);                                               // 4.
+        gw_pin(dka);                                               // 5.
         gw_pin(dva);
         gw_pin(pa);
         gw_pin(sa);
         gw_mma_fence();
         #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            gw_mma_rs<D, BF16>(dva, pa[kc], gw_desc_add(do_mn, st * L::QD + 2048 * kc));
-            gw_mma_rs<D, BF16>(dka, sa[kc], gw_desc_add(q_mn, st * L::QD + 2048 * kc));
+            gw_mma_rs<D, BF16>(dva, pa[kc], gw_desc_hi<1024, 1>(do_mn + ((st * L::QD + 2048 * kc) >> 4)));
+            gw_mma_rs<D, BF16>(dka, sa[kc], gw_desc_hi<1024, 1>(q_mn + ((st * L::QD + 2048 * kc) >> 4)));
         }
         gw_mma_commit();
 
-        gw_cp_wait<0>();                                           // 5.
+        gw_cp_wait<0>();                                           // 6.
         gw_fence_async();
         __syncthreads();
 
-        if (it + 2 < nq) {                                         // 6.
+        if (it + 2 < nq) {                                         // 7.
             const int at = (it + 2) % QST;
             faw_load<BM, D, THREADS>(Qs + at * L::QD, qb, i0 + 2 * BM, T, H, h, tid);
             faw_load<BM, D, THREADS>(Ds + at * L::QD, db, i0 + 2 * BM, T, H, h, tid);
         }
         gw_cp_commit();
-        {                                                          // (stored at step 3 of tile it + 1)
+        {                                                          // (stored at step 4 of tile it + 1)
             const int i = i0 + 2 * BM + tid;
             nl = FA_INF, nd = 0.f;
             if (tid < BM && it + 2 < nq && i < T) nl = lse_h[i] * FA_LOG2E, nd = drow_h[i];
         }
 
-        if (D > 64) {                                              // 7.
-            gw_mma_wait<0>();
-            gw_pin(dka);
-            gw_pin(dva);
-            gw_pin(pa);
-            gw_pin(sa);
-        }
-
-        gw_pin(dqa);                                               // 8.
-        gw_mma_fence();
-        #pragma unroll
-        for (int kc = 0; kc < (KSPLIT ? 4 : 8); ++kc) {            // keys 16 kc .. (KSPLIT: of this warpgroup's 64)
-            const u32 at = 2048 * (kc + (KSPLIT ? 4 * wg : 0));
-            gw_mma_tt<DQN, BF16>(dqa, gw_desc_add(s_mn, sb * L::DS + at), gw_desc_add(k_mn, at), kc > 0);
-        }
-        gw_mma_commit();
+        gw_mma_wait<0>();                                          // 8.
+        gw_pin(dka);
+        gw_pin(dva);
+        gw_pin(pa);
+        gw_pin(sa);
     } while (++it < nq);
-    gw_mma_wait<0>();                                              // the last tile's dQ (and D = 64: dV, dK)
+    gw_pin(dqa);                                                   // the last tile's dQ
+    gw_mma_fence();
+    faw_dq<KSPLIT, DQN, BF16>(dqa, s_mn + ((((nq - 1) & 1) * L::DS) >> 4), k_mn, wg);
+    gw_mma_commit();
+    gw_mma_wait<0>();
     gw_pin(dqa);
-    gw_pin(dka);
-    gw_pin(dva);
-    gw_pin(pa);
-    gw_pin(sa);
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = i_start + BM * (nq - 1) + 16 * warp + gid + 8 * r;
-        if (i >= T) continue;
-        float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + dq_col;
-        #pragma unroll
-        for (int n = 0; n < DQN / 8; ++n)
-            fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * dq_scale, dqa[4 * n + 2 * r + 1] * dq_scale);
-    }
+    faw_red_dq<DQN>(dq, dqa, i_start + BM * (nq - 1), warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
     gw_cp_wait<0>();
 
     const float (&DK)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dka);

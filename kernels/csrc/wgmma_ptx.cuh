@@ -114,4 +114,14 @@ static __device__ __forceinline__ u64 gw_make_desc(u32 start, u32 lbo, u32 sbo, 
 // addresses are below 2^18, so the field never carries into LBO), one integer add where gw_make_desc is ~9
 // uniform-datapath instructions; the loops build each tile's base descriptor once and step it with this
 static __device__ __forceinline__ u64 gw_desc_add(u64 desc, u32 bytes) { return desc + u64(bytes >> 4); }
+// The same descriptor as its low word (start and LBO: what varies) and a high word the compiler knows (SBO and
+// the swizzle mode: template constants), so that a kernel short of registers keeps one register a descriptor:
+// gw_desc_hi<SBO, SWZ>(gw_desc_lo(start, lbo) + (bytes >> 4)) == gw_desc_add(gw_make_desc(start, lbo, SBO, SWZ), bytes)
+static __device__ __forceinline__ u32 gw_desc_lo(u32 start, u32 lbo) {
+    return ((start & 0x3FFFFu) >> 4) | (((lbo & 0x3FFFFu) >> 4) << 16);
+}
+template <u32 SBO, int SWZ>
+static __device__ __forceinline__ u64 gw_desc_hi(u32 lo) {
+    return u64(lo) | (u64((SBO & 0x3FFFFu) >> 4) << 32) | (u64(SWZ ? 1u : 0u) << 62);
+}
 #endif
