@@ -106,14 +106,14 @@ def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None, sche
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
-def backward_source(D: int, bf16: bool) -> tuple:
-    """(name, extern "C" wrapper) of fa_backward for head size D."""
+def backward_source(D: int, bf16: bool, schedule: int = 12) -> tuple:
+    """(name, extern "C" wrapper) of fa_backward for head size D, in instruction schedule `schedule`."""
     bc, dsplit = backward_tiles(D)
-    name = f"fa_bwd_d{D}_c{bc}_s{dsplit}_{'bf16' if bf16 else 'fp16'}"
+    name = f"fa_bwd_d{D}_c{bc}_s{dsplit}_{'bf16' if bf16 else 'fp16'}" + _sched_suffix(schedule)
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
                   f'const float* lse, const float* drow, const u8* mask, int has_mask, int T, int H, int KV, '
                   f'int window, float scale, const float* dout_scale, float* dq, float* dk, float* dv) {{ '
-                  f'fa_backward<{D}, {bc}, {dsplit}, {"true" if bf16 else "false"}>(q, k, v, dout, lse, drow, '
+                  f'fa_backward<{D}, {bc}, {dsplit}, {"true" if bf16 else "false"}, {schedule}>(q, k, v, dout, lse, drow, '
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
 
 
@@ -303,9 +303,9 @@ _BACKWARD_SIG = types.int32(_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32, _I32
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(D: int, bf16: bool, max_registers=None):
+def _backward_kernel(D: int, bf16: bool, max_registers=None, schedule: int = 12):
     """(Numba kernel, threads per block, keys per block)."""
-    name, extra = backward_source(D, bf16)
+    name, extra = backward_source(D, bf16, schedule)
     fn = cuda.declare_device(name, _BACKWARD_SIG, link=[_source_with(extra)], abi="c")
     bc, dsplit = backward_tiles(D)
     return _backward_jit(fn, max_registers), 32 * (bc // 16) * dsplit, bc
@@ -483,7 +483,7 @@ def mma_attention_backward(do, cache):
     if backward_kind(D) == "wgmma":
         kernel, threads, keys, smem = _wgmma_backward_kernel(D, dtype == "bf16", sched())
     else:
-        kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)))
+        kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)), sched())
         smem = 0
     launch(kernel, (-(-T // keys), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
            cupy.ascontiguousarray(cache.lse).reshape(-1), drow.reshape(-1), mask, has, T, H, KV,

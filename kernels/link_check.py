@@ -46,13 +46,14 @@ def available() -> bool:
         return False
 
 
-def verdict(path: str, name: str, c_sig, cc=(9, 0, "a"), cubin: str | None = None) -> dict:
+def verdict(path: str, name: str, c_sig, cc=(9, 0, "a"), cubin: str | None = None, max_registers=None) -> dict:
     """Link a Numba kernel that passes its arguments to the C function `name` (file `path`, signature
     `c_sig`, e.g. ``types.int32(types.voidptr, types.int32)``) as numba-cuda does with LTO, for compute
     capability `cc`, and return ptxas's report on the kernel; `cubin`: also write the linked cubin there
-    (for nvdisasm / cuobjdump -sass)."""
+    (for nvdisasm / cuobjdump -sass); `max_registers`: the cap a kernel is built with (cuda.jit(max_registers=))."""
     return _child({"what": "verdict", "path": str(path), "name": name, "cc": list(cc), "cubin": cubin,
-                   "args": [_type_name(t) for t in c_sig.args], "ret": _type_name(c_sig.return_type)})
+                   "args": [_type_name(t) for t in c_sig.args], "ret": _type_name(c_sig.return_type),
+                   "max_registers": max_registers})
 
 
 def _type_name(t) -> str:
@@ -74,7 +75,8 @@ def _available_here() -> bool:
         os.unlink(f.name)
 
 
-def _verdict_here(path: str, name: str, args: list, ret: str, cc: tuple, cubin: str | None = None) -> dict:
+def _verdict_here(path: str, name: str, args: list, ret: str, cc: tuple, cubin: str | None = None,
+                  max_registers=None) -> dict:
     from numba import cuda, types
     from numba.cuda.cudadrv import nvrtc
 
@@ -93,7 +95,8 @@ def _verdict_here(path: str, name: str, args: list, ret: str, cc: tuple, cubin: 
                          abi="numba")
     arch = f"sm_{cc[0]}{cc[1]}{cc[2] if len(cc) > 2 else ''}"
     linker = Linker(ObjectCode.from_ltoir(ir, name="kernel"), obj,
-                    options=LinkerOptions(arch=arch, link_time_optimization=True, verbose=True, ptxas_options=["-v"]))
+                    options=LinkerOptions(arch=arch, link_time_optimization=True, verbose=True, ptxas_options=["-v"],
+                                          max_register_count=max_registers))
     code = linker.link("cubin")
     log = linker.get_info_log()
     if cubin:
@@ -111,5 +114,6 @@ if __name__ == "__main__":
     if job["what"] == "available":
         out = {"ok": _available_here()}
     else:
-        out = _verdict_here(job["path"], job["name"], job["args"], job["ret"], tuple(job["cc"]), job.get("cubin"))
+        out = _verdict_here(job["path"], job["name"], job["args"], job["ret"], tuple(job["cc"]), job.get("cubin"),
+                            job.get("max_registers"))
     print(json.dumps(out))

@@ -75,6 +75,14 @@ static inline void fa_cp16(void* smem, const void* g, bool valid) {
     if (valid) memcpy(smem, g, 16);
     else memset(smem, 0, 16);
 }
+static inline void fa_cp4(void* smem, const void* g, bool valid) {
+    if (reinterpret_cast<uintptr_t>(smem) % 4 || reinterpret_cast<uintptr_t>(g) % 4) {
+        fprintf(stderr, "bad cp.async of 4 bytes: smem %p global %p\n", smem, g);
+        abort();
+    }
+    if (valid) memcpy(smem, g, 4);
+    else memset(smem, 0, 4);
+}
 static inline void fa_cp_commit() {}
 template <int N>
 static inline void fa_cp_wait() {}

@@ -4,7 +4,7 @@
 // CUDA C logic (tiling, masks, online softmax, fragment plumbing, the backward's atomics) is tested in
 // CI without a GPU.
 #ifndef FA_SCHED
-#define FA_SCHED 12   // the forward's instruction schedule (kernels/flash_attention_mma.py SCHEDS)
+#define FA_SCHED 12   // the instruction schedule (kernels/flash_attention_mma.py SCHEDS)
 #endif
 
 #define FA_EMULATE
@@ -28,9 +28,9 @@
 #define FA_BWD(D_, BC_, S_)                                                                                    \
     if (D == D_) {                                                                                             \
         run_grid((T + BC_ - 1) / BC_, H, B, 32 * (BC_ / 16) * S_, [&] {                                      \
-            if (bf16) fa_backward<D_, BC_, S_, true>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV, \
+            if (bf16) fa_backward<D_, BC_, S_, true, FA_SCHED>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV, \
                                                      window, scale, dout_scale, dq, dk, dv);                   \
-            else fa_backward<D_, BC_, S_, false>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV,  \
+            else fa_backward<D_, BC_, S_, false, FA_SCHED>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV,  \
                                                  window, scale, dout_scale, dq, dk, dv);                       \
         });                                                                                                    \
         return 0;                                                                                              \

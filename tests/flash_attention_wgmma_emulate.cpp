@@ -54,7 +54,7 @@ extern "C" int emu_wgmma_forward(int D, int bn, int nwg, int stages, int bf16, i
 
 // the backward (faw_backward<D, BF16>): dq zeroed by the caller, dk / dv too under GQA
 extern "C" int emu_wgmma_backward(int D, int bf16, const u16* q, const u16* k, const u16* v, const u16* dout,
-                                  const float* lse, const float* drow, const u8* mask, int has_mask, int B, int T, int H,
+                                  const float* lse_in, const float* drow_in, const u8* mask, int has_mask, int B, int T, int H,
                                   int KV, int window, float scale, const float* dout_scale, float* dq, float* dk,
                                   float* dv) {
     const size_t nq = size_t(B) * T * H * D, nk = size_t(B) * T * KV * D;
@@ -64,7 +64,12 @@ extern "C" int emu_wgmma_backward(int D, int bf16, const u16* q, const u16* k, c
     memcpy(all.data() + 2 * nq, k, 2 * nk);
     memcpy(all.data() + 2 * nq + nk, v, 2 * nk);
     const u16 *qq = all.data(), *dd = qq + nq, *kk = dd + nq, *vv = kk + nk;
-    emu_bounds(reinterpret_cast<const u8*>(qq), 2 * all.size(), qq, 0);
+    const size_t nl = size_t(B) * H * T;                           // lse, drow: read by cp.async in schedule 13
+    std::vector<float> lsd(2 * nl);
+    memcpy(lsd.data(), lse_in, 4 * nl);
+    memcpy(lsd.data() + nl, drow_in, 4 * nl);
+    const float *lse = lsd.data(), *drow = lse + nl;
+    emu_bounds(reinterpret_cast<const u8*>(qq), 2 * all.size(), lse, 4 * lsd.size());
     const u8* m = has_mask ? mask : nullptr;
 #define FAW_BWD(D_)                                                                                            \
     if (D == D_) {                                                                                             \

@@ -354,7 +354,8 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
         mts = (1, 2) if D <= 64 else (1,)                  # the forward's m16 tiles per warp (forward_mtiles)
         sources = []
         for bf16 in (True, False) if D == 64 else (True,):
-            sources += [fm.backward_source(D, bf16)] + [fm.forward_source(D, bf16, 0, mt) for mt in mts]
+            sources += [fm.backward_source(D, bf16, sched) for sched in (12, 13)]
+            sources += [fm.forward_source(D, bf16, 0, mt) for mt in mts]
         for out in (1, 2):                                 # o in fp16 (the teacher) or bf16 (a bf16 student)
             sources += [fm.forward_source(D, False, out, mt) for mt in mts]
         for name, extra in sources:

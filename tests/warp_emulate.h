@@ -119,10 +119,10 @@ static inline void emu_bounds(const u8* w, size_t w_bytes, const void* x, size_t
     emu_w_lo = w, emu_w_hi = w + w_bytes;
     emu_x_lo = static_cast<const u8*>(x), emu_x_hi = emu_x_lo + x_bytes;
 }
-static inline void emu_check_cp16(const void* smem, const void* g, int valid) {
+static inline void emu_check_cp16(const void* smem, const void* g, int valid, int size = 16) {
     const u8* s = static_cast<const u8*>(g);
     const bool in_w = s >= emu_w_lo && s + valid <= emu_w_hi, in_x = s >= emu_x_lo && s + valid <= emu_x_hi;
-    if (reinterpret_cast<uintptr_t>(smem) % 16 || reinterpret_cast<uintptr_t>(g) % 16 || valid < 0 || valid > 16 ||
+    if (reinterpret_cast<uintptr_t>(smem) % size || reinterpret_cast<uintptr_t>(g) % size || valid < 0 || valid > size ||
         (valid && !in_w && !in_x)) {
         fprintf(stderr, "bad cp.async: smem %p global %p valid %d\n", smem, g, valid);
         abort();

@@ -71,22 +71,27 @@ static inline void gw_st32(void* smem, u32 v) {
 }
 
 // ---- cp.async, deferred to its wait ------------------------------------------------------------
-struct Copy { u8* dst; const u8* src; int valid; };
+struct Copy { u8* dst; const u8* src; int valid, size; };
 static thread_local std::vector<Copy> cp_open;
 static thread_local std::deque<std::vector<Copy>> cp_groups;
 
 static inline void gw_cp16(void* smem, const void* g, int valid) {
     emu_check_cp16(smem, g, valid);
     gw_smem(smem);
-    cp_open.push_back(Copy{static_cast<u8*>(smem), static_cast<const u8*>(g), valid});
+    cp_open.push_back(Copy{static_cast<u8*>(smem), static_cast<const u8*>(g), valid, 16});
+}
+static inline void gw_cp4(void* smem, const void* g, bool valid) {
+    emu_check_cp16(smem, g, valid ? 4 : 0, 4);
+    gw_smem(smem);
+    cp_open.push_back(Copy{static_cast<u8*>(smem), static_cast<const u8*>(g), valid ? 4 : 0, 4});
 }
 static inline void gw_cp_commit() { cp_groups.push_back(std::move(cp_open)); cp_open.clear(); }
 template <int N> static inline void gw_cp_wait() {
     while (int(cp_groups.size()) > N) {
         for (const Copy& c : cp_groups.front()) {
             memcpy(c.dst, c.src, c.valid);
-            memset(c.dst + c.valid, 0, 16 - c.valid);
-            emu_wrote(c.dst, 16);
+            memset(c.dst + c.valid, 0, c.size - c.valid);
+            emu_wrote(c.dst, c.size);
         }
         cp_groups.pop_front();
     }

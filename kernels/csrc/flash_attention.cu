@@ -159,6 +159,11 @@ static __device__ __forceinline__ void fa_cp16(void* smem, const void* g, bool v
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(fa_smem(smem)), "l"(g), "r"(valid ? 16 : 0)
                  : "memory");
 }
+// 4 bytes global -> shared (both 4-byte aligned), zeros where !valid: lse and drow rows
+static __device__ __forceinline__ void fa_cp4(void* smem, const void* g, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(fa_smem(smem)), "l"(g), "r"(valid ? 4 : 0)
+                 : "memory");
+}
 static __device__ __forceinline__ void fa_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>   // wait until at most N of this thread's groups are still in flight
 static __device__ __forceinline__ void fa_cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
@@ -493,7 +498,32 @@ static __device__ __forceinline__ void fa_put_dkdv(float* dk, float* dv, size_t 
     }
 }
 
-template <int D, int BC, int DSPLIT, bool BF16>
+// P^T = exp2(S^T scale log2e - lse log2e) and dS^T = P^T (dP^T - drow) in place on a thread's S^T, dP^T fragments
+// (rows: its keys keys[e >> 1]; columns: queries i0 + 8 n + 2 tig + (e & 1)); lq, dr: the query tile's lse and
+// drow as the forward wrote them (copied by cp.async; rows past T zero, and hidden there). MASKED: hidden pairs get P = 0 by a select (an all-masked query row has lse = -inf, so exp2 gives
+// NaN there); unmasked: no visibility test at all (schedule 13 branches once a tile on "all visible").
+template <int NT, bool MASKED>
+static __device__ __forceinline__ void fa_p_ds(float (&S)[NT][4], float (&DP)[NT][4], const float* lq, const float* dr,
+                                               float sl2, int i0, const int (&keys)[2], int tig, int T, int window,
+                                               const u8* mask_b) {
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = 8 * n + 2 * tig + (e & 1);
+            float p = fa_exp2(fmaf(S[n][e], sl2, -lq[r] * FA_LOG2E));
+            if (MASKED && !fa_visible(i0 + r, keys[e >> 1], T, window, mask_b)) p = 0.f;
+            S[n][e] = p;                                           // P^T
+            DP[n][e] = p * (DP[n][e] - dr[r]);                     // dS^T (unscaled)
+        }
+}
+
+// SCHED 13 (opt-in, kernels/flash_attention_mma.py SCHEDS): lse and drow of the next query tile copied by cp.async
+// with its Q and dO (the twelfth stop's form reads them at the top of each tile and waits for the loads at the
+// barrier), and P / dS through fa_p_ds with one mask branch a tile. The Q / dO loads stay the twelfth stop's
+// loop: they overlap the dQ step, and unrolled (fa_async_tile13) they spilled 156 bytes under the 168-register
+// cap (36 so; schedule 12: 88).
+template <int D, int BC, int DSPLIT, bool BF16, int SCHED = 12>
 static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                    const float* lse, const float* drow, const u8* mask, int T, int H,
                                                    int KV, int window, float scale, const float* dout_scale,
@@ -540,13 +570,22 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
     const u16* db = dout + size_t(b) * T * H * D;
     fa_async_tile<BR, D, THREADS>(qs, qb, j0, T, H, h, tid);
     fa_async_tile<BR, D, THREADS>(dos, db, j0, T, H, h, tid);
+    static_assert(BR <= THREADS, "a thread per query row for lse, drow");
+    const float* lse_h = lse + (size_t(b) * H + h) * T;
+    const float* drow_h = drow + (size_t(b) * H + h) * T;
+    if (SCHED >= 13 && tid < BR) {                               // (schedule 13: lse raw, in the tile's group)
+        fa_cp4(&ls[tid], lse_h + min(j0 + tid, T - 1), j0 + tid < T);
+        fa_cp4(&drs[tid], drow_h + min(j0 + tid, T - 1), j0 + tid < T);
+    }
     fa_cp_commit();
     {
         for (int i0 = j0; i0 < i_end; i0 += BR) {
-            for (int r = tid; r < BR; r += THREADS) {            // (every warp finished with ls, drs at the last sync)
-                const bool in = i0 + r < T;
-                ls[r] = in ? lse[(size_t(b) * H + h) * T + i0 + r] * FA_LOG2E : FA_INF;
-                drs[r] = in ? drow[(size_t(b) * H + h) * T + i0 + r] : 0.f;
+            if constexpr (SCHED < 13) {
+                for (int r = tid; r < BR; r += THREADS) {        // (every warp finished with ls, drs at the last sync)
+                    const bool in = i0 + r < T;
+                    ls[r] = in ? lse[(size_t(b) * H + h) * T + i0 + r] * FA_LOG2E : FA_INF;
+                    drs[r] = in ? drow[(size_t(b) * H + h) * T + i0 + r] : 0.f;
+                }
             }
             fa_cp_wait<0>();                                     // this thread's pieces of Q, dO have landed
             __syncthreads();                                     // ... every thread's, and ls, drs written
@@ -575,17 +614,30 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                     fa_mma<BF16>(dp[t + 1], va, df[2], df[3]);
                 }
             }
-            #pragma unroll
-            for (int t = 0; t < NT; ++t)
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = 8 * t + 2 * tig + (e & 1), i = i0 + r, j = keys[e >> 1];
-                    const bool seen = all_visible || fa_visible(i, j, T, window, mask_b);
-                    const float p = seen ? fa_exp2(s[t][e] * sl2 - ls[r]) : 0.f;
-                    s[t][e] = p;                                                   // P^T
-                    dp[t][e] = p * (dp[t][e] - drs[r]);                            // dS^T (unscaled)
-                    if (d0 == 0) dss[r][16 * grp + gid + 8 * (e >> 1)] = u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
+            if constexpr (SCHED >= 13) {
+                if (all_visible) fa_p_ds<NT, false>(s, dp, ls, drs, sl2, i0, keys, tig, T, window, mask_b);
+                else fa_p_ds<NT, true>(s, dp, ls, drs, sl2, i0, keys, tig, T, window, mask_b);
+                if (d0 == 0) {
+                    #pragma unroll
+                    for (int t = 0; t < NT; ++t)
+                        #pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            dss[8 * t + 2 * tig + (e & 1)][16 * grp + gid + 8 * (e >> 1)] =
+                                u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
                 }
+            } else {
+                #pragma unroll
+                for (int t = 0; t < NT; ++t)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = 8 * t + 2 * tig + (e & 1), i = i0 + r, j = keys[e >> 1];
+                        const bool seen = all_visible || fa_visible(i, j, T, window, mask_b);
+                        const float p = seen ? fa_exp2(s[t][e] * sl2 - ls[r]) : 0.f;
+                        s[t][e] = p;                                               // P^T
+                        dp[t][e] = p * (dp[t][e] - drs[r]);                        // dS^T (unscaled)
+                        if (d0 == 0) dss[r][16 * grp + gid + 8 * (e >> 1)] = u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
+                    }
+            }
             #pragma unroll
             for (int kc = 0; kc < BR / 16; ++kc) {               // dV += P^T dO, dK += dS^T Q over 16 queries
                 const u32 pa[4] = {fa_pack<BF16>(s[2 * kc][0], s[2 * kc][1]), fa_pack<BF16>(s[2 * kc][2], s[2 * kc][3]),
@@ -611,6 +663,11 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
             if (i0 + BR < i_end) {                               // the next query tile into qs, dos
                 fa_async_tile<BR, D, THREADS>(qs, qb, i0 + BR, T, H, h, tid);
                 fa_async_tile<BR, D, THREADS>(dos, db, i0 + BR, T, H, h, tid);
+            }
+            if (SCHED >= 13 && tid < BR && i0 + BR < i_end) {   // its lse, drow (every warp is done with ls, drs)
+                const int i = i0 + BR + tid;
+                fa_cp4(&ls[tid], lse_h + min(i, T - 1), i < T);
+                fa_cp4(&drs[tid], drow_h + min(i, T - 1), i < T);
             }
             fa_cp_commit();
 

@@ -328,24 +328,7 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
 // dK = scale sum dS^T Q, dV = sum P^T dO leave at the end (unscaled by *dout_scale as fa_backward does).
 // Shared memory (1024-byte aligned): K [BN x D], V [BN x D] (faw_chunk layout), Q [2][BM x D], dO [2][BM x D],
 // dS^T [BN x BM] (row = key: 128 bytes of 64 queries, chunk (q / 8) ^ (key % 8)), lse, drow [2][BM] floats.
-// P^T = exp2(S^T scale log2e - lse log2e) and dS^T = P^T (dP^T - drow) in place on the thread's S[n][e] (key keys[e >> 1],
-// query i0 + 8 n + 2 tig + (e & 1)); lq, dr: the query tile's lse log2e and drow (shared memory).
-// MASKED: hidden pairs get P = 0 by a select (an all-masked query row has lse = -inf, so exp2 gives NaN there).
-template <int NT, bool MASKED>
-static __device__ __forceinline__ void faw_p_ds(float (&S)[NT][4], float (&DP)[NT][4], const float* lq, const float* dr,
-                                                float sl2, int i0, const int (&keys)[2], int tig, int T, int window,
-                                                const u8* mask_b) {
-    #pragma unroll
-    for (int n = 0; n < NT; ++n)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = 8 * n + 2 * tig + (e & 1);
-            float p = fa_exp2(fmaf(S[n][e], sl2, -lq[r]));
-            if (MASKED && !fa_visible(i0 + r, keys[e >> 1], T, window, mask_b)) p = 0.f;
-            S[n][e] = p;                                           // P^T
-            DP[n][e] = p * (DP[n][e] - dr[r]);                     // dS^T (unscaled)
-        }
-}
+// (P^T and dS^T of a tile in schedule 13: fa_p_ds, flash_attention.cu)
 
 template <int D>
 struct FawBwdSmem {
@@ -545,25 +528,26 @@ static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16*
     }
 }
 
-// faw_backward_v13 (schedules 13, 14): the same products, masks and outputs as faw_backward_v12, pipelined so
-// that the tensor cores run while the CUDA cores add dQ into global memory and issue the copies:
-// Q, dO and lse, drow in three stages (query tile i + 2 lands while i is computed), dS^T in two. Per query
-// tile i (stage i % 3), per warpgroup:
-//   1. S_i^T = K_w Q_i^T, dP_i^T = V_w dO_i^T (SS, as v12); commit
-//   2. wgmma.wait_group 1: dQ_{i-1} (and, D = 64, dV / dK of i - 1) done while S_i, dP_i run; dQ_{i-1} ->
-//      red.add into dq
-//   3. wait 0: S_i, dP_i; P^T, dS^T (faw_p_ds) -> 16-bit A fragments; dS^T -> shared buffer i % 2; lse, drow
-//      of tile i + 1 (read into registers in tile i - 1) -> shared stage (i + 1) % 3
-//   4. dV += P^T dO_i, dK += dS^T Q_i (RS); commit
-//   5. cp.async.wait_group 0 (this thread's copies of tile i + 1), fence.proxy.async, __syncthreads: tile
-//      i + 1 and both warpgroups' dS^T_i visible; every warpgroup is past its wait for dV / dK of i - 1 (the
-//      last reader of stage (i + 2) % 3) and for dQ_{i-2} (the last reader of dS buffer i % 2)
-//   6. cp.async of Q, dO of tile i + 2 into stage (i + 2) % 3; commit; its lse, drow into registers
-//   7. D = 128: wait 0 (dV / dK of i: the P^T, dS^T fragments die before dQ's accumulators live, as v12)
-//   8. dQ_i = dS_i K (as v12, from buffer i % 2); commit (waited for at step 2 of tile i + 1)
-// Every iteration issues the same wgmma groups (a group issued in a branch makes ptxas serialise the pipeline),
-// and the one barrier a tile is step 5. Live across step 1 - 2: dK, dV, dQ, S, dP accumulators (D = 128:
-// 224 registers of 255).
+// faw_backward_v13 (schedules 13, 14): the same products, masks and outputs as faw_backward_v12, pipelined so that
+// the copies run beside the products and the tensor cores take dQ of one tile and S, dP of the next back to back:
+// Q, dO, lse and drow (raw, as the forward wrote them, by cp.async) in three stages (query tile i + 2 lands while
+// i is computed), dS^T in two buffers, one barrier a tile. Per query tile i (stage i % 3), per warpgroup:
+//   1. dQ_{i-1} = dS_{i-1} K (as v12's step 8, from dS buffer (i - 1) % 2); commit. Tile 0 multiplies buffer 1's
+//      stale bytes and drops the product: every iteration issues the same wgmma groups (a group issued in a
+//      branch makes ptxas serialise the pipeline)
+//   2. D = 128: wait 0, dQ_{i-1} -> red.add into dq (its 32 accumulators beside S's and dP's spilled 32 bytes)
+//      S_i^T = K_w Q_i^T, dP_i^T = V_w dO_i^T (SS, as v12); commit
+//   3. D = 64: wait 1 (dQ_{i-1} done, S_i and dP_i still running), dQ_{i-1} -> red.add into dq
+//   4. wait 0; P^T, dS^T (fa_p_ds, one mask branch a tile) -> 16-bit A fragments; dS^T -> dS buffer i % 2
+//   5. dV += P^T dO_i, dK += dS^T Q_i (RS); commit
+//   6. cp.async.wait_group 0 (this thread's copies of tile i + 1), fence.proxy.async, __syncthreads: tile i + 1
+//      and both warpgroups' dS^T_i visible; every warpgroup is past its wait for dV / dK of i - 1 (the last reader
+//      of stage (i + 2) % 3) and for dQ_{i-2} (the last reader of dS buffer i % 2)
+//   7. cp.async of Q, dO, lse, drow of tile i + 2 into stage (i + 2) % 3; commit
+//   8. wait 0 (dV / dK of i)
+// After the last tile: dQ_{nq-1}, waited, added. Nothing is in flight across the loop's edge: in-flight
+// accumulators there made ptxas serialise the pipeline (C7514 / C7515, in the CPU's link check); the loop is a
+// do-while (nq >= 1), whose missing zero-trip path would otherwise write the accumulators.
 template <int D>
 struct FawBwdSmem13 {
     static constexpr int BN = 128, BM = 64, QST = 3;
@@ -599,6 +583,18 @@ static __device__ __forceinline__ void faw_dq(float (&dqa)[DQN / 2], u32 s_mn, u
     }
 }
 
+// lse and drow of query rows i0 .. i0 + ROWS (zeros past T: hidden there) -> at[0 .. ROWS), at[QST ROWS ..) by cp.async;
+// QST: the stages between the two arrays (FawBwdSmem13)
+template <int ROWS, int QST = 3>
+static __device__ __forceinline__ void faw_load_lse(float* at, const float* lse_h, const float* drow_h, int i0, int T,
+                                                    int tid) {
+    if (tid < ROWS) {
+        const int i = i0 + tid, ok = i < T, c = min(i, T - 1);
+        gw_cp4(at + tid, lse_h + c, ok);
+        gw_cp4(at + QST * ROWS + tid, drow_h + c, ok);
+    }
+}
+
 template <int D, bool BF16, int SCHED>
 static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                         const float* lse, const float* drow, const u8* mask, int T,
@@ -617,7 +613,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     u8* const Qs = sm + L::Q_OFF;
     u8* const Ds = sm + L::DO_OFF;
     u8* const Ss = sm + L::DS_OFF;
-    float* const ls = reinterpret_cast<float*>(sm + L::L_OFF);   // [QST][BM] lse log2e, then [QST][BM] drow
+    float* const ls = reinterpret_cast<float*>(sm + L::L_OFF);   // [QST][BM] lse, then [QST][BM] drow
 
     const int G = H / KV, lin = blockIdx.y * gridDim.x + blockIdx.x;   // gridDim.x * gridDim.y = key tiles x H
     const int tile = lin / H, h = lin % H, kvh = h / G, b = blockIdx.z;
@@ -642,22 +638,14 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     faw_load<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
     faw_load<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
     faw_load<BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
+    faw_load_lse<BM>(ls, lse_h, drow_h, i_start, T, tid);
     gw_cp_commit();
     if (nq > 1) {
         faw_load<BM, D, THREADS>(Qs + L::QD, qb, i_start + BM, T, H, h, tid);
         faw_load<BM, D, THREADS>(Ds + L::QD, db, i_start + BM, T, H, h, tid);
+        faw_load_lse<BM>(ls + BM, lse_h, drow_h, i_start + BM, T, tid);
     }
     gw_cp_commit();
-    float nl = FA_INF, nd = 0.f;                                   // lse log2e, drow of row tid of tile it + 1
-    if (tid < BM) {
-        #pragma unroll
-        for (int t = 0; t < 2; ++t) {
-            const int i = i_start + BM * t + tid;
-            const bool in = t < nq && i < T;
-            ls[t * BM + tid] = in ? lse_h[i] * FA_LOG2E : FA_INF;
-            ls[QST * BM + t * BM + tid] = in ? drow_h[i] : 0.f;
-        }
-    }
 
     float dka[D / 2], dva[D / 2], s[BM / 2], dp[BM / 2], dqa[DQN / 2];
     u32 pa[BM / 16][4], sa[BM / 16][4];
@@ -719,8 +707,8 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
         const float* lq = ls + st * BM;
         const float* dr = ls + QST * BM + st * BM;
-        if (all_visible) faw_p_ds<NT, false>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
-        else faw_p_ds<NT, true>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
+        if (all_visible) fa_p_ds<NT, false>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
+        else fa_p_ds<NT, true>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
         #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
             pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);
@@ -740,10 +728,6 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
                 const int key = 64 * wg + 16 * warp + gid + 8 * (e & 1), qc = 2 * kc + (e >> 1);   // query chunk
                 gw_st32(sbuf + 128 * key + 16 * (qc ^ (key & 7)) + 4 * tig, sa[kc][e]);
             }
-        if (tid < BM && it > 0) {                                  // lse, drow of tile it + 1 (read in tile it - 1;
-            const int at = (it + 1) % QST;                         // tile 1's by the prologue)
-            ls[at * BM + tid] = nl, ls[QST * BM + at * BM + tid] = nd;
-        }
 
         gw_pin(dka);                                               // 5.
         gw_pin(dva);
@@ -765,13 +749,9 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
             const int at = (it + 2) % QST;
             faw_load<BM, D, THREADS>(Qs + at * L::QD, qb, i0 + 2 * BM, T, H, h, tid);
             faw_load<BM, D, THREADS>(Ds + at * L::QD, db, i0 + 2 * BM, T, H, h, tid);
+            faw_load_lse<BM>(ls + at * BM, lse_h, drow_h, i0 + 2 * BM, T, tid);
         }
         gw_cp_commit();
-        {                                                          // (stored at step 4 of tile it + 1)
-            const int i = i0 + 2 * BM + tid;
-            nl = FA_INF, nd = 0.f;
-            if (tid < BM && it + 2 < nq && i < T) nl = lse_h[i] * FA_LOG2E, nd = drow_h[i];
-        }
 
         gw_mma_wait<0>();                                          // 8.
         gw_pin(dka);

@@ -26,6 +26,10 @@ static __device__ __forceinline__ u8* gw_dynamic_smem() {
 static __device__ __forceinline__ void gw_cp16(void* smem, const void* g, int valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(gw_smem(smem)), "l"(g), "r"(valid) : "memory");
 }
+// 4 bytes global -> shared (both 4-byte aligned), zeros where !valid (src-size 0): lse and drow rows
+static __device__ __forceinline__ void gw_cp4(void* smem, const void* g, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(gw_smem(smem)), "l"(g), "r"(valid ? 4 : 0) : "memory");
+}
 // a 4-byte store to shared memory that a wgmma will read (the emulation tracks these for races)
 static __device__ __forceinline__ void gw_st32(void* smem, u32 v) { *static_cast<u32*>(smem) = v; }
 static __device__ __forceinline__ void gw_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
