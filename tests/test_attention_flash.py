@@ -261,6 +261,27 @@ def test_gpu_mma_matches_reference(B, T, H, KV, D, window, pad, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad", GPU_CASES)
+def test_gpu_mma_schedule_13_matches_reference(monkeypatch, B, T, H, KV, D, window, pad):
+    """The mma.sync forward and backward in instruction schedule 13 ($Q4KDISTILL_FA_SCHED; fp16, whose bound is
+    the tighter), on the same cases as the default schedule above."""
+    import cupy
+
+    from kernels import flash_attention_mma as fm
+    for env, value in ((fm.SCHED_ENV, "13"), (fm.FWD_ENV, "mma"), (fm.BWD_ENV, "mma")):
+        monkeypatch.setenv(env, value)
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D + 13, pad=pad)
+    q, k, v, do = (_round16(x, "fp16") for x in (q, k, v, do))
+    scale = D ** -0.5
+    want = _reference_gpu(q, k, v, do, mask, window, scale)
+    args = [cupy.asarray(x, dtype=np.float32) for x in (q, k, v)]
+    m = None if mask is None else cupy.asarray(mask)
+    o, cache = flash_attention_forward(*args, m, window, scale, path="mma", mma_dtype="fp16")
+    got = [x.get() for x in (o,) + flash_attention_backward(cupy.asarray(do, dtype=np.float32), cache)]
+    check_all(got, want, BOUNDS["fp16"], "mma fp16, schedule 13")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(1, 1000, 8, 2, 64, None, [5]), (1, 700, 4, 1, 256, 64, None)])
 def test_gpu_numba_kernels_match_reference(B, T, H, KV, D, window, pad):
     import cupy
