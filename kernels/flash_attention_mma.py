@@ -163,10 +163,15 @@ WGMMA_TILES = {64: (128, 2, 4), 128: (128, 2, 3)}   # D -> (keys per tile, warpg
 WGMMA_SMEM_LIMIT = 227 * 1024
 
 
-def wgmma_smem(D: int, bn: int, nwg: int, stages: int) -> int:
+def wgmma_smem(D: int, bn: int, nwg: int, stages: int, ws: bool = False) -> int:
     """Dynamic shared memory of faw_forward<D, bn, nwg, stages> (FawSmem::BYTES): the Q tile (64 nwg rows),
-    stages slots of a K and a V tile (bn rows each), 16-bit, and 1024 bytes to align the base."""
-    return 64 * nwg * D * 2 + 2 * stages * bn * D * 2 + 1024
+    stages slots of a K and a V tile (bn rows each), 16-bit, and 1024 bytes to align the base; `ws`: of
+    faw_forward_ws (FawWsSmem::BYTES, two consumer warpgroups): and 2 stages + 1 mbarriers of 8 bytes."""
+    return 64 * nwg * D * 2 + 2 * stages * bn * D * 2 + 1024 + (8 * (2 * stages + 1) if ws else 0)
+
+
+WS_SCHED = 15            # the schedule whose wgmma forward is faw_forward_ws
+WS_THREADS, WS_REGISTERS = 384, 168   # its launch: 3 warpgroups, 65536 / 384 registers (setmaxnreg moves them)
 
 
 TILES_ENV = "Q4KDISTILL_FA_TILES"
@@ -214,11 +219,12 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the default), 13
-# this stop's (opt-in until timed): loads unrolled, the mask tested once a tile, tree reductions; on wgmma the
-# exponentials kept before the wait for P V by a fence.acq_rel.cta; both wgmma kernels and the mma.sync forward.
-# 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the tile's cp.async in flight is for a GPU to
-# say; docs/perf.md, thirteenth stop)
+SCHEDS = (12, 13, 14, 15)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
+# default), 13 the thirteenth and fourteenth stops' (opt-in until timed): loads unrolled, the mask tested once a
+# tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
+# backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
+# tile's cp.async in flight is for a GPU to say; docs/perf.md, thirteenth stop). 15: 13, with the wgmma forward
+# warp-specialised (faw_forward_ws: a producer warpgroup, two consumers in ping-pong; fourteenth stop)
 
 
 def sched() -> int:
@@ -240,10 +246,16 @@ def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None, schedule:
     bn, nwg, st = tiles or WGMMA_TILES[D]
     name = (f"faw_fwd_d{D}_n{bn}_g{nwg}_s{st}_{'bf16' if bf16 else 'fp16'}" + ("", "_o16", "_obf16")[out]
             + _sched_suffix(schedule))
+    b16 = "true" if bf16 else "false"
+    if schedule == WS_SCHED:
+        if nwg != 2:
+            raise Q4KError(f"the warp-specialised forward (schedule {WS_SCHED}) has two consumer warpgroups, not {nwg}")
+        call = f"faw_forward_ws<{D}, {bn}, {st}, {b16}, {out}>"
+    else:
+        call = f"faw_forward<{D}, {bn}, {nwg}, {st}, {b16}, {out}, {schedule}>"
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
-                  f'faw_forward<{D}, {bn}, {nwg}, {st}, {"true" if bf16 else "false"}, {out}, {schedule}>(q, k, v, '
-                  f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
+                  f'{call}(q, k, v, has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
 BWD_ENV = "Q4KDISTILL_FA_BWD"
@@ -283,6 +295,8 @@ def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0, schedule: int = 12, 
     bn, nwg, st = tiles or WGMMA_TILES[D]
     name, extra = wgmma_forward_source(D, bf16, out, (bn, nwg, st), schedule=schedule)
     fn = cuda.declare_device(name, _FORWARD_SIG, link=[source_with(extra, "flash_attention_wgmma.cu")], abi="c")
+    if schedule == WS_SCHED:
+        return _forward_jit(fn, WS_REGISTERS), WS_THREADS, 64 * nwg, wgmma_smem(D, bn, nwg, st, ws=True)
     return _forward_jit(fn), 128 * nwg, 64 * nwg, wgmma_smem(D, bn, nwg, st)
 
 

@@ -6,9 +6,10 @@ part, keep its logs, and say which commands failed. What each part measures and 
     python scripts/gpu_session.py --part 1 --out OUT     # run part 1, logs in OUT/part1/*.log, OUT/part1.json
 
 Parts:
-    1  GPU tests of the attention kernels in both instruction schedules (12, 13) and of the fused GEMMs
-    2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 (and 14 at D = 128, and 13 with 64-key,
-       one-warpgroup tiles: two CTAs an SM; torch SDPA beside), the fused GEMMs beside the scratch path and cuBLAS
+    1  GPU tests of the attention kernels in every instruction schedule (12, 13, 14, 15) and of the fused GEMMs
+    2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 and 15 (the warp-specialised forward; and
+       14 at D = 128, and 13 with 64-key, one-warpgroup tiles: two CTAs an SM; torch SDPA beside), the fused GEMMs
+       beside the scratch path and cuBLAS
     3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
@@ -42,12 +43,16 @@ PARTS = {
                                "--json {out}/att128_v13.json", SCHED13, 60),
         ("attention_d128_v14", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
                                "--json {out}/att128_v14.json", {"Q4KDISTILL_FA_SCHED": "14"}, 45),
+        ("attention_d128_v15", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
+                               "--json {out}/att128_v15.json", {"Q4KDISTILL_FA_SCHED": "15"}, 45),
         ("attention_d128_v13_tiles64", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
                                        "--json {out}/att128_v13_t64.json", {**SCHED13, "Q4KDISTILL_FA_TILES": "64,1,3"}, 45),
         ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --torch --json {out}/att64.json",
          {}, 60),
         ("attention_d64_v13", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --json {out}/att64_v13.json",
          SCHED13, 60),
+        ("attention_d64_v15", "python scripts/bench_attention.py --T 8192 --paths wgmma --json {out}/att64_v15.json",
+         {"Q4KDISTILL_FA_SCHED": "15"}, 45),
         ("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
                        "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_s8_linked dequant_linked_cublas --x16 "
                        "--csv {out}/wgmma.csv", {}, 240)],

@@ -52,6 +52,42 @@ extern "C" int emu_wgmma_forward(int D, int bn, int nwg, int stages, int bf16, i
     return 1;
 }
 
+// the warp-specialised forward (faw_forward_ws<D, BN, STAGES>, schedule 15): 384 threads a block; out as above
+#define FAW_WS_CASE(D_, BN_, ST_)                                                                            \
+    if (D == D_ && bn == BN_ && stages == ST_) {                                                             \
+        if (FawWsSmem<D_, BN_, ST_>::BYTES > int(sizeof(emu_dyn))) return 2;                                 \
+        run_grid((T + 127) / 128, H, B, 384, [&] {                                                           \
+            if (bf16 && out == 0) faw_forward_ws<D_, BN_, ST_, true, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16) faw_forward_ws<D_, BN_, ST_, true, 2>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (out == 0) faw_forward_ws<D_, BN_, ST_, false, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else faw_forward_ws<D_, BN_, ST_, false, 1>(qq, kk, vv, m, T, H, KV, window, scale, o, lse);     \
+        });                                                                                                  \
+        return 0;                                                                                            \
+    }
+extern "C" int emu_wgmma_forward_ws(int D, int bn, int stages, int bf16, int out, const u16* q, const u16* k,
+                                    const u16* v, const u8* mask, int has_mask, int B, int T, int H, int KV, int window,
+                                    float scale, void* o, float* lse) {
+    if (out != 0 && out != (bf16 ? 2 : 1)) return 3;
+    const size_t nq = size_t(B) * T * H * D, nk = size_t(B) * T * KV * D;
+    std::vector<u16> all(nq + 2 * nk);
+    memcpy(all.data(), q, 2 * nq);
+    memcpy(all.data() + nq, k, 2 * nk);
+    memcpy(all.data() + nq + nk, v, 2 * nk);
+    const u16 *qq = all.data(), *kk = qq + nq, *vv = kk + nk;
+    emu_bounds(reinterpret_cast<const u8*>(qq), 2 * all.size(), qq, 0);
+    const u8* m = has_mask ? mask : nullptr;
+    FAW_WS_CASE(64, 64, 2)
+    FAW_WS_CASE(128, 64, 2)
+    FAW_WS_CASE(64, 128, 4)
+    FAW_WS_CASE(128, 128, 3)
+    return 1;
+}
+extern "C" int emu_wgmma_ws_smem(int D, int bn, int stages) {
+#define FAW_WS_SMEM(D_, BN_, ST_) if (D == D_ && bn == BN_ && stages == ST_) return FawWsSmem<D_, BN_, ST_>::BYTES;
+    FAW_WS_SMEM(64, 64, 2) FAW_WS_SMEM(128, 64, 2) FAW_WS_SMEM(64, 128, 4) FAW_WS_SMEM(128, 128, 3)
+    return 0;
+}
+
 // the backward (faw_backward<D, BF16>): dq zeroed by the caller, dk / dv too under GQA
 extern "C" int emu_wgmma_backward(int D, int bf16, const u16* q, const u16* k, const u16* v, const u16* dout,
                                   const float* lse_in, const float* drow_in, const u8* mask, int has_mask, int B, int T, int H,

@@ -90,10 +90,54 @@ def test_emulated_wgmma_forward_writes_o_in_16_bits_as_a_cast_would(emulated, D,
     assert np.array_equal(lse, lse32)
 
 
+WS_CASES = [   # B, T, H, KV, D, window, pad, dtype, (keys, slots): the warp-specialised forward (schedule 15)
+    (1, 70, 2, 1, 64, None, None, "bf16", (64, 2)),
+    (2, 37, 2, 2, 64, 9, [0, 37], "fp16", (64, 2)),                 # a fully padded sequence
+    (1, 333, 4, 2, 128, None, [6], "bf16", (64, 2)),                # GQA, 6 key tiles through 2 slots
+    (2, 203, 4, 2, 64, 45, [0, 7], "fp16", (64, 2)),                # a window inside a tile
+    (1, 300, 2, 1, 64, 150, None, "fp16", (128, 4)),                # the shipped D = 64 tiles
+    (1, 520, 2, 1, 128, None, [3], "bf16", (128, 3)),               # the shipped D = 128 tiles, slots refilled
+    (1, 129, 2, 2, 128, None, None, "fp16", (128, 3)),              # one row past a 128-row tile
+]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype,tiles", WS_CASES)
+def test_emulated_warp_specialised_forward_matches_float64_reference(emulated, B, T, H, KV, D, window, pad, dtype,
+                                                                     tiles):
+    """faw_forward_ws: a producer warpgroup filling slots through mbarriers, two consumers in ping-pong (named
+    barriers); the emulation lands a slot's copies only when its phase completes, so a consumer that read a slot
+    early, or a producer that refilled it under a product in flight, fails here."""
+    if emulated.emu_faw_sched() != 13:
+        pytest.skip("(independent of the build's schedule: run once)")
+    q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D + 15, pad=pad)
+    q, k, v = (_round16(x, dtype) for x in (q, k, v))
+    scale = D ** -0.5
+    q16, k16, v16 = (_bits16(x, dtype) for x in (q, k, v))
+    m = np.ones(1, np.uint8) if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+    o = np.full((B, T, H, D), np.nan, np.float32)
+    lse = np.full((B, H, T), np.nan, np.float32)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)             # noqa: E731
+    I, F = ctypes.c_int, ctypes.c_float
+    rc = emulated.emu_wgmma_forward_ws(I(D), I(tiles[0]), I(tiles[1]), I(dtype == "bf16"), I(0), p(q16), p(k16),
+                                       p(v16), p(m), I(mask is not None), I(B), I(T), I(H), I(KV),
+                                       I(T + 1 if window is None else window), F(scale), p(o), p(lse))
+    assert rc == 0, rc
+    want = reference(q, k, v, do, mask, window, scale)
+    err = rel_err(o, want[0])
+    assert err < EMU_BOUNDS[dtype], f"ws {dtype}: {err:.3g}"
+    check_lse(lse, q, k, v, mask, window, scale, 2e-2)
+    plain = {(64, 64): (64, 64, 2, 4), (64, 128): (64, 128, 2, 4), (128, 128): (128, 128, 2, 3)}.get((D, tiles[0]))
+    if plain:                                  # the same tiles without warp specialisation: the very same sums
+        o2, lse2 = emulated_forward(emulated, q, k, v, mask, window, scale, dtype, plain)
+        assert np.array_equal(o, o2, equal_nan=True) and np.array_equal(lse, lse2, equal_nan=True)
+
+
 def test_wrapper_shared_memory_is_the_kernels(emulated):
     for tiles in SMALL_TILES + [(D,) + t for D, t in fm.WGMMA_TILES.items()]:
         assert emulated.emu_wgmma_smem(*tiles) == fm.wgmma_smem(*tiles), tiles
         assert fm.wgmma_smem(*tiles) <= fm.WGMMA_SMEM_LIMIT
+    for D, bn, st in ((64, 64, 2), (128, 64, 2), (64, 128, 4), (128, 128, 3)):
+        assert emulated.emu_wgmma_ws_smem(D, bn, st) == fm.wgmma_smem(D, bn, 2, st, ws=True) <= fm.WGMMA_SMEM_LIMIT
     for D in fm.WGMMA_TILES:
         assert emulated.emu_wgmma_bwd_smem(D) == fm.wgmma_bwd_smem(D, emulated.emu_faw_sched()) <= fm.WGMMA_SMEM_LIMIT
 
@@ -180,6 +224,8 @@ def test_schedule_setting(monkeypatch):
     monkeypatch.setenv(fm.SCHED_ENV, "13")
     assert fm.sched() == 13
     monkeypatch.setenv(fm.SCHED_ENV, "15")
+    assert fm.sched() == 15
+    monkeypatch.setenv(fm.SCHED_ENV, "16")
     with pytest.raises(Q4KError, match="FA_SCHED"):
         fm.sched()
 
@@ -272,6 +318,11 @@ def test_gpu_wgmma_forward_tiles_setting(monkeypatch, tiles, schedule):
     monkeypatch.setenv(fm.FWD_ENV, "wgmma")
     q, k, v, _, mask = make_inputs(1, 1111, 8, 2, 128, seed=5, pad=[7])
     args = [cupy.asarray(_round16(x, "fp16"), dtype=np.float32) for x in (q, k, v)]
+    if schedule == fm.WS_SCHED and tiles.split(",")[1] == "1":   # two consumer warpgroups or none
+        monkeypatch.setenv(fm.TILES_ENV, tiles)
+        with pytest.raises(Q4KError, match="warp-specialised"):
+            fm.mma_attention_forward(*args, cupy.asarray(mask), 300, 128 ** -0.5, "fp16")
+        return
     got = []
     for t in ("", tiles):
         monkeypatch.setenv(fm.TILES_ENV, t)

@@ -57,6 +57,8 @@ CASES = {
     "attention_fwd_d64_fp16_v13": lambda: _attention("fwd", 64, False, 13),
     "attention_bwd_d128_bf16_v13": lambda: _attention("bwd", 128, True, 13),
     "attention_fwd_d128_bf16_n64_g1_v13": lambda: _attention("fwd", 128, True, 13, (64, 1, 3)),
+    "attention_fwd_d128_bf16_ws": lambda: _attention("fwd", 128, True, 15),
+    "attention_fwd_d64_fp16_ws": lambda: _attention("fwd", 64, False, 15),
     "attention_bwd_d64_bf16_v13": lambda: _attention("bwd", 64, True, 13),
     "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
@@ -64,10 +66,14 @@ CASES = {
 }
 
 
+CAPS = {c: fam.WS_REGISTERS for c in CASES if c.endswith("_ws")}   # as flash_attention_mma builds them (setmaxnreg
+# then gives the consumer warpgroups 232)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_attention_and_gemm_kernels_linked_as_on_the_gpu(case):
     path, name, sig = CASES[case]()
-    v = link_check.verdict(path, name, sig)
+    v = link_check.verdict(path, name, sig, max_registers=CAPS.get(case))
     assert not v["notes"], f"{case}: ptxas serialised the wgmma pipeline: {v['notes']}"
     assert v["spill_bytes"] == 0 and v["stack_bytes"] == 0, (case, v["spill_bytes"], v["stack_bytes"], v["log"][-2000:])
     assert v["registers"] is not None and v["registers"] <= 255, (case, v["registers"])
@@ -158,3 +164,11 @@ def test_schedule_13_keeps_the_exponentials_before_the_wait_for_p_v(tmp_path):
         ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
         between[schedule] = sum(w1 < i < w0 for i in ex2) / len(ex2)
     assert between[13] > 0.9 and between[12] < 0.1 and between[14] < 0.1, between   # 14: 13 less the fence
+    cubin = tmp_path / "ws.cubin"                  # the warp-specialised forward (15) keeps 13's placement
+    link_check.verdict(*_attention("fwd", 128, True, 15), cubin=str(cubin), max_registers=fam.WS_REGISTERS)
+    lines = subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
+    w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
+    w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
+    ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
+    assert ex2 and all(w1 < i < w0 for i in ex2)
+    assert sum("SETMAXREG" in x for x in lines) == 2       # the producer gives registers up, the consumers take them

@@ -97,6 +97,78 @@ template <int N> static inline void gw_cp_wait() {
     }
 }
 
+static inline void gw_cp_wait_all() { gw_cp_commit(); gw_cp_wait<0>(); }
+
+// ---- mbarriers, named barriers, setmaxnreg (the warp-specialised forward) ---------------------------
+// An mbarrier's state lives here, keyed by its shared-memory address (the kernel's 8 bytes are not used).
+// cp.async's arrive hands the thread's copies not yet waited for to the barrier, which performs them when the
+// phase completes (the latest the hardware may land them): a consumer that read a slot before waiting for its
+// phase reads stale bytes. Those bytes are written untagged (the epoch race check knows only __syncthreads; the
+// wgmma's own check, operands unchanged between issue and wait, still catches a slot refilled under it).
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <thread>
+struct EmuMbar { int count = 0, pending = 0, phase = 0; std::vector<Copy> copies; };
+static std::mutex emu_sync_mu;
+static std::condition_variable emu_sync_cv;
+static std::map<u32, EmuMbar> emu_mbars;
+static void emu_mbar_complete_locked(EmuMbar& m) {
+    for (const Copy& c : m.copies) {
+        memcpy(c.dst, c.src, c.valid);
+        memset(c.dst + c.valid, 0, c.size - c.valid);
+        const size_t at = c.dst - emu_dyn;
+        for (int i = 0; i < c.size; ++i) emu_writer[at + i].store(0);
+    }
+    m.copies.clear();
+    m.phase ^= 1;
+    m.pending = m.count;
+    emu_sync_cv.notify_all();
+}
+static inline void gw_mbar_init(u64* bar, int count) {
+    std::lock_guard<std::mutex> g(emu_sync_mu);
+    EmuMbar& m = emu_mbars[gw_smem(bar)];
+    m = EmuMbar{count, count, 0, {}};
+}
+static inline void emu_mbar_arrive(u64* bar, bool with_copies) {
+    std::lock_guard<std::mutex> g(emu_sync_mu);
+    auto it = emu_mbars.find(gw_smem(bar));
+    if (it == emu_mbars.end()) { fprintf(stderr, "arrive on an mbarrier never initialised\n"); abort(); }
+    EmuMbar& m = it->second;
+    if (with_copies) {
+        for (auto& grp : cp_groups) m.copies.insert(m.copies.end(), grp.begin(), grp.end());
+        m.copies.insert(m.copies.end(), cp_open.begin(), cp_open.end());
+        cp_groups.clear();
+        cp_open.clear();
+    }
+    if (--m.pending == 0) emu_mbar_complete_locked(m);
+}
+static inline void gw_mbar_arrive(u64* bar) { emu_mbar_arrive(bar, false); }
+static inline void gw_cp_mbar_arrive(u64* bar) { emu_mbar_arrive(bar, true); }
+static inline void gw_mbar_wait(u64* bar, int parity) {   // until the phase of this parity has completed
+    std::unique_lock<std::mutex> g(emu_sync_mu);
+    EmuMbar& m = emu_mbars.at(gw_smem(bar));
+    emu_sync_cv.wait(g, [&] { return m.phase != (parity & 1); });
+}
+struct EmuNamedBar { int arrived = 0; long gen = 0; };
+static EmuNamedBar emu_named[16];
+static inline void emu_named_arrive(int id, int n, bool wait) {
+    std::unique_lock<std::mutex> g(emu_sync_mu);
+    EmuNamedBar& b = emu_named[id];
+    const long gen = b.gen;
+    if (++b.arrived == n) {
+        b.arrived = 0;
+        ++b.gen;
+        emu_sync_cv.notify_all();
+    } else if (wait) {
+        emu_sync_cv.wait(g, [&] { return b.gen != gen; });
+    }
+}
+static inline void gw_bar_sync(int id, int n) { emu_named_arrive(id, n, true); }
+static inline void gw_bar_arrive(int id, int n) { emu_named_arrive(id, n, false); }
+template <int N> static inline void gw_regs_dec() {}
+template <int N> static inline void gw_regs_inc() {}
+
 static inline void gw_fence_async() {}
 static inline void gw_schedule_fence() {}
 static inline void gw_mma_fence() {}

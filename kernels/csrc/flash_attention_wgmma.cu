@@ -305,6 +305,141 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     fa_finish_rows<D, OUT>(O, m, l, rows, b, h, T, H, tig, o, lse);
 }
 
+// ==== The warp-specialised forward (schedule 15) ===================================================
+// faw_forward_ws: FlashAttention-3's forward structure on schedule 13's tile math. Three warpgroups: warpgroup 2
+// produces (it copies Q and the K / V tiles by cp.async into STAGES slots and keeps 48 registers a thread:
+// setmaxnreg), warpgroups 0 and 1 consume (64 query rows each, 232 registers). No __syncthreads in the loop:
+//   full[s]   mbarrier, 128 arrivals: the producer's cp.async of the tile in slot s have landed
+//             (cp.async.mbarrier.arrive.noinc); consumers wait for its phase (tile t: parity (t / STAGES) & 1)
+//   empty[s]  mbarrier, 256 arrivals: every consumer thread is past its wait for P V of the tile in slot s; the
+//             producer waits for it before refilling the slot (tile t: parity (t / STAGES - 1) & 1)
+//   named barriers 1, 2 (256 threads): ping-pong between the consumers, so that one warpgroup's products run on
+//             the tensor cores while the other's softmax runs on the CUDA cores: warpgroup w waits on barrier
+//             1 + w before issuing its tile's two products and then arrives on the other's (warpgroup 1 arrives
+//             once first, so warpgroup 0 starts; it skips its arrival after the last tile, so counts match)
+// A consumer's tile is schedule 13's (faw_forward): S = Q K_t^T and O += P_{t-1} V_{t-1} issued together, the
+// mask and online softmax between the waits for S and for P V, then O rescaled and P packed. Launch: 384 threads,
+// built with a cap of 168 registers (65536 / 384; setmaxnreg moves them), FawWsSmem::BYTES of dynamic shared memory.
+template <int D, int BN, int STAGES>
+struct FawWsSmem {
+    using L = FawSmem<D, BN, 2, STAGES>;
+    static constexpr int BAR_OFF = L::BYTES - 1024;                  // after the K / V slots (8-byte aligned)
+    static constexpr int BYTES = L::BYTES + 8 * (2 * STAGES + 1);
+};
+
+template <int D, int BN, int STAGES, bool BF16, int OUT = 0>
+static __device__ __forceinline__ void faw_forward_ws(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
+                                                      int H, int KV, int window, float scale, void* o, float* lse) {
+    using L = FawSmem<D, BN, 2, STAGES>;
+    using W = FawWsSmem<D, BN, STAGES>;
+    constexpr int BM = L::BM, NT = BN / 8, DT = D / 8, CONSUMERS = 256;
+    static_assert(D == 64 || D == 128, "head sizes 64 and 128");
+    static_assert(BN == 64 || BN == 128, "key tiles of 64 or 128");
+    static_assert(STAGES >= 2, "two slots at least");
+    static_assert(W::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
+    u8* const sm = gw_aligned_smem();
+    u8* const Qs = sm + L::Q_OFF;
+    u8* const Ks = sm + L::K_OFF;
+    u8* const Vs = sm + L::V_OFF;
+    u64* const full = reinterpret_cast<u64*>(sm + W::BAR_OFF);
+    u64* const empty = full + STAGES;
+    u64* const qbar = empty + STAGES;
+
+    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int kvh = h / (H / KV);
+    const int i0 = tile * BM, i1 = min(T, i0 + BM);
+    const int j_first = (max(0, i0 - window + 1) / BN) * BN;
+    const int ntiles = (i1 - j_first + BN - 1) / BN;              // >= 1: i0 < T
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) gw_mbar_init(full + s, 128), gw_mbar_init(empty + s, CONSUMERS);
+        gw_mbar_init(qbar, 128);
+    }
+    __syncthreads();                                               // (the barriers initialised; none after this)
+
+    if (wg == 2) {                                                 // ---- the producer
+        gw_regs_dec<48>();
+        const int pt = tid - CONSUMERS;
+        const u16* kb = k + size_t(b) * T * KV * D;
+        const u16* vb = v + size_t(b) * T * KV * D;
+        faw_load<BM, D, 128>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, pt);
+        gw_cp_mbar_arrive(qbar);
+        for (int t = 0; t < ntiles; ++t) {
+            const int s = t % STAGES;
+            if (t >= STAGES) gw_mbar_wait(empty + s, (t / STAGES - 1) & 1);
+            faw_load<BN, D, 128>(Ks + s * L::KV, kb, j_first + BN * t, T, KV, kvh, pt);
+            faw_load<BN, D, 128>(Vs + s * L::KV, vb, j_first + BN * t, T, KV, kvh, pt);
+            gw_cp_mbar_arrive(full + s);
+        }
+        gw_cp_wait_all();                                          // (no copy in flight when its threads exit)
+        return;
+    }
+
+    gw_regs_inc<232>();                                            // ---- the consumers
+    const int warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const int r0 = i0 + 64 * wg + 16 * warp;                       // this warp's rows r0 .. r0 + 15
+    const int rows[2] = {r0 + gid, r0 + gid + 8};
+    const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
+    const float sl2 = scale * FA_LOG2E;
+    const u64 q_d = gw_make_desc(gw_smem(Qs) + 64 * 128 * wg, 16, 1024, 1), k_d = gw_make_desc(gw_smem(Ks), 16, 1024, 1),
+              v_d = gw_make_desc(gw_smem(Vs), BN * 128, 1024, 1);
+
+    float s[BN / 2], acc[D / 2];
+    u32 pa[BN / 16][4];
+    float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f}, alpha[2];
+    #pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < BN / 16; ++i) pa[i][0] = pa[i][1] = pa[i][2] = pa[i][3] = 0u;
+    float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
+    float (&O)[DT][4] = reinterpret_cast<float (&)[DT][4]>(acc);
+
+    gw_mbar_wait(qbar, 0);
+    gw_fence_async();
+    if (wg == 1) gw_bar_arrive(1, CONSUMERS);                      // warpgroup 0 issues first
+    int t = 0;
+    do {                                                           // (ntiles >= 1: no zero-trip path)
+        const int j0 = j_first + BN * t, st = t % STAGES;
+        gw_mbar_wait(full + st, (t / STAGES) & 1);                 // tile t landed
+        gw_fence_async();
+        gw_bar_sync(1 + wg, CONSUMERS);                            // my turn at the tensor cores
+        gw_pin(s);
+        gw_pin(acc);
+        gw_pin(pa);
+        gw_mma_fence();
+        faw_qk_d<D, BN, BM, BF16>(s, q_d, gw_desc_add(k_d, st * L::KV));
+        gw_mma_commit();
+        faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
+        gw_mma_commit();                                           // (tile 0: P = 0 times its own V)
+        if (wg == 0 || t + 1 < ntiles) gw_bar_arrive(2 - wg, CONSUMERS);   // the other's turn
+        gw_mma_wait<1>();
+        gw_pin(s);
+        const bool all_visible = mask_b == nullptr && r0 + 15 < T && j0 + BN - 1 <= r0 && r0 + 15 - j0 < window;
+        if (!all_visible) fa_mask_tile<NT>(S, rows, j0, tig, T, window, mask_b);
+        fa_online_softmax<NT>(S, m, l, alpha, sl2);
+        gw_pin(s);
+        gw_pin(l);
+        gw_pin(alpha);
+        gw_schedule_fence();                                       // (the exponentials stay before the wait: 13)
+        gw_mma_wait<0>();
+        gw_pin(acc);
+        gw_pin(pa);
+        if (t > 0) gw_mbar_arrive(empty + (t - 1) % STAGES);       // P V of tile t - 1 done: its slot is free
+        faw_rescale_pack<NT, DT, BF16>(O, S, pa, alpha);
+    } while (++t < ntiles);
+    gw_pin(acc);                                                   // the last tile's P V
+    gw_pin(pa);
+    gw_mma_fence();
+    faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, ((ntiles - 1) % STAGES) * L::KV));
+    gw_mma_commit();
+    gw_mma_wait<0>();
+    gw_pin(acc);
+    gw_pin(pa);
+    fa_finish_rows<D, OUT>(O, m, l, rows, b, h, T, H, tig, o, lse);
+}
+
 // ==== The backward =================================================================================
 // faw_backward<D, BF16>: FlashAttention-2's grid as fa_backward has it (a CTA per key tile of BN = 128
 // keys and query head, heaviest key tiles first; dQ and, under GQA, dK / dV added with

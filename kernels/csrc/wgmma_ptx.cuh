@@ -71,6 +71,33 @@ static __device__ __forceinline__ void gw_mma_s8(int (&d)[N / 2], u64 a, u64 b, 
 // operations before it are cp.async (async proxy, not waited for) and none else in that loop.
 static __device__ __forceinline__ void gw_schedule_fence() { asm volatile("fence.acq_rel.cta;" ::: "memory"); }
 
+// ---- warp specialisation (the forward of schedule 15): mbarriers, named barriers, register reallocation ----
+// An mbarrier (8 bytes of shared memory) completes a phase when `count` arrivals have happened; waits name the
+// phase by its parity. cp.async's arrive counts once this thread's earlier cp.async have landed (.noinc: the
+// arrival is one of the `count`).
+static __device__ __forceinline__ void gw_mbar_init(u64* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(gw_smem(bar)), "r"(count) : "memory");
+}
+static __device__ __forceinline__ void gw_mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(gw_smem(bar)) : "memory");
+}
+static __device__ __forceinline__ void gw_cp_mbar_arrive(u64* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(gw_smem(bar)) : "memory");
+}
+static __device__ __forceinline__ void gw_mbar_wait(u64* bar, int parity) {
+    asm volatile("{\n .reg .pred p;\n GW_MBAR_WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 " @!p bra GW_MBAR_WAIT;\n}" :: "r"(gw_smem(bar)), "r"(parity) : "memory");
+}
+// named barrier `id` (1..15; 0 is __syncthreads) over `n` threads: sync waits, arrive does not
+static __device__ __forceinline__ void gw_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(n) : "memory"); }
+static __device__ __forceinline__ void gw_bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(n) : "memory");
+}
+// this warpgroup's registers a thread: down to N (a producer) or up to N (a consumer); N % 8 == 0, 24..256
+template <int N> static __device__ __forceinline__ void gw_regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N)); }
+template <int N> static __device__ __forceinline__ void gw_regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }
+static __device__ __forceinline__ void gw_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // x = 0 through an instruction the compiler cannot see through, so that accumulators never share a register
 static __device__ __forceinline__ void gw_opaque_zero(int& x) { asm volatile("mov.b32 %0, 0;" : "=r"(x)); }
 
