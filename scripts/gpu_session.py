@@ -6,7 +6,8 @@ part, keep its logs, and say which commands failed. What each part measures and 
     python scripts/gpu_session.py --part 1 --out OUT     # run part 1, logs in OUT/part1/*.log, OUT/part1.json
 
 Parts:
-    1  GPU tests of the attention kernels in every instruction schedule (12, 13, 14, 15) and of the fused GEMMs
+    1  GPU tests of what no GPU has run yet: the attention kernels in schedules 13 and 15, the tile setting, the
+       fused GEMMs (part 7: the same files' other GPU tests: schedules 12 and 14)
     2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 and 15 (the warp-specialised forward; and
        14 at D = 128, and 13 with 64-key, one-warpgroup tiles: two CTAs an SM; torch SDPA beside), the fused GEMMs
        beside the scratch path and cuBLAS
@@ -14,6 +15,7 @@ Parts:
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
     5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF)
+    7  the rest of part 1's files on the GPU (schedules 12 and 14)
     6  ncu of the D = 128 attention forward and backward in schedule 13, with the stall samples of every SASS
        instruction (--page source), to say where each warp still waits
 """
@@ -34,9 +36,10 @@ SCHED13 = {"Q4KDISTILL_FA_SCHED": "13"}
 PART1_FILES = ("tests/test_attention_wgmma.py tests/test_attention_flash.py tests/test_kernels_gemm_wgmma.py "
                "tests/test_kernels_gemm_wgmma_s8.py")
 
+NEW = "sched13 or sched15 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run yet
 # part -> [(name, command, extra environment, timeout s)]
 PARTS = {
-    1: [("gpu_tests", f"{PY} pytest -q -m gpu {PART1_FILES}", {}, 540)],
+    1: [("gpu_tests_new", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"{NEW}\"", {}, 540)],
     2: [("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
                            "--torch --json {out}/att128.json", {}, 60),
         ("attention_d128_v13", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
@@ -63,6 +66,7 @@ PARTS = {
     4: [("gpu_suite_rest", f"{PY} pytest -q -m gpu tests " + " ".join(f"--ignore={f}" for f in PART1_FILES.split())
          + " -p no:cacheprovider", {}, 560),
         ("launch_test_alone", f"{PY} pytest -q -m gpu tests/test_kernels_launch.py", {}, 60)],
+    7: [("gpu_tests_rest", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"not ({NEW})\"", {}, 540)],
     5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_gpu.py tests/test_teacher_cache.py tests/test_audit.py",
          {}, 540)],
     6: [("ncu_source_v13", "ncu --set full -k regex:^kernel --launch-skip 1 --launch-count 2 -f -o {out}/faw13 "
@@ -71,6 +75,8 @@ PARTS = {
                            "> {out}/faw13_source.csv && ncu --import {out}/faw13.ncu-rep --page details "
                            "> {out}/faw13_details.txt", SCHED13, 400)],
 }
+
+PARTS = dict(sorted(PARTS.items()))
 
 
 def commands(part: int, out: Path) -> list:

@@ -277,7 +277,7 @@ def _need_wgmma():
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(2, 1000, 8, 2, 64, None, [0, 37]), (1, 1537, 8, 1, 128, None, [5]),
                                                    (1, 2100, 4, 4, 128, 512, None), (1, 777, 14, 2, 64, 100, [3])])
-@pytest.mark.parametrize("schedule", fm.SCHEDS)
+@pytest.mark.parametrize("schedule", fm.SCHEDS, ids=lambda s: f"sched{s}")
 def test_gpu_wgmma_forward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype, schedule):
     import cupy
 
@@ -306,7 +306,7 @@ def test_gpu_wgmma_forward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", ["64,1,3", "128,2,3"])
-@pytest.mark.parametrize("schedule", fm.SCHEDS)
+@pytest.mark.parametrize("schedule", fm.SCHEDS, ids=lambda s: f"sched{s}")
 def test_gpu_wgmma_forward_tiles_setting(monkeypatch, tiles, schedule):
     """$Q4KDISTILL_FA_TILES: the 64-key, one-warpgroup forward (two CTAs an SM) gives what the default tiles
     give (fp16: P is rounded to 16 bits against a running max that differs with the tile, so to fp16's
@@ -356,7 +356,7 @@ def test_gpu_wgmma_forward_16_bit_o_and_a_long_sequence(monkeypatch):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("B,T,H,KV,D,window,pad", [(2, 1000, 8, 2, 64, None, [0, 37]), (1, 1537, 8, 1, 128, None, [5]),
                                                    (1, 2100, 4, 4, 128, 512, None), (1, 777, 14, 2, 64, 100, [3])])
-@pytest.mark.parametrize("schedule", fm.SCHEDS)
+@pytest.mark.parametrize("schedule", fm.SCHEDS, ids=lambda s: f"sched{s}")
 def test_gpu_wgmma_backward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D, window, pad, dtype, schedule):
     """Both wgmma kernels (forward and backward) against the float64 reference, and their gradients
     against the mma.sync kernels' on the same inputs."""
