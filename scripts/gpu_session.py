@@ -9,13 +9,13 @@ Parts:
     1  GPU tests of what no GPU has run yet: the attention kernels in schedules 13 and 15, the tile setting, the
        fused GEMMs (part 7: the same files' other GPU tests: schedules 12 and 14)
     2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 and 15 (the warp-specialised forward; and
-       14 at D = 128, and 13 with 64-key, one-warpgroup tiles: two CTAs an SM; torch SDPA beside), the fused GEMMs
-       beside the scratch path and cuBLAS
+       14 at D = 128, and 13 with 64-key, one-warpgroup tiles: two CTAs an SM; torch SDPA beside)
     3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
     5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF)
     7  the rest of part 1's files on the GPU (schedules 12 and 14)
+    8  the fused GEMMs beside the scratch path and cuBLAS
     6  ncu of the D = 128 attention forward and backward in schedule 13, with the stall samples of every SASS
        instruction (--page source), to say where each warp still waits
 """
@@ -55,8 +55,8 @@ PARTS = {
         ("attention_d64_v13", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --json {out}/att64_v13.json",
          SCHED13, 60),
         ("attention_d64_v15", "python scripts/bench_attention.py --T 8192 --paths wgmma --json {out}/att64_v15.json",
-         {"Q4KDISTILL_FA_SCHED": "15"}, 45),
-        ("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
+         {"Q4KDISTILL_FA_SCHED": "15"}, 45)],
+    8: [("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
                        "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_s8_linked dequant_linked_cublas --x16 "
                        "--csv {out}/wgmma.csv", {}, 240)],
     3: [("step_default", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --json {{out}}/step_default.json", {},
