@@ -64,7 +64,7 @@ PARTS = {
         ("step_v13", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --no-peer --json {{out}}/step_v13.json",
          SCHED13, 200)],
     4: [("gpu_suite_rest", f"{PY} pytest -q -m gpu tests " + " ".join(f"--ignore={f}" for f in PART1_FILES.split())
-         + " -p no:cacheprovider", {}, 560),
+         + " -p no:cacheprovider", {}, 520),
         ("launch_test_alone", f"{PY} pytest -q -m gpu tests/test_kernels_launch.py", {}, 60)],
     7: [("gpu_tests_rest", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"not ({NEW})\"", {}, 540)],
     5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_gpu.py tests/test_teacher_cache.py tests/test_audit.py",
