@@ -100,16 +100,16 @@ def _gemm_mma(bm, bn, wm=32, wn=32, suffix=""):
                     f"from a cp.async ring, no scratch (not yet run on a GPU)")
 
 
-def _gemm_wgmma(name, bn, swz=1, what=""):
+def _gemm_wgmma(name, bn, swz=1, what="", mt=1, qtypes=LINKED_QTYPES):
     # fp16 x; W decoded to fp16 with its scales rounded to fp16 (one more rounding than the scratch,
     # well inside the same bound: ~4e-4 against the exact product on random blocks), FP32 accumulation.
     # bn = 0: 256 columns for Q4_K, 128 for Q6_K (its staged super-blocks do not fit 256 beside the rings).
     tile = "256 (Q4_K) / 128 (Q6_K)" if not bn else str(bn)
     return Variant(
-        name=name, qtypes=LINKED_QTYPES, fn=gemm_wgmma_linked, m_min=64, rel_err=2e-3,
+        name=name, qtypes=qtypes, fn=gemm_wgmma_linked, m_min=64, rel_err=2e-3,
         workspace=gemm_mma_workspace, accepts=F16_IN, device="gpu", simulated=False,
-        params={"bn": bn, "nwg": 2, "stages": 4, "swz": swz},
-        description=f"linked CUDA C, sm_90 only: fused GEMM on wgmma, 128 x {tile} tile, W decoded once per CTA "
+        params={"bn": bn, "nwg": 2, "stages": 4, "swz": swz, "mt": mt},
+        description=f"linked CUDA C, sm_90 only: fused GEMM on wgmma, {128 * mt} x {tile} tile, W decoded once per CTA "
                     f"and K step into shared memory{what}, cp.async rings in dynamic shared memory, no scratch "
                     f"(its twin: gemm_wgmma_twin.py)")
 
@@ -125,6 +125,8 @@ BUILTIN = [
     _gemm_mma(128, 64, 64, 32, suffix="w4"),
     _gemm_wgmma("gemm_wgmma_linked", 0), _gemm_wgmma("gemm_wgmma_linked_n128", 128),
     _gemm_wgmma("gemm_wgmma_linked_plain", 0, swz=0, what=" (no swizzle: the fallback layout)"),
+    _gemm_wgmma("gemm_wgmma_linked_m2", 128, mt=2, qtypes=("Q4_K",),   # (Q6_K's decode spills 36 bytes beside them)
+                what=" (two m-tiles a warpgroup: half the decode a multiply-add)"),
     Variant(name="gemm_wgmma_s8_linked", qtypes=LINKED_QTYPES, fn=gemm_wgmma_s8_linked, m_min=64, rel_err=2e-2,
             workspace=gemm_wgmma_s8_workspace, accepts=F16_IN, device="gpu", simulated=False,
             description="linked CUDA C, sm_90 only: int8 GEMM on wgmma, x to int8 per 256, each W super-block "

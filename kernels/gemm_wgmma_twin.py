@@ -2,7 +2,7 @@
 wgmma replaced by FP32 multiply-adds that read the tiles through the matrix descriptors.
 
 csrc/gemm_wgmma.cu (linked CUDA C, sm_90 only) computes out[M, N] = x[M, K] @ W[N, K].T with W raw
-Q4_K / Q6_K rows, x fp16: a CTA of NWG warpgroups owns a (64 NWG) x BN tile, decodes each 64-wide K
+Q4_K / Q6_K rows, x fp16: a CTA of NWG warpgroups owns a (64 NWG MT) x BN tile, decodes each 64-wide K
 step of its BN weight rows once into a shared fp16 tile, and both warpgroups' wgmma read it. The
 simulator cannot run C, so this kernel repeats it step for step for CI:
 
@@ -63,13 +63,13 @@ def _u32(b, at):
 
 
 @functools.lru_cache(maxsize=None)
-def twin_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int):
-    """The twin for one instantiation: grid = ceil(M / (64 nwg)) * ceil(N / bn) blocks of 128 nwg
+def twin_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int, mt: int = 1):
+    """The twin for one instantiation: grid = ceil(M / (64 nwg mt)) * ceil(N / bn) blocks of 128 nwg
     threads; arguments (w flat uint8, row_bytes, N, K, M, x fp16 bits flat uint16 [M * K], out flat
-    float32 [M * ldo], ldo: out's row length)."""
+    float32 [M * ldo], ldo: out's row length). mt: 64-row m-tiles a warpgroup (rows 64 (mt g + t))."""
     q4 = qtype == "Q4_K"
-    BN, NWG, STAGES, SWZ = bn, nwg, stages, swz
-    BM, THREADS, R = 64 * nwg, 128 * nwg, bn // 2
+    BN, NWG, STAGES, SWZ, MT = bn, nwg, stages, swz, mt
+    BM, THREADS, R = 64 * nwg * mt, 128 * nwg, bn // 2
     CH, ROW = W_CHUNKS[qtype], WGMMA_W_ROW[qtype]
     BLOCK = Q4K_BYTES if q4 else Q6K_BYTES
     A_HALFS, B_HALFS = BM * 64, BN * 64
@@ -155,10 +155,10 @@ def twin_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int):
         A = cuda.shared.array((STAGES, A_HALFS), np.uint16)
         B = cuda.shared.array((2, B_HALFS), np.uint16)
         Wr = cuda.shared.array((2, BN * ROW), np.uint8)
-        d = cuda.local.array(R, np.float32)
+        d = cuda.local.array((MT, R), np.float32)
         av = cuda.local.array((64, 64), np.float32)                        # the step's operands, as read
         bv = cuda.local.array((BN, 64), np.float32)
-        P = cuda.shared.array((NWG, 64, BN), np.float32)                   # the step's products
+        P = cuda.shared.array((NWG, MT, 64, BN), np.float32)               # the step's products
         tid = cuda.threadIdx.x
         wg, warp, lane = tid // 128, (tid // 32) % 4, tid % 32
         g, i2 = lane // 4, 2 * (lane % 4)
@@ -166,8 +166,9 @@ def twin_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int):
         m0, n0 = tm * BM, tn * BN
         steps, blocks = K // 64, K // 256
         w_bytes = n_out * row_bytes
-        for i in range(R):
-            d[i] = 0
+        for t in range(MT):
+            for i in range(R):
+                d[t, i] = 0
 
         load_w(Wr[0], w, row_bytes, w_bytes, n_out, n0, 0, tid)          # prologue (the C's group 0 ..)
         if blocks > 1:
@@ -180,26 +181,28 @@ def twin_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int):
         cuda.syncthreads()
         for s in range(steps):
             a, b = A[s % STAGES], B[s % 2]
-            if tid % 128 == 0:                                             # "wgmma": 4 x m64nBNk16, one
-                for kk in range(4):                                        # thread of the warpgroup reading
-                    sa = 64 * 128 * wg + (32 if SWZ else 256) * kk         # through the descriptors
-                    sb = (32 if SWZ else 256) * kk
+            if tid % 128 == 0:                                             # "wgmma": 4 x m64nBNk16 an m-tile,
+                for t in range(MT):                                        # one thread of the warpgroup
+                    for kk in range(4):                                    # reading through the descriptors
+                        sa = 64 * 128 * (MT * wg + t) + (32 if SWZ else 256) * kk
+                        sb = (32 if SWZ else 256) * kk
+                        for r in range(64):
+                            for k in range(16):
+                                av[r, 16 * kk + k] = operand(a, sa, r, k)
+                        for c in range(BN):
+                            for k in range(16):
+                                bv[c, 16 * kk + k] = operand(b, sb, c, k)
                     for r in range(64):
-                        for k in range(16):
-                            av[r, 16 * kk + k] = operand(a, sa, r, k)
-                    for c in range(BN):
-                        for k in range(16):
-                            bv[c, 16 * kk + k] = operand(b, sb, c, k)
-                for r in range(64):
-                    for c in range(BN):
-                        acc = F(0)
-                        for k in range(64):
-                            acc += av[r, k] * bv[c, k]
-                        P[wg, r, c] = acc
+                        for c in range(BN):
+                            acc = F(0)
+                            for k in range(64):
+                                acc += av[r, k] * bv[c, k]
+                            P[wg, t, r, c] = acc
             cuda.syncthreads()
-            for j in range(BN // 8):                                       # each thread adds its fragment
-                for e in range(4):
-                    d[4 * j + e] += P[wg, 16 * warp + g + 8 * (e // 2), 8 * j + i2 + e % 2]
+            for t in range(MT):                                            # each thread adds its fragments
+                for j in range(BN // 8):
+                    for e in range(4):
+                        d[t, 4 * j + e] += P[wg, t, 16 * warp + g + 8 * (e // 2), 8 * j + i2 + e % 2]
             if s + 1 < steps:
                 cuda.syncthreads()                                         # the C's waits + barrier
                 ahead = s + STAGES - 1
@@ -210,23 +213,24 @@ def twin_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int):
                     load_w(Wr[j % 2], w, row_bytes, w_bytes, n_out, n0, j, tid)
                 decode(B[(s + 1) % 2], Wr[((s + 1) // 4) % 2], row_bytes, n0, s + 1, tid)
                 cuda.syncthreads()
-        for j in range(BN // 8):                                           # epilogue
-            for e in range(4):
-                m = m0 + 64 * wg + 16 * warp + g + 8 * (e // 2)
-                n = n0 + 8 * j + i2 + e % 2
-                if m < M and n < n_out:
-                    out[m * ldo + n] = d[4 * j + e]
+        for t in range(MT):                                                # epilogue
+            for j in range(BN // 8):
+                for e in range(4):
+                    m = m0 + 64 * (MT * wg + t) + 16 * warp + g + 8 * (e // 2)
+                    n = n0 + 8 * j + i2 + e % 2
+                    if m < M and n < n_out:
+                        out[m * ldo + n] = d[t, 4 * j + e]
 
     return kernel
 
 
-def gemm_wgmma_twin(x, w_raw, qtype, n_out, out, bn=32, nwg=1, stages=3, swz=1):
+def gemm_wgmma_twin(x, w_raw, qtype, n_out, out, bn=32, nwg=1, stages=3, swz=1, mt=1):
     """out[:] = x @ W.T as csrc/gemm_wgmma.cu computes it (x rounded to fp16, W decoded to fp16 with
     fp16 scales), wgmma replaced by FP32 multiply-adds through its descriptors. x: float32 or float16
     [M, K]; W raw Q4_K / Q6_K rows starting 16-byte aligned; out float32 [M, n_out], C-contiguous."""
     q, K, M, x16 = twin_operands("gemm_wgmma_twin", x, w_raw, qtype, n_out, out, W_CHUNKS)
-    gemm_wgmma_check(q, bn, nwg, stages, swz)
-    launch(twin_kernel(q, bn, nwg, stages, swz), -(-n_out // bn) * -(-M // (64 * nwg)), 128 * nwg,
+    gemm_wgmma_check(q, bn, nwg, stages, swz, mt)
+    launch(twin_kernel(q, bn, nwg, stages, swz, mt), -(-n_out // bn) * -(-M // (64 * nwg * mt)), 128 * nwg,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16, out.reshape(-1), n_out)
     return out
 

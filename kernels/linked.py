@@ -651,38 +651,41 @@ WGMMA_SMEM_LIMIT = 227 * 1024          # dynamic shared memory a block may have 
 WGMMA_W_ROW = {"Q4_K": 144, "Q6_K": 240}   # staged bytes of one W row's super-block (GwW<Q>::ROW)
 
 
-def gemm_wgmma_smem(qtype: str, bn: int, nwg: int, stages: int) -> int:
-    """Dynamic shared memory of gemm_wgmma<...> (GwSmem::BYTES): the x ring (stages x 64 nwg rows x
+def gemm_wgmma_smem(qtype: str, bn: int, nwg: int, stages: int, mt: int = 1) -> int:
+    """Dynamic shared memory of gemm_wgmma<...> (GwSmem::BYTES): the x ring (stages x 64 nwg mt rows x
     64 fp16), two decoded W tiles (bn x 64 fp16), two staged super-blocks of the bn W rows, and
     1024 bytes to align the base."""
-    return stages * 64 * nwg * 128 + 2 * bn * 128 + 2 * bn * WGMMA_W_ROW[qtype] + 1024
+    return stages * 64 * nwg * mt * 128 + 2 * bn * 128 + 2 * bn * WGMMA_W_ROW[qtype] + 1024
 
 
-def gemm_wgmma_check(qtype: str, bn: int, nwg: int, stages: int, swz: int):
-    """Q4KError unless gemm_wgmma<qtype, bn, nwg, stages, swz> is a shape the C instantiates."""
-    if bn not in (32, 64, 128, 256) or nwg not in (1, 2) or not 3 <= stages <= 6 or swz not in (0, 1):
+def gemm_wgmma_check(qtype: str, bn: int, nwg: int, stages: int, swz: int, mt: int = 1):
+    """Q4KError unless gemm_wgmma<qtype, bn, nwg, stages, swz, mt> is a shape the C instantiates."""
+    if (bn not in (32, 64, 128, 256) or nwg not in (1, 2) or not 3 <= stages <= 6 or swz not in (0, 1)
+            or mt not in (1, 2) or mt * bn > 256):
         raise Q4KError(f"gemm_wgmma: bn {bn} (32, 64, 128, 256), nwg {nwg} (1, 2), stages {stages} (3..6), "
-                       f"swz {swz} (0, 1) is not a shape the kernel has")
-    need = gemm_wgmma_smem(qtype, bn, nwg, stages)
+                       f"swz {swz} (0, 1), mt {mt} (1, 2; mt bn <= 256) is not a shape the kernel has")
+    need = gemm_wgmma_smem(qtype, bn, nwg, stages, mt)
     if need > WGMMA_SMEM_LIMIT:
         raise Q4KError(f"gemm_wgmma: {qtype} with bn {bn}, {stages} stages needs {need} bytes of shared memory "
                        f"(at most {WGMMA_SMEM_LIMIT})")
     return need
 
 
-def gemm_wgmma_source(qtype: str, bn: int, nwg: int, stages: int, swz: int, out16: bool) -> tuple:
-    """(file, name, extern "C" wrapper) of gemm_wgmma<Q, bn, nwg, stages, swz, out16>."""
-    name = f"{TEMPLATES[qtype]}_gemm_wgmma_n{bn}_g{nwg}_s{stages}_z{swz}_o{16 if out16 else 32}"
+def gemm_wgmma_source(qtype: str, bn: int, nwg: int, stages: int, swz: int, out16: bool, mt: int = 1) -> tuple:
+    """(file, name, extern "C" wrapper) of gemm_wgmma<Q, bn, nwg, stages, swz, out16, mt>."""
+    name = (f"{TEMPLATES[qtype]}_gemm_wgmma_n{bn}_g{nwg}_s{stages}_z{swz}_o{16 if out16 else 32}"
+            + (f"_m{mt}" if mt > 1 else ""))
     return "gemm_wgmma.cu", name, (
         f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u16* x, void* out, int ldo) '
-        f'{{ gemm_wgmma<{qtype[1]}, {bn}, {nwg}, {stages}, {swz}, {int(out16)}>(w, rb, n, K, M, x, out, ldo); return 0; }}\n')
+        f'{{ gemm_wgmma<{qtype[1]}, {bn}, {nwg}, {stages}, {swz}, {int(out16)}, {mt}>(w, rb, n, K, M, x, out, ldo); '
+        f'return 0; }}\n')
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_wgmma_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int, out16: bool):
-    """The Numba kernel for gemm_wgmma<...>: grid = ceil(M / (64 nwg)) * ceil(n_out / bn) blocks (1-D,
+def gemm_wgmma_kernel(qtype: str, bn: int, nwg: int, stages: int, swz: int, out16: bool, mt: int = 1):
+    """The Numba kernel for gemm_wgmma<...>: grid = ceil(M / (64 nwg mt)) * ceil(n_out / bn) blocks (1-D,
     the C orders the tiles) of 128 nwg threads, gemm_wgmma_smem(...) bytes of dynamic shared memory."""
-    file, name, extra = gemm_wgmma_source(qtype, bn, nwg, stages, swz, out16)
+    file, name, extra = gemm_wgmma_source(qtype, bn, nwg, stages, swz, out16, mt)
     fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32),
                              link=[source_with(extra, file)], abi="c")
 
@@ -728,7 +731,7 @@ def _wgmma_call(what, w_raw, x, out, n_out):
     return cupy.ndarray(((M - 1) * ldo + n_out,), dtype=np.uint16 if out16 else np.float32, memptr=out.data), ldo, out16
 
 
-def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1):
+def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1, mt=1):
     """out[:] = x @ W.T for Q4_K or Q6_K rows on an sm_90 GPU: each CTA decodes its W tile once a K step
     into shared memory (fp16; the scales rounded to fp16 too) for wgmma (fp16 in, FP32 accumulate),
     x (fp16; float32 x is cast by to_f16) through a cp.async ring. No decode scratch. out: float32 or
@@ -739,7 +742,7 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1)
 
     q, K = _check(w_raw, qtype, n_out)
     bn = bn or WGMMA_BN[q]
-    smem = gemm_wgmma_check(q, bn, nwg, stages, swz)
+    smem = gemm_wgmma_check(q, bn, nwg, stages, swz, mt)
     flat, ldo, out16 = _wgmma_call("gemm_wgmma_linked", w_raw, x, out, n_out)
     if flat is None:
         return out
@@ -747,7 +750,7 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1)
     x16 = cupy.ascontiguousarray(to_f16(x))
     if address(x16) % 16:
         x16 = x16.copy()
-    launch(gemm_wgmma_kernel(q, bn, nwg, stages, swz, out16), -(-n_out // bn) * -(-M // (64 * nwg)), 128 * nwg,
+    launch(gemm_wgmma_kernel(q, bn, nwg, stages, swz, out16, mt), -(-n_out // bn) * -(-M // (64 * nwg * mt)), 128 * nwg,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
     return out
 

@@ -57,7 +57,7 @@ PARTS = {
         ("attention_d64_v15", "python scripts/bench_attention.py --T 8192 --paths wgmma --json {out}/att64_v15.json",
          {"Q4KDISTILL_FA_SCHED": "15"}, 45)],
     8: [("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
-                       "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_s8_linked dequant_linked_cublas --x16 "
+                       "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_linked_m2 gemm_wgmma_s8_linked dequant_linked_cublas --x16 "
                        "--csv {out}/wgmma.csv", {}, 240)],
     3: [("step_default", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --json {{out}}/step_default.json", {},
          280),

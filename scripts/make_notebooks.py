@@ -482,7 +482,7 @@ KERNEL_VARIANTS = [
         from kernels.gemm_wgmma_twin import decoded_as_kernel, gemm_wgmma_twin
         from kernels.linked import wgmma_available
 
-        FUSED = ["gemm_wgmma_linked", "gemm_wgmma_linked_n128", "gemm_wgmma_linked_plain"]
+        FUSED = ["gemm_wgmma_linked", "gemm_wgmma_linked_n128", "gemm_wgmma_linked_plain", "gemm_wgmma_linked_m2"]
         if SIZE == "gpu" and wgmma_available():
             rows = bench.run(shapes=[(3584, 18944), (18944, 3584)], ms=[512, 4096], qtypes=["Q4_K"],
                              variants=FUSED + ["dequant_linked_cublas"], also_x16=True)

@@ -80,6 +80,18 @@ def test_twin_matches_float64_reference(qtype, swz):
 
 
 @simulator
+def test_twin_two_m_tiles_a_warpgroup():
+    """mt = 2: one warpgroup's rows 0 .. 63 and 64 .. 127 of a 128-row tile; M = 70 ends in the second."""
+    rng = np.random.default_rng(12)
+    N, K, M = 40, 256, 70
+    w = aligned(quants.random_blocks("Q4_K", N, K, rng))
+    x = rng.standard_normal((M, K)).astype(np.float16)
+    out = np.full((M, N), np.nan, np.float32)
+    gemm_wgmma_twin(x, w, "Q4_K", N, out, bn=32, nwg=1, stages=3, swz=1, mt=2)
+    assert rel(out, references(x, w, "Q4_K")[1]) <= 1e-5
+
+
+@simulator
 def test_twin_two_super_blocks_refill_the_raw_ring():
     """K = 512: the raw W ring's second super-block comes from the prologue, the A ring refills."""
     rng = np.random.default_rng(11)
@@ -108,13 +120,14 @@ def emulated(tmp_path_factory):
 
 
 def emulate(lib, qtype, inst, w, x16, N, pad=0):
-    """out [M, N] of gemm_wgmma<qtype, *inst> run by the emulation; inst = (bn, nwg, stages, swz, out16).
+    """out [M, N] of gemm_wgmma<qtype, *inst> run by the emulation; inst = (bn, nwg, stages, swz, out16[, mt]).
     pad > 0: written as columns 3 .. 3 + N of a [M, N + pad] matrix (row stride ldo = N + pad), whose
     other columns must stay untouched."""
     M, K = x16.shape
     full = np.full((M, N + pad), np.nan, np.float16 if inst[4] else np.float32)
     out = full[:, 3:3 + N] if pad else full
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    inst = tuple(inst) + (1,) * (6 - len(inst))
     assert lib.emu_gemm(int(qtype[1]), *inst, ptr(w), w.shape[1], N, K, M, ptr(x16), ptr(out), N + pad) == 0, inst
     if pad:
         assert np.isnan(full[:, :3]).all() and np.isnan(full[:, 3 + N:]).all(), "written outside the block"
@@ -122,11 +135,12 @@ def emulate(lib, qtype, inst, w, x16, N, pad=0):
 
 
 def _registered():
-    """(qtype, (bn, nwg, stages, swz, 0)) of every registered variant and type."""
+    """(qtype, (bn, nwg, stages, swz, 0, mt)) of every registered variant and type."""
     for name in VARIANTS:
-        p = kernels.get(name).params
-        for q in ("Q4_K", "Q6_K"):
-            yield q, (p["bn"] or linked.WGMMA_BN[q], p["nwg"], p["stages"], p["swz"], 0)
+        v = kernels.get(name)
+        p = v.params
+        for q in v.qtypes:
+            yield q, (p["bn"] or linked.WGMMA_BN[q], p["nwg"], p["stages"], p["swz"], 0, p["mt"])
 
 
 def _emulated_cases():
@@ -141,6 +155,9 @@ def _emulated_cases():
         yield q, (32, 1, 3, 1, 0), (600,), 33, 256                     # 10 M tiles: a full group of 8 and a short one
     yield "Q4_K", (32, 1, 3, 1, 1), (64,), 75, 1280                    # 5 super-blocks, odd N, fp16 out
     yield "Q4_K", (64, 2, 5, 1, 0), (129,), 70, 1024                   # a 5-slot ring
+    yield "Q4_K", (128, 2, 4, 1, 1, 2), (300,), 140, 512               # two m-tiles a warpgroup, fp16 out
+    yield "Q4_K", (32, 1, 3, 1, 0, 2), (1, 129, 300), 70, 768          # two m-tiles, one warpgroup: 128-row tiles
+    yield "Q6_K", (32, 1, 3, 0, 0, 2), (200,), 33, 512                 # ... plain layout
 
 
 @pytest.mark.parametrize("qtype,inst,ms,N,K", list(_emulated_cases()))
@@ -163,10 +180,10 @@ def test_cuda_source_emulated_matches_float64_reference(emulated, qtype, inst, m
 
 # -- registration, shared memory ---------------------------------------------------------------------
 def test_variants_registered_without_scratch():
-    assert VARIANTS == ["gemm_wgmma_linked", "gemm_wgmma_linked_n128", "gemm_wgmma_linked_plain"]
+    assert VARIANTS == ["gemm_wgmma_linked", "gemm_wgmma_linked_n128", "gemm_wgmma_linked_plain", "gemm_wgmma_linked_m2"]
     for name in VARIANTS:
         v = kernels.get(name)
-        assert v.qtypes == ("Q4_K", "Q6_K") and v.m_min == 64 and v.m_max is None and v.rel_err == 2e-3
+        assert v.qtypes == (("Q4_K",) if name.endswith("_m2") else ("Q4_K", "Q6_K")) and v.m_min == 64 and v.m_max is None and v.rel_err == 2e-3
         assert v.device == "gpu" and not v.simulated and "float16" in v.accepts
         assert v.decode_scratch("Q4_K", 512, 3584, 3584) == (None, 0)
         assert v.workspace_bytes("Q6_K", 512, 3584, 3584, "float16") == {}
@@ -177,8 +194,11 @@ def test_shared_memory_sizes():
     """gemm_wgmma_smem is the C's GwSmem::BYTES (the emulation's harness refuses a larger one)."""
     assert linked.gemm_wgmma_smem("Q4_K", 256, 2, 4) == 4 * 16384 + 2 * 32768 + 2 * 256 * 144 + 1024
     assert linked.gemm_wgmma_smem("Q6_K", 128, 2, 4) == 4 * 16384 + 2 * 16384 + 2 * 128 * 240 + 1024
+    assert linked.gemm_wgmma_smem("Q4_K", 128, 2, 4, 2) == 4 * 32768 + 2 * 16384 + 2 * 128 * 144 + 1024
     for q, inst in _registered():
-        assert linked.gemm_wgmma_check(q, *inst[:4]) <= 227 * 1024
+        assert linked.gemm_wgmma_check(q, *inst[:4], mt=inst[5]) <= 227 * 1024
+    with pytest.raises(Q4KError, match="not a shape"):
+        linked.gemm_wgmma_check("Q4_K", 256, 2, 4, 1, 2)          # 256 accumulators a thread
     with pytest.raises(Q4KError, match="shared memory"):
         linked.gemm_wgmma_check("Q6_K", 256, 2, 3, 1)
     with pytest.raises(Q4KError, match="not a shape"):
@@ -198,9 +218,9 @@ def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
     from _helpers_nvcc import ptxas_sm90a
     text = linked.source_text("gemm_wgmma.cu")
     names = []
-    insts = {(q, inst[:4] + (o16,)) for q, inst in _registered() for o16 in (0, 1)}
+    insts = {(q, inst[:4] + (o16, inst[5])) for q, inst in _registered() for o16 in (0, 1)}
     for q, inst in sorted(insts):
-        _, fn, wrapper = linked.gemm_wgmma_source(q, *inst[:4], bool(inst[4]))
+        _, fn, wrapper = linked.gemm_wgmma_source(q, *inst[:4], bool(inst[4]), inst[5])
         text += wrapper + (f'extern "C" __global__ void k_{fn}(const u8* w, int rb, int n, int K, int M, '
                            f'const u16* x, void* out, int ldo) {{ {fn}(w, rb, n, K, M, x, out, ldo); }}\n')
         names.append(f"k_{fn}")
@@ -223,6 +243,8 @@ def _weights(qtype, N, K):
 def test_linked_on_gpu(name, qtype, N, K):
     if not linked.wgmma_available():
         pytest.skip("wgmma needs an sm_90 GPU")
+    if qtype not in kernels.get(name).qtypes:
+        pytest.skip(f"{name} is not registered for {qtype}")
     import cupy as cp
 
     rng = np.random.default_rng([N, K, len(name), len(qtype)])

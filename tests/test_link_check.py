@@ -23,12 +23,13 @@ def _attention(kind, D, bf16, schedule=12, tiles=None):
     return linked.source_with(extra, "flash_attention_wgmma.cu"), name, sig
 
 
-def _gemm(qtype, s8):
+def _gemm(qtype, s8, mt=1):
     if s8:
         file, name, extra = linked.gemm_wgmma_s8_source(qtype, False)
         sig = types.int32(P, I, I, I, I, P, P, I, P, I)
     else:
-        file, name, extra = linked.gemm_wgmma_source(qtype, linked.WGMMA_BN[qtype], 2, 4, 1, False)
+        bn = linked.WGMMA_BN[qtype] if mt == 1 else 128
+        file, name, extra = linked.gemm_wgmma_source(qtype, bn, 2, 4, 1, False, mt)
         sig = types.int32(P, I, I, I, I, P, P, I)
     return linked.source_with(extra, file), name, sig
 
@@ -62,6 +63,7 @@ CASES = {
     "attention_bwd_d64_bf16_v13": lambda: _attention("bwd", 64, True, 13),
     "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
+    "gemm_wgmma_q4k_m2": lambda: _gemm("Q4_K", False, 2),
     "gemm_wgmma_s8_q4k": lambda: _gemm("Q4_K", True),
 }
 

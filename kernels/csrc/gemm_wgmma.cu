@@ -15,7 +15,8 @@
 //
 // Tiling. CTA b of a 1-D grid owns out[m0 : m0 + BM, n0 : n0 + BN] (grouped order: tile_order.cuh);
 // NWG warpgroups of 128 threads, warpgroup g owns rows m0 + 64 g .. + 64
-// with BN / 2 FP32 accumulators a thread (one wgmma m64nBNk16 per 16 of K).
+// with BN / 2 FP32 accumulators a thread (one wgmma m64nBNk16 per 16 of K); with MT = 2 m-tiles a warpgroup
+// (BM = 128 NWG), rows m0 + 64 (2 g + t), t < 2, and BN accumulators.
 //
 // Shared memory (from a 1024-byte aligned base):
 //   A[STAGES]  x rows m0 .. + BM, 64 columns of K step s: BM x 64 fp16, ring slot s % STAGES
@@ -109,9 +110,9 @@ template <> struct GwW<6> { static constexpr int CHUNKS = 14, ROW = 240; };   //
 static_assert(Q4_K_BYTES % 16 == 0 && (Q4_K_BYTES / 16) % 2 == 1, "Q4_K rows: whole chunks, an odd number");
 static_assert(14 + Q6_K_BYTES <= 16 * 14 && 16 * 14 < 240, "Q6_K: 14 chunks cover a block, rows padded to 15");
 
-template <int Q, int BN, int NWG, int STAGES>
+template <int Q, int BN, int NWG, int STAGES, int MT = 1>
 struct GwSmem {
-    static constexpr int BM = 64 * NWG;
+    static constexpr int BM = 64 * NWG * MT;
     static constexpr int A = BM * 128, B = BN * 128, W = BN * GwW<Q>::ROW;
     static constexpr int A_OFF = 0, B_OFF = STAGES * A, W_OFF = B_OFF + 2 * B;
     static constexpr int BYTES = W_OFF + 2 * W + 1024;       // + the alignment of the base
@@ -294,15 +295,19 @@ static __device__ __forceinline__ void gw_store_tile(const float (&d)[BN / 2], v
 // ---- the kernel body ----------------------------------------------------------------------------
 // out[m * ldo + n] for m < M, n < n_out: float32 (OUT16 = 0) or fp16 bits (OUT16 = 1); ldo >= n_out (a
 // column block of a wider matrix: ldo its row length).
-// w and x 16-byte aligned. Launch: ceil(M / (64 NWG)) * ceil(n_out / BN) blocks of 128 NWG threads,
-// GwSmem<Q, BN, NWG, STAGES>::BYTES of dynamic shared memory.
-template <int Q, int BN, int NWG, int STAGES, int SWZ, int OUT16>
+// w and x 16-byte aligned. Launch: ceil(M / (64 NWG MT)) * ceil(n_out / BN) blocks of 128 NWG threads,
+// GwSmem<Q, BN, NWG, STAGES, MT>::BYTES of dynamic shared memory.
+// MT: 64-row m-tiles a warpgroup (rows m0 + 64 (MT g + t), t < MT; MT x BN / 2 accumulators a thread): each decoded
+// W tile then feeds MT x more products, i.e. the decode per multiply-add falls by MT (MT = 2 with BN = 128: a
+// 256 x 128 tile, half the decode of the 128 x 256 one for the same tensor-core work a K step).
+template <int Q, int BN, int NWG, int STAGES, int SWZ, int OUT16, int MT = 1>
 static __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
                                                   const u16* __restrict__ x, void* __restrict__ out, int ldo) {
-    using L = GwSmem<Q, BN, NWG, STAGES>;
+    using L = GwSmem<Q, BN, NWG, STAGES, MT>;
     constexpr int BM = L::BM, THREADS = 128 * NWG, R = BN / 2;
     static_assert(STAGES >= 3 && STAGES <= 6, "the ring needs 3..6 slots (see the K loop above)");
     static_assert(BN % 32 == 0 && BN <= 256 && NWG >= 1 && NWG <= 2, "wgmma widths 32..256, 1 or 2 warpgroups");
+    static_assert((MT == 1 || MT == 2) && MT * BN <= 256, "1 or 2 m-tiles a warpgroup, <= 128 accumulators a thread");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     u8* const sm = gw_aligned_smem();
     u8* const As = sm + L::A_OFF;
@@ -315,9 +320,9 @@ static __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ w, int 
     const int m0 = tm * BM, n0 = tn * BN, steps = K / 64, blocks = K / 256;
     const size_t w_bytes = size_t(n_out) * row_bytes;
 
-    float d[R];
+    float d[MT * R];                                              // m-tile t: d[t R ..]
     #pragma unroll
-    for (int i = 0; i < R; ++i) d[i] = 0.0f;
+    for (int i = 0; i < MT * R; ++i) d[i] = 0.0f;
 
     // prologue: group 0 = W(0), W(1), A(0); groups 1 .. STAGES - 2 = A(1) ..
     gw_load_w<Q, BN, THREADS>(Ws, w, row_bytes, w_bytes, n_out, n0, 0, tid);
@@ -335,12 +340,15 @@ static __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ w, int 
 
     for (int s = 0; s < steps; ++s) {
         // 1. the tensor cores take step s
-        const u8* a = As + (s % STAGES) * L::A + 64 * 128 * wg;
+        const u8* a = As + (s % STAGES) * L::A + 64 * 128 * MT * wg;
         const u8* b = Bs + (s & 1) * L::B;
         gw_pin(d);
         gw_mma_fence();
         #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) gw_mma<BN>(d, gw_desc<SWZ>(a, kk), gw_desc<SWZ>(b, kk));
+        for (int kk = 0; kk < 4; ++kk)
+            #pragma unroll
+            for (int t = 0; t < MT; ++t)
+                gw_mma<BN>(*reinterpret_cast<float (*)[R]>(d + t * R), gw_desc<SWZ>(a + 64 * 128 * t, kk), gw_desc<SWZ>(b, kk));
         gw_mma_commit();
         gw_pin(d);
         if (s + 1 < steps) {
@@ -365,5 +373,8 @@ static __device__ __forceinline__ void gemm_wgmma(const u8* __restrict__ w, int 
     gw_pin(d);
     gw_cp_wait<0>();
 
-    gw_store_tile<BN, OUT16>(d, out, ldo, M, n_out, m0, n0, tid);
+    #pragma unroll
+    for (int t = 0; t < MT; ++t)                                  // (gw_store_tile adds 64 wg itself)
+        gw_store_tile<BN, OUT16>(*reinterpret_cast<const float (*)[R]>(d + t * R), out, ldo, M, n_out,
+                                 m0 + 64 * (MT - 1) * wg + 64 * t, n0, tid);
 }
