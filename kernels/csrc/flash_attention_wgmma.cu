@@ -767,8 +767,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     const int i_start = (j0 / BM) * BM, i_end = min(T, j0 + BN - 1 + window);
     const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
 
-    // prologue: K, V and query tile 0 (group 0), tile 1 (group 1); lse, drow of tiles 0 and 1 into shared memory,
-    // of tile 2 into registers
+    // prologue: K, V and query tile 0 with its lse, drow (group 0), tile 1 with its (group 1)
     faw_load<BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
     faw_load<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
     faw_load<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
