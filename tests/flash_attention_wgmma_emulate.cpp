@@ -31,18 +31,26 @@
         return 0;                                                                                            \
     }
 
+// q, k, v copied into one buffer, the only memory cp.async may read (nq, nk: elements of q and of k)
+struct EmuQKV {
+    std::vector<u16> all;
+    const u16 *q, *k, *v;
+    EmuQKV(const u16* q_, const u16* k_, const u16* v_, size_t nq, size_t nk) : all(nq + 2 * nk) {
+        memcpy(all.data(), q_, 2 * nq);
+        memcpy(all.data() + nq, k_, 2 * nk);
+        memcpy(all.data() + nq + nk, v_, 2 * nk);
+        q = all.data(), k = q + nq, v = k + nk;
+        emu_bounds(reinterpret_cast<const u8*>(q), 2 * all.size(), q, 0);
+    }
+};
+
 // out: 0 o float32, 1 fp16 bits (fp16 inputs only), 2 bf16 bits (bf16 inputs only)
 extern "C" int emu_wgmma_forward(int D, int bn, int nwg, int stages, int bf16, int out, const u16* q, const u16* k,
                                  const u16* v, const u8* mask, int has_mask, int B, int T, int H, int KV, int window,
                                  float scale, void* o, float* lse) {
     if (out != 0 && out != (bf16 ? 2 : 1)) return 3;
-    const size_t nq = size_t(B) * T * H * D, nk = size_t(B) * T * KV * D;
-    std::vector<u16> all(nq + 2 * nk);
-    memcpy(all.data(), q, 2 * nq);
-    memcpy(all.data() + nq, k, 2 * nk);
-    memcpy(all.data() + nq + nk, v, 2 * nk);
-    const u16 *qq = all.data(), *kk = qq + nq, *vv = kk + nk;
-    emu_bounds(reinterpret_cast<const u8*>(qq), 2 * all.size(), qq, 0);
+    const EmuQKV in(q, k, v, size_t(B) * T * H * D, size_t(B) * T * KV * D);
+    const u16 *qq = in.q, *kk = in.k, *vv = in.v;
     const u8* m = has_mask ? mask : nullptr;
     FAW_CASE(64, 64, 1, 3)
     FAW_CASE(64, 64, 2, 4)
@@ -68,13 +76,8 @@ extern "C" int emu_wgmma_forward_ws(int D, int bn, int stages, int bf16, int out
                                     const u16* v, const u8* mask, int has_mask, int B, int T, int H, int KV, int window,
                                     float scale, void* o, float* lse) {
     if (out != 0 && out != (bf16 ? 2 : 1)) return 3;
-    const size_t nq = size_t(B) * T * H * D, nk = size_t(B) * T * KV * D;
-    std::vector<u16> all(nq + 2 * nk);
-    memcpy(all.data(), q, 2 * nq);
-    memcpy(all.data() + nq, k, 2 * nk);
-    memcpy(all.data() + nq + nk, v, 2 * nk);
-    const u16 *qq = all.data(), *kk = qq + nq, *vv = kk + nk;
-    emu_bounds(reinterpret_cast<const u8*>(qq), 2 * all.size(), qq, 0);
+    const EmuQKV in(q, k, v, size_t(B) * T * H * D, size_t(B) * T * KV * D);
+    const u16 *qq = in.q, *kk = in.k, *vv = in.v;
     const u8* m = has_mask ? mask : nullptr;
     FAW_WS_CASE(64, 64, 2)
     FAW_WS_CASE(128, 64, 2)

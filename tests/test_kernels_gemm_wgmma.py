@@ -80,26 +80,15 @@ def test_twin_matches_float64_reference(qtype, swz):
 
 
 @simulator
-def test_twin_two_m_tiles_a_warpgroup():
-    """mt = 2: one warpgroup's rows 0 .. 63 and 64 .. 127 of a 128-row tile; M = 70 ends in the second."""
-    rng = np.random.default_rng(12)
-    N, K, M = 40, 256, 70
+@pytest.mark.parametrize("seed,N,K,M,mt", [(11, 33, 512, 3, 1), (12, 40, 256, 70, 2)])
+def test_twin_raw_ring_refill_and_two_m_tiles(seed, N, K, M, mt):
+    """K = 512: the raw W ring's second super-block comes from the prologue, the A ring refills; mt = 2: one
+    warpgroup's rows 0 .. 63 and 64 .. 127 of a 128-row tile, M = 70 ending in the second."""
+    rng = np.random.default_rng(seed)
     w = aligned(quants.random_blocks("Q4_K", N, K, rng))
     x = rng.standard_normal((M, K)).astype(np.float16)
     out = np.full((M, N), np.nan, np.float32)
-    gemm_wgmma_twin(x, w, "Q4_K", N, out, bn=32, nwg=1, stages=3, swz=1, mt=2)
-    assert rel(out, references(x, w, "Q4_K")[1]) <= 1e-5
-
-
-@simulator
-def test_twin_two_super_blocks_refill_the_raw_ring():
-    """K = 512: the raw W ring's second super-block comes from the prologue, the A ring refills."""
-    rng = np.random.default_rng(11)
-    N, K, M = 33, 512, 3
-    w = aligned(quants.random_blocks("Q4_K", N, K, rng))
-    x = rng.standard_normal((M, K)).astype(np.float16)
-    out = np.full((M, N), np.nan, np.float32)
-    gemm_wgmma_twin(x, w, "Q4_K", N, out, bn=32, nwg=1, stages=3, swz=1)
+    gemm_wgmma_twin(x, w, "Q4_K", N, out, bn=32, nwg=1, stages=3, swz=1, mt=mt)
     assert rel(out, references(x, w, "Q4_K")[1]) <= 1e-5
 
 
