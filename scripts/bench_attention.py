@@ -8,7 +8,12 @@
 
 Paths: mma (csrc/flash_attention.cu), wgmma (csrc/flash_attention_wgmma.cu through $Q4KDISTILL_FA_FWD and
 $Q4KDISTILL_FA_BWD=wgmma, sm_90 only, D = 64 / 128; its o is checked against mma's in the run), numba (the
-FP32 fallback).
+FP32 fallback). --scheds times each path in each instruction schedule ($Q4KDISTILL_FA_SCHED) and --tiles the
+wgmma forward with other tiles ($Q4KDISTILL_FA_TILES; not in schedule 15), all in one process (one CUDA
+context, one matmul rate, one SDPA run):
+
+    python3 scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma --scheds 12 13 15 \
+        --tiles 64,1,3 --torch
 
 Timings: CUDA events around each call, median of --reps after --warmup calls (CPU: perf_counter).
 FLOPs counted over visible (query, key) pairs: 4 * B * H * D * pairs for the forward (2 products),
@@ -113,16 +118,19 @@ def torch_sdpa(B, T, H, KV, D, warmup, reps):
 
 
 class _kernels_env:
-    """$Q4KDISTILL_FA_FWD and $Q4KDISTILL_FA_BWD set to `kind` ("mma" or "wgmma") until restore()."""
+    """$Q4KDISTILL_FA_FWD and $Q4KDISTILL_FA_BWD set to `kind` ("mma" or "wgmma"), and where given
+    $Q4KDISTILL_FA_SCHED to `sched` and $Q4KDISTILL_FA_TILES to `tiles`, until restore()."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, sched=None, tiles=None):
         import os
 
-        from kernels.flash_attention_mma import BWD_ENV, FWD_ENV
+        from kernels.flash_attention_mma import BWD_ENV, FWD_ENV, SCHED_ENV, TILES_ENV
 
-        self.old = {key: os.environ.get(key) for key in (FWD_ENV, BWD_ENV)}
-        for key in self.old:
-            os.environ[key] = kind
+        self.old = {key: os.environ.get(key) for key in (FWD_ENV, BWD_ENV, SCHED_ENV, TILES_ENV)}
+        os.environ[FWD_ENV] = os.environ[BWD_ENV] = kind
+        for key, value in ((SCHED_ENV, sched), (TILES_ENV, tiles)):
+            if value is not None:
+                os.environ[key] = str(value)
 
     def restore(self):
         import os
@@ -163,12 +171,13 @@ def run_gpu(args):
         k32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
         v32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
         do32 = rng.standard_normal((B, T, H, D), dtype=np.float32)
-        for path in args.paths:
-            env = _kernels_env("wgmma" if path == "wgmma" else "mma")
+        for path, sched, tiles in _combos(args):
+            env = _kernels_env("wgmma" if path == "wgmma" else "mma", sched, tiles)
             path, label = ("mma", "wgmma") if path == "wgmma" else (path, path)
-            if label == "wgmma" and forward_kind(D) != "wgmma":
+            label += (f"/s{sched}" if sched is not None else "") + (f"/t{tiles}" if tiles else "")
+            if label.startswith("wgmma") and forward_kind(D) != "wgmma":
                 env.restore()
-                print(f" wgmma {T:>6}   (not here: needs an sm_90 GPU and D = 64 or 128)")
+                print(f"{label:>6} {T:>6}   (not here: needs an sm_90 GPU and D = 64 or 128)")
                 continue
             if path == "mma":
                 q, k, v, do = (to16(x, args.dtype) for x in (q32, k32, v32, do32))
@@ -191,10 +200,11 @@ def run_gpu(args):
             grew = (pool.total_bytes() - base) / 2 ** 30
             tf_f, tf_b = flops_f / f_ms / 1e9, 2.5 * flops_f / b_ms / 1e9
             tf = 3.5 * flops_f / (f_ms + b_ms) / 1e9
-            row = dict(path=label, B=B, T=T, H=H, KV=KV, D=D, window=args.window, dtype=args.dtype, fwd_ms=f_ms,
+            row = dict(path=label, sched=sched, tiles=tiles, B=B, T=T, H=H, KV=KV, D=D, window=args.window,
+                       dtype=args.dtype, fwd_ms=f_ms,
                        bwd_ms=b_ms, cast_ms=cast, fwd_tflops=tf_f, bwd_tflops=tf_b, tflops=tf, of_peak=tf / peak,
                        peak_tflops=peak, pool_gib=grew, gpu=backend.gpu_name())
-            if label == "wgmma":
+            if label.startswith("wgmma"):
                 row["o_vs_mma"] = _o_vs_mma(q, k, v, args, scale, state["o"])
             rows.append(row)
             env.restore()
@@ -211,6 +221,16 @@ def run_gpu(args):
                 rows.append(dict(path="torch_sdpa", T=T, fwd_ms=f_ms, bwd_ms=b_ms, tflops=tf, of_peak=tf / peak))
                 print(f"{'torch':>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {'':>8} {flops_f / f_ms / 1e9:9.1f} "
                       f"{2.5 * flops_f / b_ms / 1e9:9.1f} {tf:9.1f} {tf / peak:8.1%}")
+    return rows
+
+
+def _combos(args):
+    """(path, schedule, tiles) of every row a T gets: each path in each of --scheds (None: the setting as it
+    is), then the wgmma forward in each --tiles, in every schedule but the warp-specialised one."""
+    scheds = args.scheds or [None]
+    rows = [(path, sched, None) for path in args.paths for sched in scheds]
+    if "wgmma" in args.paths:
+        rows += [("wgmma", sched, t) for t in args.tiles for sched in scheds if sched != 15]
     return rows
 
 
@@ -249,6 +269,10 @@ def main(argv=None):
     p.add_argument("--paths", nargs="+", default=["mma"], choices=["mma", "wgmma", "numba", "blocks"],
                    help="wgmma: the sm_90 kernels; numba: the FP32 fallback (slow beyond T = 8192)")
     p.add_argument("--torch", action="store_true", help="time torch SDPA too (needs a CUDA torch)")
+    p.add_argument("--scheds", type=int, nargs="+", default=None,
+                   help="instruction schedules to time each path in ($Q4KDISTILL_FA_SCHED; default: as set)")
+    p.add_argument("--tiles", nargs="+", default=[],
+                   help="wgmma forward tiles to time too, keys,warpgroups,slots ($Q4KDISTILL_FA_TILES)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="CPU: the NumPy block path at small T")

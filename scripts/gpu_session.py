@@ -8,8 +8,8 @@ part, keep its logs, and say which commands failed. What each part measures and 
 Parts:
     1  GPU tests of what no GPU has run yet: the attention kernels in schedules 13 and 15, the tile setting, the
        fused GEMMs (part 7: the same files' other GPU tests: schedules 12 and 14)
-    2  kernel benches: attention at D = 128 and 64 in schedules 12, 13 and 15 (the warp-specialised forward; and
-       14 at D = 128, and 13 with 64-key, one-warpgroup tiles: two CTAs an SM; torch SDPA beside)
+    2  kernel benches, one process each: attention at D = 128 in schedules 12, 13, 14, 15 (the warp-specialised
+       forward) and with 64-key, one-warpgroup tiles (two CTAs an SM), at D = 64 in 12, 13, 15; torch SDPA beside
     3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
@@ -42,24 +42,12 @@ PARTS = {
     1: [("gpu_tests_ws", f"{PY} pytest -q -m gpu tests/test_attention_wgmma.py -k sched15", {}, 170),   # (a hang
         ("gpu_tests_new", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"{NEW}\"", {}, 420)],  # costs 170 s)
     2: [("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
-                           "--torch --json {out}/att128.json", {}, 60),
-        ("attention_d128_v13", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
-                               "--json {out}/att128_v13.json", SCHED13, 60),
-        ("attention_d128_v14", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
-                               "--json {out}/att128_v14.json", {"Q4KDISTILL_FA_SCHED": "14"}, 45),
-        ("attention_d128_v15", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
-                               "--json {out}/att128_v15.json", {"Q4KDISTILL_FA_SCHED": "15"}, 45),
-        ("attention_d128_v13_tiles64", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
-                                       "--json {out}/att128_v13_t64.json", {**SCHED13, "Q4KDISTILL_FA_TILES": "64,1,3"}, 45),
-        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --torch --json {out}/att64.json",
-         {}, 60),
-        ("attention_d64_v13", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --json {out}/att64_v13.json",
-         SCHED13, 60),
-        ("attention_d64_v15", "python scripts/bench_attention.py --T 8192 --paths wgmma --json {out}/att64_v15.json",
-         {"Q4KDISTILL_FA_SCHED": "15"}, 45)],
+                           "--scheds 12 13 14 15 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 330),
+        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --scheds 12 13 15 --torch "
+                          "--json {out}/att64.json", {}, 240)],
     8: [("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
-                       "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_linked_m2 gemm_wgmma_s8_linked dequant_linked_cublas --x16 "
-                       "--csv {out}/wgmma.csv", {}, 240)],
+                       "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_linked_m2 gemm_wgmma_s8_linked "
+                       "dequant_linked_cublas --x16 --csv {out}/wgmma.csv", {}, 240)],
     3: [("step_default", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --json {{out}}/step_default.json", {},
          280),
         ("step_v13", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --no-peer --json {{out}}/step_v13.json",
