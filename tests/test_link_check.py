@@ -174,3 +174,6 @@ def test_schedule_13_keeps_the_exponentials_before_the_wait_for_p_v(tmp_path):
     ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
     assert ex2 and all(w1 < i < w0 for i in ex2)
     assert sum("SETMAXREG" in x for x in lines) == 2       # the producer gives registers up, the consumers take them
+    assert sum("BAR.SYNC.DEFER_BLOCKING 0x0" in x for x in lines) == 1   # __syncthreads once, after the mbarriers' init
+    for what in ("BAR.ARV", "ARRIVES.LDGSTSBAR", "SYNCS.PHASECHK"):   # ping-pong, cp.async's arrivals, the waits
+        assert any(what in x for x in lines), what
