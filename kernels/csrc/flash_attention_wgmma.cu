@@ -702,9 +702,10 @@ static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16*
 //   1. dQ_{i-1} = dS_{i-1} K (as v12's step 8, from dS buffer (i - 1) % 2); commit. Tile 0 multiplies buffer 1's
 //      stale bytes and drops the product: every iteration issues the same wgmma groups (a group issued in a
 //      branch makes ptxas serialise the pipeline)
-//   2. D = 128: wait 0, dQ_{i-1} -> red.add into dq (its 32 accumulators beside S's and dP's spilled 32 bytes)
-//      S_i^T = K_w Q_i^T, dP_i^T = V_w dO_i^T (SS, as v12); commit
-//   3. D = 64: wait 1 (dQ_{i-1} done, S_i and dP_i still running), dQ_{i-1} -> red.add into dq
+//   2. S_i^T = K_w Q_i^T, dP_i^T = V_w dO_i^T (SS, as v12); commit
+//   3. wait 1 (dQ_{i-1} done, S_i and dP_i still running), dQ_{i-1} -> red.add into dq: at D = 128 the dK, dV,
+//      dQ, S and dP accumulators (224 registers) live together here; the descriptors are then no registers of
+//      their own (one base register, constants folded into each use: 251 registers, no spills)
 //   4. wait 0; P^T, dS^T (fa_p_ds, one mask branch a tile) -> 16-bit A fragments; dS^T -> dS buffer i % 2
 //   5. dV += P^T dO_i, dK += dS^T Q_i (RS); commit
 //   6. cp.async.wait_group 0 (this thread's copies of tile i + 1), fence.proxy.async, __syncthreads: tile i + 1
@@ -771,7 +772,6 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     constexpr int BN = L::BN, BM = L::BM, QST = L::QST, THREADS = 256, NT = BM / 8, DT = D / 8;
     constexpr bool KSPLIT = D == 64;                               // (as faw_backward_v12)
     constexpr int DQN = KSPLIT ? D : D / 2;
-    constexpr bool DQ_BESIDE_S = D == 64;                          // dQ_{it-1} in flight beside S_it, dP_it
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     u8* const sm = gw_aligned_smem();
@@ -787,14 +787,12 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
     const int j0 = tile * BN, k0 = j0 + 64 * wg + 16 * warp;     // this warp's keys k0 .. k0 + 15
     const int keys[2] = {k0 + gid, k0 + gid + 8};
-    const u16* qb = q + size_t(b) * T * H * D;
-    const u16* db = dout + size_t(b) * T * H * D;
+    const size_t qoff = size_t(b) * T * H * D;                   // (Q and dO of this sequence: one offset)
     const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
     const float sl2 = scale * FA_LOG2E;
     const float unscale = 1.f / *dout_scale;                    // dO (and drow) arrive multiplied by *dout_scale
     const float dq_scale = scale * unscale;
-    const float* lse_h = lse + (size_t(b) * H + h) * T;
-    const float* drow_h = drow + (size_t(b) * H + h) * T;
+    const u32 lrow = u32((b * H + h) * T);                       // (lse and drow rows: an offset, not two pointers)
 
     const int i_start = (j0 / BM) * BM, i_end = min(T, j0 + BN - 1 + window);
     const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
@@ -802,14 +800,14 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     // prologue: K, V and query tile 0 with its lse, drow (group 0), tile 1 with its (group 1)
     faw_load<BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
     faw_load<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
-    faw_load<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
-    faw_load<BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
-    faw_load_lse<BM>(ls, lse_h, drow_h, i_start, T, tid);
+    faw_load<BM, D, THREADS>(Qs, q + qoff, i_start, T, H, h, tid);
+    faw_load<BM, D, THREADS>(Ds, dout + qoff, i_start, T, H, h, tid);
+    faw_load_lse<BM>(ls, lse + lrow, drow + lrow, i_start, T, tid);
     gw_cp_commit();
     if (nq > 1) {
-        faw_load<BM, D, THREADS>(Qs + L::QD, qb, i_start + BM, T, H, h, tid);
-        faw_load<BM, D, THREADS>(Ds + L::QD, db, i_start + BM, T, H, h, tid);
-        faw_load_lse<BM>(ls + BM, lse_h, drow_h, i_start + BM, T, tid);
+        faw_load<BM, D, THREADS>(Qs + L::QD, q + qoff, i_start + BM, T, H, h, tid);
+        faw_load<BM, D, THREADS>(Ds + L::QD, dout + qoff, i_start + BM, T, H, h, tid);
+        faw_load_lse<BM>(ls + BM, lse + lrow, drow + lrow, i_start + BM, T, tid);
     }
     gw_cp_commit();
 
@@ -823,14 +821,16 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     for (int i = 0; i < DQN / 2; ++i) dqa[i] = 0.f;
     float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
     float (&DP)[NT][4] = reinterpret_cast<float (&)[NT][4]>(dp);
-    const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
     // the descriptors, built once: this warpgroup's 64 keys of K and V (K-major), stage 0 of Q and dO (K-major for
     // S and dP, MN-major for dK and dV), dS^T buffer 0 and K (MN-major for dQ)
     // (low words only, gw_desc_hi adds SBO 1024 and the 128-byte swizzle: at D = 128 the u64 forms spilled)
-    const u32 k_d = gw_desc_lo(k_at + 64 * 128 * wg, 16), v_d = gw_desc_lo(v_at + 64 * 128 * wg, 16),
-              q_d = gw_desc_lo(gw_smem(Qs), 16), do_d = gw_desc_lo(gw_smem(Ds), 16);
-    const u32 q_mn = gw_desc_lo(gw_smem(Qs), BM * 128), do_mn = gw_desc_lo(gw_smem(Ds), BM * 128),
-              s_mn = gw_desc_lo(s_at, BM * 128), k_mn = gw_desc_lo(k_at + (KSPLIT ? 0 : wg * BN * 128), BN * 128);
+    // (all from one register, the base's start field: the constants fold into each use, no register a descriptor)
+    const u32 base = gw_desc_lo(gw_smem(sm), 0), wk = 512 * wg;   // 64 * 128 * wg bytes >> 4
+    constexpr u32 L16 = 1u << 16, LBM = (BM * 128 / 16) << 16, LBN = (BN * 128 / 16) << 16;   // LBO fields
+    const u32 k_d = base + (L::K_OFF >> 4) + wk + L16, v_d = base + (L::V_OFF >> 4) + wk + L16,
+              q_d = base + (L::Q_OFF >> 4) + L16, do_d = base + (L::DO_OFF >> 4) + L16;
+    const u32 q_mn = base + (L::Q_OFF >> 4) + LBM, do_mn = base + (L::DO_OFF >> 4) + LBM,
+              s_mn = base + (L::DS_OFF >> 4) + LBM, k_mn = base + (L::K_OFF >> 4) + (KSPLIT ? 0 : wg * BN * 8) + LBN;
     const int dq_col = KSPLIT ? 0 : DQN * wg;
 
     gw_cp_wait<1>();                                               // tile 0 (and K, V)
@@ -844,15 +844,10 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         gw_mma_fence();
         faw_dq<KSPLIT, DQN, BF16>(dqa, s_mn + (((sb ^ 1) * L::DS) >> 4), k_mn, wg);
         gw_mma_commit();
-        if constexpr (!DQ_BESIDE_S) {                              // D = 128: dQ's accumulators die before S's
-            gw_mma_wait<0>();                                      // and dP's live (beside them, 32 bytes spill)
-            gw_pin(dqa);
-            if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
-        }
         const u32 qd = q_d + ((st * L::QD) >> 4), dd = do_d + ((st * L::QD) >> 4);
         gw_pin(s);                                                 // 2.
         gw_pin(dp);
-        gw_mma_fence();     // (D = 128: after the wait and dQ's reads above; else ptxas injects one, C7519)
+        gw_mma_fence();
         #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
@@ -861,11 +856,9 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         }
         gw_mma_commit();
 
-        if constexpr (DQ_BESIDE_S) {                               // 3.
-            gw_mma_wait<1>();
-            gw_pin(dqa);
-            if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
-        }
+        gw_mma_wait<1>();                                          // 3.
+        gw_pin(dqa);
+        if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
 
         gw_mma_wait<0>();                                          // 4.
         gw_pin(s);
@@ -896,9 +889,9 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
 
         if (it + 2 < nq) {                                         // 7.
             const int at = (it + 2) % QST;
-            faw_load<BM, D, THREADS>(Qs + at * L::QD, qb, i0 + 2 * BM, T, H, h, tid);
-            faw_load<BM, D, THREADS>(Ds + at * L::QD, db, i0 + 2 * BM, T, H, h, tid);
-            faw_load_lse<BM>(ls + at * BM, lse_h, drow_h, i0 + 2 * BM, T, tid);
+            faw_load<BM, D, THREADS>(Qs + at * L::QD, q + qoff, i0 + 2 * BM, T, H, h, tid);
+            faw_load<BM, D, THREADS>(Ds + at * L::QD, dout + qoff, i0 + 2 * BM, T, H, h, tid);
+            faw_load_lse<BM>(ls + at * BM, lse + lrow, drow + lrow, i0 + 2 * BM, T, tid);
         }
         gw_cp_commit();
 
