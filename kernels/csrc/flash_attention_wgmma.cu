@@ -792,7 +792,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     const float sl2 = scale * FA_LOG2E;
     const float unscale = 1.f / *dout_scale;                    // dO (and drow) arrive multiplied by *dout_scale
     const float dq_scale = scale * unscale;
-    const u32 lrow = u32((b * H + h) * T);                       // (lse and drow rows: an offset, not two pointers)
+    const size_t lrow = (size_t(b) * H + h) * T;                 // (lse and drow rows: an offset, not two pointers)
 
     const int i_start = (j0 / BM) * BM, i_end = min(T, j0 + BN - 1 + window);
     const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
