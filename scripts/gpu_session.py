@@ -4,6 +4,7 @@ part, keep its logs, and say which commands failed. What each part measures and 
 
     python scripts/gpu_session.py --list                 # the parts and their commands (no GPU needed)
     python scripts/gpu_session.py --part 1 --out OUT     # run part 1, logs in OUT/part1/*.log, OUT/part1.json
+    python scripts/gpu_session.py --part 3 --env Q4KDISTILL_FA_SCHED=15   # a part with a setting over its own
 
 Parts:
     1  GPU tests of what no GPU has run yet: the attention kernels in schedules 13 and 15, the tile setting, the
@@ -68,16 +69,17 @@ PARTS = {
 PARTS = dict(sorted(PARTS.items()))
 
 
-def commands(part: int, out: Path) -> list:
-    return [(name, cmd.format(out=out), {k: v.format(out=out) for k, v in env.items()}, t)
+def commands(part: int, out: Path, extra_env: dict | None = None) -> list:
+    """(name, command, environment, timeout) of a part's commands; extra_env (--env) over each's own."""
+    return [(name, cmd.format(out=out), {**{k: v.format(out=out) for k, v in env.items()}, **(extra_env or {})}, t)
             for name, cmd, env, t in PARTS[part]]
 
 
-def run_part(part: int, out: Path) -> dict:
+def run_part(part: int, out: Path, extra_env: dict | None = None) -> dict:
     folder = out / f"part{part}"
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, cmd, env, timeout in commands(part, folder):
+    for name, cmd, env, timeout in commands(part, folder, extra_env):
         t0 = time.time()
         with open(folder / f"{name}.log", "w") as log:
             try:
@@ -96,10 +98,19 @@ def main(argv=None):
     p.add_argument("--part", type=int, choices=sorted(PARTS))
     p.add_argument("--out", type=Path, default=Path("gpu_session"))
     p.add_argument("--list", action="store_true", help="print the parts' commands and exit (no GPU needed)")
+    p.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="settings over every command's own, e.g. Q4KDISTILL_FA_SCHED=15 for part 3 or 6")
     args = p.parse_args(argv)
+    extra = {}
+    for kv in args.env:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            print(f"error: --env {kv!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        extra[key] = value
     if args.list or args.part is None:
         for part in PARTS:
-            for name, cmd, env, t in commands(part, args.out / f"part{part}"):
+            for name, cmd, env, t in commands(part, args.out / f"part{part}", extra):
                 pre = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
                 print(f"[{part}] {name} (<= {t} s): {pre + ' ' if pre else ''}{cmd}")
         return 0
@@ -107,7 +118,7 @@ def main(argv=None):
     if not backend.on_gpu():
         print("error: gpu_session runs on a GPU machine (use --list here)", file=sys.stderr)
         return 2
-    results = run_part(args.part, args.out)
+    results = run_part(args.part, args.out, extra)
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 
 
