@@ -36,8 +36,9 @@ def emulated(tmp_path_factory, request):
                           defines={"FAW_SCHED": request.param})
 
 
-def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0):
-    """(o, lse) of the emulated faw_forward<tiles>, outputs poisoned with NaN; out: 0 float32 o, else 16-bit bits."""
+def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0, ws=False):
+    """(o, lse) of the emulated faw_forward<tiles>, outputs poisoned with NaN; out: 0 float32 o, else 16-bit bits.
+    ws: faw_forward_ws (schedule 15), tiles = (D, keys, slots)."""
     B, T, H, D = q.shape
     KV = k.shape[2]
     q16, k16, v16 = (_bits16(x, dtype) for x in (q, k, v))
@@ -46,10 +47,10 @@ def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0):
     lse = np.full((B, H, T), np.nan, np.float32)
     p = lambda a: a.ctypes.data_as(ctypes.c_void_p)             # noqa: E731
     I, F = ctypes.c_int, ctypes.c_float
-    rc = lib.emu_wgmma_forward(I(D), *(I(t) for t in tiles[1:]), I(dtype == "bf16"), I(out), p(q16), p(k16), p(v16),
-                               p(m), I(mask is not None), I(B), I(T), I(H), I(KV), I(T + 1 if window is None else window),
-                               F(scale), p(o), p(lse))
-    assert rc == 0, f"no emulated wgmma forward for {tiles}, out {out} (rc {rc})"
+    entry = lib.emu_wgmma_forward_ws if ws else lib.emu_wgmma_forward
+    rc = entry(I(D), *(I(t) for t in tiles[1:]), I(dtype == "bf16"), I(out), p(q16), p(k16), p(v16), p(m),
+               I(mask is not None), I(B), I(T), I(H), I(KV), I(T + 1 if window is None else window), F(scale), p(o), p(lse))
+    assert rc == 0, f"no emulated wgmma forward for {tiles}, out {out}, ws {ws} (rc {rc})"
     return o, lse
 
 
@@ -112,16 +113,7 @@ def test_emulated_warp_specialised_forward_matches_float64_reference(emulated, B
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D + 15, pad=pad)
     q, k, v = (_round16(x, dtype) for x in (q, k, v))
     scale = D ** -0.5
-    q16, k16, v16 = (_bits16(x, dtype) for x in (q, k, v))
-    m = np.ones(1, np.uint8) if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
-    o = np.full((B, T, H, D), np.nan, np.float32)
-    lse = np.full((B, H, T), np.nan, np.float32)
-    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)             # noqa: E731
-    I, F = ctypes.c_int, ctypes.c_float
-    rc = emulated.emu_wgmma_forward_ws(I(D), I(tiles[0]), I(tiles[1]), I(dtype == "bf16"), I(0), p(q16), p(k16),
-                                       p(v16), p(m), I(mask is not None), I(B), I(T), I(H), I(KV),
-                                       I(T + 1 if window is None else window), F(scale), p(o), p(lse))
-    assert rc == 0, rc
+    o, lse = emulated_forward(emulated, q, k, v, mask, window, scale, dtype, (D,) + tiles, ws=True)
     want = reference(q, k, v, do, mask, window, scale)
     err = rel_err(o, want[0])
     assert err < EMU_BOUNDS[dtype], f"ws {dtype}: {err:.3g}"

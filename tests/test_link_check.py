@@ -156,23 +156,21 @@ def test_schedule_13_keeps_the_exponentials_before_the_wait_for_p_v(tmp_path):
     tool = shutil.which("nvdisasm") or _wheel_tool("nvdisasm")
     if tool is None:
         pytest.skip("needs nvdisasm (CUDA toolkit or the nvidia-cuda-nvdisasm wheel)")
-    between = {}
-    for schedule in (12, 13, 14):
+    def sass(schedule, **kw):
         cubin = tmp_path / f"f{schedule}.cubin"
-        link_check.verdict(*_attention("fwd", 128, True, schedule), cubin=str(cubin))
-        lines = subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
+        link_check.verdict(*_attention("fwd", 128, True, schedule), cubin=str(cubin), **kw)
+        return subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
+
+    def between(lines):                            # the share of the exponentials between the two waits
         w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
         w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
         ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
-        between[schedule] = sum(w1 < i < w0 for i in ex2) / len(ex2)
-    assert between[13] > 0.9 and between[12] < 0.1 and between[14] < 0.1, between   # 14: 13 less the fence
-    cubin = tmp_path / "ws.cubin"                  # the warp-specialised forward (15) keeps 13's placement
-    link_check.verdict(*_attention("fwd", 128, True, 15), cubin=str(cubin), max_registers=fam.WS_REGISTERS)
-    lines = subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
-    w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
-    w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
-    ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
-    assert ex2 and all(w1 < i < w0 for i in ex2)
+        return sum(w1 < i < w0 for i in ex2) / len(ex2)
+
+    share = {schedule: between(sass(schedule)) for schedule in (12, 13, 14)}
+    assert share[13] > 0.9 and share[12] < 0.1 and share[14] < 0.1, share   # 14: 13 less the fence
+    lines = sass(15, max_registers=fam.WS_REGISTERS)   # the warp-specialised forward (15) keeps 13's placement
+    assert between(lines) == 1.0
     assert sum("SETMAXREG" in x for x in lines) == 2       # the producer gives registers up, the consumers take them
     assert sum("BAR.SYNC.DEFER_BLOCKING 0x0" in x for x in lines) == 1   # __syncthreads once, after the mbarriers' init
     for what in ("BAR.ARV", "ARRIVES.LDGSTSBAR", "SYNCS.PHASECHK"):   # ping-pong, cp.async's arrivals, the waits
