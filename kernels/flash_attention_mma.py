@@ -219,12 +219,15 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14, 15)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
+SCHEDS = (12, 13, 14, 15, 16)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
 # default), 13 the thirteenth and fourteenth stops' (opt-in until timed): loads unrolled, the mask tested once a
 # tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
 # backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
 # tile's cp.async in flight is for a GPU to say; docs/perf.md, thirteenth stop). 15: 13, with the wgmma forward
-# warp-specialised (faw_forward_ws: a producer warpgroup, two consumers in ping-pong; fourteenth stop)
+# warp-specialised (faw_forward_ws: a producer warpgroup, two consumers in ping-pong; fourteenth stop). 16: 13, with
+# the wgmma backward at D = 64 summing its two warpgroups' dQ partials in shared memory before one red.add (XCH_SCHED,
+# FawXch: half the dQ reduction traffic; fifteenth stop)
+XCH_SCHED = 16
 
 
 def sched() -> int:
@@ -235,8 +238,23 @@ def sched() -> int:
     return int(env)
 
 
+def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
+    """The schedule a kernel ("fwd" / "bwd": mma.sync, "wgmma fwd" / "wgmma bwd") is built in for `schedule`
+    (None: sched()): the lowest one whose code is the same, so that equal kernels are compiled once. The mma.sync
+    kernels are one code from 13 on; the wgmma forward differs in 14 (no fence) and 15 (warp-specialised), 16's
+    is 13's; the wgmma backward differs only in 16 at D = 64 (FawXch)."""
+    schedule = sched() if schedule is None else schedule
+    if schedule == 12:
+        return 12
+    if kernel in ("fwd", "bwd"):
+        return 13
+    if kernel == "wgmma fwd":
+        return 13 if schedule == XCH_SCHED else schedule
+    return XCH_SCHED if (schedule, D) == (XCH_SCHED, 64) else 13
+
+
 def _sched_suffix(schedule: int) -> str:
-    """What a kernel's C name carries of its schedule: nothing for the default 12, "_v13" / "_v14" else."""
+    """What a kernel's C name carries of its schedule: nothing for the default 12, "_v13" .. "_v16" else."""
     return "" if schedule == 12 else f"_v{schedule}"
 
 
@@ -268,7 +286,8 @@ def wgmma_bwd_smem(D: int, schedule: int = 12) -> int:
     [stages][64] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2."""
     bn, bm = WGMMA_BWD_TILE
     stages, buffers = (2, 1) if schedule == 12 else (3, 2)
-    return 2 * bn * D * 2 + 2 * stages * bm * D * 2 + buffers * bn * bm * 2 + 2 * stages * bm * 4 + 1024
+    xch = 4 * 128 * (D // 8) * 8 if (D, schedule) == (64, XCH_SCHED) else 0   # FawXch's out-boxes
+    return 2 * bn * D * 2 + 2 * stages * bm * D * 2 + buffers * bn * bm * 2 + 2 * stages * bm * 4 + xch + 1024
 
 
 def backward_kind(D: int) -> str:
@@ -465,11 +484,11 @@ def mma_attention_forward(q, k, v, key_mask, window, scale, dtype="fp16", out_dt
     o = cupy.empty((B, T, H, D), dtype=np.float32 if out is None else out_dtype)
     lse = cupy.empty((B, H, T), dtype=np.float32)
     if forward_kind(D) == "wgmma":
-        kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out], sched(), wgmma_tiles(D))
+        kernel, threads, rows, smem = _wgmma_forward_kernel(D, dtype == "bf16", OUTS[out], kernel_sched("wgmma fwd", D), wgmma_tiles(D))
     else:
         mt = forward_mtiles(D, T)
         kernel, threads, rows = _forward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("fwd", D, mt)), OUTS[out], mt,
-                                                sched())
+                                                kernel_sched("fwd", D))
         smem = 0
     launch(kernel, (-(-T // rows), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), mask, has, T, H,
            KV, _window(window, T), np.float32(scale), o.reshape(-1) if out is None else o.reshape(-1).view(np.uint16),
@@ -495,9 +514,9 @@ def mma_attention_backward(do, cache):
     dk = acc((B, T, KV, D), dtype=np.float32)
     dv = acc((B, T, KV, D), dtype=np.float32)
     if backward_kind(D) == "wgmma":
-        kernel, threads, keys, smem = _wgmma_backward_kernel(D, dtype == "bf16", sched())
+        kernel, threads, keys, smem = _wgmma_backward_kernel(D, dtype == "bf16", kernel_sched("wgmma bwd", D))
     else:
-        kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)), sched())
+        kernel, threads, keys = _backward_kernel(D, dtype == "bf16", REGISTER_CAP.get(("bwd", D)), kernel_sched("bwd", D))
         smem = 0
     launch(kernel, (-(-T // keys), H, B), threads, q16.reshape(-1), k16.reshape(-1), v16.reshape(-1), do16.reshape(-1),
            cupy.ascontiguousarray(cache.lse).reshape(-1), drow.reshape(-1), mask, has, T, H, KV,

@@ -44,7 +44,7 @@ PARTS = {
         ("gpu_tests_new", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"{NEW}\"", {}, 420)],  # costs 170 s)
     2: [("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
                            "--scheds 12 13 14 15 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 330),
-        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --scheds 12 13 15 --torch "
+        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --scheds 12 13 15 16 --torch "
                           "--json {out}/att64.json", {}, 240)],
     8: [("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
                        "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_linked_m2 gemm_wgmma_s8_linked "
