@@ -7,10 +7,10 @@ part, keep its logs, and say which commands failed. What each part measures and 
     python scripts/gpu_session.py --part 3 --env Q4KDISTILL_FA_SCHED=15   # a part with a setting over its own
 
 Parts:
-    1  GPU tests of what no GPU has run yet: the attention kernels in schedules 13 and 15, the tile setting, the
+    1  GPU tests of what no GPU has run yet: the attention kernels in schedules 13, 15 and 16, the tile setting, the
        fused GEMMs (part 7: the same files' other GPU tests: schedules 12 and 14)
     2  kernel benches, one process each: attention at D = 128 in schedules 12, 13, 14, 15 (the warp-specialised
-       forward) and with 64-key, one-warpgroup tiles (two CTAs an SM), at D = 64 in 12, 13, 15; torch SDPA beside
+       forward) and with 64-key, one-warpgroup tiles (two CTAs an SM), at D = 64 in 12, 13, 15, 16; torch SDPA beside
     3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
@@ -37,7 +37,7 @@ SCHED13 = {"Q4KDISTILL_FA_SCHED": "13"}
 PART1_FILES = ("tests/test_attention_wgmma.py tests/test_attention_flash.py tests/test_kernels_gemm_wgmma.py "
                "tests/test_kernels_gemm_wgmma_s8.py")
 
-NEW = "sched13 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run yet (and sched15)
+NEW = "sched13 or sched16 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run yet (and sched15)
 # part -> [(name, command, extra environment, timeout s)]
 PARTS = {
     1: [("gpu_tests_ws", f"{PY} pytest -q -m gpu tests/test_attention_wgmma.py -k sched15", {}, 170),   # (a hang
