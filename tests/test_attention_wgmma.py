@@ -28,7 +28,7 @@ SMALL_TILES = [(64, 64, 1, 3), (64, 64, 2, 4), (128, 64, 1, 3)]   # (D, keys, wa
 @pytest.fixture(scope="module", params=(12, 13, 16))
 def emulated(tmp_path_factory, request):
     """The emulated kernels in instruction schedules 12, 13 and 16 (fm.SCHEDS; 14 is 13 less a fence, which the
-    emulation does not see; 15 is 13 with faw_forward_ws, emulated in every build; 16 is 13 with faw_xch in the
+    emulation does not see; 15 is 13 with faw_forward_ws, emulated in every build; 16 is 13 with FawXch in the
     D = 64 backward): every emulated test runs on each (16: the backward's tests only)."""
     from _helpers_emulate import build_emulator
 

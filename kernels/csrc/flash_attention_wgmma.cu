@@ -737,7 +737,7 @@ template <int D, int SCHED>
 struct FawXch { static constexpr bool value = D == 64 && SCHED == 16; };
 
 // FawXch, the first half: this warpgroup's dQ columns that the other one adds (columns DQN / 2 (1 - wg) ..: those
-// of n-tiles n with (n >= DQN / 16) != wg) -> its out-box x ([DQN / 16 pairs][128 threads] float2: a warp's store is
+// of n-tiles n with (n >= DQN / 16) != wg) -> its out-box x ([DQN / 8 pairs][128 threads] float2: a warp's store is
 // 256 contiguous bytes)
 template <int DQN>
 static __device__ __forceinline__ void faw_xch_store(float2* x, const float (&dqa)[DQN / 2], int wg, int t) {
@@ -749,39 +749,30 @@ static __device__ __forceinline__ void faw_xch_store(float2* x, const float (&dq
             if (int(n >= HN) != wg) x[((n % HN) * 2 + r) * 128 + t] = make_float2(dqa[4 * n + 2 * r], dqa[4 * n + 2 * r + 1]);
 }
 
-// FawXch, the second half: this warpgroup's half of the columns (n >= DQN / 16) == wg, its own partial plus the
-// other warpgroup's from that one's out-box x, * sc -> red.add into dq (as faw_red_dq, one half of the columns)
-template <int DQN>
-static __device__ __forceinline__ void faw_xch_red(float* dq, const float (&dqa)[DQN / 2], const float2* x, int i0,
-                                                   int warp, int gid, int tig, int T, int H, int h, int b, int D,
-                                                   float sc, int wg, int t) {
-    constexpr int HN = DQN / 16;
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = i0 + 16 * warp + gid + 8 * r;
-        if (i >= T) continue;
-        float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D;
-        #pragma unroll
-        for (int n = 0; n < DQN / 8; ++n)
-            if (int(n >= HN) == wg) {
-                const float2 o = x[((n % HN) * 2 + r) * 128 + t];
-                fa_red2(dqrow + 8 * n + 2 * tig, (dqa[4 * n + 2 * r] + o.x) * sc, (dqa[4 * n + 2 * r + 1] + o.y) * sc);
-            }
-    }
-}
-
-// dQ (the accumulators of the dQ product: this warp's rows of the query tile at i0, columns col0 ..) * sc -> red.add
+// dQ (the accumulators of the dQ product: this warp's rows of the query tile at i0, columns col0 ..) * sc -> red.add;
+// FawXch's second half when x is given: only this warpgroup's half of the columns, (n >= DQN / 16) == wg, each its
+// own partial plus the other warpgroup's from that one's out-box x
 template <int DQN>
 static __device__ __forceinline__ void faw_red_dq(float* dq, const float (&dqa)[DQN / 2], int i0, int warp, int gid,
-                                                  int tig, int T, int H, int h, int b, int D, int col0, float sc) {
+                                                  int tig, int T, int H, int h, int b, int D, int col0, float sc,
+                                                  const float2* x = nullptr, int wg = 0, int t = 0) {
+    constexpr int HN = DQN / 16;
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int i = i0 + 16 * warp + gid + 8 * r;
         if (i >= T) continue;
         float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + col0;
         #pragma unroll
-        for (int n = 0; n < DQN / 8; ++n)
-            fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * sc, dqa[4 * n + 2 * r + 1] * sc);
+        for (int n = 0; n < DQN / 8; ++n) {
+            float v0 = dqa[4 * n + 2 * r], v1 = dqa[4 * n + 2 * r + 1];
+            if (x) {
+                if (int(n >= HN) != wg) continue;
+                const float2 o = x[((n % HN) * 2 + r) * 128 + t];
+                v0 += o.x;
+                v1 += o.y;
+            }
+            fa_red2(dqrow + 8 * n + 2 * tig, v0 * sc, v1 * sc);
+        }
     }
 }
 
@@ -947,8 +938,8 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         gw_cp_commit();
         if constexpr (XCH) {             // dQ_{i-1}: this warpgroup's half of the columns, both partials (the out-box
             if (it > 0)                  // of buffer (i - 1) % 2 is next written at tile i + 1, after its barrier)
-                faw_xch_red<DQN>(dq, dqa, xs + ((sb ^ 1) * 2 + (wg ^ 1)) * (L::XH / 8), i0 - BM, warp, gid, tig, T, H,
-                                 h, b, D, dq_scale, wg, tid & 127);
+                faw_red_dq<DQN>(dq, dqa, i0 - BM, warp, gid, tig, T, H, h, b, D, 0, dq_scale,
+                                xs + ((sb ^ 1) * 2 + (wg ^ 1)) * (L::XH / 8), wg, tid & 127);
         }
 
         gw_mma_wait<0>();                                          // 8.
