@@ -219,15 +219,18 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14, 15, 16)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
+SCHEDS = (12, 13, 14, 15, 16, 17)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
 # default), 13 the thirteenth and fourteenth stops' (opt-in until timed): loads unrolled, the mask tested once a
 # tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
 # backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
 # tile's cp.async in flight is for a GPU to say; docs/perf.md, thirteenth stop). 15: 13, with the wgmma forward
 # warp-specialised (faw_forward_ws: a producer warpgroup, two consumers in ping-pong; fourteenth stop). 16: 13, with
 # the wgmma backward at D = 64 summing its two warpgroups' dQ partials in shared memory before one red.add (XCH_SCHED,
-# FawXch: half the dQ reduction traffic; fifteenth stop)
+# FawXch: half the dQ reduction traffic; fifteenth stop). 17: 13, with the wgmma backward at D = 64 stepping 128
+# queries at a time (QSPLIT_SCHED, FawBwdBM: FlashAttention-3's tile for head size 64; the warpgroups split dQ by
+# queries, one red.add an element; sixteenth stop)
 XCH_SCHED = 16
+QSPLIT_SCHED = 17
 
 
 def sched() -> int:
@@ -242,15 +245,15 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
     """The schedule a kernel ("fwd" / "bwd": mma.sync, "wgmma fwd" / "wgmma bwd") is built in for `schedule`
     (None: sched()): the lowest one whose code is the same, so that equal kernels are compiled once. The mma.sync
     kernels are one code from 13 on; the wgmma forward differs in 14 (no fence) and 15 (warp-specialised), 16's
-    is 13's; the wgmma backward differs only in 16 at D = 64 (FawXch)."""
+    is 13's (and 17's); the wgmma backward differs only in 16 and 17 at D = 64 (FawXch, FawBwdBM)."""
     schedule = sched() if schedule is None else schedule
     if schedule == 12:
         return 12
     if kernel in ("fwd", "bwd"):
         return 13
     if kernel == "wgmma fwd":
-        return 13 if schedule == XCH_SCHED else schedule
-    return XCH_SCHED if (schedule, D) == (XCH_SCHED, 64) else 13
+        return 13 if schedule in (XCH_SCHED, QSPLIT_SCHED) else schedule
+    return schedule if D == 64 and schedule in (XCH_SCHED, QSPLIT_SCHED) else 13
 
 
 def _sched_suffix(schedule: int) -> str:
@@ -281,10 +284,13 @@ WGMMA_BWD_TILE = (128, 64)       # faw_backward: keys per CTA (2 warpgroups of 6
 
 
 def wgmma_bwd_smem(D: int, schedule: int = 12) -> int:
-    """Dynamic shared memory of faw_backward<D> (schedule 12: FawBwdSmem::BYTES, 13 / 14: FawBwdSmem13::BYTES):
-    K and V [128 x D], Q and dO [stages][64 x D] (16-bit), dS^T [buffers][128 x 64] (16-bit), lse and drow
-    [stages][64] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2."""
+    """Dynamic shared memory of faw_backward<D> (schedule 12: FawBwdSmem::BYTES, later: FawBwdLayout13::BYTES):
+    K and V [128 x D], Q and dO [stages][bm x D] (16-bit), dS^T [buffers][128 x bm] (16-bit), lse and drow
+    [stages][bm] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2; bm = 64
+    queries a step, 128 in schedule 17 at D = 64 (FawBwdBM); 16 at D = 64 adds FawXch's out-boxes."""
     bn, bm = WGMMA_BWD_TILE
+    if (D, schedule) == (64, QSPLIT_SCHED):
+        bm = 128
     stages, buffers = (2, 1) if schedule == 12 else (3, 2)
     xch = 4 * 128 * (D // 8) * 8 if (D, schedule) == (64, XCH_SCHED) else 0   # FawXch's out-boxes
     return 2 * bn * D * 2 + 2 * stages * bm * D * 2 + buffers * bn * bm * 2 + 2 * stages * bm * 4 + xch + 1024

@@ -131,6 +131,6 @@ extern "C" int emu_wgmma_smem(int D, int bn, int nwg, int stages) {
 }
 
 template <int D>
-static int bwd_smem() { return FAW_SCHED >= 13 ? FawBwdSmem13<D, FawXch<D, FAW_SCHED>::value>::BYTES : FawBwdSmem<D>::BYTES; }
+static int bwd_smem() { return FAW_SCHED >= 13 ? FawBwdLayout13<D, FAW_SCHED>::BYTES : FawBwdSmem<D>::BYTES; }
 extern "C" int emu_wgmma_bwd_smem(int D) { return D == 64 ? bwd_smem<64>() : D == 128 ? bwd_smem<128>() : 0; }
 extern "C" int emu_faw_sched() { return FAW_SCHED; }

@@ -25,11 +25,12 @@ from test_attention_flash import EMU_BOUNDS, _bits16, _round16, check_lse, make_
 SMALL_TILES = [(64, 64, 1, 3), (64, 64, 2, 4), (128, 64, 1, 3)]   # (D, keys, warpgroups, slots) the harness has too
 
 
-@pytest.fixture(scope="module", params=(12, 13, 16))
+@pytest.fixture(scope="module", params=(12, 13, 16, 17))
 def emulated(tmp_path_factory, request):
-    """The emulated kernels in instruction schedules 12, 13 and 16 (fm.SCHEDS; 14 is 13 less a fence, which the
+    """The emulated kernels in instruction schedules 12, 13, 16 and 17 (fm.SCHEDS; 14 is 13 less a fence, which the
     emulation does not see; 15 is 13 with faw_forward_ws, emulated in every build; 16 is 13 with FawXch in the
-    D = 64 backward): every emulated test runs on each (16: the backward's tests only)."""
+    D = 64 backward, 17 with 128 queries a step there): every emulated test runs on each (16, 17: the backward's
+    tests only)."""
     from _helpers_emulate import build_emulator
 
     return build_emulator(tmp_path_factory, "flash_attention_wgmma_emulate.cpp",
@@ -56,9 +57,9 @@ def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0, ws=
 
 
 def _forward_differs(lib):
-    """Skip a forward test in a build whose forward is another's (16's is 13's)."""
-    if lib.emu_faw_sched() == fm.XCH_SCHED:
-        pytest.skip("(schedule 16's forward is 13's)")
+    """Skip a forward test in a build whose forward is another's (16's and 17's are 13's)."""
+    if lib.emu_faw_sched() in (fm.XCH_SCHED, fm.QSPLIT_SCHED):
+        pytest.skip(f"(schedule {lib.emu_faw_sched()}'s forward is 13's)")
 
 
 CASES = [   # B, T, H, KV, D, window, pad, dtype, tiles
@@ -174,6 +175,7 @@ BWD_CASES = [   # B, T, H, KV, D, window, pad, dtype
     (2, 203, 4, 2, 64, 45, [0, 7], "fp16"),         # a window inside a query tile; key tiles past T
     (1, 300, 2, 1, 128, 150, [3], "fp16"),
     (1, 257, 2, 1, 64, None, None, "fp16"),         # 3 key tiles, the last one key long
+    (1, 650, 2, 1, 64, 400, [9], "bf16"),           # >= 4 query steps of 128 (17): the 3-stage ring wraps
 ]
 
 
@@ -439,9 +441,10 @@ def test_equal_kernels_are_built_once():
     """kernel_sched: a schedule whose kernel's code is another's builds that one (16's forward is 13's, 14 and 15's
     backward is 13's, the mma.sync kernels are one code from 13 on); each distinct kernel keeps its own."""
     ks = fm.kernel_sched
-    assert [ks("wgmma fwd", 128, s) for s in fm.SCHEDS] == [12, 13, 14, 15, 13]
-    assert [ks("wgmma bwd", 64, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 16]
-    assert [ks("wgmma bwd", 128, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 13]
+    assert [ks("wgmma fwd", 128, s) for s in fm.SCHEDS] == [12, 13, 14, 15, 13, 13]
+    assert [ks("wgmma bwd", 64, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 16, 17]
+    assert [ks("wgmma bwd", 128, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 13, 13]
     assert {ks(k, D, s) for k in ("fwd", "bwd") for D in (64, 128, 256) for s in fm.SCHEDS[1:]} == {13}
     assert fm.wgmma_bwd_smem(64, 16) == fm.wgmma_bwd_smem(64, 13) + 4 * 8192
-    assert fm.wgmma_bwd_smem(128, 16) == fm.wgmma_bwd_smem(128, 13)
+    assert fm.wgmma_bwd_smem(128, 16) == fm.wgmma_bwd_smem(128, 17) == fm.wgmma_bwd_smem(128, 13)
+    assert fm.wgmma_bwd_smem(64, 17) == fm.wgmma_bwd_smem(64, 13) + 2 * 3 * 64 * 64 * 2 + 2 * 128 * 64 * 2 + 2 * 3 * 64 * 4

@@ -62,6 +62,7 @@ CASES = {
     "attention_fwd_d64_fp16_ws": lambda: _attention("fwd", 64, False, 15),
     "attention_bwd_d64_bf16_v13": lambda: _attention("bwd", 64, True, 13),
     "attention_bwd_d64_fp16_v16": lambda: _attention("bwd", 64, False, 16),
+    "attention_bwd_d64_bf16_v17": lambda: _attention("bwd", 64, True, 17),
     "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
     "gemm_wgmma_q4k_m2": lambda: _gemm("Q4_K", False, 2),

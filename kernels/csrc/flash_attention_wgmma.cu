@@ -482,7 +482,8 @@ static __device__ __forceinline__ void faw_pack_p_ds(const float (&S)[NT][4], co
     }
 }
 
-// this thread's dS^T fragments -> the dS^T tile ds ([key][query]: 128-byte rows of 64 queries, chunk (q / 8) ^ (key % 8))
+// this thread's dS^T fragments -> the dS^T tile ds ([key][query]: 128-byte rows of 64 queries, chunk (q / 8) ^ (key % 8);
+// 128 queries (NT = 16): two such blocks of 128 keys, queries 64 .. in the second)
 template <int NT>
 static __device__ __forceinline__ void faw_store_ds(u8* ds, const u32 (&sa)[NT / 2][4], int wg, int warp, int gid,
                                                     int tig) {
@@ -491,7 +492,7 @@ static __device__ __forceinline__ void faw_store_ds(u8* ds, const u32 (&sa)[NT /
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int key = 64 * wg + 16 * warp + gid + 8 * (e & 1), qc = 2 * kc + (e >> 1);   // query chunk
-            gw_st32(ds + 128 * key + 16 * (qc ^ (key & 7)) + 4 * tig, sa[kc][e]);
+            gw_st32(ds + 128 * 128 * (qc >> 3) + 128 * key + 16 * ((qc & 7) ^ (key & 7)) + 4 * tig, sa[kc][e]);
         }
 }
 
@@ -721,9 +722,9 @@ static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16*
 // accumulators there made ptxas serialise the pipeline (C7514 / C7515, in the CPU's link check); the loop is a
 // do-while (nq >= 1), whose missing zero-trip path would otherwise write the accumulators.
 // XCH (schedule 16 at D = 64, FawXch): + out-boxes [2 tiles][2 warpgroups][D / 8 pairs][128 threads] float2 of dQ halves
-template <int D, bool XCH = false>
+template <int D, bool XCH = false, int BM_ = 64>
 struct FawBwdSmem13 {
-    static constexpr int BN = 128, BM = 64, QST = 3;
+    static constexpr int BN = 128, BM = BM_, QST = 3;
     static constexpr int KV = BN * D * 2, QD = BM * D * 2, DS = BN * BM * 2, XH = 128 * (D / 8) * 8;   // (XH: an out-box)
     static constexpr int K_OFF = 0, V_OFF = KV, Q_OFF = 2 * KV, DO_OFF = Q_OFF + QST * QD, DS_OFF = DO_OFF + QST * QD;
     static constexpr int L_OFF = DS_OFF + 2 * DS, X_OFF = L_OFF + 2 * QST * BM * 4;
@@ -735,6 +736,16 @@ struct FawBwdSmem13 {
 // warpgroup's dQ covers only its own 64 keys: KSPLIT) before one red.add, instead of two red.adds (13)
 template <int D, int SCHED>
 struct FawXch { static constexpr bool value = D == 64 && SCHED == 16; };
+
+// the queries of a schedule's backward step: 128 in 17 at D = 64 (FlashAttention-3's tile for head size 64: S^T and
+// dP^T of N = 128, the per-tile work of the loop spread over twice the queries, and dQ split between the warpgroups
+// by queries, so that each element has one red.add), else 64
+template <int D, int SCHED>
+struct FawBwdBM { static constexpr int value = D == 64 && SCHED == 17 ? 128 : 64; };
+
+// the shared-memory layout of faw_backward_v13 in a schedule
+template <int D, int SCHED>
+using FawBwdLayout13 = FawBwdSmem13<D, FawXch<D, SCHED>::value, FawBwdBM<D, SCHED>::value>;
 
 // FawXch, the first half: this warpgroup's dQ columns that the other one adds (columns DQN / 2 (1 - wg) ..: those
 // of n-tiles n with (n >= DQN / 16) != wg) -> its out-box x ([DQN / 8 pairs][128 threads] float2: a warp's store is
@@ -805,10 +816,13 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
                                                         int H, int KV, int window, float scale, const float* dout_scale,
                                                         float* dq, float* dk, float* dv) {
     constexpr bool XCH = FawXch<D, SCHED>::value;
-    using L = FawBwdSmem13<D, XCH>;
+    using L = FawBwdLayout13<D, SCHED>;
     constexpr int BN = L::BN, BM = L::BM, QST = L::QST, THREADS = 256, NT = BM / 8, DT = D / 8;
-    constexpr bool KSPLIT = D == 64;                               // (as faw_backward_v12)
-    constexpr int DQN = KSPLIT ? D : D / 2;
+    // dQ = dS K: as faw_backward_v12 (D = 128: the warpgroups split the columns; D = 64: the keys, KSPLIT), but with
+    // 128 queries a step (QSPLIT, FawBwdBM) the warpgroups split the queries: each its 64 rows, all 128 keys, N = D
+    constexpr bool QSPLIT = BM == 128, KSPLIT = D == 64 && !QSPLIT;
+    constexpr int DQN = KSPLIT || QSPLIT ? D : D / 2;
+    static_assert(!QSPLIT || D == 64, "128 queries a step at D = 64 only (registers)");
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     u8* const sm = gw_aligned_smem();
@@ -868,8 +882,9 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     const u32 k_d = base + (L::K_OFF >> 4) + wk + L16, v_d = base + (L::V_OFF >> 4) + wk + L16,
               q_d = base + (L::Q_OFF >> 4) + L16, do_d = base + (L::DO_OFF >> 4) + L16;
     const u32 q_mn = base + (L::Q_OFF >> 4) + LBM, do_mn = base + (L::DO_OFF >> 4) + LBM,
-              s_mn = base + (L::DS_OFF >> 4) + LBM, k_mn = base + (L::K_OFF >> 4) + (KSPLIT ? 0 : wg * BN * 8) + LBN;
-    const int dq_col = KSPLIT ? 0 : DQN * wg;
+              s_mn = base + (L::DS_OFF >> 4) + (QSPLIT ? wg * BN * 8 : 0) + LBM,   // (QSPLIT: its block of queries)
+              k_mn = base + (L::K_OFF >> 4) + (KSPLIT || QSPLIT ? 0 : wg * BN * 8) + LBN;
+    const int dq_col = KSPLIT || QSPLIT ? 0 : DQN * wg, dq_row = QSPLIT ? 64 * wg : 0;   // (its dQ block)
 
     gw_cp_wait<1>();                                               // tile 0 (and K, V)
     gw_fence_async();
@@ -899,7 +914,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         if constexpr (XCH) {             // the other warpgroup's half to its out-box; added after the barrier (7.)
             if (it > 0) faw_xch_store<DQN>(xs + ((sb ^ 1) * 2 + wg) * (L::XH / 8), dqa, wg, tid & 127);
         } else {
-            if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
+            if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM + dq_row, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
         }
 
         gw_mma_wait<0>();                                          // 4.
@@ -954,7 +969,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     gw_mma_commit();
     gw_mma_wait<0>();
     gw_pin(dqa);
-    faw_red_dq<DQN>(dq, dqa, i_start + BM * (nq - 1), warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
+    faw_red_dq<DQN>(dq, dqa, i_start + BM * (nq - 1) + dq_row, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
     gw_cp_wait<0>();
 
     const float (&DK)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dka);
