@@ -228,7 +228,7 @@ def test_schedule_setting(monkeypatch):
     assert fm.sched() == 13
     monkeypatch.setenv(fm.SCHED_ENV, "15")
     assert fm.sched() == 15
-    monkeypatch.setenv(fm.SCHED_ENV, "17")
+    monkeypatch.setenv(fm.SCHED_ENV, "18")
     with pytest.raises(Q4KError, match="FA_SCHED"):
         fm.sched()
 
