@@ -219,7 +219,7 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14, 15, 16, 17)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
+SCHEDS = (12, 13, 14, 15, 16, 17, 18)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
 # default), 13 the thirteenth and fourteenth stops' (opt-in until timed): loads unrolled, the mask tested once a
 # tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
 # backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
@@ -228,9 +228,11 @@ SCHEDS = (12, 13, 14, 15, 16, 17)   # the attention kernels' instruction schedul
 # the wgmma backward at D = 64 summing its two warpgroups' dQ partials in shared memory before one red.add (XCH_SCHED,
 # FawXch: half the dQ reduction traffic; fifteenth stop). 17: 13, with the wgmma backward at D = 64 stepping 128
 # queries at a time (QSPLIT_SCHED, FawBwdBM: FlashAttention-3's tile for head size 64; the warpgroups split dQ by
-# queries, one red.add an element; sixteenth stop)
+# queries, one red.add an element; sixteenth stop). 18: 17 at D = 64 (13 at D = 128) with the wgmma backward's P^T
+# computed while dP^T is on the tensor cores (S and dP in two groups; PSPLIT_SCHED; sixteenth stop)
 XCH_SCHED = 16
 QSPLIT_SCHED = 17
+PSPLIT_SCHED = 18
 
 
 def sched() -> int:
@@ -245,14 +247,16 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
     """The schedule a kernel ("fwd" / "bwd": mma.sync, "wgmma fwd" / "wgmma bwd") is built in for `schedule`
     (None: sched()): the lowest one whose code is the same, so that equal kernels are compiled once. The mma.sync
     kernels are one code from 13 on; the wgmma forward differs in 14 (no fence) and 15 (warp-specialised), 16's
-    is 13's (and 17's); the wgmma backward differs only in 16 and 17 at D = 64 (FawXch, FawBwdBM)."""
+    is 13's (and 17's, 18's); the wgmma backward differs in 16 and 17 at D = 64 (FawXch, FawBwdBM) and in 18."""
     schedule = sched() if schedule is None else schedule
     if schedule == 12:
         return 12
     if kernel in ("fwd", "bwd"):
         return 13
     if kernel == "wgmma fwd":
-        return 13 if schedule in (XCH_SCHED, QSPLIT_SCHED) else schedule
+        return 13 if schedule in (XCH_SCHED, QSPLIT_SCHED, PSPLIT_SCHED) else schedule
+    if schedule == PSPLIT_SCHED:
+        return schedule
     return schedule if D == 64 and schedule in (XCH_SCHED, QSPLIT_SCHED) else 13
 
 
@@ -289,7 +293,7 @@ def wgmma_bwd_smem(D: int, schedule: int = 12) -> int:
     [stages][bm] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2; bm = 64
     queries a step, 128 in schedule 17 at D = 64 (FawBwdBM); 16 at D = 64 adds FawXch's out-boxes."""
     bn, bm = WGMMA_BWD_TILE
-    if (D, schedule) == (64, QSPLIT_SCHED):
+    if D == 64 and schedule in (QSPLIT_SCHED, PSPLIT_SCHED):
         bm = 128
     stages, buffers = (2, 1) if schedule == 12 else (3, 2)
     xch = 4 * 128 * (D // 8) * 8 if (D, schedule) == (64, XCH_SCHED) else 0   # FawXch's out-boxes

@@ -25,12 +25,12 @@ from test_attention_flash import EMU_BOUNDS, _bits16, _round16, check_lse, make_
 SMALL_TILES = [(64, 64, 1, 3), (64, 64, 2, 4), (128, 64, 1, 3)]   # (D, keys, warpgroups, slots) the harness has too
 
 
-@pytest.fixture(scope="module", params=(12, 13, 16, 17))
+@pytest.fixture(scope="module", params=(12, 13, 16, 17, 18))
 def emulated(tmp_path_factory, request):
     """The emulated kernels in instruction schedules 12, 13, 16 and 17 (fm.SCHEDS; 14 is 13 less a fence, which the
     emulation does not see; 15 is 13 with faw_forward_ws, emulated in every build; 16 is 13 with FawXch in the
-    D = 64 backward, 17 with 128 queries a step there): every emulated test runs on each (16, 17: the backward's
-    tests only)."""
+    D = 64 backward, 17 with 128 queries a step there, 18 with P before the wait for dP): every emulated test runs
+    on each (16 to 18: the backward's tests only)."""
     from _helpers_emulate import build_emulator
 
     return build_emulator(tmp_path_factory, "flash_attention_wgmma_emulate.cpp",
@@ -58,7 +58,7 @@ def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0, ws=
 
 def _forward_differs(lib):
     """Skip a forward test in a build whose forward is another's (16's and 17's are 13's)."""
-    if lib.emu_faw_sched() in (fm.XCH_SCHED, fm.QSPLIT_SCHED):
+    if lib.emu_faw_sched() in (fm.XCH_SCHED, fm.QSPLIT_SCHED, fm.PSPLIT_SCHED):
         pytest.skip(f"(schedule {lib.emu_faw_sched()}'s forward is 13's)")
 
 
@@ -228,7 +228,7 @@ def test_schedule_setting(monkeypatch):
     assert fm.sched() == 13
     monkeypatch.setenv(fm.SCHED_ENV, "15")
     assert fm.sched() == 15
-    monkeypatch.setenv(fm.SCHED_ENV, "18")
+    monkeypatch.setenv(fm.SCHED_ENV, "19")
     with pytest.raises(Q4KError, match="FA_SCHED"):
         fm.sched()
 
@@ -441,10 +441,11 @@ def test_equal_kernels_are_built_once():
     """kernel_sched: a schedule whose kernel's code is another's builds that one (16's forward is 13's, 14 and 15's
     backward is 13's, the mma.sync kernels are one code from 13 on); each distinct kernel keeps its own."""
     ks = fm.kernel_sched
-    assert [ks("wgmma fwd", 128, s) for s in fm.SCHEDS] == [12, 13, 14, 15, 13, 13]
-    assert [ks("wgmma bwd", 64, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 16, 17]
-    assert [ks("wgmma bwd", 128, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 13, 13]
+    assert [ks("wgmma fwd", 128, s) for s in fm.SCHEDS] == [12, 13, 14, 15, 13, 13, 13]
+    assert [ks("wgmma bwd", 64, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 16, 17, 18]
+    assert [ks("wgmma bwd", 128, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 13, 13, 18]
     assert {ks(k, D, s) for k in ("fwd", "bwd") for D in (64, 128, 256) for s in fm.SCHEDS[1:]} == {13}
     assert fm.wgmma_bwd_smem(64, 16) == fm.wgmma_bwd_smem(64, 13) + 4 * 8192
     assert fm.wgmma_bwd_smem(128, 16) == fm.wgmma_bwd_smem(128, 17) == fm.wgmma_bwd_smem(128, 13)
+    assert fm.wgmma_bwd_smem(64, 18) == fm.wgmma_bwd_smem(64, 17) and fm.wgmma_bwd_smem(128, 18) == fm.wgmma_bwd_smem(128, 13)
     assert fm.wgmma_bwd_smem(64, 17) == fm.wgmma_bwd_smem(64, 13) + 2 * 3 * 64 * 64 * 2 + 2 * 128 * 64 * 2 + 2 * 3 * 64 * 4

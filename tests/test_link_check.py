@@ -63,6 +63,8 @@ CASES = {
     "attention_bwd_d64_bf16_v13": lambda: _attention("bwd", 64, True, 13),
     "attention_bwd_d64_fp16_v16": lambda: _attention("bwd", 64, False, 16),
     "attention_bwd_d64_bf16_v17": lambda: _attention("bwd", 64, True, 17),
+    "attention_bwd_d64_bf16_v18": lambda: _attention("bwd", 64, True, 18),
+    "attention_bwd_d128_fp16_v18": lambda: _attention("bwd", 128, False, 18),
     "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
     "gemm_wgmma_q4k_m2": lambda: _gemm("Q4_K", False, 2),
@@ -177,3 +179,27 @@ def test_schedule_13_keeps_the_exponentials_before_the_wait_for_p_v(tmp_path):
     assert sum("BAR.SYNC.DEFER_BLOCKING 0x0" in x for x in lines) == 1   # __syncthreads once, after the mbarriers' init
     for what in ("BAR.ARV", "ARRIVES.LDGSTSBAR", "SYNCS.PHASECHK"):   # ping-pong, cp.async's arrivals, the waits
         assert any(what in x for x in lines), what
+
+
+def test_schedule_18_computes_p_while_dp_is_on_the_tensor_cores(tmp_path):
+    """The wgmma backward in schedule 18 (kernels/csrc/flash_attention_wgmma.cu, PSPLIT): S and dP are two wgmma
+    groups, and every MUFU.EX2 of the loop lies between the wait for S (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait
+    for dP (0x0), at D = 64 and 128; in 17 (one group for both) they all follow the one wait."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvdisasm") or _wheel_tool("nvdisasm")
+    if tool is None:
+        pytest.skip("needs nvdisasm (CUDA toolkit or the nvidia-cuda-nvdisasm wheel)")
+
+    def share(D, schedule):                        # the exponentials between the wait for S and the wait for dP
+        cubin = tmp_path / f"b{D}_{schedule}.cubin"
+        link_check.verdict(*_attention("bwd", D, True, schedule), cubin=str(cubin))
+        lines = subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
+        w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
+        w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
+        ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
+        return sum(w1 < i < w0 for i in ex2) / len(ex2)
+
+    got = {(D, s): share(D, s) for D, s in ((64, 17), (64, 18), (128, 18))}
+    assert got[(64, 18)] > 0.9 and got[(128, 18)] > 0.9 and got[(64, 17)] < 0.1, got

@@ -498,14 +498,14 @@ static __device__ __forceinline__ void fa_put_dkdv(float* dk, float* dv, size_t 
     }
 }
 
-// P^T = exp2(S^T scale log2e - lse log2e) and dS^T = P^T (dP^T - drow) in place on a thread's S^T, dP^T fragments
-// (rows: its keys keys[e >> 1]; columns: queries i0 + 8 n + 2 tig + (e & 1)); lq, dr: the query tile's lse and
-// drow as the forward wrote them (copied by cp.async; rows past T zero, and hidden there). MASKED: hidden pairs get P = 0 by a select (an all-masked query row has lse = -inf, so exp2 gives
-// NaN there); unmasked: no visibility test at all (schedule 13 branches once a tile on "all visible").
+// P^T = exp2(S^T scale log2e - lse log2e) in place on a thread's S^T fragments (rows: its keys keys[e >> 1];
+// columns: queries i0 + 8 n + 2 tig + (e & 1)); lq: the query tile's lse as the forward wrote it (copied by cp.async;
+// rows past T zero, and hidden there). MASKED: hidden pairs get P = 0 by a select (an all-masked query row has
+// lse = -inf, so exp2 gives NaN there); unmasked: no visibility test at all (schedule 13 branches once a tile on
+// "all visible").
 template <int NT, bool MASKED>
-static __device__ __forceinline__ void fa_p_ds(float (&S)[NT][4], float (&DP)[NT][4], const float* lq, const float* dr,
-                                               float sl2, int i0, const int (&keys)[2], int tig, int T, int window,
-                                               const u8* mask_b) {
+static __device__ __forceinline__ void fa_p(float (&S)[NT][4], const float* lq, float sl2, int i0, const int (&keys)[2],
+                                            int tig, int T, int window, const u8* mask_b) {
     #pragma unroll
     for (int n = 0; n < NT; ++n)
         #pragma unroll
@@ -513,9 +513,26 @@ static __device__ __forceinline__ void fa_p_ds(float (&S)[NT][4], float (&DP)[NT
             const int r = 8 * n + 2 * tig + (e & 1);
             float p = fa_exp2(fmaf(S[n][e], sl2, -lq[r] * FA_LOG2E));
             if (MASKED && !fa_visible(i0 + r, keys[e >> 1], T, window, mask_b)) p = 0.f;
-            S[n][e] = p;                                           // P^T
-            DP[n][e] = p * (DP[n][e] - dr[r]);                     // dS^T (unscaled)
+            S[n][e] = p;
         }
+}
+
+// dS^T = P^T (dP^T - drow) in place on a thread's dP^T fragments (P^T from fa_p; dr: the tile's drow)
+template <int NT>
+static __device__ __forceinline__ void fa_ds(const float (&P)[NT][4], float (&DP)[NT][4], const float* dr, int tig) {
+    #pragma unroll
+    for (int n = 0; n < NT; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) DP[n][e] = P[n][e] * (DP[n][e] - dr[8 * n + 2 * tig + (e & 1)]);   // (unscaled)
+}
+
+// P^T (fa_p) and dS^T (fa_ds) of a tile whose S^T and dP^T are both done
+template <int NT, bool MASKED>
+static __device__ __forceinline__ void fa_p_ds(float (&S)[NT][4], float (&DP)[NT][4], const float* lq, const float* dr,
+                                               float sl2, int i0, const int (&keys)[2], int tig, int T, int window,
+                                               const u8* mask_b) {
+    fa_p<NT, MASKED>(S, lq, sl2, i0, keys, tig, T, window, mask_b);
+    fa_ds<NT>(S, DP, dr, tig);
 }
 
 // SCHED 13 (opt-in, kernels/flash_attention_mma.py SCHEDS): lse and drow of the next query tile copied by cp.async

@@ -714,6 +714,9 @@ static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16*
 //      of stage (i + 2) % 3) and for dQ_{i-2} (the last reader of dS buffer i % 2)
 //   7. cp.async of Q, dO, lse, drow of tile i + 2 into stage (i + 2) % 3; commit
 //   8. wait 0 (dV / dK of i)
+// Schedule 18 (17's tile at D = 64, 13's at D = 128): S and dP in two groups; after step 3, wait 1 (S done) and P^T
+// (fa_p) while dP is still on the tensor cores (FlashAttention-3's order), a gw_schedule_fence (so that ptxas keeps
+// the exponentials before the next wait, as in the forward of 13), wait 0, then dS^T (fa_ds).
 // Schedule 16 (D = 64 only, FawXch): step 3 stores the half of dQ_{i-1}'s columns that the other warpgroup adds to
 // an out-box in shared memory, and after step 7's copies each warpgroup adds the other's half to its own and red.adds
 // that half: one red.add of a query tile's dQ instead of one per warpgroup (half the L2 reduction traffic: 0.95
@@ -741,7 +744,7 @@ struct FawXch { static constexpr bool value = D == 64 && SCHED == 16; };
 // dP^T of N = 128, the per-tile work of the loop spread over twice the queries, and dQ split between the warpgroups
 // by queries, so that each element has one red.add), else 64
 template <int D, int SCHED>
-struct FawBwdBM { static constexpr int value = D == 64 && SCHED == 17 ? 128 : 64; };
+struct FawBwdBM { static constexpr int value = D == 64 && (SCHED == 17 || SCHED == 18) ? 128 : 64; };
 
 // the shared-memory layout of faw_backward_v13 in a schedule
 template <int D, int SCHED>
@@ -823,6 +826,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     constexpr bool QSPLIT = BM == 128, KSPLIT = D == 64 && !QSPLIT;
     constexpr int DQN = KSPLIT || QSPLIT ? D : D / 2;
     static_assert(!QSPLIT || D == 64, "128 queries a step at D = 64 only (registers)");
+    constexpr bool PSPLIT = SCHED == 18;                         // P^T while dP^T is on the tensor cores
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     u8* const sm = gw_aligned_smem();
@@ -901,15 +905,29 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         gw_pin(s);                                                 // 2.
         gw_pin(dp);
         gw_mma_fence();
-        #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-            gw_mma<BM, BF16>(s, gw_desc_hi<1024, 1>(k_d + (a_off >> 4)), gw_desc_hi<1024, 1>(qd + (b_off >> 4)), kk > 0);
-            gw_mma<BM, BF16>(dp, gw_desc_hi<1024, 1>(v_d + (a_off >> 4)), gw_desc_hi<1024, 1>(dd + (b_off >> 4)), kk > 0);
+        if constexpr (PSPLIT) {                                    // (S, then dP: two groups)
+            #pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+                gw_mma<BM, BF16>(s, gw_desc_hi<1024, 1>(k_d + (a_off >> 4)), gw_desc_hi<1024, 1>(qd + (b_off >> 4)), kk > 0);
+            }
+            gw_mma_commit();
+            #pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+                gw_mma<BM, BF16>(dp, gw_desc_hi<1024, 1>(v_d + (a_off >> 4)), gw_desc_hi<1024, 1>(dd + (b_off >> 4)), kk > 0);
+            }
+        } else {
+            #pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
+                gw_mma<BM, BF16>(s, gw_desc_hi<1024, 1>(k_d + (a_off >> 4)), gw_desc_hi<1024, 1>(qd + (b_off >> 4)), kk > 0);
+                gw_mma<BM, BF16>(dp, gw_desc_hi<1024, 1>(v_d + (a_off >> 4)), gw_desc_hi<1024, 1>(dd + (b_off >> 4)), kk > 0);
+            }
         }
         gw_mma_commit();
 
-        gw_mma_wait<1>();                                          // 3.
+        gw_mma_wait<PSPLIT ? 2 : 1>();                             // 3.
         gw_pin(dqa);
         if constexpr (XCH) {             // the other warpgroup's half to its out-box; added after the barrier (7.)
             if (it > 0) faw_xch_store<DQN>(xs + ((sb ^ 1) * 2 + wg) * (L::XH / 8), dqa, wg, tid & 127);
@@ -917,14 +935,25 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
             if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM + dq_row, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
         }
 
-        gw_mma_wait<0>();                                          // 4.
-        gw_pin(s);
-        gw_pin(dp);
         const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
         const float* lq = ls + st * BM;
         const float* dr = ls + QST * BM + st * BM;
-        if (all_visible) fa_p_ds<NT, false>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
-        else fa_p_ds<NT, true>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
+        if constexpr (PSPLIT) {
+            gw_mma_wait<1>();                                      // 4. S done, dP running
+            gw_pin(s);
+            if (all_visible) fa_p<NT, false>(S, lq, sl2, i0, keys, tig, T, window, mask_b);
+            else fa_p<NT, true>(S, lq, sl2, i0, keys, tig, T, window, mask_b);
+            gw_schedule_fence();                                   // (the exponentials stay before the wait)
+            gw_mma_wait<0>();
+            gw_pin(dp);
+            fa_ds<NT>(S, DP, dr, tig);
+        } else {
+            gw_mma_wait<0>();                                      // 4.
+            gw_pin(s);
+            gw_pin(dp);
+            if (all_visible) fa_p_ds<NT, false>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
+            else fa_p_ds<NT, true>(S, DP, lq, dr, sl2, i0, keys, tig, T, window, mask_b);
+        }
         faw_pack_p_ds<NT, BF16>(S, DP, pa, sa);
         faw_store_ds<NT>(Ss + sb * L::DS, sa, wg, warp, gid, tig);
 
