@@ -37,14 +37,14 @@ SCHED13 = {"Q4KDISTILL_FA_SCHED": "13"}
 PART1_FILES = ("tests/test_attention_wgmma.py tests/test_attention_flash.py tests/test_kernels_gemm_wgmma.py "
                "tests/test_kernels_gemm_wgmma_s8.py")
 
-NEW = "sched13 or sched16 or sched17 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run yet (and sched15)
+NEW = "sched13 or sched16 or sched17 or sched18 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run yet (and sched15)
 # part -> [(name, command, extra environment, timeout s)]
 PARTS = {
     1: [("gpu_tests_ws", f"{PY} pytest -q -m gpu tests/test_attention_wgmma.py -k sched15", {}, 170),   # (a hang
         ("gpu_tests_new", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"{NEW}\"", {}, 420)],  # costs 170 s)
     2: [("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
-                           "--scheds 12 13 14 15 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 330),
-        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --scheds 12 13 16 17 --torch "
+                           "--scheds 12 13 14 15 18 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 330),
+        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --scheds 12 13 16 17 18 --torch "
                           "--json {out}/att64.json", {}, 240)],
     8: [("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
                        "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_linked_m2 gemm_wgmma_s8_linked "
