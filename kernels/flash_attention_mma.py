@@ -20,9 +20,9 @@ and the backward at 168; MT 2 needs ~246 (a cap of 240 spills 40 B): uncapped, 2
 On an sm_90 GPU the forward can run on the warpgroup tensor cores instead (csrc/flash_attention_wgmma.cu,
 FlashAttention-3's consumer algorithm: wgmma reads Q and K from shared memory and P from registers,
 tiles in dynamic shared memory; D = 64 and 128, WGMMA_TILES), and its backward (FlashAttention-3's products:
-S^T, dP^T, dV, dK and dQ on wgmma, a CTA per 128 keys). They are the default for D = 128 (WGMMA_DEFAULT:
-1.7x / 2.1x the mma kernels on an H200), not for D = 64 (no gain measured); $Q4KDISTILL_FA_FWD and
-$Q4KDISTILL_FA_BWD = mma | wgmma choose either way (forward_kind, backward_kind).
+S^T, dP^T, dV, dK and dQ on wgmma, a CTA per 128 keys). They are the default for D = 64 and 128 (WGMMA_DEFAULT;
+on an H200 in schedule 18 at T = 8192: D = 64 1.6x the mma kernels' forward + backward, D = 128 3x);
+$Q4KDISTILL_FA_FWD and $Q4KDISTILL_FA_BWD = mma | wgmma choose either way (forward_kind, backward_kind).
 
 The simulator cannot run C: it runs the FP32 twin (flash_attention.py); the CPU suite runs this C
 through tests/flash_attention_emulate.cpp and tests/flash_attention_wgmma_emulate.cpp.
@@ -196,9 +196,10 @@ def wgmma_tiles(D: int) -> tuple:
     return bn, nwg, st
 
 
-WGMMA_DEFAULT = (128,)   # head sizes whose attention runs on wgmma unless $Q4KDISTILL_FA_FWD / _BWD say "mma":
+WGMMA_DEFAULT = (64, 128)   # head sizes whose attention runs on wgmma unless $Q4KDISTILL_FA_FWD / _BWD say "mma":
 # H200, 2026-12-05, T = 8192 (docs/perf.md twelfth stop): D = 128 forward 2.54 against 4.30 ms (mma), backward 5.80
-# against 12.38; D = 64 1.13 / 2.60 against 1.05 / 2.66 (no gain, so it stays on mma.sync)
+# against 12.38; D = 64 1.13 / 2.60 against 1.05 / 2.66 (no gain then); sixteenth stop, schedule 18: D = 64 0.505 /
+# 1.204 ms against mma.sync's 0.771 / 1.955 (its schedule 13), so D = 64 runs on wgmma too
 
 
 def _kind(env_name: str, D: int) -> str:
@@ -219,8 +220,8 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14, 15, 16, 17, 18)   # the attention kernels' instruction schedule: 12 the twelfth stop's (timed, the
-# default), 13 the thirteenth and fourteenth stops' (opt-in until timed): loads unrolled, the mask tested once a
+SCHEDS = (12, 13, 14, 15, 16, 17, 18)   # the attention kernels' instruction schedule (18 the default since the
+# sixteenth stop timed them all: docs/perf.md): 12 the twelfth stop's, 13 the thirteenth and fourteenth stops': loads unrolled, the mask tested once a
 # tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
 # backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
 # tile's cp.async in flight is for a GPU to say; docs/perf.md, thirteenth stop). 15: 13, with the wgmma forward
@@ -230,16 +231,22 @@ SCHEDS = (12, 13, 14, 15, 16, 17, 18)   # the attention kernels' instruction sch
 # queries at a time (QSPLIT_SCHED, FawBwdBM: FlashAttention-3's tile for head size 64; the warpgroups split dQ by
 # queries, one red.add an element; sixteenth stop). 18: 17 at D = 64 (13 at D = 128) with the wgmma backward's P^T
 # computed while dP^T is on the tensor cores (S and dP in two groups; PSPLIT_SCHED; sixteenth stop)
+DEFAULT_SCHED = 18
+NOT_SELECTABLE = {15: "its warp-specialised forward (faw_forward_ws) hung on an H200 (docs/perf.md, sixteenth stop: "
+                      "its setmaxnreg split asked more registers than the launch holds; the split is fixed, not yet "
+                      "re-run on a GPU)"}   # schedule -> why $Q4KDISTILL_FA_SCHED refuses it
 XCH_SCHED = 16
 QSPLIT_SCHED = 17
 PSPLIT_SCHED = 18
 
 
 def sched() -> int:
-    """$Q4KDISTILL_FA_SCHED (one of SCHEDS; 12 when unset), read at each launch."""
-    env = os.environ.get(SCHED_ENV, "").strip() or "12"
+    """$Q4KDISTILL_FA_SCHED (one of SCHEDS but NOT_SELECTABLE; DEFAULT_SCHED when unset), read at each launch."""
+    env = os.environ.get(SCHED_ENV, "").strip() or str(DEFAULT_SCHED)
     if env not in tuple(map(str, SCHEDS)):
         raise Q4KError(f"{SCHED_ENV}={env!r}: expected one of {', '.join(map(str, SCHEDS))}")
+    if int(env) in NOT_SELECTABLE:
+        raise Q4KError(f"{SCHED_ENV}={env}: not selectable: {NOT_SELECTABLE[int(env)]}")
     return int(env)
 
 
@@ -261,7 +268,7 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
 
 
 def _sched_suffix(schedule: int) -> str:
-    """What a kernel's C name carries of its schedule: nothing for the default 12, "_v13" .. "_v16" else."""
+    """What a kernel's C name carries of its schedule: nothing for 12 (the names it ran under), "_v13" .. else."""
     return "" if schedule == 12 else f"_v{schedule}"
 
 

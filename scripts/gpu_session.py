@@ -1,24 +1,25 @@
 """The GPU checks and benchmarks still due, in parts that each fit one device call (<= 10 minutes): run a
 part, keep its logs, and say which commands failed. What each part measures and why is in docs/perf.md
-(thirteenth stop); the figures go there with card, date and command.
+(thirteenth to sixteenth stops); the figures go there with card, date and command.
 
     python scripts/gpu_session.py --list                 # the parts and their commands (no GPU needed)
     python scripts/gpu_session.py --part 1 --out OUT     # run part 1, logs in OUT/part1/*.log, OUT/part1.json
-    python scripts/gpu_session.py --part 3 --env Q4KDISTILL_FA_SCHED=15   # a part with a setting over its own
+    python scripts/gpu_session.py --part 3 --env Q4KDISTILL_FA_SCHED=17   # a part with a setting over its own
 
 Parts:
-    1  GPU tests of what no GPU has run yet: the attention kernels in schedules 13, 15 and 16, the tile setting, the
-       fused GEMMs (part 7: the same files' other GPU tests: schedules 12 and 14)
-    2  kernel benches, one process each: attention at D = 128 in schedules 12, 13, 14, 15 (the warp-specialised
-       forward) and with 64-key, one-warpgroup tiles (two CTAs an SM), at D = 64 in 12, 13, 15, 16; torch SDPA beside
-    3  the step beside the peer at 8x512 and 1x8192 in schedules 12 and 13
+    1  GPU tests of what no GPU has run yet: the fused GEMMs, the tile setting and schedule 14 (schedule 15's GPU tests
+       skip: its forward hangs on an H200), and schedules 12 / 13 / 16 on the attention files
+    2  kernel benches, one process each: attention at D = 128 in schedules 13, 14 (the fence's cost) and 18 and with
+       64-key, one-warpgroup tiles (two CTAs an SM), at D = 64 in 17 and 18; torch SDPA beside
+    3  the step beside the peer at 8x512, 2x4096 and 1x8192 in the default schedule (18)
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
-    5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF)
-    7  the rest of part 1's files on the GPU (schedules 12 and 14)
+    5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF): due since the default
+       schedule moved from 12 to 18 (gemma-3's head size 256 runs the mma.sync kernels, now in schedule 13's code)
+    7  the rest of part 1's files on the GPU
     8  the fused GEMMs beside the scratch path and cuBLAS
-    6  ncu of the D = 128 attention forward and backward in schedule 13, with the stall samples of every SASS
-       instruction (--page source), to say where each warp still waits
+    6  ncu of the D = 64 and D = 128 attention forward and backward in schedule 18, with the stall samples of every
+       SASS instruction (--page source), to say where each warp still waits
 """
 from __future__ import annotations
 
@@ -33,37 +34,33 @@ from pathlib import Path
 
 PY = "python -m"
 
-SCHED13 = {"Q4KDISTILL_FA_SCHED": "13"}
 PART1_FILES = ("tests/test_attention_wgmma.py tests/test_attention_flash.py tests/test_kernels_gemm_wgmma.py "
                "tests/test_kernels_gemm_wgmma_s8.py")
 
-NEW = "sched13 or sched16 or sched17 or sched18 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run yet (and sched15)
+NEW = "sched12 or sched13 or sched14 or sched16 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run
 # part -> [(name, command, extra environment, timeout s)]
 PARTS = {
-    1: [("gpu_tests_ws", f"{PY} pytest -q -m gpu tests/test_attention_wgmma.py -k sched15", {}, 170),   # (a hang
-        ("gpu_tests_new", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"{NEW}\"", {}, 420)],  # costs 170 s)
-    2: [("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma "
-                           "--scheds 12 13 14 15 18 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 330),
-        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths mma wgmma --scheds 12 13 16 17 18 --torch "
-                          "--json {out}/att64.json", {}, 240)],
+    1: [("gpu_tests_new", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"{NEW}\"", {}, 540)],
+    2: [("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
+                           "--scheds 13 14 18 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 300),
+        ("attention_d64", "python scripts/bench_attention.py --T 8192 --paths wgmma --scheds 17 18 --torch "
+                          "--json {out}/att64.json", {}, 200)],
     8: [("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
                        "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_linked_m2 gemm_wgmma_s8_linked "
                        "dequant_linked_cublas --x16 --csv {out}/wgmma.csv", {}, 240)],
-    3: [("step_default", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --json {{out}}/step_default.json", {},
-         280),
-        ("step_v13", f"{PY} q4kdistill bench step --shapes 8x512 1x8192 --only --no-peer --json {{out}}/step_v13.json",
-         SCHED13, 200)],
+    3: [("step_default", f"{PY} q4kdistill bench step --shapes 8x512 2x4096 1x8192 --only --json {{out}}/step.json", {},
+         400)],
     4: [("gpu_suite_rest", f"{PY} pytest -q -m gpu tests " + " ".join(f"--ignore={f}" for f in PART1_FILES.split())
          + " -p no:cacheprovider", {}, 520),
         ("launch_test_alone", f"{PY} pytest -q -m gpu tests/test_kernels_launch.py", {}, 60)],
-    7: [("gpu_tests_rest", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"not ({NEW} or sched15)\"", {}, 540)],
+    7: [("gpu_tests_rest", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"not ({NEW})\"", {}, 540)],
     5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_gpu.py tests/test_teacher_cache.py tests/test_audit.py",
          {}, 540)],
-    6: [("ncu_source_v13", "ncu --set full -k regex:^kernel --launch-skip 1 --launch-count 2 -f -o {out}/faw13 "
-                           "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma --warmup 1 "
-                           "--reps 1 && ncu --import {out}/faw13.ncu-rep --page source --csv --print-source sass "
-                           "> {out}/faw13_source.csv && ncu --import {out}/faw13.ncu-rep --page details "
-                           "> {out}/faw13_details.txt", SCHED13, 400)],
+    6: [(f"ncu_source_d{D}", f"ncu --set full -k regex:^kernel --launch-skip 1 --launch-count 2 -f -o {{out}}/faw{D} "
+                           f"python scripts/bench_attention.py --T 8192 --D {D} --H {H} --KV {KV} --paths wgmma "
+                           f"--warmup 1 --reps 1 && ncu --import {{out}}/faw{D}.ncu-rep --page source --csv --print-source "
+                           f"sass > {{out}}/faw{D}_source.csv && ncu --import {{out}}/faw{D}.ncu-rep --page details "
+                           f"> {{out}}/faw{D}_details.txt", {}, 280) for D, H, KV in ((64, 14, 2), (128, 28, 4))],
 }
 
 PARTS = dict(sorted(PARTS.items()))
@@ -99,7 +96,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("gpu_session"))
     p.add_argument("--list", action="store_true", help="print the parts' commands and exit (no GPU needed)")
     p.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="settings over every command's own, e.g. Q4KDISTILL_FA_SCHED=15 for part 3 or 6")
+                   help="settings over every command's own, e.g. Q4KDISTILL_FA_SCHED=17 for part 3 or 6")
     args = p.parse_args(argv)
     extra = {}
     for kv in args.env:

@@ -739,8 +739,10 @@ MEMORY_BUDGET = [
 
         The rows `q4kdistill bench step` wrote on an H200 (docs/bench/step_h200_*.json: our step and the
         transformers + torch step in the same run). With flash attention our peak grows linearly in T;
-        the peer's step runs out of the card's 141 GB at 1 x 32768. Re-run `bench step --json` on your
-        card and point `STEP_JSON` at it to redraw this for yours.
+        the peer's step runs out of the card's 141 GB at 1 x 32768. The sixth stop's runs cover every length;
+        the sixteenth stop's (flash attention on `wgmma` at both head sizes, schedule 18) re-timed ours up to
+        1 x 8192, where it passes the peer. Re-run `bench step --json` on your card and point `STEP_JSON` at it
+        to redraw this for yours.
     """),
     code("""
         import json
@@ -750,14 +752,16 @@ MEMORY_BUDGET = [
         BENCH = Path(q4kdistill.__file__).resolve().parents[1] / "docs" / "bench"
         # one state of the code: the sixth stop's runs (8x512; 2x4096, 1x8192; 1x16384, 1x32768)
         STEP_JSON = sorted(BENCH.glob("step_h200_2026-12-04_*fastlaunch.json")) if BENCH.exists() else []
-        rows = [r for f in STEP_JSON for r in json.load(open(f))["rows"]
-                if r["kind"] == "step" and r["student"].startswith("fresh")]
+        NOW_JSON = sorted(BENCH.glob("step_h200_2026-12-05_s16_*_sched18.json")) if BENCH.exists() else []
+        fresh = lambda files: [r for f in files for r in json.load(open(f))["rows"]
+                               if r["kind"] == "step" and r["student"].startswith("fresh")]
+        rows, now = fresh(STEP_JSON), [r for r in fresh(NOW_JSON) if r["side"] == "ours"]
         if not rows:
             print("no bench step rows next to this package (docs/bench is in the repository)")
         else:
             fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-            for side, mark in (("ours", "o-"), ("peer", "s--")):
-                pts = sorted(((int(r["shape"].split("x")[1]), r) for r in rows if r["side"] == side),
+            for side, mark, these in (("ours", "o-", rows), ("peer", "s--", rows), ("ours, sixteenth stop", "^-", now)):
+                pts = sorted(((int(r["shape"].split("x")[1]), r) for r in these if r["side"] == side.split(",")[0]),
                              key=lambda p: p[0])                 # x: the sequence length T
                 ok = [(n, r) for n, r in pts if r["status"] == "ok"]
                 a1.plot([n for n, _ in ok], [r["tokens_per_s"] for _, r in ok], mark, label=side)

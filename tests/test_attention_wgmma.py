@@ -223,11 +223,14 @@ def test_forward_kind_by_environment(monkeypatch):
 
 def test_schedule_setting(monkeypatch):
     monkeypatch.delenv(fm.SCHED_ENV, raising=False)
-    assert fm.sched() == 12
+    assert fm.sched() == 18
     monkeypatch.setenv(fm.SCHED_ENV, "13")
     assert fm.sched() == 13
-    monkeypatch.setenv(fm.SCHED_ENV, "15")
-    assert fm.sched() == 15
+    monkeypatch.setenv(fm.SCHED_ENV, "17")
+    assert fm.sched() == 17
+    monkeypatch.setenv(fm.SCHED_ENV, "15")                 # (hangs on an H200: refused with the reason)
+    with pytest.raises(Q4KError, match="not selectable.*hangs"):
+        fm.sched()
     monkeypatch.setenv(fm.SCHED_ENV, "19")
     with pytest.raises(Q4KError, match="FA_SCHED"):
         fm.sched()
@@ -271,9 +274,11 @@ def test_source_compiles_without_spills_or_serialised_wgmma(tmp_path):
 
 
 # -- on a GPU (sm_90) ---------------------------------------------------------------------------------
-def _need_wgmma():
+def _need_wgmma(schedule=None):
     if not linked.wgmma_available():
         pytest.skip("needs an sm_90 GPU (H100 / H200)")
+    if schedule in fm.NOT_SELECTABLE:
+        pytest.skip(f"schedule {schedule}: {fm.NOT_SELECTABLE[schedule]}")
 
 
 @pytest.mark.gpu
@@ -285,7 +290,7 @@ def test_gpu_wgmma_forward_matches_reference_and_mma(monkeypatch, B, T, H, KV, D
     import cupy
 
     from test_attention_flash import _reference_gpu
-    _need_wgmma()
+    _need_wgmma(schedule)
     monkeypatch.setenv(fm.SCHED_ENV, str(schedule))
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D, pad=pad)
     q, k, v = (_round16(x, dtype) for x in (q, k, v))
@@ -316,7 +321,7 @@ def test_gpu_wgmma_forward_tiles_setting(monkeypatch, tiles, schedule):
     precision), causal with a window and a padding mask, a partial last tile."""
     import cupy
 
-    _need_wgmma()
+    _need_wgmma(schedule)
     monkeypatch.setenv(fm.SCHED_ENV, str(schedule))
     monkeypatch.setenv(fm.FWD_ENV, "wgmma")
     q, k, v, _, mask = make_inputs(1, 1111, 8, 2, 128, seed=5, pad=[7])
@@ -367,7 +372,7 @@ def test_gpu_wgmma_backward_matches_reference_and_mma(monkeypatch, B, T, H, KV, 
 
     from q4kdistill.student.ops.flash_attention import flash_attention_backward, flash_attention_forward
     from test_attention_flash import BOUNDS, _reference_gpu, check_all
-    _need_wgmma()
+    _need_wgmma(schedule)
     monkeypatch.setenv(fm.SCHED_ENV, str(schedule))
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T + D + 1, pad=pad)
     q, k, v, do = (_round16(x, dtype) for x in (q, k, v, do))
@@ -431,7 +436,9 @@ def test_gpu_wgmma_kernels_are_built_with_link_time_optimisation():
         cache = type("Cache", (), dict(extra=extra, o=o, lse=lse, key_mask=None, window=None, scale=128 ** -0.5))
         fm.mma_attention_backward(cupy.ones_like(q), cache)
     cupy.cuda.Device().synchronize()
-    for kernel in (fm._wgmma_forward_kernel(128, True, 0)[0], fm._wgmma_backward_kernel(128, True)[0]):
+    fwd = fm._wgmma_forward_kernel(128, True, 0, fm.kernel_sched("wgmma fwd", 128), fm.wgmma_tiles(128))[0]
+    bwd = fm._wgmma_backward_kernel(128, True, fm.kernel_sched("wgmma bwd", 128))[0]
+    for kernel in (fwd, bwd):                      # (the kernels of the schedule in effect, which the calls built)
         local = kernel.get_local_mem_per_thread()
         regs = kernel.get_regs_per_thread()
         assert local and all(v == 0 for v in local.values()), (local, regs)

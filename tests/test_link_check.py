@@ -203,3 +203,16 @@ def test_schedule_18_computes_p_while_dp_is_on_the_tensor_cores(tmp_path):
 
     got = {(D, s): share(D, s) for D, s in ((64, 17), (64, 18), (128, 18))}
     assert got[(64, 18)] > 0.9 and got[(128, 18)] > 0.9 and got[(64, 17)] < 0.1, got
+
+
+def test_warp_specialised_register_split_fits_its_launch():
+    """faw_forward_ws's setmaxnreg split (producer / consumer registers) must fit the registers its launch holds
+    (WS_REGISTERS x WS_THREADS): setmaxnreg.inc waits for the CTA's pool, and the sixteenth stop's 48 / 232 (1,024 too
+    many) hung on an H200. The C asserts it at compile time against FAW_WS_REGS, which must be the launch's cap."""
+    import re
+
+    src = (linked.CSRC / "flash_attention_wgmma.cu").read_text()
+    cap = int(re.search(r"#define FAW_WS_REGS (\d+)", src).group(1))
+    prod, cons = map(int, re.search(r"FAW_WS_PRODUCER_REGS = (\d+), FAW_WS_CONSUMER_REGS = (\d+)", src).groups())
+    assert cap == fam.WS_REGISTERS and fam.WS_THREADS == 384
+    assert 128 * prod + 256 * cons <= 384 * cap

@@ -307,7 +307,7 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
 
 // ==== The warp-specialised forward (schedule 15) ===================================================
 // faw_forward_ws: FlashAttention-3's forward structure on schedule 13's tile math. Three warpgroups: warpgroup 2
-// produces (it copies Q and the K / V tiles by cp.async into STAGES slots and keeps 48 registers a thread:
+// produces (it copies Q and the K / V tiles by cp.async into STAGES slots and keeps 40 registers a thread:
 // setmaxnreg), warpgroups 0 and 1 consume (64 query rows each, 232 registers). No __syncthreads in the loop:
 //   full[s]   mbarrier, 128 arrivals: the producer's cp.async of the tile in slot s have landed
 //             (cp.async.mbarrier.arrive.noinc); consumers wait for its phase (tile t: parity (t / STAGES) & 1)
@@ -320,6 +320,13 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
 // A consumer's tile is schedule 13's (faw_forward): S = Q K_t^T and O += P_{t-1} V_{t-1} issued together, the
 // mask and online softmax between the waits for S and for P V, then O rescaled and P packed. Launch: 384 threads,
 // built with a cap of 168 registers (65536 / 384; setmaxnreg moves them), FawWsSmem::BYTES of dynamic shared memory.
+// setmaxnreg.inc waits until the CTA's pool has the registers: the split must fit what the launch holds (FAW_WS_REGS
+// x 384). The sixteenth stop's 48 / 232 asked 512 a producer thread and two consumer threads against 504 and hung on
+// an H200 (the consumers' inc waited forever); 40 / 232 is CUTLASS's split for one producer and two consumers.
+#define FAW_WS_REGS 168            // the launch's cap (kernels/flash_attention_mma.py WS_REGISTERS)
+constexpr int FAW_WS_PRODUCER_REGS = 40, FAW_WS_CONSUMER_REGS = 232;
+static_assert(128 * FAW_WS_PRODUCER_REGS + 256 * FAW_WS_CONSUMER_REGS <= 384 * FAW_WS_REGS,
+              "setmaxnreg: the producer's and consumers' registers must fit the launch's (else the inc hangs)");
 template <int D, int BN, int STAGES>
 struct FawWsSmem {
     using L = FawSmem<D, BN, 2, STAGES>;
@@ -358,7 +365,7 @@ static __device__ __forceinline__ void faw_forward_ws(const u16* q, const u16* k
     __syncthreads();                                               // (the barriers initialised; none after this)
 
     if (wg == 2) {                                                 // ---- the producer
-        gw_regs_dec<48>();
+        gw_regs_dec<FAW_WS_PRODUCER_REGS>();
         const int pt = tid - CONSUMERS;
         const u16* kb = k + size_t(b) * T * KV * D;
         const u16* vb = v + size_t(b) * T * KV * D;
@@ -375,7 +382,7 @@ static __device__ __forceinline__ void faw_forward_ws(const u16* q, const u16* k
         return;
     }
 
-    gw_regs_inc<232>();                                            // ---- the consumers
+    gw_regs_inc<FAW_WS_CONSUMER_REGS>();                           // ---- the consumers
     const int warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
     const int r0 = i0 + 64 * wg + 16 * warp;                       // this warp's rows r0 .. r0 + 15
     const int rows[2] = {r0 + gid, r0 + gid + 8};
