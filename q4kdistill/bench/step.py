@@ -88,6 +88,13 @@ def _timed(run_once, batches, warmup, repeats, mark, seconds):
     return statistics.median(times)
 
 
+def graph_warmup(warmup: int, graphed: bool) -> int:
+    """Warm-up calls before timing: with CUDA graphs at least 2 (the first call runs eager, the second captures),
+    so that no timed call captures (a capture among two timed calls made a teacher forward read 27 % slow:
+    docs/perf.md, sixteenth stop)."""
+    return max(warmup, 2) if graphed else warmup
+
+
 def _row(kind, student, shape, side, seconds=None, peak=None, note="", **extra) -> dict:
     B, T = shape
     status = "ok" if seconds is not None else ("OOM" if note.startswith("OOM") else "skipped" if note else "error")
@@ -159,8 +166,8 @@ class Ours:
 
         try:
             with self.meter.phase(f"step {label} {shape}") as rec:
-                warmup = max(self.bench.warmup, 2) if graphed is not None else self.bench.warmup  # eager, capture
-                seconds = _timed(once, batches, warmup, self.bench.repeats, self.clock.mark, self.clock.seconds)
+                seconds = _timed(once, batches, graph_warmup(self.bench.warmup, graphed is not None), self.bench.repeats,
+                                 self.clock.mark, self.clock.seconds)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -180,10 +187,10 @@ class Ours:
             for _ in self.teacher.iter_logits(ids):
                 pass
 
-        if self.bench.cuda_graph:
-            self.teacher.use_cuda_graphs(True, log=self.log)  # the trunk, replayed
+        graphed = bool(self.bench.cuda_graph and self.teacher.use_cuda_graphs(True, log=self.log))   # the trunk, replayed
         try:
-            seconds = _timed(once, batches, self.bench.warmup, self.bench.repeats, self.clock.mark, self.clock.seconds)
+            seconds = _timed(once, batches, graph_warmup(self.bench.warmup, graphed), self.bench.repeats,
+                             self.clock.mark, self.clock.seconds)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
