@@ -747,7 +747,7 @@ struct FawBwdSmem13 {
 template <int D, int SCHED>
 struct FawXch { static constexpr bool value = D == 64 && SCHED == 16; };
 
-// the queries of a schedule's backward step: 128 in 17 at D = 64 (FlashAttention-3's tile for head size 64: S^T and
+// the queries of a schedule's backward step: 128 in 17 and 18 at D = 64 (FlashAttention-3's tile for head size 64: S^T and
 // dP^T of N = 128, the per-tile work of the loop spread over twice the queries, and dQ split between the warpgroups
 // by queries, so that each element has one red.add), else 64
 template <int D, int SCHED>
