@@ -262,9 +262,7 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
         return 13
     if kernel == "wgmma fwd":
         return 13 if schedule in (XCH_SCHED, QSPLIT_SCHED, PSPLIT_SCHED) else schedule
-    if schedule == PSPLIT_SCHED:
-        return schedule
-    return schedule if D == 64 and schedule in (XCH_SCHED, QSPLIT_SCHED) else 13
+    return schedule if schedule == PSPLIT_SCHED or (D == 64 and schedule in (XCH_SCHED, QSPLIT_SCHED)) else 13
 
 
 def _sched_suffix(schedule: int) -> str:
@@ -298,7 +296,7 @@ def wgmma_bwd_smem(D: int, schedule: int = 12) -> int:
     """Dynamic shared memory of faw_backward<D> (schedule 12: FawBwdSmem::BYTES, later: FawBwdLayout13::BYTES):
     K and V [128 x D], Q and dO [stages][bm x D] (16-bit), dS^T [buffers][128 x bm] (16-bit), lse and drow
     [stages][bm] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2; bm = 64
-    queries a step, 128 in schedule 17 at D = 64 (FawBwdBM); 16 at D = 64 adds FawXch's out-boxes."""
+    queries a step, 128 in schedules 17 and 18 at D = 64 (FawBwdBM); 16 at D = 64 adds FawXch's out-boxes."""
     bn, bm = WGMMA_BWD_TILE
     if D == 64 and schedule in (QSPLIT_SCHED, PSPLIT_SCHED):
         bm = 128

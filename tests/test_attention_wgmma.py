@@ -27,7 +27,7 @@ SMALL_TILES = [(64, 64, 1, 3), (64, 64, 2, 4), (128, 64, 1, 3)]   # (D, keys, wa
 
 @pytest.fixture(scope="module", params=(12, 13, 16, 17, 18))
 def emulated(tmp_path_factory, request):
-    """The emulated kernels in instruction schedules 12, 13, 16 and 17 (fm.SCHEDS; 14 is 13 less a fence, which the
+    """The emulated kernels in instruction schedules 12, 13, 16, 17 and 18 (fm.SCHEDS; 14 is 13 less a fence, which the
     emulation does not see; 15 is 13 with faw_forward_ws, emulated in every build; 16 is 13 with FawXch in the
     D = 64 backward, 17 with 128 queries a step there, 18 with P before the wait for dP): every emulated test runs
     on each (16 to 18: the backward's tests only)."""
@@ -57,7 +57,7 @@ def emulated_forward(lib, q, k, v, mask, window, scale, dtype, tiles, out=0, ws=
 
 
 def _forward_differs(lib):
-    """Skip a forward test in a build whose forward is another's (16's and 17's are 13's)."""
+    """Skip a forward test in a build whose forward is another's (16's, 17's and 18's are 13's)."""
     if lib.emu_faw_sched() in (fm.XCH_SCHED, fm.QSPLIT_SCHED, fm.PSPLIT_SCHED):
         pytest.skip(f"(schedule {lib.emu_faw_sched()}'s forward is 13's)")
 
@@ -445,8 +445,8 @@ def test_gpu_wgmma_kernels_are_built_with_link_time_optimisation():
 
 
 def test_equal_kernels_are_built_once():
-    """kernel_sched: a schedule whose kernel's code is another's builds that one (16's forward is 13's, 14 and 15's
-    backward is 13's, the mma.sync kernels are one code from 13 on); each distinct kernel keeps its own."""
+    """kernel_sched: a schedule whose kernel's code is another's builds that one (16's to 18's forward is 13's, 14's
+    and 15's backward is 13's, the mma.sync kernels are one code from 13 on); each distinct kernel keeps its own."""
     ks = fm.kernel_sched
     assert [ks("wgmma fwd", 128, s) for s in fm.SCHEDS] == [12, 13, 14, 15, 13, 13, 13]
     assert [ks("wgmma bwd", 64, s) for s in fm.SCHEDS] == [12, 13, 13, 13, 16, 17, 18]

@@ -149,32 +149,38 @@ def _wheel_tool(name):
     return None
 
 
-def test_schedule_13_keeps_the_exponentials_before_the_wait_for_p_v(tmp_path):
-    """The thirteenth stop's forward (kernels/csrc/flash_attention_wgmma.cu, SCHED 13): in the linked SASS every
-    MUFU.EX2 of the loop lies between the wait for S (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for P V, so the
-    exponentials overlap P V on the tensor cores; in schedule 12, and in 14 (13 without gw_schedule_fence), ptxas
-    moves them all after it."""
+def _sass(tmp_path, kind, D, schedule, **kw) -> list:
+    """The linked SASS lines of the wgmma attention kernel (kind "fwd" / "bwd", bf16) in `schedule` (nvdisasm;
+    the test skips without it)."""
     import shutil
     import subprocess
 
     tool = shutil.which("nvdisasm") or _wheel_tool("nvdisasm")
     if tool is None:
         pytest.skip("needs nvdisasm (CUDA toolkit or the nvidia-cuda-nvdisasm wheel)")
-    def sass(schedule, **kw):
-        cubin = tmp_path / f"f{schedule}.cubin"
-        link_check.verdict(*_attention("fwd", 128, True, schedule), cubin=str(cubin), **kw)
-        return subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
+    cubin = tmp_path / f"{kind}{D}_{schedule}.cubin"
+    link_check.verdict(*_attention(kind, D, True, schedule), cubin=str(cubin), **kw)
+    return subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
 
-    def between(lines):                            # the share of the exponentials between the two waits
-        w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
-        w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
-        ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
-        return sum(w1 < i < w0 for i in ex2) / len(ex2)
 
-    share = {schedule: between(sass(schedule)) for schedule in (12, 13, 14)}
+def _ex2_between_waits(lines) -> float:
+    """The share of the MUFU.EX2 that lie between the first wait for all but one wgmma group (DEPBAR.LE gsb0, 0x1)
+    and the next wait for all (0x0)."""
+    w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
+    w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
+    ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
+    return sum(w1 < i < w0 for i in ex2) / len(ex2)
+
+
+def test_schedule_13_keeps_the_exponentials_before_the_wait_for_p_v(tmp_path):
+    """The thirteenth stop's forward (kernels/csrc/flash_attention_wgmma.cu, SCHED 13): in the linked SASS every
+    MUFU.EX2 of the loop lies between the wait for S (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for P V, so the
+    exponentials overlap P V on the tensor cores; in schedule 12, and in 14 (13 without gw_schedule_fence), ptxas
+    moves them all after it."""
+    share = {schedule: _ex2_between_waits(_sass(tmp_path, "fwd", 128, schedule)) for schedule in (12, 13, 14)}
     assert share[13] > 0.9 and share[12] < 0.1 and share[14] < 0.1, share   # 14: 13 less the fence
-    lines = sass(15, max_registers=fam.WS_REGISTERS)   # the warp-specialised forward (15) keeps 13's placement
-    assert between(lines) == 1.0
+    lines = _sass(tmp_path, "fwd", 128, 15, max_registers=fam.WS_REGISTERS)   # the warp-specialised forward (15)
+    assert _ex2_between_waits(lines) == 1.0                                     # keeps 13's placement
     assert sum("SETMAXREG" in x for x in lines) == 2       # the producer gives registers up, the consumers take them
     assert sum("BAR.SYNC.DEFER_BLOCKING 0x0" in x for x in lines) == 1   # __syncthreads once, after the mbarriers' init
     for what in ("BAR.ARV", "ARRIVES.LDGSTSBAR", "SYNCS.PHASECHK"):   # ping-pong, cp.async's arrivals, the waits
@@ -185,23 +191,7 @@ def test_schedule_18_computes_p_while_dp_is_on_the_tensor_cores(tmp_path):
     """The wgmma backward in schedule 18 (kernels/csrc/flash_attention_wgmma.cu, PSPLIT): S and dP are two wgmma
     groups, and every MUFU.EX2 of the loop lies between the wait for S (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait
     for dP (0x0), at D = 64 and 128; in 17 (one group for both) they all follow the one wait."""
-    import shutil
-    import subprocess
-
-    tool = shutil.which("nvdisasm") or _wheel_tool("nvdisasm")
-    if tool is None:
-        pytest.skip("needs nvdisasm (CUDA toolkit or the nvidia-cuda-nvdisasm wheel)")
-
-    def share(D, schedule):                        # the exponentials between the wait for S and the wait for dP
-        cubin = tmp_path / f"b{D}_{schedule}.cubin"
-        link_check.verdict(*_attention("bwd", D, True, schedule), cubin=str(cubin))
-        lines = subprocess.run([tool, str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
-        w1 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
-        w0 = next(i for i, x in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x and i > w1)
-        ex2 = [i for i, x in enumerate(lines) if "MUFU.EX2" in x]
-        return sum(w1 < i < w0 for i in ex2) / len(ex2)
-
-    got = {(D, s): share(D, s) for D, s in ((64, 17), (64, 18), (128, 18))}
+    got = {(D, s): _ex2_between_waits(_sass(tmp_path, "bwd", D, s)) for D, s in ((64, 17), (64, 18), (128, 18))}
     assert got[(64, 18)] > 0.9 and got[(128, 18)] > 0.9 and got[(64, 17)] < 0.1, got
 
 

@@ -912,24 +912,16 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         gw_pin(s);                                                 // 2.
         gw_pin(dp);
         gw_mma_fence();
-        if constexpr (PSPLIT) {                                    // (S, then dP: two groups)
+        #pragma unroll
+        for (int g = 0; g < (PSPLIT ? 2 : 1); ++g) {               // (PSPLIT: S, then dP, two groups; else together)
+            if (g > 0) gw_mma_commit();
             #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
                 const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-                gw_mma<BM, BF16>(s, gw_desc_hi<1024, 1>(k_d + (a_off >> 4)), gw_desc_hi<1024, 1>(qd + (b_off >> 4)), kk > 0);
-            }
-            gw_mma_commit();
-            #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-                gw_mma<BM, BF16>(dp, gw_desc_hi<1024, 1>(v_d + (a_off >> 4)), gw_desc_hi<1024, 1>(dd + (b_off >> 4)), kk > 0);
-            }
-        } else {
-            #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const u32 a_off = (kk >> 2) * BN * 128 + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-                gw_mma<BM, BF16>(s, gw_desc_hi<1024, 1>(k_d + (a_off >> 4)), gw_desc_hi<1024, 1>(qd + (b_off >> 4)), kk > 0);
-                gw_mma<BM, BF16>(dp, gw_desc_hi<1024, 1>(v_d + (a_off >> 4)), gw_desc_hi<1024, 1>(dd + (b_off >> 4)), kk > 0);
+                if (!PSPLIT || g == 0)
+                    gw_mma<BM, BF16>(s, gw_desc_hi<1024, 1>(k_d + (a_off >> 4)), gw_desc_hi<1024, 1>(qd + (b_off >> 4)), kk > 0);
+                if (!PSPLIT || g == 1)
+                    gw_mma<BM, BF16>(dp, gw_desc_hi<1024, 1>(v_d + (a_off >> 4)), gw_desc_hi<1024, 1>(dd + (b_off >> 4)), kk > 0);
             }
         }
         gw_mma_commit();
