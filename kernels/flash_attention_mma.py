@@ -39,6 +39,7 @@ from numba import cuda, types
 from q4kdistill.errors import Q4KError
 
 from ._device import SIMULATOR, launch
+from .flash_attention_rows import backward_rows
 
 SOURCE = Path(__file__).with_name("csrc") / "flash_attention.cu"
 DTYPES = ("bf16", "fp16")
@@ -220,33 +221,31 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14, 15, 16, 17, 18)   # the attention kernels' instruction schedule (18 the default since the
-# sixteenth stop timed them all: docs/perf.md): 12 the twelfth stop's, 13 the thirteenth and fourteenth stops': loads unrolled, the mask tested once a
+SCHEDS = (12, 13, 14, 15, 16, 17, 18, 19)   # the attention kernels' instruction schedule (19 the default since the
+# seventeenth stop: docs/perf.md): 12 the twelfth stop's, 13 the thirteenth and fourteenth stops': loads unrolled, the mask tested once a
 # tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
 # backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
 # tile's cp.async in flight is for a GPU to say; docs/perf.md, thirteenth stop). 15: 13, with the wgmma forward
-# warp-specialised (faw_forward_ws: a producer warpgroup, two consumers in ping-pong; fourteenth stop). 16: 13, with
+# warp-specialised (faw_forward_ws: a producer warpgroup, two consumers in ping-pong; fourteenth stop; its register
+# split fixed after it hung in the sixteenth). 16: 13, with
 # the wgmma backward at D = 64 summing its two warpgroups' dQ partials in shared memory before one red.add (XCH_SCHED,
 # FawXch: half the dQ reduction traffic; fifteenth stop). 17: 13, with the wgmma backward at D = 64 stepping 128
 # queries at a time (QSPLIT_SCHED, FawBwdBM: FlashAttention-3's tile for head size 64; the warpgroups split dQ by
 # queries, one red.add an element; sixteenth stop). 18: 17 at D = 64 (13 at D = 128) with the wgmma backward's P^T
-# computed while dP^T is on the tensor cores (S and dP in two groups; PSPLIT_SCHED; sixteenth stop)
-DEFAULT_SCHED = 18
-NOT_SELECTABLE = {15: "its warp-specialised forward (faw_forward_ws) hung on an H200 (docs/perf.md, sixteenth stop: "
-                      "its setmaxnreg split asked more registers than the launch holds; the split is fixed, not yet "
-                      "re-run on a GPU)"}   # schedule -> why $Q4KDISTILL_FA_SCHED refuses it
+# computed while dP^T is on the tensor cores (S and dP in two groups; PSPLIT_SCHED; sixteenth stop). 19: 15's wgmma
+# forward with 18's backward, the fastest of each (H200, seventeenth stop); no code of its own
+DEFAULT_SCHED = 19
 XCH_SCHED = 16
 QSPLIT_SCHED = 17
 PSPLIT_SCHED = 18
+BEST_SCHED = 19          # 15's forward, 18's backward (kernel_sched)
 
 
 def sched() -> int:
-    """$Q4KDISTILL_FA_SCHED (one of SCHEDS but NOT_SELECTABLE; DEFAULT_SCHED when unset), read at each launch."""
+    """$Q4KDISTILL_FA_SCHED (one of SCHEDS; DEFAULT_SCHED when unset), read at each launch."""
     env = os.environ.get(SCHED_ENV, "").strip() or str(DEFAULT_SCHED)
     if env not in tuple(map(str, SCHEDS)):
         raise Q4KError(f"{SCHED_ENV}={env!r}: expected one of {', '.join(map(str, SCHEDS))}")
-    if int(env) in NOT_SELECTABLE:
-        raise Q4KError(f"{SCHED_ENV}={env}: not selectable: {NOT_SELECTABLE[int(env)]}")
     return int(env)
 
 
@@ -254,8 +253,11 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
     """The schedule a kernel ("fwd" / "bwd": mma.sync, "wgmma fwd" / "wgmma bwd") is built in for `schedule`
     (None: sched()): the lowest one whose code is the same, so that equal kernels are compiled once. The mma.sync
     kernels are one code from 13 on; the wgmma forward differs in 14 (no fence) and 15 (warp-specialised), 16's
-    is 13's (and 17's, 18's); the wgmma backward differs in 16 and 17 at D = 64 (FawXch, FawBwdBM) and in 18."""
+    is 13's (and 17's, 18's), 19's is 15's; the wgmma backward differs in 16 and 17 at D = 64 (FawXch, FawBwdBM) and
+    in 18, 19's is 18's. What it returns is what the C code is built with (19 never reaches it)."""
     schedule = sched() if schedule is None else schedule
+    if schedule == BEST_SCHED:
+        schedule = WS_SCHED if kernel == "wgmma fwd" else PSPLIT_SCHED
     if schedule == 12:
         return 12
     if kernel in ("fwd", "bwd"):
@@ -382,10 +384,12 @@ def _cast_kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _absmax():
+def _grad_scale_kernel():
+    """max |x| and, in the same reduction's last step, the power of two that brings it into [1, 2) (1 for 0 or NaN)"""
     import cupy
 
-    return cupy.ReductionKernel("float32 x", "float32 y", "fabsf(x)", "max(a, b)", "y = a", "0", "q4k_fa_absmax")
+    return cupy.ReductionKernel("float32 x", "float32 y", "fabsf(x)", "max(a, b)",
+                                "y = a > 0.0f ? exp2f(-floorf(log2f(fmaxf(a, 1e-38f)))) : 1.0f", "0", "q4k_fa_grad_scale")
 
 
 def to16(x, dtype: str, s=None):
@@ -403,11 +407,7 @@ def to16(x, dtype: str, s=None):
 
 def grad_scale(do):
     """float32 [1] on the device: the power of two that brings max |do| into [1, 2) (1 for do = 0)."""
-    import cupy
-
-    m = _absmax()(as_f32(do))
-    return cupy.where(m > 0, cupy.exp2(-cupy.floor(cupy.log2(cupy.maximum(m, np.float32(1e-38))))), np.float32(1)) \
-        .astype(np.float32).reshape(1)
+    return _grad_scale_kernel()(as_f32(do)).reshape(1)     # one kernel (it was seven: max, where, exp2, ...)
 
 
 def as_f32(x):
@@ -520,9 +520,7 @@ def mma_attention_backward(do, cache):
     KV = k16.shape[2]
     _check(D)
     s = grad_scale(do)                                             # dO * s in 16 bits: no subnormals
-    drow = cupy.ascontiguousarray((as_f32(do) * as_f32(cache.o)).sum(axis=-1).transpose(0, 2, 1))   # [B, H, T]
-    drow *= s
-    do16 = to16(do, dtype, s)
+    do16, drow = backward_rows(cupy.ascontiguousarray(do), cupy.ascontiguousarray(cache.o), s, dtype)   # drow [B, H, T]
     mask, has = _mask_arg(cache.key_mask, B, T)
     dq = cupy.zeros((B, T, H, D), dtype=np.float32)                # atomics add into it
     acc = cupy.zeros if KV < H else cupy.empty                    # GQA: the G heads of a kv head add into dk, dv

@@ -9,7 +9,7 @@
 Paths: mma (csrc/flash_attention.cu), wgmma (csrc/flash_attention_wgmma.cu through $Q4KDISTILL_FA_FWD and
 $Q4KDISTILL_FA_BWD=wgmma, sm_90 only, D = 64 / 128; its o is checked against mma's in the run), numba (the
 FP32 fallback). --scheds times each path in each instruction schedule ($Q4KDISTILL_FA_SCHED) and --tiles the
-wgmma forward with other tiles ($Q4KDISTILL_FA_TILES; not in schedule 15), all in one process (one CUDA
+wgmma forward with other tiles ($Q4KDISTILL_FA_TILES; not in schedules 15 and 19), all in one process (one CUDA
 context, one matmul rate, one SDPA run):
 
     python3 scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma --scheds 12 13 15 \
@@ -18,7 +18,9 @@ context, one matmul rate, one SDPA run):
 Timings: CUDA events around each call, median of --reps after --warmup calls (CPU: perf_counter).
 FLOPs counted over visible (query, key) pairs: 4 * B * H * D * pairs for the forward (2 products),
 2.5x that for the backward (5 products); causal without window: pairs = T (T + 1) / 2.
-Inputs of the mma rows are already 16-bit (the casts are the caller's, timed apart in "cast ms").
+Inputs of the mma rows are already 16-bit (the casts are the caller's, timed apart in "cast ms"), and their
+forward writes o in those 16 bits, as the teacher and the bf16 student ask (from the seventeenth stop; before, float32
+o). The backward's time includes its row pass (dO scaled into 16 bits, drow) and the zeroing of dq, as SDPA's does.
 """
 from __future__ import annotations
 
@@ -158,16 +160,19 @@ def _o_vs_mma(q, k, v, args, scale, o):
     """max |o - o_mma| / max |o_mma|: the wgmma forward's output against the mma forward's on the same inputs."""
     import cupy
 
+    from kernels.flash_attention_mma import as_f32
+
     env = _kernels_env("mma")
     ref, _ = flash_attention_forward(q, k, v, None, args.window, scale, path="mma", mma_dtype=args.dtype)
     env.restore()
-    return float(cupy.abs(o - ref).max() / cupy.abs(ref).max())
+    return float(cupy.abs(as_f32(o) - ref).max() / cupy.abs(ref).max())
 
 
 def run_gpu(args):
     import cupy
 
     from kernels.flash_attention_mma import forward_kind, to16
+    from q4kdistill.student.precision import Precision
 
     peak = matmul_rate(args.warmup, args.reps)
     print(f"cupy.matmul fp16 8192^3: {peak:.1f} TFLOP/s (the tensor-core rate of this run)")
@@ -191,7 +196,9 @@ def run_gpu(args):
                 env.restore()
                 print(f"{label:>6} {T:>6}   (not here: needs an sm_90 GPU and D = 64 or 128)")
                 continue
+            out16 = None                                 # the tensor-core paths write o in 16 bits, as the models ask
             if path == "mma":
+                out16 = np.float16 if args.dtype == "fp16" else Precision("bf16", cupy).device_bf16
                 q, k, v, do = (to16(x, args.dtype) for x in (q32, k32, v32, do32))
                 if args.dtype == "fp16":
                     q, k, v, do = (x.view(np.float16) for x in (q, k, v, do))
@@ -205,7 +212,7 @@ def run_gpu(args):
 
             def fwd():
                 state["o"], state["c"] = flash_attention_forward(q, k, v, None, args.window, scale, path=path,
-                                                                 mma_dtype=args.dtype)
+                                                                 mma_dtype=args.dtype, out_dtype=out16)
 
             fwd()                                        # built (compiled) before any clock runs, then the clocks up
             flash_attention_backward(do, state["c"])
@@ -245,7 +252,9 @@ def _combos(args):
     scheds = args.scheds or [None]
     rows = [(path, sched, None) for path in args.paths for sched in scheds]
     if "wgmma" in args.paths:
-        rows += [("wgmma", sched, t) for t in args.tiles for sched in scheds if sched != 15]
+        from kernels.flash_attention_mma import WS_SCHED, kernel_sched
+        rows += [("wgmma", sched, t) for t in args.tiles for sched in scheds
+                 if kernel_sched("wgmma fwd", 64, sched) != WS_SCHED]
     return rows
 
 

@@ -320,6 +320,63 @@ def test_gpu_mma_forward_writes_o_in_16_bits_as_a_cast_would(D, dtype):
         assert (lse == lse32).all() and bool(cupy.isfinite(as_f32(o16)).all())
 
 
+def _rows_reference(do, o, s, dtype):
+    """float64 / exact references of kernels.flash_attention_rows: the 16-bit bits of dO * s (float32 product,
+    rounded to nearest even), and drow [B, H, T] = sum over D of (dO * s) O in float64 on the values stored."""
+    from test_fused_kernels import f64, store
+    g = (np.asarray(f64(do), dtype=np.float32) * np.float32(s)).astype(np.float32)
+    bits = store(g, "bfloat16") if dtype == "bf16" else g.astype(np.float16).view(np.uint16)
+    drow = (g.astype(np.float64) * f64(o)).sum(axis=-1).transpose(0, 2, 1)
+    return bits, drow
+
+
+@pytest.mark.skipif(not SIM, reason="the simulator's test (the GPU runs test_gpu_backward_rows_*)")
+@pytest.mark.parametrize("do_dtype,o_dtype,dtype", [("float32", "bfloat16", "bf16"), ("float32", "float16", "fp16"),
+                                                    ("float16", "float32", "bf16"), ("bfloat16", "bfloat16", "fp16")])
+@pytest.mark.parametrize("B,T,H,D", [(2, 3, 3, 40), (1, 2, 2, 64)])
+def test_backward_rows_match_float64(do_dtype, o_dtype, dtype, B, T, H, D):
+    """flash_attention_rows.backward_rows (the backward's do16 and drow in one pass) in the simulator: do16 equal
+    bit for bit to dO * s rounded, drow to float64 within float32 rounding of a D-term sum, in [B, H, T] order (an
+    odd D: lanes past the row's end idle; H, T > 1: the transpose is exercised); outputs poisoned first."""
+    from kernels import flash_attention_rows as fr
+    from test_fused_kernels import store
+    rng = np.random.default_rng(B * 100 + D)
+    do = store(rng.standard_normal((B, T, H, D)) * 300, do_dtype)
+    o = store(rng.standard_normal((B, T, H, D)), o_dtype)
+    s = np.array([2.0 ** -9], np.float32)
+    bits, drow = fr.backward_rows(do, o, s, dtype)
+    want_bits, want_drow = _rows_reference(do, o, s[0], dtype)
+    assert bits.dtype == np.uint16 and bits.shape == (B, T, H, D) and drow.shape == (B, H, T)
+    assert (bits == want_bits).all()
+    assert np.abs(drow - want_drow).max() <= 1e-5 * np.abs(want_drow).max()
+    with pytest.raises(Q4KError, match="expected fp16 or bf16"):
+        fr.backward_rows(do, o, s, "fp32")
+    with pytest.raises(Q4KError, match="expected one"):
+        fr.backward_rows(do, o[:, :1], s, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,D,dtype", [(1, 8192, 14, 64, "bf16"), (2, 1000, 28, 128, "fp16"), (1, 77, 4, 256, "bf16")])
+def test_gpu_backward_rows_match_float64_and_the_scale(B, T, H, D, dtype):
+    """On the GPU at real sizes: backward_rows as in the simulator's test (float32 dO, 16-bit O as the models keep
+    it), and grad_scale (one reduction) the power of two that brings max |dO| into [1, 2), 1 for dO = 0."""
+    import cupy
+
+    from kernels import flash_attention_rows as fr
+    from kernels.flash_attention_mma import grad_scale
+    rng = np.random.default_rng(D)
+    do = (rng.standard_normal((B, T, H, D)) * 3e-4).astype(np.float32)
+    do[0, 0, 0, 1] = -5e-3                                  # max |dO|: 2^-8 <= 5e-3 < 2^-7
+    o = rng.standard_normal((B, T, H, D)).astype(np.float16)
+    s = grad_scale(cupy.asarray(do))
+    assert float(s.get()[0]) == 2.0 ** 8
+    assert float(grad_scale(cupy.zeros((2, 3), np.float32)).get()[0]) == 1.0
+    bits, drow = fr.backward_rows(cupy.asarray(do), cupy.asarray(o), s, dtype)
+    want_bits, want_drow = _rows_reference(do, o, 2.0 ** 8, dtype)
+    assert (bits.get() == want_bits).all()
+    assert np.abs(drow.get() - want_drow).max() <= 1e-5 * np.abs(want_drow).max()
+
+
 @pytest.mark.gpu
 def test_gpu_cupy_float64_uses_the_block_path():
     import cupy

@@ -91,6 +91,24 @@ static __device__ __forceinline__ void faw_load(u8* tile, const u16* g, int r0, 
         gw_cp16(t + k * RS * 128, p + size_t(k * RS) * stride, r0 + rr + k * RS < T ? 16 : 0);
 }
 
+// faw_load for the warp-specialised forward's producer, whose threads keep 40 registers (setmaxnreg): the same copies,
+// in a loop left rolled, each row's address one pointer step from the last. Unrolled, ptxas kept the 16 row offsets
+// k RS stride of a K / V tile as 64-bit values across the tile loop; nvJitLink 13.0's ptxas (the GPU image's) then
+// spilled 20 registers of the producer, reloaded every tile (ncu, H200, seventeenth stop)
+template <int ROWS, int D, int THREADS>
+static __device__ __forceinline__ void faw_load_lean(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
+    constexpr int CH = D / 8, N = ROWS * CH, RS = THREADS / CH;
+    static_assert(N % THREADS == 0 && THREADS % CH == 0 && RS % 8 == 0, "every thread copies the same chunk column");
+    const int rr = tid / CH, c = tid % CH;
+    const size_t step = size_t(heads) * D * RS;
+    const u16* p = g + size_t(r0 + rr) * heads * D + size_t(head) * D + 8 * c;
+    u8* t = tile + faw_chunk<ROWS>(rr, c);
+    int r = r0 + rr;
+    #pragma unroll 1
+    for (int k = 0; k < N / THREADS; ++k, p += step, t += RS * 128, r += RS)
+        gw_cp16(t, p, r < T ? 16 : 0);
+}
+
 // S = Q K^T of this warpgroup's 64 rows against a K tile: D / 16 wgmma, the first with scale-d 0
 template <int D, int BN, int BM, bool BF16>
 static __device__ __forceinline__ void faw_qk(float (&s)[BN / 2], u32 q_at, u32 k_at) {
@@ -369,13 +387,13 @@ static __device__ __forceinline__ void faw_forward_ws(const u16* q, const u16* k
         const int pt = tid - CONSUMERS;
         const u16* kb = k + size_t(b) * T * KV * D;
         const u16* vb = v + size_t(b) * T * KV * D;
-        faw_load<BM, D, 128>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, pt);
+        faw_load_lean<BM, D, 128>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, pt);
         gw_cp_mbar_arrive(qbar);
         for (int t = 0; t < ntiles; ++t) {
             const int s = t % STAGES;
             if (t >= STAGES) gw_mbar_wait(empty + s, (t / STAGES - 1) & 1);
-            faw_load<BN, D, 128>(Ks + s * L::KV, kb, j_first + BN * t, T, KV, kvh, pt);
-            faw_load<BN, D, 128>(Vs + s * L::KV, vb, j_first + BN * t, T, KV, kvh, pt);
+            faw_load_lean<BN, D, 128>(Ks + s * L::KV, kb, j_first + BN * t, T, KV, kvh, pt);
+            faw_load_lean<BN, D, 128>(Vs + s * L::KV, vb, j_first + BN * t, T, KV, kvh, pt);
             gw_cp_mbar_arrive(full + s);
         }
         gw_cp_wait_all();                                          // (no copy in flight when its threads exit)
