@@ -1,25 +1,27 @@
 """The GPU checks and benchmarks still due, in parts that each fit one device call (<= 10 minutes): run a
 part, keep its logs, and say which commands failed. What each part measures and why is in docs/perf.md
-(thirteenth to sixteenth stops); the figures go there with card, date and command.
+(thirteenth to seventeenth stops); the figures go there with card, date and command.
 
     python scripts/gpu_session.py --list                 # the parts and their commands (no GPU needed)
     python scripts/gpu_session.py --part 1 --out OUT     # run part 1, logs in OUT/part1/*.log, OUT/part1.json
     python scripts/gpu_session.py --part 3 --env Q4KDISTILL_FA_SCHED=17   # a part with a setting over its own
 
 Parts:
-    1  GPU tests of what no GPU has run yet: the fused GEMMs, the tile setting and schedule 14 (schedule 15's GPU tests
-       skip: its forward hangs on an H200), and schedules 12 / 13 / 16 on the attention files
+    1  GPU tests of what no GPU has run yet: the fused GEMMs, the tile setting and schedule 14, and schedules 12 / 13 /
+       16 on the attention files
     2  kernel benches, one process each: attention at D = 128 in schedules 13, 14 (the fence's cost) and 18 and with
        64-key, one-warpgroup tiles (two CTAs an SM), at D = 64 in 17 and 18; torch SDPA beside
-    3  the step beside the peer at 8x512, 2x4096 and 1x8192 in the default schedule (18)
+    3  the step beside the peer at 8x512, 2x4096 and 1x8192 in the default schedule (19)
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
        full run on its own
-    5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF): due since the default
-       schedule moved from 12 to 18 (gemma-3's head size 256 runs the mma.sync kernels, now in schedule 13's code)
+    5  the real gemma-3 file's GPU parity (the file must be in $Q4KDISTILL_GEMMA_GGUF; last run in the seventeenth
+       stop under schedule 19: 12 passed)
     7  the rest of part 1's files on the GPU
     8  the fused GEMMs beside the scratch path and cuBLAS
-    6  ncu of the D = 64 and D = 128 attention forward and backward in schedule 18, with the stall samples of every
-       SASS instruction (--page source), to say where each warp still waits
+    6  ncu of the D = 64 and D = 128 attention forward and backward in the default schedule (19), with the stall
+       samples of every SASS instruction (--page source), to say where each warp still waits
+    9  the backward's row pass against the ops it replaced (bench_attention_rows.py), then the student / graph / fused
+       GPU files that the seventeenth stop's call did not finish
 """
 from __future__ import annotations
 
@@ -54,9 +56,13 @@ PARTS = {
          + " -p no:cacheprovider", {}, 520),
         ("launch_test_alone", f"{PY} pytest -q -m gpu tests/test_kernels_launch.py", {}, 60)],
     7: [("gpu_tests_rest", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"not ({NEW})\"", {}, 540)],
+    9: [("bench_rows", "python scripts/bench_attention_rows.py", {}, 60),
+        ("gpu_student_files", f"{PY} pytest -q -m gpu tests/test_student_bf16.py tests/test_cuda_graph.py "
+                              "tests/test_student_fused.py tests/test_fused_kernels.py tests/test_memory_reproduce.py "
+                              "tests/test_claims_commands.py", {}, 540)],
     5: [("gemma3_parity", f"{PY} pytest -q -m gpu tests/test_teacher_gpu.py tests/test_teacher_cache.py tests/test_audit.py",
          {}, 540)],
-    6: [(f"ncu_source_d{D}", f"ncu --set full -k regex:^kernel --launch-skip 1 --launch-count 2 -f -o {{out}}/faw{D} "
+    6: [(f"ncu_source_d{D}", f"ncu --set full -k regex:^kernel --launch-count 3 -f -o {{out}}/faw{D} "
                            f"python scripts/bench_attention.py --T 8192 --D {D} --H {H} --KV {KV} --paths wgmma "
                            f"--warmup 1 --reps 1 && ncu --import {{out}}/faw{D}.ncu-rep --page source --csv --print-source "
                            f"sass > {{out}}/faw{D}_source.csv && ncu --import {{out}}/faw{D}.ncu-rep --page details "
