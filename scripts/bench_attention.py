@@ -15,7 +15,10 @@ context, one matmul rate, one SDPA run):
     python3 scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma --scheds 12 13 15 \
         --tiles 64,1,3 --torch
 
-Timings: CUDA events around each call, median of --reps after --warmup calls (CPU: perf_counter).
+Timings: CUDA events around each call. On a GPU every row of a T (and torch SDPA with --torch) is built first, then
+all are timed in interleaved rounds, one forward and one backward each a round, the order rotated a round, the
+first --warmup rounds dropped; a row's figure is the median of --reps (from the seventeenth stop: rows timed one
+after another read the same kernel up to 12 % apart). CPU: perf_counter, median of --reps.
 FLOPs counted over visible (query, key) pairs: 4 * B * H * D * pairs for the forward (2 products),
 2.5x that for the backward (5 products); causal without window: pairs = T (T + 1) / 2.
 Inputs of the mma rows are already 16-bit (the casts are the caller's, timed apart in "cast ms"), and their
@@ -95,8 +98,9 @@ def settle(ms=50.0, n=8192):
         cupy.cuda.Device().synchronize()
 
 
-def torch_sdpa(B, T, H, KV, D, warmup, reps):
-    """(fwd ms, bwd ms) of torch SDPA (bf16, causal, GQA by repeat) or None where torch has no CUDA."""
+def torch_sdpa_calls(B, T, H, KV, D):
+    """(forward, forward + backward) callables of torch SDPA (bf16, causal, GQA by repeat), or None where torch has
+    no CUDA."""
     try:
         import torch
         import torch.nn.functional as F
@@ -113,22 +117,13 @@ def torch_sdpa(B, T, H, KV, D, warmup, reps):
         kk, vv = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
         return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
 
-    def timed(fn):
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        return statistics.median(ts)
+    return fwd, lambda: torch.autograd.grad(fwd(), (q, k, v), do)
 
-    f_ms = timed(lambda: fwd())
-    both = timed(lambda: torch.autograd.grad(fwd(), (q, k, v), do))
-    return f_ms, both - f_ms
+
+def _settings(kind, sched, tiles):
+    """(enter, leave) callables that set a row's $Q4KDISTILL_FA_* settings (_kernels_env) and restore them."""
+    held = []
+    return (lambda: held.append(_kernels_env(kind, sched, tiles))), (lambda: held.pop().restore())
 
 
 class _kernels_env:
@@ -168,6 +163,40 @@ def _o_vs_mma(q, k, v, args, scale, o):
     return float(cupy.abs(as_f32(o) - ref).max() / cupy.abs(ref).max())
 
 
+def interleaved_medians(cases, timer, warmup, reps):
+    """{name: (median fwd ms, median bwd ms)} of `cases` timed in rounds: each round times every case's forward and
+    backward once, in an order rotated by one a round (no case always first, or always right after the same other),
+    and the first `warmup` rounds are dropped. A case is (name, enter, leave, fwd, bwd): enter() / leave() set and
+    restore its settings around its calls; timer(fn) -> ms of one call. Timed one after another instead, two rows of
+    the same kernel read up to 12 % apart in one process (docs/perf.md, seventeenth stop): the clocks drift."""
+    n = len(cases)
+    samples = {c[0]: ([], []) for c in cases}
+    for r in range(warmup + reps):
+        for i in range(n):
+            name, enter, leave, fwd, bwd = cases[(i + r) % n]
+            enter()
+            try:
+                f, b = timer(fwd), timer(bwd)
+            finally:
+                leave()
+            if r >= warmup:
+                samples[name][0].append(f)
+                samples[name][1].append(b)
+    return {name: (statistics.median(f), statistics.median(b)) for name, (f, b) in samples.items()}
+
+
+def _one_call_ms(fn):
+    """CUDA-event ms of one call of fn (on the legacy default stream, which CuPy and torch both use here)."""
+    import cupy
+
+    a, b = cupy.cuda.Event(), cupy.cuda.Event()
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return cupy.cuda.get_elapsed_time(a, b)
+
+
 def run_gpu(args):
     import cupy
 
@@ -176,6 +205,7 @@ def run_gpu(args):
 
     peak = matmul_rate(args.warmup, args.reps)
     print(f"cupy.matmul fp16 8192^3: {peak:.1f} TFLOP/s (the tensor-core rate of this run)")
+    print(f"(every row of a T timed in interleaved rounds: {args.warmup} dropped, median of {args.reps})")
     print(f"{'path':>6} {'T':>6} {'fwd ms':>9} {'bwd ms':>9} {'cast ms':>8} {'fwd TF/s':>9} {'bwd TF/s':>9} "
           f"{'f+b TF/s':>9} {'of peak':>8} {'peak GiB':>9}")
     rows = []
@@ -188,8 +218,10 @@ def run_gpu(args):
         k32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
         v32 = rng.standard_normal((B, T, KV, D), dtype=np.float32)
         do32 = rng.standard_normal((B, T, H, D), dtype=np.float32)
-        for path, sched, tiles in _combos(args):
-            env = _kernels_env("wgmma" if path == "wgmma" else "mma", sched, tiles)
+        cases, info = [], {}
+        for path, sched, tiles in _combos(args):     # each row built, checked and its memory read: untimed
+            kind = "wgmma" if path == "wgmma" else "mma"
+            env = _kernels_env(kind, sched, tiles)
             path, label = ("mma", "wgmma") if path == "wgmma" else (path, path)
             label += (f"/s{sched}" if sched is not None else "") + (f"/t{tiles}" if tiles else "")
             if label.startswith("wgmma") and forward_kind(D) != "wgmma":
@@ -210,39 +242,50 @@ def run_gpu(args):
             base = pool.total_bytes()
             state = {}
 
-            def fwd():
+            def fwd(q=q, k=k, v=v, path=path, out16=out16, state=state, scale=scale):
                 state["o"], state["c"] = flash_attention_forward(q, k, v, None, args.window, scale, path=path,
                                                                  mma_dtype=args.dtype, out_dtype=out16)
 
-            fwd()                                        # built (compiled) before any clock runs, then the clocks up
-            flash_attention_backward(do, state["c"])
-            settle()
-            f_ms = gpu_timer(fwd, args.warmup, args.reps)
-            b_ms = gpu_timer(lambda: flash_attention_backward(do, state["c"]), args.warmup, args.reps)
+            def bwd(do=do, state=state):
+                flash_attention_backward(do, state["c"])
+
+            fwd()                                        # built (compiled) before any clock runs
+            bwd()
+            cupy.cuda.Device().synchronize()
             grew = (pool.total_bytes() - base) / 2 ** 30
-            tf_f, tf_b = flops_f / f_ms / 1e9, 2.5 * flops_f / b_ms / 1e9
-            tf = 3.5 * flops_f / (f_ms + b_ms) / 1e9
-            row = dict(path=label, sched=sched, tiles=tiles, B=B, T=T, H=H, KV=KV, D=D, window=args.window,
-                       dtype=args.dtype, fwd_ms=f_ms,
-                       bwd_ms=b_ms, cast_ms=cast, fwd_tflops=tf_f, bwd_tflops=tf_b, tflops=tf, of_peak=tf / peak,
-                       peak_tflops=peak, pool_gib=grew, gpu=backend.gpu_name())
-            if label.startswith("wgmma"):
-                row["o_vs_mma"] = _o_vs_mma(q, k, v, args, scale, state["o"])
-            rows.append(row)
+            extra = {"o_vs_mma": _o_vs_mma(q, k, v, args, scale, state["o"])} if label.startswith("wgmma") else {}
             env.restore()
-            print(f"{label:>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {cast:8.3f} {tf_f:9.1f} {tf_b:9.1f} {tf:9.1f} "
-                  f"{tf / peak:8.1%} {grew:9.2f}" + (f"   o vs mma {row['o_vs_mma']:.2e}" if "o_vs_mma" in row else ""))
-            state.clear()
-        if args.torch:
-            r = torch_sdpa(args.B, T, args.H, args.KV, args.D, args.warmup, args.reps)
-            if r is None:
-                print("torch SDPA: no CUDA torch here")
-            else:
-                f_ms, b_ms = r
+            info[label] = dict(sched=sched, tiles=tiles, cast=cast, grew=grew, **extra)
+            cases.append((label, *_settings(kind, sched, tiles), fwd, bwd))
+        sdpa = torch_sdpa_calls(B, T, H, KV, D) if args.torch else None
+        if args.torch and sdpa is None:
+            print("torch SDPA: no CUDA torch here")
+        if sdpa is not None:                             # its "bwd" is forward + backward: the forward subtracted
+            cases.append(("torch", lambda: None, lambda: None, *sdpa))
+        settle()
+        times = interleaved_medians(cases, _one_call_ms, args.warmup, args.reps)
+        for label, (f_ms, b_ms) in times.items():
+            if label == "torch":
+                b_ms = b_ms - f_ms
                 tf = 3.5 * flops_f / (f_ms + b_ms) / 1e9
                 rows.append(dict(path="torch_sdpa", T=T, fwd_ms=f_ms, bwd_ms=b_ms, tflops=tf, of_peak=tf / peak))
                 print(f"{'torch':>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {'':>8} {flops_f / f_ms / 1e9:9.1f} "
                       f"{2.5 * flops_f / b_ms / 1e9:9.1f} {tf:9.1f} {tf / peak:8.1%}")
+                continue
+            i = info[label]
+            tf_f, tf_b = flops_f / f_ms / 1e9, 2.5 * flops_f / b_ms / 1e9
+            tf = 3.5 * flops_f / (f_ms + b_ms) / 1e9
+            row = dict(path=label, sched=i["sched"], tiles=i["tiles"], B=B, T=T, H=H, KV=KV, D=D, window=args.window,
+                       dtype=args.dtype, fwd_ms=f_ms, bwd_ms=b_ms, cast_ms=i["cast"], fwd_tflops=tf_f, bwd_tflops=tf_b,
+                       tflops=tf, of_peak=tf / peak, peak_tflops=peak, pool_gib=i["grew"], gpu=backend.gpu_name(),
+                       timing="interleaved")
+            if "o_vs_mma" in i:
+                row["o_vs_mma"] = i["o_vs_mma"]
+            rows.append(row)
+            print(f"{label:>6} {T:>6} {f_ms:9.3f} {b_ms:9.3f} {i['cast']:8.3f} {tf_f:9.1f} {tf_b:9.1f} {tf:9.1f} "
+                  f"{tf / peak:8.1%} {i['grew']:9.2f}" + (f"   o vs mma {row['o_vs_mma']:.2e}" if "o_vs_mma" in row else ""))
+        cases.clear()
+        info.clear()
     return rows
 
 

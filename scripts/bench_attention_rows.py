@@ -12,7 +12,6 @@ do16 written) over its time alone.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -46,20 +45,11 @@ def new_ops(do, o, dtype):
     return backward_rows(do, o, grad_scale(do), dtype)
 
 
-def gpu_timer(fn, warmup=5, reps=30):
-    import cupy
+def gpu_us(fn):
+    """CUDA-event median in microseconds (bench_attention's timer: 5 warm-up calls, 30 timed)."""
+    from bench_attention import gpu_timer
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
-    return statistics.median(times)
+    return 1e3 * gpu_timer(fn, 5, 30)
 
 
 def run_gpu(args):
@@ -79,9 +69,9 @@ def run_gpu(args):
         (a16, arow), (b16, brow) = old_ops(do, o, "bf16"), new_ops(do, o, "bf16")
         same = bool((a16 == b16).all())
         err = float(cupy.abs(arow - brow).max() / cupy.abs(arow).max())
-        t_old, t_new = gpu_timer(lambda: old_ops(do, o, "bf16")), gpu_timer(lambda: new_ops(do, o, "bf16"))
+        t_old, t_new = gpu_us(lambda: old_ops(do, o, "bf16")), gpu_us(lambda: new_ops(do, o, "bf16"))
         one = cupy.ones(1, np.float32)
-        t_kernel = gpu_timer(lambda: backward_rows(do, o, one, "bf16"))
+        t_kernel = gpu_us(lambda: backward_rows(do, o, one, "bf16"))
         gb = (do.nbytes + o.nbytes + do.size * 2) / 1e9
         print(f"{spec:>7} {t_old:8.1f} {t_new:8.1f} {t_old / t_new:7.2f}x {t_kernel:9.1f} {gb / t_kernel * 1e6:7.0f}  "
               f"do16 {'bit-equal' if same else 'DIFFERS'}, drow rel diff {err:.1e}")
