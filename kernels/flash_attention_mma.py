@@ -221,7 +221,7 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14, 15, 16, 17, 18, 19)   # the attention kernels' instruction schedule (19 the default since the
+SCHEDS = (12, 13, 14, 15, 16, 17, 18, 19, 20)   # the attention kernels' instruction schedule (19 the default since the
 # seventeenth stop: docs/perf.md): 12 the twelfth stop's, 13 the thirteenth and fourteenth stops': loads unrolled, the mask tested once a
 # tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
 # backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
@@ -233,12 +233,15 @@ SCHEDS = (12, 13, 14, 15, 16, 17, 18, 19)   # the attention kernels' instruction
 # queries at a time (QSPLIT_SCHED, FawBwdBM: FlashAttention-3's tile for head size 64; the warpgroups split dQ by
 # queries, one red.add an element; sixteenth stop). 18: 17 at D = 64 (13 at D = 128) with the wgmma backward's P^T
 # computed while dP^T is on the tensor cores (S and dP in two groups; PSPLIT_SCHED; sixteenth stop). 19: 15's wgmma
-# forward with 18's backward, the fastest of each (H200, seventeenth stop); no code of its own
+# forward with 18's backward, the fastest of each (H200, seventeenth stop); no code of its own. 20: 19 with the D = 64
+# backward's dQ reduced by the bulk-copy engine (BULK_SCHED: cp.reduce.async.bulk a row from shared memory instead
+# of a red.add a register pair; seventeenth stop, not yet run on a GPU); at D = 128 its backward is 18's
 DEFAULT_SCHED = 19
 XCH_SCHED = 16
 QSPLIT_SCHED = 17
 PSPLIT_SCHED = 18
 BEST_SCHED = 19          # 15's forward, 18's backward (kernel_sched)
+BULK_SCHED = 20          # 19 with the bulk-copy dQ at D = 64 (faw_stage_dq, csrc/flash_attention_wgmma.cu)
 
 
 def sched() -> int:
@@ -254,9 +257,12 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
     (None: sched()): the lowest one whose code is the same, so that equal kernels are compiled once. The mma.sync
     kernels are one code from 13 on; the wgmma forward differs in 14 (no fence) and 15 (warp-specialised), 16's
     is 13's (and 17's, 18's), 19's is 15's; the wgmma backward differs in 16 and 17 at D = 64 (FawXch, FawBwdBM) and
-    in 18, 19's is 18's. What it returns is what the C code is built with (19 never reaches it)."""
+    in 18 and in 20 at D = 64, 19's is 18's (and 20's at D = 128), 19's and 20's forward 15's. What it returns is what
+    the C code is built with (19 never reaches it)."""
     schedule = sched() if schedule is None else schedule
-    if schedule == BEST_SCHED:
+    if schedule == BULK_SCHED and kernel == "wgmma bwd" and D == 64:
+        return BULK_SCHED
+    if schedule in (BEST_SCHED, BULK_SCHED):
         schedule = WS_SCHED if kernel == "wgmma fwd" else PSPLIT_SCHED
     if schedule == 12:
         return 12
@@ -298,9 +304,10 @@ def wgmma_bwd_smem(D: int, schedule: int = 12) -> int:
     """Dynamic shared memory of faw_backward<D> (schedule 12: FawBwdSmem::BYTES, later: FawBwdLayout13::BYTES):
     K and V [128 x D], Q and dO [stages][bm x D] (16-bit), dS^T [buffers][128 x bm] (16-bit), lse and drow
     [stages][bm] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2; bm = 64
-    queries a step, 128 in schedules 17 and 18 at D = 64 (FawBwdBM); 16 at D = 64 adds FawXch's out-boxes."""
+    queries a step, 128 in schedules 17, 18 and 20 at D = 64 (FawBwdBM); 16 at D = 64 adds FawXch's out-boxes (20 stages
+    its dQ in the dS^T buffers: no more bytes)."""
     bn, bm = WGMMA_BWD_TILE
-    if D == 64 and schedule in (QSPLIT_SCHED, PSPLIT_SCHED):
+    if D == 64 and schedule in (QSPLIT_SCHED, PSPLIT_SCHED, BULK_SCHED):
         bm = 128
     stages, buffers = (2, 1) if schedule == 12 else (3, 2)
     xch = 4 * 128 * (D // 8) * 8 if (D, schedule) == (64, XCH_SCHED) else 0   # FawXch's out-boxes

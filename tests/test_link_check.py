@@ -64,6 +64,8 @@ CASES = {
     "attention_bwd_d64_fp16_v16": lambda: _attention("bwd", 64, False, 16),
     "attention_bwd_d64_bf16_v17": lambda: _attention("bwd", 64, True, 17),
     "attention_bwd_d64_bf16_v18": lambda: _attention("bwd", 64, True, 18),
+    "attention_bwd_d64_fp16_v20": lambda: _attention("bwd", 64, False, 20),
+    "attention_bwd_d64_bf16_v20": lambda: _attention("bwd", 64, True, 20),
     "attention_bwd_d128_fp16_v18": lambda: _attention("bwd", 128, False, 18),
     "gemm_wgmma_q4k": lambda: _gemm("Q4_K", False),
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
@@ -76,13 +78,58 @@ CAPS = {c: fam.WS_REGISTERS for c in CASES if c.endswith("_ws")}   # as flash_at
 # then gives the consumer warpgroups 232)
 
 
+# kernels whose spills ptxas keeps out of the main loop: values of the prologue used again after it (schedule 20's
+# backward at 255 registers, nvJitLink 13.5: 8 bytes, two stores before the loop, loads after it); checked in the SASS
+COLD_SPILLS = {"attention_bwd_d64_fp16_v20": 16, "attention_bwd_d64_bf16_v20": 16}   # case -> most bytes allowed
+
+
+def _local_memory_in_main_loop(lines) -> list:
+    """The LDL / STL instructions between the target and the source of the backward branch that spans the most HGMMA
+    instructions (the kernel's main loop), from nvdisasm lines."""
+    import re
+
+    ins, where, pending = [], {}, []          # instructions; label or address -> index in ins
+    for x in lines:
+        label = re.match(r"\s*(\.L_x_\d+):", x)
+        addr = re.search(r"/\*([0-9a-f]{4,})\*/", x)
+        if label:
+            pending.append(label.group(1))
+        elif addr and ";" in x:
+            for name in pending + [hex(int(addr.group(1), 16))]:
+                where[name] = len(ins)
+            pending = []
+            ins.append(x.strip())
+    best, span = None, 0
+    for i, x in enumerate(ins):
+        target = re.search(r"BRA[^;]*?(0x[0-9a-f]+|\.L_x_\d+)", x)
+        j = where.get(hex(int(target.group(1), 16)) if target and target.group(1).startswith("0x")
+                      else target.group(1)) if target else None
+        if j is not None and j < i and sum("HGMMA" in y for y in ins[j:i]) > span:
+            best, span = (j, i), sum("HGMMA" in y for y in ins[j:i])
+    assert best, "no loop over HGMMA instructions found"
+    return [y for y in ins[best[0]:best[1] + 1] if "LDL" in y or "STL" in y]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_attention_and_gemm_kernels_linked_as_on_the_gpu(case):
+def test_attention_and_gemm_kernels_linked_as_on_the_gpu(case, tmp_path):
     path, name, sig = CASES[case]()
-    v = link_check.verdict(path, name, sig, max_registers=CAPS.get(case))
+    cold = COLD_SPILLS.get(case)
+    cubin = str(tmp_path / "k.cubin") if cold else None
+    v = link_check.verdict(path, name, sig, max_registers=CAPS.get(case), cubin=cubin)
     assert not v["notes"], f"{case}: ptxas serialised the wgmma pipeline: {v['notes']}"
-    assert v["spill_bytes"] == 0 and v["stack_bytes"] == 0, (case, v["spill_bytes"], v["stack_bytes"], v["log"][-2000:])
     assert v["registers"] is not None and v["registers"] <= 255, (case, v["registers"])
+    if cold is None:
+        assert v["spill_bytes"] == 0 and v["stack_bytes"] == 0, (case, v["spill_bytes"], v["stack_bytes"],
+                                                                 v["log"][-2000:])
+        return
+    assert v["spill_bytes"] <= cold and v["stack_bytes"] <= cold, (case, v["spill_bytes"], v["stack_bytes"])
+    import shutil
+    import subprocess
+    tool = shutil.which("nvdisasm") or _wheel_tool("nvdisasm")
+    if tool is None:
+        pytest.skip("needs nvdisasm to see where the spills are")
+    lines = subprocess.run([tool, cubin], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert _local_memory_in_main_loop(lines) == [], f"{case}: local memory inside the main loop"
 
 
 def test_mma_backward_under_its_register_cap():

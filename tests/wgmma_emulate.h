@@ -63,6 +63,8 @@ static inline const u8* emu_at(u32 addr, int bytes = 2) {
     return emu_dyn + at;
 }
 
+static inline u32 __float_as_uint(float f) { u32 u; memcpy(&u, &f, 4); return u; }
+
 // a 4-byte store to shared memory that wgmma will read (csrc/wgmma_ptx.cuh's gw_st32)
 static inline void gw_st32(void* smem, u32 v) {
     gw_smem(smem);
@@ -166,6 +168,39 @@ static inline void emu_named_arrive(int id, int n, bool wait) {
 }
 static inline void gw_bar_sync(int id, int n) { emu_named_arrive(id, n, true); }
 static inline void gw_bar_arrive(int id, int n) { emu_named_arrive(id, n, false); }
+// the bulk-copy engine's reduction (cp.reduce.async.bulk ... .add.f32), per thread: the source is read at issue and
+// again at the wait that releases it (wait_read / wait), and the emulation aborts if the two differ (another thread
+// had not finished writing it at the issue, or it was overwritten while the engine may still read it); the adds
+// land at that wait, under a lock (blocks run one after another, so no red.add of another block is under way)
+static std::mutex emu_bulk_mu;
+struct BulkRed { float* out; const u8* src; std::vector<u8> seen; };
+static thread_local std::vector<BulkRed> bulk_open;
+static thread_local std::deque<std::vector<BulkRed>> bulk_groups;
+static inline void gw_bulk_red_add(float* out, const void* smem, int bytes) {
+    gw_smem(smem);
+    if (bytes % 16 || reinterpret_cast<uintptr_t>(out) % 16 || (gw_smem(smem) - EMU_BIAS) % 16) {
+        fprintf(stderr, "bulk reduce: %d bytes, out %p, smem %u: not 16-byte multiples\n", bytes, (void*)out, gw_smem(smem));
+        abort();
+    }
+    const u8* s = static_cast<const u8*>(smem);
+    bulk_open.push_back(BulkRed{out, s, std::vector<u8>(s, s + bytes)});
+}
+static inline void gw_bulk_commit() { bulk_groups.push_back(std::move(bulk_open)); bulk_open.clear(); }
+template <int N> static inline void gw_bulk_wait() {
+    while (int(bulk_groups.size()) > N) {
+        for (const BulkRed& r : bulk_groups.front()) {
+            if (memcmp(r.seen.data(), r.src, r.seen.size()) != 0) {
+                fprintf(stderr, "thread %d: a bulk reduce's source changed between its issue and its wait\n", threadIdx.x);
+                abort();
+            }
+            const float* v = reinterpret_cast<const float*>(r.seen.data());
+            std::lock_guard<std::mutex> g(emu_bulk_mu);
+            for (size_t i = 0; i < r.seen.size() / 4; ++i) r.out[i] += v[i];
+        }
+        bulk_groups.pop_front();
+    }
+}
+template <int N> static inline void gw_bulk_wait_read() { gw_bulk_wait<N>(); }
 template <int N> static inline void gw_regs_dec() {}
 template <int N> static inline void gw_regs_inc() {}
 
@@ -325,7 +360,9 @@ template <int N> static inline void gw_mma_wait() {
     while (int(mma_groups.size()) > N) {
         for (const Mma& m : mma_groups.front()) {
             const std::vector<float> p = emu_products(m);
-            if (p != m.seen || (m.rs && memcmp(m.my_a, m.my_a_seen, 16))) {
+            // (bit for bit: a product of stale bytes, as the attention backward's first dQ, may be NaN at both)
+            if (p.size() != m.seen.size() || memcmp(p.data(), m.seen.data(), p.size() * sizeof(float)) ||
+                (m.rs && memcmp(m.my_a, m.my_a_seen, 16))) {
                 fprintf(stderr, "a wgmma's operands changed while it was in flight\n");
                 abort();
             }

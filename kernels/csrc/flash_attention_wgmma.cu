@@ -742,6 +742,12 @@ static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16*
 // Schedule 18 (17's tile at D = 64, 13's at D = 128): S and dP in two groups; after step 3, wait 1 (S done) and P^T
 // (fa_p) while dP is still on the tensor cores (FlashAttention-3's order), a gw_schedule_fence (so that ptxas keeps
 // the exponentials before the next wait, as in the forward of 13), wait 0, then dS^T (fa_ds).
+// Schedule 20 (18 at D = 64, with dQ by the bulk-copy engine; BULK): at step 3 each warpgroup writes dQ_{i-1} (scaled)
+// as [64 rows][D] float32 into the half of dS^T buffer (i - 1) % 2 that its own dQ product has just read (free until
+// faw_store_ds of tile i + 1), fence.proxy.async, a warpgroup barrier (named barrier 1 + wg), then each of its first 64
+// threads issues one cp.reduce.async.bulk .add.f32 of its row (D * 4 bytes) into dQ and commits; at step 6 every
+// issuer waits for its reductions to have read shared memory (wait_group.read 0) before the barrier, after which the
+// buffer may be written. No red.add a thread but the last tile's.
 // Schedule 16 (D = 64 only, FawXch): step 3 stores the half of dQ_{i-1}'s columns that the other warpgroup adds to
 // an out-box in shared memory, and after step 7's copies each warpgroup adds the other's half to its own and red.adds
 // that half: one red.add of a query tile's dQ instead of one per warpgroup (half the L2 reduction traffic: 0.95
@@ -765,11 +771,11 @@ struct FawBwdSmem13 {
 template <int D, int SCHED>
 struct FawXch { static constexpr bool value = D == 64 && SCHED == 16; };
 
-// the queries of a schedule's backward step: 128 in 17 and 18 at D = 64 (FlashAttention-3's tile for head size 64: S^T and
+// the queries of a schedule's backward step: 128 in 17, 18 and 20 at D = 64 (FlashAttention-3's tile for head size 64: S^T and
 // dP^T of N = 128, the per-tile work of the loop spread over twice the queries, and dQ split between the warpgroups
 // by queries, so that each element has one red.add), else 64
 template <int D, int SCHED>
-struct FawBwdBM { static constexpr int value = D == 64 && (SCHED == 17 || SCHED == 18) ? 128 : 64; };
+struct FawBwdBM { static constexpr int value = D == 64 && (SCHED == 17 || SCHED == 18 || SCHED == 20) ? 128 : 64; };
 
 // the shared-memory layout of faw_backward_v13 in a schedule
 template <int D, int SCHED>
@@ -815,6 +821,30 @@ static __device__ __forceinline__ void faw_red_dq(float* dq, const float (&dqa)[
     }
 }
 
+// Schedule 20 (BULK, at D = 64 with 128 queries a step): this warpgroup's dQ tile of the previous step (its 64 queries
+// x D, times sc) -> st, [64 rows][D] float32 with rows D * 4 bytes apart: what one bulk reduction a row adds into dQ.
+// (The red.add of 18 left its source registers held until the L2 took them: ncu, H100, seventeenth stop: the next
+// writes of R10 / R11 after the REDG.E.ADD.F32x2 stalled on the long scoreboard, ~15 % of the backward's samples.)
+// a barrier of this warpgroup's 128 threads (named barrier 1 + wg, its id an immediate: a register id made ptxas spill)
+static __device__ __forceinline__ void faw_wg_bar(int wg) {
+    if (wg == 0) gw_bar_sync(1, 128);
+    else gw_bar_sync(2, 128);
+}
+
+template <int DQN>
+static __device__ __forceinline__ void faw_stage_dq(u8* st, const float (&dqa)[DQN / 2], int warp, int gid, int tig,
+                                                    float sc) {
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        u8* const row = st + (16 * warp + gid + 8 * r) * (DQN * 4);
+        #pragma unroll
+        for (int n = 0; n < DQN / 8; ++n) {
+            gw_st32(row + 4 * (8 * n + 2 * tig), __float_as_uint(dqa[4 * n + 2 * r] * sc));
+            gw_st32(row + 4 * (8 * n + 2 * tig + 1), __float_as_uint(dqa[4 * n + 2 * r + 1] * sc));
+        }
+    }
+}
+
 // dQ = dS K (faw_backward_v12's step 8): s_mn, k_mn the low words of the MN-major descriptors of the dS^T buffer
 // and of K (gw_desc_lo)
 template <bool KSPLIT, int DQN, bool BF16>
@@ -851,7 +881,8 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     constexpr bool QSPLIT = BM == 128, KSPLIT = D == 64 && !QSPLIT;
     constexpr int DQN = KSPLIT || QSPLIT ? D : D / 2;
     static_assert(!QSPLIT || D == 64, "128 queries a step at D = 64 only (registers)");
-    constexpr bool PSPLIT = SCHED == 18;                         // P^T while dP^T is on the tensor cores
+    constexpr bool PSPLIT = SCHED == 18 || SCHED == 20;         // P^T while dP^T is on the tensor cores
+    constexpr bool BULK = SCHED == 20 && QSPLIT;                 // dQ by the bulk-copy engine (faw_stage_dq)
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     u8* const sm = gw_aligned_smem();
@@ -914,6 +945,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
               s_mn = base + (L::DS_OFF >> 4) + (QSPLIT ? wg * BN * 8 : 0) + LBM,   // (QSPLIT: its block of queries)
               k_mn = base + (L::K_OFF >> 4) + (KSPLIT || QSPLIT ? 0 : wg * BN * 8) + LBN;
     const int dq_col = KSPLIT || QSPLIT ? 0 : DQN * wg, dq_row = QSPLIT ? 64 * wg : 0;   // (its dQ block)
+    const size_t dq_off = (size_t(b) * T * H + h) * D;          // (BULK: dQ row i of this head at dq + i H D + dq_off)
 
     gw_cp_wait<1>();                                               // tile 0 (and K, V)
     gw_fence_async();
@@ -948,7 +980,12 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         gw_pin(dqa);
         if constexpr (XCH) {             // the other warpgroup's half to its out-box; added after the barrier (7.)
             if (it > 0) faw_xch_store<DQN>(xs + ((sb ^ 1) * 2 + wg) * (L::XH / 8), dqa, wg, tid & 127);
-        } else {
+        } else if constexpr (BULK) {     // dQ_{i-1} staged where this warpgroup's dQ product read its dS^T block (the
+            if (it > 0) {                // product just waited for; the other warpgroup reads only its own block),
+                faw_wg_bar(wg);              // once all four warps are past that wait (a warp's wait says nothing of
+                faw_stage_dq<DQN>(Ss + (sb ^ 1) * L::DS + wg * (L::DS / 2), dqa, warp, gid, tig, dq_scale);   // the
+            }                            // others' reads); the bulk reduction is issued after the softmax (fewer
+        } else {                         // registers live there)
             if (it > 0) faw_red_dq<DQN>(dq, dqa, i0 - BM + dq_row, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
         }
 
@@ -973,6 +1010,17 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         }
         faw_pack_p_ds<NT, BF16>(S, DP, pa, sa);
         faw_store_ds<NT>(Ss + sb * L::DS, sa, wg, warp, gid, tig);
+        if constexpr (BULK) {            // dQ_{i-1}, staged at step 3, a row a thread of the first 64 (faw_store_ds
+            if (it > 0) {                // writes this buffer again at i + 1, after step 6's wait_read and barrier)
+                gw_fence_async();
+                faw_wg_bar(wg);
+                const int row = tid & 127, i = i0 - BM + dq_row + row;
+                if (row < 64 && i < T)
+                    gw_bulk_red_add(dq + size_t(i) * (H * D) + dq_off,
+                                    Ss + (sb ^ 1) * L::DS + wg * (L::DS / 2) + row * D * 4, D * 4);
+                gw_bulk_commit();
+            }
+        }
 
         gw_pin(dka);                                               // 5.
         gw_pin(dva);
@@ -987,6 +1035,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
         gw_mma_commit();
 
         gw_cp_wait<0>();                                           // 6.
+        if constexpr (BULK) gw_bulk_wait_read<0>();                // (the staged dQ read: its buffer is free again)
         gw_fence_async();
         __syncthreads();
 
@@ -1017,6 +1066,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     gw_pin(dqa);
     faw_red_dq<DQN>(dq, dqa, i_start + BM * (nq - 1) + dq_row, warp, gid, tig, T, H, h, b, D, dq_col, dq_scale);
     gw_cp_wait<0>();
+    if constexpr (BULK) gw_bulk_wait<0>();                         // (no bulk reduction in flight at the exit)
 
     const float (&DK)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dka);
     const float (&DV)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dva);

@@ -98,6 +98,21 @@ template <int N> static __device__ __forceinline__ void gw_regs_dec() { asm vola
 template <int N> static __device__ __forceinline__ void gw_regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }
 static __device__ __forceinline__ void gw_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// ---- the bulk-copy engine's reduction into global memory (the attention backward's dQ in schedule 20) ----------
+// out[0 .. bytes / 4) += the float32 values at smem, by the async proxy (the smem writes made visible to it by
+// gw_fence_async and a barrier before); bytes % 16 == 0, both addresses 16-byte aligned. Per issuing thread: commit
+// closes a bulk group, wait_read<N> returns once at most N of its groups still read shared memory (the source may be
+// overwritten), wait<N> once at most N are incomplete.
+static __device__ __forceinline__ void gw_bulk_red_add(float* out, const void* smem, int bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                 :: "l"(out), "r"(gw_smem(smem)), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void gw_bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int N>
+static __device__ __forceinline__ void gw_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;" :: "n"(N) : "memory"); }
+template <int N>
+static __device__ __forceinline__ void gw_bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;" :: "n"(N) : "memory"); }
+
 // x = 0 through an instruction the compiler cannot see through, so that accumulators never share a register
 static __device__ __forceinline__ void gw_opaque_zero(int& x) { asm volatile("mov.b32 %0, 0;" : "=r"(x)); }
 
