@@ -182,6 +182,8 @@ BWD_CASES = [   # B, T, H, KV, D, window, pad, dtype
 @pytest.mark.parametrize("B,T,H,KV,D,window,pad,dtype", BWD_CASES)
 def test_emulated_wgmma_backward_matches_float64_reference(emulated, B, T, H, KV, D, window, pad, dtype):
     from test_attention_flash import check_all
+    if fm.kernel_sched("wgmma bwd", D, emulated.emu_faw_sched()) != emulated.emu_faw_sched():
+        pytest.skip(f"(schedule {emulated.emu_faw_sched()}'s backward at D = {D} is another build's)")
 
     q, k, v, do, mask = make_inputs(B, T, H, KV, D, seed=T * D + 1, pad=pad)
     do = do * 1e-7                         # gradients this small are fp16 subnormals unless scaled
