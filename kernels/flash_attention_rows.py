@@ -36,11 +36,7 @@ def backward_rows_kernel(do_code: int, o_code: int, out_code: int, nc: int):
     ld_do, ld_o, st = loader(do_code), loader(o_code), storer(out_code)
     NC, SLOTS = nc, reduce_slots(32)
     if SIMULATOR:
-        block_sum, _ = block_reducers(32)
-
-        @cuda.jit(device=True)
-        def row_sum(v, buf):
-            return block_sum(v, buf)
+        row_sum, _ = block_reducers(32)                  # the block is the warp: every lane gets the total
     else:
         @cuda.jit(device=True, inline=True)
         def row_sum(v, buf):                             # lane 0 gets the warp's total

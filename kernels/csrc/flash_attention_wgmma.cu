@@ -742,12 +742,13 @@ static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16*
 // Schedule 18 (17's tile at D = 64, 13's at D = 128): S and dP in two groups; after step 3, wait 1 (S done) and P^T
 // (fa_p) while dP is still on the tensor cores (FlashAttention-3's order), a gw_schedule_fence (so that ptxas keeps
 // the exponentials before the next wait, as in the forward of 13), wait 0, then dS^T (fa_ds).
-// Schedule 20 (18 at D = 64, with dQ by the bulk-copy engine; BULK): at step 3 each warpgroup writes dQ_{i-1} (scaled)
-// as [64 rows][D] float32 into the half of dS^T buffer (i - 1) % 2 that its own dQ product has just read (free until
-// faw_store_ds of tile i + 1), fence.proxy.async, a warpgroup barrier (named barrier 1 + wg), then each of its first 64
-// threads issues one cp.reduce.async.bulk .add.f32 of its row (D * 4 bytes) into dQ and commits; at step 6 every
-// issuer waits for its reductions to have read shared memory (wait_group.read 0) before the barrier, after which the
-// buffer may be written. No red.add a thread but the last tile's.
+// Schedule 20 (18 at D = 64, with dQ by the bulk-copy engine; BULK): at step 3, after a warpgroup barrier (every warp
+// of it past the wait for dQ_{i-1}), each warpgroup writes dQ_{i-1} (scaled) as [64 rows][D] float32 into the half of
+// dS^T buffer (i - 1) % 2 that its own dQ product has just read (free until faw_store_ds of tile i + 1); after the
+// softmax, fence.proxy.async and a second warpgroup barrier, each of its first 64 threads issues one
+// cp.reduce.async.bulk .add.f32 of its row (D * 4 bytes) into dQ and commits; at step 6 every issuer waits for its
+// reductions to have read shared memory (wait_group.read 0) before the barrier, after which the buffer may be
+// written. No red.add a thread but the last tile's.
 // Schedule 16 (D = 64 only, FawXch): step 3 stores the half of dQ_{i-1}'s columns that the other warpgroup adds to
 // an out-box in shared memory, and after step 7's copies each warpgroup adds the other's half to its own and red.adds
 // that half: one red.add of a query tile's dQ instead of one per warpgroup (half the L2 reduction traffic: 0.95
@@ -821,16 +822,16 @@ static __device__ __forceinline__ void faw_red_dq(float* dq, const float (&dqa)[
     }
 }
 
-// Schedule 20 (BULK, at D = 64 with 128 queries a step): this warpgroup's dQ tile of the previous step (its 64 queries
-// x D, times sc) -> st, [64 rows][D] float32 with rows D * 4 bytes apart: what one bulk reduction a row adds into dQ.
-// (The red.add of 18 left its source registers held until the L2 took them: ncu, H100, seventeenth stop: the next
-// writes of R10 / R11 after the REDG.E.ADD.F32x2 stalled on the long scoreboard, ~15 % of the backward's samples.)
 // a barrier of this warpgroup's 128 threads (named barrier 1 + wg, its id an immediate: a register id made ptxas spill)
 static __device__ __forceinline__ void faw_wg_bar(int wg) {
     if (wg == 0) gw_bar_sync(1, 128);
     else gw_bar_sync(2, 128);
 }
 
+// Schedule 20 (BULK, at D = 64 with 128 queries a step): this warpgroup's dQ tile of the previous step (its 64 queries
+// x D, times sc) -> st, [64 rows][D] float32 with rows D * 4 bytes apart: what one bulk reduction a row adds into dQ.
+// (The red.add of 18 left its source registers held until the L2 took them: ncu, H100, seventeenth stop: the next
+// writes of R10 / R11 after the REDG.E.ADD.F32x2 stalled on the long scoreboard, ~15 % of the backward's samples.)
 template <int DQN>
 static __device__ __forceinline__ void faw_stage_dq(u8* st, const float (&dqa)[DQN / 2], int warp, int gid, int tig,
                                                     float sc) {
