@@ -8,7 +8,7 @@ from .gemv import gemv, gemv_workspace
 from .gemv_chunk import CHUNKS, gemv_chunk, gemv_chunk_workspace
 from .gemv_dp4a import gemv_dp4a, gemv_dp4a_workspace
 from .linked import (dequant_linked_cublas, dequant_linked_workspace, gemm_mma_linked, gemm_mma_workspace,
-                     gemm_wgmma_linked, gemm_wgmma_s8_linked, gemm_wgmma_s8_workspace,
+                     gemm_wgmma_linked, gemm_wgmma_rs_linked, gemm_wgmma_s8_linked, gemm_wgmma_s8_workspace,
                      gemv_f32_linked, gemv_f32_workspace, gemv_mma_linked, gemv_mma_rows_linked, gemv_mma_rows_workspace, gemv_mma_workspace,
                      gemv_q8_linked, gemv_q8_workspace)
 from .registry import ALL_QTYPES, Variant, register
@@ -114,6 +114,18 @@ def _gemm_wgmma(name, bn, swz=1, what="", mt=1, qtypes=LINKED_QTYPES):
                     f"(its twin: gemm_wgmma_twin.py)")
 
 
+def _gemm_wgmma_rs(name, bx, xs, ws=2):
+    # the numbers of gemm_wgmma (fp16 x, W decoded to fp16 with its scales rounded to fp16, FP32 accumulation)
+    return Variant(
+        name=name, qtypes=("Q4_K",), fn=gemm_wgmma_rs_linked, m_min=64, rel_err=2e-3,
+        workspace=gemm_mma_workspace, accepts=F16_IN, device="gpu", simulated=False,
+        params={"bx": bx, "xs": xs, "ws": ws},
+        description=f"linked CUDA C, sm_90 only: fused GEMM on wgmma computed as W x^T, 128 W rows x {bx} x rows a CTA, "
+                    f"each consumer thread decoding Q4_K straight into its register A fragments, a producer "
+                    f"warpgroup filling {xs} x slots and {ws} raw-W slots (mbarriers), no scratch "
+                    f"(checked on the CPU by tests/gemm_wgmma_rs_emulate.cpp; no Numba twin yet)")
+
+
 BUILTIN = [
     _gemv(1, 4), _gemv(2, 4), _gemv(4, 4, m_max=8), _gemv(2, 8),
     _chunk(1, 4), _chunk(2, 4), _chunk(4, 4, m_max=8),
@@ -127,6 +139,7 @@ BUILTIN = [
     _gemm_wgmma("gemm_wgmma_linked_plain", 0, swz=0, what=" (no swizzle: the fallback layout)"),
     _gemm_wgmma("gemm_wgmma_linked_m2", 128, mt=2, qtypes=("Q4_K",),   # (Q6_K's decode spills 36 bytes beside them)
                 what=" (two m-tiles a warpgroup: half the decode a multiply-add)"),
+    _gemm_wgmma_rs("gemm_wgmma_rs_linked", 256, 4), _gemm_wgmma_rs("gemm_wgmma_rs_linked_x128", 128, 6),
     Variant(name="gemm_wgmma_s8_linked", qtypes=LINKED_QTYPES, fn=gemm_wgmma_s8_linked, m_min=64, rel_err=2e-2,
             workspace=gemm_wgmma_s8_workspace, accepts=F16_IN, device="gpu", simulated=False,
             description="linked CUDA C, sm_90 only: int8 GEMM on wgmma, x to int8 per 256, each W super-block "

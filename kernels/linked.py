@@ -12,6 +12,7 @@ device function of a csrc/ file, which NVRTC compiles when the kernel is first l
     csrc/decode_cast.cu  decode to fp16, fp32 -> fp16 cast
     csrc/gemm_mma.cu     Q4_K / Q6_K GEMM on fp16 x with the fp16 tensor cores, decode in the product
     csrc/gemm_wgmma.cu   Q4_K / Q6_K GEMM on fp16 x with Hopper's wgmma, W decoded once per CTA tile
+    csrc/gemm_wgmma_rs.cu  Q4_K GEMM on wgmma, W decoded into the register A operand, warp-specialised
     csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated), tile_order.cuh, wgmma_ops.cuh (generated)
 
 NVRTC gets no include path, so source_with() inlines a file's ``#include "x.cuh"`` lines (each
@@ -56,7 +57,7 @@ from .weights import address, columns, qtype_name
 
 CSRC = Path(__file__).with_name("csrc")
 JOBS = ("quantize_x.cu", "gemv_dp4a.cu", "gemv_f32.cu", "gemv_mma.cu", "decode_cast.cu", "gemm_mma.cu", "gemm_wgmma.cu",
-        "gemm_wgmma_s8.cu")
+        "gemm_wgmma_s8.cu", "gemm_wgmma_rs.cu")
 QTYPES = ("Q4_K", "Q6_K")                                # the types csrc/ decodes
 TEMPLATES = {q: LAYOUTS[q].c_name for q in QTYPES}       # prefix of their C functions: "q4k", "q6k"
 QUANT_THREADS = 256
@@ -731,6 +732,14 @@ def _wgmma_call(what, w_raw, x, out, n_out):
     return cupy.ndarray(((M - 1) * ldo + n_out,), dtype=np.uint16 if out16 else np.float32, memptr=out.data), ldo, out16
 
 
+def _x16_for_wgmma(x):
+    """x as the wgmma GEMMs read it: fp16 (float32 cast by to_f16), C-contiguous, 16-byte aligned."""
+    import cupy
+
+    x16 = cupy.ascontiguousarray(to_f16(x))
+    return x16.copy() if address(x16) % 16 else x16
+
+
 def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1, mt=1):
     """out[:] = x @ W.T for Q4_K or Q6_K rows on an sm_90 GPU: each CTA decodes its W tile once a K step
     into shared memory (fp16; the scales rounded to fp16 too) for wgmma (fp16 in, FP32 accumulate),
@@ -738,8 +747,6 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1,
     float16 [M, n_out] with unit-stride rows (C-contiguous, or a column block of a wider matrix). W must
     start 16-byte aligned (as CuPy allocates)."""
     _require_gpu("gemm_wgmma_linked")
-    import cupy
-
     q, K = _check(w_raw, qtype, n_out)
     bn = bn or WGMMA_BN[q]
     smem = gemm_wgmma_check(q, bn, nwg, stages, swz, mt)
@@ -747,10 +754,71 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1,
     if flat is None:
         return out
     M = x.shape[0]
-    x16 = cupy.ascontiguousarray(to_f16(x))
-    if address(x16) % 16:
-        x16 = x16.copy()
+    x16 = _x16_for_wgmma(x)
     launch(gemm_wgmma_kernel(q, bn, nwg, stages, swz, out16, mt), -(-n_out // bn) * -(-M // (64 * nwg * mt)), 128 * nwg,
+           w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
+    return out
+
+
+# -- csrc/gemm_wgmma_rs.cu: the fused GEMM with W decoded into wgmma's register A operand ----------------------
+GR_THREADS, GR_REGISTERS = 384, 168     # a producer and two consumer warpgroups; 65536 / 384 (setmaxnreg moves them)
+GR_SHAPES = ((256, 4, 2), (128, 6, 2), (64, 2, 2), (64, 3, 3))   # (x rows a CTA, x slots, W slots) the C instantiates
+
+
+def gemm_wgmma_rs_smem(bx: int, xs: int, ws: int) -> int:
+    """Dynamic shared memory of gemm_wgmma_rs<bx, xs, ws> (GrSmem::BYTES): xs x slots (bx rows x 64 fp16), ws raw
+    super-blocks of the CTA's 128 W rows (144 bytes a row), 16 bytes of mbarriers a slot pair, 1024 to align."""
+    return xs * bx * 128 + ws * 128 * 144 + 16 * (xs + ws) + 1024
+
+
+def gemm_wgmma_rs_check(bx: int, xs: int, ws: int) -> int:
+    """Q4KError unless gemm_wgmma_rs<bx, xs, ws> is an instantiated shape; its shared memory bytes."""
+    if (bx, xs, ws) not in GR_SHAPES:
+        raise Q4KError(f"gemm_wgmma_rs: (bx, xs, ws) = {(bx, xs, ws)} is not a shape the kernel has "
+                       f"({', '.join(map(str, GR_SHAPES))})")
+    return gemm_wgmma_rs_smem(bx, xs, ws)
+
+
+def gemm_wgmma_rs_source(bx: int, xs: int, ws: int, out16: bool) -> tuple:
+    """(file, name, extern "C" wrapper) of gemm_wgmma_rs<bx, xs, ws, out16>."""
+    name = f"q4k_gemm_wgmma_rs_x{bx}_s{xs}_w{ws}_o{16 if out16 else 32}"
+    return "gemm_wgmma_rs.cu", name, (
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u16* x, void* out, int ldo) '
+        f'{{ gemm_wgmma_rs<{bx}, {xs}, {ws}, {int(out16)}>(w, rb, n, K, M, x, out, ldo); return 0; }}\n')
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_wgmma_rs_kernel(bx: int, xs: int, ws: int, out16: bool):
+    """The Numba kernel for gemm_wgmma_rs<...>: ceil(M / bx) * ceil(n_out / 128) blocks of GR_THREADS threads,
+    built with GR_REGISTERS a thread, gemm_wgmma_rs_smem(...) bytes of dynamic shared memory."""
+    file, name, extra = gemm_wgmma_rs_source(bx, xs, ws, out16)
+    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32),
+                             link=[source_with(extra, file)], abi="c")
+
+    @linked_jit(GR_REGISTERS)
+    def kernel(w, row_bytes, n_out, K, M, x, out, ldo):
+        fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x), data_ptr(out),
+           np.int32(ldo))
+
+    return kernel
+
+
+def gemm_wgmma_rs_linked(x, w_raw, qtype, n_out, out, bx=256, xs=4, ws=2):
+    """out[:] = x @ W.T for Q4_K rows on an sm_90 GPU, W decoded by each consumer thread straight into the A
+    fragments of wgmma (the product computed as W x^T), a producer warpgroup filling the x and raw-W rings
+    (csrc/gemm_wgmma_rs.cu). x fp16 (float32 x is cast by to_f16); out float32 or float16 [M, n_out] with
+    unit-stride rows. No decode scratch. W 16-byte aligned."""
+    _require_gpu("gemm_wgmma_rs_linked")
+    q, K = _check(w_raw, qtype, n_out)
+    if q != "Q4_K":
+        raise Q4KError(f"gemm_wgmma_rs_linked decodes Q4_K only, not {q}")
+    smem = gemm_wgmma_rs_check(bx, xs, ws)
+    flat, ldo, out16 = _wgmma_call("gemm_wgmma_rs_linked", w_raw, x, out, n_out)
+    if flat is None:
+        return out
+    M = x.shape[0]
+    x16 = _x16_for_wgmma(x)
+    launch(gemm_wgmma_rs_kernel(bx, xs, ws, out16), -(-n_out // 128) * -(-M // bx), GR_THREADS,
            w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
     return out
 

@@ -12,6 +12,8 @@ contents (d = A B), 1 adds to them:
     GwMma<N, BF16>    A and B from shared memory through 64-bit matrix descriptors, both K-major
     GwMmaRS<N, BF16>  A from registers (4 words a thread: the m16n8k16 A fragment of the thread's
                       warp's 16 rows), B from shared memory, MN-major (imm-trans-b = 1)
+    GwMmaRK<N, BF16>  A from registers as GwMmaRS, B K-major in shared memory (imm-trans-b = 0): the fused
+                      GEMM with W decoded into registers (csrc/gemm_wgmma_rs.cu, x rows as N)
     GwMmaTT<N, BF16>  A and B from shared memory, both MN-major (imm-trans-a = imm-trans-b = 1)
     GwMmaS8<N>        m64nNk32, int8 A and B (K-major, shared memory), s32 accumulators d[N / 2]
 The fragment of d a thread holds (thread t of the warpgroup, warp w = t / 32, lane = 4 g + i):
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 SS_NS = (32, 64, 128, 256)       # the widths the GEMM (N = its BN) and attention's S = Q K^T (N = keys) use
 RS_NS = (64, 128)                # attention's O += P V, dV += P^T dO, dK += dS^T Q (N = the head size)
+RK_NS = (64, 128, 256)           # the register-A GEMM (N = its x rows a CTA)
 TT_NS = (64,)                    # attention's dQ = dS K (N = 64 columns a warpgroup owns)
 S8_NS = (128,)                   # the int8 GEMM (csrc/gemm_wgmma_s8.cu: N = its BN)
 
@@ -48,14 +51,15 @@ def _wrapper(struct: str, n: int, acc: str, a_arg: str, instr: str, a_ops: str, 
     return "\n".join(lines)
 
 
-def _one(n: int, bf16: bool, rs: bool, tt: bool = False) -> str:
+def _one(n: int, bf16: bool, rs: bool, tt: bool = False, rk: bool = False) -> str:
     regs, kind = n // 2, ("bf16" if bf16 else "f16")
-    struct = f"{'GwMmaRS' if rs else 'GwMmaTT' if tt else 'GwMma'}<{n}, {'true' if bf16 else 'false'}>"
+    name = "GwMmaRK" if rk else "GwMmaRS" if rs else "GwMmaTT" if tt else "GwMma"
+    struct = f"{name}<{n}, {'true' if bf16 else 'false'}>"
     instr = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{kind}.{kind}"
-    if rs:
+    if rs or rk:
         return _wrapper(struct, n, "float", "const unsigned (&a)[4]", instr,
-                        f"{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}", f"%{regs + 4}", ", 1, 1, 1",
-                        '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)')
+                        f"{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}", f"%{regs + 4}",
+                        ", 1, 1, 0" if rk else ", 1, 1, 1", '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)')
     return _wrapper(struct, n, "float", "unsigned long long a", instr, f"%{regs}", f"%{regs + 1}",
                     ", 1, 1, 1, 1" if tt else ", 1, 1, 0, 0", '"l"(a), "l"(b)')
 
@@ -74,6 +78,7 @@ def header() -> str:
              "//   A and B K-major in shared memory (fp16, or bf16 with BF16);",
              "// GwMmaRS<N, BF16>::run(d, a[4], desc_b, scale_d): the same with A from registers and B MN-major",
              "//   (B[16 x N] stored N-contiguous: imm-trans-b = 1);",
+             "// GwMmaRK<N, BF16>::run(d, a[4], desc_b, scale_d): A from registers, B K-major (imm-trans-b = 0);",
              "// GwMmaTT<N, BF16>::run(d, desc_a, desc_b, scale_d): A and B from shared memory, both MN-major",
              "//   (A[64 x 16] stored M-contiguous, B N-contiguous: imm-trans-a = imm-trans-b = 1);",
              "// GwMmaS8<N>::run(d, desc_a, desc_b, scale_d): m64nNk32 on int8 A, B (K-major), s32 d[N / 2].",
@@ -83,6 +88,7 @@ def header() -> str:
              "",
              "template <int N, bool BF16 = false> struct GwMma;",
              "template <int N, bool BF16 = false> struct GwMmaRS;",
+             "template <int N, bool BF16 = false> struct GwMmaRK;",
              "template <int N, bool BF16 = false> struct GwMmaTT;",
              "template <int N> struct GwMmaS8;",
              ""]
@@ -90,6 +96,9 @@ def header() -> str:
         for n in ns:
             for bf16 in (False, True):
                 parts += [_one(n, bf16, rs, tt), ""]
+    for n in RK_NS:
+        for bf16 in (False, True):
+            parts += [_one(n, bf16, True, rk=True), ""]
     for n in S8_NS:
         parts += [_s8(n), ""]
     parts.append("#endif")

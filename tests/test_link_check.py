@@ -34,6 +34,11 @@ def _gemm(qtype, s8, mt=1):
     return linked.source_with(extra, file), name, sig
 
 
+def _gemm_rs(bx, xs, ws):
+    file, name, extra = linked.gemm_wgmma_rs_source(bx, xs, ws, False)
+    return linked.source_with(extra, file), name, types.int32(P, I, I, I, I, P, P, I)
+
+
 def _mma_forward(D, bf16, schedule):
     name, extra = fam.forward_source(D, bf16, 0, None, schedule)
     return fam._source_with(extra), name, fam._FORWARD_SIG
@@ -71,11 +76,14 @@ CASES = {
     "gemm_wgmma_q6k": lambda: _gemm("Q6_K", False),
     "gemm_wgmma_q4k_m2": lambda: _gemm("Q4_K", False, 2),
     "gemm_wgmma_s8_q4k": lambda: _gemm("Q4_K", True),
+    "gemm_wgmma_rs_x256_ws": lambda: _gemm_rs(256, 4, 2),
+    "gemm_wgmma_rs_x128_ws": lambda: _gemm_rs(128, 6, 2),
 }
 
 
-CAPS = {c: fam.WS_REGISTERS for c in CASES if c.endswith("_ws")}   # as flash_attention_mma builds them (setmaxnreg
-# then gives the consumer warpgroups 232)
+CAPS = {c: fam.WS_REGISTERS if c.startswith("attention") else linked.GR_REGISTERS
+        for c in CASES if c.endswith("_ws")}   # as flash_attention_mma and linked build them (setmaxnreg then gives
+# the consumer warpgroups 232)
 
 
 # kernels whose spills ptxas keeps out of the main loop: values of the prologue used again after it (schedule 20's

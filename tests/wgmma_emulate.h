@@ -278,6 +278,7 @@ struct Mma {
     u32 my_a_seen[4];
     std::vector<float> seen;
     int* di = nullptr;                // s8: m64nNk32 on int8 operands, s32 accumulators
+    bool bk = false;                  // rs: B K-major (imm-trans-b = 0)
 };
 static thread_local std::vector<Mma> mma_open;
 static thread_local std::deque<std::vector<Mma>> mma_groups;
@@ -299,7 +300,8 @@ static std::vector<float> emu_products(const Mma& m) {
             for (int k = 0; k < 16; ++k) {
                 const float a = m.rs ? m.A[row * 16 + k] : m.tt ? emu_operand_mn(m.a, k, row, m.bf16)
                                                                 : emu_operand(m.a, row, k, m.bf16);
-                const float b = m.rs || m.tt ? emu_operand_mn(m.b, k, col, m.bf16) : emu_operand(m.b, col, k, m.bf16);
+                const float b = (m.rs && !m.bk) || m.tt ? emu_operand_mn(m.b, k, col, m.bf16)
+                                                        : emu_operand(m.b, col, k, m.bf16);
                 s += a * b;
             }
             p[4 * j + e] = s;
@@ -330,7 +332,7 @@ static inline void gw_mma_tt(float (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {
 }
 
 template <int N, bool BF16 = false>
-static inline void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int scale_d = 1) {
+static inline void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int scale_d = 1, bool b_kmajor = false) {
     const int t = threadIdx.x & 127;
     EmuWarpgroup& wg = emu_warpgroups[threadIdx.x / 128];
     for (int e = 0; e < 4; ++e) wg.a[t][e] = a[e];
@@ -342,9 +344,16 @@ static inline void gw_mma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b, int sc
             for (int h = 0; h < 2; ++h)
                 m.A[(16 * w + g + 8 * (e & 1)) * 16 + 2 * i + 8 * (e >> 1) + h] = emu_16(u16(wg.a[u][e] >> (16 * h)), BF16);
     }
+    m.bk = b_kmajor;
     wg.bar.arrive_and_wait();
     m.seen = emu_issue(m);
     mma_open.push_back(std::move(m));
+}
+
+// A from registers, B K-major (csrc/gemm_wgmma_rs.cu)
+template <int N, bool BF16 = false>
+static inline void gw_mma_rk(float (&d)[N / 2], const u32 (&a)[4], u64 b, int scale_d = 1) {
+    gw_mma_rs<N, BF16>(d, a, b, scale_d, true);
 }
 
 template <int N>

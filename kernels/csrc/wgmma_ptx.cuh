@@ -52,6 +52,12 @@ static __device__ __forceinline__ void gw_mma_rs(float (&d)[N / 2], const u32 (&
     GwMmaRS<N, BF16>::run(d, a, b, scale_d);
 }
 
+// d = scale_d * d + A B^T, A in registers (m16n8k16 A fragments), B K-major in shared memory
+template <int N, bool BF16 = false>
+static __device__ __forceinline__ void gw_mma_rk(float (&d)[N / 2], const u32 (&a)[4], u64 b, int scale_d = 1) {
+    GwMmaRK<N, BF16>::run(d, a, b, scale_d);
+}
+
 // d = scale_d * d + A B, A (M-contiguous) and B (N-contiguous) both MN-major in shared memory
 template <int N, bool BF16 = false>
 static __device__ __forceinline__ void gw_mma_tt(float (&d)[N / 2], u64 a, u64 b, int scale_d = 1) {

@@ -1,0 +1,253 @@
+// Fused prefill GEMM on wgmma with the Q4_K weights decoded into registers (Machete's idea): warp-specialised,
+// no __syncthreads in the K loop, no decoded tile in shared memory.
+//
+//   out[M, N] (fp32 or fp16) = x[M, K] (fp16) @ W[N, K].T,   W: raw Q4_K rows, K % 256 == 0
+//
+// Why (docs/perf.md, eighteenth stop): gemm_wgmma.cu decodes W into a shared fp16 tile that both warpgroups'
+// wgmma read, so every K step needs two __syncthreads, and the same threads issue the cp.async, decode and
+// wgmma: ncu (H100, 18944 x 3584, M = 4096) shows 43 % issue utilisation, IMAD / branch / barrier the top of the
+// samples, and it runs at 0.39-0.53x cuBLAS. Here the product is computed transposed, out^T = W x^T: W is
+// wgmma's A operand, which may come from registers, so each consumer thread decodes exactly the A fragment it
+// feeds (8 weights a k16 slice) straight from the raw bytes, and x is the B operand from shared memory.
+//
+// Warpgroups (384 threads, setmaxnreg 88 / 208: the producer's unrolled copies spill at 56; the consumers use ~195):
+//   warpgroup 0 produces: cp.async of x tiles (XS slots) and raw W super-blocks (WS slots), signalled by
+//     cp.async.mbarrier.arrive.noinc on full_x[s] / full_w[s] (128 arrivals each)
+//   warpgroups 1, 2 consume: warpgroup 1 + c owns W rows n0 + 64 c .. + 64 and all BX x rows of the CTA's tile:
+//     BX / 2 FP32 accumulators a thread (m64nBXk16 with the W rows as M, the x rows as N)
+//   empty_x[s] (256 arrivals): both consumers' wgmma of the step in slot s are complete; empty_w[s] (256): both
+//   consumers have read super-block slot s into registers (the decode; the wgmma never read W from memory).
+//
+// The K order. A thread of warp w, lane 4 g + i holds A[16 w + g + 8 (e & 1)][2 i + 8 (e >> 1) + (0, 1)] in a[e] (the
+// m16n8k16 A fragment): the weights k = 2 i, 2 i + 1 (a[0], a[1]) and 2 i + 8, 2 i + 9 (a[2], a[3]) of slice t, i.e.
+// quarter q's weights 16 t + 2 i + (0, 1) and 16 t + 8 + 2 i + (0, 1). In quarter q (64 weights) of a Q4_K
+// super-block, byte b of qs chunk q holds weight 64 q + b (low nibble) and 64 q + 32 + b (high nibble): slices 0, 1
+// are the low nibbles of bytes 0..15, 16..31 and slices 2, 3 their high nibbles. So a thread reads, per row and
+// quarter, the four byte pairs 2 i + 8 u (u < 4) with one 16-bit load each, and pair u feeds slice u / 2 (low
+// nibbles) and slice 2 + u / 2 (high nibbles), as k 2 i (u even) or 2 i + 8 (u odd). x stays in its natural order
+// (slice t: the 32 bytes 32 t .. of the step's row): a permuted x tile cost twice the L2 sectors and 8 times the
+// shared-memory wavefronts of its cp.async (ncu, eighteenth stop: a 32-byte sector's two 16-byte halves went to
+// chunks that were not neighbours).
+
+// Decode (per row and slice, in fp16x2, as gemm_wgmma.cu): v = the two bytes, p = byte_perm(v, 0, 0x4140) (byte 0
+// in half 0, byte 1 in half 1), lo = (p & 0x000F000F) | 0x64006400, hi = ((p >> 4) & 0x000F000F) | 0x64006400,
+// then (h - 1024) exactly, times fp16(d sc) plus -fp16(dmin m) of sub-block 2 q (lo) or 2 q + 1 (hi), one rounding
+// (the same numbers as gemm_wgmma.cu's decode, so the same 2e-3 bound).
+//
+// Shared memory (1024-byte aligned base): X[XS] (BX rows x 128 bytes, 128-byte swizzled K-major), W[WS] (the CTA's
+// 128 rows of super-block j, 144 bytes a row), then the mbarriers. Producer order for step s (64 of K): at s = 0 W(0),
+// at s % 4 == 2 W(s / 4 + 1) (a super-block two steps before it is needed), then X(s); it waits for empty_* before
+// refilling a slot. Consumer, step s = 4 j + q: (q = 0: wait full_w, read the two rows' scale heads) decode the 4
+// slices into a[s % 2] (16 registers; q = 3: arrive on empty_w), wait full_x, wgmma.fence, 4 wgmma (A registers,
+// B descriptor + 32 t bytes), commit, wait_group 1 (step s - 1 done: its A registers and x slot are free), arrive on
+// empty_x of step s - 1. So the decode of step s + 1 runs while step s is on the tensor cores.
+// tests/gemm_wgmma_rs_emulate.cpp runs this file on the CPU (a host thread per CUDA thread, wgmma at its wait, the
+// mbarriers performing the copies, the A fragments exchanged across the warpgroup). Its Numba twin for the simulator
+// is not written yet (eighteenth stop: docs/perf.md).
+//
+// Measured (H100, eighteenth stop, `bench kernels --qtypes Q4_K --m 512 4096`, cuBLAS fp16 on the decoded weights in
+// the same run): 0.65-0.84x cuBLAS at M = 4096, 0.40-0.81x at M = 512 (the LM head 0.81x, where the scratch path
+// gives 0.57x); gemm_wgmma.cu gives 0.39-0.53x on the same shapes.
+#include "gemm_wgmma.cu"
+
+#define GR_REGS 168            // the launch's cap (kernels/linked.py GR_REGISTERS): 65536 / 384
+constexpr int GR_PRODUCER_REGS = 88;                            // (at 56 its unrolled copies spilled)
+constexpr int GR_CONSUMER_REGS = (384 * GR_REGS - 128 * GR_PRODUCER_REGS) / 256;   // all the producer frees: 208
+static_assert(128 * GR_PRODUCER_REGS + 256 * GR_CONSUMER_REGS <= 384 * GR_REGS, "setmaxnreg must fit the launch");
+
+template <int BX, int XS, int WS>
+struct GrSmem {
+    static constexpr int BW = 128;                               // W rows a CTA (two consumers of 64)
+    static constexpr int X = BX * 128, W = BW * Q4_K_BYTES;
+    static constexpr int X_OFF = 0, W_OFF = XS * X, BAR_OFF = W_OFF + WS * W;
+    static constexpr int BYTES = BAR_OFF + 16 * (XS + WS) + 1024;   // + the alignment of the base
+    static_assert(X % 1024 == 0, "1024-byte aligned x slots (the swizzle's atoms)");
+};
+
+// x rows m0 .. + BX, columns 64 s .. + 64 -> slot xs, 128-byte swizzled K-major (zero rows past M).
+// Thread pt (0..127) copies chunk c = pt % 8 of rows pt / 8 + 16 k (a warp: four whole 128-byte rows an
+// instruction); the swizzle term r % 8 is the same for all its rows. Unrolled, so that each cp.async has address
+// registers of its own: in a rolled loop every cp.async waited for the previous one to release its address
+// registers (ncu, eighteenth stop: the producer's loop branch stalled on long_sb, the consumers waited on full_x).
+// FULL (every row of the tile below M, the common case) drops the per-row bounds and zero-fill selects: each copy is
+// then one address add and the cp.async (the first version spent ~375 producer instructions a warp a step, as many as
+// both consumers, and the consumers waited for full_x).
+template <int BX, bool FULL>
+static __device__ __forceinline__ void gr_load_x(u8* xs, const u16* x, int K, int M, int m0, int s, int pt) {
+    const int r = pt >> 3, c = pt & 7;
+    u8* const dst = xs + gw_chunk<1>(r, c);
+    const u16* const src = x + size_t(m0 + r) * K + 64 * s + 8 * c;
+    const size_t step = size_t(16) * K;
+    #pragma unroll
+    for (int k = 0; k < BX / 16; ++k) {
+        if (FULL) {
+            gw_cp16(dst + 16 * 128 * k, src + k * step, 16);
+        } else {
+            const bool ok = m0 + r + 16 * k < M;
+            gw_cp16(dst + 16 * 128 * k, ok ? src + k * step : x, ok ? 16 : 0);
+        }
+    }
+}
+
+// super-block j of W rows n0 .. + 128 -> slot ws (rows 144 bytes apart): chunk u = pt + 128 k of the 1152 is chunk
+// u % 9 of row u / 9, so that a warp's copies are consecutive chunks (one row a thread read each 32-byte sector
+// twice). off[k]: that chunk's byte offset in W for super-block 0, computed once (gr_w_offsets), rows past n_out
+// clamped to the last row (their products land in accumulator rows the epilogue does not store), so that a copy is
+// one add and the cp.async. W is below 4 GB (the largest 7B matrix: 306 MB).
+static __device__ __forceinline__ void gr_w_offsets(u32 (&off)[Q4_K_BYTES / 16], int row_bytes, int n_out, int n0, int pt) {
+    constexpr int CH = Q4_K_BYTES / 16;
+    #pragma unroll
+    for (int k = 0; k < CH; ++k) {
+        const int u = pt + 128 * k, r = u / CH, c = u % CH;
+        off[k] = u32(min(n0 + r, n_out - 1)) * u32(row_bytes) + 16u * u32(c);
+    }
+}
+static __device__ __forceinline__ void gr_load_w(u8* ws, const u8* w, const u32 (&off)[Q4_K_BYTES / 16], int j, int pt) {
+    const u8* const wj = w + size_t(j) * Q4_K_BYTES;
+    #pragma unroll
+    for (int k = 0; k < Q4_K_BYTES / 16; ++k) gw_cp16(ws + 16 * (pt + 128 * k), wj + off[k], 16);
+}
+
+// The fp16x2 (d sc, -dmin m) of sub-blocks 2 q and 2 q + 1 of a row, from its 16-byte head
+struct GrScales { u32 d0, m0, d1, m1; };
+static __device__ __forceinline__ GrScales gr_scales(const uint4& head, int q) {
+    const Q4Scales sc = q4k_scales(head);
+    float D0, M0, D1, M1;
+    q4k_sub(sc, 2 * q, D0, M0);
+    q4k_sub(sc, 2 * q + 1, D1, M1);
+    return GrScales{pack_half2(D0, D0), pack_half2(-M0, -M0), pack_half2(D1, D1), pack_half2(-M1, -M1)};
+}
+
+// two bytes of qs (v: byte 0 = weight k, byte 1 = weight k + 1) -> the low nibbles' and the high nibbles' fp16x2
+static __device__ __forceinline__ void gr_decode_pair(u32 v, const GrScales& s, u32& lo, u32& hi) {
+    const u32 p = __byte_perm(v, 0u, 0x4140u);
+    lo = h2_fma(h2_sub((p & 0x000F000Fu) | 0x64006400u, 0x64006400u), s.d0, s.m0);
+    hi = h2_fma(h2_sub(((p >> 4) & 0x000F000Fu) | 0x64006400u, 0x64006400u), s.d1, s.m1);
+}
+
+// the A fragments of quarter q's four slices for rows ra (a[t][0], a[t][2]) and ra + 8 (a[t][1], a[t][3]): byte pair
+// u (bytes 2 i + 8 u, + 1) gives slice u / 2 its low nibbles and slice 2 + u / 2 its high nibbles, at e = 2 (u & 1)
+static __device__ __forceinline__ void gr_decode_quarter(u32 (&a)[4][4], const u8* qa, const u8* qb, const GrScales& sa,
+                                                         const GrScales& sb) {
+    #pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const int t = u >> 1, e = 2 * (u & 1);
+        gr_decode_pair(*reinterpret_cast<const u16*>(qa + 8 * u), sa, a[t][e], a[t + 2][e]);
+        gr_decode_pair(*reinterpret_cast<const u16*>(qb + 8 * u), sb, a[t][e + 1], a[t + 2][e + 1]);
+    }
+}
+
+// d[4 j + e] = out^T[row 16 w + g + 8 (e >> 1)][x row 8 j + 2 i + (e & 1)] of the consumer's 64 W rows -> out
+template <int BX, int OUT16>
+static __device__ __forceinline__ void gr_store_tile(const float (&d)[BX / 2], void* __restrict__ out, int ldo, int M,
+                                                     int n_out, int m0, int nw, int warp, int lane) {
+    const int g = lane >> 2, i2 = 2 * (lane & 3);
+    #pragma unroll
+    for (int j = 0; j < BX / 8; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int m = m0 + 8 * j + i2 + (e & 1), n = nw + 16 * warp + g + 8 * (e >> 1);
+            if (m >= M || n >= n_out) continue;
+            const size_t at = size_t(m) * ldo + n;
+            if (OUT16) reinterpret_cast<u16*>(out)[at] = u16(pack_half2(d[4 * j + e], 0.0f) & 0xFFFFu);
+            else reinterpret_cast<float*>(out)[at] = d[4 * j + e];
+        }
+}
+
+// out[m * ldo + n] for m < M, n < n_out (float32, or fp16 bits with OUT16); w and x 16-byte aligned, K % 256 == 0.
+// Launch: ceil(M / BX) * ceil(n_out / 128) blocks of 384 threads (register cap GR_REGS), GrSmem<BX, XS, WS>::BYTES of
+// dynamic shared memory.
+template <int BX, int XS, int WS, int OUT16>
+static __device__ __forceinline__ void gemm_wgmma_rs(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
+                                                     const u16* __restrict__ x, void* __restrict__ out, int ldo) {
+    using L = GrSmem<BX, XS, WS>;
+    static_assert(BX == 64 || BX == 128 || BX == 256, "x tiles of 64, 128 or 256 rows (wgmma N)");
+    static_assert(XS >= 2 && WS >= 2, "two slots at least");
+    static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
+    constexpr int CONSUMERS = 256;
+    u8* const sm = gw_aligned_smem();
+    u8* const Xs = sm + L::X_OFF;
+    u8* const Ws = sm + L::W_OFF;
+    u64* const full_x = reinterpret_cast<u64*>(sm + L::BAR_OFF);
+    u64* const empty_x = full_x + XS;
+    u64* const full_w = empty_x + XS;
+    u64* const empty_w = full_w + WS;
+
+    const int tid = threadIdx.x, wg = tid >> 7;
+    int tm, tn;
+    grouped_tile(blockIdx.x, (M + BX - 1) / BX, (n_out + L::BW - 1) / L::BW, tm, tn);
+    const int m0 = tm * BX, n0 = tn * L::BW, steps = K / 64, blocks = K / 256;
+    if (tid == 0) {
+        for (int s = 0; s < XS; ++s) gw_mbar_init(full_x + s, 128), gw_mbar_init(empty_x + s, CONSUMERS);
+        for (int s = 0; s < WS; ++s) gw_mbar_init(full_w + s, 128), gw_mbar_init(empty_w + s, CONSUMERS);
+    }
+    __syncthreads();                                              // (the barriers initialised; none after this)
+
+    if (wg == 0) {                                                // ---- the producer
+        gw_regs_dec<GR_PRODUCER_REGS>();
+        u32 w_off[Q4_K_BYTES / 16];
+        gr_w_offsets(w_off, row_bytes, n_out, n0, tid);
+        #pragma unroll 1
+        for (int s = 0; s < steps; ++s) {
+            const int jw = s == 0 ? 0 : ((s & 3) == 2 && s / 4 + 1 < blocks ? s / 4 + 1 : -1);
+            if (jw >= 0) {
+                if (jw >= WS) gw_mbar_wait(empty_w + jw % WS, (jw / WS - 1) & 1);
+                gr_load_w(Ws + (jw % WS) * L::W, w, w_off, jw, tid);
+                gw_cp_mbar_arrive(full_w + jw % WS);
+            }
+            const int xs = s % XS;
+            if (s >= XS) gw_mbar_wait(empty_x + xs, (s / XS - 1) & 1);
+            if (m0 + BX <= M) gr_load_x<BX, true>(Xs + xs * L::X, x, K, M, m0, s, tid);
+            else gr_load_x<BX, false>(Xs + xs * L::X, x, K, M, m0, s, tid);
+            gw_cp_mbar_arrive(full_x + xs);
+        }
+        gw_cp_wait_all();                                         // (no copy in flight when its threads exit)
+        return;
+    }
+
+    gw_regs_inc<GR_CONSUMER_REGS>();                              // ---- the consumers
+    const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, i = lane & 3;
+    const int ra = 64 * c + 16 * warp + g;                        // this thread's rows ra, ra + 8 of the CTA's 128
+    const u64 x_d = gw_make_desc(gw_smem(Xs), 16, 1024, 1);
+
+    float d[BX / 2];
+    #pragma unroll
+    for (int k = 0; k < BX / 2; ++k) d[k] = 0.0f;
+    u32 a[2][4][4];
+
+    int j = 0;
+    #pragma unroll 1
+    do {                                                          // (blocks >= 1: no zero-trip path, which ptxas
+        const int wsl = j % WS;                                   // would take for accumulators defined in flight)
+        gw_mbar_wait(full_w + wsl, (j / WS) & 1);
+        const u8* rowa = Ws + wsl * L::W + Q4_K_BYTES * ra;
+        const u8* rowb = rowa + 8 * Q4_K_BYTES;
+        const uint4 ha = *reinterpret_cast<const uint4*>(rowa), hb = *reinterpret_cast<const uint4*>(rowb);
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int s = 4 * j + q;
+            u32 (&aq)[4][4] = a[q & 1];
+            gr_decode_quarter(aq, rowa + Q4_K_QS + 32 * q + 2 * i, rowb + Q4_K_QS + 32 * q + 2 * i, gr_scales(ha, q),
+                              gr_scales(hb, q));
+            if (q == 3) gw_mbar_arrive(empty_w + wsl);            // super-block j is in registers: its slot is free
+            gw_mbar_wait(full_x + s % XS, (s / XS) & 1);
+            gw_fence_async();                                     // (cp.async's writes visible to wgmma)
+            gw_pin(d);
+            gw_pin(aq);
+            gw_mma_fence();
+            const u64 xd = gw_desc_add(x_d, (s % XS) * L::X);
+            #pragma unroll
+            for (int t = 0; t < 4; ++t) gw_mma_rk<BX>(d, aq[t], gw_desc_add(xd, 32 * t));
+            gw_mma_commit();
+            gw_pin(d);
+            gw_mma_wait<1>();                                     // step s - 1 done (this warpgroup)
+            gw_pin(d);
+            gw_pin(a[0]);
+            gw_pin(a[1]);
+            if (s > 0) gw_mbar_arrive(empty_x + (s - 1) % XS);
+        }
+    } while (++j < blocks);
+    gw_mma_wait<0>();
+    gw_pin(d);
+    gr_store_tile<BX, OUT16>(d, out, ldo, M, n_out, m0, n0 + 64 * c, warp, lane);
+}
