@@ -114,16 +114,17 @@ def _gemm_wgmma(name, bn, swz=1, what="", mt=1, qtypes=LINKED_QTYPES):
                     f"(its twin: gemm_wgmma_twin.py)")
 
 
-def _gemm_wgmma_rs(name, bx, xs, ws=2):
+def _gemm_wgmma_rs(name, bx, xs, ws=2, tma=False, mt=1):
     # the numbers of gemm_wgmma (fp16 x, W decoded to fp16 with its scales rounded to fp16, FP32 accumulation)
     return Variant(
-        name=name, qtypes=("Q4_K",), fn=gemm_wgmma_rs_linked, m_min=64, rel_err=2e-3,
+        name=name, qtypes=LINKED_QTYPES, fn=gemm_wgmma_rs_linked, m_min=64, rel_err=2e-3,
         workspace=gemm_mma_workspace, accepts=F16_IN, device="gpu", simulated=False,
-        params={"bx": bx, "xs": xs, "ws": ws},
-        description=f"linked CUDA C, sm_90 only: fused GEMM on wgmma computed as W x^T, 128 W rows x {bx} x rows a CTA, "
-                    f"each consumer thread decoding Q4_K straight into its register A fragments, a producer "
-                    f"warpgroup filling {xs} x slots and {ws} raw-W slots (mbarriers), no scratch "
-                    f"(checked on the CPU by tests/gemm_wgmma_rs_emulate.cpp; no Numba twin yet)")
+        params={"bx": bx, "xs": xs, "ws": ws, "tma": tma, "mt": mt},
+        description=f"linked CUDA C, sm_90 only: fused GEMM on wgmma computed as W x^T, {128 * mt} W rows x {bx} x rows a CTA, "
+                    f"each consumer thread decoding Q4_K / Q6_K straight into its register A fragments, a producer "
+                    f"warpgroup filling {xs} x slots ({'by TMA' if tma else 'by cp.async'}) and {ws} raw-W slots "
+                    f"(mbarriers), no scratch "
+                    f"(its twin: gemm_wgmma_rs_twin.py; {'not yet run on a GPU' if mt > 1 else 'Q6_K not yet run on a GPU'})")
 
 
 BUILTIN = [
@@ -140,6 +141,8 @@ BUILTIN = [
     _gemm_wgmma("gemm_wgmma_linked_m2", 128, mt=2, qtypes=("Q4_K",),   # (Q6_K's decode spills 36 bytes beside them)
                 what=" (two m-tiles a warpgroup: half the decode a multiply-add)"),
     _gemm_wgmma_rs("gemm_wgmma_rs_linked", 256, 4), _gemm_wgmma_rs("gemm_wgmma_rs_linked_x128", 128, 6),
+    _gemm_wgmma_rs("gemm_wgmma_rs_linked_tma", 256, 4, tma=True),
+    _gemm_wgmma_rs("gemm_wgmma_rs_linked_m2", 128, 5, mt=2), _gemm_wgmma_rs("gemm_wgmma_rs_linked_m2_tma", 128, 5, tma=True, mt=2),
     Variant(name="gemm_wgmma_s8_linked", qtypes=LINKED_QTYPES, fn=gemm_wgmma_s8_linked, m_min=64, rel_err=2e-2,
             workspace=gemm_wgmma_s8_workspace, accepts=F16_IN, device="gpu", simulated=False,
             description="linked CUDA C, sm_90 only: int8 GEMM on wgmma, x to int8 per 256, each W super-block "

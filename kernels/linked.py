@@ -12,7 +12,7 @@ device function of a csrc/ file, which NVRTC compiles when the kernel is first l
     csrc/decode_cast.cu  decode to fp16, fp32 -> fp16 cast
     csrc/gemm_mma.cu     Q4_K / Q6_K GEMM on fp16 x with the fp16 tensor cores, decode in the product
     csrc/gemm_wgmma.cu   Q4_K / Q6_K GEMM on fp16 x with Hopper's wgmma, W decoded once per CTA tile
-    csrc/gemm_wgmma_rs.cu  Q4_K GEMM on wgmma, W decoded into the register A operand, warp-specialised
+    csrc/gemm_wgmma_rs.cu  Q4_K / Q6_K GEMM on wgmma, W decoded into the register A operand, warp-specialised
     csrc/*.cuh           shared: common.cuh, block_decode.cuh, block_layouts.cuh (generated), tile_order.cuh, wgmma_ops.cuh (generated)
 
 NVRTC gets no include path, so source_with() inlines a file's ``#include "x.cuh"`` lines (each
@@ -34,6 +34,9 @@ source, the registry entries and the error for a CPU call are in order.
                                                                (its Numba twin: gemm_mma_twin.py)
     gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn, nwg, stages, swz)  the same on sm_90 with wgmma,
                                                                fp32 or fp16 out (its twin: gemm_wgmma_twin.py)
+    gemm_wgmma_rs_linked(x, w_raw, qtype, n_out, out, bx, xs, ws, tma, mt)  Q4_K / Q6_K on sm_90, W decoded into
+                                                               wgmma's register A operand, warp-specialised (its
+                                                               twin: gemm_wgmma_rs_twin.py)
 """
 from __future__ import annotations
 
@@ -665,10 +668,13 @@ def gemm_wgmma_check(qtype: str, bn: int, nwg: int, stages: int, swz: int, mt: i
             or mt not in (1, 2) or mt * bn > 256):
         raise Q4KError(f"gemm_wgmma: bn {bn} (32, 64, 128, 256), nwg {nwg} (1, 2), stages {stages} (3..6), "
                        f"swz {swz} (0, 1), mt {mt} (1, 2; mt bn <= 256) is not a shape the kernel has")
-    need = gemm_wgmma_smem(qtype, bn, nwg, stages, mt)
+    return _smem_fits(f"gemm_wgmma: {qtype} with bn {bn}, {stages} stages", gemm_wgmma_smem(qtype, bn, nwg, stages, mt))
+
+
+def _smem_fits(what: str, need: int) -> int:
+    """need, or Q4KError if a block cannot have that much dynamic shared memory (WGMMA_SMEM_LIMIT)."""
     if need > WGMMA_SMEM_LIMIT:
-        raise Q4KError(f"gemm_wgmma: {qtype} with bn {bn}, {stages} stages needs {need} bytes of shared memory "
-                       f"(at most {WGMMA_SMEM_LIMIT})")
+        raise Q4KError(f"{what} needs {need} bytes of shared memory (at most {WGMMA_SMEM_LIMIT})")
     return need
 
 
@@ -762,64 +768,116 @@ def gemm_wgmma_linked(x, w_raw, qtype, n_out, out, bn=0, nwg=2, stages=4, swz=1,
 
 # -- csrc/gemm_wgmma_rs.cu: the fused GEMM with W decoded into wgmma's register A operand ----------------------
 GR_THREADS, GR_REGISTERS = 384, 168     # a producer and two consumer warpgroups; 65536 / 384 (setmaxnreg moves them)
-GR_SHAPES = ((256, 4, 2), (128, 6, 2), (64, 2, 2), (64, 3, 3))   # (x rows a CTA, x slots, W slots) the C instantiates
+GR_SHAPES = ((256, 4, 2, 1), (128, 6, 2, 1), (64, 2, 2, 1), (64, 3, 3, 1), (128, 5, 2, 2), (64, 3, 2, 2))
+# (x rows a CTA, x slots, W slots, 64-row W tiles a consumer warpgroup) the C instantiates
 
 
-def gemm_wgmma_rs_smem(bx: int, xs: int, ws: int) -> int:
-    """Dynamic shared memory of gemm_wgmma_rs<bx, xs, ws> (GrSmem::BYTES): xs x slots (bx rows x 64 fp16), ws raw
-    super-blocks of the CTA's 128 W rows (144 bytes a row), 16 bytes of mbarriers a slot pair, 1024 to align."""
-    return xs * bx * 128 + ws * 128 * 144 + 16 * (xs + ws) + 1024
+GR_W_ROW = {"Q4_K": 144, "Q6_K": 240}   # staged bytes of one W row's super-block (GrW<Q>::ROW)
 
 
-def gemm_wgmma_rs_check(bx: int, xs: int, ws: int) -> int:
-    """Q4KError unless gemm_wgmma_rs<bx, xs, ws> is an instantiated shape; its shared memory bytes."""
-    if (bx, xs, ws) not in GR_SHAPES:
-        raise Q4KError(f"gemm_wgmma_rs: (bx, xs, ws) = {(bx, xs, ws)} is not a shape the kernel has "
-                       f"({', '.join(map(str, GR_SHAPES))})")
-    return gemm_wgmma_rs_smem(bx, xs, ws)
+def gemm_wgmma_rs_smem(bx: int, xs: int, ws: int, mt: int = 1, qtype: str = "Q4_K") -> int:
+    """Dynamic shared memory of gemm_wgmma_rs<bx, xs, ws, .., mt, Q> (GrSmem::BYTES): xs x slots (bx rows x 64 fp16),
+    ws raw super-blocks of the CTA's 128 mt W rows (GR_W_ROW bytes a row), 16 bytes of mbarriers a slot pair, 1024 to
+    align."""
+    return xs * bx * 128 + ws * 128 * mt * GR_W_ROW[qtype] + 16 * (xs + ws) + 1024
 
 
-def gemm_wgmma_rs_source(bx: int, xs: int, ws: int, out16: bool) -> tuple:
-    """(file, name, extern "C" wrapper) of gemm_wgmma_rs<bx, xs, ws, out16>."""
-    name = f"q4k_gemm_wgmma_rs_x{bx}_s{xs}_w{ws}_o{16 if out16 else 32}"
+def gemm_wgmma_rs_check(bx: int, xs: int, ws: int, mt: int = 1, qtype: str = "Q4_K") -> int:
+    """Q4KError unless gemm_wgmma_rs<bx, xs, ws, .., mt, Q> is an instantiated shape that fits; its shared memory."""
+    if (bx, xs, ws, mt) not in GR_SHAPES or qtype not in GR_W_ROW:
+        raise Q4KError(f"gemm_wgmma_rs: {qtype} with (bx, xs, ws, mt) = {(bx, xs, ws, mt)} is not a shape the kernel "
+                       f"has (Q4_K, Q6_K; {', '.join(map(str, GR_SHAPES))})")
+    return _smem_fits(f"gemm_wgmma_rs: {qtype} with (bx, xs, ws, mt) = {(bx, xs, ws, mt)}",
+                      gemm_wgmma_rs_smem(bx, xs, ws, mt, qtype))
+
+
+def gemm_wgmma_rs_source(bx: int, xs: int, ws: int, out16: bool, tma: bool = False, mt: int = 1,
+                         qtype: str = "Q4_K") -> tuple:
+    """(file, name, extern "C" wrapper) of gemm_wgmma_rs<bx, xs, ws, out16, tma, mt, Q>."""
+    name = (f"{TEMPLATES[qtype]}_gemm_wgmma_rs_x{bx}_s{xs}_w{ws}_o{16 if out16 else 32}" + ("_tma" if tma else "")
+            + (f"_m{mt}" if mt > 1 else ""))
     return "gemm_wgmma_rs.cu", name, (
-        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u16* x, void* out, int ldo) '
-        f'{{ gemm_wgmma_rs<{bx}, {xs}, {ws}, {int(out16)}>(w, rb, n, K, M, x, out, ldo); return 0; }}\n')
+        f'extern "C" __device__ int {name}(const u8* w, int rb, int n, int K, int M, const u16* x, void* out, int ldo, '
+        f'const void* xmap) {{ gemm_wgmma_rs<{bx}, {xs}, {ws}, {int(out16)}, {"true" if tma else "false"}, {mt}, '
+        f'{qtype[1]}>(w, rb, n, K, M, x, out, ldo, xmap); return 0; }}\n')
+
+
+GR_SIG = types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32, _PTR)
 
 
 @functools.lru_cache(maxsize=None)
-def gemm_wgmma_rs_kernel(bx: int, xs: int, ws: int, out16: bool):
-    """The Numba kernel for gemm_wgmma_rs<...>: ceil(M / bx) * ceil(n_out / 128) blocks of GR_THREADS threads,
-    built with GR_REGISTERS a thread, gemm_wgmma_rs_smem(...) bytes of dynamic shared memory."""
-    file, name, extra = gemm_wgmma_rs_source(bx, xs, ws, out16)
-    fn = cuda.declare_device(name, types.int32(_PTR, _I32, _I32, _I32, _I32, _PTR, _PTR, _I32),
-                             link=[source_with(extra, file)], abi="c")
+def gemm_wgmma_rs_kernel(bx: int, xs: int, ws: int, out16: bool, tma: bool = False, mt: int = 1, qtype: str = "Q4_K"):
+    """The Numba kernel for gemm_wgmma_rs<...>: ceil(M / bx) * ceil(n_out / (128 mt)) blocks of GR_THREADS threads,
+    built with GR_REGISTERS a thread, gemm_wgmma_rs_smem(...) bytes of dynamic shared memory; xmap: x's tensor
+    map (x_tensor_map; with tma) or any array (without)."""
+    file, name, extra = gemm_wgmma_rs_source(bx, xs, ws, out16, tma, mt, qtype)
+    fn = cuda.declare_device(name, GR_SIG, link=[source_with(extra, file)], abi="c")
 
     @linked_jit(GR_REGISTERS)
-    def kernel(w, row_bytes, n_out, K, M, x, out, ldo):
+    def kernel(w, row_bytes, n_out, K, M, x, out, ldo, xmap):
         fn(data_ptr(w), np.int32(row_bytes), np.int32(n_out), np.int32(K), np.int32(M), data_ptr(x), data_ptr(out),
-           np.int32(ldo))
+           np.int32(ldo), data_ptr(xmap))
 
     return kernel
 
 
-def gemm_wgmma_rs_linked(x, w_raw, qtype, n_out, out, bx=256, xs=4, ws=2):
-    """out[:] = x @ W.T for Q4_K rows on an sm_90 GPU, W decoded by each consumer thread straight into the A
+_TMAPS: dict = {}
+_ENCODE: list = []          # the driver's cuTensorMapEncodeTiled, once loaded
+
+
+def x_tensor_map(x16, rows: int):
+    """The CUtensorMap (cuTensorMapEncodeTiled, through the driver's C API) of fp16 x [M, K] for gemm_wgmma_rs's TMA:
+    boxes of 64 columns x `rows` rows, 128-byte swizzle, rows past M zero-filled; 128 bytes in device memory (64-byte
+    aligned, as the copy requires). Cached by (address, M, K, rows): the map holds nothing else, so a hit is exact."""
+    import ctypes
+
+    import cupy
+
+    M, K = x16.shape
+    key = (x16.data.ptr, M, K, rows)
+    hit = _TMAPS.get(key)
+    if hit is not None:
+        return hit
+    if not _ENCODE:
+        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _ENCODE.append(fn)
+    raw = (ctypes.c_uint8 * 192)()
+    at = (ctypes.addressof(raw) + 63) // 64 * 64
+    dims, strides = (ctypes.c_uint64 * 2)(K, M), (ctypes.c_uint64 * 1)(2 * K)
+    box, one = (ctypes.c_uint32 * 2)(64, rows), (ctypes.c_uint32 * 2)(1, 1)
+    # FLOAT16 = 6, rank 2, interleave none = 0, swizzle 128B = 3, L2 promotion 256B = 3, OOB fill none (zeros) = 0
+    rc = _ENCODE[0](at, 6, 2, x16.data.ptr, dims, strides, box, one, 0, 3, 3, 0)
+    if rc != 0:
+        raise Q4KError(f"cuTensorMapEncodeTiled failed (CUresult {rc}) for x [{M}, {K}] at {x16.data.ptr:#x}")
+    dev = cupy.asarray(np.frombuffer(ctypes.string_at(at, 128), dtype=np.uint8))
+    if len(_TMAPS) > 64:
+        _TMAPS.clear()
+    _TMAPS[key] = dev
+    return dev
+
+
+def gemm_wgmma_rs_linked(x, w_raw, qtype, n_out, out, bx=256, xs=4, ws=2, tma=False, mt=1):
+    """out[:] = x @ W.T for Q4_K or Q6_K rows on an sm_90 GPU, W decoded by each consumer thread straight into the A
     fragments of wgmma (the product computed as W x^T), a producer warpgroup filling the x and raw-W rings
     (csrc/gemm_wgmma_rs.cu). x fp16 (float32 x is cast by to_f16); out float32 or float16 [M, n_out] with
-    unit-stride rows. No decode scratch. W 16-byte aligned."""
+    unit-stride rows. No decode scratch. W 16-byte aligned. tma: x's tiles by the tensor-memory accelerator
+    (x_tensor_map) instead of the producer's cp.async."""
     _require_gpu("gemm_wgmma_rs_linked")
     q, K = _check(w_raw, qtype, n_out)
-    if q != "Q4_K":
-        raise Q4KError(f"gemm_wgmma_rs_linked decodes Q4_K only, not {q}")
-    smem = gemm_wgmma_rs_check(bx, xs, ws)
+    smem = gemm_wgmma_rs_check(bx, xs, ws, mt, q)
     flat, ldo, out16 = _wgmma_call("gemm_wgmma_rs_linked", w_raw, x, out, n_out)
     if flat is None:
         return out
     M = x.shape[0]
     x16 = _x16_for_wgmma(x)
-    launch(gemm_wgmma_rs_kernel(bx, xs, ws, out16), -(-n_out // 128) * -(-M // bx), GR_THREADS,
-           w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, shared=smem)
+    xmap = x_tensor_map(x16, bx) if tma else flat
+    launch(gemm_wgmma_rs_kernel(bx, xs, ws, out16, tma, mt, q), -(-n_out // (128 * mt)) * -(-M // bx), GR_THREADS,
+           w_raw.reshape(-1), w_raw.shape[1], n_out, K, M, x16.reshape(-1).view(np.uint16), flat, ldo, xmap,
+           shared=smem)
     return out
 
 

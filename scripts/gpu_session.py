@@ -48,9 +48,11 @@ PARTS = {
                           "--json {out}/att64.json", {}, 200),
         ("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
                            "--scheds 13 14 19 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 300)],
-    8: [("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x18944 18944x3584 3584x152064 "
-                       "--m 512 4096 --variants gemm_wgmma_linked gemm_wgmma_linked_m2 gemm_wgmma_s8_linked "
-                       "dequant_linked_cublas --x16 --csv {out}/wgmma.csv", {}, 240)],
+    8: [("gpu_tests_rs", f"{PY} pytest -q -m gpu tests/test_kernels_gemm_wgmma_rs.py", {}, 300),   # MT = 2, Q6_K: new
+        ("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x3584 3584x18944 18944x3584 "
+                       "3584x152064 --m 512 4096 --variants gemm_wgmma_rs_linked gemm_wgmma_rs_linked_tma "
+                       "gemm_wgmma_rs_linked_m2 gemm_wgmma_rs_linked_m2_tma dequant_linked_cublas --csv {out}/rs.csv",
+         {}, 300)],
     3: [("step_default", f"{PY} q4kdistill bench step --shapes 8x512 2x4096 1x8192 --only --json {{out}}/step.json", {},
          400)],
     4: [("gpu_suite_rest", f"{PY} pytest -q -m gpu tests " + " ".join(f"--ignore={f}" for f in PART1_FILES.split())

@@ -34,9 +34,9 @@ def _gemm(qtype, s8, mt=1):
     return linked.source_with(extra, file), name, sig
 
 
-def _gemm_rs(bx, xs, ws):
-    file, name, extra = linked.gemm_wgmma_rs_source(bx, xs, ws, False)
-    return linked.source_with(extra, file), name, types.int32(P, I, I, I, I, P, P, I)
+def _gemm_rs(bx, xs, ws, tma=False, mt=1, qtype="Q4_K"):
+    file, name, extra = linked.gemm_wgmma_rs_source(bx, xs, ws, False, tma, mt, qtype)
+    return linked.source_with(extra, file), name, linked.GR_SIG
 
 
 def _mma_forward(D, bf16, schedule):
@@ -78,6 +78,10 @@ CASES = {
     "gemm_wgmma_s8_q4k": lambda: _gemm("Q4_K", True),
     "gemm_wgmma_rs_x256_ws": lambda: _gemm_rs(256, 4, 2),
     "gemm_wgmma_rs_x128_ws": lambda: _gemm_rs(128, 6, 2),
+    "gemm_wgmma_rs_x256_tma_ws": lambda: _gemm_rs(256, 4, 2, True),
+    "gemm_wgmma_rs_m2_tma_ws": lambda: _gemm_rs(128, 5, 2, True, 2),
+    "gemm_wgmma_rs_q6k_x256_ws": lambda: _gemm_rs(256, 4, 2, False, 1, "Q6_K"),
+    "gemm_wgmma_rs_q6k_m2_tma_ws": lambda: _gemm_rs(128, 5, 2, True, 2, "Q6_K"),
 }
 
 

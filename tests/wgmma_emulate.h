@@ -111,7 +111,7 @@ static inline void gw_cp_wait_all() { gw_cp_commit(); gw_cp_wait<0>(); }
 #include <map>
 #include <mutex>
 #include <thread>
-struct EmuMbar { int count = 0, pending = 0, phase = 0; std::vector<Copy> copies; };
+struct EmuMbar { int count = 0, pending = 0, phase = 0; std::vector<Copy> copies; long long tx = 0; };
 static std::mutex emu_sync_mu;
 static std::condition_variable emu_sync_cv;
 static std::map<u32, EmuMbar> emu_mbars;
@@ -130,7 +130,7 @@ static void emu_mbar_complete_locked(EmuMbar& m) {
 static inline void gw_mbar_init(u64* bar, int count) {
     std::lock_guard<std::mutex> g(emu_sync_mu);
     EmuMbar& m = emu_mbars[gw_smem(bar)];
-    m = EmuMbar{count, count, 0, {}};
+    m = EmuMbar{count, count, 0, {}, 0};
 }
 static inline void emu_mbar_arrive(u64* bar, bool with_copies) {
     std::lock_guard<std::mutex> g(emu_sync_mu);
@@ -143,9 +143,43 @@ static inline void emu_mbar_arrive(u64* bar, bool with_copies) {
         cp_groups.clear();
         cp_open.clear();
     }
-    if (--m.pending == 0) emu_mbar_complete_locked(m);
+    if (--m.pending == 0 && m.tx == 0) emu_mbar_complete_locked(m);
 }
 static inline void gw_mbar_arrive(u64* bar) { emu_mbar_arrive(bar, false); }
+// The tensor-memory accelerator (csrc/gemm_wgmma_rs.cu's x ring): expect_tx is an arrival that also adds the bytes the
+// phase waits for; a 2-D tile copy hands its copies to the barrier and counts its bytes off, so the phase completes
+// (and the copies land) once every arrival is in and every expected byte has come, in either order. The tensor map
+// is the emulation's own EmuTmap (the driver's CUtensorMap is opaque): a [dim1][dim0] array of elem-byte elements,
+// rows stride1 bytes apart, a box0 x box1 box written row after row, 128-byte rows swizzled (chunk c of row r at
+// 16 (c ^ (r % 8))) when swz128; elements outside the array are zero-filled, and count, as on the hardware.
+struct EmuTmap { const u8* base; unsigned long long dim0, dim1, stride1; unsigned box0, box1, elem; int swz128; };
+static inline void gw_mbar_expect_tx(u64* bar, u32 bytes) {
+    std::lock_guard<std::mutex> g(emu_sync_mu);
+    EmuMbar& m = emu_mbars.at(gw_smem(bar));
+    m.tx += bytes;
+    if (--m.pending == 0 && m.tx == 0) emu_mbar_complete_locked(m);
+}
+static inline void gw_tma_2d(void* dst, const void* tmap, int c0, int c1, u64* bar) {
+    const EmuTmap& t = *static_cast<const EmuTmap*>(tmap);
+    const unsigned row = t.box0 * t.elem, chunks = row / 16;
+    if (row % 16 || (t.swz128 && row != 128) || gw_smem(dst) % (t.swz128 ? 1024 : 16)) {
+        fprintf(stderr, "tma: a box row of %u bytes at smem %u is not what the emulation models\n", row, gw_smem(dst));
+        abort();
+    }
+    std::vector<Copy> cs;
+    for (unsigned r = 0; r < t.box1; ++r)
+        for (unsigned c = 0; c < chunks; ++c) {
+            const unsigned long long e0 = (unsigned long long)c0 + 16ull * c / t.elem, e1 = (unsigned long long)c1 + r;
+            const bool in = e1 < t.dim1 && e0 + 16 / t.elem <= t.dim0;
+            u8* d = static_cast<u8*>(dst) + row * r + 16 * (t.swz128 ? (c ^ (r % 8)) : c);
+            cs.push_back(Copy{d, in ? t.base + e1 * t.stride1 + e0 * t.elem : t.base, in ? 16 : 0, 16});
+        }
+    std::lock_guard<std::mutex> g(emu_sync_mu);
+    EmuMbar& m = emu_mbars.at(gw_smem(bar));
+    m.copies.insert(m.copies.end(), cs.begin(), cs.end());
+    m.tx -= (long long)row * t.box1;
+    if (m.pending == 0 && m.tx == 0) emu_mbar_complete_locked(m);
+}
 static inline void gw_cp_mbar_arrive(u64* bar) { emu_mbar_arrive(bar, true); }
 static inline void gw_mbar_wait(u64* bar, int parity) {   // until the phase of this parity has completed
     std::unique_lock<std::mutex> g(emu_sync_mu);

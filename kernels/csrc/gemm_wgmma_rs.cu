@@ -1,7 +1,7 @@
-// Fused prefill GEMM on wgmma with the Q4_K weights decoded into registers (Machete's idea): warp-specialised,
+// Fused prefill GEMM on wgmma with the Q4_K / Q6_K weights decoded into registers (Machete's idea): warp-specialised,
 // no __syncthreads in the K loop, no decoded tile in shared memory.
 //
-//   out[M, N] (fp32 or fp16) = x[M, K] (fp16) @ W[N, K].T,   W: raw Q4_K rows, K % 256 == 0
+//   out[M, N] (fp32 or fp16) = x[M, K] (fp16) @ W[N, K].T,   W: raw Q4_K or Q6_K rows (Q = 4, 6), K % 256 == 0
 //
 // Why (docs/perf.md, eighteenth stop): gemm_wgmma.cu decodes W into a shared fp16 tile that both warpgroups'
 // wgmma read, so every K step needs two __syncthreads, and the same threads issue the cp.async, decode and
@@ -42,12 +42,15 @@
 // B descriptor + 32 t bytes), commit, wait_group 1 (step s - 1 done: its A registers and x slot are free), arrive on
 // empty_x of step s - 1. So the decode of step s + 1 runs while step s is on the tensor cores.
 // tests/gemm_wgmma_rs_emulate.cpp runs this file on the CPU (a host thread per CUDA thread, wgmma at its wait, the
-// mbarriers performing the copies, the A fragments exchanged across the warpgroup). Its Numba twin for the simulator
-// is not written yet (eighteenth stop: docs/perf.md).
+// mbarriers performing the copies, the TMA's tile copies by the emulation's own tensor map, the A fragments exchanged
+// across the warpgroup), every instantiated shape; kernels/gemm_wgmma_rs_twin.py is its Numba twin for the simulator
+// (MT = 1, x by cp.async).
 //
-// Measured (H100, eighteenth stop, `bench kernels --qtypes Q4_K --m 512 4096`, cuBLAS fp16 on the decoded weights in
-// the same run): 0.65-0.84x cuBLAS at M = 4096, 0.40-0.81x at M = 512 (the LM head 0.81x, where the scratch path
-// gives 0.57x); gemm_wgmma.cu gives 0.39-0.53x on the same shapes.
+// Measured (eighteenth stop, `bench kernels --qtypes Q4_K --m 512 4096`, cuBLAS fp16 on the decoded weights in the
+// same run): MT = 1, BX = 256, H100: 0.65-0.84x cuBLAS at M = 4096, 0.40-0.81x at M = 512 (the LM head 0.81x, where
+// the scratch path gives 0.57x); gemm_wgmma.cu gives 0.39-0.53x on the same shapes. H200: TMA for x the same as the
+// producer's cp.async (0.67-0.83x against 0.68-0.83x). MT = 2 built and checked on the CPU only (no device time left).
+
 #include "gemm_wgmma.cu"
 
 #define GR_REGS 168            // the launch's cap (kernels/linked.py GR_REGISTERS): 65536 / 384
@@ -55,10 +58,16 @@ constexpr int GR_PRODUCER_REGS = 88;                            // (at 56 its un
 constexpr int GR_CONSUMER_REGS = (384 * GR_REGS - 128 * GR_PRODUCER_REGS) / 256;   // all the producer frees: 208
 static_assert(128 * GR_PRODUCER_REGS + 256 * GR_CONSUMER_REGS <= 384 * GR_REGS, "setmaxnreg must fit the launch");
 
-template <int BX, int XS, int WS>
+// A staged W row of one super-block: Q4_K its 144 bytes (9 chunks); Q6_K the 14 chunks covering its 210 bytes from
+// the 16-byte boundary below the block (blocks start 2-byte aligned), rows 240 bytes apart (an odd number of chunks)
+template <int Q> struct GrW;
+template <> struct GrW<4> { static constexpr int ROW = Q4_K_BYTES, CH = Q4_K_BYTES / 16; };
+template <> struct GrW<6> { static constexpr int ROW = 240, CH = 14; };
+
+template <int BX, int XS, int WS, int MT = 1, int Q = 4>
 struct GrSmem {
-    static constexpr int BW = 128;                               // W rows a CTA (two consumers of 64)
-    static constexpr int X = BX * 128, W = BW * Q4_K_BYTES;
+    static constexpr int BW = 128 * MT;                          // W rows a CTA (two consumers of 64 MT)
+    static constexpr int X = BX * 128, W = BW * GrW<Q>::ROW;
     static constexpr int X_OFF = 0, W_OFF = XS * X, BAR_OFF = W_OFF + WS * W;
     static constexpr int BYTES = BAR_OFF + 16 * (XS + WS) + 1024;   // + the alignment of the base
     static_assert(X % 1024 == 0, "1024-byte aligned x slots (the swizzle's atoms)");
@@ -89,23 +98,75 @@ static __device__ __forceinline__ void gr_load_x(u8* xs, const u16* x, int K, in
     }
 }
 
-// super-block j of W rows n0 .. + 128 -> slot ws (rows 144 bytes apart): chunk u = pt + 128 k of the 1152 is chunk
+// super-block j of W rows n0 .. + 128 MT -> slot ws (rows 144 bytes apart): chunk u = pt + 128 k of the 1152 MT is chunk
 // u % 9 of row u / 9, so that a warp's copies are consecutive chunks (one row a thread read each 32-byte sector
 // twice). off[k]: that chunk's byte offset in W for super-block 0, computed once (gr_w_offsets), rows past n_out
 // clamped to the last row (their products land in accumulator rows the epilogue does not store), so that a copy is
 // one add and the cp.async. W is below 4 GB (the largest 7B matrix: 306 MB).
-static __device__ __forceinline__ void gr_w_offsets(u32 (&off)[Q4_K_BYTES / 16], int row_bytes, int n_out, int n0, int pt) {
+template <int MT>
+static __device__ __forceinline__ void gr_w_offsets(u32 (&off)[MT * Q4_K_BYTES / 16], int row_bytes, int n_out, int n0,
+                                                    int pt) {
     constexpr int CH = Q4_K_BYTES / 16;
     #pragma unroll
-    for (int k = 0; k < CH; ++k) {
+    for (int k = 0; k < MT * CH; ++k) {
         const int u = pt + 128 * k, r = u / CH, c = u % CH;
         off[k] = u32(min(n0 + r, n_out - 1)) * u32(row_bytes) + 16u * u32(c);
     }
 }
-static __device__ __forceinline__ void gr_load_w(u8* ws, const u8* w, const u32 (&off)[Q4_K_BYTES / 16], int j, int pt) {
+template <int MT>
+static __device__ __forceinline__ void gr_load_w(u8* ws, const u8* w, const u32 (&off)[MT * Q4_K_BYTES / 16], int j,
+                                                 int pt) {
     const u8* const wj = w + size_t(j) * Q4_K_BYTES;
     #pragma unroll
-    for (int k = 0; k < Q4_K_BYTES / 16; ++k) gw_cp16(ws + 16 * (pt + 128 * k), wj + off[k], 16);
+    for (int k = 0; k < MT * Q4_K_BYTES / 16; ++k) gw_cp16(ws + 16 * (pt + 128 * k), wj + off[k], 16);
+}
+
+// Q6_K: super-block j of W rows n0 .. + 128 MT -> slot ws, row r at 240 r: chunk u = pt + 128 k is chunk u % 14 of
+// row u / 14, from the row's block's 16-byte boundary (clipped at the end of W; rows past n_out clamped). The offsets
+// move with j by 210 bytes and a boundary, so they are computed at each copy (a rolled loop: 14 MT copies every four
+// steps).
+template <int MT>
+static __device__ __forceinline__ void gr_load_w6(u8* ws, const u8* w, int row_bytes, size_t w_bytes, int n_out, int n0,
+                                                  int j, int pt) {
+    constexpr int CH = GrW<6>::CH;
+    #pragma unroll 1
+    for (int k = 0; k < MT * CH; ++k) {
+        const int u = pt + 128 * k, r = u / CH, c = u - CH * r;
+        const size_t blk = size_t(min(n0 + r, n_out - 1)) * row_bytes + size_t(j) * Q6_K_BYTES;
+        const size_t at = (blk & ~size_t(15)) + 16 * size_t(c);
+        const int valid = at >= w_bytes ? 0 : (w_bytes - at < 16 ? int(w_bytes - at) : 16);
+        gw_cp16(ws + GrW<6>::ROW * r + 16 * c, valid ? w + at : w, valid);
+    }
+}
+
+// Q6_K's A fragments of quarter q (half n = q / 2 of the super-block, its weights 64 (q % 2) .. + 64) for the rows
+// whose blocks start at ba (a[t][0], a[t][2]) and bb (a[t][1], a[t][3]). Slice t takes, of that half's layout
+// (block_layouts.cuh), l = 16 (t % 2) + k (k < 16) from QL[l] (t < 2) or QL[32 + l] (t >= 2), nibble q % 2, and the
+// bit pair 2 (t / 2) + 4 (q % 2) of QH[l]: its 16 weights share the scale S[4 (q % 2) + t]. Per weight, as gemm_wgmma's
+// Q6_K decode: (0x6400 | q6) - 1056 = q6 - 32 exactly, times fp16(d S).
+static __device__ __forceinline__ void gr6_decode_quarter(u32 (&a)[4][4], const u8* ba, const u8* bb, int q, int i) {
+    const int n = q >> 1, h2 = q & 1;
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const u8* blk = r ? bb : ba;
+        const u8* QL = blk + Q6_K_QL + 64 * n;
+        const u8* QH = blk + Q6_K_QH + 32 * n;
+        const float d = half_to_float(*reinterpret_cast<const u16*>(blk + Q6_K_D));
+        const signed char* S = reinterpret_cast<const signed char*>(blk + Q6_K_SCALES + 8 * n + 4 * h2);
+        #pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const float sc = d * float(S[t]);
+            const u32 dd = pack_half2(sc, sc);
+            const int lb = 16 * (t & 1), shl = 4 * h2, shh = 2 * (t >> 1) + 4 * h2;
+            #pragma unroll
+            for (int hk = 0; hk < 2; ++hk) {                      // k = 2 i, 2 i + 1 (e = r), 2 i + 8, 2 i + 9 (e = 2 + r)
+                const u32 ql = *reinterpret_cast<const u16*>(QL + 32 * (t >> 1) + lb + 8 * hk + 2 * i);
+                const u32 qh = *reinterpret_cast<const u16*>(QH + lb + 8 * hk + 2 * i);
+                const u32 v = ((ql >> shl) & 0x0F0Fu) | (((qh >> shh) & 0x0303u) << 4);
+                a[t][2 * hk + r] = h2_mul(h2_sub(__byte_perm(v, 0u, 0x4140u) | 0x64006400u, 0x64206420u), dd);
+            }
+        }
+    }
 }
 
 // The fp16x2 (d sc, -dmin m) of sub-blocks 2 q and 2 q + 1 of a row, from its 16-byte head
@@ -155,13 +216,25 @@ static __device__ __forceinline__ void gr_store_tile(const float (&d)[BX / 2], v
 }
 
 // out[m * ldo + n] for m < M, n < n_out (float32, or fp16 bits with OUT16); w and x 16-byte aligned, K % 256 == 0.
-// Launch: ceil(M / BX) * ceil(n_out / 128) blocks of 384 threads (register cap GR_REGS), GrSmem<BX, XS, WS>::BYTES of
+// Launch: ceil(M / BX) * ceil(n_out / (128 MT)) blocks of 384 threads (register cap GR_REGS), GrSmem<..>::BYTES of
 // dynamic shared memory.
-template <int BX, int XS, int WS, int OUT16>
+// TMA: x's tiles by the tensor-memory accelerator (one cp.async.bulk.tensor of BX rows x 64 a step, issued by one
+// producer thread, full_x completed by its bytes; rows past M zero-filled by the copy) through the tensor map at
+// `xmap` (fp16 [M, K], box 64 x BX, 128-byte swizzle: the layout gw_chunk<1> describes); else by the producer's
+// cp.async as above. With TMA the consumers read x only through wgmma (the async proxy on both sides: no fence).
+// MT: 64-row W tiles a consumer warpgroup (W rows 64 (MT c + t) .. + 64 of the CTA's 128 MT, t < MT), each with its
+// own BX / 2 accumulators: a K step is then MT groups of four wgmma, group (s, t) decoding into a[(MT s + t) % 2]
+// while the group before it is on the tensor cores. MT = 2 with BX = 128 reads x once per 256 W rows instead of 128:
+// 1.46x fewer L2 bytes a multiply-add than 128 x 256 (the L2 was the bound: eighteenth stop).
+// Q: 4 (Q4_K rows) or 6 (Q6_K: gr_load_w6, gr6_decode_quarter; the same tiles, rings and K order).
+template <int BX, int XS, int WS, int OUT16, bool TMA = false, int MT = 1, int Q = 4>
 static __device__ __forceinline__ void gemm_wgmma_rs(const u8* __restrict__ w, int row_bytes, int n_out, int K, int M,
-                                                     const u16* __restrict__ x, void* __restrict__ out, int ldo) {
-    using L = GrSmem<BX, XS, WS>;
+                                                     const u16* __restrict__ x, void* __restrict__ out, int ldo,
+                                                     const void* xmap = nullptr) {
+    using L = GrSmem<BX, XS, WS, MT, Q>;
+    static_assert(Q == 4 || Q == 6, "Q4_K or Q6_K rows");
     static_assert(BX == 64 || BX == 128 || BX == 256, "x tiles of 64, 128 or 256 rows (wgmma N)");
+    static_assert((MT == 1 || MT == 2) && MT * BX <= 256, "1 or 2 W tiles a warpgroup, <= 128 accumulators a thread");
     static_assert(XS >= 2 && WS >= 2, "two slots at least");
     static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
     constexpr int CONSUMERS = 256;
@@ -178,24 +251,35 @@ static __device__ __forceinline__ void gemm_wgmma_rs(const u8* __restrict__ w, i
     grouped_tile(blockIdx.x, (M + BX - 1) / BX, (n_out + L::BW - 1) / L::BW, tm, tn);
     const int m0 = tm * BX, n0 = tn * L::BW, steps = K / 64, blocks = K / 256;
     if (tid == 0) {
-        for (int s = 0; s < XS; ++s) gw_mbar_init(full_x + s, 128), gw_mbar_init(empty_x + s, CONSUMERS);
+        for (int s = 0; s < XS; ++s) gw_mbar_init(full_x + s, TMA ? 1 : 128), gw_mbar_init(empty_x + s, CONSUMERS);
         for (int s = 0; s < WS; ++s) gw_mbar_init(full_w + s, 128), gw_mbar_init(empty_w + s, CONSUMERS);
     }
     __syncthreads();                                              // (the barriers initialised; none after this)
 
     if (wg == 0) {                                                // ---- the producer
         gw_regs_dec<GR_PRODUCER_REGS>();
-        u32 w_off[Q4_K_BYTES / 16];
-        gr_w_offsets(w_off, row_bytes, n_out, n0, tid);
+        u32 w_off[Q == 4 ? MT * Q4_K_BYTES / 16 : 1];
+        if (Q == 4) gr_w_offsets<MT>(*reinterpret_cast<u32 (*)[MT * Q4_K_BYTES / 16]>(w_off), row_bytes, n_out, n0, tid);
+        const size_t w_bytes = size_t(n_out) * row_bytes;
         #pragma unroll 1
         for (int s = 0; s < steps; ++s) {
             const int jw = s == 0 ? 0 : ((s & 3) == 2 && s / 4 + 1 < blocks ? s / 4 + 1 : -1);
             if (jw >= 0) {
                 if (jw >= WS) gw_mbar_wait(empty_w + jw % WS, (jw / WS - 1) & 1);
-                gr_load_w(Ws + (jw % WS) * L::W, w, w_off, jw, tid);
+                if (Q == 4) gr_load_w<MT>(Ws + (jw % WS) * L::W, w, *reinterpret_cast<u32 (*)[MT * Q4_K_BYTES / 16]>(w_off),
+                                          jw, tid);
+                else gr_load_w6<MT>(Ws + (jw % WS) * L::W, w, row_bytes, w_bytes, n_out, n0, jw, tid);
                 gw_cp_mbar_arrive(full_w + jw % WS);
             }
             const int xs = s % XS;
+            if (TMA) {
+                if (tid == 0) {
+                    if (s >= XS) gw_mbar_wait(empty_x + xs, (s / XS - 1) & 1);
+                    gw_mbar_expect_tx(full_x + xs, BX * 128);
+                    gw_tma_2d(Xs + xs * L::X, xmap, 64 * s, m0, full_x + xs);
+                }
+                continue;
+            }
             if (s >= XS) gw_mbar_wait(empty_x + xs, (s / XS - 1) & 1);
             if (m0 + BX <= M) gr_load_x<BX, true>(Xs + xs * L::X, x, K, M, m0, s, tid);
             else gr_load_x<BX, false>(Xs + xs * L::X, x, K, M, m0, s, tid);
@@ -207,12 +291,15 @@ static __device__ __forceinline__ void gemm_wgmma_rs(const u8* __restrict__ w, i
 
     gw_regs_inc<GR_CONSUMER_REGS>();                              // ---- the consumers
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, i = lane & 3;
-    const int ra = 64 * c + 16 * warp + g;                        // this thread's rows ra, ra + 8 of the CTA's 128
+    const int ra = 64 * MT * c + 16 * warp + g;                   // rows ra + 64 t, + 8 of the CTA's 128 MT
     const u64 x_d = gw_make_desc(gw_smem(Xs), 16, 1024, 1);
 
-    float d[BX / 2];
+    u32 row_off[2 * MT];                                          // Q6_K: the rows' byte offsets in W (low bits)
     #pragma unroll
-    for (int k = 0; k < BX / 2; ++k) d[k] = 0.0f;
+    for (int t = 0; t < 2 * MT; ++t) row_off[t] = u32(min(n0 + ra + 64 * (t >> 1) + 8 * (t & 1), n_out - 1)) * u32(row_bytes);
+    float d[MT * BX / 2];                                         // W tile t: d[t BX / 2 ..]
+    #pragma unroll
+    for (int k = 0; k < MT * BX / 2; ++k) d[k] = 0.0f;
     u32 a[2][4][4];
 
     int j = 0;
@@ -220,34 +307,50 @@ static __device__ __forceinline__ void gemm_wgmma_rs(const u8* __restrict__ w, i
     do {                                                          // (blocks >= 1: no zero-trip path, which ptxas
         const int wsl = j % WS;                                   // would take for accumulators defined in flight)
         gw_mbar_wait(full_w + wsl, (j / WS) & 1);
-        const u8* rowa = Ws + wsl * L::W + Q4_K_BYTES * ra;
-        const u8* rowb = rowa + 8 * Q4_K_BYTES;
-        const uint4 ha = *reinterpret_cast<const uint4*>(rowa), hb = *reinterpret_cast<const uint4*>(rowb);
+        const u8* const rows = Ws + wsl * L::W + GrW<Q>::ROW * ra;
         #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int s = 4 * j + q;
-            u32 (&aq)[4][4] = a[q & 1];
-            gr_decode_quarter(aq, rowa + Q4_K_QS + 32 * q + 2 * i, rowb + Q4_K_QS + 32 * q + 2 * i, gr_scales(ha, q),
-                              gr_scales(hb, q));
-            if (q == 3) gw_mbar_arrive(empty_w + wsl);            // super-block j is in registers: its slot is free
-            gw_mbar_wait(full_x + s % XS, (s / XS) & 1);
-            gw_fence_async();                                     // (cp.async's writes visible to wgmma)
-            gw_pin(d);
-            gw_pin(aq);
-            gw_mma_fence();
-            const u64 xd = gw_desc_add(x_d, (s % XS) * L::X);
             #pragma unroll
-            for (int t = 0; t < 4; ++t) gw_mma_rk<BX>(d, aq[t], gw_desc_add(xd, 32 * t));
-            gw_mma_commit();
-            gw_pin(d);
-            gw_mma_wait<1>();                                     // step s - 1 done (this warpgroup)
-            gw_pin(d);
-            gw_pin(a[0]);
-            gw_pin(a[1]);
-            if (s > 0) gw_mbar_arrive(empty_x + (s - 1) % XS);
+            for (int t = 0; t < MT; ++t) {
+                u32 (&ag)[4][4] = a[(MT * q + t) & 1];            // (MT q + t has the parity of MT s + t)
+                const u8* rowa = rows + 64 * GrW<Q>::ROW * t;
+                const u8* rowb = rowa + 8 * GrW<Q>::ROW;
+                if (Q == 4) {
+                    gr_decode_quarter(ag, rowa + Q4_K_QS + 32 * q + 2 * i, rowb + Q4_K_QS + 32 * q + 2 * i,
+                                      gr_scales(*reinterpret_cast<const uint4*>(rowa), q),
+                                      gr_scales(*reinterpret_cast<const uint4*>(rowb), q));
+                } else {                                          // the blocks' offsets in their staged rows
+                    const u32 oa = (row_off[2 * t] + u32(j) * Q6_K_BYTES) & 15u;
+                    const u32 ob = (row_off[2 * t + 1] + u32(j) * Q6_K_BYTES) & 15u;
+                    gr6_decode_quarter(ag, rowa + oa, rowb + ob, q, i);
+                }
+                if (q == 3 && t == MT - 1) gw_mbar_arrive(empty_w + wsl);   // super-block j is in registers
+                if (t == 0) {
+                    gw_mbar_wait(full_x + s % XS, (s / XS) & 1);
+                    if (!TMA) gw_fence_async();                   // (cp.async's writes visible to wgmma)
+                }
+                float (&dt)[BX / 2] = *reinterpret_cast<float (*)[BX / 2]>(d + t * BX / 2);
+                gw_pin(d);
+                gw_pin(ag);
+                gw_mma_fence();
+                const u64 xd = gw_desc_add(x_d, (s % XS) * L::X);
+                #pragma unroll
+                for (int u = 0; u < 4; ++u) gw_mma_rk<BX>(dt, ag[u], gw_desc_add(xd, 32 * u));
+                gw_mma_commit();
+                gw_pin(d);
+                gw_mma_wait<1>();                                 // the group before this one done
+                gw_pin(d);
+                gw_pin(a[0]);
+                gw_pin(a[1]);
+                if (t == 0 && s > 0) gw_mbar_arrive(empty_x + (s - 1) % XS);   // (that group was step s - 1's last)
+            }
         }
     } while (++j < blocks);
     gw_mma_wait<0>();
     gw_pin(d);
-    gr_store_tile<BX, OUT16>(d, out, ldo, M, n_out, m0, n0 + 64 * c, warp, lane);
+    #pragma unroll
+    for (int t = 0; t < MT; ++t)
+        gr_store_tile<BX, OUT16>(*reinterpret_cast<const float (*)[BX / 2]>(d + t * BX / 2), out, ldo, M, n_out, m0,
+                                 n0 + 64 * (MT * c + t), warp, lane);
 }

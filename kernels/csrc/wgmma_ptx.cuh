@@ -94,6 +94,16 @@ static __device__ __forceinline__ void gw_mbar_wait(u64* bar, int parity) {
     asm volatile("{\n .reg .pred p;\n GW_MBAR_WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
                  " @!p bra GW_MBAR_WAIT;\n}" :: "r"(gw_smem(bar)), "r"(parity) : "memory");
 }
+// The tensor-memory accelerator: expect_tx arrives on the mbarrier and adds `bytes` to what its phase waits for; a 2-D
+// tile copy by the tensor map at `tmap` (a CUtensorMap in global memory, cuTensorMapEncodeTiled) of the box at
+// element coordinates (c0, c1) into shared memory, its bytes counted off the barrier as they land
+static __device__ __forceinline__ void gw_mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(gw_smem(bar)), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void gw_tma_2d(void* dst, const void* tmap, int c0, int c1, u64* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(gw_smem(dst)), "l"(tmap), "r"(c0), "r"(c1), "r"(gw_smem(bar)) : "memory");
+}
 // named barrier `id` (1..15; 0 is __syncthreads) over `n` threads: sync waits, arrive does not
 static __device__ __forceinline__ void gw_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(n) : "memory"); }
 static __device__ __forceinline__ void gw_bar_arrive(int id, int n) {
