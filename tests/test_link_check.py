@@ -77,10 +77,7 @@ CASES = {
     "gemm_wgmma_q4k_m2": lambda: _gemm("Q4_K", False, 2),
     "gemm_wgmma_s8_q4k": lambda: _gemm("Q4_K", True),
     "gemm_wgmma_rs_x256_ws": lambda: _gemm_rs(256, 4, 2),
-    "gemm_wgmma_rs_x128_ws": lambda: _gemm_rs(128, 6, 2),
-    "gemm_wgmma_rs_x256_tma_ws": lambda: _gemm_rs(256, 4, 2, True),
     "gemm_wgmma_rs_m2_tma_ws": lambda: _gemm_rs(128, 5, 2, True, 2),
-    "gemm_wgmma_rs_q6k_x256_ws": lambda: _gemm_rs(256, 4, 2, False, 1, "Q6_K"),
     "gemm_wgmma_rs_q6k_m2_tma_ws": lambda: _gemm_rs(128, 5, 2, True, 2, "Q6_K"),
 }
 
