@@ -772,19 +772,18 @@ GR_SHAPES = ((256, 4, 2, 1), (128, 6, 2, 1), (64, 2, 2, 1), (64, 3, 3, 1), (128,
 # (x rows a CTA, x slots, W slots, 64-row W tiles a consumer warpgroup) the C instantiates
 
 
-GR_W_ROW = {"Q4_K": 144, "Q6_K": 240}   # staged bytes of one W row's super-block (GrW<Q>::ROW)
 
 
 def gemm_wgmma_rs_smem(bx: int, xs: int, ws: int, mt: int = 1, qtype: str = "Q4_K") -> int:
     """Dynamic shared memory of gemm_wgmma_rs<bx, xs, ws, .., mt, Q> (GrSmem::BYTES): xs x slots (bx rows x 64 fp16),
-    ws raw super-blocks of the CTA's 128 mt W rows (GR_W_ROW bytes a row), 16 bytes of mbarriers a slot pair, 1024 to
+    ws raw super-blocks of the CTA's 128 mt W rows (WGMMA_W_ROW bytes a row), 16 bytes of mbarriers a slot pair, 1024 to
     align."""
-    return xs * bx * 128 + ws * 128 * mt * GR_W_ROW[qtype] + 16 * (xs + ws) + 1024
+    return xs * bx * 128 + ws * 128 * mt * WGMMA_W_ROW[qtype] + 16 * (xs + ws) + 1024
 
 
 def gemm_wgmma_rs_check(bx: int, xs: int, ws: int, mt: int = 1, qtype: str = "Q4_K") -> int:
     """Q4KError unless gemm_wgmma_rs<bx, xs, ws, .., mt, Q> is an instantiated shape that fits; its shared memory."""
-    if (bx, xs, ws, mt) not in GR_SHAPES or qtype not in GR_W_ROW:
+    if (bx, xs, ws, mt) not in GR_SHAPES or qtype not in WGMMA_W_ROW:
         raise Q4KError(f"gemm_wgmma_rs: {qtype} with (bx, xs, ws, mt) = {(bx, xs, ws, mt)} is not a shape the kernel "
                        f"has (Q4_K, Q6_K; {', '.join(map(str, GR_SHAPES))})")
     return _smem_fits(f"gemm_wgmma_rs: {qtype} with (bx, xs, ws, mt) = {(bx, xs, ws, mt)}",

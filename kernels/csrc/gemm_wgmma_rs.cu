@@ -35,8 +35,8 @@
 // (the same numbers as gemm_wgmma.cu's decode, so the same 2e-3 bound).
 //
 // Shared memory (1024-byte aligned base): X[XS] (BX rows x 128 bytes, 128-byte swizzled K-major), W[WS] (the CTA's
-// 128 rows of super-block j, 144 bytes a row), then the mbarriers. Producer order for step s (64 of K): at s = 0 W(0),
-// at s % 4 == 2 W(s / 4 + 1) (a super-block two steps before it is needed), then X(s); it waits for empty_* before
+// 128 MT rows of super-block j, GwW<Q>::ROW bytes a row), then the mbarriers. Producer order for step s (64 of K):
+// at s = 0 W(0), at s % 4 == 2 W(s / 4 + 1) (a super-block two steps before it is needed), then X(s); it waits for empty_* before
 // refilling a slot. Consumer, step s = 4 j + q: (q = 0: wait full_w, read the two rows' scale heads) decode the 4
 // slices into a[s % 2] (16 registers; q = 3: arrive on empty_w), wait full_x, wgmma.fence, 4 wgmma (A registers,
 // B descriptor + 32 t bytes), commit, wait_group 1 (step s - 1 done: its A registers and x slot are free), arrive on
@@ -58,16 +58,12 @@ constexpr int GR_PRODUCER_REGS = 88;                            // (at 56 its un
 constexpr int GR_CONSUMER_REGS = (384 * GR_REGS - 128 * GR_PRODUCER_REGS) / 256;   // all the producer frees: 208
 static_assert(128 * GR_PRODUCER_REGS + 256 * GR_CONSUMER_REGS <= 384 * GR_REGS, "setmaxnreg must fit the launch");
 
-// A staged W row of one super-block: Q4_K its 144 bytes (9 chunks); Q6_K the 14 chunks covering its 210 bytes from
-// the 16-byte boundary below the block (blocks start 2-byte aligned), rows 240 bytes apart (an odd number of chunks)
-template <int Q> struct GrW;
-template <> struct GrW<4> { static constexpr int ROW = Q4_K_BYTES, CH = Q4_K_BYTES / 16; };
-template <> struct GrW<6> { static constexpr int ROW = 240, CH = 14; };
-
+// A staged W row of one super-block is gemm_wgmma.cu's (GwW<Q>::ROW: Q4_K its 144 bytes; Q6_K the 14 chunks covering
+// its 2-byte-aligned 210 bytes from the 16-byte boundary below, rows 240 bytes apart).
 template <int BX, int XS, int WS, int MT = 1, int Q = 4>
 struct GrSmem {
     static constexpr int BW = 128 * MT;                          // W rows a CTA (two consumers of 64 MT)
-    static constexpr int X = BX * 128, W = BW * GrW<Q>::ROW;
+    static constexpr int X = BX * 128, W = BW * GwW<Q>::ROW;
     static constexpr int X_OFF = 0, W_OFF = XS * X, BAR_OFF = W_OFF + WS * W;
     static constexpr int BYTES = BAR_OFF + 16 * (XS + WS) + 1024;   // + the alignment of the base
     static_assert(X % 1024 == 0, "1024-byte aligned x slots (the swizzle's atoms)");
@@ -123,19 +119,20 @@ static __device__ __forceinline__ void gr_load_w(u8* ws, const u8* w, const u32 
 
 // Q6_K: super-block j of W rows n0 .. + 128 MT -> slot ws, row r at 240 r: chunk u = pt + 128 k is chunk u % 14 of
 // row u / 14, from the row's block's 16-byte boundary (clipped at the end of W; rows past n_out clamped). The offsets
-// move with j by 210 bytes and a boundary, so they are computed at each copy (a rolled loop: 14 MT copies every four
-// steps).
+// move with j by 210 bytes and a boundary, so they are computed at each copy. gemm_wgmma.cu's gw_load_w<6, ..> stages
+// the same bytes, but unrolled: in the 88-register producer that spilled 264-1032 bytes (link check), so this is its
+// rolled form (14 MT copies every four steps).
 template <int MT>
 static __device__ __forceinline__ void gr_load_w6(u8* ws, const u8* w, int row_bytes, size_t w_bytes, int n_out, int n0,
                                                   int j, int pt) {
-    constexpr int CH = GrW<6>::CH;
+    constexpr int CH = GwW<6>::CHUNKS;
     #pragma unroll 1
     for (int k = 0; k < MT * CH; ++k) {
         const int u = pt + 128 * k, r = u / CH, c = u - CH * r;
         const size_t blk = size_t(min(n0 + r, n_out - 1)) * row_bytes + size_t(j) * Q6_K_BYTES;
         const size_t at = (blk & ~size_t(15)) + 16 * size_t(c);
         const int valid = at >= w_bytes ? 0 : (w_bytes - at < 16 ? int(w_bytes - at) : 16);
-        gw_cp16(ws + GrW<6>::ROW * r + 16 * c, valid ? w + at : w, valid);
+        gw_cp16(ws + GwW<6>::ROW * r + 16 * c, valid ? w + at : w, valid);
     }
 }
 
@@ -307,15 +304,15 @@ static __device__ __forceinline__ void gemm_wgmma_rs(const u8* __restrict__ w, i
     do {                                                          // (blocks >= 1: no zero-trip path, which ptxas
         const int wsl = j % WS;                                   // would take for accumulators defined in flight)
         gw_mbar_wait(full_w + wsl, (j / WS) & 1);
-        const u8* const rows = Ws + wsl * L::W + GrW<Q>::ROW * ra;
+        const u8* const rows = Ws + wsl * L::W + GwW<Q>::ROW * ra;
         #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int s = 4 * j + q;
             #pragma unroll
             for (int t = 0; t < MT; ++t) {
                 u32 (&ag)[4][4] = a[(MT * q + t) & 1];            // (MT q + t has the parity of MT s + t)
-                const u8* rowa = rows + 64 * GrW<Q>::ROW * t;
-                const u8* rowb = rowa + 8 * GrW<Q>::ROW;
+                const u8* rowa = rows + 64 * GwW<Q>::ROW * t;
+                const u8* rowb = rowa + 8 * GwW<Q>::ROW;
                 if (Q == 4) {
                     gr_decode_quarter(ag, rowa + Q4_K_QS + 32 * q + 2 * i, rowb + Q4_K_QS + 32 * q + 2 * i,
                                       gr_scales(*reinterpret_cast<const uint4*>(rowa), q),
