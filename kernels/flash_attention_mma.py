@@ -95,7 +95,7 @@ def _data_ptr():
 OUTS = {None: 0, "float16": 1, "bfloat16": 2}   # the forward's o: float32, fp16 or bf16 (fa_forward's OUT)
 
 
-def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None, schedule: int = 12) -> tuple:
+def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None, schedule: int = 13) -> tuple:
     """(name, extern "C" wrapper) of fa_forward for head size D, o as OUTS says, mt m16 tiles per
     warp (None: forward_mtiles(D)), instruction schedule `schedule` (SCHEDS)."""
     warps, bc, mt = forward_tiles(D, mt)
@@ -107,7 +107,7 @@ def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None, sche
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
-def backward_source(D: int, bf16: bool, schedule: int = 12) -> tuple:
+def backward_source(D: int, bf16: bool, schedule: int = 13) -> tuple:
     """(name, extern "C" wrapper) of fa_backward for head size D, in instruction schedule `schedule`."""
     bc, dsplit = backward_tiles(D)
     name = f"fa_bwd_d{D}_c{bc}_s{dsplit}_{'bf16' if bf16 else 'fp16'}" + _sched_suffix(schedule)
@@ -150,7 +150,7 @@ _FORWARD_SIG = types.int32(_PTR, _PTR, _PTR, _PTR, _I32, _I32, _I32, _I32, _I32,
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: int = 1, schedule: int = 12):
+def _forward_kernel(D: int, bf16: bool, max_registers=None, out: int = 0, mt: int = 1, schedule: int = 13):
     """(Numba kernel, threads per block, query rows per block)."""
     name, extra = forward_source(D, bf16, out, mt, schedule)
     fn = cuda.declare_device(name, _FORWARD_SIG, link=[_source_with(extra)], abi="c")
@@ -221,11 +221,11 @@ def forward_kind(D: int) -> str:
 
 
 SCHED_ENV = "Q4KDISTILL_FA_SCHED"
-SCHEDS = (12, 13, 14, 15, 16, 17, 18, 19, 20)   # the attention kernels' instruction schedule (19 the default since the
-# seventeenth stop: docs/perf.md): 12 the twelfth stop's, 13 the thirteenth and fourteenth stops': loads unrolled, the mask tested once a
+SCHEDS = (13, 15, 16, 17, 18, 19, 20)   # the attention kernels' instruction schedule (19 the default since the
+# seventeenth stop: docs/perf.md): 13 the thirteenth and fourteenth stops': loads unrolled, the mask tested once a
 # tile, tree reductions; on wgmma the exponentials kept before the wait for P V by a fence.acq_rel.cta, the
-# backwards pipelined; all four kernels. 14: 13 without that fence (whether MEMBAR.ALL.CTA also waits for the
-# tile's cp.async in flight is for a GPU to say; docs/perf.md, thirteenth stop). 15: 13, with the wgmma forward
+# backwards pipelined; all four kernels (12, the twelfth stop's, and 14, 13 without that fence, were deleted in the
+# nineteenth stop: neither was the fastest of any kernel, docs/perf.md). 15: 13, with the wgmma forward
 # warp-specialised (faw_forward_ws: a producer warpgroup, two consumers in ping-pong; fourteenth stop; its register
 # split fixed after it hung in the sixteenth). 16: 13, with
 # the wgmma backward at D = 64 summing its two warpgroups' dQ partials in shared memory before one red.add (XCH_SCHED,
@@ -235,7 +235,8 @@ SCHEDS = (12, 13, 14, 15, 16, 17, 18, 19, 20)   # the attention kernels' instruc
 # computed while dP^T is on the tensor cores (S and dP in two groups; PSPLIT_SCHED; sixteenth stop). 19: 15's wgmma
 # forward with 18's backward, the fastest of each (H200, seventeenth stop); no code of its own. 20: 19 with the D = 64
 # backward's dQ reduced by the bulk-copy engine (BULK_SCHED: cp.reduce.async.bulk a row from shared memory instead
-# of a red.add a register pair; seventeenth stop, not yet run on a GPU); at D = 128 its backward is 18's
+# of a red.add a register pair; seventeenth stop; 1.21x slower than 19 on an H100, eighteenth); at D = 128 its
+# backward is 18's
 DEFAULT_SCHED = 19
 XCH_SCHED = 16
 QSPLIT_SCHED = 17
@@ -255,17 +256,15 @@ def sched() -> int:
 def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
     """The schedule a kernel ("fwd" / "bwd": mma.sync, "wgmma fwd" / "wgmma bwd") is built in for `schedule`
     (None: sched()): the lowest one whose code is the same, so that equal kernels are compiled once. The mma.sync
-    kernels are one code from 13 on; the wgmma forward differs in 14 (no fence) and 15 (warp-specialised), 16's
-    is 13's (and 17's, 18's), 19's is 15's; the wgmma backward differs in 16 and 17 at D = 64 (FawXch, FawBwdBM) and
-    in 18 and in 20 at D = 64, 19's is 18's (and 20's at D = 128), 19's and 20's forward 15's. What it returns is what
-    the C code is built with (19 never reaches it)."""
+    kernels are one code (13); the wgmma forward differs in 15 (warp-specialised), 16's is 13's (and 17's, 18's),
+    19's and 20's are 15's; the wgmma backward differs in 16 and 17 at D = 64 (FawXch, FawBwdBM) and in 18 and in 20
+    at D = 64, 19's is 18's (and 20's at D = 128). What it returns is what the C code is built with (19 never
+    reaches it)."""
     schedule = sched() if schedule is None else schedule
     if schedule == BULK_SCHED and kernel == "wgmma bwd" and D == 64:
         return BULK_SCHED
     if schedule in (BEST_SCHED, BULK_SCHED):
         schedule = WS_SCHED if kernel == "wgmma fwd" else PSPLIT_SCHED
-    if schedule == 12:
-        return 12
     if kernel in ("fwd", "bwd"):
         return 13
     if kernel == "wgmma fwd":
@@ -274,11 +273,11 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
 
 
 def _sched_suffix(schedule: int) -> str:
-    """What a kernel's C name carries of its schedule: nothing for 12 (the names it ran under), "_v13" .. else."""
-    return "" if schedule == 12 else f"_v{schedule}"
+    """What a kernel's C name carries of its schedule: "_v13" ..."""
+    return f"_v{schedule}"
 
 
-def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None, schedule: int = 12) -> tuple:
+def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None, schedule: int = 13) -> tuple:
     """(name, extern "C" wrapper) of faw_forward for head size D (tiles: (keys per tile, warpgroups,
     slots); None: WGMMA_TILES[D]), o as OUTS says, in instruction schedule `schedule` (SCHEDS)."""
     bn, nwg, st = tiles or WGMMA_TILES[D]
@@ -300,16 +299,15 @@ BWD_ENV = "Q4KDISTILL_FA_BWD"
 WGMMA_BWD_TILE = (128, 64)       # faw_backward: keys per CTA (2 warpgroups of 64), queries per step
 
 
-def wgmma_bwd_smem(D: int, schedule: int = 12) -> int:
-    """Dynamic shared memory of faw_backward<D> (schedule 12: FawBwdSmem::BYTES, later: FawBwdLayout13::BYTES):
-    K and V [128 x D], Q and dO [stages][bm x D] (16-bit), dS^T [buffers][128 x bm] (16-bit), lse and drow
-    [stages][bm] (float32), and 1024 bytes to align the base; stages, buffers = 2, 1 (schedule 12) or 3, 2; bm = 64
+def wgmma_bwd_smem(D: int, schedule: int = 13) -> int:
+    """Dynamic shared memory of faw_backward<D> (FawBwdLayout13::BYTES): K and V [128 x D], Q and dO [3][bm x D]
+    (16-bit), dS^T [2][128 x bm] (16-bit), lse and drow [3][bm] (float32), and 1024 bytes to align the base; bm = 64
     queries a step, 128 in schedules 17, 18 and 20 at D = 64 (FawBwdBM); 16 at D = 64 adds FawXch's out-boxes (20 stages
     its dQ in the dS^T buffers: no more bytes)."""
     bn, bm = WGMMA_BWD_TILE
     if D == 64 and schedule in (QSPLIT_SCHED, PSPLIT_SCHED, BULK_SCHED):
         bm = 128
-    stages, buffers = (2, 1) if schedule == 12 else (3, 2)
+    stages, buffers = 3, 2
     xch = 4 * 128 * (D // 8) * 8 if (D, schedule) == (64, XCH_SCHED) else 0   # FawXch's out-boxes
     return 2 * bn * D * 2 + 2 * stages * bm * D * 2 + buffers * bn * bm * 2 + 2 * stages * bm * 4 + xch + 1024
 
@@ -319,7 +317,7 @@ def backward_kind(D: int) -> str:
     return _kind(BWD_ENV, D)
 
 
-def wgmma_backward_source(D: int, bf16: bool, schedule: int = 12) -> tuple:
+def wgmma_backward_source(D: int, bf16: bool, schedule: int = 13) -> tuple:
     """(name, extern "C" wrapper) of faw_backward for head size D, in instruction schedule `schedule`."""
     name = f"faw_bwd_d{D}_{'bf16' if bf16 else 'fp16'}" + _sched_suffix(schedule)
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
@@ -330,7 +328,7 @@ def wgmma_backward_source(D: int, bf16: bool, schedule: int = 12) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0, schedule: int = 12, tiles=None):
+def _wgmma_forward_kernel(D: int, bf16: bool, out: int = 0, schedule: int = 13, tiles=None):
     """(Numba kernel, threads per block, query rows per block, dynamic shared memory bytes); tiles as
     wgmma_forward_source has them."""
     from .linked import source_with
@@ -360,7 +358,7 @@ _BACKWARD_SIG = types.int32(_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32, _I32
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(D: int, bf16: bool, max_registers=None, schedule: int = 12):
+def _backward_kernel(D: int, bf16: bool, max_registers=None, schedule: int = 13):
     """(Numba kernel, threads per block, keys per block)."""
     name, extra = backward_source(D, bf16, schedule)
     fn = cuda.declare_device(name, _BACKWARD_SIG, link=[_source_with(extra)], abi="c")
@@ -369,7 +367,7 @@ def _backward_kernel(D: int, bf16: bool, max_registers=None, schedule: int = 12)
 
 
 @functools.lru_cache(maxsize=None)
-def _wgmma_backward_kernel(D: int, bf16: bool, schedule: int = 12):
+def _wgmma_backward_kernel(D: int, bf16: bool, schedule: int = 13):
     """(Numba kernel, threads per block, keys per block, dynamic shared memory bytes)."""
     from .linked import source_with
 

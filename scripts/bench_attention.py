@@ -12,7 +12,7 @@ FP32 fallback). --scheds times each path in each instruction schedule ($Q4KDISTI
 wgmma forward with other tiles ($Q4KDISTILL_FA_TILES; not in schedules 15 and 19), all in one process (one CUDA
 context, one matmul rate, one SDPA run):
 
-    python3 scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma --scheds 12 13 15 \
+    python3 scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma mma --scheds 13 15 19 \
         --tiles 64,1,3 --torch
 
 Timings: CUDA events around each call. On a GPU every row of a T (and torch SDPA with --torch) is built first, then

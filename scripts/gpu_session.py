@@ -7,10 +7,10 @@ part, keep its logs, and say which commands failed. What each part measures and 
     python scripts/gpu_session.py --part 3 --env Q4KDISTILL_FA_SCHED=17   # a part with a setting over its own
 
 Parts:
-    1  GPU tests of what no GPU has run yet: schedule 20, the fused GEMMs, the tile setting and schedule 14, and
-       schedules 12 / 13 / 16 on the attention files
+    1  GPU tests of what no GPU has run yet: schedule 20, the fused GEMMs, the tile setting, and schedules 13 / 16
+       on the attention files
     2  kernel benches, one process each: attention at D = 64 in 19 and 20 (the bulk-copy dQ: its prediction in
-       docs/perf.md, seventeenth stop), at D = 128 in 13, 14 (the fence's cost) and 19 and with 64-key, one-warpgroup
+       docs/perf.md, seventeenth stop), at D = 128 in 13 and 19 and with 64-key, one-warpgroup
        tiles (two CTAs an SM); torch SDPA beside
     3  the step beside the peer at 8x512, 2x4096 and 1x8192 in the default schedule (19)
     4  the rest of the GPU suite (every file but part 1's), then the one test that failed in the thirteenth stop's
@@ -40,14 +40,14 @@ PY = "python -m"
 PART1_FILES = ("tests/test_attention_wgmma.py tests/test_attention_flash.py tests/test_kernels_gemm_wgmma.py "
                "tests/test_kernels_gemm_wgmma_s8.py")
 
-NEW = "sched20 or sched12 or sched13 or sched14 or sched16 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run
+NEW = "sched20 or sched13 or sched16 or schedule_13 or tiles_setting or gemm_wgmma"   # part 1: what no GPU has run
 # part -> [(name, command, extra environment, timeout s)]
 PARTS = {
     1: [("gpu_tests_new", f"{PY} pytest -q -m gpu {PART1_FILES} -k \"{NEW}\"", {}, 540)],
     2: [("attention_d64", "python scripts/bench_attention.py --T 8192 --paths wgmma --scheds 19 20 --torch "
                           "--json {out}/att64.json", {}, 200),
         ("attention_d128", "python scripts/bench_attention.py --T 8192 --D 128 --H 28 --KV 4 --paths wgmma "
-                           "--scheds 13 14 19 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 300)],
+                           "--scheds 13 19 --tiles 64,1,3 --torch --json {out}/att128.json", {}, 300)],
     8: [("gpu_tests_rs", f"{PY} pytest -q -m gpu tests/test_kernels_gemm_wgmma_rs.py", {}, 300),   # MT = 2, Q6_K: new
         ("bench_gemm", f"{PY} q4kdistill bench kernels --qtypes Q4_K Q6_K --shapes 3584x3584 3584x18944 18944x3584 "
                        "3584x152064 --m 512 4096 --variants gemm_wgmma_rs_linked gemm_wgmma_rs_linked_tma "

@@ -4,7 +4,7 @@
 // CUDA C logic (tiling, masks, online softmax, fragment plumbing, the backward's atomics) is tested in
 // CI without a GPU.
 #ifndef FA_SCHED
-#define FA_SCHED 12   // the instruction schedule (kernels/flash_attention_mma.py SCHEDS)
+#define FA_SCHED 13   // the instruction schedule (kernels/flash_attention_mma.py kernel_sched: 13, the one mma.sync code)
 #endif
 
 #define FA_EMULATE

@@ -16,7 +16,7 @@
 // The instantiations kernels/flash_attention_mma.py ships (WGMMA_TILES) and small ones that keep CI fast;
 // q, k, v are copied into one buffer, the only memory cp.async may read.
 #ifndef FAW_SCHED
-#define FAW_SCHED 12   // the instruction schedule (kernels/flash_attention_mma.py SCHEDS)
+#define FAW_SCHED 13   // the instruction schedule (kernels/flash_attention_mma.py SCHEDS)
 #endif
 
 #define FAW_CASE(D_, BN_, NWG_, ST_)                                                                         \
@@ -131,6 +131,6 @@ extern "C" int emu_wgmma_smem(int D, int bn, int nwg, int stages) {
 }
 
 template <int D>
-static int bwd_smem() { return FAW_SCHED >= 13 ? FawBwdLayout13<D, FAW_SCHED>::BYTES : FawBwdSmem<D>::BYTES; }
+static int bwd_smem() { return FawBwdLayout13<D, FAW_SCHED>::BYTES; }
 extern "C" int emu_wgmma_bwd_smem(int D) { return D == 64 ? bwd_smem<64>() : D == 128 ? bwd_smem<128>() : 0; }
 extern "C" int emu_faw_sched() { return FAW_SCHED; }

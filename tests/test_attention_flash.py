@@ -432,7 +432,7 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
         mts = (1, 2) if D <= 64 else (1,)                  # the forward's m16 tiles per warp (forward_mtiles)
         sources = []
         for bf16 in (True, False) if D == 64 else (True,):
-            sources += [fm.backward_source(D, bf16, sched) for sched in (12, 13)]
+            sources.append(fm.backward_source(D, bf16))
             sources += [fm.forward_source(D, bf16, 0, mt) for mt in mts]
         for out in (1, 2):                                 # o in fp16 (the teacher) or bf16 (a bf16 student)
             sources += [fm.forward_source(D, False, out, mt) for mt in mts]
@@ -456,16 +456,16 @@ def test_mma_source_compiles_almost_without_spills(tmp_path):
 
 
 # -- the CUDA C kernels themselves, on the CPU: tests/flash_attention_emulate.cpp ---------------
-@pytest.fixture(scope="module", params=(12, 13))
-def emulated(tmp_path_factory, request):
-    """kernels/csrc/flash_attention.cu built with a host emulation of mma.sync / ldmatrix / shuffles, the forward in
-    each instruction schedule (kernels.flash_attention_mma.SCHEDS)."""
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """kernels/csrc/flash_attention.cu built with a host emulation of mma.sync / ldmatrix / shuffles (the mma.sync
+    kernels' one schedule, 13: kernels.flash_attention_mma.kernel_sched)."""
     from _helpers_emulate import build_emulator
 
     from kernels.flash_attention_mma import SOURCE
 
     return build_emulator(tmp_path_factory, "flash_attention_emulate.cpp", {"FA_SOURCE": SOURCE},
-                          defines={"FA_SCHED": request.param})
+                          defines={"FA_SCHED": 13})
 
 
 def _bits16(x, dtype):

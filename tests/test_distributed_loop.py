@@ -4,6 +4,7 @@ stop every rank; resume on the same and on another rank count; the CLI's --gpus.
 import json
 import os
 import threading
+import traceback
 
 import numpy as np
 import pytest
@@ -53,6 +54,14 @@ def run_ranks(world, cfg, resume=False):
     return out
 
 
+def steps_of(got):
+    """Each rank's last step; a rank's exception fails the test with that rank's traceback."""
+    for rank, g in enumerate(got):
+        if isinstance(g, BaseException):
+            raise AssertionError(f"rank {rank} raised:\n" + "".join(traceback.format_exception(g)))
+    return [g["step"] for g in got]
+
+
 def step_losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
@@ -78,7 +87,7 @@ def one_rank(teacher, corpus, tmp_path_factory):
 def test_ranks_match_one_rank_after_20_steps(teacher, corpus, tmp_path, one_rank, world):
     ref_out, ref = one_rank
     got = run_ranks(world, config(teacher, corpus, tmp_path))
-    assert all(isinstance(g, dict) for g in got), got
+    assert steps_of(got) == [20] * world
     a, b = step_losses(ref_out), step_losses(tmp_path)
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
@@ -168,27 +177,27 @@ def ctrl_c_on_rank0(monkeypatch, after_step):
 def test_ctrl_c_on_rank_0_stops_all_after_the_step_with_a_checkpoint(teacher, corpus, tmp_path, monkeypatch):
     ctrl_c_on_rank0(monkeypatch, 3)
     got = run_ranks(2, config(teacher, corpus, tmp_path, steps=10))
-    assert [g["step"] for g in got] == [4, 4] and all(g["interrupted"] for g in got)
+    assert steps_of(got) == [4, 4] and all(g["interrupted"] for g in got)
     assert checkpoint.load(tmp_path).step == 4
 
 
 def test_resume_on_the_same_count_is_bit_identical_and_on_another_equal_to_rounding(teacher, corpus, tmp_path,
                                                                                      monkeypatch):
     straight, parts, other = tmp_path / "straight", tmp_path / "parts", tmp_path / "other"
-    run_ranks(2, config(teacher, corpus, straight, steps=8))
+    assert steps_of(run_ranks(2, config(teacher, corpus, straight, steps=8))) == [8, 8]
     real = ctrl_c_on_rank0(monkeypatch, 3)                        # stopped after step 4 (same schedule: 8 steps)
-    assert [g["step"] for g in run_ranks(2, config(teacher, corpus, parts, steps=8))] == [4, 4]
-    run_ranks(2, config(teacher, corpus, other, steps=8))
+    assert steps_of(run_ranks(2, config(teacher, corpus, parts, steps=8))) == [4, 4]
+    assert steps_of(run_ranks(2, config(teacher, corpus, other, steps=8))) == [4, 4]   # also stopped after 4
     monkeypatch.setattr(D, "train_step", real)
     got = run_ranks(2, config(teacher, corpus, parts, steps=8), resume=True)
-    assert [g["step"] for g in got] == [8, 8]
+    assert steps_of(got) == [8, 8]
     assert_same_state(checkpoint.load(straight), checkpoint.load(parts), exact=True)
     a, b = checkpoint.load(straight), checkpoint.load(parts)
     for key in ("m", "v"):
         assert np.array_equal(a.state["optimizer"][key], b.state["optimizer"][key])
 
     got = run_ranks(3, config(teacher, corpus, other, steps=8), resume=True)   # 2 ranks -> 3
-    assert [g["step"] for g in got] == [8, 8, 8]
+    assert steps_of(got) == [8, 8, 8]
     assert_same_state(a, checkpoint.load(other), exact=False)
     la, lb = step_losses(straight), step_losses(other)
     assert all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in range(1, 9))
@@ -223,7 +232,7 @@ def test_chat_masks_through_a_teacher_cache_match_one_rank(tmp_path, capsys):
                                       eval_batches=1, precision="fp32")
     D.distill(cfg(tmp_path / "one"), progress=False, log=lambda *a: None)
     got = run_ranks(2, cfg(tmp_path / "two"))
-    assert all(isinstance(g, dict) for g in got), got
+    assert steps_of(got) == [6, 6]
     a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a), (a, b)

@@ -7,7 +7,8 @@ CPU. Bounds as there: 1e-5 against the float64 product of the fp16 x and W decod
 (gemm_wgmma_twin.decoded_as_kernel; FP32 summation order only, seen 2e-7 .. 5e-7), while an indexing error gives
 O(1) (each of a swapped fragment row, an unswizzled x chunk, a wrong SBO, scale, slot or epilogue index was
 seen to fail it); 2e-3 against the exact product (seen ~4e-4). The simulator is slow: the shapes are tiny, and the
-twin skips the products nothing stores (its docstring): the whole file takes ~12 s of one core.
+twin skips the products nothing stores (its docstring): the whole file takes ~10 s of one idle core (late in the
+CI's two-worker run the first case, then K = 768 at N = 130, took 175-210 s: the shapes stay this small).
 """
 import numpy as np
 import pytest
@@ -23,8 +24,9 @@ from q4kdistill.formats import quants
 simulator = pytest.mark.skipif(not linked.SIMULATOR, reason="the twin is the simulator's check (a GPU runs the C)")
 
 CASES = [  # (bx, xs, ws), M, N, K
-    ((64, 2, 2), 5, 130, 768),     # 12 steps through 2 x slots, 3 super-blocks through 2 W slots; N = 130: a full
-                                   # W tile (every warp, lane and row of both consumers) and one of 2 rows
+    ((64, 2, 2), 5, 130, 256),     # 4 steps through 2 x slots; N = 130: a full W tile (every warp, lane and row of
+                                   # both consumers) and one of 2 rows
+    ((64, 2, 2), 3, 16, 768),      # 3 super-blocks through 2 W slots: slot 0 reused
     ((64, 2, 2), 70, 20, 256),     # two M tiles, the first with all 64 x rows (every swizzle row, 8 row groups)
     ((64, 3, 3), 3, 16, 1024),     # 3 W slots, 4 super-blocks: slot 0 reused
     ((128, 6, 2), 20, 8, 512),     # 8 steps through 6 x slots

@@ -182,7 +182,7 @@ static __device__ __forceinline__ void fa_async_tile(u16 (*tile)[D + 8], const u
     }
 }
 
-// fa_async_tile at a fixed trip count (schedule 13): the loop above runs over tid, so nvcc leaves it rolled; past T
+// fa_async_tile at a fixed trip count (the forward's K / V tiles): the loop above runs over tid, so nvcc leaves it rolled; past T
 // the copy reads 0 bytes (the address is not accessed, as CUTLASS's zfill) and no pointer is selected
 template <int ROWS, int D, int THREADS>
 static __device__ __forceinline__ void fa_async_tile13(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
@@ -195,14 +195,6 @@ static __device__ __forceinline__ void fa_async_tile13(u16 (*tile)[D + 8], const
         const int r = c / CPR, col = (c % CPR) * 8;
         fa_cp16(&tile[r][col], g + (size_t(r0 + r) * heads + head) * D + col, r0 + r < T);
     }
-}
-
-// the tile load a schedule uses (SCHED 12: the measured kernels, the default; 13: opt-in)
-template <int SCHED, int ROWS, int D, int THREADS>
-static __device__ __forceinline__ void fa_async_tile_s(u16 (*tile)[D + 8], const u16* g, int r0, int T, int heads,
-                                                       int head, int tid) {
-    if constexpr (SCHED >= 13) fa_async_tile13<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
-    else fa_async_tile<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
 }
 
 // O *= alpha by row: acc[t][e] holds row e >> 1 of the thread's two rows of an m16 tile
@@ -325,7 +317,8 @@ static __device__ __forceinline__ void fa_finish_rows(const float (&acc)[D / 8][
     }
 }
 
-template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1, int SCHED = 12>
+// SCHED: the schedule the name carries (kernels/flash_attention_mma.py kernel_sched: 13, the one mma.sync code)
+template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1, int SCHED = 13>
 static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                   int H, int KV, int window, float scale, void* o, float* lse) {
     constexpr int RW = 16 * MT, BR = RW * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
@@ -371,14 +364,14 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
     const int i1 = min(T, i0 + BR);
     const int j_first = (max(0, i0 - window + 1) / BC) * BC;
     if (j_first < i1) {
-        fa_async_tile_s<SCHED, BC, D, THREADS>(ks[0], kb, j_first, T, KV, kvh, tid);
-        fa_async_tile_s<SCHED, BC, D, THREADS>(vs[0], vb, j_first, T, KV, kvh, tid);
+        fa_async_tile13<BC, D, THREADS>(ks[0], kb, j_first, T, KV, kvh, tid);
+        fa_async_tile13<BC, D, THREADS>(vs[0], vb, j_first, T, KV, kvh, tid);
     }
     fa_cp_commit();
     for (int j0 = j_first, stage = 0; j0 < i1; j0 += BC, stage ^= 1) {
         if (j0 + BC < i1) {                                      // the next tile into the other stage
-            fa_async_tile_s<SCHED, BC, D, THREADS>(ks[stage ^ 1], kb, j0 + BC, T, KV, kvh, tid);
-            fa_async_tile_s<SCHED, BC, D, THREADS>(vs[stage ^ 1], vb, j0 + BC, T, KV, kvh, tid);
+            fa_async_tile13<BC, D, THREADS>(ks[stage ^ 1], kb, j0 + BC, T, KV, kvh, tid);
+            fa_async_tile13<BC, D, THREADS>(vs[stage ^ 1], vb, j0 + BC, T, KV, kvh, tid);
         }
         fa_cp_commit();                                          // (an empty group on the last tile)
         fa_cp_wait<1>();                                         // this thread's pieces of tile j0 have landed
@@ -410,52 +403,13 @@ static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, co
                         fa_mma<BF16>(s[mt][t + 1], qa[mt][kk], kf[2], kf[3]);
                     }
                 }
-            if constexpr (SCHED >= 13) {           // one mask branch an m-tile, tree reductions, one FFMA an element
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if (!all_visible[mt]) fa_mask_tile<NT>(s[mt], rows[mt], j0, tig, T, window, mask_b);
-                    float alpha[2];
-                    fa_online_softmax<NT>(s[mt], m[mt], l[mt], alpha, sl2);
-                    fa_rescale(acc[mt], alpha);
-                }
-            } else {
-                float mx[MT][2], alpha[MT][2], base[MT][2];
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mx[mt][0] = m[mt][0], mx[mt][1] = m[mt][1];
-                    #pragma unroll
-                    for (int t = 0; t < NT; ++t)
-                        #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int j = j0 + 8 * t + 2 * tig + (e & 1);
-                            const bool seen = all_visible[mt] || fa_visible(rows[mt][e >> 1], j, T, window, mask_b);
-                            const float x = seen ? s[mt][t][e] * sl2 : -FA_INF;
-                            s[mt][t][e] = x;
-                            mx[mt][e >> 1] = fmaxf(mx[mt][e >> 1], x);
-                        }
-                }
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-                    #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 1));   // the 4 lanes of a row
-                        mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], 2));
-                        base[mt][r] = mx[mt][r] == -FA_INF ? 0.f : mx[mt][r];
-                        alpha[mt][r] = fa_exp2(m[mt][r] - base[mt][r]);      // m = -inf: 0
-                        m[mt][r] = mx[mt][r];
-                        l[mt][r] *= alpha[mt][r];
-                    }
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    fa_rescale(acc[mt], alpha[mt]);
-                    #pragma unroll
-                    for (int t = 0; t < NT; ++t)
-                        #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            s[mt][t][e] = fa_exp2(s[mt][t][e] - base[mt][e >> 1]);   // hidden: exp2(-inf) = 0
-                            l[mt][e >> 1] += s[mt][t][e];
-                        }
-                }
+            // one mask branch an m-tile, tree reductions, one FFMA an element
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if (!all_visible[mt]) fa_mask_tile<NT>(s[mt], rows[mt], j0, tig, T, window, mask_b);
+                float alpha[2];
+                fa_online_softmax<NT>(s[mt], m[mt], l[mt], alpha, sl2);
+                fa_rescale(acc[mt], alpha);
             }
             #pragma unroll
             for (int kc = 0; kc < BC / 16; ++kc) {                   // O += P V, P from the S registers
@@ -535,12 +489,11 @@ static __device__ __forceinline__ void fa_p_ds(float (&S)[NT][4], float (&DP)[NT
     fa_ds<NT>(S, DP, dr, tig);
 }
 
-// SCHED 13 (opt-in, kernels/flash_attention_mma.py SCHEDS): lse and drow of the next query tile copied by cp.async
-// with its Q and dO (the twelfth stop's form reads them at the top of each tile and waits for the loads at the
-// barrier), and P / dS through fa_p_ds with one mask branch a tile. The Q / dO loads stay the twelfth stop's
-// loop: they overlap the dQ step, and unrolled (fa_async_tile13) they spilled 156 bytes under the 168-register
-// cap (36 so; schedule 12: 88).
-template <int D, int BC, int DSPLIT, bool BF16, int SCHED = 12>
+// lse and drow of the next query tile copied by cp.async with its Q and dO, and P / dS through fa_p_ds with one
+// mask branch a tile (schedule 13; schedule 12, which read lse and drow at the top of each tile, is gone). The Q / dO
+// loads keep fa_async_tile's loop: they overlap the dQ step, and unrolled (fa_async_tile13) they spilled 156 bytes
+// under the 168-register cap (36 so).
+template <int D, int BC, int DSPLIT, bool BF16, int SCHED = 13>
 static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                    const float* lse, const float* drow, const u8* mask, int T, int H,
                                                    int KV, int window, float scale, const float* dout_scale,
@@ -590,20 +543,13 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
     static_assert(BR <= THREADS, "a thread per query row for lse, drow");
     const float* lse_h = lse + (size_t(b) * H + h) * T;
     const float* drow_h = drow + (size_t(b) * H + h) * T;
-    if (SCHED >= 13 && tid < BR) {                               // (schedule 13: lse raw, in the tile's group)
+    if (tid < BR) {                                             // lse raw, in the tile's group
         fa_cp4(&ls[tid], lse_h + min(j0 + tid, T - 1), j0 + tid < T);
         fa_cp4(&drs[tid], drow_h + min(j0 + tid, T - 1), j0 + tid < T);
     }
     fa_cp_commit();
     {
         for (int i0 = j0; i0 < i_end; i0 += BR) {
-            if constexpr (SCHED < 13) {
-                for (int r = tid; r < BR; r += THREADS) {        // (every warp finished with ls, drs at the last sync)
-                    const bool in = i0 + r < T;
-                    ls[r] = in ? lse[(size_t(b) * H + h) * T + i0 + r] * FA_LOG2E : FA_INF;
-                    drs[r] = in ? drow[(size_t(b) * H + h) * T + i0 + r] : 0.f;
-                }
-            }
             fa_cp_wait<0>();                                     // this thread's pieces of Q, dO have landed
             __syncthreads();                                     // ... every thread's, and ls, drs written
 
@@ -631,29 +577,15 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                     fa_mma<BF16>(dp[t + 1], va, df[2], df[3]);
                 }
             }
-            if constexpr (SCHED >= 13) {
-                if (all_visible) fa_p_ds<NT, false>(s, dp, ls, drs, sl2, i0, keys, tig, T, window, mask_b);
-                else fa_p_ds<NT, true>(s, dp, ls, drs, sl2, i0, keys, tig, T, window, mask_b);
-                if (d0 == 0) {
-                    #pragma unroll
-                    for (int t = 0; t < NT; ++t)
-                        #pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            dss[8 * t + 2 * tig + (e & 1)][16 * grp + gid + 8 * (e >> 1)] =
-                                u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
-                }
-            } else {
+            if (all_visible) fa_p_ds<NT, false>(s, dp, ls, drs, sl2, i0, keys, tig, T, window, mask_b);
+            else fa_p_ds<NT, true>(s, dp, ls, drs, sl2, i0, keys, tig, T, window, mask_b);
+            if (d0 == 0) {
                 #pragma unroll
                 for (int t = 0; t < NT; ++t)
                     #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int r = 8 * t + 2 * tig + (e & 1), i = i0 + r, j = keys[e >> 1];
-                        const bool seen = all_visible || fa_visible(i, j, T, window, mask_b);
-                        const float p = seen ? fa_exp2(s[t][e] * sl2 - ls[r]) : 0.f;
-                        s[t][e] = p;                                               // P^T
-                        dp[t][e] = p * (dp[t][e] - drs[r]);                        // dS^T (unscaled)
-                        if (d0 == 0) dss[r][16 * grp + gid + 8 * (e >> 1)] = u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
-                    }
+                    for (int e = 0; e < 4; ++e)
+                        dss[8 * t + 2 * tig + (e & 1)][16 * grp + gid + 8 * (e >> 1)] =
+                            u16(fa_pack<BF16>(dp[t][e], 0.f) & 0xffffu);
             }
             #pragma unroll
             for (int kc = 0; kc < BR / 16; ++kc) {               // dV += P^T dO, dK += dS^T Q over 16 queries
@@ -681,7 +613,7 @@ static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, c
                 fa_async_tile<BR, D, THREADS>(qs, qb, i0 + BR, T, H, h, tid);
                 fa_async_tile<BR, D, THREADS>(dos, db, i0 + BR, T, H, h, tid);
             }
-            if (SCHED >= 13 && tid < BR && i0 + BR < i_end) {   // its lse, drow (every warp is done with ls, drs)
+            if (tid < BR && i0 + BR < i_end) {                 // its lse, drow (every warp is done with ls, drs)
                 const int i = i0 + BR + tid;
                 fa_cp4(&ls[tid], lse_h + min(i, T - 1), i < T);
                 fa_cp4(&drs[tid], drow_h + min(i, T - 1), i < T);

@@ -61,19 +61,6 @@ static __device__ __forceinline__ u32 faw_chunk(int r, int c) {
     return u32((c >> 3) * ROWS * 128 + 128 * r + 16 * ((c & 7) ^ (r & 7)));
 }
 
-// rows r0 .. r0 + ROWS of head `head` of a [T, heads, D] matrix -> tile (zero rows past T), by cp.async (the twelfth
-// stop's form, kept while the thirteenth's is opt-in: its loop's trip count depends on tid, so nvcc leaves it rolled)
-template <int ROWS, int D, int THREADS>
-static __device__ __forceinline__ void faw_load_v12(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
-    constexpr int CH = D / 8;
-    #pragma unroll
-    for (int i = tid; i < ROWS * CH; i += THREADS) {
-        const int r = i / CH, c = i % CH;
-        const bool ok = r0 + r < T;
-        gw_cp16(tile + faw_chunk<ROWS>(r, c), ok ? g + (size_t(r0 + r) * heads + head) * D + 8 * c : g, ok ? 16 : 0);
-    }
-}
-
 // rows r0 .. r0 + ROWS of head `head` of a [T, heads, D] matrix -> tile (zero rows past T), by cp.async. Thread tid
 // copies chunk tid % CH of rows tid / CH + k THREADS / CH: a fixed trip count (it unrolls whatever tid is), one
 // global pointer stepped by a row stride, and shared offsets that differ by constants (THREADS / CH is a multiple
@@ -109,25 +96,11 @@ static __device__ __forceinline__ void faw_load_lean(u8* tile, const u16* g, int
         gw_cp16(t, p, r < T ? 16 : 0);
 }
 
-// S = Q K^T of this warpgroup's 64 rows against a K tile: D / 16 wgmma, the first with scale-d 0
-template <int D, int BN, int BM, bool BF16>
-static __device__ __forceinline__ void faw_qk(float (&s)[BN / 2], u32 q_at, u32 k_at) {
-    #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-        gw_mma<BN, BF16>(s, gw_make_desc(q_at + (kk >> 2) * BM * 128 + 32 * (kk & 3), 16, 1024, 1),
-                         gw_make_desc(k_at + (kk >> 2) * BN * 128 + 32 * (kk & 3), 16, 1024, 1), kk > 0);
-}
-
-// O += P V over a tile of BN keys: BN / 16 wgmma, P's A fragments from registers, V MN-major
-template <int D, int BN, bool BF16>
-static __device__ __forceinline__ void faw_pv(float (&acc)[D / 2], const u32 (&pa)[BN / 16][4], u32 v_at) {
-    #pragma unroll
-    for (int kc = 0; kc < BN / 16; ++kc) gw_mma_rs<D, BF16>(acc, pa[kc], gw_make_desc(v_at + 2048 * kc, BN * 128, 1024, 1));
-}
-
-// The same two products from descriptors built once (schedule 13): qd, kd, vd describe the tiles' first bytes and
-// each instruction's operand is gw_desc_add of a constant from them (gw_make_desc per instruction cost ~9
-// uniform-datapath instructions: 158 a tile in the linked SASS for 16 wgmma)
+// S = Q K^T of this warpgroup's 64 rows against a K tile (D / 16 wgmma, the first with scale-d 0) and O += P V over a
+// tile of BN keys (BN / 16 wgmma, P's A fragments from registers, V MN-major), from descriptors built once: qd, kd,
+// vd describe the tiles' first bytes and each instruction's operand is gw_desc_add of a constant from them
+// (gw_make_desc per instruction, the twelfth stop's form, cost ~9 uniform-datapath instructions: 158 a tile in the
+// linked SASS for 16 wgmma)
 template <int D, int BN, int BM, bool BF16>
 static __device__ __forceinline__ void faw_qk_d(float (&s)[BN / 2], u64 qd, u64 kd) {
     #pragma unroll
@@ -143,41 +116,6 @@ static __device__ __forceinline__ void faw_pv_d(float (&acc)[D / 2], const u32 (
 
 // (schedule 13's mask and online softmax of a tile: fa_mask_tile, fa_online_softmax in flash_attention.cu)
 // (the row reductions as trees: fa_row_reduce, flash_attention.cu)
-// The twelfth stop's online softmax (kept while the thirteenth's is opt-in): masks tested per element, scores
-// scaled first, the row max and sum as chains.
-template <int NT>
-static __device__ __forceinline__ void faw_softmax_v12(float (&S)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                                       const int (&rows)[2], bool all_visible, int j0, int tig, int T,
-                                                       int window, const u8* mask_b, float sl2) {
-    float mx[2] = {m[0], m[1]}, base[2];
-    #pragma unroll
-    for (int n = 0; n < NT; ++n)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int j = j0 + 8 * n + 2 * tig + (e & 1);
-            const bool seen = all_visible || fa_visible(rows[e >> 1], j, T, window, mask_b);
-            const float x = seen ? S[n][e] * sl2 : -FA_INF;
-            S[n][e] = x;
-            mx[e >> 1] = fmaxf(mx[e >> 1], x);
-        }
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        base[r] = mx[r] == -FA_INF ? 0.f : mx[r];
-        alpha[r] = fa_exp2(m[r] - base[r]);
-        m[r] = mx[r];
-        l[r] *= alpha[r];
-    }
-    #pragma unroll
-    for (int n = 0; n < NT; ++n)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            S[n][e] = fa_exp2(S[n][e] - base[e >> 1]);
-            l[e >> 1] += S[n][e];
-        }
-}
-
 // O *= alpha (per row), and P (= S after the softmax) to 16 bits as the A fragments of keys 16 kc ..
 template <int NT, int DT, bool BF16>
 static __device__ __forceinline__ void faw_rescale_pack(float (&O)[DT][4], const float (&S)[NT][4], u32 (&pa)[NT / 2][4],
@@ -192,14 +130,8 @@ static __device__ __forceinline__ void faw_rescale_pack(float (&O)[DT][4], const
     }
 }
 
-// the load a schedule uses (SCHED: 12, the twelfth stop's kernel, the default; 13, this stop's, opt-in)
-template <int SCHED, int ROWS, int D, int THREADS>
-static __device__ __forceinline__ void faw_load_s(u8* tile, const u16* g, int r0, int T, int heads, int head, int tid) {
-    if constexpr (SCHED >= 13) faw_load<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
-    else faw_load_v12<ROWS, D, THREADS>(tile, g, r0, T, heads, head, tid);
-}
-
-template <int D, int BN, int NWG, int STAGES, bool BF16, int OUT = 0, int SCHED = 12>
+// SCHED: the schedule the name carries (kernels/flash_attention_mma.py kernel_sched: 13; 15 is faw_forward_ws)
+template <int D, int BN, int NWG, int STAGES, bool BF16, int OUT = 0, int SCHED = 13>
 static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                    int H, int KV, int window, float scale, void* o, float* lse) {
     using L = FawSmem<D, BN, NWG, STAGES>;
@@ -228,21 +160,19 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     const int ntiles = (i1 - j_first + BN - 1) / BN;              // >= 1: i0 < T
 
     // prologue: group 0 = Q and tile 0, groups 1 .. STAGES - 3 = tiles 1 ..
-    faw_load_s<SCHED, BM, D, THREADS>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, tid);
+    faw_load<BM, D, THREADS>(Qs, q + size_t(b) * T * H * D, i0, T, H, h, tid);
     #pragma unroll
     for (int t = 0; t < STAGES - 2; ++t) {
         if (t < ntiles) {
-            faw_load_s<SCHED, BN, D, THREADS>(Ks + t * L::KV, kb, j_first + BN * t, T, KV, kvh, tid);
-            faw_load_s<SCHED, BN, D, THREADS>(Vs + t * L::KV, vb, j_first + BN * t, T, KV, kvh, tid);
+            faw_load<BN, D, THREADS>(Ks + t * L::KV, kb, j_first + BN * t, T, KV, kvh, tid);
+            faw_load<BN, D, THREADS>(Vs + t * L::KV, vb, j_first + BN * t, T, KV, kvh, tid);
         }
         gw_cp_commit();
     }
 
     const u32 q_at = gw_smem(Qs) + 64 * 128 * wg;
-    // (schedule 13's products; 12 builds each descriptor where it issues, as the profiled kernel did)
-    const u64 q_d = SCHED >= 13 ? gw_make_desc(q_at, 16, 1024, 1) : 0,
-              k_d = SCHED >= 13 ? gw_make_desc(gw_smem(Ks), 16, 1024, 1) : 0,
-              v_d = SCHED >= 13 ? gw_make_desc(gw_smem(Vs), BN * 128, 1024, 1) : 0;
+    const u64 q_d = gw_make_desc(q_at, 16, 1024, 1), k_d = gw_make_desc(gw_smem(Ks), 16, 1024, 1),
+              v_d = gw_make_desc(gw_smem(Vs), BN * 128, 1024, 1);
     float s[BN / 2], acc[D / 2];
     u32 pa[BN / 16][4];
     float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f}, alpha[2];
@@ -264,47 +194,32 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
         gw_cp_wait<STAGES - 3>();                                  // 1.
         gw_fence_async();
         __syncthreads();
-        if constexpr (SCHED >= 13) {     // 3., 4. before 2.: the tensor cores start while the copies are issued
-            gw_pin(s);
-            gw_pin(acc);
-            gw_pin(pa);
-            gw_mma_fence();
-            faw_qk_d<D, BN, BM, BF16>(s, q_d, gw_desc_add(k_d, (t % STAGES) * L::KV));
-            gw_mma_commit();
-            faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
-            gw_mma_commit();
-        }
+        // 3., 4. before 2.: the tensor cores start while the copies are issued
+        gw_pin(s);
+        gw_pin(acc);
+        gw_pin(pa);
+        gw_mma_fence();
+        faw_qk_d<D, BN, BM, BF16>(s, q_d, gw_desc_add(k_d, (t % STAGES) * L::KV));
+        gw_mma_commit();
+        faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
+        gw_mma_commit();
         if (t + STAGES - 2 < ntiles) {                             // 2.
             const int ahead = t + STAGES - 2, at = ahead % STAGES;
-            faw_load_s<SCHED, BN, D, THREADS>(Ks + at * L::KV, kb, j_first + BN * ahead, T, KV, kvh, tid);
-            faw_load_s<SCHED, BN, D, THREADS>(Vs + at * L::KV, vb, j_first + BN * ahead, T, KV, kvh, tid);
+            faw_load<BN, D, THREADS>(Ks + at * L::KV, kb, j_first + BN * ahead, T, KV, kvh, tid);
+            faw_load<BN, D, THREADS>(Vs + at * L::KV, vb, j_first + BN * ahead, T, KV, kvh, tid);
         }
         gw_cp_commit();
 
-        if constexpr (SCHED < 13) {
-            gw_pin(s);                                             // (every register a wgmma reads or
-            gw_pin(acc);                                           // writes is final before the fence:
-            gw_pin(pa);                                            // else ptxas serialises the wgmma)
-            gw_mma_fence();                                        // 3.
-            faw_qk<D, BN, BM, BF16>(s, q_at, gw_smem(Ks + (t % STAGES) * L::KV));
-            gw_mma_commit();
-            faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + (t == 0 ? 0 : (t - 1) % STAGES) * L::KV));
-            gw_mma_commit();                                       // 4. (tile 0: P = 0 times its own V)
-        }
         gw_mma_wait<1>();                                          // 5.
         gw_pin(s);
         // every (row, key) pair of this warp's 16 rows visible: no padding mask, below the diagonal, inside the window
         const bool all_visible = mask_b == nullptr && r0 + 15 < T && j0 + BN - 1 <= r0 && r0 + 15 - j0 < window;
-        if constexpr (SCHED >= 13) {
-            if (!all_visible) fa_mask_tile<NT>(S, rows, j0, tig, T, window, mask_b);
-            fa_online_softmax<NT>(S, m, l, alpha, sl2);
-            gw_pin(s);                                             // the softmax stays before the wait below (else the
-            gw_pin(l);                                             // compilers move it after, and P V no longer hides
-            gw_pin(alpha);                                         // its exponentials: the twelfth stop's kernel did)
-            if constexpr (SCHED != 14) gw_schedule_fence();        // (14: without it, to time what it costs)
-        } else {
-            faw_softmax_v12<NT>(S, m, l, alpha, rows, all_visible, j0, tig, T, window, mask_b, sl2);
-        }
+        if (!all_visible) fa_mask_tile<NT>(S, rows, j0, tig, T, window, mask_b);
+        fa_online_softmax<NT>(S, m, l, alpha, sl2);
+        gw_pin(s);                                                 // the softmax stays before the wait below (else
+        gw_pin(l);                                                 // the compilers move it after, and P V no longer
+        gw_pin(alpha);                                             // hides its exponentials, as in the twelfth
+        gw_schedule_fence();                                       // stop's kernel)
         gw_mma_wait<0>();                                          // 6.
         gw_pin(acc);
         gw_pin(pa);
@@ -313,8 +228,7 @@ static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, c
     gw_pin(acc);                                                   // the last tile's P V
     gw_pin(pa);
     gw_mma_fence();
-    if constexpr (SCHED >= 13) faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, ((ntiles - 1) % STAGES) * L::KV));
-    else faw_pv<D, BN, BF16>(acc, pa, gw_smem(Vs + ((ntiles - 1) % STAGES) * L::KV));
+    faw_pv_d<D, BN, BF16>(acc, pa, gw_desc_add(v_d, ((ntiles - 1) % STAGES) * L::KV));
     gw_mma_commit();
     gw_mma_wait<0>();
     gw_pin(acc);
@@ -470,8 +384,10 @@ static __device__ __forceinline__ void faw_forward_ws(const u16* q, const u16* k
 // keys and query head, heaviest key tiles first; dQ and, under GQA, dK / dV added with
 // red.global.add.v2.f32 into zeroed buffers), FlashAttention-3's products on wgmma. Two warpgroups, each
 // owning 64 of the keys, walk the query tiles of BM = 64 queries that see the key tile; K and V stay in
-// shared memory, Q, dO (and lse log2e, drow) of query tile i + 1 land in the other of two stages while
-// tile i is computed. Per query tile, per warpgroup (keys 64 w ..; accumulators in the m64nNk16 layout):
+// shared memory. The steps below are a query tile's products in the twelfth stop's unpipelined order (its
+// kernel, with Q, dO of tile i + 1 in the other of two stages, went with schedule 12 in the nineteenth stop);
+// faw_backward_v13 pipelines the same steps. Per query tile, per warpgroup (keys 64 w ..; accumulators in the
+// m64nNk16 layout):
 //   1. cp.async.wait_group 0, fence.proxy.async, __syncthreads (tile i landed everywhere; everyone is
 //      past tile i - 1's last wgmma wait, so its stage and the dS tile are free)
 //   2. cp.async of Q, dO of tile i + 1 into the other stage; lse, drow of tile i + 1 read into registers
@@ -521,214 +437,14 @@ static __device__ __forceinline__ void faw_store_ds(u8* ds, const u32 (&sa)[NT /
         }
 }
 
-template <int D>
-struct FawBwdSmem {
-    static constexpr int BN = 128, BM = 64;
-    static constexpr int KV = BN * D * 2, QD = BM * D * 2, DS = BN * BM * 2;
-    static constexpr int K_OFF = 0, V_OFF = KV, Q_OFF = 2 * KV, DO_OFF = Q_OFF + 2 * QD, DS_OFF = DO_OFF + 2 * QD;
-    static constexpr int L_OFF = DS_OFF + DS, BYTES = L_OFF + 4 * BM * 4 + 1024;
-    static_assert(KV % 1024 == 0 && QD % 1024 == 0 && DS % 1024 == 0, "1024-byte aligned tiles");
-};
-
-template <int D, bool BF16>
-static __device__ __forceinline__ void faw_backward_v12(const u16* q, const u16* k, const u16* v, const u16* dout,
-                                                    const float* lse, const float* drow, const u8* mask, int T, int H,
-                                                    int KV, int window, float scale, const float* dout_scale,
-                                                    float* dq, float* dk, float* dv) {
-    using L = FawBwdSmem<D>;
-    constexpr int BN = L::BN, BM = L::BM, THREADS = 256, NT = BM / 8, DT = D / 8;
-    // dQ = dS K: D = 128 splits its columns between the warpgroups (N = 64 each); D = 64 splits the keys (each
-    // warpgroup its own 64, N = 64, both adding into dq): an MN-major operand of 32 columns would be half a
-    // 128-byte swizzle atom, which cute::make_gmma_desc does not make
-    constexpr bool KSPLIT = D == 64;
-    constexpr int DQN = KSPLIT ? D : D / 2;
-    static_assert(D == 64 || D == 128, "head sizes 64 and 128");
-    static_assert(L::BYTES <= 227 * 1024, "dynamic shared memory is at most 227 KB");
-    u8* const sm = gw_aligned_smem();
-    u8* const Ks = sm + L::K_OFF;
-    u8* const Vs = sm + L::V_OFF;
-    u8* const Qs = sm + L::Q_OFF;
-    u8* const Ds = sm + L::DO_OFF;
-    u8* const Ss = sm + L::DS_OFF;
-    float* const ls = reinterpret_cast<float*>(sm + L::L_OFF);   // [2][BM] lse log2e, then [2][BM] drow
-
-    const int G = H / KV, lin = blockIdx.y * gridDim.x + blockIdx.x;   // gridDim.x * gridDim.y = key tiles x H
-    const int tile = lin / H, h = lin % H, kvh = h / G, b = blockIdx.z;
-    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-    const int j0 = tile * BN, k0 = j0 + 64 * wg + 16 * warp;     // this warp's keys k0 .. k0 + 15
-    const int keys[2] = {k0 + gid, k0 + gid + 8};
-    const u16* qb = q + size_t(b) * T * H * D;
-    const u16* db = dout + size_t(b) * T * H * D;
-    const u8* mask_b = mask ? mask + size_t(b) * T : nullptr;
-    const float sl2 = scale * FA_LOG2E;
-    const float unscale = 1.f / *dout_scale;                    // dO (and drow) arrive multiplied by *dout_scale
-    const float* lse_h = lse + (size_t(b) * H + h) * T;
-    const float* drow_h = drow + (size_t(b) * H + h) * T;
-
-    const int i_start = (j0 / BM) * BM, i_end = min(T, j0 + BN - 1 + window);
-    const int nq = (i_end - i_start + BM - 1) / BM;              // >= 1: j0 < T
-
-    // prologue: K, V and query tile 0 in one group; lse, drow of tile 0 straight into shared memory
-    faw_load_v12<BN, D, THREADS>(Ks, k + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
-    faw_load_v12<BN, D, THREADS>(Vs, v + size_t(b) * T * KV * D, j0, T, KV, kvh, tid);
-    faw_load_v12<BM, D, THREADS>(Qs, qb, i_start, T, H, h, tid);
-    faw_load_v12<BM, D, THREADS>(Ds, db, i_start, T, H, h, tid);
-    gw_cp_commit();
-    if (tid < BM) {
-        const bool in = i_start + tid < T;
-        ls[tid] = in ? lse_h[i_start + tid] * FA_LOG2E : FA_INF;
-        ls[2 * BM + tid] = in ? drow_h[i_start + tid] : 0.f;
-    }
-
-    float dka[D / 2], dva[D / 2], s[BM / 2], dp[BM / 2], dqa[DQN / 2];
-    u32 pa[BM / 16][4], sa[BM / 16][4];
-    #pragma unroll
-    for (int i = 0; i < D / 2; ++i) dka[i] = dva[i] = 0.f;
-    #pragma unroll
-    for (int i = 0; i < BM / 2; ++i) s[i] = dp[i] = 0.f;
-    #pragma unroll
-    for (int i = 0; i < DQN / 2; ++i) dqa[i] = 0.f;
-    float (&S)[NT][4] = reinterpret_cast<float (&)[NT][4]>(s);
-    float (&DP)[NT][4] = reinterpret_cast<float (&)[NT][4]>(dp);
-    const u32 k_at = gw_smem(Ks), v_at = gw_smem(Vs), s_at = gw_smem(Ss);
-
-    for (int it = 0; it < nq; ++it) {
-        const int i0 = i_start + BM * it, st = it & 1;
-        gw_cp_wait<0>();                                           // 1.
-        gw_fence_async();
-        __syncthreads();
-        float nl = FA_INF, nd = 0.f;                               // 2.
-        if (it + 1 < nq) {
-            faw_load_v12<BM, D, THREADS>(Qs + (st ^ 1) * L::QD, qb, i0 + BM, T, H, h, tid);
-            faw_load_v12<BM, D, THREADS>(Ds + (st ^ 1) * L::QD, db, i0 + BM, T, H, h, tid);
-            if (tid < BM && i0 + BM + tid < T) nl = lse_h[i0 + BM + tid] * FA_LOG2E, nd = drow_h[i0 + BM + tid];
-        }
-        gw_cp_commit();
-
-        const u32 q_at = gw_smem(Qs + st * L::QD), do_at = gw_smem(Ds + st * L::QD);
-        gw_pin(s);
-        gw_pin(dp);
-        gw_mma_fence();                                            // 3.
-        #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const u32 a_off = (kk >> 2) * BN * 128 + 64 * 128 * wg + 32 * (kk & 3), b_off = (kk >> 2) * BM * 128 + 32 * (kk & 3);
-            gw_mma<BM, BF16>(s, gw_make_desc(k_at + a_off, 16, 1024, 1), gw_make_desc(q_at + b_off, 16, 1024, 1), kk > 0);
-            gw_mma<BM, BF16>(dp, gw_make_desc(v_at + a_off, 16, 1024, 1), gw_make_desc(do_at + b_off, 16, 1024, 1), kk > 0);
-        }
-        gw_mma_commit();
-        gw_mma_wait<0>();
-        gw_pin(s);
-        gw_pin(dp);
-
-        // 4. every (key, query) pair of this warp's 16 keys visible: no padding mask, keys below the diagonal, in the window
-        const bool all_visible = mask_b == nullptr && i0 + BM - 1 < T && k0 + 15 <= i0 && i0 + BM - 1 - k0 < window;
-        const float* lq = ls + st * BM;
-        const float* dr = ls + 2 * BM + st * BM;
-        #pragma unroll
-        for (int n = 0; n < NT; ++n)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = 8 * n + 2 * tig + (e & 1), i = i0 + r;
-                const bool seen = all_visible || fa_visible(i, keys[e >> 1], T, window, mask_b);
-                const float p = seen ? fa_exp2(S[n][e] * sl2 - lq[r]) : 0.f;
-                S[n][e] = p;                                       // P^T
-                DP[n][e] = p * (DP[n][e] - dr[r]);                 // dS^T (unscaled)
-            }
-        // 5. (faw_pack_p_ds and faw_store_ds written out: through them the linked SASS of this frozen baseline
-        // differs from the profiled one by a few swapped instructions)
-        #pragma unroll
-        for (int kc = 0; kc < BM / 16; ++kc) {
-            pa[kc][0] = fa_pack<BF16>(S[2 * kc][0], S[2 * kc][1]);
-            pa[kc][1] = fa_pack<BF16>(S[2 * kc][2], S[2 * kc][3]);
-            pa[kc][2] = fa_pack<BF16>(S[2 * kc + 1][0], S[2 * kc + 1][1]);
-            pa[kc][3] = fa_pack<BF16>(S[2 * kc + 1][2], S[2 * kc + 1][3]);
-            sa[kc][0] = fa_pack<BF16>(DP[2 * kc][0], DP[2 * kc][1]);
-            sa[kc][1] = fa_pack<BF16>(DP[2 * kc][2], DP[2 * kc][3]);
-            sa[kc][2] = fa_pack<BF16>(DP[2 * kc + 1][0], DP[2 * kc + 1][1]);
-            sa[kc][3] = fa_pack<BF16>(DP[2 * kc + 1][2], DP[2 * kc + 1][3]);
-        }
-        #pragma unroll
-        for (int kc = 0; kc < BM / 16; ++kc)                       // dS^T rows (keys) of this thread
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = 64 * wg + 16 * warp + gid + 8 * (e & 1), qc = 2 * kc + (e >> 1);   // query chunk
-                gw_st32(Ss + 128 * key + 16 * (qc ^ (key & 7)) + 4 * tig, sa[kc][e]);
-            }
-
-        gw_pin(dka);                                               // 6.
-        gw_pin(dva);
-        gw_pin(pa);
-        gw_pin(sa);
-        gw_mma_fence();
-        #pragma unroll
-        for (int kc = 0; kc < BM / 16; ++kc) {
-            gw_mma_rs<D, BF16>(dva, pa[kc], gw_make_desc(do_at + 2048 * kc, BM * 128, 1024, 1));
-            gw_mma_rs<D, BF16>(dka, sa[kc], gw_make_desc(q_at + 2048 * kc, BM * 128, 1024, 1));
-        }
-        gw_mma_commit();
-
-        gw_fence_async();                                          // 7.
-        __syncthreads();
-        if (D > 64) {                       // D = 128: P^T, dS^T fragments die before dQ's accumulators live
-            gw_mma_wait<0>();               // (else 48 bytes spill at 255 registers: nvcc 13.0, sm_90a)
-            gw_pin(dka);
-            gw_pin(dva);
-            gw_pin(pa);
-            gw_pin(sa);
-        }
-
-        gw_pin(dqa);                                               // 8.
-        gw_mma_fence();
-        #pragma unroll
-        for (int kc = 0; kc < (KSPLIT ? 4 : 8); ++kc) {            // keys 16 kc .. (KSPLIT: of this warpgroup's 64)
-            const u32 at = 2048 * (kc + (KSPLIT ? 4 * wg : 0));
-            gw_mma_tt<DQN, BF16>(dqa, gw_make_desc(s_at + at, BM * 128, 1024, 1),
-                                 gw_make_desc(k_at + (KSPLIT ? 0 : wg * BN * 128) + at, BN * 128, 1024, 1), kc > 0);
-        }
-        gw_mma_commit();
-        gw_mma_wait<0>();
-        gw_pin(dqa);
-        gw_pin(dka);
-        gw_pin(dva);
-        gw_pin(pa);
-        gw_pin(sa);
-
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {                              // 9.
-            const int i = i0 + 16 * warp + gid + 8 * r;
-            if (i >= T) continue;
-            float* dqrow = dq + ((size_t(b) * T + i) * H + h) * D + (KSPLIT ? 0 : DQN * wg);
-            #pragma unroll
-            for (int n = 0; n < DQN / 8; ++n)
-                fa_red2(dqrow + 8 * n + 2 * tig, dqa[4 * n + 2 * r] * (scale * unscale), dqa[4 * n + 2 * r + 1] * (scale * unscale));
-        }
-        if (tid < BM) ls[(st ^ 1) * BM + tid] = nl, ls[2 * BM + (st ^ 1) * BM + tid] = nd;
-    }
-    gw_cp_wait<0>();
-
-    const float (&DK)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dka);
-    const float (&DV)[DT][4] = reinterpret_cast<const float (&)[DT][4]>(dva);
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (keys[r] >= T) continue;
-        const size_t row = (size_t(b) * T + keys[r]) * KV + kvh;
-        #pragma unroll
-        for (int n = 0; n < DT; ++n) {
-            const int col = 8 * n + 2 * tig;
-            fa_put_dkdv(dk, dv, row * D + col, DK[n][2 * r] * (scale * unscale), DK[n][2 * r + 1] * (scale * unscale),
-                        DV[n][2 * r] * unscale, DV[n][2 * r + 1] * unscale, G);
-        }
-    }
-}
-
-// faw_backward_v13 (schedules 13, 14): the same products, masks and outputs as faw_backward_v12, pipelined so that
+// faw_backward_v13 (schedules 13 on): the products, masks and outputs of the steps above, pipelined so that
 // the copies run beside the products and the tensor cores take dQ of one tile and S, dP of the next back to back:
 // Q, dO, lse and drow (raw, as the forward wrote them, by cp.async) in three stages (query tile i + 2 lands while
 // i is computed), dS^T in two buffers, one barrier a tile. Per query tile i (stage i % 3), per warpgroup:
-//   1. dQ_{i-1} = dS_{i-1} K (as v12's step 8, from dS buffer (i - 1) % 2); commit. Tile 0 multiplies buffer 1's
+//   1. dQ_{i-1} = dS_{i-1} K (as step 8 above, from dS buffer (i - 1) % 2); commit. Tile 0 multiplies buffer 1's
 //      stale bytes and drops the product: every iteration issues the same wgmma groups (a group issued in a
 //      branch makes ptxas serialise the pipeline)
-//   2. S_i^T = K_w Q_i^T, dP_i^T = V_w dO_i^T (SS, as v12); commit
+//   2. S_i^T = K_w Q_i^T, dP_i^T = V_w dO_i^T (SS, as step 3 above); commit
 //   3. wait 1 (dQ_{i-1} done, S_i and dP_i still running), dQ_{i-1} -> red.add into dq: at D = 128 the dK, dV,
 //      dQ, S and dP accumulators (224 registers) live together here; the descriptors are then no registers of
 //      their own (one base register, constants folded into each use: 251 registers, no spills)
@@ -846,7 +562,7 @@ static __device__ __forceinline__ void faw_stage_dq(u8* st, const float (&dqa)[D
     }
 }
 
-// dQ = dS K (faw_backward_v12's step 8): s_mn, k_mn the low words of the MN-major descriptors of the dS^T buffer
+// dQ = dS K (step 8 of the steps above faw_backward_v13): s_mn, k_mn the low words of the MN-major descriptors of the dS^T buffer
 // and of K (gw_desc_lo)
 template <bool KSPLIT, int DQN, bool BF16>
 static __device__ __forceinline__ void faw_dq(float (&dqa)[DQN / 2], u32 s_mn, u32 k_mn, int wg) {
@@ -877,7 +593,7 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     constexpr bool XCH = FawXch<D, SCHED>::value;
     using L = FawBwdLayout13<D, SCHED>;
     constexpr int BN = L::BN, BM = L::BM, QST = L::QST, THREADS = 256, NT = BM / 8, DT = D / 8;
-    // dQ = dS K: as faw_backward_v12 (D = 128: the warpgroups split the columns; D = 64: the keys, KSPLIT), but with
+    // dQ = dS K: as step 8 (D = 128: the warpgroups split the columns; D = 64: the keys, KSPLIT), but with
     // 128 queries a step (QSPLIT, FawBwdBM) the warpgroups split the queries: each its 64 rows, all 128 keys, N = D
     constexpr bool QSPLIT = BM == 128, KSPLIT = D == 64 && !QSPLIT;
     constexpr int DQN = KSPLIT || QSPLIT ? D : D / 2;
@@ -1084,14 +800,11 @@ static __device__ __forceinline__ void faw_backward_v13(const u16* q, const u16*
     }
 }
 
-// the backward of a schedule (kernels/flash_attention_mma.py SCHEDS): 12 the twelfth stop's, 13 / 14 pipelined
-template <int D, bool BF16, int SCHED = 12>
+// the backward of a schedule (kernels/flash_attention_mma.py kernel_sched: 13, 16, 17, 18, 20)
+template <int D, bool BF16, int SCHED = 13>
 static __device__ __forceinline__ void faw_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                     const float* lse, const float* drow, const u8* mask, int T, int H,
                                                     int KV, int window, float scale, const float* dout_scale,
                                                     float* dq, float* dk, float* dv) {
-    if constexpr (SCHED >= 13)
-        faw_backward_v13<D, BF16, SCHED>(q, k, v, dout, lse, drow, mask, T, H, KV, window, scale, dout_scale, dq, dk, dv);
-    else
-        faw_backward_v12<D, BF16>(q, k, v, dout, lse, drow, mask, T, H, KV, window, scale, dout_scale, dq, dk, dv);
+    faw_backward_v13<D, BF16, SCHED>(q, k, v, dout, lse, drow, mask, T, H, KV, window, scale, dout_scale, dq, dk, dv);
 }
