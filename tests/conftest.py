@@ -7,7 +7,22 @@ import pytest
 from q4kdistill import backend
 
 
+# Seconds of test time a file takes in the CPU suite (2026-12-05, nineteenth stop: README's command with
+# --durations=0 --junitxml on the 2-core machine CI uses, less the deleted schedule 12's cases), for the files over
+# ~10 s. The suite runs them heaviest first, so that the two workers finish together: README's command passes
+# --no-loadscope-reorder, which leaves xdist's order of files to this sort. xdist's own order (most tests first)
+# put the few-test real-teacher files last, and then one worker ran ~3 minutes alone.
+CPU_SECONDS = {"test_attention_wgmma": 250, "test_student_fused": 290, "test_fused_kernels": 245, "test_notebooks": 220,
+               "test_teacher_real": 200, "test_attention_flash": 185, "test_claims_commands": 85, "test_export": 80,
+               "test_link_check": 80, "test_audit": 75, "test_requant8": 70, "test_kernels_gemm_mma": 70,
+               "test_io_gguf": 60, "test_kernels_sim": 50, "test_kernels_gemm_wgmma": 45,
+               "test_kernels_gemm_wgmma_rs_twin": 30, "test_planner_measured": 25, "test_kernels_gemm_wgmma_rs": 20,
+               "test_bench_step": 20, "test_fuzz_loaders": 12, "test_io_apr": 12, "test_kernels_gemm_wgmma_s8": 11,
+               "test_kernels_linked": 11, "test_memory_reproduce": 11}
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -CPU_SECONDS.get(item.path.stem, 0))   # stable: files keep their tests' order
     if backend.on_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on one)")
