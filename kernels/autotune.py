@@ -1,7 +1,10 @@
 """Autotune: benchmark the variants on this GPU and write the dispatch table (see dispatch.py).
 
 For each quant type and M bucket (M <= 1, 8, 16, 64, 512, any), the variant with the smallest
-sum over shapes of time / best time at that shape wins. The table keeps other GPUs' entries.
+sum over shapes of time / best time at that shape wins. Where one variant wins the wide outputs and
+another the rest, by more than SPLIT_GAIN a shape, the bucket gets two entries: {"n_min": N, ...} for
+outputs of N or more columns, then the rest's (dispatch.py tries them in order). The table keeps other
+GPUs' entries.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 from .bench import BASELINE
 
 BUCKETS = (1, 8, 16, 64, 512, None)
+SPLIT_GAIN = 0.03      # a bucket splits by N only if that lowers its summed time / best by 3 % of a shape or more
 
 
 def _bucket(M: int):
@@ -19,7 +23,8 @@ def _bucket(M: int):
 
 
 def entries_from_rows(rows, max_rel_err=2e-3) -> dict:
-    """{qtype: [{"m_max": b, "variant": name, "score": s}, ...]} from bench rows."""
+    """{qtype: [{"m_max": b, "variant": name, "score": s}, ...]} from bench rows; a bucket split by output width
+    (_split_by_n) holds {"m_max": b, "n_min": n, ...} before its other entry."""
     from .registry import get
 
     best = {}
@@ -38,12 +43,45 @@ def entries_from_rows(rows, max_rel_err=2e-3) -> dict:
         qb = (r["qtype"], _bucket(r["M"]))
         score[qb][r["variant"]] += r["time_us"] / best[(r["qtype"], r["K"], r["N"], r["M"])]
         count[qb][r["variant"]] += 1
+    ratio = defaultdict(dict)                                 # (qtype, bucket) -> (K, N, M) -> {variant: time / best}
+    for r in rows:
+        if r["variant"] != BASELINE and get(r["variant"]).rel_err <= max_rel_err:
+            shape = (r["K"], r["N"], r["M"])
+            ratio[(r["qtype"], _bucket(r["M"]))].setdefault(shape, {})[r["variant"]] = \
+                r["time_us"] / best[(r["qtype"],) + shape]
     table = defaultdict(list)
     for (q, b), s in sorted(score.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0)):
         full = max(count[(q, b)].values())                    # only variants measured at every shape
         name = min((v for v in s if count[(q, b)][v] == full), key=lambda v: s[v])
-        table[q].append({"m_max": b, "variant": name, "score": round(s[name] / full, 3)})
+        measured = {v for v in s if count[(q, b)][v] == full}
+        split = _split_by_n({k: {v: x for v, x in r.items() if v in measured} for k, r in ratio[(q, b)].items()}, s[name])
+        if split:
+            n_min, wide, wide_score, rest, rest_score = split
+            table[q].append({"m_max": b, "n_min": n_min, "variant": wide, "score": round(wide_score, 3)})
+            table[q].append({"m_max": b, "variant": rest, "score": round(rest_score, 3)})
+        else:
+            table[q].append({"m_max": b, "variant": name, "score": round(s[name] / full, 3)})
     return dict(table)
+
+
+def _split_by_n(shapes: dict, whole: float):
+    """shapes: (K, N, M) -> {variant: time / best} of one bucket (the variants measured at all of its shapes);
+    whole: the one winner's summed ratio.
+    -> (n_min, wide variant, its mean ratio, rest variant, its mean ratio) where outputs of N >= n_min are
+    won by another variant than the rest and the two winners' sum beats `whole` by SPLIT_GAIN a shape; else None."""
+    def winner(group):
+        v = min(sorted(shapes[group[0]]), key=lambda v: sum(shapes[k][v] for k in group))
+        return v, sum(shapes[k][v] for k in group)
+
+    best = None
+    for n_min in sorted({k[1] for k in shapes})[1:]:
+        wide = [k for k in shapes if k[1] >= n_min]
+        rest = [k for k in shapes if k[1] < n_min]
+        (a, sa), (c, sc) = winner(wide), winner(rest)
+        if a != c and sa + sc <= whole - SPLIT_GAIN * len(shapes) and \
+                (best is None or sa + sc < best[0]):
+            best = (sa + sc, n_min, a, sa / len(wide), c, sc / len(rest))
+    return best[1:] if best else None
 
 
 def write_table(path, gpu: str, entries: dict, meta: dict) -> dict:

@@ -5,7 +5,9 @@ Variant choice for (qtype, M, N, K, GPU model), first match wins:
   2. NumPy arrays: "numpy_slab" (kernels run on NumPy only when a test names them);
   3. the tuning table for this GPU: ``$Q4KDISTILL_TUNING``, else the user's table written by
      ``q4kdistill autotune`` (~/.cache/q4kdistill/kernels_tuning.json), else the one shipped in
-     kernels/tuning/default.json; entries per qtype, in order: {"m_max": 16 or null, "variant": name};
+     kernels/tuning/default.json; entries per qtype, in order: {"m_max": 16 or null, "variant": name}, an entry
+     with "n_min": n only for outputs of n or more columns (autotune writes one where a bucket's wide shapes
+     have another winner);
   4. built-in default (what the H200 table says, for GPUs without an entry): M = 1 ->
      "gemv_chunk_r4w4" (Q4_K/Q6_K) or "gemv_warp_r2w4" (Q8_0/Q5_0); M <= 8 -> "gemv_warp_r4w4";
      larger M -> "dequant_f16_cublas".

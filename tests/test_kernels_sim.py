@@ -175,14 +175,46 @@ def test_autotune_picks_fastest_per_bucket(tmp_path):
             row(1, "gemv_warp_r1w4", 30, N=512), row(1, "gemv_warp_r2w4", 20, N=512),
             row(1, "dequant_f16_cublas", 5, N=512),                                  # not measured at every shape
             row(4096, "dequant_f16_cublas", 100), row(4096, "dequant_f32_cublas", 300), row(4096, "gemm_tile_64x64", 900)]
-    e = autotune.entries_from_rows(rows)["Q4_K"]
-    assert [(x["m_max"], x["variant"]) for x in e] == [(1, "gemv_warp_r2w4"), (None, "dequant_f16_cublas")]
+    e = autotune.entries_from_rows(rows)["Q4_K"]   # M = 1: r2w4 wins the sum; r1w4 the narrow shape by 1 / 0.2 a shape
+    assert [(x["m_max"], x.get("n_min"), x["variant"]) for x in e] == [(1, 512, "gemv_warp_r2w4"), (1, None, "gemv_warp_r1w4"),
+                                                                       (None, None, "dequant_f16_cublas")]
     exact = autotune.entries_from_rows(rows, max_rel_err=1e-5)["Q4_K"]
     assert exact[-1]["variant"] == "dequant_f32_cublas"
     path = tmp_path / "tab.json"
     autotune.write_table(path, "GPU A", {"Q4_K": e}, {"date": "x"})
     autotune.write_table(path, "GPU B", {"Q4_K": exact}, {"date": "y"})
     assert set(json.loads(path.read_text())["gpus"]) == {"GPU A", "GPU B"}
+
+
+def test_autotune_splits_a_bucket_by_output_width_only_where_it_pays():
+    """The eighteenth stop's H100 ratios to cuBLAS at M = 512 (gemm_wgmma_rs_linked 0.40 / 0.64 / 0.40 / 0.81, the
+    scratch path ~0.55 on the four 7B shapes): the fused GEMM wins the two wide outputs (N 18944 and 152064), the
+    scratch path the two 3584-wide ones, so the bucket gets {"n_min": 18944} first; with the wide gain under
+    SPLIT_GAIN a shape it stays one entry (the whole bucket's winner)."""
+    def rows(rs_wide):
+        out = []
+        for (K, N), rs, dq in (((3584, 3584), 0.40, 0.55), ((3584, 18944), rs_wide, 0.55), ((18944, 3584), 0.40, 0.55),
+                               ((3584, 152064), 0.81, 0.57)):
+            out += [{"qtype": "Q4_K", "K": K, "N": N, "M": M, "variant": v, "time_us": 100 / r}
+                    for M in (256, 512) for v, r in (("gemm_wgmma_rs_linked", rs), ("dequant_linked_cublas", dq),
+                                                     (bench.BASELINE, 1.0))]
+        return out
+
+    e = autotune.entries_from_rows(rows(0.64))["Q4_K"]
+    assert [(x["m_max"], x.get("n_min"), x["variant"]) for x in e] == [
+        (512, 18944, "gemm_wgmma_rs_linked"), (512, None, "dequant_linked_cublas")]
+    assert e[0]["score"] == e[1]["score"] == 1.0
+    # the head alone gains 0.57 / 0.81 = 0.70 a shape, over the bar: N >= 152064 only, when 3584 -> 18944 loses
+    e = autotune.entries_from_rows(rows(0.50))["Q4_K"]
+    assert [(x.get("n_min"), x["variant"]) for x in e] == [(152064, "gemm_wgmma_rs_linked"), (None, "dequant_linked_cublas")]
+    flat = [r for r in rows(0.64) if r["N"] != 152064 or r["variant"] != "gemm_wgmma_rs_linked"]
+    flat += [{**r, "variant": "gemm_wgmma_rs_linked", "time_us": r["time_us"] * 0.99} for r in rows(0.64)
+             if r["N"] == 152064 and r["variant"] == "dequant_linked_cublas"]   # 1 % on the head: no split
+    flat = [r for r in flat if r["N"] != 18944 or r["variant"] != "gemm_wgmma_rs_linked"]
+    flat += [{**r, "variant": "gemm_wgmma_rs_linked", "time_us": r["time_us"] * 1.2} for r in rows(0.64)
+             if r["N"] == 18944 and r["variant"] == "dequant_linked_cublas"]
+    e = autotune.entries_from_rows(flat)["Q4_K"]
+    assert [(x.get("n_min"), x["variant"]) for x in e] == [(None, "dequant_linked_cublas")]
 
 
 def test_autotune_never_picks_a_wrong_row():

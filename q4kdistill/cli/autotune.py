@@ -40,6 +40,7 @@ def run(args) -> int:
     autotune.write_table(path, rows[0]["gpu"], entries, meta)
     kernels.reload_table()
     for q, es in entries.items():
-        print(q, "  ".join(f"M<={e['m_max'] or 'any'}: {e['variant']}" for e in es))
+        print(q, "  ".join(f"M<={e['m_max'] or 'any'}" + (f" N>={e['n_min']}" if e.get("n_min") else "") +
+                           f": {e['variant']}" for e in es))
     print(f"wrote {path}")
     return 0
