@@ -9,7 +9,7 @@ GPUs' entries.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from .bench import BASELINE
@@ -35,32 +35,27 @@ def entries_from_rows(rows, max_rel_err=2e-3) -> dict:
             continue
         key = (r["qtype"], r["K"], r["N"], r["M"])
         best[key] = min(best.get(key, float("inf")), r["time_us"])
-    score = defaultdict(lambda: defaultdict(float))          # (qtype, bucket) -> variant -> score
-    count = defaultdict(lambda: defaultdict(int))
+    ratio = defaultdict(lambda: defaultdict(dict))          # (qtype, bucket) -> (K, N, M) -> {variant: time / best}
     for r in rows:
         if r["variant"] == BASELINE or get(r["variant"]).rel_err > max_rel_err:
             continue
-        qb = (r["qtype"], _bucket(r["M"]))
-        score[qb][r["variant"]] += r["time_us"] / best[(r["qtype"], r["K"], r["N"], r["M"])]
-        count[qb][r["variant"]] += 1
-    ratio = defaultdict(dict)                                 # (qtype, bucket) -> (K, N, M) -> {variant: time / best}
-    for r in rows:
-        if r["variant"] != BASELINE and get(r["variant"]).rel_err <= max_rel_err:
-            shape = (r["K"], r["N"], r["M"])
-            ratio[(r["qtype"], _bucket(r["M"]))].setdefault(shape, {})[r["variant"]] = \
-                r["time_us"] / best[(r["qtype"],) + shape]
+        shape = (r["K"], r["N"], r["M"])
+        ratio[(r["qtype"], _bucket(r["M"]))][shape][r["variant"]] = r["time_us"] / best[(r["qtype"],) + shape]
     table = defaultdict(list)
-    for (q, b), s in sorted(score.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0)):
-        full = max(count[(q, b)].values())                    # only variants measured at every shape
-        name = min((v for v in s if count[(q, b)][v] == full), key=lambda v: s[v])
-        measured = {v for v in s if count[(q, b)][v] == full}
-        split = _split_by_n({k: {v: x for v, x in r.items() if v in measured} for k, r in ratio[(q, b)].items()}, s[name])
+    for (q, b), shapes in sorted(ratio.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0)):
+        count = Counter(v for at in shapes.values() for v in at)
+        full = max(count.values())                            # only variants measured at every shape
+        measured = {v for v in count if count[v] == full}
+        shapes = {k: {v: x for v, x in at.items() if v in measured} for k, at in shapes.items()}
+        score = {v: sum(at.get(v, 0.0) for at in shapes.values()) for v in count if v in measured}   # row order
+        name = min(score, key=score.get)
+        split = _split_by_n(shapes, score[name]) if full == len(shapes) else None   # a split compares whole shapes
         if split:
             n_min, wide, wide_score, rest, rest_score = split
             table[q].append({"m_max": b, "n_min": n_min, "variant": wide, "score": round(wide_score, 3)})
             table[q].append({"m_max": b, "variant": rest, "score": round(rest_score, 3)})
         else:
-            table[q].append({"m_max": b, "variant": name, "score": round(s[name] / full, 3)})
+            table[q].append({"m_max": b, "variant": name, "score": round(score[name] / full, 3)})
     return dict(table)
 
 

@@ -772,8 +772,6 @@ GR_SHAPES = ((256, 4, 2, 1), (128, 6, 2, 1), (64, 2, 2, 1), (64, 3, 3, 1), (128,
 # (x rows a CTA, x slots, W slots, 64-row W tiles a consumer warpgroup) the C instantiates
 
 
-
-
 def gemm_wgmma_rs_smem(bx: int, xs: int, ws: int, mt: int = 1, qtype: str = "Q4_K") -> int:
     """Dynamic shared memory of gemm_wgmma_rs<bx, xs, ws, .., mt, Q> (GrSmem::BYTES): xs x slots (bx rows x 64 fp16),
     ws raw super-blocks of the CTA's 128 mt W rows (WGMMA_W_ROW bytes a row), 16 bytes of mbarriers a slot pair, 1024 to
