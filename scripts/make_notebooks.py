@@ -498,6 +498,40 @@ KERNEL_VARIANTS = [
             assert err <= 1e-5
     """),
     md("""
+        ## W decoded into the tensor cores' registers (`gemm_wgmma_rs_linked*`, Hopper)
+
+        The fastest fused variants compute `out^T = W x^T`, so W is `wgmma`'s A operand, which may come
+        from registers: each consumer thread decodes exactly its own A fragment (8 weights a 16-wide K
+        slice) straight from the raw bytes, while x is the B operand in a 128-byte-swizzled shared ring.
+        A producer warpgroup streams x and the raw super-blocks (`cp.async`, or x by the TMA: `_tma`)
+        under mbarriers; two consumer warpgroups own 64 (`_m2`: 128) W rows each, so there is no
+        `__syncthreads` in the K loop (`kernels/csrc/gemm_wgmma_rs.cu`; its Numba twin
+        `kernels/gemm_wgmma_rs_twin.py` repeats the tiles, rings and register decode on the simulator).
+        Measured on an H100 (2026-12-05, docs/perf.md, eighteenth stop): 0.65-0.84x cuBLAS fp16 at
+        M = 4096 and 0.40-0.81x at M = 512 on the 7B shapes -- short of issue 17's 1.0x. The scratch path
+        is faster at M = 4096; the fused kernel wins at M = 512 on 3584 -> 18944 and the LM head, which
+        `q4kdistill autotune` writes as a per-shape (`n_min`) entry of its table. Below: the twin on real
+        gemma-3 rows against W decoded the kernel's way (on an H100 / H200: the bench rows instead).
+    """),
+    code("""
+        from kernels.gemm_wgmma_rs_twin import gemm_wgmma_rs_twin
+
+        RS = [n for n in kernels.variants("Q4_K") if n.startswith("gemm_wgmma_rs_linked")]
+        if SIZE == "gpu" and wgmma_available():
+            rows = bench.run(shapes=[(3584, 18944), (3584, 152064)], ms=[512, 4096], qtypes=["Q4_K"],
+                             variants=RS + ["dequant_linked_cublas"], also_x16=True)
+            bench.print_table(rows)
+        else:                                    # 130 real rows (a full 128-row W tile and 2 more), 2 super-blocks
+            w_raw = np.ascontiguousarray(real[:130, :288])
+            x = rng.standard_normal((5, 512), dtype=np.float32)
+            out = np.full((5, 130), np.nan, dtype=np.float32)
+            gemm_wgmma_rs_twin(x, w_raw, "Q4_K", 130, out, bx=64, xs=2, ws=2)
+            ref = x.astype(np.float16).astype(np.float64) @ decoded_as_kernel(w_raw, "Q4_K").astype(np.float64).T
+            err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+            print(f"twin of gemm_wgmma_rs on real Q4_K rows: rel err {err:.1e} against W decoded the kernel's way")
+            assert err <= 1e-5
+    """),
+    md("""
         ## An int8 variant: W re-quantized to int8 inside the GEMM (`gemm_wgmma_s8_linked`, Hopper)
 
         An int8 product on Q4_K's stored quants would have to rescale every 32 of K (a new sub-block
