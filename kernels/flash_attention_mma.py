@@ -103,7 +103,7 @@ def forward_source(D: int, bf16: bool, out: int = 0, mt: int | None = None, sche
             + _sched_suffix(schedule))
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
-                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}, {mt}, {schedule}>(q, k, v, '
+                  f'fa_forward<{D}, {warps}, {bc}, {"true" if bf16 else "false"}, {out}, {mt}>(q, k, v, '
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')
 
 
@@ -114,7 +114,7 @@ def backward_source(D: int, bf16: bool, schedule: int = 13) -> tuple:
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u16* dout, '
                   f'const float* lse, const float* drow, const u8* mask, int has_mask, int T, int H, int KV, '
                   f'int window, float scale, const float* dout_scale, float* dq, float* dk, float* dv) {{ '
-                  f'fa_backward<{D}, {bc}, {dsplit}, {"true" if bf16 else "false"}, {schedule}>(q, k, v, dout, lse, drow, '
+                  f'fa_backward<{D}, {bc}, {dsplit}, {"true" if bf16 else "false"}>(q, k, v, dout, lse, drow, '
                   f'has_mask ? mask : nullptr, T, H, KV, window, scale, dout_scale, dq, dk, dv); return 0; }}\n')
 
 
@@ -258,8 +258,8 @@ def kernel_sched(kernel: str, D: int, schedule: int | None = None) -> int:
     (None: sched()): the lowest one whose code is the same, so that equal kernels are compiled once. The mma.sync
     kernels are one code (13); the wgmma forward differs in 15 (warp-specialised), 16's is 13's (and 17's, 18's),
     19's and 20's are 15's; the wgmma backward differs in 16 and 17 at D = 64 (FawXch, FawBwdBM) and in 18 and in 20
-    at D = 64, 19's is 18's (and 20's at D = 128). What it returns is what the C code is built with (19 never
-    reaches it)."""
+    at D = 64, 19's is 18's (and 20's at D = 128). What it returns is what the kernel's C name carries and, for
+    the wgmma backward, its SCHED template argument (19 never reaches it)."""
     schedule = sched() if schedule is None else schedule
     if schedule == BULK_SCHED and kernel == "wgmma bwd" and D == 64:
         return BULK_SCHED
@@ -289,7 +289,7 @@ def wgmma_forward_source(D: int, bf16: bool, out: int = 0, tiles=None, schedule:
             raise Q4KError(f"the warp-specialised forward (schedule {WS_SCHED}) has two consumer warpgroups, not {nwg}")
         call = f"faw_forward_ws<{D}, {bn}, {st}, {b16}, {out}>"
     else:
-        call = f"faw_forward<{D}, {bn}, {nwg}, {st}, {b16}, {out}, {schedule}>"
+        call = f"faw_forward<{D}, {bn}, {nwg}, {st}, {b16}, {out}>"
     return name, (f'extern "C" __device__ int {name}(const u16* q, const u16* k, const u16* v, const u8* mask, '
                   f'int has_mask, int T, int H, int KV, int window, float scale, void* o, float* lse) {{ '
                   f'{call}(q, k, v, has_mask ? mask : nullptr, T, H, KV, window, scale, o, lse); return 0; }}\n')

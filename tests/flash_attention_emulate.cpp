@@ -3,10 +3,6 @@
 // shared library (g++ -std=c++20) and checks the kernels' outputs against the float64 reference: the
 // CUDA C logic (tiling, masks, online softmax, fragment plumbing, the backward's atomics) is tested in
 // CI without a GPU.
-#ifndef FA_SCHED
-#define FA_SCHED 13   // the instruction schedule (kernels/flash_attention_mma.py kernel_sched: 13, the one mma.sync code)
-#endif
-
 #define FA_EMULATE
 #include "warp_emulate.h"
 #include "fa_emulate.h"
@@ -19,8 +15,8 @@
     if (D == D_ && mt == MT_) {                                                                                \
         run_grid((T + 16 * MT_ * W_ - 1) / (16 * MT_ * W_), H, B, 32 * W_, [&] {                             \
             const u8* m = has_mask ? mask : nullptr;                                                           \
-            if (bf16) fa_forward<D_, W_, BC_, true, 0, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);       \
-            else fa_forward<D_, W_, BC_, false, 0, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);           \
+            if (bf16) fa_forward<D_, W_, BC_, true, 0, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);       \
+            else fa_forward<D_, W_, BC_, false, 0, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);           \
         });                                                                                                    \
         return 0;                                                                                              \
     }
@@ -28,9 +24,9 @@
 #define FA_BWD(D_, BC_, S_)                                                                                    \
     if (D == D_) {                                                                                             \
         run_grid((T + BC_ - 1) / BC_, H, B, 32 * (BC_ / 16) * S_, [&] {                                      \
-            if (bf16) fa_backward<D_, BC_, S_, true, FA_SCHED>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV, \
+            if (bf16) fa_backward<D_, BC_, S_, true>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV, \
                                                      window, scale, dout_scale, dq, dk, dv);                   \
-            else fa_backward<D_, BC_, S_, false, FA_SCHED>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV,  \
+            else fa_backward<D_, BC_, S_, false>(q, k, v, dout, lse, drow, has_mask ? mask : nullptr, T, H, KV,  \
                                                  window, scale, dout_scale, dq, dk, dv);                       \
         });                                                                                                    \
         return 0;                                                                                              \
@@ -52,10 +48,10 @@ extern "C" int emu_forward(int D, int mt, int bf16, const u16* q, const u16* k, 
     if (D == D_ && mt == MT_) {                                                                                \
         run_grid((T + 16 * MT_ * W_ - 1) / (16 * MT_ * W_), H, B, 32 * W_, [&] {                             \
             const u8* m = has_mask ? mask : nullptr;                                                           \
-            if (bf16 && out == 2) fa_forward<D_, W_, BC_, true, 2, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse); \
-            else if (bf16) fa_forward<D_, W_, BC_, true, 1, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);  \
-            else if (out == 2) fa_forward<D_, W_, BC_, false, 2, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse); \
-            else fa_forward<D_, W_, BC_, false, 1, MT_, FA_SCHED>(q, k, v, m, T, H, KV, window, scale, o, lse);          \
+            if (bf16 && out == 2) fa_forward<D_, W_, BC_, true, 2, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16) fa_forward<D_, W_, BC_, true, 1, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);  \
+            else if (out == 2) fa_forward<D_, W_, BC_, false, 2, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse); \
+            else fa_forward<D_, W_, BC_, false, 1, MT_>(q, k, v, m, T, H, KV, window, scale, o, lse);          \
         });                                                                                                    \
         return 0;                                                                                              \
     }

@@ -23,10 +23,10 @@
     if (D == D_ && bn == BN_ && nwg == NWG_ && stages == ST_) {                                              \
         if (FawSmem<D_, BN_, NWG_, ST_>::BYTES > int(sizeof(emu_dyn))) return 2;                              \
         run_grid((T + 64 * NWG_ - 1) / (64 * NWG_), H, B, 128 * NWG_, [&] {                                  \
-            if (bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, true, 0, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
-            else if (bf16 && out == 2) faw_forward<D_, BN_, NWG_, ST_, true, 2, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
-            else if (!bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, false, 0, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
-            else faw_forward<D_, BN_, NWG_, ST_, false, 1, FAW_SCHED>(qq, kk, vv, m, T, H, KV, window, scale, o, lse);  \
+            if (bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, true, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (bf16 && out == 2) faw_forward<D_, BN_, NWG_, ST_, true, 2>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else if (!bf16 && out == 0) faw_forward<D_, BN_, NWG_, ST_, false, 0>(qq, kk, vv, m, T, H, KV, window, scale, o, lse); \
+            else faw_forward<D_, BN_, NWG_, ST_, false, 1>(qq, kk, vv, m, T, H, KV, window, scale, o, lse);  \
         });                                                                                                  \
         return 0;                                                                                            \
     }

@@ -466,8 +466,7 @@ def emulated(tmp_path_factory):
 
     from kernels.flash_attention_mma import SOURCE
 
-    return build_emulator(tmp_path_factory, "flash_attention_emulate.cpp", {"FA_SOURCE": SOURCE},
-                          defines={"FA_SCHED": 13})
+    return build_emulator(tmp_path_factory, "flash_attention_emulate.cpp", {"FA_SOURCE": SOURCE})
 
 
 def _bits16(x, dtype):

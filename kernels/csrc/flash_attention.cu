@@ -317,8 +317,7 @@ static __device__ __forceinline__ void fa_finish_rows(const float (&acc)[D / 8][
     }
 }
 
-// SCHED: the schedule the name carries (kernels/flash_attention_mma.py kernel_sched: 13, the one mma.sync code)
-template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1, int SCHED = 13>
+template <int D, int WARPS, int BC, bool BF16, int OUT = 0, int MT = 1>
 static __device__ __forceinline__ void fa_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                   int H, int KV, int window, float scale, void* o, float* lse) {
     constexpr int RW = 16 * MT, BR = RW * WARPS, THREADS = 32 * WARPS, KD = D / 16, NT = BC / 8, DT = D / 8;
@@ -493,7 +492,7 @@ static __device__ __forceinline__ void fa_p_ds(float (&S)[NT][4], float (&DP)[NT
 // mask branch a tile (schedule 13; schedule 12, which read lse and drow at the top of each tile, is gone). The Q / dO
 // loads keep fa_async_tile's loop: they overlap the dQ step, and unrolled (fa_async_tile13) they spilled 156 bytes
 // under the 168-register cap (36 so).
-template <int D, int BC, int DSPLIT, bool BF16, int SCHED = 13>
+template <int D, int BC, int DSPLIT, bool BF16>
 static __device__ __forceinline__ void fa_backward(const u16* q, const u16* k, const u16* v, const u16* dout,
                                                    const float* lse, const float* drow, const u8* mask, int T, int H,
                                                    int KV, int window, float scale, const float* dout_scale,

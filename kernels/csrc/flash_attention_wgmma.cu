@@ -130,8 +130,7 @@ static __device__ __forceinline__ void faw_rescale_pack(float (&O)[DT][4], const
     }
 }
 
-// SCHED: the schedule the name carries (kernels/flash_attention_mma.py kernel_sched: 13; 15 is faw_forward_ws)
-template <int D, int BN, int NWG, int STAGES, bool BF16, int OUT = 0, int SCHED = 13>
+template <int D, int BN, int NWG, int STAGES, bool BF16, int OUT = 0>
 static __device__ __forceinline__ void faw_forward(const u16* q, const u16* k, const u16* v, const u8* mask, int T,
                                                    int H, int KV, int window, float scale, void* o, float* lse) {
     using L = FawSmem<D, BN, NWG, STAGES>;
